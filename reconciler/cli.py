@@ -1,0 +1,177 @@
+"""The ``cst`` command line: thin wrappers over desired, apply, runtime and sillytavern."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import sillytavern
+from .apply import Report, Result, reconcile
+from .desired import DesiredState, load, port_of
+from .runtime import LocalRuntime, live_process
+from .statedir import LockHeld
+from .validation import InvalidDesiredState
+
+EXIT_INVALID = 1
+EXIT_FAILED = 2
+
+file_option = click.option(
+    "-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
+    default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
+output_option = click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+                             show_default=True)
+
+
+def load_or_exit(path: Path) -> DesiredState:
+    try:
+        return load(path)
+    except InvalidDesiredState as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(EXIT_INVALID)
+
+
+@click.group()
+def cli() -> None:
+    """CST: a fleet of SillyTavern servers and one API-key pool, from one desired-state file."""
+
+
+@cli.command()
+@file_option
+def validate(file: Path) -> None:
+    """Check the file; print one line per problem (file:line: path: message)."""
+    desired = load_or_exit(file)
+    click.echo(f"{file}: valid ({len(desired.instances)} instances, {len(desired.accounts)} accounts)")
+
+
+@cli.command()
+@file_option
+@click.option("--check", is_flag=True, help="Change nothing; show what would change.")
+@click.option("--diff", is_flag=True, help="Show each change as observed -> desired.")
+@output_option
+def apply(file: Path, check: bool, diff: bool, output: str) -> None:
+    """Make what runs match the file: start, stop, restart and archive instances."""
+    desired = load_or_exit(file)
+
+    def show(result: Result) -> None:
+        if output == "text":
+            click.echo(result.line())
+            if diff and result.before != result.after and result.outcome == "changed":
+                click.echo(f"    - {result.before}\n    + {result.after}")
+
+    try:
+        report: Report = asyncio.run(reconcile(desired, check=check, on_result=show))
+    except LockHeld as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        recap = report.recap
+        prefix = "check: " if check else ""
+        click.echo(f"{prefix}ok={recap['ok']} changed={recap['changed']} failed={recap['failed']}")
+    if report.count("failed"):
+        sys.exit(EXIT_FAILED)
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+def status_rows(desired: DesiredState) -> list[dict]:
+    runtime = LocalRuntime(desired, readonly=True)
+    observed = runtime.observe()
+    records = runtime.state.records()
+    declared = {i.id: i for i in desired.instances}
+    rows = []
+    for id_ in list(declared) + sorted(set(records) - set(declared)):
+        spec, seen, record = declared.get(id_), observed.get(id_), records.get(id_)
+        port = spec.port if spec else record.port
+        proc = live_process(seen.pid, record.create_time) if seen and seen.pid and record else None
+        rows.append({
+            "id": id_,
+            "port": port,
+            "desired": spec.state if spec else "absent",
+            "status": seen.status if seen else "stopped",
+            "pid": seen.pid if seen and seen.status == "running" else None,
+            "uptime": round(time.time() - proc.create_time(), 1) if proc else None,
+            "restarts": record.restarts if record else 0,
+            "dataDir": str(desired.data_dir(port)),
+        })
+    return rows
+
+
+@cli.command()
+@file_option
+@output_option
+def status(file: Path, output: str) -> None:
+    """Show every instance: desired and observed state, pid, uptime, restarts, data dir."""
+    rows = status_rows(load_or_exit(file))
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    header = ("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "RESTARTS", "DATA DIR")
+    table = [header] + [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"),
+                         _uptime(r["uptime"]), str(r["restarts"]), r["dataDir"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@cli.command()
+@file_option
+@click.argument("instance_id")
+def password(file: Path, instance_id: str) -> None:
+    """Print an instance's basic-auth password (the user name is the instance id)."""
+    desired = load_or_exit(file)
+    if port_of(instance_id) is None:
+        raise click.BadParameter(f"{instance_id!r} is not an instance id (like st-instance-8001)",
+                                 param_hint="INSTANCE_ID")
+    spec = desired.instance(instance_id)
+    if spec is None:
+        click.echo(f"error: {instance_id} is not declared in {file}", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        secret = LocalRuntime(desired, readonly=True).password(spec)
+    except KeyError as exc:
+        click.echo(f"error: {exc.args[0]}", err=True)
+        sys.exit(EXIT_INVALID)
+    if not secret:
+        click.echo(f"error: {instance_id} has no password yet: it is generated on its first start",
+                   err=True)
+        sys.exit(EXIT_INVALID)
+    click.echo(secret)
+
+
+@cli.group()
+def st() -> None:
+    """The SillyTavern release CST runs."""
+
+
+@st.command("install")
+@file_option
+def st_install(file: Path) -> None:
+    """Install the pinned SillyTavern from the npm registry and pre-build its front end (idempotent)."""
+    desired = load_or_exit(file)
+    version = desired.settings.sillytavern.version
+    try:
+        rel, did = sillytavern.install(version, desired.settings.state_dir)
+    except (sillytavern.InstallError, OSError) as exc:
+        click.echo(f"failed: sillytavern {version}: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"{'changed' if did else 'ok'}: sillytavern {version} at {rel.package_dir}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,207 @@
+"""The desired state: what desired.yaml asks for, as typed, immutable values.
+
+``load()`` reads and validates the file (see ``validation``) and resolves every
+relative path against the file's own folder, so the same file means the same
+thing whichever directory ``cst`` runs from.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .validation import InvalidDesiredState, Problem, check
+
+INSTANCE_ID_PREFIX = "st-instance-"
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    number, unit = _DURATION.match(value).groups()
+    return float(number) * _UNIT_SECONDS[unit]
+
+
+def instance_id(port: int) -> str:
+    return f"{INSTANCE_ID_PREFIX}{port}"
+
+
+def port_of(instance_id_: str) -> int | None:
+    """The port named by an instance id, or None when the id is not one of ours."""
+    if not instance_id_.startswith(INSTANCE_ID_PREFIX):
+        return None
+    digits = instance_id_[len(INSTANCE_ID_PREFIX):]
+    if not digits.isdigit() or len(digits) > 5 or digits.startswith("0"):
+        return None
+    port = int(digits)
+    return port if 1024 <= port <= 65535 else None
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> "Listen":
+        host, port = value.rsplit(":", 1)
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SillyTavernSettings:
+    version: str = "1.19.0"
+    server: Path | None = None
+    listen_address: str = "127.0.0.1"
+    start_timeout: float = 90.0
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen: Listen = Listen("127.0.0.1", 3000)
+    admin_key_env: str = "CST_ADMIN_KEY"
+    tls: TlsSettings | None = None
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    listen: Listen = Listen("127.0.0.1", 5100)
+    upstream: str = "https://api.daidaibird.top/v1"
+    client_keys_env: str | None = None
+    max_attempts: int = 3
+    failure_threshold: int = 3
+    timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path
+    data_root: Path
+    concurrency: int = 4
+    sillytavern: SillyTavernSettings = SillyTavernSettings()
+    api: ApiSettings = ApiSettings()
+    proxy: ProxySettings = ProxySettings()
+
+
+@dataclass(frozen=True)
+class Account:
+    """A source of upstream API keys for the proxy."""
+
+    name: str
+    provider: Literal["daidai", "static"]
+    email: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    api_base: str = "https://user.daidaibird.top"
+    refresh: float = 300.0
+    keys_env: str | None = None
+    keys_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    port: int
+    state: Literal["running", "stopped"] = "running"
+    password_env: str | None = None
+
+    @property
+    def id(self) -> str:
+        return instance_id(self.port)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    path: Path
+    settings: Settings
+    accounts: tuple[Account, ...] = ()
+    instances: tuple[InstanceSpec, ...] = field(default_factory=tuple)
+
+    def instance(self, id_: str) -> InstanceSpec | None:
+        return next((i for i in self.instances if i.id == id_), None)
+
+    def data_dir(self, port: int) -> Path:
+        return self.settings.data_root / str(port)
+
+
+def _path(base: Path, value: str | None) -> Path | None:
+    return None if value is None else (base / Path(value).expanduser()).resolve()
+
+
+def from_data(data: dict[str, Any], path: Path) -> DesiredState:
+    """Build the model from a document that ``validation.check`` accepted."""
+    base = path.resolve().parent
+    raw = data.get("settings") or {}
+    st = raw.get("sillytavern") or {}
+    api = raw.get("api") or {}
+    proxy = raw.get("proxy") or {}
+    tls = api.get("tls")
+    settings = Settings(
+        state_dir=_path(base, raw.get("state_dir", ".cst")),
+        data_root=_path(base, raw.get("data_root", "user-data")),
+        concurrency=raw.get("concurrency", 4),
+        sillytavern=SillyTavernSettings(
+            version=st.get("version", "1.19.0"),
+            server=_path(base, st.get("server")),
+            listen_address=st.get("listen_address", "127.0.0.1"),
+            start_timeout=parse_duration(st.get("start_timeout", 90)),
+        ),
+        api=ApiSettings(
+            listen=Listen.parse(api.get("listen", "127.0.0.1:3000")),
+            admin_key_env=api.get("admin_key_env", "CST_ADMIN_KEY"),
+            tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
+        ),
+        proxy=ProxySettings(
+            listen=Listen.parse(proxy.get("listen", "127.0.0.1:5100")),
+            upstream=proxy.get("upstream", "https://api.daidaibird.top/v1").rstrip("/"),
+            client_keys_env=proxy.get("client_keys_env"),
+            max_attempts=proxy.get("max_attempts", 3),
+            failure_threshold=proxy.get("failure_threshold", 3),
+            timeout=parse_duration(proxy.get("timeout", 600)),
+        ),
+    )
+    accounts = tuple(
+        Account(
+            name=a["name"],
+            provider=a["provider"],
+            email=a.get("email"),
+            password_env=a.get("password_env"),
+            password_file=_path(base, a.get("password_file")),
+            api_base=a.get("api_base", "https://user.daidaibird.top").rstrip("/"),
+            refresh=parse_duration(a.get("refresh", "5m")),
+            keys_env=a.get("keys_env"),
+            keys_file=_path(base, a.get("keys_file")),
+        )
+        for a in data.get("accounts") or []
+    )
+    instances = tuple(
+        InstanceSpec(port=i["port"], state=i.get("state", "running"), password_env=i.get("password_env"))
+        for i in data.get("instances") or []
+    )
+    return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)
+
+
+def parse(text: str, path: Path) -> DesiredState:
+    """Validate ``text`` (the content of ``path``) and build the model; raises InvalidDesiredState."""
+    return from_data(check(text, str(path)), path)
+
+
+def load(path: Path) -> DesiredState:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidDesiredState([Problem(str(path), 1, "", f"cannot read the file: {reason}")]) from None
+    return parse(text, path)

@@ -1,0 +1,104 @@
+"""Decide what to do: ``plan(targets, observed) -> [Action]``, a pure function.
+
+Inputs are plain values: what each declared instance should be (``Target``,
+resolved from desired.yaml at the edge) and what is there now (``Observed``,
+read from the state dir and the process table by the runtime). No I/O here,
+so every transition is a table row in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, Mapping, Sequence
+
+ObservedStatus = Literal["running", "stopped", "crashed", "port-taken"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A declared instance, with what its process must have been started with."""
+
+    id: str
+    port: int
+    state: Literal["running", "stopped"]
+    fingerprint: str = ""           # digest of everything a restart would change
+    problem: str | None = None      # e.g. its password variable is unset: cannot start
+
+
+@dataclass(frozen=True)
+class Observed:
+    """An instance as found: by its record in the state dir, or by the process on its port."""
+
+    id: str
+    port: int
+    status: ObservedStatus
+    pid: int | None = None
+    fingerprint: str | None = None
+    adopted: bool = False           # found running without a valid record: the record needs writing
+    holder: str = ""                # for port-taken: who holds the port
+
+
+class Kind(str, Enum):
+    OK = "ok"                       # nothing to do
+    ADOPT = "adopt"                 # running already: write its record, leave the process alone
+    FORGET_PID = "forget-pid"       # record says running, process is gone, and stopped is wanted
+    START = "start"
+    RESTART = "restart"
+    STOP = "stop"
+    REMOVE = "remove"               # stop, archive the data dir, drop the record
+    FAIL = "fail"                   # cannot be done; reason says why
+
+
+CHANGES = {Kind.START, Kind.RESTART, Kind.STOP, Kind.REMOVE}
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    id: str
+    port: int
+    reason: str = ""
+
+    @property
+    def changes(self) -> bool:
+        return self.kind in CHANGES
+
+
+def _for_declared(target: Target, seen: Observed | None) -> list[Action]:
+    def act(kind: Kind, reason: str = "") -> list[Action]:
+        return [Action(kind, target.id, target.port, reason)]
+
+    status = seen.status if seen else "stopped"
+    adopted = [Action(Kind.ADOPT, target.id, target.port, "adopted")] if seen and seen.adopted else []
+
+    if target.state == "stopped":
+        if status == "running":
+            return act(Kind.STOP, "stopped")
+        if status == "crashed":
+            return act(Kind.FORGET_PID, "not running")
+        return act(Kind.OK)
+
+    # running is wanted
+    if status == "port-taken":
+        return act(Kind.FAIL, f"port {target.port} is held by another process ({seen.holder})")
+    if target.problem:
+        return act(Kind.FAIL, target.problem)
+    if status == "running":
+        if seen.fingerprint != target.fingerprint:
+            return adopted + act(Kind.RESTART, "restarted: settings changed")
+        return adopted or act(Kind.OK)
+    if status == "crashed":
+        return act(Kind.START, "restarted: process had exited")
+    return act(Kind.START, "started")
+
+
+def plan(targets: Sequence[Target], observed: Mapping[str, Observed]) -> list[Action]:
+    """Actions that make ``observed`` match ``targets``; instances known but undeclared are removed."""
+    actions: list[Action] = []
+    declared = {t.id for t in targets}
+    for target in targets:
+        actions.extend(_for_declared(target, observed.get(target.id)))
+    for id_, seen in sorted(observed.items()):
+        if id_ not in declared and seen.status != "port-taken":
+            actions.append(Action(Kind.REMOVE, id_, seen.port, "removed: data archived"))
+    return actions

@@ -1,0 +1,357 @@
+"""The local process runtime: SillyTavern servers as processes on this machine.
+
+It observes (records + process table + ports), and it acts (start, stop,
+archive). Identity is never a bare pid: a record holds the pid *and* the
+process's start time, and a process found on a port without a record is ours
+only if its environment carries our instance id and state dir.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from . import sillytavern
+from .desired import DesiredState, InstanceSpec
+from .plan import Observed, Target
+from .statedir import Record, StateDir
+
+# environment markers that let a later run recognise its own processes
+ENV_INSTANCE = "CST_INSTANCE_ID"
+ENV_STATE_DIR = "CST_STATE_DIR"
+ENV_FINGERPRINT = "CST_FINGERPRINT"
+# what an instance inherits from CST's environment; nothing else (CST's own secrets stay here)
+_INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
+STOP_TIMEOUT = 10.0
+_POLL = 0.1
+
+
+class StartFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one instance. Holds its password: never print or log it."""
+
+    id: str
+    port: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    data_dir: Path
+    workdir: Path
+    log: Path
+    password: str
+    probe_host: str
+    fingerprint: str
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def _listeners(ports: set[int]) -> dict[int, int | None]:
+    """pid listening on each of ``ports`` (None when the kernel will not say)."""
+    found: dict[int, int | None] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports:
+            if found.get(conn.laddr.port) is None:
+                found[conn.laddr.port] = conn.pid
+    return found
+
+
+def _describe(pid: int | None) -> str:
+    if pid is None:
+        return "a process this user cannot see"
+    try:
+        proc = psutil.Process(pid)
+        return f"pid {pid}, {' '.join(proc.cmdline()[:3])[:80]}"
+    except psutil.Error:
+        return f"pid {pid}"
+
+
+def live_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
+    """The process if it still runs and is the same one (not a recycled pid), else None."""
+    if pid is None or create_time is None:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.05:
+            return None
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            _reap(pid)
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited child of ours so it does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class LocalRuntime:
+    def __init__(self, desired: DesiredState, readonly: bool = False):
+        self.desired = desired
+        self.readonly = readonly  # --check: look, generate nothing
+        self.settings = desired.settings
+        self.state = StateDir(desired.settings.state_dir)
+
+    # -- resolving desired.yaml into launch specs (reads env and secrets: the edge, not the planner)
+
+    def release(self) -> sillytavern.Release:
+        st = self.settings.sillytavern
+        if st.server is not None:
+            return sillytavern.Release(st.server, None)
+        return sillytavern.release(st.version, self.settings.state_dir)
+
+    def password(self, spec: InstanceSpec) -> str:
+        """The instance's basic-auth password: from its variable if declared, else the generated one."""
+        if spec.password_env:
+            value = os.environ.get(spec.password_env)
+            if not value:
+                raise KeyError(f"environment variable {spec.password_env} (password of {spec.id}) is not set")
+            return value
+        if self.readonly:
+            return self.state.read_secret(f"{spec.id}.password") or ""
+        return self.state.secret(f"{spec.id}.password")
+
+    def launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
+        st = self.settings.sillytavern
+        data_dir = self.desired.data_dir(spec.port)
+        workdir = self.state.workdir(spec.id)
+        password = self.password(spec)
+        argv = (
+            shutil.which("node") or "node",
+            str(self.release().server_js),
+            "--port", str(spec.port),
+            "--dataRoot", str(data_dir),
+            "--configPath", str(workdir / "config.yaml"),
+            "--listen", "true",
+            "--listenAddressIPv4", st.listen_address,
+            "--enableIPv6", "false",
+            "--whitelist", "false",
+            "--basicAuthMode", "true",
+            "--browserLaunchEnabled", "false",
+        )
+        digest = hashlib.sha256(json.dumps([argv, password]).encode()).hexdigest()[:16]
+        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
+        env.update({
+            "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
+            "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
+            ENV_INSTANCE: spec.id,
+            ENV_STATE_DIR: str(self.state.root),
+            ENV_FINGERPRINT: digest,
+        })
+        probe_host = "127.0.0.1" if st.listen_address == "0.0.0.0" else st.listen_address
+        return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
+                          self.state.log_path(spec.id), password, probe_host, digest)
+
+    def targets(self) -> tuple[list[Target], dict[str, LaunchSpec]]:
+        targets: list[Target] = []
+        specs: dict[str, LaunchSpec] = {}
+        for spec in self.desired.instances:
+            try:
+                launch = self.launch_spec(spec)
+            except KeyError as exc:
+                targets.append(Target(spec.id, spec.port, spec.state, problem=exc.args[0]))
+                continue
+            specs[spec.id] = launch
+            targets.append(Target(spec.id, spec.port, spec.state, launch.fingerprint))
+        return targets, specs
+
+    # -- observing
+
+    def observe(self) -> dict[str, Observed]:
+        """What runs now: every recorded instance, plus whoever holds a declared port."""
+        observed: dict[str, Observed] = {}
+        for record in self.state.records().values():
+            if record.pid is None:
+                observed[record.id] = Observed(record.id, record.port, "stopped")
+            elif live_process(record.pid, record.create_time):
+                observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint)
+            else:
+                observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint)
+
+        host = self.settings.sillytavern.listen_address
+        unsure = {i.port: i.id for i in self.desired.instances
+                  if getattr(observed.get(i.id), "status", None) != "running"}
+        busy = {port for port in unsure if not _port_is_free(host, port)}
+        holders = _listeners(busy) if busy else {}
+        for port in busy:
+            id_, pid = unsure[port], holders.get(port)
+            fingerprint = self._our_process(pid, id_)
+            if fingerprint is not None:
+                observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True)
+            else:
+                observed[id_] = Observed(id_, port, "port-taken", holder=_describe(pid))
+        return observed
+
+    def _our_process(self, pid: int | None, id_: str) -> str | None:
+        """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""
+        if pid is None:
+            return None
+        try:
+            env = psutil.Process(pid).environ()
+        except psutil.Error:
+            return None
+        if env.get(ENV_INSTANCE) == id_ and env.get(ENV_STATE_DIR) == str(self.state.root):
+            return env.get(ENV_FINGERPRINT, "")
+        return None
+
+    # -- acting
+
+    def adopt(self, id_: str, port: int, pid: int) -> None:
+        proc = psutil.Process(pid)
+        previous = self.state.records().get(id_)
+        self.state.save(Record(
+            id=id_, port=port, data_dir=str(self.desired.data_dir(port)), pid=pid,
+            create_time=proc.create_time(), argv=proc.cmdline(),
+            fingerprint=proc.environ().get(ENV_FINGERPRINT),
+            started_at=datetime.fromtimestamp(proc.create_time(), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            restarts=previous.restarts if previous else 0))
+
+    def forget_pid(self, id_: str) -> None:
+        record = self.state.records().get(id_)
+        if record:
+            record.pid = record.create_time = None
+            self.state.save(record)
+
+    async def start(self, launch: LaunchSpec, count_restart: bool = False) -> Record:
+        """Start the process and wait until its port answers with basic auth; raises StartFailed."""
+        launch.data_dir.mkdir(parents=True, exist_ok=True)
+        launch.workdir.mkdir(parents=True, exist_ok=True)
+        launch.log.parent.mkdir(parents=True, exist_ok=True)
+        sillytavern.seed_webpack_cache(self.release(), launch.data_dir, launch.workdir)
+        previous = self.state.records().get(launch.id)
+        with open(launch.log, "ab") as log:
+            log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        record = Record(
+            id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
+            create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
+            fingerprint=launch.fingerprint, started_at=utc_now(),
+            restarts=(previous.restarts if previous else 0) + (1 if count_restart else 0))
+        self.state.save(record)  # written at once: a crash from here on still knows the pid
+        try:
+            await self._wait_ready(launch, proc)
+        except StartFailed:
+            await self.stop(record)
+            raise
+        return record
+
+    async def _wait_ready(self, launch: LaunchSpec, proc: subprocess.Popen) -> None:
+        url = f"http://{launch.probe_host}:{launch.port}/"
+        auth = aiohttp.BasicAuth(launch.id, launch.password)
+        deadline = time.monotonic() + self.settings.sillytavern.start_timeout
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                if proc.poll() is not None:
+                    raise StartFailed(f"exited with code {proc.returncode} before answering; "
+                                      f"last log lines:\n{self.log_tail(launch.id)}")
+                try:
+                    async with session.get(url, allow_redirects=False) as anon:
+                        anonymous = anon.status
+                    if anonymous == 401:
+                        async with session.get(url, auth=auth, allow_redirects=False) as authed:
+                            if authed.status == 200:
+                                return
+                            raise StartFailed(f"port {launch.port} answers but refuses the instance's "
+                                              f"credentials (HTTP {authed.status})")
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+                if time.monotonic() >= deadline:
+                    raise StartFailed(f"port {launch.port} did not answer within "
+                                      f"{self.settings.sillytavern.start_timeout:g}s; last log lines:\n"
+                                      f"{self.log_tail(launch.id)}")
+                await asyncio.sleep(_POLL * 2)
+
+    async def stop(self, record: Record, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the instance's process group, SIGKILL after ``timeout``; then clear the pid."""
+        proc = live_process(record.pid, record.create_time)
+        if proc is not None:
+            self._signal_group(record.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while live_process(record.pid, record.create_time) and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL)
+            if live_process(record.pid, record.create_time):
+                self._signal_group(record.pid, signal.SIGKILL)
+                while live_process(record.pid, record.create_time):
+                    await asyncio.sleep(_POLL)
+        record.pid = record.create_time = None
+        self.state.save(record)
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pid, sig)  # started with its own session, so its group id is its pid
+        except ProcessLookupError:
+            pass
+
+    async def remove(self, id_: str) -> Path | None:
+        """Stop the instance, move its data dir into the archive, drop its record and secret."""
+        record = self.state.records().get(id_)
+        if record is None:
+            return None
+        await self.stop(record)
+        archived = self.archive(Path(record.data_dir), id_)
+        shutil.rmtree(self.state.workdir(id_), ignore_errors=True)
+        self.state.drop_secret(f"{id_}.password")
+        self.state.forget(id_)
+        return archived
+
+    def archive(self, data_dir: Path, id_: str) -> Path | None:
+        if not data_dir.exists():
+            return None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = self.state.archive_dir / f"{id_}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.state.archive_dir / f"{id_}-{stamp}-{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(data_dir), str(target))  # a rename on one filesystem; copy then delete across
+        return target
+
+    def log_tail(self, id_: str, lines: int = 12) -> str:
+        try:
+            with open(self.state.log_path(id_), "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 8192))
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,128 @@
+"""The SillyTavern release CST runs: install it from the npm registry, once, and pre-build its front end.
+
+Layout of an install home (``$CST_SILLYTAVERN_HOME``, else ``<state_dir>/sillytavern``)::
+
+    <home>/<version>/node_modules/sillytavern/server.js
+    <home>/<version>/node_modules/sillytavern/dist/_webpack/   front-end build, made once here
+    <home>/<version>/.cst-ready                                 written last: the install is complete
+
+SillyTavern compiles its front-end libraries with webpack on every start and
+keeps the cache in ``<dataRoot>/_webpack`` -- or in ``<cwd>/dist/_webpack`` when
+it believes it runs in a container. A cold compile is ~20 s of CPU, so CST
+builds it once per install and copies the result to where each new instance
+will look for it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .statedir import StateDir
+
+_READY = ".cst-ready"
+_PACKAGE = Path("node_modules") / "sillytavern"
+
+
+class InstallError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Release:
+    """Where one SillyTavern server lives and how to run it."""
+
+    server_js: Path
+    prebuilt_webpack: Path | None   # None for a custom checkout: it manages its own cache
+
+    @property
+    def package_dir(self) -> Path:
+        return self.server_js.parent
+
+
+def install_home(state_dir: Path) -> Path:
+    env = os.environ.get("CST_SILLYTAVERN_HOME")
+    return Path(env).expanduser().resolve() if env else state_dir / "sillytavern"
+
+
+def node_binary() -> str:
+    node = shutil.which("node")
+    if not node:
+        raise InstallError("Node.js is not installed (SillyTavern needs node >= 20 on PATH)")
+    return node
+
+
+def _run(argv: list[str], cwd: Path, what: str, log: Path) -> None:
+    with open(log, "ab") as out:
+        result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise InstallError(f"{what} failed (exit {result.returncode}); see {log}:\n" + "\n".join(tail))
+
+
+def release(version: str, state_dir: Path) -> Release:
+    root = install_home(state_dir) / version
+    package = root / _PACKAGE
+    return Release(package / "server.js", package / "dist" / "_webpack")
+
+
+def is_installed(version: str, state_dir: Path) -> bool:
+    return (install_home(state_dir) / version / _READY).exists()
+
+
+def install(version: str, state_dir: Path) -> tuple[Release, bool]:
+    """Install ``sillytavern@version`` unless present; returns the release and whether work was done."""
+    root = install_home(state_dir) / version
+    rel = release(version, state_dir)
+    if (root / _READY).exists():
+        return rel, False
+    root.mkdir(parents=True, exist_ok=True)
+    # several state dirs (or test workers) may share one home: one installer at a time
+    with StateDir(root).lock("install", timeout=900):
+        if (root / _READY).exists():
+            return rel, False
+        npm = shutil.which("npm")
+        if not npm:
+            raise InstallError("npm is not installed (it comes with Node.js >= 20)")
+        node_binary()
+        log = root / "install.log"
+        if not (root / "package.json").exists():
+            (root / "package.json").write_text('{"name": "cst-sillytavern", "private": true}\n')
+        _run([npm, "install", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
+             root, f"npm install sillytavern@{version}", log)
+        if not rel.server_js.exists():
+            raise InstallError(f"npm installed sillytavern@{version} but {rel.server_js} is missing")
+        # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack
+        _run([node_binary(), str(rel.package_dir / "docker" / "build-lib.js")],
+             rel.package_dir, "building the SillyTavern front end", log)
+        (root / _READY).write_text(version + "\n")
+    return rel, True
+
+
+def custom(server_js: Path) -> Release:
+    if not server_js.is_file():
+        raise InstallError(f"settings.sillytavern.server: {server_js} does not exist")
+    return Release(server_js, None)
+
+
+def _looks_like_container() -> bool:
+    """The test SillyTavern's webpack config makes (via the is-docker package) to pick its cache folder."""
+    if Path("/.dockerenv").exists():
+        return True
+    try:
+        return "docker" in Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return False
+
+
+def seed_webpack_cache(rel: Release, data_dir: Path, workdir: Path) -> None:
+    """Copy the prebuilt front end to where this instance's SillyTavern will look, if not there yet."""
+    if rel.prebuilt_webpack is None or not rel.prebuilt_webpack.is_dir():
+        return
+    target = (workdir / "dist" / "_webpack") if _looks_like_container() else (data_dir / "_webpack")
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(rel.prebuilt_webpack, target)

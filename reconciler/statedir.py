@@ -1,0 +1,162 @@
+"""The state directory: process records, generated secrets, logs, archives, the lock.
+
+Everything CST knows about what it started lives here, on disk, so a later
+``cst apply`` (or a restarted daemon) picks up where the last one stopped.
+Writes are atomic (temp file, fsync, rename): a crash leaves the old file or
+the new one, never half of one.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets as _secrets
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class Record:
+    """What CST remembers of one instance it manages."""
+
+    id: str
+    port: int
+    data_dir: str
+    pid: int | None = None
+    create_time: float | None = None    # the process's start time: a recycled pid will not match
+    argv: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+    started_at: str | None = None       # ISO 8601 UTC
+    restarts: int = 0
+
+
+class LockHeld(Exception):
+    def __init__(self, path: Path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by {holder}: another cst is working on this state dir")
+
+
+class StateDir:
+    def __init__(self, root: Path):
+        self.root = root
+
+    # layout
+    @property
+    def records_dir(self) -> Path:
+        return self.root / "instances"
+
+    def record_path(self, id_: str) -> Path:
+        return self.records_dir / f"{id_}.json"
+
+    def workdir(self, id_: str) -> Path:
+        """Per-instance working directory: its config.yaml lives here, not in the shared install."""
+        return self.root / "run" / id_
+
+    def log_path(self, id_: str) -> Path:
+        return self.root / "logs" / f"{id_}.log"
+
+    def secret_path(self, name: str) -> Path:
+        return self.root / "secrets" / name
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.root / "archive"
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub, mode in (("instances", 0o755), ("run", 0o755), ("logs", 0o755),
+                          ("archive", 0o755), ("secrets", 0o700)):
+            (self.root / sub).mkdir(exist_ok=True)
+            os.chmod(self.root / sub, mode)
+
+    # records
+    def records(self) -> dict[str, Record]:
+        out: dict[str, Record] = {}
+        if not self.records_dir.is_dir():
+            return out
+        for path in sorted(self.records_dir.glob("*.json")):
+            try:
+                record = Record(**json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError):
+                continue  # unreadable: treat as unknown rather than guess
+            out[record.id] = record
+        return out
+
+    def save(self, record: Record) -> None:
+        atomic_write(self.record_path(record.id), json.dumps(asdict(record), indent=2).encode())
+
+    def forget(self, id_: str) -> None:
+        self.record_path(id_).unlink(missing_ok=True)
+
+    # secrets
+    def read_secret(self, name: str) -> str | None:
+        try:
+            return self.secret_path(name).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def secret(self, name: str) -> str:
+        """The secret kept under ``name``, generated (a UUID, as the seed does) on first use."""
+        value = self.read_secret(name)
+        if value is None:
+            value = str(uuid.uuid4())
+            self.write_secret(name, value)
+        return value
+
+    def write_secret(self, name: str, value: str) -> None:
+        atomic_write(self.secret_path(name), value.encode() + b"\n", mode=0o600)
+
+    def drop_secret(self, name: str) -> None:
+        self.secret_path(name).unlink(missing_ok=True)
+
+    # lock
+    @contextmanager
+    def lock(self, name: str = "reconcile", timeout: float = 60.0) -> Iterator[None]:
+        """Hold ``<state_dir>/<name>.lock``; waits up to ``timeout`` for another holder to finish."""
+        path = self.root / f"{name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                        raise LockHeld(path, f"pid {holder}") from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,51 @@
+// A fast stand-in for SillyTavern's server.js, for bulk runtime tests.
+// It honours the flags and environment CST passes to the real server: --port, --dataRoot,
+// --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD}.
+// Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
+//   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
+'use strict';
+const fs = require('node:fs');
+const http = require('node:http');
+const path = require('node:path');
+
+function flag(name, fallback) {
+    const i = process.argv.indexOf(`--${name}`);
+    return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : fallback;
+}
+
+const port = Number(flag('port', '8000'));
+const dataRoot = path.resolve(flag('dataRoot', './data'));
+const host = flag('listen', 'false') === 'true' ? flag('listenAddressIPv4', '0.0.0.0') : '127.0.0.1';
+const user = process.env.SILLYTAVERN_BASICAUTHUSER_USERNAME || 'user';
+const password = process.env.SILLYTAVERN_BASICAUTHUSER_PASSWORD || 'password';
+const expected = 'Basic ' + Buffer.from(`${user}:${password}`).toString('base64');
+
+fs.mkdirSync(path.join(dataRoot, 'default-user'), { recursive: true });
+let knobs = {};
+try { knobs = JSON.parse(fs.readFileSync(path.join(dataRoot, 'standin.json'), 'utf8')); } catch { /* none */ }
+if (knobs.exitCode !== undefined) {
+    console.error(`stand-in: exiting with ${knobs.exitCode} as asked`);
+    process.exit(knobs.exitCode);
+}
+// a file that survives restarts, so tests can tell the same data dir came back
+const starts = path.join(dataRoot, 'default-user', 'starts.txt');
+fs.appendFileSync(starts, `${process.pid}\n`);
+
+const server = http.createServer((req, res) => {
+    if (req.headers.authorization !== expected) {
+        res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
+        return res.end('Unauthorized');
+    }
+    res.writeHead(200, { 'Content-Type': 'text/html' });
+    res.end(`<html><body>stand-in SillyTavern on ${port}, data in ${dataRoot}</body></html>`);
+});
+
+setTimeout(() => {
+    server.listen(port, host, () => console.log(`stand-in SillyTavern is listening on ${host}:${port}`));
+}, knobs.startDelayMs || 0);
+server.on('error', (err) => { console.error(`stand-in: ${err.message}`); process.exit(1); });
+if (knobs.ignoreSigterm) {
+    process.on('SIGTERM', () => console.log('stand-in: ignoring SIGTERM as asked'));
+} else {
+    process.on('SIGTERM', () => server.close(() => process.exit(0)));
+}
