@@ -49,7 +49,7 @@ class Report:
 
 
 async def reconcile(desired: DesiredState, check: bool = False,
-                    on_result: Callable[[Result], None] | None = None) -> Report:
+                    on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0) -> Report:
     """Make reality match ``desired`` (or, with ``check``, only say what that would take)."""
     runtime = LocalRuntime(desired, readonly=check)
     report = Report(check=check)
@@ -67,7 +67,7 @@ async def reconcile(desired: DesiredState, check: bool = False,
         return report
 
     runtime.state.ensure()
-    with runtime.state.lock():
+    with runtime.state.lock(timeout=lock_timeout):
         targets, specs = runtime.targets()
         observed = runtime.observe()
         actions = plan(targets, observed)

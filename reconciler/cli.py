@@ -52,8 +52,10 @@ def validate(file: Path) -> None:
 @file_option
 @click.option("--check", is_flag=True, help="Change nothing; show what would change.")
 @click.option("--diff", is_flag=True, help="Show each change as observed -> desired.")
+@click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="Seconds to wait while another cst works on the same state dir.")
 @output_option
-def apply(file: Path, check: bool, diff: bool, output: str) -> None:
+def apply(file: Path, check: bool, diff: bool, wait: float, output: str) -> None:
     """Make what runs match the file: start, stop, restart and archive instances."""
     desired = load_or_exit(file)
 
@@ -64,7 +66,7 @@ def apply(file: Path, check: bool, diff: bool, output: str) -> None:
                 click.echo(f"    - {result.before}\n    + {result.after}")
 
     try:
-        report: Report = asyncio.run(reconcile(desired, check=check, on_result=show))
+        report: Report = asyncio.run(reconcile(desired, check=check, on_result=show, lock_timeout=wait))
     except LockHeld as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -61,6 +61,7 @@ class SillyTavernSettings:
     server: Path | None = None
     listen_address: str = "127.0.0.1"
     start_timeout: float = 90.0
+    stop_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             server=_path(base, st.get("server")),
             listen_address=st.get("listen_address", "127.0.0.1"),
             start_timeout=parse_duration(st.get("start_timeout", 90)),
+            stop_timeout=parse_duration(st.get("stop_timeout", 10)),
         ),
         api=ApiSettings(
             listen=Listen.parse(api.get("listen", "127.0.0.1:3000")),

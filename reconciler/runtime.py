@@ -35,7 +35,6 @@ ENV_STATE_DIR = "CST_STATE_DIR"
 ENV_FINGERPRINT = "CST_FINGERPRINT"
 # what an instance inherits from CST's environment; nothing else (CST's own secrets stay here)
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
-STOP_TIMEOUT = 10.0
 _POLL = 0.1
 
 
@@ -299,12 +298,12 @@ class LocalRuntime:
                                       f"{self.log_tail(launch.id)}")
                 await asyncio.sleep(_POLL * 2)
 
-    async def stop(self, record: Record, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM the instance's process group, SIGKILL after ``timeout``; then clear the pid."""
+    async def stop(self, record: Record) -> None:
+        """SIGTERM the instance's process group, SIGKILL after ``stop_timeout``; then clear the pid."""
         proc = live_process(record.pid, record.create_time)
         if proc is not None:
             self._signal_group(record.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + self.settings.sillytavern.stop_timeout
             while live_process(record.pid, record.create_time) and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL)
             if live_process(record.pid, record.create_time):

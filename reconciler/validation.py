@@ -102,6 +102,15 @@ class _Located:
         return Problem(self.file, self.line_of(path), format_path(path), message)
 
 
+_YAML_TYPE_NAMES = {"object": "a mapping", "array": "a list", "integer": "an integer",
+                    "string": "a string", "number": "a number", "boolean": "true or false"}
+
+
+def _yaml_type(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
 def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     path: YamlPath = tuple(error.absolute_path)
     value = error.instance
@@ -114,7 +123,8 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required key '{missing}'"
     if kind == "type":
-        return path, f"expected {error.validator_value}, got {type(value).__name__} {value!r}"
+        expected = _YAML_TYPE_NAMES.get(error.validator_value, error.validator_value)
+        return path, f"expected {expected}, got {_yaml_type(value)} {value!r}"
     if kind == "enum":
         choices = ", ".join(str(c) for c in error.validator_value)
         return path, f"{value!r} is not one of: {choices}"
@@ -130,7 +140,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"{value!r} is not valid here (expected to match {error.validator_value})"
     if kind == "format":
         return path, f"{value!r} is not a valid {error.validator_value} address"
-    if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "timeout"):
+    if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout"):
         return path, f"{value!r} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
     return path, error.message
 

@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make run` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# one shared SillyTavern install for the example, the tests and the benchmarks
+export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
+
+.PHONY: run test setup node sillytavern bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed node
+
+node:
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { echo "Node.js >= 20 with npm is needed to run SillyTavern"; exit 1; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
+	  { echo "Node.js >= 20 is needed (found $$(node --version))"; exit 1; }
+
+sillytavern: setup
+	$(BIN)/cst st install -f examples/desired.yaml
+
+run: sillytavern
+	$(BIN)/cst apply -f examples/desired.yaml
+	$(BIN)/cst status -f examples/desired.yaml
+
+test: sillytavern
+	$(BIN)/python -m pytest -q
+
+bench: sillytavern
+	$(BIN)/python bench/reconciler.py
+
+clean:
+	rm -rf $(VENV) .cache examples/.cst examples/user-data

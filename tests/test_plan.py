@@ -1,0 +1,67 @@
+"""plan() is pure: every transition is one row of this table."""
+import pytest
+
+from reconciler.plan import Action, Kind, Observed, Target, plan
+
+A = "st-instance-8001"
+
+
+def running(fp="fp1", adopted=False):
+    return Observed(A, 8001, "running", pid=100, fingerprint=fp, adopted=adopted)
+
+
+CASES = [
+    # (name, desired state or None for undeclared, observed or None for nothing at all, expected kinds)
+    ("absent -> running", "running", None, [Kind.START]),
+    ("stopped record -> running", "running", Observed(A, 8001, "stopped"), [Kind.START]),
+    ("running -> stopped", "stopped", running(), [Kind.STOP]),
+    ("stopped -> running", "running", Observed(A, 8001, "stopped"), [Kind.START]),
+    ("crashed -> running", "running", Observed(A, 8001, "crashed", pid=100, fingerprint="fp1"), [Kind.START]),
+    ("crashed, stopped wanted", "stopped", Observed(A, 8001, "crashed", pid=100), [Kind.FORGET_PID]),
+    ("running as wanted", "running", running(), [Kind.OK]),
+    ("stopped as wanted", "stopped", Observed(A, 8001, "stopped"), [Kind.OK]),
+    ("absent, stopped wanted", "stopped", None, [Kind.OK]),
+    ("present -> removed (running)", None, running(), [Kind.REMOVE]),
+    ("present -> removed (stopped)", None, Observed(A, 8001, "stopped"), [Kind.REMOVE]),
+    ("present -> removed (crashed)", None, Observed(A, 8001, "crashed", pid=100), [Kind.REMOVE]),
+    ("adopted", "running", running(adopted=True), [Kind.ADOPT]),
+    ("adopted but settings changed", "running", running(fp="old", adopted=True), [Kind.ADOPT, Kind.RESTART]),
+    ("settings changed", "running", running(fp="old"), [Kind.RESTART]),
+    ("port taken", "running", Observed(A, 8001, "port-taken", holder="pid 9"), [Kind.FAIL]),
+    ("port taken, stopped wanted", "stopped", Observed(A, 8001, "port-taken", holder="pid 9"), [Kind.OK]),
+]
+
+
+@pytest.mark.parametrize("name,state,seen,expected", CASES, ids=[c[0] for c in CASES])
+def test_transition(name, state, seen, expected):
+    targets = [Target(A, 8001, state, fingerprint="fp1")] if state else []
+    observed = {A: seen} if seen else {}
+    actions = plan(targets, observed)
+    assert [a.kind for a in actions] == expected
+    assert all(a.id == A and a.port == 8001 for a in actions)
+
+
+def test_port_taken_reason_names_the_holder():
+    [action] = plan([Target(A, 8001, "running", "fp")], {A: Observed(A, 8001, "port-taken", holder="pid 9, nginx")})
+    assert action.kind == Kind.FAIL and "pid 9, nginx" in action.reason and "8001" in action.reason
+
+
+def test_unstartable_target_fails_without_touching_others():
+    targets = [Target(A, 8001, "running", problem="environment variable X is not set"),
+               Target("st-instance-8002", 8002, "running", "fp")]
+    actions = plan(targets, {})
+    assert actions == [Action(Kind.FAIL, A, 8001, "environment variable X is not set"),
+                       Action(Kind.START, "st-instance-8002", 8002, "started")]
+
+
+def test_plan_is_pure_and_repeatable():
+    targets = [Target(A, 8001, "running", "fp")]
+    observed = {A: Observed(A, 8001, "stopped"), "st-instance-9000": Observed("st-instance-9000", 9000, "running")}
+    before = (list(targets), dict(observed))
+    assert plan(targets, observed) == plan(targets, observed)
+    assert (targets, observed) == before
+    assert [a.kind for a in plan(targets, observed)] == [Kind.START, Kind.REMOVE]
+
+
+def test_only_changes_count_as_changes():
+    assert {k for k in Kind if Action(k, A, 1).changes} == {Kind.START, Kind.RESTART, Kind.STOP, Kind.REMOVE}

@@ -1,0 +1,174 @@
+"""Each class of bad input gives one line: file, line, YAML path, what is wrong."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from reconciler.desired import load, parse
+from reconciler.validation import InvalidDesiredState, check
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(InvalidDesiredState) as info:
+        check(textwrap.dedent(text), "desired.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_file_is_valid():
+    desired = load(ROOT / "examples" / "desired.yaml")
+    assert [i.id for i in desired.instances] == ["st-instance-8001", "st-instance-8002"]
+    assert desired.settings.state_dir == (ROOT / "examples" / ".cst")
+    assert desired.settings.sillytavern.version == "1.19.0"
+    assert [a.provider for a in desired.accounts] == ["daidai", "static"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+       - port: 8002
+       - port: 8001
+     """, "desired.yaml:5: instances[2].port: 8001 is used twice (first at instances[0])"),
+    ("""\
+     version: 1
+     instances:
+       - port: 80
+     """, "desired.yaml:3: instances[0].port: 80 is outside 1024-65535"),
+    ("""\
+     version: 1
+     instances:
+       - port: 70000
+     """, "desired.yaml:3: instances[0].port: 70000 is outside 1024-65535"),
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+         colour: blue
+     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: password_env, port, state)"),
+    ("""\
+     version: 1
+     instances:
+       - port: "8001"
+     """, "desired.yaml:3: instances[0].port: expected an integer, got a string '8001'"),
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+         state: runing
+     """, "desired.yaml:4: instances[0].state: 'runing' is not one of: running, stopped"),
+    ("""\
+     version: 1
+     accounts:
+       - name: a
+         provider: openrouter
+     """, "desired.yaml:4: accounts[0].provider: 'openrouter' is not one of: daidai, static"),
+    ("""\
+     version: 1
+     accounts:
+       - name: a
+         provider: daidai
+         email: me@example.com
+     """, "desired.yaml:3: accounts[0]: missing password_env (the name of an environment variable) or password_file"),
+    ("""\
+     version: 1
+     accounts:
+       - name: a
+         provider: static
+     """, "desired.yaml:3: accounts[0]: missing keys_env (the name of an environment variable) or keys_file"),
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+         password_env: "my password"
+     """, "desired.yaml:4: instances[0].password_env: 'my password' is not an environment variable name (letters, digits, _)"),
+    ("""\
+     version: 2
+     """, "desired.yaml:1: version: 2 is not supported (expected 1)"),
+    ("""\
+     settings:
+       state_dir: x
+     """, "desired.yaml:1: missing required key 'version'"),
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+     instances: []
+     """, "desired.yaml:4: instances: key appears twice in the same mapping"),
+    ("""\
+     version: 1
+     instances:
+       - port: 8001
+       - [port: 8002
+     """, "desired.yaml:5: YAML syntax error: expected ',' or ']', but got '<stream end>'"),
+    ("""\
+     version: 1
+     settings:
+       api: {listen: "127.0.0.1:3000"}
+     instances:
+       - port: 3000
+     """, "desired.yaml:5: instances[0].port: 3000 is already taken by settings.api.listen"),
+    ("""\
+     version: 1
+     settings:
+       proxy: {listen: "0.0.0.0:5100"}
+     """, "desired.yaml:3: settings.proxy.listen: '0.0.0.0:5100' is not a loopback address: set client_keys_env so that the proxy asks its clients for a key"),
+    ("""\
+     version: 1
+     settings:
+       sillytavern: {start_timeout: soon}
+     """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h)"),
+    ("""\
+     version: 1
+     accounts:
+       - {name: a, provider: static, keys_env: A}
+       - {name: a, provider: static, keys_env: B}
+     """, "desired.yaml:4: accounts[1].name: 'a' is used twice (first at accounts[0])"),
+], ids=["duplicate-port", "port-too-low", "port-too-high", "unknown-key", "wrong-type", "bad-enum",
+        "unknown-provider", "missing-password-env", "missing-keys-env", "bad-env-name", "version",
+        "missing-version", "duplicate-key", "syntax", "port-clash-api", "exposed-proxy", "bad-duration",
+        "duplicate-account"])
+def test_bad_input_is_located(text, expected):
+    assert expected in problems(text)
+
+
+def test_all_problems_reported_at_once_in_line_order():
+    found = problems("""\
+        version: 1
+        instances:
+          - port: 8001
+            state: maybe
+          - port: 8001
+    """)
+    assert found == ["desired.yaml:4: instances[0].state: 'maybe' is not one of: running, stopped",
+                     "desired.yaml:5: instances[1].port: 8001 is used twice (first at instances[0])"]
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_not_a_mapping(text):
+    assert problems(text)[0].startswith("desired.yaml:1: ")
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    desired = parse("version: 1\nsettings: {state_dir: s, data_root: ../d}\n", tmp_path / "sub" / "desired.yaml")
+    assert desired.settings.state_dir == tmp_path / "sub" / "s"
+    assert desired.settings.data_root == tmp_path / "d"
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("version: 1\ninstances:\n  - port: 8001\n")
+    bad.write_text("version: 1\ninstances:\n  - port: 8001\n  - port: 8001\n")
+    run = lambda f: subprocess.run([sys.executable, "-m", "reconciler", "validate", "-f", str(f)],
+                                   capture_output=True, text=True)
+    ok = run(good)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    failed = run(bad)
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == f"{bad}:4: instances[1].port: 8001 is used twice (first at instances[0])"
+    missing = run(tmp_path / "nope.yaml")
+    assert missing.returncode == 1 and "nope.yaml:1: cannot read the file" in missing.stderr
