@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 from . import sillytavern
 from .desired import DesiredState
@@ -18,6 +18,9 @@ from .runtime import LaunchSpec, LocalRuntime, StartFailed
 from .statedir import Record
 
 Outcome = Literal["ok", "changed", "failed"]
+# the daemon's policies (crash backoff, memory limit): given what was observed, which instances
+# to hold back and which to restart anyway, each with why
+Hints = Callable[[Mapping[str, Observed]], tuple[Mapping[str, str], Mapping[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Result:
     detail: str = ""
     before: str = ""        # observed status before the pass (for --diff)
     after: str = ""         # what it should be after
+    archive: str = ""       # where a removed instance's data went
 
     def line(self) -> str:
         return f"{self.outcome}: {self.id}" + (f" ({self.detail})" if self.detail else "")
@@ -36,6 +40,7 @@ class Result:
 class Report:
     results: list[Result] = field(default_factory=list)
     check: bool = False
+    observed: dict[str, Observed] = field(default_factory=dict, repr=False)  # before acting
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
@@ -44,12 +49,16 @@ class Report:
     def recap(self) -> dict[str, int]:
         return {o: self.count(o) for o in ("ok", "changed", "failed")}
 
+    def result(self, id_: str) -> Result | None:
+        return next((r for r in reversed(self.results) if r.id == id_), None)
+
     def as_dict(self) -> dict:
         return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap}
 
 
 async def reconcile(desired: DesiredState, check: bool = False,
-                    on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0) -> Report:
+                    on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0,
+                    hints: Hints | None = None) -> Report:
     """Make reality match ``desired`` (or, with ``check``, only say what that would take)."""
     runtime = LocalRuntime(desired, readonly=check)
     report = Report(check=check)
@@ -67,10 +76,11 @@ async def reconcile(desired: DesiredState, check: bool = False,
         return report
 
     runtime.state.ensure()
-    with runtime.state.lock(timeout=lock_timeout):
+    async with runtime.state.alock(timeout=lock_timeout):
         targets, specs = runtime.targets()
-        observed = runtime.observe()
-        actions = plan(targets, observed)
+        observed = report.observed = runtime.observe()
+        hold, restart = hints(observed) if hints else ({}, {})
+        actions = plan(targets, observed, hold, restart)
         if any(a.kind in (Kind.START, Kind.RESTART) for a in actions):
             failure = await _ensure_release(desired, emit)
             if failure:
@@ -107,7 +117,7 @@ async def _ensure_release(desired: DesiredState, emit: Callable[[Result], None])
 
 def _would(action: Action, seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
-    if action.kind == Kind.FAIL:
+    if action.kind in (Kind.FAIL, Kind.WAIT):
         return Result(action.id, "failed", action.reason, before)
     if action.changes:
         after = {Kind.START: "running", Kind.RESTART: "running", Kind.STOP: "stopped",
@@ -120,7 +130,7 @@ async def _execute(runtime: LocalRuntime, action: Action, launch: LaunchSpec | N
                    seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
     try:
-        if action.kind == Kind.FAIL:
+        if action.kind in (Kind.FAIL, Kind.WAIT):
             return Result(action.id, "failed", action.reason, before)
         if action.kind == Kind.OK:
             return Result(action.id, "ok", "", before, before)
@@ -136,7 +146,7 @@ async def _execute(runtime: LocalRuntime, action: Action, launch: LaunchSpec | N
         if action.kind == Kind.REMOVE:
             archived = await runtime.remove(action.id)
             where = f"data archived in {archived}" if archived else "it had no data dir"
-            return Result(action.id, "changed", f"removed; {where}", before, "absent")
+            return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""))
         if action.kind == Kind.RESTART:
             await runtime.stop(_record(runtime, action.id))
             await runtime.start(launch, count_restart=True)

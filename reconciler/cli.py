@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import ssl
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from . import sillytavern
 from .apply import Report, Result, reconcile
-from .desired import DesiredState, load, port_of
-from .runtime import LocalRuntime, live_process
+from .daemon import Daemon, DaemonError, tls_context
+from .desired import DesiredState, TlsSettings, load, port_of
+from .desired_file import DesiredFile
+from .inventory import instance_rows
+from .runtime import LocalRuntime
 from .statedir import LockHeld
 from .validation import InvalidDesiredState
 
@@ -91,35 +95,12 @@ def _uptime(seconds: float | None) -> str:
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
-def status_rows(desired: DesiredState) -> list[dict]:
-    runtime = LocalRuntime(desired, readonly=True)
-    observed = runtime.observe()
-    records = runtime.state.records()
-    declared = {i.id: i for i in desired.instances}
-    rows = []
-    for id_ in list(declared) + sorted(set(records) - set(declared)):
-        spec, seen, record = declared.get(id_), observed.get(id_), records.get(id_)
-        port = spec.port if spec else record.port
-        proc = live_process(seen.pid, record.create_time) if seen and seen.pid and record else None
-        rows.append({
-            "id": id_,
-            "port": port,
-            "desired": spec.state if spec else "absent",
-            "status": seen.status if seen else "stopped",
-            "pid": seen.pid if seen and seen.status == "running" else None,
-            "uptime": round(time.time() - proc.create_time(), 1) if proc else None,
-            "restarts": record.restarts if record else 0,
-            "dataDir": str(desired.data_dir(port)),
-        })
-    return rows
-
-
 @cli.command()
 @file_option
 @output_option
 def status(file: Path, output: str) -> None:
     """Show every instance: desired and observed state, pid, uptime, restarts, data dir."""
-    rows = status_rows(load_or_exit(file))
+    rows = instance_rows(load_or_exit(file))
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -154,6 +135,40 @@ def password(file: Path, instance_id: str) -> None:
                    err=True)
         sys.exit(EXIT_INVALID)
     click.echo(secret)
+
+
+@cli.command()
+@file_option
+@click.option("--ssl", "use_ssl", is_flag=False, flag_value="true", default=None, metavar="[true|false]",
+              help="Serve the API over HTTPS (the seed's flag; or set settings.api.tls).")
+@click.option("--certPath", "cert_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TLS certificate (PEM) for --ssl.")
+@click.option("--keyPath", "key_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="TLS private key (PEM) for --ssl.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every action, not only changes and errors.")
+def serve(file: Path, use_ssl: str | None, cert_path: Path | None, key_path: Path | None, verbose: bool) -> None:
+    """Run the daemon: REST API, file watcher and periodic resync, until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    desired = load_or_exit(file)
+    context = None
+    tls = desired.settings.api.tls
+    if use_ssl is not None and use_ssl.lower() not in ("false", "0", "no"):
+        if not cert_path or not key_path:
+            raise click.UsageError("--ssl needs --certPath and --keyPath")
+        tls = TlsSettings(cert_path.resolve(), key_path.resolve())
+    if tls:
+        try:
+            context = tls_context(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            click.echo(f"error: cannot load the TLS certificate {tls.cert} / key {tls.key}: {exc}", err=True)
+            sys.exit(EXIT_INVALID)
+    desired_file = DesiredFile(file)
+    try:
+        asyncio.run(Daemon(desired_file, desired_file.read()).run(context))
+    except (LockHeld, DaemonError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @cli.group()

@@ -16,6 +16,8 @@ from .validation import InvalidDesiredState, Problem, check
 INSTANCE_ID_PREFIX = "st-instance-"
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+_UNIT_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def parse_duration(value: float | int | str) -> float:
@@ -24,6 +26,14 @@ def parse_duration(value: float | int | str) -> float:
         return float(value)
     number, unit = _DURATION.match(value).groups()
     return float(number) * _UNIT_SECONDS[unit]
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from a schema-checked size (``1048576``, ``"512MiB"``, ``"1.5GiB"``)."""
+    if isinstance(value, int):
+        return value
+    number, unit = _SIZE.match(value).groups()
+    return int(float(number) * _UNIT_BYTES[unit])
 
 
 def instance_id(port: int) -> str:
@@ -88,10 +98,18 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    max_size: int = 10 * 2**20
+    keep: int = 3
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: Path
     data_root: Path
     concurrency: int = 4
+    resync: float = 10.0
+    logs: LogSettings = LogSettings()
     sillytavern: SillyTavernSettings = SillyTavernSettings()
     api: ApiSettings = ApiSettings()
     proxy: ProxySettings = ProxySettings()
@@ -117,6 +135,7 @@ class InstanceSpec:
     port: int
     state: Literal["running", "stopped"] = "running"
     password_env: str | None = None
+    max_memory: int | None = None      # bytes
 
     @property
     def id(self) -> str:
@@ -153,6 +172,11 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
         state_dir=_path(base, raw.get("state_dir", ".cst")),
         data_root=_path(base, raw.get("data_root", "user-data")),
         concurrency=raw.get("concurrency", 4),
+        resync=parse_duration(raw.get("resync", 10)),
+        logs=LogSettings(
+            max_size=parse_size((raw.get("logs") or {}).get("max_size", "10MiB")),
+            keep=(raw.get("logs") or {}).get("keep", 3),
+        ),
         sillytavern=SillyTavernSettings(
             version=st.get("version", "1.19.0"),
             server=_path(base, st.get("server")),
@@ -189,7 +213,8 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
         for a in data.get("accounts") or []
     )
     instances = tuple(
-        InstanceSpec(port=i["port"], state=i.get("state", "running"), password_env=i.get("password_env"))
+        InstanceSpec(port=i["port"], state=i.get("state", "running"), password_env=i.get("password_env"),
+                     max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
         for i in data.get("instances") or []
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)

@@ -46,6 +46,7 @@ class Kind(str, Enum):
     RESTART = "restart"
     STOP = "stop"
     REMOVE = "remove"               # stop, archive the data dir, drop the record
+    WAIT = "wait"                   # should run, but restarts are backing off after repeated crashes
     FAIL = "fail"                   # cannot be done; reason says why
 
 
@@ -64,7 +65,7 @@ class Action:
         return self.kind in CHANGES
 
 
-def _for_declared(target: Target, seen: Observed | None) -> list[Action]:
+def _for_declared(target: Target, seen: Observed | None, hold: str | None, restart: str | None) -> list[Action]:
     def act(kind: Kind, reason: str = "") -> list[Action]:
         return [Action(kind, target.id, target.port, reason)]
 
@@ -86,18 +87,28 @@ def _for_declared(target: Target, seen: Observed | None) -> list[Action]:
     if status == "running":
         if seen.fingerprint != target.fingerprint:
             return adopted + act(Kind.RESTART, "restarted: settings changed")
+        if restart:
+            return adopted + act(Kind.RESTART, f"restarted: {restart}")
         return adopted or act(Kind.OK)
+    if hold:
+        return act(Kind.WAIT, hold)
     if status == "crashed":
         return act(Kind.START, "restarted: process had exited")
     return act(Kind.START, "started")
 
 
-def plan(targets: Sequence[Target], observed: Mapping[str, Observed]) -> list[Action]:
-    """Actions that make ``observed`` match ``targets``; instances known but undeclared are removed."""
+def plan(targets: Sequence[Target], observed: Mapping[str, Observed],
+         hold: Mapping[str, str] | None = None, restart: Mapping[str, str] | None = None) -> list[Action]:
+    """Actions that make ``observed`` match ``targets``; instances known but undeclared are removed.
+
+    ``hold`` names instances whose (re)start must wait, with why (crash backoff); ``restart``
+    names running instances to restart anyway, with why (memory limit, an operator's request).
+    """
+    hold, restart = hold or {}, restart or {}
     actions: list[Action] = []
     declared = {t.id for t in targets}
     for target in targets:
-        actions.extend(_for_declared(target, observed.get(target.id)))
+        actions.extend(_for_declared(target, observed.get(target.id), hold.get(target.id), restart.get(target.id)))
     for id_, seen in sorted(observed.items()):
         if id_ not in declared and seen.status != "port-taken":
             actions.append(Action(Kind.REMOVE, id_, seen.port, "removed: data archived"))

@@ -27,6 +27,7 @@ import psutil
 from . import sillytavern
 from .desired import DesiredState, InstanceSpec
 from .plan import Observed, Target
+from .files import rotate_log
 from .statedir import Record, StateDir
 
 # environment markers that let a later run recognise its own processes
@@ -62,7 +63,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _port_is_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -204,7 +205,7 @@ class LocalRuntime:
         host = self.settings.sillytavern.listen_address
         unsure = {i.port: i.id for i in self.desired.instances
                   if getattr(observed.get(i.id), "status", None) != "running"}
-        busy = {port for port in unsure if not _port_is_free(host, port)}
+        busy = {port for port in unsure if not port_is_free(host, port)}
         holders = _listeners(busy) if busy else {}
         for port in busy:
             id_, pid = unsure[port], holders.get(port)
@@ -252,6 +253,7 @@ class LocalRuntime:
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         sillytavern.seed_webpack_cache(self.release(), launch.data_dir, launch.workdir)
         previous = self.state.records().get(launch.id)
+        rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open(launch.log, "ab") as log:
             log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
             log.flush()

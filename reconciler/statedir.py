@@ -7,39 +7,19 @@ the new one, never half of one.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
 import os
-import secrets as _secrets
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Callable, Iterator
 
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+from .files import atomic_write
 
 
 @dataclass
@@ -122,11 +102,11 @@ class StateDir:
         except FileNotFoundError:
             return None
 
-    def secret(self, name: str) -> str:
-        """The secret kept under ``name``, generated (a UUID, as the seed does) on first use."""
+    def secret(self, name: str, generate: Callable[[], str] = lambda: str(uuid.uuid4())) -> str:
+        """The secret kept under ``name``, generated on first use (a UUID, as the seed's passwords)."""
         value = self.read_secret(name)
         if value is None:
-            value = str(uuid.uuid4())
+            value = generate()
             self.write_secret(name, value)
         return value
 
@@ -136,27 +116,53 @@ class StateDir:
     def drop_secret(self, name: str) -> None:
         self.secret_path(name).unlink(missing_ok=True)
 
-    # lock
+    # locks
+    def _open_lock(self, name: str) -> tuple[int, Path]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{name}.lock"
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path
+
+    @staticmethod
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return True
+
+    @staticmethod
+    def _held(fd: int, path: Path) -> LockHeld:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        return LockHeld(path, f"pid {holder}")
+
     @contextmanager
     def lock(self, name: str = "reconcile", timeout: float = 60.0) -> Iterator[None]:
         """Hold ``<state_dir>/<name>.lock``; waits up to ``timeout`` for another holder to finish."""
-        path = self.root / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
+        fd, path = self._open_lock(name)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                        raise LockHeld(path, f"pid {holder}") from None
-                    time.sleep(0.1)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            deadline = time.monotonic() + timeout
+            while not self._try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise self._held(fd, path)
+                time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+    @asynccontextmanager
+    async def alock(self, name: str = "reconcile", timeout: float = 60.0) -> AsyncIterator[None]:
+        """``lock`` for asyncio code: waits without blocking the event loop."""
+        fd, path = self._open_lock(name)
+        try:
+            deadline = time.monotonic() + timeout
+            while not self._try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise self._held(fd, path)
+                await asyncio.sleep(0.1)
             yield
         finally:
             os.close(fd)

@@ -9,6 +9,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,20 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.close()
     return ports
+
+
+def http_status(port: int, auth: tuple[str, str] | None = None) -> int:
+    """HTTP status of GET / on a local port (with basic auth if given); 0 when nothing answers."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return 0
 
 
 def processes_of(state_dir: Path) -> list[psutil.Process]:
@@ -119,3 +136,68 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+@dataclass
+class Served:
+    """A running `cst serve` on a project; ``api(...)`` calls its REST API."""
+
+    project: Project
+    proc: subprocess.Popen
+    port: int
+    admin_key: str
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api(self, method: str, path: str, **kwargs):
+        import httpx
+        headers = {"X-ST-Admin-Key": self.admin_key, **kwargs.pop("headers", {})}
+        return httpx.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_serve(project: Project, api_port: int, admin_key: str = "test-admin-key", args: tuple = (),
+                scheme: str = "http", wait: bool = True, log_name: str = "serve.log") -> Served:
+    import httpx
+    log = project.dir / log_name
+    proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", str(project.file), *args],
+                            cwd=project.dir, env={**project.env, "CST_ADMIN_KEY": admin_key},
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    served = Served(project, proc, api_port, admin_key, log)
+    if wait:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(f"cst serve exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                return httpx.get(f"{scheme}://127.0.0.1:{api_port}/health", timeout=1, verify=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(up, timeout=30)
+    return served
+
+
+@pytest.fixture
+def serve(project: Project):
+    """Start `cst serve` on ``project`` (after it has written its desired.yaml); stopped after the test."""
+    started: list[Served] = []
+
+    def _start(*args, **kwargs) -> Served:
+        served = start_serve(project, *args, **kwargs)
+        started.append(served)
+        return served
+
+    yield _start
+    for served in started:
+        served.stop()

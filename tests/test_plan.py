@@ -65,3 +65,24 @@ def test_plan_is_pure_and_repeatable():
 
 def test_only_changes_count_as_changes():
     assert {k for k in Kind if Action(k, A, 1).changes} == {Kind.START, Kind.RESTART, Kind.STOP, Kind.REMOVE}
+
+
+HINT_CASES = [
+    ("held while crashed", "running", Observed(A, 8001, "crashed", pid=1, fingerprint="fp1"), {A: "errored"}, {}, [Kind.WAIT]),
+    ("held while stopped after a failed start", "running", Observed(A, 8001, "stopped"), {A: "errored"}, {}, [Kind.WAIT]),
+    ("hold does not stop a running instance", "running", running(), {A: "errored"}, {}, [Kind.OK]),
+    ("hold does not keep a stop from happening", "stopped", running(), {A: "errored"}, {}, [Kind.STOP]),
+    ("forced restart", "running", running(), {}, {A: "memory"}, [Kind.RESTART]),
+    ("forced restart of a stopped instance is moot", "stopped", Observed(A, 8001, "stopped"), {}, {A: "memory"}, [Kind.OK]),
+    ("forced restart after adoption", "running", running(adopted=True), {}, {A: "memory"}, [Kind.ADOPT, Kind.RESTART]),
+]
+
+
+@pytest.mark.parametrize("name,state,seen,hold,restart,expected", HINT_CASES, ids=[c[0] for c in HINT_CASES])
+def test_hints(name, state, seen, hold, restart, expected):
+    actions = plan([Target(A, 8001, state, fingerprint="fp1")], {A: seen}, hold=hold, restart=restart)
+    assert [a.kind for a in actions] == expected
+    if Kind.WAIT in expected:
+        assert actions[0].reason == "errored"
+    if Kind.RESTART in expected:
+        assert actions[-1].reason == "restarted: memory"

@@ -5,25 +5,11 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
-from base64 import b64encode
 
 import psutil
 import pytest
 
-from conftest import free_ports, processes_of, standin_file, wait_until
-
-
-def http_status(port: int, auth: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
-    if auth:
-        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
+from conftest import free_ports, http_status, processes_of, standin_file, wait_until
 
 
 def recap(result) -> str:

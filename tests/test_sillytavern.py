@@ -2,27 +2,13 @@
 import os
 import signal
 import textwrap
-import urllib.error
-import urllib.request
-from base64 import b64encode
 
 import psutil
 import pytest
 
-from conftest import free_ports, wait_until
+from conftest import free_ports, http_status, wait_until
 
 pytestmark = pytest.mark.sillytavern
-
-
-def http_status(port: int, auth: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/")
-    if auth:
-        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
 
 
 def gone(pid: int) -> bool:

@@ -1,0 +1,238 @@
+"""The REST API: the seed's (ChainSillyTavern) contract, plus the desired file and status.
+
+Handlers only translate HTTP into ``Fleet`` calls and back; the middlewares do
+authentication (constant-time comparison of ``X-ST-Admin-Key``) and turn every
+error into ``{"error": "..."}`` in the caller's language, with no traceback.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from aiohttp import web
+
+from . import __version__
+from .backup import zip_stream
+from .desired_file import ChangeRefused, StaleVersion
+from .fleet import ApiError, Fleet
+from .messages import language, message
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("cst.api")
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "schemas" / "openapi.json"
+DAEMON = web.AppKey("daemon", object)
+FLEET = web.AppKey("fleet", Fleet)
+ADMIN_KEY = web.AppKey("admin_key", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    # Chinese messages as characters, not \u escapes
+    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
+
+
+def _lang(request: web.Request) -> str:
+    return language(request.query, request.headers.get("Accept-Language"))
+
+
+def _error(request: web.Request, status: int, key: str, **params) -> web.Response:
+    return _json({"error": message(key, _lang(request), **params)}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error(request, exc.status, exc.key, **exc.params)
+    except web.HTTPNotFound:
+        return _error(request, 404, "not_route")
+    except web.HTTPMethodNotAllowed:
+        return _error(request, 405, "method")
+    except web.HTTPException as exc:
+        return _json({"error": exc.reason}, status=exc.status)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(request, 500, "internal")
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        given = request.headers.get("X-ST-Admin-Key")
+        if not given:
+            return _error(request, 401, "missing_admin_key")
+        if not hmac.compare_digest(given.encode(), request.app[ADMIN_KEY].encode()):
+            return _error(request, 401, "invalid_admin_key")
+    return await handler(request)
+
+
+async def _json_body(request: web.Request) -> object:
+    try:
+        return await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_body") from None
+
+
+def _done(request: web.Request, result: dict) -> web.Response:
+    key = result.pop("message_key", None)
+    if key:
+        result["message"] = message(key, _lang(request), archive=result.get("archive"))
+    return _json(result)
+
+
+# -- the seed's endpoints
+
+async def health(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    return _json({
+        "status": "ok",
+        "version": __version__,
+        "instances": len(daemon.desired.instances),
+        "desiredValid": daemon.snapshot.valid,
+        "uptime": round(time.monotonic() - request.app["started"], 1),
+    })
+
+
+async def create_instance(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    return _json(await request.app[FLEET].create(body), status=201)
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    try:
+        rows = request.app[FLEET].rows()
+    except OSError:
+        log.exception("listing instances")
+        raise ApiError(500, "list_failed") from None
+    return _json(rows)
+
+
+async def get_instance(request: web.Request) -> web.Response:
+    return _json(request.app[FLEET].row(request.match_info["id"]))
+
+
+async def stop_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "stopped"))
+
+
+async def start_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "running"))
+
+
+async def restart_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].restart(request.match_info["id"]))
+
+
+async def reset_password(request: web.Request) -> web.Response:
+    return _json(await request.app[FLEET].reset_password(request.match_info["id"]))
+
+
+async def delete_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].delete(request.match_info["id"]))
+
+
+async def backup(request: web.Request) -> web.StreamResponse:
+    id_ = request.match_info["id"]
+    root = request.app[FLEET].data_dir(id_)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/zip",
+        "Content-Disposition": f'attachment; filename="{id_}-{stamp}.zip"',
+    })
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    async for chunk in zip_stream(root):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+# -- the desired file and the daemon's status
+
+async def get_desired(request: web.Request) -> web.Response:
+    snapshot = request.app[DAEMON].file.read()
+    return _json({
+        "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
+        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems]})
+
+
+async def put_desired(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    if_match = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
+    if not if_match:
+        raise ApiError(428, "if_match_required")
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+        if request.content_type == "application/json":
+            body = json.loads(text)
+            text = body["text"] if isinstance(body, dict) and isinstance(body.get("text"), str) else None
+    except (UnicodeDecodeError, ValueError):
+        text = None
+    if text is None:
+        raise ApiError(400, "bad_body")
+    try:
+        snapshot = await daemon.file.replace(text, if_match)
+    except StaleVersion as exc:
+        raise ApiError(412, "stale", sha256=exc.current) from None
+    except ChangeRefused as exc:
+        raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
+    daemon.accept(snapshot)
+    await daemon.converge()
+    return _json({"sha256": snapshot.sha256, "valid": True})
+
+
+async def status(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    snapshot, report = daemon.snapshot, daemon.last_report
+    return _json({
+        "file": {
+            "path": str(daemon.file.path), "sha256": snapshot.sha256, "valid": snapshot.valid,
+            "problems": [{"file": p.file, "line": p.line, "path": p.path, "message": p.message, "text": str(p)}
+                         for p in snapshot.problems],
+            "enforcedSha256": None if daemon.desired is None else daemon.enforced_sha256,
+        },
+        "reconcile": {
+            "lastRun": daemon.last_pass_at, "durationMs": daemon.last_pass_ms,
+            "recap": report.recap if report else None,
+            "results": [r.__dict__ for r in report.results if r.outcome != "ok"] if report else [],
+        },
+        "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__},
+    })
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(request.app["openapi"])
+
+
+def make_app(daemon: "Daemon", admin_key: str) -> web.Application:
+    app = web.Application(middlewares=[errors, auth], client_max_size=2 * 2**20)
+    app[DAEMON] = daemon
+    app[FLEET] = Fleet(daemon)
+    app[ADMIN_KEY] = admin_key
+    app["started"] = time.monotonic()
+    app["openapi"] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    app.router.add_get("/health", health)
+    app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_post("/api/instances", create_instance)
+    app.router.add_get("/api/instances", list_instances)
+    app.router.add_get("/api/instances/{id}", get_instance)
+    app.router.add_delete("/api/instances/{id}", delete_instance)
+    app.router.add_post("/api/instances/{id}/stop", stop_instance)
+    app.router.add_post("/api/instances/{id}/start", start_instance)
+    app.router.add_post("/api/instances/{id}/restart", restart_instance)
+    app.router.add_post("/api/instances/{id}/reset-password", reset_password)
+    app.router.add_get("/api/instances/{id}/backup", backup)
+    app.router.add_get("/api/desired", get_desired)
+    app.router.add_put("/api/desired", put_desired)
+    app.router.add_get("/api/status", status)
+    return app

@@ -1,0 +1,193 @@
+"""``cst serve``: one asyncio process that keeps reality equal to desired.yaml.
+
+Three things wake the reconcile loop: the file changing on disk (watchfiles,
+debounced), an API call that changed the file, and the resync timer that
+repairs drift nobody announced (a killed instance). One pass runs at a time;
+a caller that needs its change applied waits for a pass that started after it.
+An invalid file is reported and ignored: the last valid desired state stays in force.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+from aiohttp import web
+
+from .apply import Report, Result, reconcile
+from .desired import DesiredState
+from .desired_file import DesiredFile, Snapshot
+from .runtime import utc_now
+from .files import rotate_log
+from .statedir import LockHeld, StateDir
+from .supervision import Supervisor
+
+log = logging.getLogger("cst.serve")
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+
+
+class DaemonError(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, file: DesiredFile, snapshot: Snapshot):
+        if not snapshot.valid:
+            raise DaemonError("\n".join(str(p) for p in snapshot.problems))
+        self.file = file
+        self.snapshot = snapshot                 # the file as last read (may be invalid)
+        self.desired: DesiredState = snapshot.desired  # the last valid desired state: what is enforced
+        self.enforced_sha256 = snapshot.sha256
+        self.pid = os.getpid()
+        self.state = StateDir(self.desired.settings.state_dir)
+        self.supervisor = Supervisor(self.desired)
+        self.started_at = utc_now()
+        self.last_report: Report | None = None
+        self.last_pass_at: str | None = None
+        self.last_pass_ms: float | None = None
+        self._requested = 0
+        self._completed = 0
+        self._done = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
+
+    # -- the desired state
+
+    def accept(self, snapshot: Snapshot) -> None:
+        """Take a new reading of the file: enforce it if valid, report it if not."""
+        previous = self.snapshot
+        self.snapshot = snapshot
+        if not snapshot.valid:
+            for problem in snapshot.problems:
+                log.error("desired.yaml is invalid, keeping the last valid state: %s", problem)
+            return
+        if snapshot.sha256 == previous.sha256 and previous.valid:
+            return
+        restart_needed = [name for name, old, new in (
+            ("settings.api", self.desired.settings.api, snapshot.desired.settings.api),
+            ("settings.state_dir", self.desired.settings.state_dir, snapshot.desired.settings.state_dir),
+        ) if old != new]
+        for name in restart_needed:
+            log.warning("%s changed: restart cst serve for it to take effect", name)
+        self.desired = snapshot.desired
+        self.enforced_sha256 = snapshot.sha256
+        self.supervisor.desired = snapshot.desired
+        if self.proxy is not None:
+            asyncio.get_running_loop().create_task(self.proxy.apply(snapshot.desired))
+        self._wake.set()
+
+    def reload(self) -> None:
+        self.accept(self.file.read())
+
+    # -- reconciling
+
+    async def converge(self) -> Report:
+        """Ask for a pass and wait for one that started after this call; its report."""
+        self._requested += 1
+        ticket = self._requested
+        self._wake.set()
+        async with self._done:
+            await self._done.wait_for(lambda: self._completed >= ticket)
+        return self.last_report
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.desired.settings.resync)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            ticket = self._requested
+            report = await self._pass()
+            async with self._done:
+                self.last_report = report
+                self._completed = ticket
+                self._done.notify_all()
+
+    async def _pass(self) -> Report:
+        desired = self.desired
+        started = time.monotonic()
+        try:
+            report = await reconcile(desired, lock_timeout=120, hints=self.supervisor.hints)
+        except (LockHeld, OSError) as exc:
+            log.error("reconcile pass failed: %s", exc)
+            report = Report(results=[Result("reconcile", "failed", str(exc))])
+        else:
+            self.supervisor.learn(report.observed, report.results)
+        for result in report.results:
+            if result.outcome != "ok":
+                log.info("%s", result.line())
+        for spec in desired.instances:
+            rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
+        self.last_pass_at = utc_now()
+        self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
+        return report
+
+    async def _watch(self) -> None:
+        # the folder, not the file: editors and git replace the file by renaming a new one over it
+        target = str(self.file.path)
+        async for _ in watchfiles.awatch(self.file.path.parent, debounce=150, step=25, stop_event=self._stop,
+                                         recursive=False, watch_filter=lambda _, path: path == target):
+            self.reload()
+
+    # -- running
+
+    def admin_key(self) -> str:
+        env = self.desired.settings.api.admin_key_env
+        value = os.environ.get(env)
+        if value:
+            return value
+        self.state.ensure()
+        generated = self.state.read_secret("admin.key") is None
+        key = self.state.secret("admin.key", lambda: secrets.token_urlsafe(32))
+        where = self.state.secret_path("admin.key")
+        print(f"cst serve: {env} is not set; admin key {'generated and ' if generated else ''}kept in {where}: {key}",
+              flush=True)
+        return key
+
+    async def run(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        from .api import make_app  # the API module imports fleet, which imports this one
+
+        self.state.ensure()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        async with self.state.alock("daemon", timeout=0):
+            app = make_app(self, self.admin_key())
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            listen = self.desired.settings.api.listen
+            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ssl_context)
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
+            scheme = "https" if ssl_context else "http"
+            print(f"cst serve: API on {scheme}://{listen}, watching {self.file.path}", flush=True)
+            self._wake.set()  # first pass at once: adopt what runs, start what is missing
+            tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._watch())]
+            try:
+                await self._stop.wait()
+                log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if self.proxy is not None:
+                    await self.proxy.stop()
+                await runner.cleanup()
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -1,0 +1,42 @@
+"""What the fleet looks like right now: one row per instance, for `cst status` and the REST API."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .desired import DesiredState
+from .runtime import LocalRuntime, live_process
+
+# the seed (PM2) called a running instance "online"
+SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
+               "port-taken": "errored", "errored": "errored"}
+
+
+def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None) -> list[dict]:
+    """Declared instances in file order, then undeclared ones CST still has a record of."""
+    runtime = LocalRuntime(desired, readonly=True)
+    observed = runtime.observe()
+    records = runtime.state.records()
+    declared = {i.id: i for i in desired.instances}
+    rows = []
+    for id_ in list(declared) + sorted(set(records) - set(declared)):
+        spec, seen, record = declared.get(id_), observed.get(id_), records.get(id_)
+        port = spec.port if spec else record.port
+        status = seen.status if seen else "stopped"
+        held = errored(id_)
+        if held and status != "running":
+            status = "errored"
+        proc = live_process(seen.pid, record.create_time) if status == "running" and record else None
+        rows.append({
+            "id": id_,
+            "port": port,
+            "desired": spec.state if spec else "absent",
+            "status": status,
+            "detail": held or (seen.holder if seen and seen.holder else ""),
+            "pid": seen.pid if status == "running" else None,
+            "startTime": record.started_at if record and status == "running" else None,
+            "uptime": round(time.time() - proc.create_time(), 1) if proc else None,
+            "restarts": record.restarts if record else 0,
+            "dataDir": str(desired.data_dir(port)),
+        })
+    return rows

@@ -1,0 +1,64 @@
+"""API messages in English and Chinese; the Chinese wording is the seed's where it has one.
+
+The language comes from ``?lang=zh|en``, else the request's Accept-Language, else Chinese,
+which is what the seed answers a bare ``curl``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+MESSAGES: dict[str, tuple[str, str]] = {
+    # key: (English, Chinese)
+    "missing_admin_key": ("Missing admin key (header X-ST-Admin-Key)", "缺少管理员密钥"),
+    "invalid_admin_key": ("Invalid admin key", "管理员密钥无效"),
+    "missing_port": ("Missing port", "缺少端口号"),
+    "invalid_port": ("Invalid port {port}: it must be an integer from 1024 to 65535",
+                     "端口号无效 {port}：必须是 1024 到 65535 之间的整数"),
+    "port_declared": ("Port {port} is already used by {id}", "端口 {port} 已被占用（{id}）"),
+    "port_in_use": ("Port {port} is already in use by another process", "端口 {port} 已被其他进程占用"),
+    "reserved_port": ("Port {port} is already taken by {setting}", "端口 {port} 已被 {setting} 占用"),
+    "not_found": ("Instance {id} not found", "实例不存在：{id}"),
+    "bad_body": ("The request body must be a JSON object", "请求体必须是 JSON 对象"),
+    "create_failed": ("Failed to create instance: {reason}", "创建实例失败：{reason}"),
+    "start_failed": ("Failed to start instance: {reason}", "启动实例失败：{reason}"),
+    "stop_failed": ("Failed to stop instance: {reason}", "停止实例失败：{reason}"),
+    "restart_failed": ("Failed to restart instance: {reason}", "重启实例失败：{reason}"),
+    "delete_failed": ("Failed to delete instance: {reason}", "删除实例失败：{reason}"),
+    "list_failed": ("Failed to list instances", "获取实例列表失败"),
+    "deleted": ("Instance deleted; its data was archived in {archive}", "实例已删除，数据已归档至 {archive}"),
+    "deleted_no_data": ("Instance deleted; it had no data to archive", "实例已删除（无数据需要归档）"),
+    "stopped": ("Instance stopped", "实例已停止"),
+    "started": ("Instance started", "实例已启动"),
+    "restarted": ("Instance restarted", "实例已重启"),
+    "no_data": ("Instance {id} has no data directory yet", "实例 {id} 还没有数据目录"),
+    "file_invalid": ("desired.yaml is invalid, so nothing was changed: {problems}",
+                     "desired.yaml 无效，未做任何修改：{problems}"),
+    "change_invalid": ("The change would make desired.yaml invalid, so nothing was written: {problems}",
+                       "该修改会使 desired.yaml 无效，未写入：{problems}"),
+    "stale": ("desired.yaml changed since you read it; its sha256 is now {sha256}",
+              "desired.yaml 在读取后已被修改，当前 sha256 为 {sha256}"),
+    "if_match_required": ("Send the sha256 you read in the If-Match header", "请在 If-Match 请求头中提供读取时的 sha256"),
+    "password_from_env": ("The password of {id} comes from the environment variable {env}; change it there",
+                          "{id} 的密码来自环境变量 {env}，请在那里修改"),
+    "internal": ("Internal server error", "服务器内部错误"),
+    "not_route": ("Not found", "未找到"),
+    "method": ("Method not allowed", "不支持的请求方法"),
+}
+
+
+def language(query: Mapping[str, str], accept_language: str | None) -> str:
+    lang = query.get("lang", "").lower()
+    if lang in ("zh", "en"):
+        return lang
+    for part in (accept_language or "").split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("zh"):
+            return "zh"
+        if tag.startswith("en"):
+            return "en"
+    return "zh"
+
+
+def message(key: str, lang: str, **params: object) -> str:
+    english, chinese = MESSAGES[key]
+    return (chinese if lang == "zh" else english).format(**params)

@@ -1,0 +1,107 @@
+"""What ``cst serve`` adds to a plain reconcile: crash backoff and the memory limit.
+
+Both are policies over time, so they live in the daemon, not in the planner:
+before each pass the supervisor turns what it remembers into planner hints
+(``hold`` an instance whose restarts are backing off, ``restart`` one whose
+memory stayed too high); after each pass it learns from the results.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import psutil
+
+from .apply import Result
+from .desired import DesiredState
+from .plan import Observed
+
+BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time
+BACKOFF_CAP = 300.0
+STABLE_AFTER = 60.0       # running this long clears the crash count
+MEMORY_STRIKES = 3        # consecutive samples over max_memory before a restart
+
+
+@dataclass
+class _Crashes:
+    count: int = 0
+    retry_at: float = 0.0
+
+
+@dataclass
+class Supervisor:
+    desired: DesiredState
+    clock: Callable[[], float] = time.monotonic
+    crashes: dict[str, _Crashes] = field(default_factory=dict)
+    memory_strikes: dict[str, int] = field(default_factory=dict)
+    requested: dict[str, str] = field(default_factory=dict)   # restarts asked for by an operator
+
+    def request_restart(self, id_: str, reason: str) -> None:
+        self.requested[id_] = reason
+
+    def forget(self, id_: str) -> None:
+        """An operator changed this instance on purpose: start its history afresh."""
+        self.crashes.pop(id_, None)
+        self.memory_strikes.pop(id_, None)
+
+    def errored(self, id_: str) -> str | None:
+        """Why the instance is held back, if it is."""
+        crashes = self.crashes.get(id_)
+        if crashes and crashes.retry_at > self.clock():
+            wait = crashes.retry_at - self.clock()
+            return f"errored: failed {crashes.count} times in a row; next restart in {wait:.0f}s"
+        return None
+
+    def restarts(self, id_: str) -> int:
+        crashes = self.crashes.get(id_)
+        return crashes.count if crashes else 0
+
+    def hints(self, observed: Mapping[str, Observed]) -> tuple[dict[str, str], dict[str, str]]:
+        hold = {id_: reason for id_ in observed if (reason := self.errored(id_))}
+        restart = dict(self.requested)
+        self.requested.clear()
+        limits = {i.id: i.max_memory for i in self.desired.instances if i.max_memory}
+        for id_, seen in observed.items():
+            limit = limits.get(id_)
+            if seen.status != "running" or not limit:
+                self.memory_strikes.pop(id_, None)
+                continue
+            rss = _rss(seen.pid)
+            if rss is not None and rss > limit:
+                self.memory_strikes[id_] = self.memory_strikes.get(id_, 0) + 1
+                if self.memory_strikes[id_] >= MEMORY_STRIKES:
+                    restart.setdefault(id_, f"memory {rss / 2**20:.0f} MiB stayed above max_memory "
+                                            f"{limit / 2**20:.0f} MiB")
+            else:
+                self.memory_strikes.pop(id_, None)
+        return hold, restart
+
+    def learn(self, observed: Mapping[str, Observed], results: Iterable[Result]) -> None:
+        now = self.clock()
+        for result in results:
+            crashed = observed.get(result.id) and observed[result.id].status == "crashed"
+            failed_start = result.outcome == "failed" and result.detail.startswith("did not start")
+            if failed_start or (crashed and result.outcome == "changed"):
+                entry = self.crashes.setdefault(result.id, _Crashes())
+                entry.count += 1
+                entry.retry_at = now + min(BACKOFF_BASE * 2 ** (entry.count - 1), BACKOFF_CAP)
+            if result.detail.startswith("restarted: memory"):
+                self.memory_strikes.pop(result.id, None)
+        for id_, seen in observed.items():
+            if seen.status == "running" and id_ in self.crashes and _uptime(seen.pid) > STABLE_AFTER:
+                del self.crashes[id_]
+
+
+def _rss(pid: int | None) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss if pid else None
+    except psutil.Error:
+        return None
+
+
+def _uptime(pid: int | None) -> float:
+    try:
+        return time.time() - psutil.Process(pid).create_time() if pid else 0.0
+    except psutil.Error:
+        return 0.0

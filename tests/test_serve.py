@@ -1,0 +1,272 @@
+"""`cst serve`: the daemon and its REST API, on the fast stand-in server."""
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import zipfile
+
+import httpx
+import psutil
+import pytest
+
+from conftest import free_ports, http_status, standin_file, wait_until
+from reconciler.files import atomic_write
+
+
+def fleet_file(api_port: int, instances: list[tuple[int, str]], resync: str = "1s", header: str = "") -> str:
+    return header + standin_file(instances, settings=f'resync: {resync}\napi: {{listen: "127.0.0.1:{api_port}"}}')
+
+
+def pid_of(served, id_: str) -> int | None:
+    return served.api("GET", f"/api/instances/{id_}").json()["pid"]
+
+
+def wait_answering(served, *ports: int) -> dict[int, int]:
+    """Wait until the daemon's first pass is done and these instances answer; their pids."""
+    wait_until(lambda: served.api("GET", "/api/status").json()["reconcile"]["lastRun"] is not None, timeout=30)
+    wait_until(lambda: all(http_status(p) == 401 for p in ports), timeout=30)
+    return {p: pid_of(served, f"st-instance-{p}") for p in ports}
+
+
+def test_auth_is_required_and_messages_follow_the_language(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
+    missing = httpx.get(served.url + "/api/instances")
+    assert missing.status_code == 401 and missing.json() == {"error": "缺少管理员密钥"}
+    wrong = httpx.get(served.url + "/api/instances?lang=en", headers={"X-ST-Admin-Key": "nope"})
+    assert wrong.status_code == 401 and wrong.json() == {"error": "Invalid admin key"}
+    english = served.api("GET", "/api/instances/st-instance-1", headers={"Accept-Language": "en-GB,en;q=0.9"})
+    assert english.status_code == 404 and english.json() == {"error": "Instance st-instance-1 not found"}
+    chinese = served.api("GET", "/api/instances/st-instance-1?lang=zh", headers={"Accept-Language": "en"})
+    assert chinese.json() == {"error": "实例不存在：st-instance-1"}
+    assert served.api("GET", "/api/nothing").status_code == 404
+
+
+def test_create_validation(project, serve):
+    api, a, b = free_ports(3)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    before = project.file.read_text()
+    cases = [({}, 400, "Missing port"), ({"port": None}, 400, "Missing port"),
+             ({"port": 80}, 400, "Invalid port 80: it must be an integer from 1024 to 65535"),
+             ({"port": "x"}, 400, "Invalid port x: it must be an integer from 1024 to 65535"),
+             ({"port": True}, 400, "Invalid port True: it must be an integer from 1024 to 65535"),
+             ({"port": a}, 400, f"Port {a} is already used by st-instance-{a}"),
+             ({"port": api}, 400, f"Port {api} is already taken by settings.api.listen")]
+    for body, status, error in cases:
+        response = served.api("POST", "/api/instances?lang=en", json=body)
+        assert (response.status_code, response.json()) == (status, {"error": error}), body
+    garbage = served.api("POST", "/api/instances?lang=en", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert garbage.status_code == 400 and garbage.json() == {"error": "The request body must be a JSON object"}
+    squatter = psutil.Popen(["python3", "-m", "http.server", str(b), "--bind", "127.0.0.1"],
+                            stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+    try:
+        wait_until(lambda: http_status(b) == 200)
+        taken = served.api("POST", "/api/instances?lang=en", json={"port": b})
+        assert (taken.status_code, taken.json()) == (400, {"error": f"Port {b} is already in use by another process"})
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert project.file.read_text() == before
+
+
+def test_reset_password_restarts_with_the_new_one(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    id_ = f"st-instance-{a}"
+    wait_answering(served, a)
+    old = project.cst("password", id_).stdout.strip()
+    assert http_status(a, (id_, old)) == 200
+    reset = served.api("POST", f"/api/instances/{id_}/reset-password")
+    assert reset.status_code == 200 and set(reset.json()) == {"id", "password"}
+    new = reset.json()["password"]
+    assert new != old and len(new) == 36
+    assert http_status(a, (id_, new)) == 200
+    assert http_status(a, (id_, old)) == 401
+    assert project.cst("password", id_).stdout.strip() == new
+
+
+def test_restart_start_stop_and_backup(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    id_ = f"st-instance-{a}"
+    first = wait_answering(served, a)[a]
+    restarted = served.api("POST", f"/api/instances/{id_}/restart?lang=en")
+    assert restarted.json() == {"id": id_, "status": "online", "message": "Instance restarted"}
+    assert pid_of(served, id_) not in (None, first)
+    stopped = served.api("POST", f"/api/instances/{id_}/stop?lang=en")
+    assert stopped.json() == {"id": id_, "status": "stopped", "message": "Instance stopped"}
+    assert "state: stopped" in project.file.read_text()
+    assert served.api("POST", f"/api/instances/{id_}/restart?lang=en").status_code == 409
+    started = served.api("POST", f"/api/instances/{id_}/start")
+    assert started.json() == {"id": id_, "status": "online", "message": "实例已启动"}
+    assert http_status(a) == 401
+
+    marker = project.dir / "user-data" / str(a) / "default-user" / "chats" / "note.txt"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("hello from a chat\n" * 1000)
+    backup = served.api("GET", f"/api/instances/{id_}/backup")
+    assert backup.status_code == 200 and backup.headers["Content-Type"] == "application/zip"
+    assert backup.headers.get("Transfer-Encoding") == "chunked"
+    names = zipfile.ZipFile(io.BytesIO(backup.content)).namelist()
+    assert "default-user/chats/note.txt" in names and "default-user/starts.txt" in names
+    assert zipfile.ZipFile(io.BytesIO(backup.content)).read("default-user/chats/note.txt") == marker.read_bytes()
+    assert served.api("GET", "/api/instances/st-instance-1234/backup").status_code == 404
+
+
+def test_twenty_concurrent_creates_and_a_hand_edit(project, serve):
+    api, *ports = free_ports(22)
+    hand_port = ports.pop()
+    project.write(fleet_file(api, [], header="# fleet managed through the API\n"))
+    served = serve(api)
+
+    async def create_all():
+        async with httpx.AsyncClient(base_url=served.url, timeout=120,
+                                     headers={"X-ST-Admin-Key": served.admin_key}) as client:
+            async def hand_edit():
+                # as a careful editor saves: atomically, and only over the version it opened
+                # (vim warns "the file has been changed since reading it"), so it loses no change
+                # of CST's either; the test is that CST loses none of the editor's
+                await asyncio.sleep(0.3)
+                while True:
+                    opened = project.file.read_bytes()
+                    edited = opened.replace(b"# fleet managed through the API\n",
+                                            b"# fleet managed through the API\n# edited by hand\n")
+                    if atomic_write(project.file, edited, replaces=lambda old: old == opened):
+                        return
+            results = await asyncio.gather(*(client.post("/api/instances", json={"port": p}) for p in ports),
+                                           hand_edit())
+            return results[:-1]
+
+    responses = asyncio.run(create_all())
+    assert [r.status_code for r in responses] == [201] * 20, [r.text for r in responses if r.status_code != 201]
+    assert {r.json()["id"] for r in responses} == {f"st-instance-{p}" for p in ports}
+    text = project.file.read_text()
+    for p in ports:
+        assert len(re.findall(rf"port: {p}\b", text)) == 1
+    assert "# edited by hand" in text, "a concurrent hand edit must not be lost"
+    rows = served.api("GET", "/api/instances").json()
+    assert sorted(r["port"] for r in rows) == sorted(ports) and {r["status"] for r in rows} == {"online"}
+    assert all(http_status(p) == 401 for p in ports)
+
+
+def test_garbage_in_the_file_changes_nothing_until_fixed(project, serve):
+    api, a, b = free_ports(3)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    id_ = f"st-instance-{a}"
+    pid = wait_answering(served, a)[a]
+    good = project.file.read_text()
+    project.file.write_text(good.replace("instances:", "instances:\n  - port: [oops\n"))
+    status = wait_until(lambda: (s := served.api("GET", "/api/status").json())["file"]["valid"] is False and s)
+    problem = status["file"]["problems"][0]
+    assert problem["line"] >= 6 and problem["file"] == str(project.file) and "YAML syntax error" in problem["message"]
+    refused = served.api("POST", "/api/instances?lang=en", json={"port": b})
+    assert refused.status_code == 409 and refused.json()["error"].startswith("desired.yaml is invalid")
+    assert "desired.yaml is invalid, keeping the last valid state" in served.log.read_text()
+    # several resync periods later the instance still runs, untouched
+    wait_until(lambda: served.api("GET", "/api/status").json()["reconcile"]["lastRun"] > status["reconcile"]["lastRun"])
+    assert pid_of(served, id_) == pid and psutil.pid_exists(pid)
+    project.file.write_text(good.replace("instances:\n", f"instances:\n  - port: {b}\n"))
+    wait_until(lambda: http_status(b) == 401, timeout=20)
+    assert served.api("GET", "/api/status").json()["file"]["valid"] is True
+    assert pid_of(served, id_) == pid
+
+
+def test_drift_is_repaired_and_a_restarted_daemon_adopts(project, serve):
+    api, a, b = free_ports(3)
+    project.write(fleet_file(api, [(a, "running"), (b, "running")], resync="1s"))
+    served = serve(api)
+    ids = [f"st-instance-{a}", f"st-instance-{b}"]
+    killed = wait_answering(served, a, b)[a]
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: pid_of(served, ids[0]) not in (None, killed), timeout=15)
+    wait_until(lambda: http_status(a) == 401)
+    assert served.api("GET", f"/api/instances/{ids[0]}").json()["restarts"] == 1
+
+    pids = {i: pid_of(served, i) for i in ids}
+    served.proc.send_signal(signal.SIGKILL)
+    served.proc.wait()
+    again = serve(api, log_name="serve2.log")
+    wait_until(lambda: again.api("GET", "/api/status").json()["reconcile"]["lastRun"] is not None)
+    assert {i: pid_of(again, i) for i in ids} == pids, "instances are adopted, not restarted"
+    assert "changed:" not in again.log.read_text()
+
+
+def test_sigterm_leaves_instances_running_and_a_second_daemon_is_refused(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")]))
+    served = serve(api)
+    wait_answering(served, a)
+    second = serve(api, wait=False, log_name="second.log")
+    assert second.proc.wait(20) == 2
+    assert f"daemon.lock is held by pid {served.proc.pid}" in second.log.read_text()
+    assert served.stop() == 0
+    assert http_status(a) == 401, "instances outlive the daemon"
+
+
+def test_a_crash_loop_backs_off_and_shows_errored(project, serve):
+    api, a = free_ports(2)
+    data = project.dir / "user-data" / str(a)
+    data.mkdir(parents=True)
+    (data / "standin.json").write_text('{"exitCode": 7}')
+    project.write(fleet_file(api, [(a, "running")], resync="0.5s"))
+    served = serve(api)
+    row = wait_until(lambda: (r := served.api("GET", f"/api/instances/st-instance-{a}").json())["detail"] and r,
+                     timeout=20)
+    assert row["status"] == "errored"
+    assert row["detail"].startswith("errored: failed ") and "next restart in" in row["detail"]
+    starts_then = served.log.read_text().count("did not start")
+    # held back: within the next second at most one more attempt, not one per resync
+    import time
+    time.sleep(1.2)
+    assert served.log.read_text().count("did not start") <= starts_then + 1
+
+
+def test_max_memory_restarts_an_instance_that_grows(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")], resync="0.3s").replace(
+        f"  - port: {a}\n    state: running\n", f"  - port: {a}\n    state: running\n    max_memory: 1MiB\n"))
+    served = serve(api)
+    first = wait_answering(served, a)[a]
+    wait_until(lambda: "stayed above max_memory 1 MiB" in served.log.read_text(), timeout=20)
+    assert pid_of(served, f"st-instance-{a}") != first
+
+
+def test_desired_can_be_replaced_with_if_match(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, []))
+    served = serve(api)
+    current = served.api("GET", "/api/desired").json()
+    assert current["text"] == project.file.read_text() and current["valid"] is True
+    new_text = current["text"].replace("instances: []", f"instances:\n  - port: {a}  # via PUT")
+    assert served.api("PUT", "/api/desired", content=new_text).status_code == 428
+    stale = served.api("PUT", "/api/desired?lang=en", content=new_text, headers={"If-Match": "0" * 64})
+    assert stale.status_code == 412 and current["sha256"] in stale.json()["error"]
+    invalid = served.api("PUT", "/api/desired?lang=en", content="version: 7\n", headers={"If-Match": current["sha256"]})
+    assert invalid.status_code == 400 and "version: 7 is not supported" in invalid.json()["error"]
+    ok = served.api("PUT", "/api/desired", content=new_text, headers={"If-Match": current["sha256"]})
+    assert ok.status_code == 200 and project.file.read_text() == new_text
+    assert http_status(a) == 401
+
+
+def test_https_with_the_seed_flags(project, serve, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    cert = authority.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (api,) = free_ports(1)
+    project.write(fleet_file(api, []))
+    serve(api, args=("--ssl=true", "--certPath", str(tmp_path / "cert.pem"), "--keyPath", str(tmp_path / "key.pem")),
+          scheme="https")
+    response = httpx.get(f"https://127.0.0.1:{api}/api/instances", headers={"X-ST-Admin-Key": "test-admin-key"},
+                         verify=str(tmp_path / "ca.pem"))
+    assert response.status_code == 200 and response.json() == []
