@@ -1,5 +1,6 @@
 """End to end with the real SillyTavern release from the npm registry (marker: sillytavern)."""
 import os
+from pathlib import Path
 import signal
 import textwrap
 
@@ -70,3 +71,56 @@ def test_real_sillytavern_lifecycle(project):
     assert archived.name.startswith(ids[b]) and (archived / "cookie-secret.txt").exists()
     status = project.status()
     assert ids[b] not in status and status[ids[a]]["status"] == "running"
+
+
+def test_seed_usage_example_over_http(project, serve):
+    """The seed README's curl session (create, list, stop, delete) against `cst serve`."""
+    import re
+    from datetime import datetime, timezone
+
+    import httpx
+
+    api, port = free_ports(2)
+    project.write(f'version: 1\nsettings:\n  sillytavern: {{version: "1.19.0", start_timeout: 180}}\n'
+                  f'  api: {{listen: "127.0.0.1:{api}"}}\ninstances: []\n')
+    assert project.cst("st", "install", timeout=900).returncode == 0
+    served = serve(api, admin_key="your-secret-admin-key")
+    headers = {"X-ST-Admin-Key": "your-secret-admin-key", "Content-Type": "application/json"}
+    url = f"http://localhost:{api}"
+    id_ = f"st-instance-{port}"
+
+    created = httpx.post(f"{url}/api/instances", headers=headers, json={"port": port}, timeout=300)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert set(body) == {"id", "port", "dataDir", "status", "startTime", "password"}
+    assert body["id"] == id_
+    assert body["port"] == port
+    assert body["dataDir"] == str(project.dir / "user-data" / str(port))
+    assert body["status"] == "running"
+    started = datetime.fromisoformat(body["startTime"].replace("Z", "+00:00"))
+    assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 300
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", body["password"])
+    assert http_status(port) == 401 and http_status(port, (id_, body["password"])) == 200
+    assert f"port: {port}" in project.file.read_text()
+
+    listed = httpx.get(f"{url}/api/instances", headers=headers)
+    assert listed.status_code == 200
+    [row] = listed.json()
+    assert {k: row[k] for k in ("id", "port", "status", "startTime", "dataDir")} == {
+        "id": id_, "port": port, "status": "online", "startTime": body["startTime"], "dataDir": body["dataDir"]}
+
+    stopped = httpx.post(f"{url}/api/instances/{id_}/stop", headers=headers, timeout=120)
+    assert stopped.status_code == 200
+    assert stopped.json() == {"id": id_, "status": "stopped", "message": "实例已停止"}
+    assert http_status(port) == 0
+    assert httpx.get(f"{url}/api/instances/{id_}", headers=headers).json()["status"] == "stopped"
+
+    deleted = httpx.delete(f"{url}/api/instances/{id_}", headers=headers, timeout=120)
+    assert deleted.status_code == 200
+    message = deleted.json()["message"]
+    assert message.startswith("实例已删除")
+    archive = deleted.json()["archive"]
+    assert archive in message and (project.state_dir / "archive").resolve() == Path(archive).parent
+    assert (Path(archive) / "cookie-secret.txt").exists(), "the data was archived, not deleted"
+    assert httpx.get(f"{url}/api/instances", headers=headers).json() == []
+    assert f"port: {port}" not in project.file.read_text()
