@@ -24,7 +24,7 @@ from aiohttp import web
 from .apply import Report, Result, reconcile
 from .desired import DesiredState
 from .desired_file import DesiredFile, Snapshot
-from .runtime import utc_now
+from .runtime import live_process, utc_now
 from .files import rotate_log
 from .statedir import LockHeld, StateDir
 from .supervision import Supervisor
@@ -58,6 +58,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
+        self._exit_watches: dict[int, int] = {}  # pid -> pidfd of each instance process we watch
 
     # -- the desired state
 
@@ -127,9 +128,37 @@ class Daemon:
                 log.info("%s", result.line())
         for spec in desired.instances:
             rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
+        self._watch_exits()
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
         return report
+
+    def _watch_exits(self) -> None:
+        """Wake the loop the moment an instance process exits, rather than at the next resync.
+
+        A pidfd refers to one process, not to a pid number, and works for processes adopted from
+        an earlier run, which are not our children."""
+        if not hasattr(os, "pidfd_open"):
+            return
+        loop = asyncio.get_running_loop()
+        for record in self.state.records().values():
+            if record.pid is None or record.pid in self._exit_watches:
+                continue
+            if live_process(record.pid, record.create_time) is None:
+                continue
+            try:
+                pidfd = os.pidfd_open(record.pid)
+            except OSError:
+                continue
+            self._exit_watches[record.pid] = pidfd
+            loop.add_reader(pidfd, self._exited, record.pid, record.id)
+
+    def _exited(self, pid: int, id_: str) -> None:
+        pidfd = self._exit_watches.pop(pid)
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        log.debug("%s (pid %d) exited", id_, pid)
+        self._wake.set()
 
     async def _watch(self) -> None:
         # the folder, not the file: editors and git replace the file by renaming a new one over it
@@ -184,6 +213,10 @@ class Daemon:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if self.proxy is not None:
                     await self.proxy.stop()
+                for pid in list(self._exit_watches):
+                    pidfd = self._exit_watches.pop(pid)
+                    loop.remove_reader(pidfd)
+                    os.close(pidfd)
                 await runner.cleanup()
 
 

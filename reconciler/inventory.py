@@ -5,7 +5,7 @@ import time
 from typing import Callable
 
 from .desired import DesiredState
-from .runtime import LocalRuntime, live_process
+from .runtime import LocalRuntime
 
 # the seed (PM2) called a running instance "online"
 SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
@@ -15,8 +15,8 @@ SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
 def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None) -> list[dict]:
     """Declared instances in file order, then undeclared ones CST still has a record of."""
     runtime = LocalRuntime(desired, readonly=True)
-    observed = runtime.observe()
     records = runtime.state.records()
+    observed = runtime.observe(records)
     declared = {i.id: i for i in desired.instances}
     rows = []
     for id_ in list(declared) + sorted(set(records) - set(declared)):
@@ -26,7 +26,7 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
         held = errored(id_)
         if held and status != "running":
             status = "errored"
-        proc = live_process(seen.pid, record.create_time) if status == "running" and record else None
+        started = seen.create_time if seen and status == "running" else None
         rows.append({
             "id": id_,
             "port": port,
@@ -35,7 +35,7 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
             "detail": held or (seen.holder if seen and seen.holder else ""),
             "pid": seen.pid if status == "running" else None,
             "startTime": record.started_at if record and status == "running" else None,
-            "uptime": round(time.time() - proc.create_time(), 1) if proc else None,
+            "uptime": round(time.time() - started, 1) if started else None,
             "restarts": record.restarts if record else 0,
             "dataDir": str(desired.data_dir(port)),
         })

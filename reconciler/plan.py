@@ -36,6 +36,7 @@ class Observed:
     fingerprint: str | None = None
     adopted: bool = False           # found running without a valid record: the record needs writing
     holder: str = ""                # for port-taken: who holds the port
+    create_time: float | None = None  # when the running process started (epoch seconds)
 
 
 class Kind(str, Enum):

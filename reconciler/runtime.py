@@ -101,14 +101,14 @@ def live_process(pid: int | None, create_time: float | None) -> psutil.Process |
         return None
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > 0.05:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            _reap(pid)
-            return None
-        return proc
+        with proc.oneshot():  # one read of /proc/<pid>/stat for both questions
+            same = abs(proc.create_time() - create_time) <= 0.05
+            zombie = proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return None
+    if zombie and same:
+        _reap(pid)
+    return proc if same and not zombie else None
 
 
 def _reap(pid: int) -> None:
@@ -191,14 +191,15 @@ class LocalRuntime:
 
     # -- observing
 
-    def observe(self) -> dict[str, Observed]:
+    def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
         """What runs now: every recorded instance, plus whoever holds a declared port."""
         observed: dict[str, Observed] = {}
-        for record in self.state.records().values():
+        for record in (self.state.records() if records is None else records).values():
             if record.pid is None:
                 observed[record.id] = Observed(record.id, record.port, "stopped")
             elif live_process(record.pid, record.create_time):
-                observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint)
+                observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
+                                               create_time=record.create_time)
             else:
                 observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint)
 
@@ -211,7 +212,8 @@ class LocalRuntime:
             id_, pid = unsure[port], holders.get(port)
             fingerprint = self._our_process(pid, id_)
             if fingerprint is not None:
-                observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True)
+                observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True,
+                                         create_time=psutil.Process(pid).create_time())
             else:
                 observed[id_] = Observed(id_, port, "port-taken", holder=_describe(pid))
         return observed

@@ -181,7 +181,8 @@ def test_garbage_in_the_file_changes_nothing_until_fixed(project, serve):
 
 def test_drift_is_repaired_and_a_restarted_daemon_adopts(project, serve):
     api, a, b = free_ports(3)
-    project.write(fleet_file(api, [(a, "running"), (b, "running")], resync="1s"))
+    # a resync period far longer than the test: the repair must come from watching the process exit
+    project.write(fleet_file(api, [(a, "running"), (b, "running")], resync="60s"))
     served = serve(api)
     ids = [f"st-instance-{a}", f"st-instance-{b}"]
     killed = wait_answering(served, a, b)[a]
