@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from proxy.cli import proxy_command
+
 from . import sillytavern
 from .apply import Report, Result, reconcile
 from .daemon import Daemon, DaemonError, tls_context
@@ -188,6 +190,9 @@ def st_install(file: Path) -> None:
         click.echo(f"failed: sillytavern {version}: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     click.echo(f"{'changed' if did else 'ok'}: sillytavern {version} at {rel.package_dir}")
+
+
+cli.add_command(proxy_command)
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import watchfiles
 from aiohttp import web
 
+from proxy.service import ProxyService
+
 from .apply import Report, Result, reconcile
 from .desired import DesiredState
 from .desired_file import DesiredFile, Snapshot
@@ -200,8 +202,17 @@ class Daemon:
             except OSError as exc:
                 await runner.cleanup()
                 raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
+            self.proxy = ProxyService(self.desired)
+            try:
+                await self.proxy.start()
+            except OSError as exc:
+                self.proxy = None
+                await runner.cleanup()
+                raise DaemonError(f"cannot start the key-pool proxy on {self.desired.settings.proxy.listen} "
+                                  f"(settings.proxy.listen): {exc.strerror or exc}") from None
             scheme = "https" if ssl_context else "http"
-            print(f"cst serve: API on {scheme}://{listen}, watching {self.file.path}", flush=True)
+            print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
+                  f"watching {self.file.path}", flush=True)
             self._wake.set()  # first pass at once: adopt what runs, start what is missing
             tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._watch())]
             try:

@@ -253,7 +253,7 @@ class LocalRuntime:
         launch.data_dir.mkdir(parents=True, exist_ok=True)
         launch.workdir.mkdir(parents=True, exist_ok=True)
         launch.log.parent.mkdir(parents=True, exist_ok=True)
-        sillytavern.seed_webpack_cache(self.release(), launch.data_dir, launch.workdir)
+        sillytavern.seed_webpack_cache(self.release(), launch.data_dir)
         previous = self.state.records().get(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open(launch.log, "ab") as log:

@@ -7,10 +7,11 @@ Layout of an install home (``$CST_SILLYTAVERN_HOME``, else ``<state_dir>/sillyta
     <home>/<version>/.cst-ready                                 written last: the install is complete
 
 SillyTavern compiles its front-end libraries with webpack on every start and
-keeps the cache in ``<dataRoot>/_webpack`` -- or in ``<cwd>/dist/_webpack`` when
-it believes it runs in a container. A cold compile is ~20 s of CPU, so CST
-builds it once per install and copies the result to where each new instance
-will look for it.
+keeps the cache in ``<dataRoot>/_webpack`` -- or, when it believes it runs in a
+container, in ``dist/_webpack`` of its own package (its server.js chdirs there).
+A cold compile is ~20 s of CPU, so CST builds it once per install; in a
+container every instance then finds it in the package, elsewhere CST copies it
+into each new data root.
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def custom(server_js: Path) -> Release:
     return Release(server_js, None)
 
 
-def _looks_like_container() -> bool:
-    """The test SillyTavern's webpack config makes (via the is-docker package) to pick its cache folder."""
+def looks_like_container() -> bool:
+    """The test SillyTavern's webpack config makes (through the is-docker package) to pick its cache folder."""
     if Path("/.dockerenv").exists():
         return True
     try:
@@ -118,11 +119,14 @@ def _looks_like_container() -> bool:
         return False
 
 
-def seed_webpack_cache(rel: Release, data_dir: Path, workdir: Path) -> None:
-    """Copy the prebuilt front end to where this instance's SillyTavern will look, if not there yet."""
-    if rel.prebuilt_webpack is None or not rel.prebuilt_webpack.is_dir():
-        return
-    target = (workdir / "dist" / "_webpack") if _looks_like_container() else (data_dir / "_webpack")
+def seed_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
+    """Copy the prebuilt front end into a new data root, where SillyTavern looks outside a container.
+
+    In a container SillyTavern reads the package's own ``dist/_webpack``: nothing to copy."""
+    if rel.prebuilt_webpack is None or not rel.prebuilt_webpack.is_dir() or looks_like_container():
+        return None
+    target = data_dir / "_webpack"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(rel.prebuilt_webpack, target)
+    return target

@@ -128,6 +128,13 @@ def standin_file(ports_states: list[tuple[int, str]], extra_instance: dict | Non
     return "\n".join(lines) + "\n"
 
 
+def serve_settings(api_port: int, resync: str = "1s") -> str:
+    """settings lines for a `cst serve` test: its API on ``api_port``, its proxy on a free port."""
+    (proxy_port,) = free_ports(1)
+    return (f'resync: {resync}\napi: {{listen: "127.0.0.1:{api_port}"}}\n'
+            f'proxy: {{listen: "127.0.0.1:{proxy_port}"}}')
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_ports, standin_file
+from conftest import free_ports, serve_settings, standin_file
 
 ADMIN_KEY = "fuzz-admin-key"
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
@@ -15,7 +15,7 @@ CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conform
 
 def test_api_fuzz(project, serve):
     (api,) = free_ports(1)
-    project.write(standin_file([], settings=f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}'))
+    project.write(standin_file([], settings=serve_settings(api, "1s")))
     served = serve(api, admin_key=ADMIN_KEY)
     cli = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(

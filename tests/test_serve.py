@@ -5,18 +5,19 @@ import json
 import os
 import re
 import signal
+import ssl
 import zipfile
 
 import httpx
 import psutil
 import pytest
 
-from conftest import free_ports, http_status, standin_file, wait_until
+from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
 from reconciler.files import atomic_write
 
 
 def fleet_file(api_port: int, instances: list[tuple[int, str]], resync: str = "1s", header: str = "") -> str:
-    return header + standin_file(instances, settings=f'resync: {resync}\napi: {{listen: "127.0.0.1:{api_port}"}}')
+    return header + standin_file(instances, settings=serve_settings(api_port, resync))
 
 
 def pid_of(served, id_: str) -> int | None:
@@ -268,6 +269,7 @@ def test_https_with_the_seed_flags(project, serve, tmp_path):
     project.write(fleet_file(api, []))
     serve(api, args=("--ssl=true", "--certPath", str(tmp_path / "cert.pem"), "--keyPath", str(tmp_path / "key.pem")),
           scheme="https")
+    trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     response = httpx.get(f"https://127.0.0.1:{api}/api/instances", headers={"X-ST-Admin-Key": "test-admin-key"},
-                         verify=str(tmp_path / "ca.pem"))
+                         verify=trusted)
     assert response.status_code == 200 and response.json() == []

@@ -1,0 +1,349 @@
+"""Key-account sources and the manager that keeps them in line with desired.yaml.
+
+A *source* owns one declared account: it fetches that account's keys, pushes
+them into the pool with ``KeyPool.set_account_keys`` and refreshes them on its
+own schedule. ``AccountManager.update(accounts)`` starts, replaces and stops
+sources so that the running set always matches the declared one; the pool is
+changed in place, so requests in flight are never disturbed.
+
+Secrets: passwords are read from an environment variable or a 0600 file at each
+login (so a rotated password is picked up) and never logged; keys are only ever
+logged masked. The DaiDai key list is cached in ``<state_dir>/proxy/`` (0700 dir,
+0600 file) so the proxy keeps serving while the platform is unreachable.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from reconciler.desired import Account
+
+from .pool import KeyInfo, KeyPool, mask
+
+log = logging.getLogger("cst.proxy.accounts")
+
+# After a failed refresh, retry sooner than the normal period (but not hammer the platform).
+RETRY_AFTER_ERROR = 30.0
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+class AccountError(Exception):
+    """A refresh failed for a reason worth showing to the operator as it is.
+
+    ``transient``: the platform itself is in trouble (5xx, not JSON), so retry soon.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass
+class SourceStatus:
+    provider: str
+    keys: int = 0
+    last_refresh: float | None = None  # wall clock of the last successful fetch
+    last_error: str | None = None
+    from_cache: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "keys": self.keys,
+            "last_refresh": _iso(self.last_refresh),
+            "last_error": self.last_error,
+            "from_cache": self.from_cache,
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _money(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_secret_file(path: Path) -> str:
+    """The first line of a secret file; refuses files that others can read."""
+    st = path.stat()
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AccountError(f"{path} is readable by group or others; chmod 600 it")
+    return path.read_text(encoding="utf-8").strip()
+
+
+class Source(Protocol):
+    status: SourceStatus
+
+    async def run(self) -> None: ...
+
+
+# -- static ----------------------------------------------------------------------------
+
+
+class StaticSource:
+    """Keys from ``keys_env`` (comma-separated) or ``keys_file`` (one a line, # comments)."""
+
+    def __init__(self, account: Account, pool: KeyPool):
+        self.account = account
+        self.pool = pool
+        self.status = SourceStatus("static")
+
+    def read(self) -> list[KeyInfo]:
+        a = self.account
+        if a.keys_env:
+            raw = os.environ.get(a.keys_env)
+            if raw is None:
+                raise AccountError(f"environment variable {a.keys_env} is not set")
+            values = raw.split(",")
+        else:
+            assert a.keys_file is not None
+            try:
+                values = read_secret_file(a.keys_file).splitlines()
+            except OSError as exc:
+                raise AccountError(f"cannot read {a.keys_file}: {exc.strerror or exc}") from None
+        return [KeyInfo(v) for v in (v.strip() for v in values) if v and not v.startswith("#")]
+
+    def load(self) -> None:
+        try:
+            infos = self.read()
+        except AccountError as exc:
+            if self.status.last_error != str(exc):
+                log.error("account %s: %s", self.account.name, exc)
+            self.status.last_error = str(exc)
+            return  # keep whatever keys the pool already has for this account
+        self.pool.set_account_keys(self.account.name, infos)
+        self.status.keys, self.status.last_error, self.status.last_refresh = len(infos), None, time.time()
+
+    async def run(self) -> None:
+        # The manager already called load(). Re-reading is cheap; it picks up a
+        # keys_file edit and ends quarantines ("until the account's next refresh").
+        while True:
+            await asyncio.sleep(self.account.refresh)
+            self.load()
+
+
+# -- DaiDai ----------------------------------------------------------------------------
+
+
+class DaiDaiClient:
+    """The two calls of the DaiDai account API we need (see DESIGN.md)."""
+
+    def __init__(self, session: aiohttp.ClientSession, api_base: str, email: str):
+        self.session = session
+        self.api_base = api_base.rstrip("/")
+        self.email = email
+        self.token: str | None = None
+        self.user: Any = None
+
+    async def _post(self, path: str, payload: dict[str, Any], token: str | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.post(self.api_base + path, json=payload, headers=headers,
+                                     timeout=HTTP_TIMEOUT) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except (ValueError, aiohttp.ContentTypeError):
+                body = None
+            return resp.status, body
+
+    async def login(self, password: str) -> None:
+        status, body = await self._post("/api/users/login", {"userEmail": self.email, "password": password})
+        if isinstance(body, dict) and body.get("code") == 200 and body.get("token"):
+            self.token, self.user = body["token"], body.get("msg")
+            return
+        self.token = None
+        reason = body.get("msg") if isinstance(body, dict) else None
+        raise AccountError(f"login failed for {self.email}: {reason if isinstance(reason, str) else f'HTTP {status}'}",
+                           transient=status >= 500 or not isinstance(body, dict))
+
+    async def list_keys(self) -> list[KeyInfo] | None:
+        """The usable keys, or None when the token is no longer accepted."""
+        if self.token is None:
+            return None
+        payload = {"userData": json.dumps(self.user, ensure_ascii=False), "page": 1}
+        status, body = await self._post("/api/general/orders", payload, self.token)
+        if isinstance(body, dict) and body.get("code") == 200 and isinstance(body.get("msg"), list):
+            return [
+                KeyInfo(str(item["api_key"]), _money(item.get("balance")), _money(item.get("utilised")))
+                for item in body["msg"]
+                if isinstance(item, dict) and item.get("api_key")
+                and item.get("state") == "success" and not item.get("hasError")
+            ]
+        if status in (401, 403) or (isinstance(body, dict) and body.get("code") in (401, 403)):
+            return None
+        reason = body.get("msg") if isinstance(body, dict) else None
+        raise AccountError(f"key list failed: {reason if isinstance(reason, str) else f'HTTP {status}'}",
+                           transient=status >= 500 or not isinstance(body, dict))
+
+
+class DaiDaiSource:
+    def __init__(self, account: Account, pool: KeyPool, session: aiohttp.ClientSession, cache_dir: Path):
+        self.account = account
+        self.pool = pool
+        self.client = DaiDaiClient(session, account.api_base, account.email or "")
+        self.cache_path = cache_dir / f"keys-{account.name}.json"
+        self.status = SourceStatus("daidai")
+        self._retry_soon = False
+
+    def _password(self) -> str:
+        a = self.account
+        if a.password_env:
+            value = os.environ.get(a.password_env)
+            if not value:
+                raise AccountError(f"environment variable {a.password_env} is not set")
+            return value
+        assert a.password_file is not None
+        try:
+            return read_secret_file(a.password_file)
+        except OSError as exc:
+            raise AccountError(f"cannot read {a.password_file}: {exc.strerror or exc}") from None
+
+    async def fetch(self) -> list[KeyInfo]:
+        keys = await self.client.list_keys()
+        if keys is None:  # no token yet, or it expired: log in (again) once
+            await self.client.login(self._password())
+            keys = await self.client.list_keys()
+            if keys is None:
+                raise AccountError("the platform refused a fresh token")
+        return keys
+
+    async def refresh(self) -> bool:
+        try:
+            keys = await self.fetch()
+        except (AccountError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # A network problem is worth retrying soon; a refused login is not (hammering a
+            # platform with a wrong password can lock the account), so it waits a full period.
+            self._retry_soon = not isinstance(exc, AccountError) or exc.transient
+            message = str(exc) if isinstance(exc, AccountError) else f"platform unreachable: {type(exc).__name__}: {exc}"
+            if self.status.last_error != message:
+                log.error("account %s: %s", self.account.name, message)
+            self.status.last_error = message
+            return False
+        self.pool.set_account_keys(self.account.name, keys)
+        self.status.keys, self.status.last_error, self.status.from_cache = len(keys), None, False
+        self.status.last_refresh = time.time()
+        log.info("account %s: %d usable keys", self.account.name, len(keys))
+        self._write_cache(keys)
+        return True
+
+    # The cache names the account's email and base so a changed account never
+    # serves another account's keys.
+    def _identity(self) -> dict[str, str]:
+        return {"email": self.account.email or "", "api_base": self.account.api_base}
+
+    def _write_cache(self, keys: list[KeyInfo]) -> None:
+        data = {**self._identity(), "fetched_at": time.time(),
+                "keys": [{"api_key": k.value, "balance": k.balance, "used": k.used} for k in keys]}
+        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o600)
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.cache_path)
+        except OSError as exc:
+            log.warning("account %s: cannot write key cache: %s", self.account.name, exc.strerror or exc)
+
+    def load_cache(self) -> bool:
+        try:
+            data = json.loads(self.cache_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(data, dict) or any(data.get(k) != v for k, v in self._identity().items()):
+            return False
+        keys = [KeyInfo(str(k["api_key"]), _money(k.get("balance")), _money(k.get("used")))
+                for k in data.get("keys", []) if isinstance(k, dict) and k.get("api_key")]
+        self.pool.set_account_keys(self.account.name, keys)
+        self.status.keys, self.status.from_cache = len(keys), True
+        self.status.last_refresh = _money(data.get("fetched_at"))
+        log.info("account %s: serving %d cached keys until the platform answers", self.account.name, len(keys))
+        return True
+
+    async def run(self) -> None:
+        cached = False
+        if not await self.refresh():
+            cached = self.load_cache()
+            if not cached:
+                # Nothing to serve for this account; do not keep a replaced account's old keys.
+                self.pool.set_account_keys(self.account.name, [])
+        period = self.account.refresh
+        while True:
+            await asyncio.sleep(min(period, RETRY_AFTER_ERROR) if self.status.last_error and self._retry_soon
+                                else period)
+            await self.refresh()
+
+
+# -- the manager -------------------------------------------------------------------------
+
+
+class AccountManager:
+    """Keeps one running source per declared account (``update`` reconciles)."""
+
+    def __init__(self, pool: KeyPool, session: aiohttp.ClientSession, state_dir: Path):
+        self.pool = pool
+        self.session = session
+        self.cache_dir = state_dir / "proxy"
+        self._running: dict[str, tuple[Account, Source, asyncio.Task[None]]] = {}
+
+    def _ensure_cache_dir(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.cache_dir, 0o700)
+
+    def _make(self, account: Account) -> Source:
+        if account.provider == "static":
+            return StaticSource(account, self.pool)
+        self._ensure_cache_dir()
+        return DaiDaiSource(account, self.pool, self.session, self.cache_dir)
+
+    def update(self, accounts: tuple[Account, ...] | list[Account]) -> None:
+        wanted = {a.name: a for a in accounts}
+        for name in list(self._running):
+            if name not in wanted:
+                _, source, task = self._running.pop(name)
+                task.cancel()
+                self.pool.remove_account(name)
+                if isinstance(source, DaiDaiSource):
+                    # Its keys are secrets: do not leave a copy behind for an account that is gone.
+                    source.cache_path.unlink(missing_ok=True)
+                log.info("account %s removed", name)
+        for name, account in wanted.items():
+            current = self._running.get(name)
+            if current is not None and current[0] == account:
+                continue
+            if current is not None:
+                current[2].cancel()  # its keys stay in the pool until the new source replaces them
+                log.info("account %s changed", name)
+            else:
+                log.info("account %s added (%s)", name, account.provider)
+            source = self._make(account)
+            if isinstance(source, StaticSource):
+                source.load()  # synchronous: the new keys are in the pool before update() returns
+            task = asyncio.create_task(source.run(), name=f"cst-account-{name}")
+            self._running[name] = (account, source, task)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {name: source.status.as_dict() for name, (_, source, _) in self._running.items()}
+
+    async def close(self) -> None:
+        tasks = [task for _, _, task in self._running.values()]
+        self._running.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["AccountError", "AccountManager", "DaiDaiClient", "DaiDaiSource", "StaticSource", "mask"]

@@ -1,0 +1,97 @@
+"""``cst proxy``: the key-pool proxy on its own, following desired.yaml.
+
+The file is watched (its folder, so editors that save by rename are seen too);
+each valid change is applied in place. An invalid edit is reported with
+file:line and the proxy keeps the last valid state: bad input never tears
+anything down.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+from watchfiles import awatch
+
+from reconciler.desired import DesiredState, load
+from reconciler.validation import InvalidDesiredState
+
+from .service import ProxyService
+
+log = logging.getLogger("cst.proxy")
+
+
+def _report(exc: InvalidDesiredState) -> None:
+    for problem in exc.problems:
+        log.error("%s", problem)
+
+
+async def reload(path: Path, service: ProxyService) -> bool:
+    """Apply the file if it is valid; otherwise log why and keep the current state."""
+    try:
+        desired = load(path)
+    except InvalidDesiredState as exc:
+        _report(exc)
+        log.error("%s is invalid: the proxy keeps its last valid accounts and settings", path)
+        return False
+    try:
+        await service.apply(desired)
+    except OSError as exc:  # e.g. the new listen address is taken; the rest was applied
+        log.error("%s: could not apply everything: %s", path, exc)
+        return False
+    log.info("applied %s", path)
+    return True
+
+
+async def follow(path: Path, service: ProxyService, stop: asyncio.Event, debounce_ms: int = 300) -> None:
+    """Apply every change of ``path`` until ``stop`` is set."""
+    target = path.resolve()
+
+    def is_target(_change: object, changed: str) -> bool:
+        return Path(changed).resolve() == target
+
+    async for _changes in awatch(target.parent, watch_filter=is_target, stop_event=stop,
+                                 debounce=debounce_ms, step=50, recursive=False):
+        if target.exists():  # mid-rename or deleted: wait for the next event
+            await reload(target, service)
+
+
+async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    service = ProxyService(desired)
+    await service.start()
+    try:
+        await follow(path, service, stop)
+    finally:
+        log.info("stopping the proxy")
+        await service.stop()
+
+
+@click.command("proxy")
+@click.option("-f", "--file", "file", envvar="CST_FILE", default="desired.yaml", show_default=True,
+              type=click.Path(path_type=Path, dir_okay=False), help="The desired-state file to follow.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Logging verbosity.")
+def proxy_command(file: Path, log_level: str) -> None:
+    """Run only the OpenAI-compatible key-pool proxy, following FILE's accounts."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        desired = load(file)
+    except InvalidDesiredState as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(2)
+    asyncio.run(run(file, desired))
+
+
+if __name__ == "__main__":  # python -m proxy.cli -f desired.yaml
+    proxy_command()

@@ -1,0 +1,65 @@
+"""Prometheus metrics, read from the pool and the forwarder at scrape time.
+
+A custom collector instead of Counter/Gauge objects updated per request: the
+hot path only bumps plain ints it keeps anyway, and the exposition format is
+still produced by prometheus-client (correct escaping, content type, types).
+Each service has its own registry so several can coexist (tests).
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .server import ProxyState
+
+
+class PoolCollector(Collector):
+    def __init__(self, state: "ProxyState"):
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state
+        pool = state.pool
+        now = pool.clock()
+        labels = ["account", "key"]
+        requests = CounterMetricFamily("cst_proxy_key_requests", "Upstream attempts made with a key", labels=labels)
+        failures = CounterMetricFamily("cst_proxy_key_failures", "Failed upstream attempts of a key", labels=labels)
+        balance = GaugeMetricFamily("cst_proxy_key_balance", "Balance of a key as the platform reported it", labels=labels)
+        available = GaugeMetricFamily("cst_proxy_key_available", "1 when the key can be chosen now", labels=labels)
+        for key in pool.keys():
+            lv = [key.account, key.masked]
+            requests.add_metric(lv, key.requests)
+            failures.add_metric(lv, key.total_failures)
+            if key.balance is not None:
+                balance.add_metric(lv, key.balance)
+            available.add_metric(lv, 1.0 if key.available(now) else 0.0)
+        yield from (requests, failures, balance, available)
+
+        stats = state.forwarder.stats
+        responses = CounterMetricFamily("cst_proxy_responses", "Responses sent to clients by status code", labels=["code"])
+        for code, count in sorted(stats.responses.items()):
+            responses.add_metric([str(code)], count)
+        yield responses
+        yield CounterMetricFamily("cst_proxy_retries", "Attempts repeated on another key", value=stats.retries)
+        yield CounterMetricFamily("cst_proxy_no_key", "Requests answered 503 for want of a key", value=stats.no_key)
+        yield CounterMetricFamily("cst_proxy_client_disconnects", "Clients that hung up mid-answer",
+                                  value=stats.client_disconnects)
+
+        errors = GaugeMetricFamily("cst_proxy_account_error", "1 when the last refresh of an account failed",
+                                   labels=["account", "provider"])
+        for name, status in state.accounts.status().items():
+            errors.add_metric([name, status["provider"]], 1.0 if status["last_error"] else 0.0)
+        yield errors
+        yield GaugeMetricFamily("cst_proxy_uptime_seconds", "Seconds since the proxy started",
+                                value=time.monotonic() - state.started)
+
+
+def registry_for(state: "ProxyState") -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(state))
+    return registry

@@ -1,0 +1,150 @@
+"""The HTTP front: thin handlers over the pool, the forwarder and the accounts.
+
+Routes: ``/v1/*`` (forwarded), ``/health`` (open, for liveness probes),
+``/status`` and ``/metrics`` (behind the client key when one is configured,
+since they reveal balances and masked keys).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .accounts import AccountManager
+from .forward import Forwarder, openai_error
+from .metrics import registry_for
+from .pool import KeyPool
+
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+
+@dataclass
+class ProxyState:
+    pool: KeyPool
+    forwarder: Forwarder
+    accounts: AccountManager
+    client_keys: tuple[bytes, ...] = ()  # empty: no client authentication
+    started: float = field(default_factory=time.monotonic)
+    registry: CollectorRegistry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry = registry_for(self)
+
+
+def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
+    if not state.client_keys:
+        return True
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        token = ""
+    given = token.strip().encode()
+    ok = False
+    for expected in state.client_keys:  # every key compared, each in constant time
+        ok |= hmac.compare_digest(given, expected)
+    return ok
+
+
+def _denied() -> web.Response:
+    response = openai_error(401, "a valid proxy key is required (Authorization: Bearer ...)",
+                            "invalid_request_error", "invalid_api_key")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
+    if state.client_keys and not client_allowed(state, request):
+        return _denied()
+    return await state.forwarder.handle(request)
+
+
+async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
+    total, available = state.pool.counts()
+    return web.json_response({
+        "status": "ok" if available else ("degraded" if total else "no_keys"),
+        "keys": {"total": total, "available": available, "unavailable": total - available},
+        "uptime": round(time.monotonic() - state.started, 3),
+    })
+
+
+def _wall(monotonic_deadline: float, now_mono: float) -> str | None:
+    if monotonic_deadline <= now_mono:
+        return None
+    ts = time.time() + (monotonic_deadline - now_mono)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def status_document(state: ProxyState) -> dict[str, Any]:
+    now = state.pool.clock()
+    pool_accounts = state.pool.accounts()
+    accounts: dict[str, Any] = {}
+    for name, info in state.accounts.status().items():
+        keys = pool_accounts.get(name, [])
+        accounts[name] = {
+            **info,
+            "balance": round(sum(k.balance or 0.0 for k in keys), 2),
+            "keys": [
+                {
+                    "key": k.masked,
+                    "available": k.available(now),
+                    "balance": k.balance,
+                    "used": k.used,
+                    "requests": k.requests,
+                    "failures": k.total_failures,
+                    "consecutive_failures": k.failures,
+                    "last_error": k.last_error,
+                    "quarantined": k.quarantined,
+                    "cooldown_until": _wall(k.cooldown_until, now),
+                }
+                for k in keys
+            ],
+        }
+    total, available = state.pool.counts()
+    return {"keys": {"total": total, "available": available}, "accounts": accounts}
+
+
+async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:
+    if state.client_keys and not client_allowed(state, request):
+        return _denied()
+    return web.json_response(status_document(state))
+
+
+async def metrics(state: ProxyState, request: web.BaseRequest) -> web.Response:
+    if state.client_keys and not client_allowed(state, request):
+        return _denied()
+    response = web.Response(body=generate_latest(state.registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+_OBSERVE = {"/health": health, "/status": status, "/metrics": metrics}
+
+
+def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
+    """aiohttp's low-level server with a four-way dispatch instead of an Application: the
+    router and app machinery cost measurable CPU on every forwarded request, and four
+    fixed routes do not need them."""
+    loop = asyncio.get_running_loop()
+
+    def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        # Prompts with images can be big; they pass through as bytes.
+        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE)
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        if request.raw_path.startswith("/v1/"):  # raw: the forwarder relays the path as the client wrote it
+            return await forward(state, request)
+        path = request.path
+        handler = _OBSERVE.get(path)
+        if handler is None:
+            return openai_error(404, f"no route for {path}", "invalid_request_error", "not_found")
+        if request.method not in ("GET", "HEAD"):
+            return openai_error(405, f"{request.method} is not allowed on {path}", "invalid_request_error",
+                                "method_not_allowed")
+        return await handler(state, request)
+
+    return web.Server(dispatch, request_factory=make_request, **kwargs)

@@ -1,0 +1,149 @@
+"""ProxyService: the proxy as a start/apply/stop component.
+
+``cst serve`` and ``cst proxy`` build one from a DesiredState and call
+``apply()`` on every valid change of desired.yaml. ``apply`` changes things in
+place: accounts through the AccountManager, forwarding settings by swapping the
+forwarder's config (a request in flight keeps the config it started with), the
+listening address by binding the new one before closing the old one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import aiohttp
+from aiohttp import web
+
+from reconciler.desired import DesiredState, Listen, ProxySettings
+
+from .accounts import AccountManager
+from .forward import ForwardConfig, Forwarder
+from .pool import KeyPool
+from .server import ProxyState, build_server
+from .upstream import UpstreamClient
+
+log = logging.getLogger("cst.proxy")
+
+SHUTDOWN_GRACE = 5.0
+
+
+def _forward_config(settings: ProxySettings) -> ForwardConfig:
+    return ForwardConfig(settings.upstream, settings.max_attempts, settings.timeout)
+
+
+def _client_keys(settings: ProxySettings) -> tuple[bytes, ...]:
+    if not settings.client_keys_env:
+        return ()
+    raw = os.environ.get(settings.client_keys_env, "")
+    keys = tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+    if not keys:
+        # Fail closed: a configured but empty key list must not mean "no authentication".
+        log.error("%s is empty or unset: every proxy request will be refused", settings.client_keys_env)
+        return (os.urandom(32).hex().encode(),)
+    return keys
+
+
+class ProxyService:
+    def __init__(self, desired: DesiredState):
+        self.desired = desired
+        self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamClient | None = None
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._listen: Listen | None = None
+        self.state: ProxyState | None = None
+        self._applying = asyncio.Lock()  # one apply at a time: binding a new address awaits
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        assert self._runner is not None
+        return int(self._runner.addresses[0][1])
+
+    @property
+    def url(self) -> str:
+        assert self._listen is not None
+        host = self._listen.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    async def start(self) -> None:
+        settings = self.desired.settings
+        # Forwarded requests go through the lean keep-alive client (see upstream.py); the
+        # account platforms, called a few times an hour, through an ordinary aiohttp session.
+        self._upstream = UpstreamClient()
+        self._session = aiohttp.ClientSession()
+        pool = KeyPool(settings.proxy.failure_threshold)
+        forwarder = Forwarder(self._upstream, pool, _forward_config(settings.proxy))
+        accounts = AccountManager(pool, self._session, settings.state_dir)
+        self.state = ProxyState(pool, forwarder, accounts, _client_keys(settings.proxy))
+        accounts.update(self.desired.accounts)
+        # handler_cancellation: a client that hangs up cancels its handler, and with it the
+        # upstream request, instead of letting it run until the next write fails.
+        server = build_server(self.state, handler_cancellation=True, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE)
+        try:
+            await self._runner.setup()
+            await self._bind(settings.proxy.listen)
+        except BaseException:
+            await self.stop()  # e.g. the port is taken: leave nothing running behind
+            raise
+        log.info("proxy listening on %s, forwarding to %s", self.url, settings.proxy.upstream)
+
+    async def _bind(self, listen: Listen) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            if self._site is None:
+                raise
+            # Same port on an overlapping address (127.0.0.1 -> 0.0.0.0): free it first.
+            await self._site.stop()
+            self._site = None
+            await site.start()
+        old, self._site, self._listen = self._site, site, listen
+        if old is not None:
+            await old.stop()
+
+    async def apply(self, desired: DesiredState) -> None:
+        """Make the running proxy match ``desired`` (already validated)."""
+        async with self._applying:
+            await self._apply(desired)
+
+    async def _apply(self, desired: DesiredState) -> None:
+        assert self.state is not None
+        old, new = self.desired.settings.proxy, desired.settings.proxy
+        self.desired = desired
+        state = self.state
+        if (old.upstream, old.max_attempts, old.timeout) != (new.upstream, new.max_attempts, new.timeout):
+            state.forwarder.config = _forward_config(new)
+        state.pool.failure_threshold = new.failure_threshold
+        state.client_keys = _client_keys(new)
+        if desired.settings.state_dir != state.accounts.cache_dir.parent:
+            state.accounts.cache_dir = desired.settings.state_dir / "proxy"
+        state.accounts.update(desired.accounts)
+        if new.listen != self._listen:
+            await self._bind(new.listen)
+            log.info("proxy now listening on %s", self.url)
+
+    async def stop(self) -> None:
+        if self.state is not None:
+            await self.state.accounts.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = self._site = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and the benchmark)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
