@@ -25,14 +25,15 @@ sillytavern: setup
 	$(BIN)/cst st install -f examples/desired.yaml
 
 run: sillytavern
-	$(BIN)/cst apply -f examples/desired.yaml
-	$(BIN)/cst status -f examples/desired.yaml
+	$(BIN)/cst serve -f examples/desired.yaml
 
 test: sillytavern
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern
 	$(BIN)/python bench/reconciler.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/proxy/bench.py
 
 clean:
 	rm -rf $(VENV) .cache examples/.cst examples/user-data

@@ -119,11 +119,11 @@ def bench_real(runs: int) -> dict[str, float]:
     node = shutil.which("node")
     figures: dict[str, list[float]] = {"unseeded": [], "cold": [], "warm": [], "rss": []}
 
-    def launch(port: int, data: Path, workdir: Path) -> subprocess.Popen:
+    def launch(port: int, data: Path, workdir: Path, server_js: Path = rel.server_js) -> subprocess.Popen:
         workdir.mkdir(parents=True, exist_ok=True)
         env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
                "SILLYTAVERN_BASICAUTHUSER_USERNAME": "bench", "SILLYTAVERN_BASICAUTHUSER_PASSWORD": "bench"}
-        argv = [node, str(rel.server_js), "--port", str(port), "--dataRoot", str(data),
+        argv = [node, str(server_js), "--port", str(port), "--dataRoot", str(data),
                 "--configPath", str(workdir / "config.yaml"), "--listen", "true",
                 "--listenAddressIPv4", "127.0.0.1", "--whitelist", "false", "--basicAuthMode", "true",
                 "--browserLaunchEnabled", "false"]
@@ -138,28 +138,35 @@ def bench_real(runs: int) -> dict[str, float]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    for _ in range(runs):
-        work = Path(tempfile.mkdtemp(prefix="cst-bench-st-"))
-        try:
-            (port,) = free_ports(1)
-            # before: a new instance with nothing prebuilt compiles the front end itself
-            proc = launch(port, work / "u-data", work / "u-run")
-            figures["unseeded"].append(wait_http(port))
-            stop(proc)
-            # after: a new instance seeded with the install's prebuilt front end, as cst does
-            sillytavern.seed_webpack_cache(rel, work / "data", work / "run")
-            proc = launch(port, work / "data", work / "run")
-            figures["cold"].append(wait_http(port))
-            stop(proc)
-            # warm: the same instance started again
-            proc = launch(port, work / "data", work / "run")
-            figures["warm"].append(wait_http(port))
-            time.sleep(5)  # let start-up work settle before reading the idle footprint
-            p = psutil.Process(proc.pid)
-            figures["rss"].append(sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20)
-            stop(proc)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    # "before": a copy of the package without the prebuilt front end, beside the original so that
+    # its dependencies still resolve (SillyTavern reads the build from its own package dir)
+    cold = rel.package_dir.parent / f".cst-bench-cold-{os.getpid()}"
+    shutil.copytree(rel.package_dir, cold, ignore=shutil.ignore_patterns("dist"))
+    try:
+        for _ in range(runs):
+            work = Path(tempfile.mkdtemp(prefix="cst-bench-st-"))
+            try:
+                (port,) = free_ports(1)
+                shutil.rmtree(cold / "dist", ignore_errors=True)
+                proc = launch(port, work / "u-data", work / "u-run", cold / "server.js")
+                figures["unseeded"].append(wait_http(port))
+                stop(proc)
+                # after: a new instance of the install, with its prebuilt front end, as cst runs it
+                sillytavern.seed_webpack_cache(rel, work / "data")
+                proc = launch(port, work / "data", work / "run")
+                figures["cold"].append(wait_http(port))
+                stop(proc)
+                # warm: the same instance started again
+                proc = launch(port, work / "data", work / "run")
+                figures["warm"].append(wait_http(port))
+                time.sleep(5)  # let start-up work settle before reading the idle footprint
+                p = psutil.Process(proc.pid)
+                figures["rss"].append(sum(c.memory_info().rss for c in [p, *p.children(recursive=True)]) / 2**20)
+                stop(proc)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(cold, ignore_errors=True)
     return {k: statistics.median(v) for k, v in figures.items()}
 
 

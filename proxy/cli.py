@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import click
-from watchfiles import awatch
 
 from reconciler.desired import DesiredState, load
 from reconciler.validation import InvalidDesiredState
+from reconciler.watch import changes_of
 
 from .service import ProxyService
 
@@ -46,17 +46,11 @@ async def reload(path: Path, service: ProxyService) -> bool:
     return True
 
 
-async def follow(path: Path, service: ProxyService, stop: asyncio.Event, debounce_ms: int = 300) -> None:
+async def follow(path: Path, service: ProxyService, stop: asyncio.Event) -> None:
     """Apply every change of ``path`` until ``stop`` is set."""
-    target = path.resolve()
-
-    def is_target(_change: object, changed: str) -> bool:
-        return Path(changed).resolve() == target
-
-    async for _changes in awatch(target.parent, watch_filter=is_target, stop_event=stop,
-                                 debounce=debounce_ms, step=50, recursive=False):
-        if target.exists():  # mid-rename or deleted: wait for the next event
-            await reload(target, service)
+    async for _ in changes_of(path, stop):
+        if path.exists():  # mid-rename or deleted: wait for the next event
+            await reload(path, service)
 
 
 async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = None) -> None:
@@ -89,7 +83,7 @@ def proxy_command(file: Path, log_level: str) -> None:
     except InvalidDesiredState as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
-        sys.exit(2)
+        sys.exit(1)  # invalid input, as every cst command
     asyncio.run(run(file, desired))
 
 

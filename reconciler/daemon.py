@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import watchfiles
 from aiohttp import web
 
 from proxy.service import ProxyService
@@ -30,9 +29,9 @@ from .runtime import live_process, utc_now
 from .files import rotate_log
 from .statedir import LockHeld, StateDir
 from .supervision import Supervisor
+from .watch import changes_of
 
 log = logging.getLogger("cst.serve")
-logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
 
 
 class DaemonError(Exception):
@@ -163,10 +162,7 @@ class Daemon:
         self._wake.set()
 
     async def _watch(self) -> None:
-        # the folder, not the file: editors and git replace the file by renaming a new one over it
-        target = str(self.file.path)
-        async for _ in watchfiles.awatch(self.file.path.parent, debounce=150, step=25, stop_event=self._stop,
-                                         recursive=False, watch_filter=lambda _, path: path == target):
+        async for _ in changes_of(self.file.path, self._stop):
             self.reload()
 
     # -- running

@@ -36,7 +36,7 @@ ENV_STATE_DIR = "CST_STATE_DIR"
 ENV_FINGERPRINT = "CST_FINGERPRINT"
 # what an instance inherits from CST's environment; nothing else (CST's own secrets stay here)
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
-_POLL = 0.1
+_POLL = 0.05   # readiness and exit polling: a localhost connect or a /proc read, cheap
 
 
 class StartFailed(Exception):
@@ -59,8 +59,13 @@ class LaunchSpec:
     fingerprint: str
 
 
+def iso_utc(epoch: float) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as the seed's startTime."""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(time.time())
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -239,7 +244,7 @@ class LocalRuntime:
             id=id_, port=port, data_dir=str(self.desired.data_dir(port)), pid=pid,
             create_time=proc.create_time(), argv=proc.cmdline(),
             fingerprint=proc.environ().get(ENV_FINGERPRINT),
-            started_at=datetime.fromtimestamp(proc.create_time(), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            started_at=iso_utc(proc.create_time()),
             restarts=previous.restarts if previous else 0))
 
     def forget_pid(self, id_: str) -> None:
@@ -300,7 +305,7 @@ class LocalRuntime:
                     raise StartFailed(f"port {launch.port} did not answer within "
                                       f"{self.settings.sillytavern.start_timeout:g}s; last log lines:\n"
                                       f"{self.log_tail(launch.id)}")
-                await asyncio.sleep(_POLL * 2)
+                await asyncio.sleep(_POLL)
 
     async def stop(self, record: Record) -> None:
         """SIGTERM the instance's process group, SIGKILL after ``stop_timeout``; then clear the pid."""

@@ -1,0 +1,22 @@
+"""Following one file for changes, as ``cst serve`` and ``cst proxy`` both do."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+import watchfiles
+
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+
+
+async def changes_of(path: Path, stop: asyncio.Event, debounce_ms: int = 150) -> AsyncIterator[None]:
+    """Yield once per (debounced) change of ``path`` until ``stop`` is set.
+
+    The folder is watched, not the file: editors and ``git checkout`` save by renaming a new
+    file over the old one, which a watch on the old file would miss."""
+    target = str(path.resolve())
+    async for _ in watchfiles.awatch(Path(target).parent, watch_filter=lambda _, changed: changed == target,
+                                     stop_event=stop, debounce=debounce_ms, step=25, recursive=False):
+        yield
