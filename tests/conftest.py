@@ -101,6 +101,12 @@ class Project:
         assert result.returncode == 0, result.stderr
         return {row["id"]: row for row in json.loads(result.stdout)}
 
+    def standin_knobs(self, port: int, knobs: dict) -> None:
+        """Make the stand-in on ``port`` misbehave as asked (see tests/standin/server.js)."""
+        data = self.dir / "user-data" / str(port)
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "standin.json").write_text(json.dumps(knobs))
+
     def record(self, id_: str) -> dict:
         return json.loads((self.state_dir / "instances" / f"{id_}.json").read_text())
 

@@ -160,9 +160,7 @@ def test_a_foreign_process_on_the_port_fails_only_that_instance(project):
 
 def test_a_start_that_fails_reports_the_log_tail(project):
     (a,) = free_ports(1)
-    data = project.dir / "user-data" / str(a)
-    data.mkdir(parents=True)
-    (data / "standin.json").write_text('{"exitCode": 3}')
+    project.standin_knobs(a, {"exitCode": 3})
     project.write(standin_file([(a, "running")]))
     result = project.cst("apply")
     assert result.returncode == 2
@@ -173,9 +171,7 @@ def test_a_start_that_fails_reports_the_log_tail(project):
 
 def test_a_start_that_never_answers_times_out_and_is_cleaned_up(project):
     (a,) = free_ports(1)
-    data = project.dir / "user-data" / str(a)
-    data.mkdir(parents=True)
-    (data / "standin.json").write_text('{"startDelayMs": 60000}')
+    project.standin_knobs(a, {"startDelayMs": 60000})
     project.write(standin_file([(a, "running")]).replace("start_timeout: 15", "start_timeout: 1"))
     result = project.cst("apply")
     assert result.returncode == 2
@@ -185,9 +181,7 @@ def test_a_start_that_never_answers_times_out_and_is_cleaned_up(project):
 
 def test_stop_escalates_to_sigkill(project):
     (a,) = free_ports(1)
-    data = project.dir / "user-data" / str(a)
-    data.mkdir(parents=True)
-    (data / "standin.json").write_text('{"ignoreSigterm": true}')
+    project.standin_knobs(a, {"ignoreSigterm": True})
     project.write(standin_file([(a, "running")]).replace("stop_timeout: 3", "stop_timeout: 0.5"))
     project.cst("apply")
     pid = project.record(f"st-instance-{a}")["pid"]

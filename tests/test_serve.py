@@ -215,9 +215,7 @@ def test_sigterm_leaves_instances_running_and_a_second_daemon_is_refused(project
 
 def test_a_crash_loop_backs_off_and_shows_errored(project, serve):
     api, a = free_ports(2)
-    data = project.dir / "user-data" / str(a)
-    data.mkdir(parents=True)
-    (data / "standin.json").write_text('{"exitCode": 7}')
+    project.standin_knobs(a, {"exitCode": 7})
     project.write(fleet_file(api, [(a, "running")], resync="0.5s"))
     served = serve(api)
     row = wait_until(lambda: (r := served.api("GET", f"/api/instances/st-instance-{a}").json())["detail"] and r,
