@@ -30,6 +30,8 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "schemas" / "openapi.jso
 DAEMON = web.AppKey("daemon", object)
 FLEET = web.AppKey("fleet", Fleet)
 ADMIN_KEY = web.AppKey("admin_key", str)
+STARTED = web.AppKey("started", float)
+OPENAPI = web.AppKey("openapi", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,7 +100,7 @@ async def health(request: web.Request) -> web.Response:
         "version": __version__,
         "instances": len(daemon.desired.instances),
         "desiredValid": daemon.snapshot.valid,
-        "uptime": round(time.monotonic() - request.app["started"], 1),
+        "uptime": round(time.monotonic() - request.app[STARTED], 1),
     })
 
 
@@ -211,7 +213,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return _json(request.app["openapi"])
+    return _json(request.app[OPENAPI])
 
 
 def make_app(daemon: "Daemon", admin_key: str) -> web.Application:
@@ -219,8 +221,8 @@ def make_app(daemon: "Daemon", admin_key: str) -> web.Application:
     app[DAEMON] = daemon
     app[FLEET] = Fleet(daemon)
     app[ADMIN_KEY] = admin_key
-    app["started"] = time.monotonic()
-    app["openapi"] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    app[STARTED] = time.monotonic()
+    app[OPENAPI] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
     app.router.add_get("/health", health)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_post("/api/instances", create_instance)

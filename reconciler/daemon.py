@@ -60,6 +60,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
         self._exit_watches: dict[int, int] = {}  # pid -> pidfd of each instance process we watch
+        self._background: set[asyncio.Task] = set()
 
     # -- the desired state
 
@@ -83,7 +84,9 @@ class Daemon:
         self.enforced_sha256 = snapshot.sha256
         self.supervisor.desired = snapshot.desired
         if self.proxy is not None:
-            asyncio.get_running_loop().create_task(self.proxy.apply(snapshot.desired))
+            task = asyncio.get_running_loop().create_task(self.proxy.apply(snapshot.desired))
+            self._background.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._background.discard)
         self._wake.set()
 
     def reload(self) -> None:

@@ -271,3 +271,20 @@ def test_https_with_the_seed_flags(project, serve, tmp_path):
     response = httpx.get(f"https://127.0.0.1:{api}/api/instances", headers={"X-ST-Admin-Key": "test-admin-key"},
                          verify=trusted)
     assert response.status_code == 200 and response.json() == []
+
+
+def test_the_proxy_in_serve_follows_the_accounts_in_the_file(project, serve):
+    api, proxy = free_ports(2)
+    settings = f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\nproxy: {{listen: "127.0.0.1:{proxy}"}}'
+    base = standin_file([], settings=settings)
+    project.write(base + "accounts:\n  - {name: first, provider: static, keys_env: FIRST_KEYS}\n")
+    project.env["FIRST_KEYS"] = "sk-first-aaaaaaaaaaaa,sk-first-bbbbbbbbbbbb"
+    project.env["SECOND_KEYS"] = "sk-second-cccccccccccc"
+    serve(api)
+    status = httpx.get(f"http://127.0.0.1:{proxy}/status").json()
+    assert set(status["accounts"]) == {"first"} and status["keys"]["total"] == 2
+    assert "sk-first-aaaaaaaaaaaa" not in json.dumps(status), "keys are shown masked"
+    project.write(base + "accounts:\n  - {name: first, provider: static, keys_env: FIRST_KEYS}\n"
+                         "  - {name: second, provider: static, keys_env: SECOND_KEYS}\n")
+    wait_until(lambda: set(httpx.get(f"http://127.0.0.1:{proxy}/status").json()["accounts"]) == {"first", "second"})
+    assert httpx.get(f"http://127.0.0.1:{proxy}/status").json()["keys"]["total"] == 3
