@@ -24,6 +24,7 @@ def test_api_fuzz(project, serve):
          "--phases", "examples,coverage,fuzzing", "--request-timeout", "60"],
         env={**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks",
              "PYTHONPATH": str(Path(__file__).parent)},
+        cwd=project.dir,  # its cache folder goes there, not into the repository
         capture_output=True, text=True, timeout=900)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-6000:]
