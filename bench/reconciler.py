@@ -7,7 +7,6 @@ started here is killed (by pid) before the script exits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reconciler import sillytavern  # noqa: E402
-from reconciler.desired import parse  # noqa: E402
 from reconciler.plan import Observed, Target, plan  # noqa: E402
 
 STANDIN = ROOT / "tests" / "standin" / "server.js"

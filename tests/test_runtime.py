@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import psutil
-import pytest
 
 from conftest import free_ports, http_status, processes_of, standin_file, wait_until
 

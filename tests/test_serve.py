@@ -122,8 +122,7 @@ def test_restart_start_stop_and_backup(project, serve):
 
 
 def test_twenty_concurrent_creates_and_a_hand_edit(project, serve):
-    api, *ports = free_ports(22)
-    hand_port = ports.pop()
+    api, *ports = free_ports(21)
     project.write(fleet_file(api, [], header="# fleet managed through the API\n"))
     served = serve(api)
 

@@ -2,7 +2,6 @@
 import os
 from pathlib import Path
 import signal
-import textwrap
 
 import psutil
 import pytest
@@ -87,7 +86,7 @@ def test_seed_usage_example_over_http(project, serve):
     project.write(f'version: 1\nsettings:\n  sillytavern: {{version: "1.19.0", start_timeout: 180}}\n'
                   f'  api: {{listen: "127.0.0.1:{api}"}}\n  proxy: {{listen: "127.0.0.1:{proxy}"}}\ninstances: []\n')
     assert project.cst("st", "install", timeout=900).returncode == 0
-    served = serve(api, admin_key="your-secret-admin-key")
+    serve(api, admin_key="your-secret-admin-key")
     headers = {"X-ST-Admin-Key": "your-secret-admin-key", "Content-Type": "application/json"}
     url = f"http://localhost:{api}"
     id_ = f"st-instance-{port}"
