@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+import uvloop
 
 from proxy.cli import proxy_command
 
@@ -167,7 +168,7 @@ def serve(file: Path, use_ssl: str | None, cert_path: Path | None, key_path: Pat
             sys.exit(EXIT_INVALID)
     desired_file = DesiredFile(file)
     try:
-        asyncio.run(Daemon(desired_file, desired_file.read()).run(context))
+        uvloop.run(Daemon(desired_file, desired_file.read()).run(context))  # serves the proxy too
     except (LockHeld, DaemonError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
