@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import asdict
 import logging
 import time
 from datetime import datetime, timezone
@@ -201,12 +202,12 @@ async def status(request: web.Request) -> web.Response:
             "path": str(daemon.file.path), "sha256": snapshot.sha256, "valid": snapshot.valid,
             "problems": [{"file": p.file, "line": p.line, "path": p.path, "message": p.message, "text": str(p)}
                          for p in snapshot.problems],
-            "enforcedSha256": None if daemon.desired is None else daemon.enforced_sha256,
+            "enforcedSha256": daemon.enforced_sha256,  # the last valid version, the one in force
         },
         "reconcile": {
             "lastRun": daemon.last_pass_at, "durationMs": daemon.last_pass_ms,
             "recap": report.recap if report else None,
-            "results": [r.__dict__ for r in report.results if r.outcome != "ok"] if report else [],
+            "results": [asdict(r) for r in report.results if r.outcome != "ok"] if report else [],
         },
         "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__},
     })
