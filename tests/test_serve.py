@@ -287,3 +287,29 @@ def test_the_proxy_in_serve_follows_the_accounts_in_the_file(project, serve):
                          "  - {name: second, provider: static, keys_env: SECOND_KEYS}\n")
     wait_until(lambda: set(httpx.get(f"http://127.0.0.1:{proxy}/status").json()["accounts"]) == {"first", "second"})
     assert httpx.get(f"http://127.0.0.1:{proxy}/status").json()["keys"]["total"] == 3
+
+
+def test_https_from_settings_and_apply_beside_the_daemon(project, serve, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    issued.private_key_and_cert_chain_pem.write_to_path(str(project.dir / "api.pem"))
+    issued.private_key_pem.write_to_path(str(project.dir / "api.key"))
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    api, a, b = free_ports(3)
+    text = fleet_file(api, [(a, "running")]).replace(
+        f'api: {{listen: "127.0.0.1:{api}"}}', f'api: {{listen: "127.0.0.1:{api}", tls: {{cert: api.pem, key: api.key}}}}')
+    project.write(text)
+    serve(api, scheme="https")
+    trusted = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    rows = httpx.get(f"https://127.0.0.1:{api}/api/instances", headers={"X-ST-Admin-Key": "test-admin-key"},
+                     verify=trusted).json()
+    assert [r["id"] for r in rows] == [f"st-instance-{a}"]
+    # CI runs `cst apply` while the daemon runs: they take turns on the state dir and agree
+    wait_until(lambda: http_status(a) == 401)
+    project.write(text.replace(f"  - port: {a}\n    state: running\n",
+                               f"  - port: {a}\n    state: running\n  - port: {b}\n    state: running\n"))
+    applied = project.cst("apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    wait_until(lambda: http_status(b) == 401)
+    assert project.cst("apply").stdout.strip().splitlines()[-1] == "ok=2 changed=0 failed=0"
