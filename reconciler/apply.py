@@ -162,7 +162,7 @@ async def _execute(runtime: LocalRuntime, action: Action, launch: LaunchSpec | N
 
 
 def _record(runtime: LocalRuntime, id_: str) -> Record:
-    record = runtime.state.records().get(id_)
+    record = runtime.state.record(id_)
     if record is None:
         raise OSError(f"no record for {id_} in {runtime.state.root}")
     return record

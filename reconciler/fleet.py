@@ -63,20 +63,19 @@ class Fleet:
         return rows
 
     def row(self, id_: str) -> dict:
-        self._known(id_)
-        for row in self.rows():
-            if row["id"] == id_:
-                return row
-        raise ApiError(404, "not_found", id=id_)
+        """The instance's row: declared ones and undeclared ones CST still has a record of."""
+        if port_of(id_) is not None:
+            for row in self.rows():
+                if row["id"] == id_:
+                    return row
+        raise ApiError(404, "not_found", id=id_[:40])
 
     def _known(self, id_: str) -> int:
+        """The port of an instance that is declared or still has a record; 404 for anything else."""
         port = port_of(id_)
-        if port is None or (self.desired.instance(id_) is None and id_ not in self._records()):
+        if port is None or (self.desired.instance(id_) is None and self.daemon.state.record(id_) is None):
             raise ApiError(404, "not_found", id=id_[:40])
         return port
-
-    def _records(self) -> dict:
-        return LocalRuntime(self.desired, readonly=True).state.records()
 
     def _declared(self, id_: str) -> int:
         """The port of a declared instance; 404 for anything else."""

@@ -239,7 +239,7 @@ class LocalRuntime:
 
     def adopt(self, id_: str, port: int, pid: int) -> None:
         proc = psutil.Process(pid)
-        previous = self.state.records().get(id_)
+        previous = self.state.record(id_)
         self.state.save(Record(
             id=id_, port=port, data_dir=str(self.desired.data_dir(port)), pid=pid,
             create_time=proc.create_time(), argv=proc.cmdline(),
@@ -248,7 +248,7 @@ class LocalRuntime:
             restarts=previous.restarts if previous else 0))
 
     def forget_pid(self, id_: str) -> None:
-        record = self.state.records().get(id_)
+        record = self.state.record(id_)
         if record:
             record.pid = record.create_time = None
             self.state.save(record)
@@ -259,7 +259,7 @@ class LocalRuntime:
         launch.workdir.mkdir(parents=True, exist_ok=True)
         launch.log.parent.mkdir(parents=True, exist_ok=True)
         sillytavern.seed_webpack_cache(self.release(), launch.data_dir)
-        previous = self.state.records().get(launch.id)
+        previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open(launch.log, "ab") as log:
             log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
@@ -331,7 +331,7 @@ class LocalRuntime:
 
     async def remove(self, id_: str) -> Path | None:
         """Stop the instance, move its data dir into the archive, drop its record and secret."""
-        record = self.state.records().get(id_)
+        record = self.state.record(id_)
         if record is None:
             return None
         await self.stop(record)

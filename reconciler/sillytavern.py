@@ -103,12 +103,6 @@ def install(version: str, state_dir: Path) -> tuple[Release, bool]:
     return rel, True
 
 
-def custom(server_js: Path) -> Release:
-    if not server_js.is_file():
-        raise InstallError(f"settings.sillytavern.server: {server_js} does not exist")
-    return Release(server_js, None)
-
-
 def looks_like_container() -> bool:
     """The test SillyTavern's webpack config makes (through the is-docker package) to pick its cache folder."""
     if Path("/.dockerenv").exists():

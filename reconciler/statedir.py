@@ -77,17 +77,22 @@ class StateDir:
             os.chmod(self.root / sub, mode)
 
     # records
+    @staticmethod
+    def _load(path: Path) -> Record | None:
+        try:
+            return Record(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None  # missing or unreadable: treat as unknown rather than guess
+
     def records(self) -> dict[str, Record]:
-        out: dict[str, Record] = {}
         if not self.records_dir.is_dir():
-            return out
-        for path in sorted(self.records_dir.glob("*.json")):
-            try:
-                record = Record(**json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError):
-                continue  # unreadable: treat as unknown rather than guess
-            out[record.id] = record
-        return out
+            return {}
+        loaded = (self._load(path) for path in sorted(self.records_dir.glob("*.json")))
+        return {record.id: record for record in loaded if record is not None}
+
+    def record(self, id_: str) -> Record | None:
+        """One instance's record, without reading the others."""
+        return self._load(self.record_path(id_))
 
     def save(self, record: Record) -> None:
         atomic_write(self.record_path(record.id), json.dumps(asdict(record), indent=2).encode())
@@ -134,10 +139,14 @@ class StateDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
 
-    @staticmethod
-    def _held(fd: int, path: Path) -> LockHeld:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        return LockHeld(path, f"pid {holder}")
+    def _acquired(self, fd: int, path: Path, deadline: float) -> bool:
+        """One attempt at the lock: True when held, False to wait and try again; LockHeld past the deadline."""
+        if self._try_lock(fd):
+            return True
+        if time.monotonic() >= deadline:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(path, f"pid {holder}")
+        return False
 
     @contextmanager
     def lock(self, name: str = "reconcile", timeout: float = 60.0) -> Iterator[None]:
@@ -145,9 +154,7 @@ class StateDir:
         fd, path = self._open_lock(name)
         try:
             deadline = time.monotonic() + timeout
-            while not self._try_lock(fd):
-                if time.monotonic() >= deadline:
-                    raise self._held(fd, path)
+            while not self._acquired(fd, path, deadline):
                 time.sleep(0.1)
             yield
         finally:
@@ -159,9 +166,7 @@ class StateDir:
         fd, path = self._open_lock(name)
         try:
             deadline = time.monotonic() + timeout
-            while not self._try_lock(fd):
-                if time.monotonic() >= deadline:
-                    raise self._held(fd, path)
+            while not self._acquired(fd, path, deadline):
                 await asyncio.sleep(0.1)
             yield
         finally:
