@@ -25,8 +25,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reconciler import sillytavern  # noqa: E402
-from reconciler.plan import Observed, Target, plan  # noqa: E402
+from reconciler.runtime import sillytavern  # noqa: E402
+from reconciler.engine.plan import Observed, Target, plan  # noqa: E402
 
 STANDIN = ROOT / "tests" / "standin" / "server.js"
 VERSION = "1.19.0"
@@ -115,7 +115,7 @@ def bench_real(runs: int) -> dict[str, float]:
     os.environ.setdefault("CST_SILLYTAVERN_HOME", str(home))
     rel, _ = sillytavern.install(VERSION, ROOT / ".cache")
     node = shutil.which("node")
-    figures: dict[str, list[float]] = {"unseeded": [], "cold": [], "warm": [], "rss": []}
+    figures: dict[str, list[float]] = {"no_prefill": [], "cold": [], "warm": [], "rss": []}
 
     def launch(port: int, data: Path, workdir: Path, server_js: Path = rel.server_js) -> subprocess.Popen:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -147,10 +147,10 @@ def bench_real(runs: int) -> dict[str, float]:
                 (port,) = free_ports(1)
                 shutil.rmtree(cold / "dist", ignore_errors=True)
                 proc = launch(port, work / "u-data", work / "u-run", cold / "server.js")
-                figures["unseeded"].append(wait_http(port))
+                figures["no_prefill"].append(wait_http(port))
                 stop(proc)
                 # after: a new instance of the install, with its prebuilt front end, as cst runs it
-                sillytavern.seed_webpack_cache(rel, work / "data")
+                sillytavern.prefill_webpack_cache(rel, work / "data")
                 proc = launch(port, work / "data", work / "run")
                 figures["cold"].append(wait_http(port))
                 stop(proc)
@@ -180,8 +180,8 @@ def main() -> None:
         real = bench_real(max(1, min(args.runs, 3)))
         n = max(1, min(args.runs, 3))
         rows += [
-            ("new instance, no prebuilt front end (without cst's prebuild)", f"{real['unseeded']:.1f} s", f"median of {n}; port answers"),
-            ("new instance, prebuilt front end seeded (cold start)", f"{real['cold']:.1f} s", f"median of {n}; port answers"),
+            ("new instance, no prebuilt front end (without cst's prebuild)", f"{real['no_prefill']:.1f} s", f"median of {n}; port answers"),
+            ("new instance, prebuilt front end prefilled (cold start)", f"{real['cold']:.1f} s", f"median of {n}; port answers"),
             ("existing instance started again (warm start)", f"{real['warm']:.1f} s", f"median of {n}; port answers"),
             ("RSS of one idle instance", f"{real['rss']:.0f} MiB", f"median of {n}; 5 s after it answered"),
         ]

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,9 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from reconciler.desired import Account
+from reconciler.desired.model import Account
+from reconciler.files import atomic_write
+from reconciler.desired.secret_source import SecretUnavailable, read_secret
 
 from .pool import KeyInfo, KeyPool, mask
 
@@ -76,14 +77,6 @@ def _money(value: Any) -> float | None:
         return None
 
 
-def read_secret_file(path: Path) -> str:
-    """The first line of a secret file; refuses files that others can read."""
-    st = path.stat()
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AccountError(f"{path} is readable by group or others; chmod 600 it")
-    return path.read_text(encoding="utf-8").strip()
-
-
 class Source(Protocol):
     status: SourceStatus
 
@@ -103,17 +96,11 @@ class StaticSource:
 
     def read(self) -> list[KeyInfo]:
         a = self.account
-        if a.keys_env:
-            raw = os.environ.get(a.keys_env)
-            if raw is None:
-                raise AccountError(f"environment variable {a.keys_env} is not set")
-            values = raw.split(",")
-        else:
-            assert a.keys_file is not None
-            try:
-                values = read_secret_file(a.keys_file).splitlines()
-            except OSError as exc:
-                raise AccountError(f"cannot read {a.keys_file}: {exc.strerror or exc}") from None
+        try:
+            raw = read_secret(a.keys_env, a.keys_file)
+        except SecretUnavailable as exc:
+            raise AccountError(str(exc)) from None
+        values = raw.split(",") if a.keys_env else raw.splitlines()
         return [KeyInfo(v) for v in (v.strip() for v in values) if v and not v.startswith("#")]
 
     def load(self) -> None:
@@ -199,16 +186,10 @@ class DaiDaiSource:
 
     def _password(self) -> str:
         a = self.account
-        if a.password_env:
-            value = os.environ.get(a.password_env)
-            if not value:
-                raise AccountError(f"environment variable {a.password_env} is not set")
-            return value
-        assert a.password_file is not None
         try:
-            return read_secret_file(a.password_file)
-        except OSError as exc:
-            raise AccountError(f"cannot read {a.password_file}: {exc.strerror or exc}") from None
+            return read_secret(a.password_env, a.password_file)
+        except SecretUnavailable as exc:
+            raise AccountError(str(exc)) from None
 
     async def fetch(self) -> list[KeyInfo]:
         keys = await self.client.list_keys()
@@ -246,15 +227,8 @@ class DaiDaiSource:
     def _write_cache(self, keys: list[KeyInfo]) -> None:
         data = {**self._identity(), "fetched_at": time.time(),
                 "keys": [{"api_key": k.value, "balance": k.balance, "used": k.used} for k in keys]}
-        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), 0o600)
-                json.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.cache_path)
+            atomic_write(self.cache_path, json.dumps(data).encode(), mode=0o600)
         except OSError as exc:
             log.warning("account %s: cannot write key cache: %s", self.account.name, exc.strerror or exc)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 import uvloop
 
-from reconciler.desired import DesiredState, load
-from reconciler.validation import InvalidDesiredState
-from reconciler.watch import changes_of
+from reconciler.desired.model import DesiredState, load
+from reconciler.desired.validation import InvalidDesiredState
+from reconciler.desired.watch import changes_of
 
 from .service import ProxyService
 

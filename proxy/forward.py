@@ -173,7 +173,7 @@ class Forwarder:
                 self.pool.report(key, outcome)
                 self.stats.responses[resp.status] += 1
                 if small:
-                    resp.release()
+                    resp.finish()
                     return web.Response(status=resp.status, reason=resp.reason, body=first,
                                         headers=response_headers(resp))
                 return await self._stream(request, resp, key, first)
@@ -182,7 +182,7 @@ class Forwarder:
                 err_body = await resp.read(MAX_ERROR_BODY)
             except UpstreamError:
                 err_body = b""
-            resp.release()  # keeps the connection when the error body was read to its end
+            resp.finish()  # keeps the connection when the error body was read to its end
             last_error = (resp.status, resp.reason, response_headers(resp), err_body)
             retry_after = retry_after_seconds(resp.header("Retry-After")) if resp.status == 429 else None
             self._log(self.pool.report(key, outcome, f"HTTP {resp.status}", retry_after), key,
@@ -246,6 +246,6 @@ class Forwarder:
             self.stats.client_disconnects += 1
             resp.close()
             raise
-        resp.release()
+        resp.finish()
         await out.write_eof()
         return out

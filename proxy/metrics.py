@@ -8,18 +8,17 @@ Each service has its own registry so several can coexist (tests).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .server import ProxyState
+from .state import ProxyState
 
 
 class PoolCollector(Collector):
-    def __init__(self, state: "ProxyState"):
+    def __init__(self, state: ProxyState):
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
@@ -59,7 +58,7 @@ class PoolCollector(Collector):
                                 value=time.monotonic() - state.started)
 
 
-def registry_for(state: "ProxyState") -> CollectorRegistry:
+def registry_for(state: ProxyState) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(state))
     return registry

@@ -9,31 +9,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .accounts import AccountManager
-from .forward import Forwarder, openai_error
+from .forward import openai_error
 from .metrics import registry_for
-from .pool import KeyPool
+from .state import ProxyState
 
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
-
-
-@dataclass
-class ProxyState:
-    pool: KeyPool
-    forwarder: Forwarder
-    accounts: AccountManager
-    client_keys: tuple[bytes, ...] = ()  # empty: no client authentication
-    started: float = field(default_factory=time.monotonic)
-    registry: CollectorRegistry = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.registry = registry_for(self)
 
 
 def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
@@ -114,15 +99,12 @@ async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:
     return web.json_response(status_document(state))
 
 
-async def metrics(state: ProxyState, request: web.BaseRequest) -> web.Response:
+async def metrics(state: ProxyState, registry: CollectorRegistry, request: web.BaseRequest) -> web.Response:
     if state.client_keys and not client_allowed(state, request):
         return _denied()
-    response = web.Response(body=generate_latest(state.registry))
+    response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
-
-
-_OBSERVE = {"/health": health, "/status": status, "/metrics": metrics}
 
 
 def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
@@ -130,6 +112,12 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
     router and app machinery cost measurable CPU on every forwarded request, and four
     fixed routes do not need them."""
     loop = asyncio.get_running_loop()
+    registry = registry_for(state)
+    observe = {
+        "/health": health,
+        "/status": status,
+        "/metrics": lambda state, request: metrics(state, registry, request),
+    }
 
     def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
         # Prompts with images can be big; they pass through as bytes.
@@ -139,7 +127,7 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
         if request.raw_path.startswith("/v1/"):  # raw: the forwarder relays the path as the client wrote it
             return await forward(state, request)
         path = request.path
-        handler = _OBSERVE.get(path)
+        handler = observe.get(path)
         if handler is None:
             return openai_error(404, f"no route for {path}", "invalid_request_error", "not_found")
         if request.method not in ("GET", "HEAD"):

@@ -16,12 +16,13 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from reconciler.desired import DesiredState, Listen, ProxySettings
+from reconciler.desired.model import DesiredState, Listen, ProxySettings
 
 from .accounts import AccountManager
 from .forward import ForwardConfig, Forwarder
 from .pool import KeyPool
-from .server import ProxyState, build_server
+from .server import build_server
+from .state import ProxyState
 from .upstream import UpstreamClient
 
 log = logging.getLogger("cst.proxy")

@@ -143,7 +143,7 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 class UpstreamResponse:
     __slots__ = ("status", "reason", "headers", "content_length", "_chunked", "_conn", "_client", "_origin",
-                 "_remaining", "_done", "_keep_alive", "_timeout", "_chunk_left", "_released")
+                 "_remaining", "_done", "_keep_alive", "_timeout", "_chunk_left", "_finished")
 
     def __init__(self, conn: _Connection, client: "UpstreamClient", origin: Origin, timeout: float,
                  status: int, reason: str, headers: list[tuple[str, str]], content_length: int | None,
@@ -161,7 +161,7 @@ class UpstreamResponse:
         self._remaining = 0 if no_body else (content_length if content_length is not None and not chunked else -1)
         self._done = no_body or self._remaining == 0
         self._chunk_left = 0  # bytes left in the current chunk (chunked framing)
-        self._released = False
+        self._finished = False
 
     def header(self, name: str) -> str | None:
         lower = name.lower()
@@ -253,11 +253,11 @@ class UpstreamResponse:
             size += len(data)
         return b"".join(parts)
 
-    def release(self) -> None:
+    def finish(self) -> None:
         """Done with the answer: reuse the connection when the answer was read to its end."""
-        if self._released:
+        if self._finished:
             return
-        self._released = True
+        self._finished = True
         if self._done and self._keep_alive and not self._conn.closed and not self._conn.buffer:
             self._client._put(self._origin, self._conn)
         else:
@@ -265,7 +265,7 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Abandon the answer: the connection is dropped, which the upstream sees as a hang-up."""
-        self._released = True
+        self._finished = True
         self._conn.close()
 
 

@@ -1,4 +1,4 @@
-"""The ``cst`` command line: thin wrappers over desired, apply, runtime and sillytavern."""
+"""The ``cst`` command line: thin wrappers over the desired file, the engine, the runtime and the server."""
 from __future__ import annotations
 
 import asyncio
@@ -13,15 +13,16 @@ import uvloop
 
 from proxy.cli import proxy_command
 
-from . import sillytavern
-from .apply import Report, Result, reconcile
-from .daemon import Daemon, DaemonError, tls_context
-from .desired import DesiredState, TlsSettings, load, port_of
-from .desired_file import DesiredFile
-from .inventory import instance_rows
-from .runtime import LocalRuntime
-from .statedir import LockHeld
-from .validation import InvalidDesiredState
+from .desired.model import DesiredState, TlsSettings, load, port_of
+from .desired.shared_file import DesiredFile
+from .desired.validation import InvalidDesiredState
+from .engine.inventory import instance_rows
+from .engine.reconcile import Report, Result, reconcile
+from .runtime import sillytavern
+from .runtime.base import LaunchImpossible
+from .runtime.local import LocalRuntime
+from .runtime.statedir import LockHeld
+from .server.daemon import Daemon, DaemonError, tls_context
 
 EXIT_INVALID = 1
 EXIT_FAILED = 2
@@ -130,8 +131,8 @@ def password(file: Path, instance_id: str) -> None:
         sys.exit(EXIT_INVALID)
     try:
         secret = LocalRuntime(desired, readonly=True).password(spec)
-    except KeyError as exc:
-        click.echo(f"error: {exc.args[0]}", err=True)
+    except LaunchImpossible as exc:
+        click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INVALID)
     if not secret:
         click.echo(f"error: {instance_id} has no password yet: it is generated on its first start",

@@ -1,11 +1,10 @@
-"""File primitives: atomic replacement (optionally conditional) and log capping."""
+"""Atomic file replacement (optionally conditional): the one way CST writes a file it keeps."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -74,22 +73,4 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644,
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return True
-
-
-def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
-    """Cap a log that a running process appends to: copy it to ``.1`` (shifting older copies) and
-    truncate it in place, so the writer's O_APPEND descriptor carries on in the same file."""
-    try:
-        if path.stat().st_size <= max_bytes:
-            return False
-    except FileNotFoundError:
-        return False
-    for n in range(keep - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{n}")
-        if older.exists():
-            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
-    if keep > 0:
-        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
-    os.truncate(path, 0)
     return True

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from reconciler.desired_file import ChangeRefused, CurrentFileInvalid, DesiredFile, StaleVersion, sha256
-from reconciler.edits import EditError, add_instance, remove_instance, set_instance_state
-from reconciler.validation import check
+from reconciler.desired.shared_file import ChangeRefused, CurrentFileInvalid, DesiredFile, StaleVersion, sha256
+from reconciler.desired.edits import EditError, add_instance, remove_instance, set_instance_state
+from reconciler.desired.validation import check
 
 COMMENTED = """\
 # Our fleet. Reviewed in PR #12.

@@ -1,7 +1,7 @@
 """plan() is pure: every transition is one row of this table."""
 import pytest
 
-from reconciler.plan import Action, Kind, Observed, Target, plan
+from reconciler.engine.plan import Action, Kind, Observed, Target, plan
 
 A = "st-instance-8001"
 
@@ -68,8 +68,8 @@ def test_only_changes_count_as_changes():
 
 
 HINT_CASES = [
-    ("held while crashed", "running", Observed(A, 8001, "crashed", pid=1, fingerprint="fp1"), {A: "errored"}, {}, [Kind.WAIT]),
-    ("held while stopped after a failed start", "running", Observed(A, 8001, "stopped"), {A: "errored"}, {}, [Kind.WAIT]),
+    ("held while crashed", "running", Observed(A, 8001, "crashed", pid=1, fingerprint="fp1"), {A: "errored"}, {}, [Kind.BACK_OFF]),
+    ("held while stopped after a failed start", "running", Observed(A, 8001, "stopped"), {A: "errored"}, {}, [Kind.BACK_OFF]),
     ("hold does not stop a running instance", "running", running(), {A: "errored"}, {}, [Kind.OK]),
     ("hold does not keep a stop from happening", "stopped", running(), {A: "errored"}, {}, [Kind.STOP]),
     ("forced restart", "running", running(), {}, {A: "memory"}, [Kind.RESTART]),
@@ -82,7 +82,7 @@ HINT_CASES = [
 def test_hints(name, state, seen, hold, restart, expected):
     actions = plan([Target(A, 8001, state, fingerprint="fp1")], {A: seen}, hold=hold, restart=restart)
     assert [a.kind for a in actions] == expected
-    if Kind.WAIT in expected:
+    if Kind.BACK_OFF in expected:
         assert actions[0].reason == "errored"
     if Kind.RESTART in expected:
         assert actions[-1].reason == "restarted: memory"

@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from conftest import free_ports, http_status, wait_until
-from reconciler import sillytavern
+from reconciler.runtime import sillytavern
 
 pytestmark = pytest.mark.sillytavern
 
@@ -42,10 +42,10 @@ def test_real_sillytavern_lifecycle(project):
     assert {status[ids[p]]["status"] for p in (a, b)} == {"running"}
     # the front end came prebuilt: inside a container SillyTavern reads the install's own build,
     # elsewhere cst copied that build into the new data root before the first start
-    prebuilt = sillytavern.release("1.19.0", project.state_dir).prebuilt_webpack
+    prebuilt = sillytavern.release_of("1.19.0", project.state_dir).prebuilt_webpack
     assert prebuilt.is_dir() and any(prebuilt.iterdir())
-    seeded = project.dir / "user-data" / str(a) / "_webpack"
-    assert seeded.is_dir() != sillytavern.looks_like_container()
+    prefilled = project.dir / "user-data" / str(a) / "_webpack"
+    assert prefilled.is_dir() != sillytavern.looks_like_container()
 
     again = project.cst("apply")
     assert again.stdout.strip().splitlines()[-1] == "ok=2 changed=0 failed=0"

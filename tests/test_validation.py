@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.desired import load, parse
-from reconciler.validation import InvalidDesiredState, check
+from reconciler.desired.model import load, parse
+from reconciler.desired.validation import InvalidDesiredState, check
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import pytest
 from fakes import FakeDaiDai, FakeUpstream
 
 from proxy.service import ProxyService, free_port
-from reconciler.desired import load
+from reconciler.desired.model import load
 
 
 @pytest.fixture

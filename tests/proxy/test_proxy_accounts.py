@@ -15,7 +15,7 @@ from fakes import FakeDaiDai, FakeUpstream, daidai_key
 from proxy.accounts import AccountManager
 from proxy.pool import KeyPool
 from proxy.service import free_port
-from reconciler.desired import Account
+from reconciler.desired.model import Account
 
 PASSWORD = "correct horse battery staple"
 

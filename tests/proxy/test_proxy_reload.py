@@ -18,7 +18,7 @@ from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: 
 from fakes import FakeUpstream
 from proxy.cli import follow
 from proxy.service import ProxyService, free_port
-from reconciler.desired import load
+from reconciler.desired.model import load
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = "sk-slow-oldoldoldold0001"

@@ -56,7 +56,7 @@ async def body_of(client: UpstreamClient, origin: Origin, method: str = "POST") 
     pieces = []
     while chunk := await resp.read_some():
         pieces.append(chunk)
-    resp.release()
+    resp.finish()
     return resp.status, pieces
 
 
@@ -101,14 +101,14 @@ async def test_content_length_read_until_close_and_no_body() -> None:
         resp = await client.request(server.origin, "POST", HEAD, b"{}", timeout=2)
         assert (resp.status, resp.reason, resp.header("x-a"), resp.content_length) == (201, "Created", "1", 4)
         assert await resp.read() == b"body"
-        resp.release()
+        resp.finish()
 
         resp = await client.request(server.origin, "HEAD", b"HEAD / HTTP/1.1\r\n\r\n", None, timeout=2)
         assert resp.status == 200 and await resp.read() == b""
-        resp.release()
+        resp.finish()
         resp = await client.request(server.origin, "POST", b"POST /close HTTP/1.1\r\n\r\n", None, timeout=2)
         assert await resp.read() == b"until the end"
-        resp.release()
+        resp.finish()
     await client.close()
 
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterable, Mapping
 
 import psutil
 
-from .apply import Result
-from .desired import DesiredState
+from .reconcile import Result
+from ..desired.model import DesiredState
 from .plan import Observed
 
 BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time

@@ -64,7 +64,7 @@ def _run(argv: list[str], cwd: Path, what: str, log: Path) -> None:
         raise InstallError(f"{what} failed (exit {result.returncode}); see {log}:\n" + "\n".join(tail))
 
 
-def release(version: str, state_dir: Path) -> Release:
+def release_of(version: str, state_dir: Path) -> Release:
     root = install_home(state_dir) / version
     package = root / _PACKAGE
     return Release(package / "server.js", package / "dist" / "_webpack")
@@ -77,7 +77,7 @@ def is_installed(version: str, state_dir: Path) -> bool:
 def install(version: str, state_dir: Path) -> tuple[Release, bool]:
     """Install ``sillytavern@version`` unless present; returns the release and whether work was done."""
     root = install_home(state_dir) / version
-    rel = release(version, state_dir)
+    rel = release_of(version, state_dir)
     if (root / _READY).exists():
         return rel, False
     root.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def looks_like_container() -> bool:
         return False
 
 
-def seed_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
+def prefill_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
     """Copy the prebuilt front end into a new data root, where SillyTavern looks outside a container.
 
     In a container SillyTavern reads the package's own ``dist/_webpack``: nothing to copy."""

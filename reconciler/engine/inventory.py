@@ -4,12 +4,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .desired import DesiredState
-from .runtime import LocalRuntime
-
-# the seed (PM2) called a running instance "online"
-SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
-               "port-taken": "errored", "errored": "errored"}
+from ..desired.model import DesiredState
+from ..runtime.local import LocalRuntime
 
 
 def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None) -> list[dict]:

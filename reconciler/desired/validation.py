@@ -8,8 +8,10 @@ YAML path (``instances[1].port``).
 """
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
+from importlib import resources
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any, Iterator
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "desired.schema.json"
+SCHEMAS = "reconciler.schemas"  # the top-level schemas/ folder, shipped inside the package
 
 YamlPath = tuple[str | int, ...]
 
@@ -45,7 +47,49 @@ class InvalidDesiredState(Exception):
 
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return json.loads(resources.files(SCHEMAS).joinpath("desired.schema.json").read_text(encoding="utf-8"))
+
+
+def _resolved(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = {**schema()["$defs"][node["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def _schema_node(path: tuple[str, ...]) -> dict[str, Any]:
+    node = schema()
+    for key in path:
+        node = _resolved(node)
+        node = node["items"] if node.get("type") == "array" else node["properties"][key]
+        if key in ("accounts", "instances"):
+            node = _resolved(node)["items"]
+    return _resolved(node)
+
+
+def schema_default(*path: str) -> Any:
+    """The default of a setting, as the schema (the one place defaults live) declares it:
+    ``schema_default("settings", "api", "listen")``; inside a list, ``("accounts", "refresh")``."""
+    return copy.deepcopy(_schema_node(path)["default"])
+
+
+def _with_defaults(value: Any, node: dict[str, Any]) -> Any:
+    """``value`` (already valid) with every absent setting that has a default filled in."""
+    node = _resolved(node)
+    if isinstance(value, dict):
+        for key, child in node.get("properties", {}).items():
+            child_resolved = _resolved(child)
+            if key not in value:
+                if "default" in child_resolved:
+                    value[key] = copy.deepcopy(child_resolved["default"])
+                elif child_resolved.get("type") == "object" and not child_resolved.get("required"):
+                    value[key] = {}  # a section left out: its own defaults apply
+                else:
+                    continue
+            value[key] = _with_defaults(value[key], child)
+    elif isinstance(value, list) and "items" in node:
+        for item in value:
+            _with_defaults(item, node["items"])
+    return value
 
 
 def format_path(path: YamlPath) -> str:
@@ -174,7 +218,8 @@ def _mapping(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _listen_of(settings: dict, section: str, default: str) -> str:
+def _listen_of(settings: dict, section: str) -> str:
+    default = schema_default("settings", section, "listen")
     listen = _mapping(settings.get(section)).get("listen", default)
     return listen if isinstance(listen, str) and ":" in listen and listen.rsplit(":", 1)[1].isdigit() else default
 
@@ -183,19 +228,18 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
     """Rules across fields. They run beside the schema, so they skip values of the wrong shape."""
     data = doc.data
     settings = _mapping(data.get("settings"))
-    for section, default in (("api", "127.0.0.1:3000"), ("proxy", "127.0.0.1:5100")):
-        listen = _listen_of(settings, section, default)
+    for section in ("api", "proxy"):
+        listen = _listen_of(settings, section)
         if not 1 <= _listen_port(listen) <= 65535:
             yield doc.problem(("settings", section, "listen"), f"port in {listen!r} is outside 1-65535")
     proxy = _mapping(settings.get("proxy"))
-    proxy_listen = _listen_of(settings, "proxy", "127.0.0.1:5100")
+    proxy_listen = _listen_of(settings, "proxy")
     if not _is_loopback(proxy_listen) and not proxy.get("client_keys_env"):
         yield doc.problem(("settings", "proxy", "listen"),
                           f"{proxy_listen!r} is not a loopback address: set client_keys_env "
                           "so that the proxy asks its clients for a key")
 
-    reserved = {_listen_port(_listen_of(settings, s, d)): f"settings.{s}.listen"
-                for s, d in (("api", "127.0.0.1:3000"), ("proxy", "127.0.0.1:5100"))}
+    reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
     first_use: dict[int, int] = {}
     instances = data.get("instances")
     for i, instance in enumerate(instances if isinstance(instances, list) else []):
@@ -247,7 +291,8 @@ def _exactly_one(doc: _Located, path: YamlPath, item: dict, a: str, b: str) -> I
 
 
 def check(text: str, file: str = "desired.yaml") -> dict[str, Any]:
-    """Return the document as plain data, or raise InvalidDesiredState listing every problem."""
+    """Return the document as plain data with every default filled in, or raise InvalidDesiredState
+    listing every problem."""
     doc = _Located(text, file)
     if doc.problems and doc.data is None:
         raise InvalidDesiredState(doc.problems)
@@ -259,4 +304,4 @@ def check(text: str, file: str = "desired.yaml") -> dict[str, Any]:
     if problems:
         problems.sort(key=lambda p: p.line)
         raise InvalidDesiredState(problems)
-    return doc.data
+    return _with_defaults(doc.data, schema())

@@ -25,9 +25,10 @@ import aiohttp
 import psutil
 
 from . import sillytavern
-from .desired import DesiredState, InstanceSpec
-from .plan import Observed, Target
-from .files import rotate_log
+from ..desired.model import DesiredState, InstanceSpec
+from ..desired.secret_source import SecretUnavailable, read_secret
+from .base import LaunchImpossible, Observed, Preparation, StartFailed
+from .logs import rotate_log, tail
 from .statedir import Record, StateDir
 
 # environment markers that let a later run recognise its own processes
@@ -37,10 +38,6 @@ ENV_FINGERPRINT = "CST_FINGERPRINT"
 # what an instance inherits from CST's environment; nothing else (CST's own secrets stay here)
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
 _POLL = 0.05   # readiness and exit polling: a localhost connect or a /proc read, cheap
-
-
-class StartFailed(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -133,19 +130,21 @@ class LocalRuntime:
 
     # -- resolving desired.yaml into launch specs (reads env and secrets: the edge, not the planner)
 
-    def release(self) -> sillytavern.Release:
+    def server_release(self) -> sillytavern.Release:
         st = self.settings.sillytavern
         if st.server is not None:
             return sillytavern.Release(st.server, None)
-        return sillytavern.release(st.version, self.settings.state_dir)
+        return sillytavern.release_of(st.version, self.settings.state_dir)
 
     def password(self, spec: InstanceSpec) -> str:
-        """The instance's basic-auth password: from its variable if declared, else the generated one."""
+        """The instance's basic-auth password: from its variable if declared, else the generated one.
+
+        Raises LaunchImpossible when the declared variable is unset."""
         if spec.password_env:
-            value = os.environ.get(spec.password_env)
-            if not value:
-                raise KeyError(f"environment variable {spec.password_env} (password of {spec.id}) is not set")
-            return value
+            try:
+                return read_secret(env=spec.password_env, what=f"password of {spec.id}")
+            except SecretUnavailable as exc:
+                raise LaunchImpossible(str(exc)) from None
         if self.readonly:
             return self.state.read_secret(f"{spec.id}.password") or ""
         return self.state.secret(f"{spec.id}.password")
@@ -157,7 +156,7 @@ class LocalRuntime:
         password = self.password(spec)
         argv = (
             shutil.which("node") or "node",
-            str(self.release().server_js),
+            str(self.server_release().server_js),
             "--port", str(spec.port),
             "--dataRoot", str(data_dir),
             "--configPath", str(workdir / "config.yaml"),
@@ -181,20 +180,28 @@ class LocalRuntime:
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
                           self.state.log_path(spec.id), password, probe_host, digest)
 
-    def targets(self) -> tuple[list[Target], dict[str, LaunchSpec]]:
-        targets: list[Target] = []
-        specs: dict[str, LaunchSpec] = {}
-        for spec in self.desired.instances:
-            try:
-                launch = self.launch_spec(spec)
-            except KeyError as exc:
-                targets.append(Target(spec.id, spec.port, spec.state, problem=exc.args[0]))
-                continue
-            specs[spec.id] = launch
-            targets.append(Target(spec.id, spec.port, spec.state, launch.fingerprint))
-        return targets, specs
+    def launch_fingerprint(self, spec: InstanceSpec) -> str:
+        return self.launch_spec(spec).fingerprint
 
     # -- observing
+
+    def lock(self, timeout: float):
+        return self.state.alock(timeout=timeout)
+
+    async def prepare(self) -> Preparation:
+        """Install the pinned SillyTavern on first need."""
+        st = self.settings.sillytavern
+        if st.server is not None:
+            missing = None if st.server.is_file() else f"settings.sillytavern.server: {st.server} does not exist"
+            return Preparation(str(st.server), failure=missing)
+        subject = f"sillytavern {st.version}"
+        if sillytavern.is_installed(st.version, self.settings.state_dir):
+            return Preparation(subject)
+        try:
+            await asyncio.to_thread(sillytavern.install, st.version, self.settings.state_dir)
+        except (sillytavern.InstallError, OSError) as exc:
+            return Preparation(subject, failure=str(exc))
+        return Preparation(subject, done="installed from the npm registry")
 
     def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
         """What runs now: every recorded instance, plus whoever holds a declared port."""
@@ -253,12 +260,13 @@ class LocalRuntime:
             record.pid = record.create_time = None
             self.state.save(record)
 
-    async def start(self, launch: LaunchSpec, count_restart: bool = False) -> Record:
+    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> Record:
         """Start the process and wait until its port answers with basic auth; raises StartFailed."""
+        launch = self.launch_spec(spec)
         launch.data_dir.mkdir(parents=True, exist_ok=True)
         launch.workdir.mkdir(parents=True, exist_ok=True)
         launch.log.parent.mkdir(parents=True, exist_ok=True)
-        sillytavern.seed_webpack_cache(self.release(), launch.data_dir)
+        sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open(launch.log, "ab") as log:
@@ -276,7 +284,7 @@ class LocalRuntime:
         try:
             await self._wait_ready(launch, proc)
         except StartFailed:
-            await self.stop(record)
+            await self._stop(record)
             raise
         return record
 
@@ -307,7 +315,13 @@ class LocalRuntime:
                                       f"{self.log_tail(launch.id)}")
                 await asyncio.sleep(_POLL)
 
-    async def stop(self, record: Record) -> None:
+    async def stop(self, id_: str) -> None:
+        record = self.state.record(id_)
+        if record is None:
+            raise OSError(f"no record for {id_} in {self.state.root}")
+        await self._stop(record)
+
+    async def _stop(self, record: Record) -> None:
         """SIGTERM the instance's process group, SIGKILL after ``stop_timeout``; then clear the pid."""
         proc = live_process(record.pid, record.create_time)
         if proc is not None:
@@ -329,19 +343,19 @@ class LocalRuntime:
         except ProcessLookupError:
             pass
 
-    async def remove(self, id_: str) -> Path | None:
+    async def archive(self, id_: str) -> Path | None:
         """Stop the instance, move its data dir into the archive, drop its record and secret."""
         record = self.state.record(id_)
         if record is None:
             return None
-        await self.stop(record)
-        archived = self.archive(Path(record.data_dir), id_)
+        await self._stop(record)
+        archived = self._move_to_archive(Path(record.data_dir), id_)
         shutil.rmtree(self.state.workdir(id_), ignore_errors=True)
         self.state.drop_secret(f"{id_}.password")
         self.state.forget(id_)
         return archived
 
-    def archive(self, data_dir: Path, id_: str) -> Path | None:
+    def _move_to_archive(self, data_dir: Path, id_: str) -> Path | None:
         if not data_dir.exists():
             return None
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -354,12 +368,5 @@ class LocalRuntime:
         shutil.move(str(data_dir), str(target))  # a rename on one filesystem; copy then delete across
         return target
 
-    def log_tail(self, id_: str, lines: int = 12) -> str:
-        try:
-            with open(self.state.log_path(id_), "rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 8192))
-                text = log.read().decode(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def log_tail(self, id_: str) -> str:
+        return tail(self.state.log_path(id_))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
-from .files import atomic_write
+from ..files import atomic_write
 
 
 @dataclass

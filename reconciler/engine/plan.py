@@ -2,7 +2,7 @@
 
 Inputs are plain values: what each declared instance should be (``Target``,
 resolved from desired.yaml at the edge) and what is there now (``Observed``,
-read from the state dir and the process table by the runtime). No I/O here,
+reported by the runtime, ``runtime.base``). No I/O here,
 so every transition is a table row in the tests.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Mapping, Sequence
 
-ObservedStatus = Literal["running", "stopped", "crashed", "port-taken"]
+from ..runtime.base import Observed
 
 
 @dataclass(frozen=True)
@@ -25,20 +25,6 @@ class Target:
     problem: str | None = None      # e.g. its password variable is unset: cannot start
 
 
-@dataclass(frozen=True)
-class Observed:
-    """An instance as found: by its record in the state dir, or by the process on its port."""
-
-    id: str
-    port: int
-    status: ObservedStatus
-    pid: int | None = None
-    fingerprint: str | None = None
-    adopted: bool = False           # found running without a valid record: the record needs writing
-    holder: str = ""                # for port-taken: who holds the port
-    create_time: float | None = None  # when the running process started (epoch seconds)
-
-
 class Kind(str, Enum):
     OK = "ok"                       # nothing to do
     ADOPT = "adopt"                 # running already: write its record, leave the process alone
@@ -47,7 +33,8 @@ class Kind(str, Enum):
     RESTART = "restart"
     STOP = "stop"
     REMOVE = "remove"               # stop, archive the data dir, drop the record
-    WAIT = "wait"                   # should run, but restarts are backing off after repeated crashes
+    BACK_OFF = "back-off"           # should run, but its restarts are backing off after repeated
+                                    # failures: reported as failed, since it is not running as asked
     FAIL = "fail"                   # cannot be done; reason says why
 
 
@@ -92,7 +79,7 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
             return adopted + act(Kind.RESTART, f"restarted: {restart}")
         return adopted or act(Kind.OK)
     if hold:
-        return act(Kind.WAIT, hold)
+        return act(Kind.BACK_OFF, hold)
     if status == "crashed":
         return act(Kind.START, "restarted: process had exited")
     return act(Kind.START, "started")

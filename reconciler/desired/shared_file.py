@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .desired import DesiredState, parse
-from .files import atomic_write
+from .model import DesiredState, parse
+from ..files import atomic_write
 from .validation import InvalidDesiredState, Problem
 
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import edits
-from .apply import Result
-from .desired import DesiredState, instance_id, parse, port_of
-from .desired_file import ChangeRefused, CurrentFileInvalid, Snapshot
-from .inventory import SEED_STATUS, instance_rows
-from .runtime import LocalRuntime, port_is_free
+from ..desired import edits
+from ..desired.model import DesiredState, instance_id, parse, port_of
+from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
+from ..engine.inventory import instance_rows
+from ..engine.reconcile import Result
+from ..runtime.local import LocalRuntime, port_is_free
+from .control import Control
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+# the seed (PM2) called a running instance "online"
+SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
+               "port-taken": "errored", "errored": "errored"}
 
 
 class ApiError(Exception):
@@ -47,7 +49,7 @@ def parse_port(body: Any) -> int:
 
 
 class Fleet:
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, daemon: Control):
         self.daemon = daemon
 
     @property

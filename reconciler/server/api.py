@@ -12,23 +12,21 @@ from dataclasses import asdict
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Awaitable, Callable
+from importlib import resources
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
 from .backup import zip_stream
-from .desired_file import ChangeRefused, StaleVersion
+from ..desired.shared_file import ChangeRefused, StaleVersion
+from ..desired.validation import SCHEMAS
+from .control import Control
 from .fleet import ApiError, Fleet
 from .messages import language, message
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
 log = logging.getLogger("cst.api")
-OPENAPI_PATH = Path(__file__).resolve().parent.parent / "schemas" / "openapi.json"
-DAEMON = web.AppKey("daemon", object)
+DAEMON = web.AppKey("daemon", Control)
 FLEET = web.AppKey("fleet", Fleet)
 ADMIN_KEY = web.AppKey("admin_key", str)
 STARTED = web.AppKey("started", float)
@@ -217,13 +215,13 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(request.app[OPENAPI])
 
 
-def make_app(daemon: "Daemon", admin_key: str) -> web.Application:
+def make_app(daemon: Control, admin_key: str) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=2 * 2**20)
     app[DAEMON] = daemon
     app[FLEET] = Fleet(daemon)
     app[ADMIN_KEY] = admin_key
     app[STARTED] = time.monotonic()
-    app[OPENAPI] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    app[OPENAPI] = json.loads(resources.files(SCHEMAS).joinpath("openapi.json").read_text(encoding="utf-8"))
     app.router.add_get("/health", health)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_post("/api/instances", create_instance)

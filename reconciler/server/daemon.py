@@ -22,14 +22,15 @@ from aiohttp import web
 
 from proxy.service import ProxyService
 
-from .apply import Report, Result, reconcile
-from .desired import DesiredState
-from .desired_file import DesiredFile, Snapshot
-from .runtime import live_process, utc_now
-from .files import rotate_log
-from .statedir import LockHeld, StateDir
-from .supervision import Supervisor
-from .watch import changes_of
+from ..desired.model import DesiredState
+from ..desired.shared_file import DesiredFile, Snapshot
+from ..desired.watch import changes_of
+from ..engine.reconcile import Report, Result, reconcile
+from ..engine.supervision import Supervisor
+from ..runtime.local import live_process, utc_now
+from ..runtime.logs import rotate_log
+from ..runtime.statedir import LockHeld, StateDir
+from .api import make_app
 
 log = logging.getLogger("cst.serve")
 
@@ -184,8 +185,6 @@ class Daemon:
         return key
 
     async def run(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        from .api import make_app  # the API module imports fleet, which imports this one
-
         self.state.ensure()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .validation import InvalidDesiredState, Problem, check
+from .validation import InvalidDesiredState, Problem, check, schema_default
 
 INSTANCE_ID_PREFIX = "st-instance-"
 _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
@@ -65,13 +65,17 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _default(*path: str) -> Any:
+    return schema_default(*path)
+
+
 @dataclass(frozen=True)
 class SillyTavernSettings:
-    version: str = "1.19.0"
+    version: str = _default("settings", "sillytavern", "version")
     server: Path | None = None
-    listen_address: str = "127.0.0.1"
-    start_timeout: float = 90.0
-    stop_timeout: float = 10.0
+    listen_address: str = _default("settings", "sillytavern", "listen_address")
+    start_timeout: float = parse_duration(_default("settings", "sillytavern", "start_timeout"))
+    stop_timeout: float = parse_duration(_default("settings", "sillytavern", "stop_timeout"))
 
 
 @dataclass(frozen=True)
@@ -82,33 +86,33 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    listen: Listen = Listen("127.0.0.1", 3000)
-    admin_key_env: str = "CST_ADMIN_KEY"
+    listen: Listen = Listen.parse(_default("settings", "api", "listen"))
+    admin_key_env: str = _default("settings", "api", "admin_key_env")
     tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True)
 class ProxySettings:
-    listen: Listen = Listen("127.0.0.1", 5100)
-    upstream: str = "https://api.daidaibird.top/v1"
+    listen: Listen = Listen.parse(_default("settings", "proxy", "listen"))
+    upstream: str = _default("settings", "proxy", "upstream")
     client_keys_env: str | None = None
-    max_attempts: int = 3
-    failure_threshold: int = 3
-    timeout: float = 600.0
+    max_attempts: int = _default("settings", "proxy", "max_attempts")
+    failure_threshold: int = _default("settings", "proxy", "failure_threshold")
+    timeout: float = parse_duration(_default("settings", "proxy", "timeout"))
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    max_size: int = 10 * 2**20
-    keep: int = 3
+    max_size: int = parse_size(_default("settings", "logs", "max_size"))
+    keep: int = _default("settings", "logs", "keep")
 
 
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path
     data_root: Path
-    concurrency: int = 4
-    resync: float = 10.0
+    concurrency: int = _default("settings", "concurrency")
+    resync: float = parse_duration(_default("settings", "resync"))
     logs: LogSettings = LogSettings()
     sillytavern: SillyTavernSettings = SillyTavernSettings()
     api: ApiSettings = ApiSettings()
@@ -124,8 +128,8 @@ class Account:
     email: str | None = None
     password_env: str | None = None
     password_file: Path | None = None
-    api_base: str = "https://user.daidaibird.top"
-    refresh: float = 300.0
+    api_base: str = _default("accounts", "api_base")
+    refresh: float = parse_duration(_default("accounts", "refresh"))
     keys_env: str | None = None
     keys_file: Path | None = None
 
@@ -133,7 +137,7 @@ class Account:
 @dataclass(frozen=True)
 class InstanceSpec:
     port: int
-    state: Literal["running", "stopped"] = "running"
+    state: Literal["running", "stopped"] = _default("instances", "state")
     password_env: str | None = None
     max_memory: int | None = None      # bytes
 
@@ -161,41 +165,36 @@ def _path(base: Path, value: str | None) -> Path | None:
 
 
 def from_data(data: dict[str, Any], path: Path) -> DesiredState:
-    """Build the model from a document that ``validation.check`` accepted."""
+    """Build the model from a document that ``validation.check`` accepted (defaults filled in)."""
     base = path.resolve().parent
-    raw = data.get("settings") or {}
-    st = raw.get("sillytavern") or {}
-    api = raw.get("api") or {}
-    proxy = raw.get("proxy") or {}
+    raw = data["settings"]
+    st, api, proxy, logs = raw["sillytavern"], raw["api"], raw["proxy"], raw["logs"]
     tls = api.get("tls")
     settings = Settings(
-        state_dir=_path(base, raw.get("state_dir", ".cst")),
-        data_root=_path(base, raw.get("data_root", "user-data")),
-        concurrency=raw.get("concurrency", 4),
-        resync=parse_duration(raw.get("resync", 10)),
-        logs=LogSettings(
-            max_size=parse_size((raw.get("logs") or {}).get("max_size", "10MiB")),
-            keep=(raw.get("logs") or {}).get("keep", 3),
-        ),
+        state_dir=_path(base, raw["state_dir"]),
+        data_root=_path(base, raw["data_root"]),
+        concurrency=raw["concurrency"],
+        resync=parse_duration(raw["resync"]),
+        logs=LogSettings(max_size=parse_size(logs["max_size"]), keep=logs["keep"]),
         sillytavern=SillyTavernSettings(
-            version=st.get("version", "1.19.0"),
+            version=st["version"],
             server=_path(base, st.get("server")),
-            listen_address=st.get("listen_address", "127.0.0.1"),
-            start_timeout=parse_duration(st.get("start_timeout", 90)),
-            stop_timeout=parse_duration(st.get("stop_timeout", 10)),
+            listen_address=st["listen_address"],
+            start_timeout=parse_duration(st["start_timeout"]),
+            stop_timeout=parse_duration(st["stop_timeout"]),
         ),
         api=ApiSettings(
-            listen=Listen.parse(api.get("listen", "127.0.0.1:3000")),
-            admin_key_env=api.get("admin_key_env", "CST_ADMIN_KEY"),
+            listen=Listen.parse(api["listen"]),
+            admin_key_env=api["admin_key_env"],
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
         ),
         proxy=ProxySettings(
-            listen=Listen.parse(proxy.get("listen", "127.0.0.1:5100")),
-            upstream=proxy.get("upstream", "https://api.daidaibird.top/v1").rstrip("/"),
+            listen=Listen.parse(proxy["listen"]),
+            upstream=proxy["upstream"].rstrip("/"),
             client_keys_env=proxy.get("client_keys_env"),
-            max_attempts=proxy.get("max_attempts", 3),
-            failure_threshold=proxy.get("failure_threshold", 3),
-            timeout=parse_duration(proxy.get("timeout", 600)),
+            max_attempts=proxy["max_attempts"],
+            failure_threshold=proxy["failure_threshold"],
+            timeout=parse_duration(proxy["timeout"]),
         ),
     )
     accounts = tuple(
@@ -205,17 +204,17 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             email=a.get("email"),
             password_env=a.get("password_env"),
             password_file=_path(base, a.get("password_file")),
-            api_base=a.get("api_base", "https://user.daidaibird.top").rstrip("/"),
-            refresh=parse_duration(a.get("refresh", "5m")),
+            api_base=a["api_base"].rstrip("/"),
+            refresh=parse_duration(a["refresh"]),
             keys_env=a.get("keys_env"),
             keys_file=_path(base, a.get("keys_file")),
         )
-        for a in data.get("accounts") or []
+        for a in data["accounts"]
     )
     instances = tuple(
-        InstanceSpec(port=i["port"], state=i.get("state", "running"), password_env=i.get("password_env"),
+        InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
-        for i in data.get("instances") or []
+        for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)
 

@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import Callable, Literal, Mapping
 
-from . import sillytavern
-from .desired import DesiredState
-from .plan import Action, Kind, Observed, plan
-from .runtime import LaunchSpec, LocalRuntime, StartFailed
-from .statedir import Record
+from ..desired.model import DesiredState, InstanceSpec
+from ..runtime.base import LaunchImpossible, Observed, Runtime, StartFailed
+from ..runtime.local import LocalRuntime
+from .plan import Action, Kind, Target, plan
 
 Outcome = Literal["ok", "changed", "failed"]
 # the daemon's policies (crash backoff, memory limit): given what was observed, which instances
@@ -56,11 +55,22 @@ class Report:
         return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap}
 
 
+def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
+    """What each declared instance should be, resolved at the edge (variables, secrets)."""
+    out: list[Target] = []
+    for spec in desired.instances:
+        try:
+            out.append(Target(spec.id, spec.port, spec.state, runtime.launch_fingerprint(spec)))
+        except LaunchImpossible as exc:
+            out.append(Target(spec.id, spec.port, spec.state, problem=str(exc)))
+    return out
+
+
 async def reconcile(desired: DesiredState, check: bool = False,
                     on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0,
-                    hints: Hints | None = None) -> Report:
+                    hints: Hints | None = None, runtime: Runtime | None = None) -> Report:
     """Make reality match ``desired`` (or, with ``check``, only say what that would take)."""
-    runtime = LocalRuntime(desired, readonly=check)
+    runtime = runtime or LocalRuntime(desired, readonly=check)
     report = Report(check=check)
 
     def emit(result: Result) -> None:
@@ -69,24 +79,27 @@ async def reconcile(desired: DesiredState, check: bool = False,
             on_result(result)
 
     if check:
-        targets, _ = runtime.targets()
         observed = runtime.observe()
-        for action in plan(targets, observed):
+        for action in plan(targets(desired, runtime), observed):
             emit(_would(action, observed.get(action.id)))
         return report
 
-    runtime.state.ensure()
-    async with runtime.state.alock(timeout=lock_timeout):
-        targets, specs = runtime.targets()
+    async with runtime.lock(lock_timeout):
+        wanted = targets(desired, runtime)
         observed = report.observed = runtime.observe()
         hold, restart = hints(observed) if hints else ({}, {})
-        actions = plan(targets, observed, hold, restart)
+        actions = plan(wanted, observed, hold, restart)
         if any(a.kind in (Kind.START, Kind.RESTART) for a in actions):
-            failure = await _ensure_release(desired, emit)
-            if failure:
-                actions = [Action(Kind.FAIL, a.id, a.port, failure) if a.kind in (Kind.START, Kind.RESTART)
+            ready = await runtime.prepare()
+            if ready.failure:
+                emit(Result(ready.subject, "failed", ready.failure))
+                reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
+                actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in (Kind.START, Kind.RESTART)
                            else a for a in actions]
+            elif ready.done:
+                emit(Result(ready.subject, "changed", ready.done))
         limit = asyncio.Semaphore(desired.settings.concurrency)
+        specs = {spec.id: spec for spec in desired.instances}
 
         async def run_group(group: list[Action]) -> None:
             async with limit:
@@ -98,26 +111,9 @@ async def reconcile(desired: DesiredState, check: bool = False,
     return report
 
 
-async def _ensure_release(desired: DesiredState, emit: Callable[[Result], None]) -> str | None:
-    """Install the pinned SillyTavern on first need; the reason it failed, or None."""
-    st = desired.settings.sillytavern
-    if st.server is not None:
-        return None if st.server.is_file() else f"settings.sillytavern.server: {st.server} does not exist"
-    if sillytavern.is_installed(st.version, desired.settings.state_dir):
-        return None
-    name = f"sillytavern {st.version}"
-    try:
-        await asyncio.to_thread(sillytavern.install, st.version, desired.settings.state_dir)
-    except (sillytavern.InstallError, OSError) as exc:
-        emit(Result(name, "failed", str(exc)))
-        return f"SillyTavern {st.version} is not installed: {str(exc).splitlines()[0]}"
-    emit(Result(name, "changed", "installed from the npm registry"))
-    return None
-
-
 def _would(action: Action, seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
-    if action.kind in (Kind.FAIL, Kind.WAIT):
+    if action.kind in (Kind.FAIL, Kind.BACK_OFF):
         return Result(action.id, "failed", action.reason, before)
     if action.changes:
         after = {Kind.START: "running", Kind.RESTART: "running", Kind.STOP: "stopped",
@@ -126,11 +122,11 @@ def _would(action: Action, seen: Observed | None) -> Result:
     return Result(action.id, "ok", action.reason, before, before)
 
 
-async def _execute(runtime: LocalRuntime, action: Action, launch: LaunchSpec | None,
+async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
                    seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
     try:
-        if action.kind in (Kind.FAIL, Kind.WAIT):
+        if action.kind in (Kind.FAIL, Kind.BACK_OFF):
             return Result(action.id, "failed", action.reason, before)
         if action.kind == Kind.OK:
             return Result(action.id, "ok", "", before, before)
@@ -141,28 +137,21 @@ async def _execute(runtime: LocalRuntime, action: Action, launch: LaunchSpec | N
             runtime.forget_pid(action.id)
             return Result(action.id, "ok", "", before, "stopped")
         if action.kind == Kind.STOP:
-            await runtime.stop(_record(runtime, action.id))
+            await runtime.stop(action.id)
             return Result(action.id, "changed", "stopped", before, "stopped")
         if action.kind == Kind.REMOVE:
-            archived = await runtime.remove(action.id)
+            archived = await runtime.archive(action.id)
             where = f"data archived in {archived}" if archived else "it had no data dir"
             return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""))
         if action.kind == Kind.RESTART:
-            await runtime.stop(_record(runtime, action.id))
-            await runtime.start(launch, count_restart=True)
+            await runtime.stop(action.id)
+            await runtime.start(spec, count_restart=True)
             return Result(action.id, "changed", action.reason, before, "running")
         if action.kind == Kind.START:
-            await runtime.start(launch, count_restart=before == "crashed")
+            await runtime.start(spec, count_restart=before == "crashed")
             return Result(action.id, "changed", action.reason, before, "running")
     except StartFailed as exc:
         return Result(action.id, "failed", f"did not start: {exc}", before)
     except OSError as exc:
         return Result(action.id, "failed", f"{action.kind.value}: {exc}", before)
     raise AssertionError(f"unhandled action {action.kind}")
-
-
-def _record(runtime: LocalRuntime, id_: str) -> Record:
-    record = runtime.state.record(id_)
-    if record is None:
-        raise OSError(f"no record for {id_} in {runtime.state.root}")
-    return record

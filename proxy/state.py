@@ -1,0 +1,18 @@
+"""What the proxy's parts share while it runs: the pool, the forwarder, the accounts, the client keys."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .accounts import AccountManager
+from .forward import Forwarder
+from .pool import KeyPool
+
+
+@dataclass
+class ProxyState:
+    pool: KeyPool
+    forwarder: Forwarder
+    accounts: AccountManager
+    client_keys: tuple[bytes, ...] = ()  # empty: no client authentication
+    started: float = field(default_factory=time.monotonic)

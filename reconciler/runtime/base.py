@@ -1,0 +1,77 @@
+"""What a runtime is to the engine: the values it reports and the operations it offers.
+
+The engine observes, plans and acts only through ``Runtime``; ``LocalRuntime`` (processes
+on this machine) is the one implementation today. Another (containers, a remote host)
+would sit beside it and implement the same few operations.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from ..desired.model import InstanceSpec
+
+ObservedStatus = Literal["running", "stopped", "crashed", "port-taken"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """An instance as found: by its record in the state dir, or by the process on its port."""
+
+    id: str
+    port: int
+    status: ObservedStatus
+    pid: int | None = None
+    fingerprint: str | None = None
+    adopted: bool = False           # found running without a valid record: the record needs writing
+    holder: str = ""                # for port-taken: who holds the port
+    create_time: float | None = None  # when the running process started (epoch seconds)
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What getting ready to start instances took: ``subject`` (say, "sillytavern 1.19.0") was
+    ``done`` ("installed from the npm registry"; "" when it was ready), or failed with ``failure``."""
+
+    subject: str
+    done: str = ""
+    failure: str | None = None
+
+
+class StartFailed(Exception):
+    """An instance was started but did not come up; the runtime has stopped it again."""
+
+
+class LaunchImpossible(Exception):
+    """An instance cannot be started as declared (say, its password variable is unset)."""
+
+
+class Runtime(Protocol):
+    def launch_fingerprint(self, spec: InstanceSpec) -> str:
+        """A digest of everything a restart would change; raises LaunchImpossible."""
+
+    def observe(self) -> dict[str, Observed]:
+        """Every instance this runtime knows of, plus whoever holds a declared port."""
+
+    def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of this runtime's instances, across processes."""
+
+    async def prepare(self) -> Preparation:
+        """Make sure instances can be started (install the release)."""
+
+    def adopt(self, id_: str, port: int, pid: int) -> None:
+        """Take over a process already running as ``id_``."""
+
+    def forget_pid(self, id_: str) -> None:
+        """The instance's process is gone: remember it as stopped."""
+
+    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> None:
+        """Start the instance and return once it answers; raises StartFailed."""
+
+    async def stop(self, id_: str) -> None:
+        """Stop the instance (gracefully, then by force)."""
+
+    async def archive(self, id_: str) -> Path | None:
+        """Stop the instance and move its data into the archive; where it went, or None."""

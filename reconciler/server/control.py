@@ -1,0 +1,34 @@
+"""What the REST API and the fleet operations need of the daemon, and nothing more.
+
+The daemon implements ``Control``; ``api`` and ``fleet`` depend on this protocol, not
+on the daemon, so imports flow one way: daemon -> api -> fleet -> control.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..desired.model import DesiredState
+from ..desired.shared_file import DesiredFile, Snapshot
+from ..engine.reconcile import Report
+from ..engine.supervision import Supervisor
+from ..runtime.statedir import StateDir
+
+
+class Control(Protocol):
+    file: DesiredFile               # desired.yaml, shared with people and git
+    snapshot: Snapshot              # the file as last read (may be invalid)
+    desired: DesiredState           # the last valid desired state: what is enforced
+    enforced_sha256: str
+    supervisor: Supervisor
+    state: StateDir
+    pid: int
+    started_at: str
+    last_report: Report | None
+    last_pass_at: str | None
+    last_pass_ms: float | None
+
+    def accept(self, snapshot: Snapshot) -> None:
+        """Take a new reading of the file: enforce it if valid, report it if not."""
+
+    async def converge(self) -> Report:
+        """Ask for a reconcile pass and wait for one that started after this call."""

@@ -1,0 +1,1 @@
+"""The JSON Schemas of desired.yaml and of the REST API, shipped inside the package as ``reconciler.schemas``."""
