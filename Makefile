@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sillytavern bench clean
+.PHONY: run test setup node sillytavern browser bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,21 @@ node:
 sillytavern: setup
 	$(BIN)/cst st install -f examples/desired.yaml
 
+# the page tests drive Debian's chromium through Playwright (whose own browser download cannot
+# reach its host here); installed from the distribution when it is missing
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x $(CHROMIUM) || { \
+	  command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM)"; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }; }
+
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
-test: sillytavern
+test: sillytavern browser
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern
