@@ -28,9 +28,12 @@ from .server.daemon import Daemon, DaemonError, tls_context
 EXIT_INVALID = 1
 EXIT_FAILED = 2
 
-file_option = click.option(
-    "-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
-    default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
+def _file_option(*names: str):
+    return click.option(*names, "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
+                        default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
+
+
+file_option = _file_option("-f", "--file")
 output_option = click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
                              show_default=True)
 
@@ -143,7 +146,7 @@ def password(file: Path, instance_id: str) -> None:
 
 
 @cli.command()
-@file_option
+@_file_option("--file")  # -f is --follow here, as in `tail -f`
 @click.argument("instance_id")
 @click.option("-n", "--lines", type=click.IntRange(0, MAX_LINES), default=15, show_default=True,
               help="How many of the last lines to show.")

@@ -70,7 +70,9 @@ def changes(result: Result, pid: int | None) -> list[tuple[str, str]]:
             return [("removed", result.detail)]
         if result.after == "stopped":
             return [("stopped", "")]
-        return crashed + [("restarted" if result.detail.startswith("restarted") else "started", result.detail)]
+        if result.detail.startswith("restarted"):  # the planner's "restarted: <why>"
+            return crashed + [("restarted", result.detail.removeprefix("restarted").lstrip(": "))]
+        return crashed + [("started", "")]
     if result.outcome == "failed":
         return [] if result.detail.startswith(HELD) else crashed + [("failed", result.detail)]
     return [("adopted", "")] if result.detail == "adopted" else []

@@ -60,6 +60,7 @@ function toast(text, kind = 'info') {
     el('button', { type: 'button', class: 'link', 'aria-label': t('close'), onclick: () => item.remove() }, '×'));
   $('toasts').append(item);
   setTimeout(() => item.remove(), kind === 'error' ? 15000 : 8000);
+  return item;
 }
 
 function handle(error) {
@@ -419,7 +420,7 @@ async function create(event) {
   const port = Number($('new-port').value);
   const button = $('create-submit');
   button.disabled = true;
-  $('create-status').textContent = t('create.busy', { id: `st-instance-${port}` });
+  const busy = toast(t('create.busy', { id: `st-instance-${port}` }));
   try {
     const answer = await json('POST', 'api/instances', { body: { port } });
     later(loadInstances, 0);
@@ -430,7 +431,7 @@ async function create(event) {
     handle(error);
   } finally {
     button.disabled = false;
-    $('create-status').textContent = '';
+    busy.remove();
   }
 }
 
