@@ -22,6 +22,8 @@ const state = {
   stream: null,        // the event stream's {stopped, controller}
   logController: null,
   logState: '',
+  logLength: 0,
+  scrollToFocus: false, // the file view moves to what it highlights once, not on every update
 };
 
 function el(tag, props = {}, ...children) {
@@ -72,8 +74,9 @@ function handle(error) {
   if (error.name !== 'AbortError') toast(t('err.network', { reason: error.message }), 'error');
 }
 
-function dialog({ title, text, ok = t('ok'), cancel = true, secret = '' }) {
+async function dialog({ title, text, ok = t('ok'), cancel = true, secret = '' }) {
   const box = $('dialog');
+  while (box.open) await new Promise((resolve) => box.addEventListener('close', resolve, { once: true }));
   $('dialog-title').textContent = title;
   $('dialog-text').textContent = text;
   $('dialog-secret').hidden = !secret;
@@ -82,9 +85,14 @@ function dialog({ title, text, ok = t('ok'), cancel = true, secret = '' }) {
   $('dialog-cancel').hidden = !cancel;
   return new Promise((resolve) => {
     let answer = false;
-    $('dialog-ok').onclick = () => { answer = true; box.close(); };
-    $('dialog-cancel').onclick = () => box.close();
-    box.onclose = () => { $('dialog-secret-value').value = ''; resolve(answer); };  // shown once
+    const listening = new AbortController();
+    $('dialog-ok').addEventListener('click', () => { answer = true; box.close(); }, { signal: listening.signal });
+    $('dialog-cancel').addEventListener('click', () => box.close(), { signal: listening.signal });
+    box.addEventListener('close', () => {
+      listening.abort();
+      $('dialog-secret-value').value = '';  // a password is shown once
+      resolve(answer);
+    }, { once: true });
     box.showModal();
     (secret ? $('dialog-copy') : cancel ? $('dialog-cancel') : $('dialog-ok')).focus();
   });
@@ -488,6 +496,7 @@ async function showLogs(id) {
   const chosen = $('log-instance').value;
   const text = $('log-text');
   text.textContent = '';
+  state.logLength = 0;
   if (!chosen) return setLogState('logs.empty');
   const controller = new AbortController();
   state.logController = controller;
@@ -512,7 +521,11 @@ function appendLog(chunk) {
   const text = $('log-text');
   const atEnd = text.scrollHeight - text.scrollTop - text.clientHeight < 40;
   text.append(chunk);
-  if (text.textContent.length > 2_000_000) text.textContent = text.textContent.slice(-1_000_000);
+  state.logLength += chunk.length;
+  if (state.logLength > 2_000_000) {  // a log followed for days: keep its last megabyte
+    text.textContent = text.textContent.slice(-1_000_000);
+    state.logLength = text.textContent.length;
+  }
   if (atEnd) text.scrollTop = text.scrollHeight;
 }
 
@@ -607,7 +620,10 @@ function renderFile() {
     const marks = [bad.has(n) ? 'bad' : '', n >= from && n <= to ? 'focus' : ''].join(' ').trim();
     return el('div', { class: `line ${marks}`, id: `L${n}` }, el('span', { class: 'ln' }, String(n)), el('span', {}, line));
   }));
-  if (from && !$('view-file').hidden) $(`L${from}`)?.scrollIntoView({ block: 'center' });
+  if (from && state.scrollToFocus && !$('view-file').hidden) {
+    $(`L${from}`)?.scrollIntoView({ block: 'center' });
+    state.scrollToFocus = false;
+  }
 }
 
 // -- views and language
@@ -625,6 +641,7 @@ function route() {
   if (view === 'logs') showLogs(arg);
   if (view === 'file') {
     state.focus = arg;
+    state.scrollToFocus = true;
     renderFile();
     loadDesired();
   }
@@ -654,10 +671,16 @@ function start() {
   $('dialog-copy').addEventListener('click', (event) => copy($('dialog-secret-value').value, event.currentTarget,
     $('dialog-secret-value')));
   window.addEventListener('hashchange', route);
+  document.addEventListener('click', (event) => {  // an open menu closes when the click is elsewhere
+    for (const menu of document.querySelectorAll('details.menu[open]')) if (!menu.contains(event.target)) menu.open = false;
+  });
   setInterval(() => { for (const row of state.rows.values()) row.cells.uptime.textContent = uptime(row); }, 1000);
   if (!session.key) return showSignIn();
-  json('GET', 'api/status').then(enter, (error) => (error instanceof ApiError ? signOut(error.message) : showSignIn(
-    t('err.network', { reason: error.message }))));
+  json('GET', 'api/status').then(enter, (error) => {
+    if (!(error instanceof ApiError)) return showSignIn(t('err.network', { reason: error.message }));
+    signOut(error.message);
+    if (error.status === 429) waitToRetry(error);
+  });
 }
 
 start();
