@@ -24,7 +24,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while sync Playwright is open its event loop counts as running in
+# this thread, and the asyncio tests of other modules (asyncio.run, pytest-asyncio) would fail.
+# For the same reason a browser test module must not run asyncio itself.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not shutil.which(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
