@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from conftest import (Project, daidai_account, fake_daidai, free_ports, http_status, kill_all, proxy_fakes,
-                      serve_settings, standin_file, start_serve, wait_until)
+                      serve_settings, standin_file, start_serve)
 
 KEY = "page-test-admin-key"
 PASSWORD = "daidai-password"
