@@ -156,6 +156,7 @@ def test_an_instance_from_creation_to_deletion(new_page, fleet):
     new_password = page.locator("#dialog-secret-value").input_value()
     assert new_password and new_password != created_password
     assert http_status(port, (id_, new_password)) == 200 and http_status(port, (id_, created_password)) == 401
+    recorded.screenshot("password-en")
     page.click("#dialog-ok")
 
     row(page, id_).locator("summary").click()
@@ -181,6 +182,7 @@ def test_an_instance_from_creation_to_deletion(new_page, fleet):
     expect(page.locator("#dialog-text")).to_contain_text(f"{fleet.project.dir}/user-data/{port}")
     expect(page.locator("#dialog-text")).to_contain_text(f"archive, {archive_dir}/{id_}-<UTC time>")
     expect(page.locator("#dialog-cancel")).to_be_focused()  # the safe choice is the default
+    recorded.screenshot("delete-en")
     page.click("#dialog-ok")
     toast = page.locator(".toast", has_text="Instance deleted")
     expect(toast).to_contain_text(f"its data was archived in {archive_dir}/{id_}-")

@@ -74,7 +74,7 @@ function handle(error) {
   if (error.name !== 'AbortError') toast(t('err.network', { reason: error.message }), 'error');
 }
 
-async function dialog({ title, text, ok = t('ok'), cancel = true, secret = '' }) {
+async function dialog({ title, text, ok = t('ok'), cancel = true, secret = '', danger = false }) {
   const box = $('dialog');
   while (box.open) await new Promise((resolve) => box.addEventListener('close', resolve, { once: true }));
   $('dialog-title').textContent = title;
@@ -82,6 +82,7 @@ async function dialog({ title, text, ok = t('ok'), cancel = true, secret = '' })
   $('dialog-secret').hidden = !secret;
   $('dialog-secret-value').value = secret;
   $('dialog-ok').textContent = ok;
+  $('dialog-ok').className = danger ? 'destroy' : 'primary';
   $('dialog-cancel').hidden = !cancel;
   return new Promise((resolve) => {
     let answer = false;
@@ -398,7 +399,7 @@ async function resetPassword(row) {
 
 async function remove(row) {
   const text = t('delete.text', { dataDir: row.data.dataDir, archive: state.archiveDir, id: row.id });
-  if (!await dialog({ title: t('delete.title', { id: row.id }), text, ok: t('delete.ok') })) return;
+  if (!await dialog({ title: t('delete.title', { id: row.id }), text, ok: t('delete.ok'), danger: true })) return;
   try {
     toast((await run(row, 'deleting', 'DELETE', '')).message);
   } catch (error) {
