@@ -147,6 +147,10 @@ def test_an_instance_from_creation_to_deletion(new_page, fleet):
     row(page, id_).get_by_role("button", name="Start", exact=True).click()
     expect(badge).to_have_text("running")
     assert http_status(port) == 401
+    restarts = int(row(page, id_).locator(".c-restarts").inner_text())
+    row(page, id_).get_by_role("button", name="Restart", exact=True).click()
+    expect(page.locator(".toast", has_text="Instance restarted")).to_have_count(1)
+    expect(row(page, id_).locator(".c-restarts")).to_have_text(str(restarts + 1))
 
     row(page, id_).locator("summary").click()
     row(page, id_).get_by_role("button", name="Reset password", exact=True).click()
@@ -354,3 +358,22 @@ def test_usable_with_the_keyboard_alone(new_page, fleet):
     page.keyboard.press("Escape")
     expect(row(page, id_).locator(".menu-items")).to_be_hidden()
     fleet.api("DELETE", f"/api/instances/{id_}")
+
+
+def test_the_page_reconnects_to_a_restarted_daemon(new_page, project, serve):
+    """The stream ends with cst serve; the page says so, reconnects to the next one (whose event ids
+    are new, so it is told to reload) and goes on updating without a reload of its own."""
+    (api,) = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    first = serve(api, admin_key=KEY)
+    recorded = sign_in(new_page, first)
+    page = recorded.page
+    expect(page.locator("#no-instances")).to_be_visible()
+    first.stop()
+    expect(page.locator("#live")).to_have_text("Reconnecting…")
+    second = serve(api, admin_key=KEY, log_name="serve-again.log")
+    expect(page.locator("#live")).to_have_text("Live")
+    (port,) = free_ports(1)
+    assert second.api("POST", "/api/instances", json={"port": port}).status_code == 201
+    expect(row(page, f"st-instance-{port}").locator(".c-status .badge")).to_have_text("running")
+    assert recorded.outside_hosts() == []

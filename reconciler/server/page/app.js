@@ -313,7 +313,7 @@ function makeRow(id) {
   cells.status.append(row.badge);
   row.toggle = el('button', { type: 'button', class: 'toggle', onclick: () => toggle(row) });
   row.restart = el('button', { type: 'button', dataset: { i18n: 'act.restart' },
-    onclick: () => run(row, 'restarting', 'POST', '/restart') });
+    onclick: () => act(row, 'restarting', 'POST', '/restart') });
   const menu = el('details', { class: 'menu' }, el('summary', { dataset: { i18n: 'act.more' } }));
   const item = (key, action, extra = {}) => el('button', { type: 'button', dataset: { i18n: key }, ...extra,
     onclick: () => { menu.open = false; action(row); } });
@@ -377,13 +377,18 @@ async function run(row, pendingStatus, method, path, body) {
   }
 }
 
-async function toggle(row) {
-  const stop = row.data.desired === 'running';
+// an action whose answer is a message: shown, as is an error
+async function act(row, pendingStatus, method, path) {
   try {
-    toast((await run(row, stop ? 'stopping' : 'starting', 'POST', stop ? '/stop' : '/start')).message);
+    toast((await run(row, pendingStatus, method, path)).message);
   } catch (error) {
     handle(error);
   }
+}
+
+function toggle(row) {
+  const stop = row.data.desired === 'running';
+  return act(row, stop ? 'stopping' : 'starting', 'POST', stop ? '/stop' : '/start');
 }
 
 async function resetPassword(row) {
@@ -399,11 +404,8 @@ async function resetPassword(row) {
 
 async function remove(row) {
   const text = t('delete.text', { dataDir: row.data.dataDir, archive: state.archiveDir, id: row.id });
-  if (!await dialog({ title: t('delete.title', { id: row.id }), text, ok: t('delete.ok'), danger: true })) return;
-  try {
-    toast((await run(row, 'deleting', 'DELETE', '')).message);
-  } catch (error) {
-    handle(error);
+  if (await dialog({ title: t('delete.title', { id: row.id }), text, ok: t('delete.ok'), danger: true })) {
+    await act(row, 'deleting', 'DELETE', '');
   }
 }
 
