@@ -102,7 +102,8 @@ def test_the_page_is_served_with_its_policy(fleet):
 def test_events_tell_what_happens_and_a_reconnect_gets_what_it_missed(fleet):
     served, port = fleet
     id_ = f"st-instance-{port}"
-    assert httpx.get(served.url + "/api/events?lang=en").json() == {"error": "Missing admin key (header X-ST-Admin-Key)"}
+    missing = httpx.get(served.url + "/api/events?lang=en")
+    assert (missing.status_code, missing.json()) == (401, {"error": "Missing admin key (header X-ST-Admin-Key)"})
     reader = EventReader(served)
     try:
         assert reader.response.headers["content-type"].startswith("text/event-stream")
@@ -315,7 +316,8 @@ def test_a_failure_that_repeats_is_published_once_and_replay_knows_its_limits():
     names = [(e.name, e.data.get("change")) for e in hub.since(f"{hub.run}-0")]
     assert names == [("instance", "failed"), ("reconcile", None)]
     assert hub.last_failure["st-instance-8001"]["reason"] == taken.detail
-    hub.passed(Report(results=[Result("st-instance-8001", "changed", "removed; no data", "stopped", "absent")]), "t", 1.0)
+    removed = Result("st-instance-8001", "changed", "removed; no data", "stopped", "absent")
+    hub.passed(Report(results=[removed]), "t", 1.0)
     assert "st-instance-8001" not in hub.last_failure
     first = hub.last_id
     for n in range(KEEP + 5):

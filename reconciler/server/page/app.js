@@ -143,7 +143,8 @@ async function signIn(event) {
     enter(status);
   } catch (error) {
     if (error instanceof ApiError && error.status === 429) return waitToRetry(error);
-    $('signin-error').textContent = error instanceof ApiError ? error.message : t('err.network', { reason: error.message });
+    $('signin-error').textContent = error instanceof ApiError
+      ? error.message : t('err.network', { reason: error.message });
   }
 }
 
@@ -392,7 +393,8 @@ function toggle(row) {
 }
 
 async function resetPassword(row) {
-  if (!await dialog({ title: t('password.title', { id: row.id }), text: t('password.text'), ok: t('password.ok') })) return;
+  const title = t('password.title', { id: row.id });
+  if (!await dialog({ title, text: t('password.text'), ok: t('password.ok') })) return;
   try {
     const answer = await run(row, 'resetting', 'POST', '/reset-password');
     await dialog({ title: t('secret.password', { id: row.id }), text: t('secret.text', { id: row.id }),
@@ -573,7 +575,8 @@ function renderPool(doc) {
   const keys = accounts.flatMap(([name, account]) => account.keys.map((key) => ({ ...key, account: name })));
   $('keys').tBodies[0].replaceChildren(...keys.map((key) => el('tr', {}, ...cells([
     ['key.key', el('code', {}, key.key)], ['key.account', key.account],
-    ['key.available', el('span', { class: `badge s-${key.available ? 'ok' : 'error'}` }, t(key.available ? 'yes' : 'no'))],
+    ['key.available',
+      el('span', { class: `badge s-${key.available ? 'ok' : 'error'}` }, t(key.available ? 'yes' : 'no'))],
     ['key.balance', money(key.balance)], ['key.used', money(key.used)], ['key.requests', String(key.requests)],
     ['key.failures', String(key.failures)], ['key.cooldown', stamp(key.cooldown_until) || '—'],
   ]))));
@@ -611,7 +614,8 @@ function renderFile() {
   const problems = status.file.problems;
   $('file-problems-box').hidden = problems.length === 0;
   $('file-problems').replaceChildren(...problems.map((p) => el('li', {},
-    el('a', { href: `#file/L${p.line}` }, t('file.line', { n: p.line })), ` ${p.path ? `${p.path}: ` : ''}${p.message}`)));
+    el('a', { href: `#file/L${p.line}` }, t('file.line', { n: p.line })),
+    ` ${p.path ? `${p.path}: ` : ''}${p.message}`)));
   const bad = new Set(problems.map((p) => p.line));
   let [from, to] = [0, -1];
   const span = desired.instances[state.focus];
@@ -621,7 +625,8 @@ function renderFile() {
   $('file-text').replaceChildren(...lines.map((line, index) => {
     const n = index + 1;
     const marks = [bad.has(n) ? 'bad' : '', n >= from && n <= to ? 'focus' : ''].join(' ').trim();
-    return el('div', { class: `line ${marks}`, id: `L${n}` }, el('span', { class: 'ln' }, String(n)), el('span', {}, line));
+    return el('div', { class: `line ${marks}`, id: `L${n}` },
+      el('span', { class: 'ln' }, String(n)), el('span', {}, line));
   }));
   if (from && state.scrollToFocus && !$('view-file').hidden) {
     $(`L${from}`)?.scrollIntoView({ block: 'center' });
@@ -675,7 +680,9 @@ function start() {
     $('dialog-secret-value')));
   window.addEventListener('hashchange', route);
   document.addEventListener('click', (event) => {  // an open menu closes when the click is elsewhere
-    for (const menu of document.querySelectorAll('details.menu[open]')) if (!menu.contains(event.target)) menu.open = false;
+    for (const menu of document.querySelectorAll('details.menu[open]')) {
+      if (!menu.contains(event.target)) menu.open = false;
+    }
   });
   setInterval(() => { for (const row of state.rows.values()) row.cells.uptime.textContent = uptime(row); }, 1000);
   if (!session.key) return showSignIn();
