@@ -25,15 +25,17 @@ sillytavern: setup
 	$(BIN)/cst st install -f examples/desired.yaml
 
 # the page tests drive Debian's chromium through Playwright (whose own browser download cannot
-# reach its host here); installed from the distribution when it is missing
+# reach its host here); installed from the distribution when it is missing, with a small CJK font
+# so the Chinese screenshots show characters rather than boxes
 CHROMIUM ?= /usr/bin/chromium
+BROWSER_PACKAGES := chromium fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
-	@test -x $(CHROMIUM) || { \
+	@test -x $(CHROMIUM) && fc-list :lang=zh 2>/dev/null | grep -q . || { \
 	  command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM)"; exit 1; }; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  $(SUDO) apt-get install -y -q --no-install-recommends chromium || \
-	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }; }
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }; }
 
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml

@@ -21,15 +21,19 @@ from .engine.reconcile import Report, Result, reconcile
 from .runtime import sillytavern
 from .runtime.base import LaunchImpossible
 from .runtime.local import LocalRuntime
-from .runtime.statedir import LockHeld
+from .runtime.logfollow import MAX_LINES, follow as follow_log, last_lines
+from .runtime.statedir import LockHeld, StateDir
 from .server.daemon import Daemon, DaemonError, tls_context
 
 EXIT_INVALID = 1
 EXIT_FAILED = 2
 
-file_option = click.option(
-    "-f", "--file", "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
-    default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
+def _file_option(*names: str):
+    return click.option(*names, "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
+                        default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
+
+
+file_option = _file_option("-f", "--file")
 output_option = click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
                              show_default=True)
 
@@ -139,6 +143,38 @@ def password(file: Path, instance_id: str) -> None:
                    err=True)
         sys.exit(EXIT_INVALID)
     click.echo(secret)
+
+
+@cli.command()
+@_file_option("--file")  # -f is --follow here, as in `tail -f`
+@click.argument("instance_id")
+@click.option("-n", "--lines", type=click.IntRange(0, MAX_LINES), default=15, show_default=True,
+              help="How many of the last lines to show.")
+@click.option("-f", "--follow", is_flag=True, help="Keep showing lines as they are written, until Ctrl-C.")
+def logs(file: Path, instance_id: str, lines: int, follow: bool) -> None:
+    """Show an instance's log (stdout and stderr), as `pm2 logs` does."""
+    desired = load_or_exit(file)
+    if port_of(instance_id) is None:
+        raise click.BadParameter(f"{instance_id!r} is not an instance id (like st-instance-8001)",
+                                 param_hint="INSTANCE_ID")
+    path = StateDir(desired.settings.state_dir).log_path(instance_id)
+    if desired.instance(instance_id) is None and not path.exists():
+        click.echo(f"error: {instance_id} is not declared in {file} and has no log", err=True)
+        sys.exit(EXIT_INVALID)
+    out = sys.stdout.buffer
+    if not follow:
+        out.write(last_lines(path, lines)[0])
+        return
+
+    async def show() -> None:
+        async for chunk in follow_log(path, lines):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(show())
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()

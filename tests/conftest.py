@@ -1,6 +1,8 @@
 """Shared fixtures: free ports, a ``cst`` runner, and a project dir whose processes are all killed after."""
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -8,12 +10,15 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -214,3 +219,39 @@ def serve(project: Project):
     yield _start
     for served in started:
         served.stop()
+
+
+def proxy_fakes():
+    """tests/proxy/fakes.py for tests outside tests/proxy (the same module object the proxy tests use)."""
+    if "fakes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fakes", ROOT / "tests" / "proxy" / "fakes.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fakes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fakes"]
+
+
+@contextmanager
+def fake_daidai(accounts: dict[str, tuple[str, list[dict]]]) -> Iterator[str]:
+    """tests/proxy/fakes.py's DaiDai platform on an event loop of its own thread, for tests that run
+    `cst serve` as a process: ``{email: (password, keys)}`` in, its base URL out."""
+    platform = proxy_fakes().FakeDaiDai()
+    for email, (password, keys) in accounts.items():
+        platform.add_account(email, password, keys)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(platform.start(), loop).result(10)
+    try:
+        yield platform.url
+    finally:
+        asyncio.run_coroutine_threadsafe(platform.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def daidai_account(name: str, email: str, api_base: str, password_env: str = "DAIDAI_PASSWORD") -> str:
+    """An ``accounts:`` item of desired.yaml for a (fake) DaiDai platform."""
+    return (f"  - name: {name}\n    provider: daidai\n    email: {email}\n"
+            f"    password_env: {password_env}\n    api_base: {api_base}\n")

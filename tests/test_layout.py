@@ -5,11 +5,13 @@ import ast
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "reconciler" / "server" / "page"
 # each layer may import the ones after it in this list, never one before it
 LAYERS = ["reconciler.cli", "reconciler.server", "proxy", "reconciler.engine", "reconciler.runtime",
           "reconciler.desired"]
@@ -111,3 +113,15 @@ def test_the_wheel_installs_and_validates_from_another_folder(wheel: Path, tmp_p
                             cwd=elsewhere, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "valid (2 instances, 2 accounts)" in result.stdout
+    page = subprocess.run([str(env_dir / "bin" / "python"), "-c",
+                           "from reconciler.server.admin_page import Page; print(' '.join(sorted(Page().files)))"],
+                          cwd=elsewhere, check=True, capture_output=True, text=True).stdout.split()
+    assert page == sorted(p.name for p in PAGE.iterdir()), "the installed package serves the whole admin page"
+
+
+def test_the_wheel_carries_the_admin_page(wheel: Path) -> None:
+    files = sorted(PAGE.iterdir())
+    assert {p.suffix for p in files} == {".html", ".js", ".css"}
+    with zipfile.ZipFile(wheel) as archive:
+        for path in files:
+            assert archive.read(f"reconciler/server/page/{path.name}") == path.read_bytes(), path.name

@@ -157,3 +157,16 @@ def remove_instance(text: str, port: int) -> str:
         colon = text.index(":", key.end_mark.index) + 1
         text = _splice(text, colon, colon, " []")
     return text
+
+
+def instance_lines(text: str) -> dict[int, tuple[int, int]]:
+    """Where each instance is written: port -> (first line, last line), 1-based, for links into
+    the file. Empty when the text is not a mapping with a list of instances."""
+    try:
+        _, found = _instances(text)
+    except (yaml.YAMLError, EditError):
+        return {}
+    if not found or not isinstance(found[1], yaml.SequenceNode):
+        return {}
+    return {port: (item.start_mark.line + 1, _last_line(item) + 1)
+            for item in found[1].value if (port := _port(item)) is not None}

@@ -6,6 +6,7 @@ error into ``{"error": "..."}`` in the caller's language, with no traceback.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from dataclasses import asdict
@@ -18,11 +19,16 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
+from . import logstream
+from .admin_page import Page
 from .backup import zip_stream
+from ..desired.edits import instance_lines
+from ..desired.model import instance_id
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
 from .control import Control
 from .fleet import ApiError, Fleet
+from .keypool import pool_document
 from .messages import language, message
 
 log = logging.getLogger("cst.api")
@@ -31,6 +37,8 @@ FLEET = web.AppKey("fleet", Fleet)
 ADMIN_KEY = web.AppKey("admin_key", str)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
+PAGE = web.AppKey("page", Page)
+STREAMS = web.AppKey("streams", set)  # the tasks serving open streams
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -163,7 +171,9 @@ async def get_desired(request: web.Request) -> web.Response:
     snapshot = request.app[DAEMON].file.read()
     return _json({
         "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
-        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems]})
+        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
+        "instances": {instance_id(port): {"from": first, "to": last}
+                      for port, (first, last) in instance_lines(snapshot.text).items()}})
 
 
 async def put_desired(request: web.Request) -> web.Response:
@@ -207,12 +217,57 @@ async def status(request: web.Request) -> web.Response:
             "recap": report.recap if report else None,
             "results": [asdict(r) for r in report.results if r.outcome != "ok"] if report else [],
         },
-        "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__},
+        "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__,
+                   "archiveDir": str(daemon.state.archive_dir)},
     })
 
 
 async def openapi(request: web.Request) -> web.Response:
     return _json(request.app[OPENAPI])
+
+
+# -- the admin page, and what it reads beyond the seed's endpoints
+
+async def page_index(request: web.Request) -> web.Response:
+    return request.app[PAGE].respond(request, "index.html")
+
+
+async def page_file(request: web.Request) -> web.Response:
+    return request.app[PAGE].respond(request, request.match_info["name"])
+
+
+def _stream(handler: Handler) -> Handler:
+    """Mark a handler whose response stays open, so shutdown can end it."""
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        request.app[STREAMS].add(task)
+        try:
+            return await handler(request)
+        finally:
+            request.app[STREAMS].discard(task)
+    return streaming
+
+
+async def _end_streams(app: web.Application) -> None:
+    # an open stream would otherwise hold the shutdown for the runner's whole timeout (60 s)
+    for task in list(app[STREAMS]):
+        task.cancel()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    return await request.app[DAEMON].events.respond(request)
+
+
+async def instance_logs(request: web.Request) -> web.StreamResponse:
+    return await logstream.respond(request, request.app[FLEET].log_path(request.match_info["id"]))
+
+
+async def pool(request: web.Request) -> web.Response:
+    return _json(pool_document(request.app[DAEMON].proxy))
+
+
+async def free_port(request: web.Request) -> web.Response:
+    return _json({"port": request.app[FLEET].free_port()})
 
 
 def make_app(daemon: Control, admin_key: str) -> web.Application:
@@ -236,4 +291,14 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_get("/api/desired", get_desired)
     app.router.add_put("/api/desired", put_desired)
     app.router.add_get("/api/status", status)
+    # the admin page
+    app[PAGE] = Page()
+    app[STREAMS] = set()
+    app.on_shutdown.append(_end_streams)
+    app.router.add_get("/", page_index)
+    app.router.add_get("/page/{name}", page_file)
+    app.router.add_get("/api/events", _stream(events))
+    app.router.add_get("/api/instances/{id}/logs", _stream(instance_logs))
+    app.router.add_get("/api/pool", pool)
+    app.router.add_get("/api/free-port", free_port)
     return app

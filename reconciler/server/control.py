@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from proxy.service import ProxyService
+
 from ..desired.model import DesiredState
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
+from .events import EventHub
 
 
 class Control(Protocol):
@@ -26,6 +29,8 @@ class Control(Protocol):
     last_report: Report | None
     last_pass_at: str | None
     last_pass_ms: float | None
+    events: EventHub                # what changed, for GET /api/events
+    proxy: ProxyService | None      # the in-process key-pool proxy, once started
 
     def accept(self, snapshot: Snapshot) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""

@@ -31,6 +31,8 @@ from ..runtime.local import live_process, utc_now
 from ..runtime.logs import rotate_log
 from ..runtime.statedir import LockHeld, StateDir
 from .api import make_app
+from .events import EventHub
+from .keypool import pool_document
 
 log = logging.getLogger("cst.serve")
 
@@ -62,6 +64,7 @@ class Daemon:
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
         self._exit_watches: dict[int, int] = {}  # pid -> pidfd of each instance process we watch
         self._background: set[asyncio.Task] = set()
+        self.events = EventHub(pool=lambda: pool_document(self.proxy))
 
     # -- the desired state
 
@@ -69,6 +72,7 @@ class Daemon:
         """Take a new reading of the file: enforce it if valid, report it if not."""
         previous = self.snapshot
         self.snapshot = snapshot
+        self.events.file_read(previous, snapshot)
         if not snapshot.valid:
             for problem in snapshot.problems:
                 log.error("desired.yaml is invalid, keeping the last valid state: %s", problem)
@@ -136,6 +140,7 @@ class Daemon:
         self._watch_exits()
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
+        self.events.passed(report, self.last_pass_at, self.last_pass_ms)
         return report
 
     def _watch_exits(self) -> None:

@@ -62,6 +62,7 @@ class Fleet:
         rows = instance_rows(self.desired, self.daemon.supervisor.errored)
         for row in rows:
             row["status"] = SEED_STATUS[row["status"]]
+            row["lastFailure"] = self.daemon.events.last_failure.get(row["id"])
         return rows
 
     def row(self, id_: str) -> dict:
@@ -92,6 +93,26 @@ class Fleet:
         if not path.is_dir():
             raise ApiError(404, "no_data", id=id_)
         return path
+
+    def log_path(self, id_: str) -> Path:
+        self._known(id_)
+        return self.daemon.state.log_path(id_)
+
+    def _reserved(self) -> dict[int, str]:
+        """Ports cst serve itself listens on, each with the setting that says so."""
+        return {listen.port: setting for setting, listen in (
+            ("settings.api.listen", self.desired.settings.api.listen),
+            ("settings.proxy.listen", self.desired.settings.proxy.listen))}
+
+    def free_port(self) -> int:
+        """A port to suggest for a new instance: the first free one after the highest declared."""
+        taken = {i.port for i in self.desired.instances} | set(self._reserved())
+        start = max((i.port for i in self.desired.instances), default=8000) + 1
+        host = self.desired.settings.sillytavern.listen_address
+        for port in range(start, min(start + 200, 65536)):
+            if port not in taken and port_is_free(host, port):
+                return port
+        raise ApiError(409, "no_free_port", start=start)
 
     # -- changing (each: edit the file, then converge)
 
@@ -125,10 +146,8 @@ class Fleet:
 
         if self.desired.instance(id_) is not None:
             raise ApiError(400, "port_declared", port=port, id=id_)
-        for setting, listen in (("settings.api.listen", self.desired.settings.api.listen),
-                                ("settings.proxy.listen", self.desired.settings.proxy.listen)):
-            if listen.port == port:
-                raise ApiError(400, "reserved_port", port=port, setting=setting)
+        if port in self._reserved():
+            raise ApiError(400, "reserved_port", port=port, setting=self._reserved()[port])
         if not port_is_free(self.desired.settings.sillytavern.listen_address, port):
             raise ApiError(400, "port_in_use", port=port)
         await self._edit(add, "create_failed")

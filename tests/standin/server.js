@@ -3,6 +3,7 @@
 // --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD}.
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
+// GET /standin/say?line=TEXT (with basic auth) writes TEXT to its log (stdout), for log tests.
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
@@ -35,6 +36,12 @@ const server = http.createServer((req, res) => {
     if (req.headers.authorization !== expected) {
         res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
         return res.end('Unauthorized');
+    }
+    const url = new URL(req.url, 'http://standin');
+    if (url.pathname === '/standin/say') {
+        console.log(url.searchParams.get('line') || '');
+        res.writeHead(204);
+        return res.end();
     }
     res.writeHead(200, { 'Content-Type': 'text/html' });
     res.end(`<html><body>stand-in SillyTavern on ${port}, data in ${dataRoot}</body></html>`);

@@ -1,0 +1,696 @@
+// CST's admin page: sign in, the instances (kept current by GET /api/events), logs, the key pool
+// and the desired file. Plain DOM, no framework: every text goes in through textContent.
+import { ApiError, call, json, serverEvents, session, textChunks } from './api.js';
+import { lang, setLang, t, translate } from './i18n.js';
+
+const $ = (id) => document.getElementById(id);
+const VIEWS = ['instances', 'logs', 'pool', 'file'];
+const COLUMNS = ['id', 'port', 'desired', 'status', 'uptime', 'restarts', 'failure', 'dataDir', 'actions'];
+const STALL_MS = 45000;  // the server comments every 15 s: this long without a byte means the stream is dead
+
+const state = {
+  rows: new Map(),     // instance id -> {id, data, tr, cells, badge, ..., pending, flash}
+  fetchedAt: 0,        // when the rows' uptimes were measured
+  listSeq: 0,
+  archiveDir: '',
+  pool: null,
+  desired: null,       // GET /api/desired
+  status: null,        // GET /api/status
+  focus: '',           // what the file view highlights: an instance id or L<line>
+  activity: [],
+  live: null,
+  stream: null,        // the event stream's {stopped, controller}
+  logController: null,
+  logState: '',
+  logLength: 0,
+  scrollToFocus: false, // the file view moves to what it highlights once, not on every update
+};
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (name === 'class') node.className = value;
+    else if (name === 'dataset') Object.assign(node.dataset, value);
+    else if (name.startsWith('on')) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  node.append(...children.filter((child) => child !== null && child !== undefined));
+  return node;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const locale = () => (lang() === 'zh' ? 'zh-CN' : 'en-GB');
+const clock = (iso) => (iso ? new Date(iso).toLocaleTimeString(locale(), { hour12: false }) : '');
+const stamp = (iso) => (iso ? new Date(iso).toLocaleString(locale(), {
+  month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false,
+}) : '');
+const money = (value) => (typeof value === 'number' ? `¥${value.toFixed(2)}` : '—');
+
+function duration(seconds) {
+  const s = Math.floor(seconds);
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+// -- messages
+
+function toast(text, kind = 'info') {
+  const item = el('div', { class: `toast ${kind}`, role: kind === 'error' ? 'alert' : 'status' },
+    el('span', {}, text),
+    el('button', { type: 'button', class: 'link', 'aria-label': t('close'), onclick: () => item.remove() }, '×'));
+  $('toasts').append(item);
+  setTimeout(() => item.remove(), kind === 'error' ? 15000 : 8000);
+  return item;
+}
+
+function handle(error) {
+  if (error instanceof ApiError && error.status === 401) return signOut(error.message);
+  if (error instanceof ApiError && error.status === 429) {
+    return toast(t('err.wait', { message: error.message, s: error.retryAfter || 1 }), 'error');
+  }
+  if (error instanceof ApiError) return toast(error.message, 'error');
+  if (error.name !== 'AbortError') toast(t('err.network', { reason: error.message }), 'error');
+}
+
+async function dialog({ title, text, ok = t('ok'), cancel = true, secret = '', danger = false }) {
+  const box = $('dialog');
+  while (box.open) await new Promise((resolve) => box.addEventListener('close', resolve, { once: true }));
+  $('dialog-title').textContent = title;
+  $('dialog-text').textContent = text;
+  $('dialog-secret').hidden = !secret;
+  $('dialog-secret-value').value = secret;
+  $('dialog-ok').textContent = ok;
+  $('dialog-ok').className = danger ? 'destroy' : 'primary';
+  $('dialog-cancel').hidden = !cancel;
+  return new Promise((resolve) => {
+    let answer = false;
+    const listening = new AbortController();
+    $('dialog-ok').addEventListener('click', () => { answer = true; box.close(); }, { signal: listening.signal });
+    $('dialog-cancel').addEventListener('click', () => box.close(), { signal: listening.signal });
+    box.addEventListener('close', () => {
+      listening.abort();
+      $('dialog-secret-value').value = '';  // a password is shown once
+      resolve(answer);
+    }, { once: true });
+    box.showModal();
+    (secret ? $('dialog-copy') : cancel ? $('dialog-cancel') : $('dialog-ok')).focus();
+  });
+}
+
+async function copy(text, button, field = null) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {  // no clipboard API outside a secure context (http to another host): select and copy
+    const input = field || el('input', { value: text });
+    if (!field) document.body.append(input);
+    input.select();
+    document.execCommand('copy');
+    if (!field) input.remove();
+  }
+  button.textContent = t('copied');
+  setTimeout(() => { button.textContent = t('copy'); }, 1500);
+}
+
+// -- signing in and out
+
+let waitTimer = null;
+
+function showSignIn(message = '') {
+  stopStream();
+  stopLogs();
+  $('signin').hidden = false;
+  for (const id of ['tabs', 'signout', 'live']) $(id).hidden = true;
+  for (const view of VIEWS) $(`view-${view}`).hidden = true;
+  $('signin-error').textContent = message;
+  $('key').focus();
+}
+
+function signOut(reason = '') {
+  session.key = null;
+  showSignIn(reason ? t('signin.out', { reason }) : '');
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const key = $('key').value;
+  $('signin-error').textContent = '';
+  try {
+    const status = await json('GET', 'api/status', { key });
+    session.key = key;
+    $('key').value = '';
+    enter(status);
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 429) return waitToRetry(error);
+    $('signin-error').textContent = error instanceof ApiError
+      ? error.message : t('err.network', { reason: error.message });
+  }
+}
+
+// the API's brute-force limit: say so, count down, and let the button work again when it may
+function waitToRetry(error) {
+  const until = Date.now() + Math.max(error.retryAfter, 1) * 1000;
+  const button = $('signin-submit');
+  button.disabled = true;
+  const tick = () => {
+    const left = Math.ceil((until - Date.now()) / 1000);
+    if (left <= 0) {
+      clearInterval(waitTimer);
+      button.disabled = false;
+      $('signin-error').textContent = '';
+      return;
+    }
+    $('signin-error').textContent = `${error.message} ${t('signin.wait', { s: left })}`;
+  };
+  clearInterval(waitTimer);
+  waitTimer = setInterval(tick, 250);
+  tick();
+}
+
+function enter(status) {
+  $('signin').hidden = true;
+  for (const id of ['tabs', 'signout', 'live']) $(id).hidden = false;
+  state.archiveDir = status.daemon.archiveDir;
+  state.status = status;
+  route();
+  listen();
+  suggestPort();
+}
+
+// -- the event stream: fetch() so the key travels in a header, reconnecting with Last-Event-ID
+
+function setLive(on) {
+  state.live = on;
+  $('live').textContent = t(on ? 'live.on' : 'live.off');
+  $('live').className = `live ${on ? 'on' : 'off'}`;
+}
+
+async function listen() {
+  stopStream();
+  const stream = { stopped: false, controller: null };
+  state.stream = stream;
+  let lastId = null;
+  let delay = 1000;
+  setLive(false);
+  while (!stream.stopped) {
+    const controller = new AbortController();
+    stream.controller = controller;
+    let timer = null;
+    const arm = () => { clearTimeout(timer); timer = setTimeout(() => controller.abort(), STALL_MS); };
+    try {
+      arm();
+      const response = await call('GET', 'api/events', {
+        signal: controller.signal, extraHeaders: lastId ? { 'Last-Event-ID': lastId } : {},
+      });
+      setLive(true);
+      delay = 1000;
+      for await (const event of serverEvents(response)) {
+        arm();
+        if (event.id) lastId = event.id;
+        onEvent(event);
+      }
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 401) {
+        clearTimeout(timer);
+        if (!stream.stopped) signOut(error.message);
+        return;
+      }
+      if (error instanceof ApiError && error.status === 429) delay = Math.max(delay, error.retryAfter * 1000);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (stream.stopped) return;
+    setLive(false);
+    await sleep(delay);
+    delay = Math.min(delay * 2, 15000);
+  }
+}
+
+function stopStream() {
+  if (!state.stream) return;
+  state.stream.stopped = true;
+  state.stream.controller?.abort();
+  state.stream = null;
+}
+
+function onEvent({ event, data }) {
+  if (event === 'reset') {
+    loadInstances();
+    loadPool();
+    loadDesired();
+  } else if (event === 'pool') {
+    renderPool(data);
+  } else if (event === 'instance') {
+    note({ at: data.at, id: data.id, change: data.change, detail: data.detail });
+    const row = state.rows.get(data.id);
+    if (row && data.change === 'crashed') {  // shown until the list says what it is now
+      row.flash = 'crashed';
+      fillRow(row);
+    }
+    later(loadInstances);
+  } else if (event === 'file') {
+    note({ at: new Date().toISOString(), id: '', change: data.valid ? 'file' : 'invalid',
+      detail: data.problems.map((p) => p.text).join('; ') });
+    later(loadInstances);
+    later(loadDesired);
+  } else if (event === 'reconcile') {
+    later(loadDesired);
+  }
+}
+
+const pending = new Map();
+function later(load, ms = 150) {  // a burst of events makes one request
+  clearTimeout(pending.get(load));
+  pending.set(load, setTimeout(load, ms));
+}
+
+// -- instances
+
+async function loadInstances() {
+  const seq = ++state.listSeq;
+  try {
+    const rows = await json('GET', 'api/instances');
+    if (seq === state.listSeq) renderInstances(rows);  // an older answer never overwrites a newer one
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function renderInstances(list) {
+  state.fetchedAt = Date.now();
+  const body = $('instances').tBodies[0];
+  const seen = new Set();
+  list.forEach((data, index) => {
+    let row = state.rows.get(data.id);
+    if (!row) {
+      row = makeRow(data.id);
+      state.rows.set(data.id, row);
+    }
+    row.data = data;
+    row.flash = null;
+    seen.add(data.id);
+    fillRow(row);
+    if (body.children[index] !== row.tr) body.insertBefore(row.tr, body.children[index] || null);
+  });
+  for (const [id, row] of state.rows) {
+    if (!seen.has(id)) {
+      row.tr.remove();
+      state.rows.delete(id);
+    }
+  }
+  $('instances').hidden = list.length === 0;
+  $('no-instances').hidden = list.length > 0;
+  fillLogChoices();
+}
+
+function makeRow(id) {
+  const cells = Object.fromEntries(COLUMNS.map((column) => [column, el('td', { class: `c-${column}` })]));
+  const row = { id, cells, tr: el('tr', { dataset: { id } }, ...Object.values(cells)), pending: null, flash: null };
+  row.name = el('code', {}, id);
+  row.fileLink = el('a', { href: `#file/${id}`, class: 'small' });
+  cells.id.append(el('span', {}, row.name, row.fileLink));
+  row.badge = el('span', { class: 'badge' });
+  cells.status.append(row.badge);
+  row.toggle = el('button', { type: 'button', class: 'toggle', onclick: () => toggle(row) });
+  row.restart = el('button', { type: 'button', dataset: { i18n: 'act.restart' },
+    onclick: () => act(row, 'restarting', 'POST', '/restart') });
+  const menu = el('details', { class: 'menu' }, el('summary', { dataset: { i18n: 'act.more' } }));
+  const item = (key, action, extra = {}) => el('button', { type: 'button', dataset: { i18n: key }, ...extra,
+    onclick: () => { menu.open = false; action(row); } });
+  menu.append(el('div', { class: 'menu-items' },
+    item('act.password', resetPassword), item('act.backup', backup),
+    el('a', { href: `#file/${id}`, dataset: { i18n: 'act.file' }, onclick: () => { menu.open = false; } }),
+    item('act.delete', remove, { class: 'danger' })));
+  menu.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && menu.open) {
+      menu.open = false;
+      menu.querySelector('summary').focus();
+    }
+  });
+  row.menu = menu;
+  row.logs = el('a', { href: `#logs/${id}`, class: 'button', dataset: { i18n: 'act.logs' } });
+  cells.actions.append(el('span', { class: 'actions' }, row.toggle, row.restart, row.logs, menu));
+  translate(row.tr);
+  return row;
+}
+
+function fillRow(row) {
+  const { data, cells } = row;
+  for (const column of COLUMNS) cells[column].dataset.label = t(`col.${column}`);  // the phone layout's labels
+  const lines = state.desired?.instances?.[row.id];
+  row.fileLink.textContent = lines ? `desired.yaml:${lines.from}` : '';
+  row.fileLink.title = t('act.file');
+  cells.port.textContent = data.port;
+  cells.desired.textContent = t(`desired.${data.desired}`);
+  const status = row.pending || row.flash || data.status;
+  row.badge.textContent = t(`status.${status}`);
+  row.badge.className = `badge s-${status}`;
+  row.badge.title = data.detail || '';
+  cells.uptime.textContent = uptime(row);
+  cells.restarts.textContent = data.restarts;
+  const failure = data.lastFailure;
+  cells.failure.textContent = failure ? `${stamp(failure.at)} ${failure.reason}` : data.detail || '—';
+  cells.dataDir.textContent = data.dataDir;
+  cells.dataDir.title = data.dataDir;
+  const declared = data.desired !== 'absent';
+  row.toggle.textContent = t(data.desired === 'running' ? 'act.stop' : 'act.start');
+  row.toggle.disabled = Boolean(row.pending) || !declared;
+  row.restart.disabled = Boolean(row.pending) || data.desired !== 'running';
+  row.menu.querySelector('summary').classList.toggle('disabled', Boolean(row.pending));
+  translate(row.tr);
+}
+
+function uptime(row) {
+  const { uptime: base } = row.data;
+  return base === null || base === undefined ? '—' : duration(base + (Date.now() - state.fetchedAt) / 1000);
+}
+
+async function run(row, pendingStatus, method, path, body) {
+  row.pending = pendingStatus;
+  fillRow(row);
+  try {
+    return await json(method, `api/instances/${encodeURIComponent(row.id)}${path}`, { body });
+  } finally {
+    row.pending = null;
+    if (state.rows.get(row.id) === row) fillRow(row);
+    later(loadInstances, 0);
+  }
+}
+
+// an action whose answer is a message: shown, as is an error
+async function act(row, pendingStatus, method, path) {
+  try {
+    toast((await run(row, pendingStatus, method, path)).message);
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function toggle(row) {
+  const stop = row.data.desired === 'running';
+  return act(row, stop ? 'stopping' : 'starting', 'POST', stop ? '/stop' : '/start');
+}
+
+async function resetPassword(row) {
+  const title = t('password.title', { id: row.id });
+  if (!await dialog({ title, text: t('password.text'), ok: t('password.ok') })) return;
+  try {
+    const answer = await run(row, 'resetting', 'POST', '/reset-password');
+    await dialog({ title: t('secret.password', { id: row.id }), text: t('secret.text', { id: row.id }),
+      secret: answer.password, cancel: false, ok: t('close') });
+  } catch (error) {
+    handle(error);
+  }
+}
+
+async function remove(row) {
+  const text = t('delete.text', { dataDir: row.data.dataDir, archive: state.archiveDir, id: row.id });
+  if (await dialog({ title: t('delete.title', { id: row.id }), text, ok: t('delete.ok'), danger: true })) {
+    await act(row, 'deleting', 'DELETE', '');
+  }
+}
+
+async function backup(row) {
+  try {
+    const response = await call('GET', `api/instances/${encodeURIComponent(row.id)}/backup`);
+    const disposition = response.headers.get('Content-Disposition') || '';
+    const name = /filename="([^"]+)"/.exec(disposition)?.[1] || `${row.id}.zip`;
+    const url = URL.createObjectURL(await response.blob());
+    const link = el('a', { href: url, download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    toast(t('backup.done', { id: row.id }));
+  } catch (error) {
+    handle(error);
+  }
+}
+
+async function create(event) {
+  event.preventDefault();
+  const port = Number($('new-port').value);
+  const button = $('create-submit');
+  button.disabled = true;
+  const busy = toast(t('create.busy', { id: `st-instance-${port}` }));
+  try {
+    const answer = await json('POST', 'api/instances', { body: { port } });
+    later(loadInstances, 0);
+    suggestPort();
+    await dialog({ title: t('secret.created', { id: answer.id }), text: t('secret.text', { id: answer.id }),
+      secret: answer.password, cancel: false, ok: t('close') });
+  } catch (error) {
+    handle(error);
+  } finally {
+    button.disabled = false;
+    busy.remove();
+  }
+}
+
+async function suggestPort() {
+  try {
+    $('new-port').value = (await json('GET', 'api/free-port')).port;
+  } catch {
+    // no suggestion: the field stays as it is and the operator types a port
+  }
+}
+
+function note(entry) {
+  state.activity.unshift(entry);
+  state.activity.length = Math.min(state.activity.length, 50);
+  renderActivity();
+}
+
+function renderActivity() {
+  $('activity').replaceChildren(...state.activity.map(({ at, id, change, detail }) => el('li', {},
+    el('time', { datetime: at }, clock(at)), ' ', id ? el('code', {}, id) : null, ' ',
+    el('strong', { class: `c-${change}` }, t(`change.${change}`)), detail ? ` ${detail}` : null)));
+  $('no-activity').hidden = state.activity.length > 0;
+}
+
+// -- logs
+
+function fillLogChoices() {
+  const select = $('log-instance');
+  const chosen = select.value;
+  const ids = [...state.rows.keys()];
+  if ([...select.options].map((o) => o.value).join() !== ids.join()) {
+    select.replaceChildren(...ids.map((id) => el('option', { value: id }, id)));
+    if (ids.includes(chosen)) select.value = chosen;
+  }
+}
+
+function setLogState(key) {
+  state.logState = key;
+  $('log-state').textContent = key ? t(key) : '';
+  $('log-state').className = `badge ${key === 'logs.live' ? 's-online' : ''}`;
+}
+
+function stopLogs() {
+  state.logController?.abort();
+  state.logController = null;
+}
+
+async function showLogs(id) {
+  if (id) {
+    if (!state.rows.has(id)) await loadInstances();
+    $('log-instance').value = id;
+  }
+  stopLogs();
+  const chosen = $('log-instance').value;
+  const text = $('log-text');
+  text.textContent = '';
+  state.logLength = 0;
+  if (!chosen) return setLogState('logs.empty');
+  const controller = new AbortController();
+  state.logController = controller;
+  const follow = $('log-follow').checked;
+  const lines = Math.min(Math.max(parseInt($('log-lines').value, 10) || 0, 0), 10000);
+  setLogState('logs.loading');
+  try {
+    const response = await call('GET',
+      `api/instances/${encodeURIComponent(chosen)}/logs?tail=${lines}&follow=${follow ? 1 : 0}`,
+      { signal: controller.signal });
+    setLogState(follow ? 'logs.live' : 'logs.ended');
+    for await (const chunk of textChunks(response)) appendLog(chunk);
+    setLogState('logs.ended');
+  } catch (error) {
+    if (controller.signal.aborted) return;
+    setLogState('logs.ended');
+    handle(error);
+  }
+}
+
+function appendLog(chunk) {
+  const text = $('log-text');
+  const atEnd = text.scrollHeight - text.scrollTop - text.clientHeight < 40;
+  text.append(chunk);
+  state.logLength += chunk.length;
+  if (state.logLength > 2_000_000) {  // a log followed for days: keep its last megabyte
+    text.textContent = text.textContent.slice(-1_000_000);
+    state.logLength = text.textContent.length;
+  }
+  if (atEnd) text.scrollTop = text.scrollHeight;
+}
+
+// -- the key pool
+
+async function loadPool() {
+  try {
+    renderPool(await json('GET', 'api/pool'));
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function proxyUrl(url) {  // a proxy on every address is reached here the way this page was
+  return url ? url.replace(/\/\/(0\.0\.0\.0|\[::\])(?=[:/])/, `//${location.hostname}`) : '–';
+}
+
+function cells(values) {
+  return values.map(([label, content]) => el('td', { dataset: { label: t(label) } }, content));
+}
+
+function renderPool(doc) {
+  state.pool = doc;
+  $('pool-off').hidden = doc.running;
+  $('pool-balance').textContent = money(doc.totalBalance);
+  $('pool-keys').textContent = `${doc.keys.available} / ${doc.keys.total}`;
+  $('pool-url').textContent = proxyUrl(doc.url);
+  const accounts = Object.entries(doc.accounts);
+  $('accounts').tBodies[0].replaceChildren(...accounts.map(([name, account]) => {
+    const ok = account.state === 'ok';
+    const label = ok ? t(`state.ok.${account.provider}`) : t(`state.${account.state}`);
+    const why = account.last_error || (account.from_cache ? t('acc.cached') : '');
+    return el('tr', {}, ...cells([
+      ['acc.name', name], ['acc.provider', account.provider],
+      ['acc.state', el('span', {}, el('span', { class: `badge s-${account.state}` }, label), why ? ` ${why}` : '')],
+      ['acc.balance', money(account.balance)], ['acc.keys', String(account.keys.length)],
+      ['acc.refreshed', stamp(account.last_refresh) || '—'],
+    ]));
+  }));
+  $('accounts').hidden = accounts.length === 0;
+  $('no-accounts').hidden = accounts.length > 0 || !doc.running;
+  const keys = accounts.flatMap(([name, account]) => account.keys.map((key) => ({ ...key, account: name })));
+  $('keys').tBodies[0].replaceChildren(...keys.map((key) => el('tr', {}, ...cells([
+    ['key.key', el('code', {}, key.key)], ['key.account', key.account],
+    ['key.available',
+      el('span', { class: `badge s-${key.available ? 'ok' : 'error'}` }, t(key.available ? 'yes' : 'no'))],
+    ['key.balance', money(key.balance)], ['key.used', money(key.used)], ['key.requests', String(key.requests)],
+    ['key.failures', String(key.failures)], ['key.cooldown', stamp(key.cooldown_until) || '—'],
+  ]))));
+  $('keys').hidden = keys.length === 0;
+  $('no-keys').hidden = keys.length > 0 || !doc.running;
+}
+
+// -- the desired file
+
+async function loadDesired() {
+  try {
+    const [desired, status] = await Promise.all([json('GET', 'api/desired'), json('GET', 'api/status')]);
+    state.desired = desired;
+    state.status = status;
+    renderFile();
+    for (const row of state.rows.values()) fillRow(row);
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function renderFile() {
+  const { desired, status } = state;
+  if (!desired || !status) return;
+  $('file-path').textContent = desired.path;
+  $('file-valid').textContent = t(desired.valid ? 'file.valid' : 'file.invalid');
+  $('file-valid').className = `badge s-${desired.valid ? 'ok' : 'error'}`;
+  const run = status.reconcile;
+  $('file-run').textContent = run.lastRun
+    ? `${stamp(run.lastRun)} · ${t('file.took', { ms: run.durationMs })} · ${t('file.recap', run.recap)}`
+    : t('file.never');
+  $('file-results').replaceChildren(...(run.results.length
+    ? run.results.map((r) => el('li', {}, el('code', {}, r.id), ` ${r.outcome}${r.detail ? `: ${r.detail}` : ''}`))
+    : [el('li', {}, t('file.nothing'))]));
+  const problems = status.file.problems;
+  $('file-problems-box').hidden = problems.length === 0;
+  $('file-problems').replaceChildren(...problems.map((p) => el('li', {},
+    el('a', { href: `#file/L${p.line}` }, t('file.line', { n: p.line })),
+    ` ${p.path ? `${p.path}: ` : ''}${p.message}`)));
+  const bad = new Set(problems.map((p) => p.line));
+  let [from, to] = [0, -1];
+  const span = desired.instances[state.focus];
+  if (span) [from, to] = [span.from, span.to];
+  else if (/^L\d+$/.test(state.focus)) from = to = Number(state.focus.slice(1));
+  const lines = desired.text.replace(/\n$/, '').split('\n');
+  $('file-text').replaceChildren(...lines.map((line, index) => {
+    const n = index + 1;
+    const marks = [bad.has(n) ? 'bad' : '', n >= from && n <= to ? 'focus' : ''].join(' ').trim();
+    return el('div', { class: `line ${marks}`, id: `L${n}` },
+      el('span', { class: 'ln' }, String(n)), el('span', {}, line));
+  }));
+  if (from && state.scrollToFocus && !$('view-file').hidden) {
+    $(`L${from}`)?.scrollIntoView({ block: 'center' });
+    state.scrollToFocus = false;
+  }
+}
+
+// -- views and language
+
+function route() {
+  if (!session.key) return;
+  const [name, arg = ''] = decodeURIComponent(location.hash.slice(1)).split('/');
+  const view = VIEWS.includes(name) ? name : 'instances';
+  for (const each of VIEWS) $(`view-${each}`).hidden = each !== view;
+  for (const link of $('tabs').querySelectorAll('a')) {
+    if (link.dataset.view === view) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+  if (view !== 'logs') stopLogs();
+  if (view === 'logs') showLogs(arg);
+  if (view === 'file') {
+    state.focus = arg;
+    state.scrollToFocus = true;
+    renderFile();
+    loadDesired();
+  }
+}
+
+function relabel() {
+  translate();
+  for (const row of state.rows.values()) fillRow(row);
+  renderActivity();
+  if (state.pool) renderPool(state.pool);
+  renderFile();
+  if (state.live !== null) setLive(state.live);
+  setLogState(state.logState);
+}
+
+function start() {
+  $('lang').value = lang();
+  translate();
+  $('lang').addEventListener('change', () => { setLang($('lang').value); relabel(); });
+  $('signin-form').addEventListener('submit', signIn);
+  $('signout').addEventListener('click', () => signOut());
+  $('create-form').addEventListener('submit', create);
+  $('log-instance').addEventListener('change', () => { location.hash = `#logs/${$('log-instance').value}`; });
+  $('log-reload').addEventListener('click', () => showLogs());
+  $('log-follow').addEventListener('change', () => showLogs());
+  $('pool-copy').addEventListener('click', (event) => copy($('pool-url').textContent, event.currentTarget));
+  $('dialog-copy').addEventListener('click', (event) => copy($('dialog-secret-value').value, event.currentTarget,
+    $('dialog-secret-value')));
+  window.addEventListener('hashchange', route);
+  document.addEventListener('click', (event) => {  // an open menu closes when the click is elsewhere
+    for (const menu of document.querySelectorAll('details.menu[open]')) {
+      if (!menu.contains(event.target)) menu.open = false;
+    }
+  });
+  setInterval(() => { for (const row of state.rows.values()) row.cells.uptime.textContent = uptime(row); }, 1000);
+  if (!session.key) return showSignIn();
+  json('GET', 'api/status').then(enter, (error) => {
+    if (!(error instanceof ApiError)) return showSignIn(t('err.network', { reason: error.message }));
+    signOut(error.message);
+    if (error.status === 429) waitToRetry(error);
+  });
+}
+
+start();
