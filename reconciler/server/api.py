@@ -1,8 +1,9 @@
 """The REST API: the seed's (ChainSillyTavern) contract, plus the desired file and status.
 
 Handlers only translate HTTP into ``Fleet`` calls and back; the middlewares do
-authentication (constant-time comparison of ``X-ST-Admin-Key``) and turn every
-error into ``{"error": "..."}`` in the caller's language, with no traceback.
+authentication (constant-time comparison of ``X-ST-Admin-Key``, wrong keys limited per
+client address) and turn every error into ``{"error": "..."}`` in the caller's language,
+with no traceback.
 """
 from __future__ import annotations
 
@@ -19,16 +20,19 @@ from aiohttp import web
 
 from .. import __version__
 from .backup import zip_stream
+from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
 from .control import Control
 from .fleet import ApiError, Fleet
 from .messages import language, message
+from .ratelimit import FailureLimiter
 
 log = logging.getLogger("cst.api")
 DAEMON = web.AppKey("daemon", Control)
 FLEET = web.AppKey("fleet", Fleet)
 ADMIN_KEY = web.AppKey("admin_key", str)
+LIMITER = web.AppKey("limiter", FailureLimiter)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
 
@@ -65,13 +69,28 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(request, 500, "internal")
 
 
+def key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a header value with a key. aiohttp keeps header bytes that
+    are not UTF-8 as surrogates; they are compared as the bytes that arrived (and never match)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
+
+
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/api/"):
+        limiter = request.app[LIMITER]
+        wait = limiter.retry_after(request.remote)
+        if wait:
+            if limiter.first_refusal(request.remote):
+                log.warning("too many wrong admin keys from %s: refusing it for now", request.remote)
+            response = _error(request, 429, "too_many_failures", seconds=wait)
+            response.headers["Retry-After"] = str(wait)
+            return response
         given = request.headers.get("X-ST-Admin-Key")
-        if not given:
+        if not given:  # not a guess: not counted
             return _error(request, 401, "missing_admin_key")
-        if not hmac.compare_digest(given.encode(), request.app[ADMIN_KEY].encode()):
+        if not key_matches(given, request.app[ADMIN_KEY]):
+            limiter.failed(request.remote)
             return _error(request, 401, "invalid_admin_key")
     return await handler(request)
 
@@ -182,7 +201,9 @@ async def put_desired(request: web.Request) -> web.Response:
     if text is None:
         raise ApiError(400, "bad_body")
     try:
-        snapshot = await daemon.file.replace(text, if_match)
+        snapshot = await daemon.file.replace(text, if_match, guard=refuse_restricted)
+    except RestrictedChange as exc:
+        raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
     except StaleVersion as exc:
         raise ApiError(412, "stale", sha256=exc.current) from None
     except ChangeRefused as exc:
@@ -220,6 +241,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app[DAEMON] = daemon
     app[FLEET] = Fleet(daemon)
     app[ADMIN_KEY] = admin_key
+    app[LIMITER] = FailureLimiter()
     app[STARTED] = time.monotonic()
     app[OPENAPI] = json.loads(resources.files(SCHEMAS).joinpath("openapi.json").read_text(encoding="utf-8"))
     app.router.add_get("/health", health)

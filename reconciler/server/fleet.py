@@ -12,6 +12,7 @@ from typing import Any
 
 from ..desired import edits
 from ..desired.model import DesiredState, instance_id, parse, port_of
+from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
 from ..engine.reconcile import Result
@@ -97,7 +98,9 @@ class Fleet:
 
     async def _edit(self, edit, failure_key: str) -> Snapshot:
         try:
-            snapshot = await self.daemon.file.change(edit)
+            snapshot = await self.daemon.file.change(edit, guard=refuse_restricted)
+        except RestrictedChange as exc:
+            raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
         except CurrentFileInvalid as exc:
             raise ApiError(409, "file_invalid", problems=_problems(exc)) from None
         except ChangeRefused as exc:

@@ -11,6 +11,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # key: (English, Chinese)
     "missing_admin_key": ("Missing admin key (header X-ST-Admin-Key)", "缺少管理员密钥"),
     "invalid_admin_key": ("Invalid admin key", "管理员密钥无效"),
+    "too_many_failures": ("Too many wrong admin keys from your address; try again in {seconds} s",
+                          "来自您地址的错误管理员密钥过多，请在 {seconds} 秒后重试"),
     "missing_port": ("Missing port", "缺少端口号"),
     "invalid_port": ("Invalid port {port}: it must be an integer from 1024 to 65535",
                      "端口号无效 {port}：必须是 1024 到 65535 之间的整数"),
@@ -37,6 +39,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
                        "该修改会使 desired.yaml 无效，未写入：{problems}"),
     "stale": ("desired.yaml changed since you read it; its sha256 is now {sha256}",
               "desired.yaml 在读取后已被修改，当前 sha256 为 {sha256}"),
+    "restricted": ("{fields} cannot be changed through the API: change desired.yaml itself (through git)",
+                   "{fields} 不能通过 API 修改：请直接修改 desired.yaml（通过 git）"),
     "if_match_required": ("Send the sha256 you read in the If-Match header", "请在 If-Match 请求头中提供读取时的 sha256"),
     "password_from_env": ("The password of {id} comes from the environment variable {env}; change it there",
                           "{id} 的密码来自环境变量 {env}，请在那里修改"),
