@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
-from .backup import zip_stream
+from .backup import MANIFEST, zip_stream
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
@@ -170,8 +170,20 @@ async def backup(request: web.Request) -> web.StreamResponse:
     })
     response.enable_chunked_encoding()
     await response.prepare(request)
-    async for chunk in zip_stream(root):
-        await response.write(chunk)
+    left_out: list[tuple[str, str]] = []
+    try:
+        async for chunk in zip_stream(root, left_out):
+            await response.write(chunk)
+    except Exception as exc:
+        # The head (200) is gone: the one honest signal left is a connection cut before the
+        # chunked body's end, which every client reports as a failed download.
+        log.error("backup of %s failed after it started; connection cut: %s", id_, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    if left_out:
+        log.warning("backup of %s left out %d files (listed in its %s): %s", id_, len(left_out), MANIFEST,
+                    ", ".join(f"{path} ({reason})" for path, reason in left_out[:10]))
     await response.write_eof()
     return response
 
