@@ -89,6 +89,7 @@ class ApiSettings:
     listen: Listen = Listen.parse(_default("settings", "api", "listen"))
     admin_key_env: str = _default("settings", "api", "admin_key_env")
     tls: TlsSettings | None = None
+    insecure_http: bool = _default("settings", "api", "insecure_http")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class ProxySettings:
     max_attempts: int = _default("settings", "proxy", "max_attempts")
     failure_threshold: int = _default("settings", "proxy", "failure_threshold")
     timeout: float = parse_duration(_default("settings", "proxy", "timeout"))
+    max_body: int = parse_size(_default("settings", "proxy", "max_body"))
+    max_concurrent: int = _default("settings", "proxy", "max_concurrent")
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,7 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             listen=Listen.parse(api["listen"]),
             admin_key_env=api["admin_key_env"],
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
+            insecure_http=api["insecure_http"],
         ),
         proxy=ProxySettings(
             listen=Listen.parse(proxy["listen"]),
@@ -195,6 +199,8 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             max_attempts=proxy["max_attempts"],
             failure_threshold=proxy["failure_threshold"],
             timeout=parse_duration(proxy["timeout"]),
+            max_body=parse_size(proxy["max_body"]),
+            max_concurrent=proxy["max_concurrent"],
         ),
     )
     accounts = tuple(

@@ -184,7 +184,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"{value!r} is not valid here (expected to match {error.validator_value})"
     if kind == "format":
         return path, f"{value!r} is not a valid {error.validator_value} address"
-    if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size"):
+    if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{value!r} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync"):
         return path, f"{value!r} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
