@@ -8,8 +8,8 @@ Limits, answered in OpenAI's error shape: a body over ``settings.proxy.max_body`
 (refused before it is read when its Content-Length says so); past
 ``settings.proxy.max_concurrent`` forwarded requests in flight, a 503 with Retry-After.
 A forwarded path is normalised (dot segments resolved, empty ones dropped) and refused
-when it would leave ``/v1/`` or hides a separator in an escape (``%2F``), so no pool key
-goes to a path the proxy does not serve.
+when it would leave ``/v1/`` or hides a dot segment behind an escaped separator (``..%2F``),
+so no pool key goes to a path the proxy does not serve.
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from .metrics import registry_for
 from .state import ProxyState
 
 _NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these is already in normal form
+_DOTS = {".", ".."}
 
 
 def normalised_path(raw_path: str) -> str | None:
     """``raw_path`` (with its query) with dot segments resolved and empty segments dropped,
-    or None when it leaves /v1/ or a segment decodes to a separator or NUL."""
+    or None when it leaves /v1/, or a segment decodes to NUL or hides a dot segment behind an
+    escaped separator (``..%2F``)."""
     path, sep, query = raw_path.partition("?")
     if not any(mark in path for mark in _NOT_PLAIN):
         return raw_path if path.startswith("/v1/") and len(path) > 4 else None
@@ -44,8 +46,8 @@ def normalised_path(raw_path: str) -> str | None:
             if not segments:
                 return None
             segments.pop()
-        elif any(c in decoded for c in "/\\\0"):
-            return None
+        elif "\0" in decoded or _DOTS & set(decoded.replace("\\", "/").split("/")):
+            return None  # an escaped separator is fine (a model named org/name), an escaped ../ is not
         else:
             segments.append(segment)
     if len(segments) < 2 or segments[0] != "v1":
