@@ -45,7 +45,7 @@ def port_of(instance_id_: str) -> int | None:
     if not instance_id_.startswith(INSTANCE_ID_PREFIX):
         return None
     digits = instance_id_[len(INSTANCE_ID_PREFIX):]
-    if not digits.isdigit() or len(digits) > 5 or digits.startswith("0"):
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 5 or digits.startswith("0"):
         return None
     port = int(digits)
     return port if 1024 <= port <= 65535 else None
@@ -155,6 +155,7 @@ class DesiredState:
     settings: Settings
     accounts: tuple[Account, ...] = ()
     instances: tuple[InstanceSpec, ...] = field(default_factory=tuple)
+    warnings: tuple[Problem, ...] = ()   # valid, but worth a word (see validation)
 
     def instance(self, id_: str) -> InstanceSpec | None:
         return next((i for i in self.instances if i.id == id_), None)
@@ -167,7 +168,7 @@ def _path(base: Path, value: str | None) -> Path | None:
     return None if value is None else (base / Path(value).expanduser()).resolve()
 
 
-def from_data(data: dict[str, Any], path: Path) -> DesiredState:
+def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = ()) -> DesiredState:
     """Build the model from a document that ``validation.check`` accepted (defaults filled in)."""
     base = path.resolve().parent
     raw = data["settings"]
@@ -222,12 +223,15 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
         for i in data["instances"]
     )
-    return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)
+    return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,
+                        warnings=warnings)
 
 
 def parse(text: str, path: Path) -> DesiredState:
     """Validate ``text`` (the content of ``path``) and build the model; raises InvalidDesiredState."""
-    return from_data(check(text, str(path)), path)
+    warnings: list[Problem] = []
+    data = check(text, str(path), warnings)
+    return from_data(data, path, tuple(warnings))
 
 
 def load(path: Path) -> DesiredState:

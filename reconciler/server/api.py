@@ -96,6 +96,9 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _json_body(request: web.Request) -> object:
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise ApiError(415, "bad_content_type", content_type=content_type[:60])
     try:
         return await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
@@ -194,7 +197,8 @@ async def get_desired(request: web.Request) -> web.Response:
     snapshot = request.app[DAEMON].file.read()
     return _json({
         "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
-        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems]})
+        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
+        "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.valid else []})
 
 
 async def put_desired(request: web.Request) -> web.Response:
@@ -233,6 +237,7 @@ async def status(request: web.Request) -> web.Response:
             "path": str(daemon.file.path), "sha256": snapshot.sha256, "valid": snapshot.valid,
             "problems": [{"file": p.file, "line": p.line, "path": p.path, "message": p.message, "text": str(p)}
                          for p in snapshot.problems],
+            "warnings": [str(w) for w in daemon.desired.warnings],  # of the version in force
             "enforcedSha256": daemon.enforced_sha256,  # the last valid version, the one in force
         },
         "reconcile": {

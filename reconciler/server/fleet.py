@@ -41,7 +41,8 @@ def parse_port(body: Any) -> int:
         raise ApiError(400, "missing_port")
     raw = body["port"]
     # the seed's clients send a number; a string of digits is accepted as the seed's parseInt did
-    if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit())):
+    digits = isinstance(raw, str) and raw.isascii() and raw.isdigit()  # not full-width or other scripts' digits
+    if isinstance(raw, bool) or not (isinstance(raw, int) or digits):
         raise ApiError(400, "invalid_port", port=str(raw)[:20])
     port = int(raw)
     if not 1024 <= port <= 65535:

@@ -21,6 +21,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "reserved_port": ("Port {port} is already taken by {setting}", "端口 {port} 已被 {setting} 占用"),
     "not_found": ("Instance {id} not found", "实例不存在：{id}"),
     "bad_body": ("The request body must be a JSON object", "请求体必须是 JSON 对象"),
+    "bad_content_type": ("The request body must be JSON (Content-Type: application/json), not {content_type}",
+                         "请求体必须是 JSON（Content-Type: application/json），而不是 {content_type}"),
     "create_failed": ("Failed to create instance: {reason}", "创建实例失败：{reason}"),
     "start_failed": ("Failed to start instance: {reason}", "启动实例失败：{reason}"),
     "stop_failed": ("Failed to stop instance: {reason}", "停止实例失败：{reason}"),
