@@ -26,6 +26,7 @@ than the upstream's ``Keep-Alive: timeout`` says, less a second.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl
 import time
@@ -227,11 +228,15 @@ class _Connection(asyncio.Protocol):
         means the upstream never saw a request on it, so it can be dropped at no risk."""
         if self.closed or self.broken or self.fd < 0:
             return False
+        quiet = select.poll()  # cheaper than a peek that raises when nothing is pending
+        quiet.register(self.fd, select.POLLIN)
+        if not quiet.poll(0):
+            return True  # nothing pending: open and quiet
         probe = socket.socket(fileno=self.fd)
         try:
             pending = probe.recv(1, _PEEK)
         except BlockingIOError:
-            return True  # nothing pending: open and quiet
+            return True
         except OSError:
             return False  # reset
         finally:

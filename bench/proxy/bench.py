@@ -225,6 +225,7 @@ async def main() -> None:
         proxy, px_port = await start_proxy(up_port, Path(tmp) / "current")
         baseline = await start_proxy(up_port, Path(tmp) / "baseline", args.baseline) if args.baseline else None
         base_cpu: list[float] = []
+        base_rps: list[float] = []
         try:
             direct_rps, proxy_rps, cpu = [], [], []
             lat_direct, lat_proxy, lat_added, ttfb_direct, ttfb_proxy = [], [], [], [], []
@@ -232,10 +233,11 @@ async def main() -> None:
                 d, _ = await throughput(up_port, args.concurrency, args.seconds, None, upstream.pid)
                 p, c = await throughput(px_port, args.concurrency, args.seconds, proxy.pid)
                 if baseline:
-                    _, b = await throughput(baseline[1], args.concurrency, args.seconds, baseline[0].pid)
+                    r, b = await throughput(baseline[1], args.concurrency, args.seconds, baseline[0].pid)
                     base_cpu.append(b)
-                    print(f"run {run + 1}: CPU per request: baseline {b * 1e6:.0f} us, this checkout {c * 1e6:.0f} us",
-                          flush=True)
+                    base_rps.append(r)
+                    print(f"run {run + 1}: baseline {r:.0f} req/s, CPU {b * 1e6:.0f} us/req; this checkout {p:.0f} req/s, "
+                          f"CPU {c * 1e6:.0f} us/req", flush=True)
                 direct_rps.append(d)
                 proxy_rps.append(p)
                 cpu.append(c)
@@ -266,6 +268,7 @@ async def main() -> None:
     print(f"proxy CPU per request: {med(cpu) * 1e6:.0f} us "
           f"(for scale: the fake upstream, a bare aiohttp server, uses {med(UPSTREAM_CPU) * 1e6:.0f} us)")
     if base_cpu:
+        print(f"baseline ({args.baseline}): {med(base_rps):.0f} req/s, this checkout {med(proxy_rps):.0f} req/s")
         print(f"baseline ({args.baseline}) CPU per request: {med(base_cpu) * 1e6:.0f} us; this checkout "
               f"{med(cpu) * 1e6:.0f} us ({(med(cpu) - med(base_cpu)) * 1e6:+.0f} us, "
               f"runs {' '.join(f'{(c - b) * 1e6:+.0f}' for c, b in zip(cpu, base_cpu))})")
