@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -140,10 +142,18 @@ def test_the_admin_key_is_printed_only_when_generated(project):
     (api,) = free_ports(1)
     project.write(standin_file([], settings=serve_settings(api)))
     for run in range(2):
-        proc = subprocess.Popen(["timeout", "-s", "INT", "3", *project.cst("--help").args[:3], "serve",
-                                 "-f", str(project.file)], cwd=project.dir, env=project.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out, _ = proc.communicate(timeout=60)
+        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", str(project.file)],
+                                cwd=project.dir, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        out = ""
+        try:
+            for line in proc.stdout:  # until it serves
+                out += line
+                if "API on" in line:
+                    break
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out += proc.communicate(timeout=60)[0]
         key = (project.state_dir / "secrets" / "admin.key").read_text().strip()
         if run == 0:
             assert f"generated and kept in {project.state_dir.resolve() / 'secrets' / 'admin.key'}" in out
