@@ -35,6 +35,10 @@ def test_backup_holds_only_the_data_dirs_own_regular_files(project, serve):
     secret = chats / "unreadable.txt"
     secret.write_text("not for the zip")
     secret.chmod(0)
+    locked = data / "locked"                                   # a folder it cannot enter
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "f.txt").write_text("x")
+    locked.chmod(0)
     old = chats / "old.txt"
     old.write_text("from 1970")
     os.utime(old, (0, 0))
@@ -47,7 +51,7 @@ def test_backup_holds_only_the_data_dirs_own_regular_files(project, serve):
     assert archive.testzip() is None
     names = set(archive.namelist())
     assert {"default-user/chats/chat.jsonl", "default-user/chats/old.txt", MANIFEST} <= names
-    assert not any(n.startswith("etc-link") or "hostname" in n or n.endswith(("pipe", "unreadable.txt"))
+    assert not any(n.startswith(("etc-link", "locked")) or "hostname" in n or n.endswith(("pipe", "unreadable.txt"))
                    for n in names), names
     assert archive.getinfo("default-user/chats/old.txt").date_time == (1980, 1, 1, 0, 0, 0)
     assert archive.read("default-user/chats/old.txt") == b"from 1970"
@@ -57,8 +61,9 @@ def test_backup_holds_only_the_data_dirs_own_regular_files(project, serve):
         "default-user/chats/hostname-link": "a symbolic link (not followed)",
         "default-user/chats/pipe": "a FIFO, not a regular file",
         "default-user/chats/unreadable.txt": "not readable (permission denied)",
+        "locked/": "not readable (permission denied)",
     }
-    assert "left out 4 files" in served.log.read_text()
+    assert "left out 5 files or folders" in served.log.read_text()
 
 
 def test_a_backup_without_anything_left_out_has_no_manifest(project, serve):

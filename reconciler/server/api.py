@@ -185,7 +185,7 @@ async def backup(request: web.Request) -> web.StreamResponse:
             request.transport.abort()
         return response
     if left_out:
-        log.warning("backup of %s left out %d files (listed in its %s): %s", id_, len(left_out), MANIFEST,
+        log.warning("backup of %s left out %d files or folders (listed in its %s): %s", id_, len(left_out), MANIFEST,
                     ", ".join(f"{path} ({reason})" for path, reason in left_out[:10]))
     await response.write_eof()
     return response

@@ -89,6 +89,17 @@ def _open_regular(name: str, folder_fd: int) -> tuple[int, os.stat_result]:
     return fd, info
 
 
+def _unenterable(name: str, folder_fd: int) -> str | None:
+    """Why the folder ``name`` in ``folder_fd`` cannot be walked into, or None if it can."""
+    try:
+        if stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            return _LINK
+        os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd))
+    except OSError as exc:
+        return _reason(exc)
+    return None
+
+
 def _entry(arcname: str, info: os.stat_result) -> zipfile.ZipInfo:
     when = time.localtime(info.st_mtime)[:6]
     entry = zipfile.ZipInfo(arcname, date_time=min(max(when, _ZIP_EPOCH), _ZIP_LAST))
@@ -108,16 +119,19 @@ def _add(archive: zipfile.ZipFile, fd: int, entry: zipfile.ZipInfo) -> None:
 def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: list[tuple[str, str]]) -> None:
     try:
         with zipfile.ZipFile(_QueueWriter(out, cancelled), "w", compresslevel=5) as archive:
-            def unreadable(exc: OSError) -> None:
-                left_out.append((Path(exc.filename or "?").relative_to(root).as_posix() + "/", _reason(exc)))
+            def unreadable(exc: OSError) -> None:  # a folder that went away or changed mid-walk
+                left_out.append((f"{exc.filename}/", _reason(exc)))
 
             for folder, dirs, files, folder_fd in os.fwalk(root, onerror=unreadable, follow_symlinks=False):
-                for name in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
-                    dirs.remove(name)  # fwalk would not enter it either; this names it in the manifest
-                    left_out.append(((Path(folder) / name).relative_to(root).as_posix(), _LINK))
+                here = Path(folder).relative_to(root)
+                for name in list(dirs):
+                    reason = _unenterable(name, folder_fd)
+                    if reason:  # fwalk would skip it without a word: the manifest names it
+                        dirs.remove(name)
+                        left_out.append(((here / name).as_posix() + ("" if reason == _LINK else "/"), reason))
                 dirs.sort()
                 for name in sorted(files):
-                    arcname = (Path(folder) / name).relative_to(root).as_posix()
+                    arcname = (here / name).as_posix()
                     try:
                         fd, info = _open_regular(name, folder_fd)
                     except _Skip as skip:
