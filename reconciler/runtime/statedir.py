@@ -123,7 +123,8 @@ class StateDir:
 
     # locks
     def _open_lock(self, name: str) -> tuple[int, Path]:
-        private_dir(self.root)
+        # created owner-only, but not tightened here: an install home shares this lock
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.root / f"{name}.lock"
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path
 
