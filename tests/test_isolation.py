@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import psutil
-import pytest
 
 from conftest import free_ports, http_status, serve_settings, standin_file, start_serve, wait_until
 from reconciler.runtime import sillytavern

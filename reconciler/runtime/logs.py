@@ -32,7 +32,8 @@ def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
             os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
     if keep > 0:
         copy = path.with_name(f"{path.name}.1")
-        with open(path, "rb") as source, open(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_MODE), "wb") as out:
+        created = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_MODE)
+        with open(path, "rb") as source, open(created, "wb") as out:
             shutil.copyfileobj(source, out)
         tighten(copy, LOG_MODE)
     os.truncate(path, 0)
