@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from reconciler.desired.model import Account
-from reconciler.files import atomic_write
+from reconciler.files import atomic_write, private_dir
 from reconciler.desired.secret_source import SecretUnavailable, read_secret
 
 from .pool import KeyInfo, KeyPool, mask
@@ -274,8 +273,7 @@ class AccountManager:
         self._running: dict[str, tuple[Account, Source, asyncio.Task[None]]] = {}
 
     def _ensure_cache_dir(self) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.cache_dir, 0o700)
+        private_dir(self.cache_dir)
 
     def _make(self, account: Account) -> Source:
         if account.provider == "static":

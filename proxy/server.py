@@ -3,6 +3,13 @@
 Routes: ``/v1/*`` (forwarded), ``/health`` (open, for liveness probes),
 ``/status`` and ``/metrics`` (behind the client key when one is configured,
 since they reveal balances and masked keys).
+
+Limits, answered in OpenAI's error shape: a body over ``settings.proxy.max_body`` is a 413
+(refused before it is read when its Content-Length says so); past
+``settings.proxy.max_concurrent`` forwarded requests in flight, a 503 with Retry-After.
+A forwarded path is normalised (dot segments resolved, empty ones dropped) and refused
+when it would leave ``/v1/`` or hides a dot segment behind an escaped separator (``..%2F``),
+so no pool key goes to a path the proxy does not serve.
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import asyncio
 import hmac
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,7 +26,34 @@ from .forward import openai_error
 from .metrics import registry_for
 from .state import ProxyState
 
-CLIENT_MAX_SIZE = 64 * 1024 * 1024
+_NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these is already in normal form
+_DOTS = {".", ".."}
+
+
+def normalised_path(raw_path: str) -> str | None:
+    """``raw_path`` (with its query) with dot segments resolved and empty segments dropped,
+    or None when it leaves /v1/, or a segment decodes to NUL or hides a dot segment behind an
+    escaped separator (``..%2F``)."""
+    path, sep, query = raw_path.partition("?")
+    if not any(mark in path for mark in _NOT_PLAIN):
+        return raw_path if path.startswith("/v1/") and len(path) > 4 else None
+    segments: list[str] = []
+    for segment in path.split("/")[1:]:
+        decoded = unquote(segment)
+        if decoded in ("", "."):
+            continue
+        if decoded == "..":
+            if not segments:
+                return None
+            segments.pop()
+        elif "\0" in decoded or _DOTS & set(decoded.replace("\\", "/").split("/")):
+            return None  # an escaped separator is fine (a model named org/name), an escaped ../ is not
+        else:
+            segments.append(segment)
+    if len(segments) < 2 or segments[0] != "v1":
+        return None
+    return "/" + "/".join(segments) + sep + query
+
 
 
 def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
@@ -28,7 +63,8 @@ def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer":
         token = ""
-    given = token.strip().encode()
+    # header bytes that are not UTF-8 arrive as surrogates: compared as the bytes sent, never a match
+    given = token.strip().encode("utf-8", "surrogateescape")
     ok = False
     for expected in state.client_keys:  # every key compared, each in constant time
         ok |= hmac.compare_digest(given, expected)
@@ -42,10 +78,34 @@ def _denied() -> web.Response:
     return response
 
 
+def _too_large(state: ProxyState) -> web.Response:
+    return openai_error(413, f"the request body is larger than the proxy's limit of {state.max_body} bytes",
+                        "invalid_request_error", "request_too_large")
+
+
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
     if state.client_keys and not client_allowed(state, request):
         return _denied()
-    return await state.forwarder.handle(request)
+    target = normalised_path(request.raw_path)
+    if target is None:
+        return openai_error(400, "the path must stay inside /v1/ (no '..' above it, no escaped '/')",
+                            "invalid_request_error", "invalid_path")
+    if target != request.raw_path:
+        request = request.clone(rel_url=target)
+    if request.content_length is not None and request.content_length > state.max_body:
+        return _too_large(state)
+    if state.in_flight >= state.max_concurrent:
+        response = openai_error(503, f"the proxy is serving its limit of {state.max_concurrent} requests; "
+                                "retry shortly", "server_error", "overloaded")
+        response.headers["Retry-After"] = "1"
+        return response
+    state.in_flight += 1
+    try:
+        return await state.forwarder.handle(request)
+    except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        return _too_large(state)
+    finally:
+        state.in_flight -= 1
 
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
@@ -120,11 +180,10 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
     }
 
     def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-        # Prompts with images can be big; they pass through as bytes.
-        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE)
+        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=state.max_body)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        if request.raw_path.startswith("/v1/"):  # raw: the forwarder relays the path as the client wrote it
+        if request.raw_path.startswith("/v1/"):  # raw: relayed as the client encoded it, once normalised
             return await forward(state, request)
         path = request.path
         handler = observe.get(path)

@@ -78,7 +78,8 @@ class ProxyService:
         pool = KeyPool(settings.proxy.failure_threshold)
         forwarder = Forwarder(self._upstream, pool, _forward_config(settings.proxy))
         accounts = AccountManager(pool, self._session, settings.state_dir)
-        self.state = ProxyState(pool, forwarder, accounts, _client_keys(settings.proxy))
+        self.state = ProxyState(pool, forwarder, accounts, _client_keys(settings.proxy),
+                                settings.proxy.max_body, settings.proxy.max_concurrent)
         accounts.update(self.desired.accounts)
         # handler_cancellation: a client that hangs up cancels its handler, and with it the
         # upstream request, instead of letting it run until the next write fails.
@@ -122,6 +123,7 @@ class ProxyService:
             state.forwarder.config = _forward_config(new)
         state.pool.failure_threshold = new.failure_threshold
         state.client_keys = _client_keys(new)
+        state.max_body, state.max_concurrent = new.max_body, new.max_concurrent
         if desired.settings.state_dir != state.accounts.cache_dir.parent:
             state.accounts.cache_dir = desired.settings.state_dir / "proxy"
         state.accounts.update(desired.accounts)

@@ -4,29 +4,43 @@ Why not aiohttp's ClientSession: measured on this project's machines it costs
 about as much CPU per request as the whole aiohttp server side (~180 µs), most
 of it generality the proxy never uses (cookies, redirects, tracing, decoding,
 multipart). This client keeps keep-alive connections per origin, writes each
-request in one send, parses the response head by hand and hands the body back
-raw, chunk by chunk, so streams pass through as they arrive. It does not decode
-content encodings (bytes pass through) and does not follow redirects.
+request in one send and hands the body back raw, chunk by chunk, so streams pass
+through as they arrive. It does not decode content encodings (bytes pass
+through) and does not follow redirects.
 
-Framing handled: Content-Length, chunked, read-until-close; no body for HEAD,
-1xx, 204 and 304. A request on a reused keep-alive connection that dies before
-any byte of the answer is retried once on a fresh connection (the server closed
-an idle connection just as we used it, which every HTTP client must tolerate).
+Answers are parsed by llhttp (through ``httptools``, the parser Node.js uses), which is
+strict where a hand-written parser was lenient: a negative, repeated or conflicting
+Content-Length, Content-Length beside Transfer-Encoding, a chunk size like ``-2`` or
+``1_0``, a bad header line -- each ends the answer with an error and the connection is
+dropped, so a broken or hostile upstream cannot desynchronise a keep-alive connection
+and hand one client's answer to another. Bytes that arrive on a connection while no
+request is out (a stray or stale answer) drop the connection too.
+
+Re-sending: a kept-alive connection is checked just before it is used (a peek at the
+socket: has the upstream closed it?). A request is only ever re-sent on a fresh
+connection when that check proves the upstream never saw it; once the request is
+written, a connection that dies is the caller's error to handle, because the upstream
+may have acted on it (a completion is billed). An idle connection is trusted no longer
+than the upstream's ``Keep-Alive: timeout`` says, less a second.
 """
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httptools
+
 # Flow control: stop reading from the upstream when this much is waiting for a slow client.
 HIGH_WATER = 1 << 20
-LOW_WATER = 1 << 18
 MAX_HEAD = 64 * 1024
-IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is trusted
+IDLE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is trusted at most
 MAX_IDLE_PER_ORIGIN = 512
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class UpstreamError(Exception):
@@ -62,37 +76,124 @@ class Origin:
         return self.scheme == "https"
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection; the reader side of a response lives here."""
+class _Unsolicited(Exception):
+    """An answer began while no request was out."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection and llhttp's parser of the answers that arrive on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: bool):
         self.loop = loop
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.fd = -1
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()     # parsed body bytes not yet taken
         self.closed = False
+        self.broken: str | None = None  # why nothing more can be read from this connection
         self.paused = False
         self.idle_since = 0.0
+        self.trusted_for = IDLE_TIMEOUT
         self._waiter: asyncio.Future[None] | None = None
+        self._new_answer()
+        self.expecting = False      # a request is out and its answer is not complete
+
+    def start(self) -> None:
+        """A request is about to go out: expect its answer."""
+        self._new_answer()
+        self.expecting = True
+
+    def _new_answer(self) -> None:
+        self.head_done = self.complete = self.interim = False
+        self.head_bytes = 0
+        self.status = 0
+        self.keep_alive = False
+        self.reason = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.until_close = False
 
     # -- protocol callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > HIGH_WATER and not self.paused and self.transport is not None:
+        if not self.head_done:
+            self.head_bytes += len(data)
+        try:
+            if not self.expecting:
+                raise _Unsolicited
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, _Unsolicited) as exc:
+            stray = isinstance(exc, _Unsolicited) or isinstance(exc.__context__, _Unsolicited)
+            self._break("the upstream sent bytes while no request was out" if stray
+                        else f"malformed answer from the upstream: {exc}")
+            return
+        except httptools.HttpParserUpgrade:
+            self._break("the upstream switched protocols")
+            return
+        if not self.head_done and self.head_bytes > MAX_HEAD:
+            self._break("the upstream sent an oversized answer head")
+            return
+        if len(self.body) > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
         self.closed = True
+        if self.expecting and self.head_done and self.until_close:
+            self.complete = True  # read-until-close framing: the end of the connection is the end
+            self.expecting = False
         self._wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._wake()
+
+    # -- llhttp callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self.expecting:
+            raise _Unsolicited  # a second answer to one request: the connection is out of step
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue and friends: the real answer follows
+            self.interim = True
+            self.raw_headers = []
+            self.reason = b""
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()  # read here: llhttp resets it after the message
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.complete = True
+        self.expecting = False
+
+    # -- used by the client and the response ----------------------------------------------
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        self.expecting = False
+        self.close()
         self._wake()
 
     def _wake(self) -> None:
@@ -102,12 +203,8 @@ class _Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    # -- used by the response -----------------------------------------------------------
-
     async def wait(self, timeout: float) -> None:
         """Wait until more data or EOF arrives; UpstreamTimeout after ``timeout`` of silence."""
-        if self.closed:
-            raise UpstreamError("connection closed by the upstream")
         waiter = self.loop.create_future()
         self._waiter = waiter
         handle = self.loop.call_later(timeout, _expire, waiter)
@@ -117,18 +214,36 @@ class _Connection(asyncio.Protocol):
             handle.cancel()
             self._waiter = None
 
-    def take(self, n: int | None = None) -> bytes:
-        buf = self.buffer
-        if n is None or n >= len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:n])
-            del buf[:n]
-        if self.paused and len(buf) < LOW_WATER and self.transport is not None:
+    def take(self) -> bytes:
+        data = bytes(self.body)
+        self.body.clear()
+        if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         return data
+
+    def provably_unused(self) -> bool:
+        """True when this idle connection can carry a request: the upstream has not closed it
+        and sent nothing since its last answer (a non-blocking peek at the socket). False
+        means the upstream never saw a request on it, so it can be dropped at no risk."""
+        if self.closed or self.broken or self.fd < 0:
+            return False
+        quiet = select.poll()  # cheaper than a peek that raises when nothing is pending
+        quiet.register(self.fd, select.POLLIN)
+        if not quiet.poll(0):
+            return True  # nothing pending: open and quiet
+        probe = socket.socket(fileno=self.fd)
+        try:
+            pending = probe.recv(1, _PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False  # reset
+        finally:
+            probe.detach()
+        # b"": the upstream closed it. Bytes: a stray answer (plain HTTP), or a TLS record the
+        # TLS layer has not read yet (a session ticket): only that last one leaves it usable.
+        return bool(pending) and self.tls
 
     def close(self) -> None:
         self.closed = True
@@ -141,26 +256,50 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(UpstreamTimeout("no answer from the upstream in time"))
 
 
-class UpstreamResponse:
-    __slots__ = ("status", "reason", "headers", "content_length", "_chunked", "_conn", "_client", "_origin",
-                 "_remaining", "_done", "_keep_alive", "_timeout", "_chunk_left", "_finished")
+def _keep_alive_timeout(value: str) -> float | None:
+    for part in value.split(","):
+        name, _, number = part.strip().partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                return float(number)
+            except ValueError:
+                return None
+    return None
 
-    def __init__(self, conn: _Connection, client: "UpstreamClient", origin: Origin, timeout: float,
-                 status: int, reason: str, headers: list[tuple[str, str]], content_length: int | None,
-                 chunked: bool, keep_alive: bool, no_body: bool):
+
+class UpstreamResponse:
+    __slots__ = ("status", "reason", "headers", "content_length", "_conn", "_client", "_origin", "_timeout",
+                 "_no_body", "_keep_alive", "_finished")
+
+    def __init__(self, conn: _Connection, client: "UpstreamClient", origin: Origin, timeout: float, method: str):
         self._conn = conn
         self._client = client
         self._origin = origin
         self._timeout = timeout
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length = None if chunked else content_length
-        self._chunked = chunked
-        self._keep_alive = keep_alive and (chunked or content_length is not None or no_body)
-        self._remaining = 0 if no_body else (content_length if content_length is not None and not chunked else -1)
-        self._done = no_body or self._remaining == 0
-        self._chunk_left = 0  # bytes left in the current chunk (chunked framing)
+        self.status = conn.status
+        self.reason = conn.reason.decode("latin-1")
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.raw_headers]
+        chunked = False
+        self.content_length: int | None = None
+        for name, value in self.headers:  # llhttp has checked both already
+            lower = name.lower()
+            if lower == "content-length":
+                self.content_length = int(value)
+            elif lower == "transfer-encoding":
+                chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
+            elif lower == "keep-alive":
+                hint = _keep_alive_timeout(value)
+                if hint is not None:
+                    conn.trusted_for = max(0.0, min(IDLE_TIMEOUT, hint - 1.0))
+        # HEAD: llhttp cannot be told that no body follows, so the answer ends with its head
+        # and the connection is not reused
+        self._no_body = method == "HEAD"
+        if self._no_body:
+            conn.expecting = False
+        if chunked:
+            self.content_length = None
+        conn.until_close = not chunked and self.content_length is None and not conn.complete
+        self._keep_alive = conn.keep_alive and not self._no_body and not conn.until_close
         self._finished = False
 
     def header(self, name: str) -> str | None:
@@ -172,71 +311,14 @@ class UpstreamResponse:
 
     async def read_some(self) -> bytes:
         """The next piece of the body as soon as it is there; b"" at the end."""
-        if self._done:
-            return b""
-        if self._chunked:
-            return await self._read_chunked()
-        conn = self._conn
-        while not conn.buffer:
-            if conn.closed:
-                if self._remaining < 0:  # read-until-close framing: this is the end
-                    self._done = True
-                    return b""
-                raise UpstreamError("the upstream closed the connection mid-answer")
-            await conn.wait(self._timeout)
-        if self._remaining < 0:
-            return conn.take()
-        data = conn.take(self._remaining)
-        self._remaining -= len(data)
-        if self._remaining == 0:
-            self._done = True
-        return data
-
-    async def _read_chunked(self) -> bytes:
         conn = self._conn
         while True:
-            buf = conn.buffer
-            if self._chunk_left > 0:
-                if buf:
-                    data = conn.take(self._chunk_left)
-                    self._chunk_left -= len(data)
-                    if self._chunk_left == 0:
-                        self._chunk_left = -2  # the CRLF after the chunk data
-                    return data
-            elif self._chunk_left == -2:
-                if len(buf) >= 2:
-                    if buf[:2] != b"\r\n":
-                        raise UpstreamError("malformed chunked answer")
-                    del buf[:2]
-                    self._chunk_left = 0
-                    continue
-            else:
-                end = buf.find(b"\r\n")
-                if end >= 0:
-                    line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                    try:
-                        size = int(line, 16)
-                    except ValueError:
-                        raise UpstreamError("malformed chunk size") from None
-                    if size == 0:
-                        # The last chunk, then optional trailers, then a blank line.
-                        rest = end + 2
-                        if buf[rest:rest + 2] == b"\r\n":
-                            del buf[:rest + 2]
-                            self._done = True
-                            return b""
-                        if len(buf) >= rest + 2:
-                            trailers_end = buf.find(b"\r\n\r\n", rest)
-                            if trailers_end >= 0:
-                                del buf[:trailers_end + 4]
-                                self._done = True
-                                return b""
-                    else:
-                        del buf[:end + 2]
-                        self._chunk_left = size
-                        continue
-                elif len(buf) > MAX_HEAD:
-                    raise UpstreamError("malformed chunked answer")
+            if conn.body:
+                return conn.take()
+            if conn.complete or self._no_body:
+                return b""
+            if conn.broken:
+                raise UpstreamError(conn.broken)
             if conn.closed:
                 raise UpstreamError("the upstream closed the connection mid-answer")
             await conn.wait(self._timeout)
@@ -258,10 +340,11 @@ class UpstreamResponse:
         if self._finished:
             return
         self._finished = True
-        if self._done and self._keep_alive and not self._conn.closed and not self._conn.buffer:
-            self._client._put(self._origin, self._conn)
+        conn = self._conn
+        if conn.complete and self._keep_alive and not conn.closed and not conn.broken and not conn.body:
+            self._client._put(self._origin, conn)
         else:
-            self._conn.close()
+            conn.close()
 
     def close(self) -> None:
         """Abandon the answer: the connection is dropped, which the upstream sees as a hang-up."""
@@ -280,11 +363,12 @@ class UpstreamClient:
         return self._ssl
 
     def _get(self, origin: Origin) -> _Connection | None:
+        """An idle connection the upstream provably has not given up on, or None."""
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and not conn.buffer and now - conn.idle_since < IDLE_TIMEOUT:
+            if now - conn.idle_since < conn.trusted_for and conn.provably_unused():
                 return conn
             conn.close()
         return None
@@ -301,7 +385,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(loop), origin.host, origin.port,
+                loop.create_connection(lambda: _Connection(loop, origin.tls), origin.host, origin.port,
                                        ssl=self._ssl_context() if origin.tls else None,
                                        server_hostname=origin.host if origin.tls else None),
                 timeout)
@@ -315,78 +399,22 @@ class UpstreamClient:
     async def request(self, origin: Origin, method: str, head: bytes, body: bytes | None,
                       timeout: float) -> UpstreamResponse:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
-        return once the answer's head has arrived."""
-        payload = head + body if body else head
-        for attempt in (0, 1):
-            conn = self._get(origin) if attempt == 0 else None
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(origin, timeout)
-            assert conn.transport is not None
-            conn.transport.write(payload)
-            try:
-                return await self._read_head(conn, origin, method, timeout)
-            except UpstreamTimeout:
-                conn.close()
-                raise
-            except UpstreamError:
-                conn.close()
-                if reused and not conn.buffer:
-                    continue  # a stale keep-alive connection: try once more on a fresh one
-                raise
-            except BaseException:
-                conn.close()
-                raise
-        raise AssertionError("unreachable")
-
-    async def _read_head(self, conn: _Connection, origin: Origin, method: str, timeout: float) -> UpstreamResponse:
-        while True:
-            buf = conn.buffer
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise UpstreamError("the upstream sent an oversized answer head")
+        return once the answer's head has arrived. Never re-sends: see the module's notes."""
+        conn = self._get(origin) or await self._connect(origin, timeout)
+        assert conn.transport is not None
+        conn.start()
+        conn.transport.write(head + body if body else head)
+        try:
+            while not conn.head_done:
+                if conn.broken:
+                    raise UpstreamError(conn.broken)
                 if conn.closed:
                     raise UpstreamError("the upstream closed the connection before answering")
                 await conn.wait(timeout)
-                end = buf.find(b"\r\n\r\n")
-            raw = bytes(buf[:end])
-            del buf[:end + 4]
-            lines = raw.decode("latin-1").split("\r\n")
-            parts = lines[0].split(" ", 2)
-            try:
-                status = int(parts[1])
-            except (IndexError, ValueError):
-                raise UpstreamError("the upstream sent a malformed status line") from None
-            if 100 <= status < 200 and status != 101:
-                continue  # 100 Continue and friends: the real answer follows
-            headers: list[tuple[str, str]] = []
-            length: int | None = None
-            chunked = False
-            keep_alive = parts[0] == "HTTP/1.1"
-            for line in lines[1:]:
-                name, sep, value = line.partition(":")
-                if not sep:
-                    continue
-                value = value.strip()
-                lower = name.lower()
-                if lower == "content-length":
-                    try:
-                        length = int(value)
-                    except ValueError:
-                        raise UpstreamError("the upstream sent a malformed Content-Length") from None
-                elif lower == "transfer-encoding":
-                    chunked = value.lower().endswith("chunked")
-                elif lower == "connection":
-                    tokens = value.lower()
-                    if "close" in tokens:
-                        keep_alive = False
-                    elif "keep-alive" in tokens:
-                        keep_alive = True
-                headers.append((name, value))
-            no_body = method == "HEAD" or status in (204, 304)
-            return UpstreamResponse(conn, self, origin, timeout, status, parts[2] if len(parts) > 2 else "",
-                                    headers, length, chunked, keep_alive, no_body)
+            return UpstreamResponse(conn, self, origin, timeout, method)
+        except BaseException:
+            conn.close()
+            raise
 
     async def close(self) -> None:
         for idle in self._idle.values():

@@ -15,7 +15,7 @@ from proxy.cli import proxy_command
 
 from .desired.model import DesiredState, TlsSettings, load, port_of
 from .desired.shared_file import DesiredFile
-from .desired.validation import InvalidDesiredState
+from .desired.validation import InvalidDesiredState, is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import Report, Result, reconcile
 from .runtime import sillytavern
@@ -40,11 +40,14 @@ output_option = click.option("-o", "--output", type=click.Choice(["text", "json"
 
 def load_or_exit(path: Path) -> DesiredState:
     try:
-        return load(path)
+        desired = load(path)
     except InvalidDesiredState as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(EXIT_INVALID)
+    for warning in desired.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return desired
 
 
 @click.group()
@@ -203,6 +206,12 @@ def serve(file: Path, use_ssl: str | None, cert_path: Path | None, key_path: Pat
         except (OSError, ssl.SSLError) as exc:
             click.echo(f"error: cannot load the TLS certificate {tls.cert} / key {tls.key}: {exc}", err=True)
             sys.exit(EXIT_INVALID)
+    listen = desired.settings.api.listen
+    if context is None and not is_loopback_host(listen.host) and not desired.settings.api.insecure_http:
+        click.echo(f"error: settings.api.listen is {listen}, beyond this machine, without TLS: the admin key would "
+                   "cross the network in clear. Set settings.api.tls (or --ssl), or settings.api.insecure_http: "
+                   "true to accept that", err=True)
+        sys.exit(EXIT_INVALID)
     desired_file = DesiredFile(file)
     try:
         uvloop.run(Daemon(desired_file, desired_file.read()).run(context))  # serves the proxy too

@@ -1,17 +1,33 @@
-"""Atomic file replacement (optionally conditional): the one way CST writes a file it keeps."""
+"""How CST writes files: atomic replacement, replacement that never discards someone else's save,
+and owner-only modes that are only ever tightened."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
-from typing import Callable
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Take away every permission of ``path`` that ``mode`` does not grant; never add one
+    (an operator's tighter choice stays)."""
+    current = stat.S_IMODE(path.stat().st_mode)
+    if current & ~mode:
+        os.chmod(path, current & mode)
+
+
+def private_dir(path: Path, mode: int = 0o700) -> Path:
+    """``path`` as a folder only its owner can enter (created if missing, tightened if looser)."""
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    tighten(path, mode)
+    return path
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -34,43 +50,101 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644,
-                 replaces: Callable[[bytes], bool] | None = None) -> bool:
-    """Replace ``path`` with ``data``: readers see the old or the new content, never a mix.
-
-    With ``replaces``, the write happens only if the content it replaces passes that test, so
-    a version someone else wrote meanwhile is never overwritten. The swap and the test are one
-    atomic exchange where Linux offers it; elsewhere a last look just before the rename.
-    Returns whether ``path`` now holds ``data``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _temp_beside(path: Path, data: bytes, mode: int) -> Path:
+    """A durable temporary file holding ``data`` in ``path``'s folder, with exactly ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
+            os.fchmod(out.fileno(), mode)  # O_CREAT's mode is filtered by the umask
             os.fsync(out.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
-        if replaces is None:
-            os.replace(tmp, path)
-        elif _exchange(tmp, path):
-            if not replaces(tmp.read_bytes()):  # tmp now holds what was there: not what we expected
-                _exchange(tmp, path)           # give the newer version back
-                tmp.unlink()
-                return False
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new content, never a mix."""
+    tmp = _temp_beside(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def swap(path: Path, data: bytes, mode: int) -> bytes | None:
+    """Put ``data`` at ``path`` atomically and return the content it displaced (None if none).
+
+    The displaced file is read from where the exchange put it, so whatever was there at the
+    instant of the swap is known, even a save that landed a moment before. Where Linux's
+    exchange is unavailable, the content is read just before a plain rename (a short window)."""
+    tmp = _temp_beside(path, data, mode)
+    try:
+        if _exchange(tmp, path):
+            displaced = tmp.read_bytes()
             tmp.unlink()
         else:
             try:
-                current = path.read_bytes()
+                displaced = path.read_bytes()
             except FileNotFoundError:
-                current = b""
-            if not replaces(current):
-                tmp.unlink()
-                return False
+                displaced = None
             os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return True
+    return displaced
+
+
+def conditional_replace(path: Path, data: bytes, expected: bytes, mode: int) -> bool:
+    """Write ``data`` only over the version ``expected``; True when written.
+
+    If ``path`` holds anything else at the instant of the atomic exchange, that file is put
+    back (and so is any save that lands while it is put back): nothing someone saved is lost.
+    """
+    tmp = _temp_beside(path, data, mode)
+    try:
+        ours = tmp.stat().st_ino
+        if not _exchange(tmp, path):
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            if current != expected:
+                tmp.unlink()
+                return False
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            return True
+        if tmp.read_bytes() == expected:
+            tmp.unlink()
+            _fsync_dir(path.parent)
+            return True
+        _put_back(tmp, path, ours)
+        return False
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _put_back(held: Path, path: Path, ours: int) -> None:
+    """``held`` has a save our exchange displaced: put it back in place of our file.
+
+    Each exchange hands back what was at ``path`` at that instant: our file (done), a save
+    older than one already put back (superseded, as a later save replaces an earlier one:
+    done), or a save newer still (put that back instead, and look again)."""
+    superseded = {held.stat().st_ino}
+    while True:
+        _exchange(held, path)
+        back = held.stat().st_ino
+        if back == ours or back in superseded:
+            held.unlink()
+            _fsync_dir(path.parent)
+            return
+        superseded.add(back)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
-from reconciler.files import atomic_write
+from reconciler.files import conditional_replace
 
 
 def fleet_file(api_port: int, instances: list[tuple[int, str]], resync: str = "1s", header: str = "") -> str:
@@ -138,7 +138,7 @@ def test_twenty_concurrent_creates_and_a_hand_edit(project, serve):
                     opened = project.file.read_bytes()
                     edited = opened.replace(b"# fleet managed through the API\n",
                                             b"# fleet managed through the API\n# edited by hand\n")
-                    if atomic_write(project.file, edited, replaces=lambda old: old == opened):
+                    if conditional_replace(project.file, edited, expected=opened, mode=0o644):
                         return
             results = await asyncio.gather(*(client.post("/api/instances", json={"port": p}) for p in ports),
                                            hand_edit())

@@ -1,6 +1,6 @@
 """Benchmark: the proxy against one local fake upstream, direct vs through the proxy.
 
-    .venv/bin/python bench/proxy/bench.py [--runs 5] [--seconds 4]
+    .venv/bin/python bench/proxy/bench.py [--runs 5] [--seconds 4] [--baseline DIR]
 
 The fake upstream (tests/proxy/fakes.py) and the proxy (`python -m proxy.cli`)
 each run as their own process, so the proxy's CPU time is read from
@@ -166,8 +166,8 @@ async def many_streams(port: int, n: int, gap: float, chunks: int) -> tuple[int,
     return started, len(window)
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def spawn(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 async def wait_http(url: str) -> None:
@@ -187,15 +187,17 @@ def start_upstream(chunks: int, gap: float) -> tuple[subprocess.Popen[bytes], in
     return proc, int(line.split()[1])
 
 
-async def start_proxy(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+async def start_proxy(upstream_port: int, workdir: Path, code: Path = ROOT) -> tuple[subprocess.Popen[bytes], int]:
+    """The proxy of the checkout at ``code`` (this one, or a baseline to compare with)."""
     port = free_port()
+    workdir.mkdir(exist_ok=True)
     path = workdir / "desired.yaml"
     path.write_text(
         "version: 1\nsettings:\n  state_dir: state\n  proxy:\n"
         f"    listen: \"127.0.0.1:{port}\"\n    upstream: \"http://127.0.0.1:{upstream_port}/v1\"\n"
         "accounts:\n  - {name: bench, provider: static, keys_env: BENCH_KEYS}\n")
-    env = {**os.environ, "BENCH_KEYS": KEYS}
-    proc = spawn([sys.executable, "-m", "proxy.cli", "-f", str(path), "--log-level", "warning"], env)
+    env = {**os.environ, "BENCH_KEYS": KEYS, "PYTHONPATH": str(code)}
+    proc = spawn([sys.executable, "-m", "proxy.cli", "-f", str(path), "--log-level", "warning"], env, cwd=code)
     await wait_http(f"http://127.0.0.1:{port}/health")
     return proc, port
 
@@ -212,18 +214,30 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout (e.g. `git archive main | tar -x -C DIR`): its proxy's CPU per "
+                             "request is measured in the same runs, alternating with this one's")
     args = parser.parse_args()
 
     gap, chunks = 0.5, 20  # the 500 slow streams each last 10 s
     upstream, up_port = start_upstream(chunks, gap)
     with tempfile.TemporaryDirectory() as tmp:
-        proxy, px_port = await start_proxy(up_port, Path(tmp))
+        proxy, px_port = await start_proxy(up_port, Path(tmp) / "current")
+        baseline = await start_proxy(up_port, Path(tmp) / "baseline", args.baseline) if args.baseline else None
+        base_cpu: list[float] = []
+        base_rps: list[float] = []
         try:
             direct_rps, proxy_rps, cpu = [], [], []
             lat_direct, lat_proxy, lat_added, ttfb_direct, ttfb_proxy = [], [], [], [], []
             for run in range(args.runs):
                 d, _ = await throughput(up_port, args.concurrency, args.seconds, None, upstream.pid)
                 p, c = await throughput(px_port, args.concurrency, args.seconds, proxy.pid)
+                if baseline:
+                    r, b = await throughput(baseline[1], args.concurrency, args.seconds, baseline[0].pid)
+                    base_cpu.append(b)
+                    base_rps.append(r)
+                    print(f"run {run + 1}: baseline {r:.0f} req/s, CPU {b * 1e6:.0f} us/req; this checkout {p:.0f} req/s, "
+                          f"CPU {c * 1e6:.0f} us/req", flush=True)
                 direct_rps.append(d)
                 proxy_rps.append(p)
                 cpu.append(c)
@@ -242,6 +256,8 @@ async def main() -> None:
             rss = peak_rss_mb(proxy.pid)
         finally:
             log = stop(proxy)
+            if baseline:
+                stop(baseline[0])
             stop(upstream)
 
     med = statistics.median
@@ -251,6 +267,11 @@ async def main() -> None:
           f"proxy {med(proxy_rps):.0f}, ratio {med(ratios):.2f}")
     print(f"proxy CPU per request: {med(cpu) * 1e6:.0f} us "
           f"(for scale: the fake upstream, a bare aiohttp server, uses {med(UPSTREAM_CPU) * 1e6:.0f} us)")
+    if base_cpu:
+        print(f"baseline ({args.baseline}): {med(base_rps):.0f} req/s, this checkout {med(proxy_rps):.0f} req/s")
+        print(f"baseline ({args.baseline}) CPU per request: {med(base_cpu) * 1e6:.0f} us; this checkout "
+              f"{med(cpu) * 1e6:.0f} us ({(med(cpu) - med(base_cpu)) * 1e6:+.0f} us, "
+              f"runs {' '.join(f'{(c - b) * 1e6:+.0f}' for c, b in zip(cpu, base_cpu))})")
     print(f"p50 latency at 1 connection: direct {med(lat_direct) * 1e3:.3f} ms, proxy {med(lat_proxy) * 1e3:.3f} ms, "
           f"added {med(lat_added) * 1e3:.3f} ms (median of per-pair differences)")
     print(f"stream time to first byte: direct {med(ttfb_direct) * 1e3:.2f} ms, proxy {med(ttfb_proxy) * 1e3:.2f} ms")

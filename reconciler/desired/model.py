@@ -45,7 +45,7 @@ def port_of(instance_id_: str) -> int | None:
     if not instance_id_.startswith(INSTANCE_ID_PREFIX):
         return None
     digits = instance_id_[len(INSTANCE_ID_PREFIX):]
-    if not digits.isdigit() or len(digits) > 5 or digits.startswith("0"):
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 5 or digits.startswith("0"):
         return None
     port = int(digits)
     return port if 1024 <= port <= 65535 else None
@@ -89,6 +89,7 @@ class ApiSettings:
     listen: Listen = Listen.parse(_default("settings", "api", "listen"))
     admin_key_env: str = _default("settings", "api", "admin_key_env")
     tls: TlsSettings | None = None
+    insecure_http: bool = _default("settings", "api", "insecure_http")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class ProxySettings:
     max_attempts: int = _default("settings", "proxy", "max_attempts")
     failure_threshold: int = _default("settings", "proxy", "failure_threshold")
     timeout: float = parse_duration(_default("settings", "proxy", "timeout"))
+    max_body: int = parse_size(_default("settings", "proxy", "max_body"))
+    max_concurrent: int = _default("settings", "proxy", "max_concurrent")
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class DesiredState:
     settings: Settings
     accounts: tuple[Account, ...] = ()
     instances: tuple[InstanceSpec, ...] = field(default_factory=tuple)
+    warnings: tuple[Problem, ...] = ()   # valid, but worth a word (see validation)
 
     def instance(self, id_: str) -> InstanceSpec | None:
         return next((i for i in self.instances if i.id == id_), None)
@@ -164,7 +168,7 @@ def _path(base: Path, value: str | None) -> Path | None:
     return None if value is None else (base / Path(value).expanduser()).resolve()
 
 
-def from_data(data: dict[str, Any], path: Path) -> DesiredState:
+def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = ()) -> DesiredState:
     """Build the model from a document that ``validation.check`` accepted (defaults filled in)."""
     base = path.resolve().parent
     raw = data["settings"]
@@ -187,6 +191,7 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             listen=Listen.parse(api["listen"]),
             admin_key_env=api["admin_key_env"],
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
+            insecure_http=api["insecure_http"],
         ),
         proxy=ProxySettings(
             listen=Listen.parse(proxy["listen"]),
@@ -195,6 +200,8 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             max_attempts=proxy["max_attempts"],
             failure_threshold=proxy["failure_threshold"],
             timeout=parse_duration(proxy["timeout"]),
+            max_body=parse_size(proxy["max_body"]),
+            max_concurrent=proxy["max_concurrent"],
         ),
     )
     accounts = tuple(
@@ -216,12 +223,15 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
         for i in data["instances"]
     )
-    return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)
+    return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,
+                        warnings=warnings)
 
 
 def parse(text: str, path: Path) -> DesiredState:
     """Validate ``text`` (the content of ``path``) and build the model; raises InvalidDesiredState."""
-    return from_data(check(text, str(path)), path)
+    warnings: list[Problem] = []
+    data = check(text, str(path), warnings)
+    return from_data(data, path, tuple(warnings))
 
 
 def load(path: Path) -> DesiredState:

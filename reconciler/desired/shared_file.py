@@ -1,25 +1,38 @@
 """desired.yaml as a file that several writers share: people, git, the REST API.
 
-Every change made through CST re-reads the file from disk first (a hand edit
-is never clobbered), edits only the lines it must (``edits``), validates the
-result (an edit that would make the file invalid is refused and writes
-nothing), and replaces the file atomically. Changes are serialized.
+Every change made through CST re-reads the file from disk first, edits only the
+lines it must (``edits``), validates the result (an edit that would make the file
+invalid is refused and writes nothing), and replaces the file atomically. CST's
+writers take turns (within a process, and across processes through a lock on the
+file's folder). A save by anyone else -- an editor, ``git pull`` -- can still land
+between CST's read and its write; the atomic exchange hands back whatever it
+displaced, so such a save is never discarded: the edit is applied again on top of
+it, or (for a whole-file replace made against an older version) it is put back.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import os
+import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from .model import DesiredState, parse
-from ..files import atomic_write
+from ..files import conditional_replace, swap
 from .validation import InvalidDesiredState, Problem
 
 
 _SETTLE_TRIES = 5
 _SETTLE_PAUSE = 0.05
+_LOCK_POLL = 0.01
+_LOCK_TIMEOUT = 30.0
+
+# a check of a change before it is written: raises to refuse it (see ``restricted``)
+Guard = Callable[[DesiredState, DesiredState], None]
 
 
 def sha256(text: str) -> str:
@@ -56,6 +69,26 @@ class StaleVersion(Exception):
         super().__init__(f"the file changed since it was read (now sha256 {current})")
 
 
+@asynccontextmanager
+async def _writers_turn(folder: Path) -> AsyncIterator[None]:
+    """Hold the lock CST's writers of files in ``folder`` share: a flock on the folder itself,
+    so no lock file appears beside desired.yaml (or in its git status)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another cst has been writing in {folder} for {_LOCK_TIMEOUT:g}s") from None
+                await asyncio.sleep(_LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)
+
+
 class DesiredFile:
     def __init__(self, path: Path):
         self.path = path.resolve()
@@ -85,42 +118,71 @@ class DesiredFile:
             await asyncio.sleep(_SETTLE_PAUSE)
         return snapshot
 
-    async def change(self, edit: Callable[[str], str]) -> Snapshot:
-        """Apply ``edit`` to the current text and write the result if it is valid.
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        async with self._lock, _writers_turn(self.path.parent):
+            yield
 
-        Raises CurrentFileInvalid or ChangeRefused; ``edit`` may raise its own errors. In every
-        such case nothing is written. If someone else writes the file meanwhile, the edit is
-        applied again to their version.
+    async def change(self, edit: Callable[[str], str], guard: Guard | None = None) -> Snapshot:
+        """Apply ``edit`` to the current text and write the result if it is valid (and ``guard``
+        lets it through).
+
+        Raises CurrentFileInvalid or ChangeRefused; ``edit`` and ``guard`` may raise their own
+        errors. In every such case the file is as it was. A save that lands between the read
+        and the write is not lost: the edit is applied again on top of it.
         """
-        async with self._lock:
+        async with self._turn():
+            current = await self.settled_read()
+            if not current.valid:
+                raise CurrentFileInvalid(list(current.problems))
+            new = self._checked(edit(current.text), current, guard)
+            there = current.text.encode("utf-8")  # what the path holds, as far as we know
             while True:
-                current = await self.settled_read()
-                if not current.valid:
-                    raise CurrentFileInvalid(list(current.problems))
-                written = self._write(edit(current.text), expected=current.sha256)
-                if written is not None:
-                    return written
+                ours = new.text.encode("utf-8")
+                displaced = swap(self.path, ours, self._mode())
+                if displaced is None or displaced == there:
+                    return new
+                # someone saved meanwhile: their version is the base now, and the edit goes on top
+                there = ours
+                try:
+                    current = self._foreign(displaced)
+                    new = self._checked(edit(current.text), current, guard)
+                except BaseException:
+                    # the edit does not apply to their version: theirs goes back, unchanged
+                    conditional_replace(self.path, displaced, ours, self._mode())
+                    raise
 
-    async def replace(self, text: str, if_match: str) -> Snapshot:
+    async def replace(self, text: str, if_match: str, guard: Guard | None = None) -> Snapshot:
         """Replace the whole file, only if it is still the version whose sha256 is ``if_match``."""
-        async with self._lock:
+        async with self._turn():
             current = self.read()
             if current.sha256 != if_match:
                 raise StaleVersion(current.sha256)
-            written = self._write(text, expected=current.sha256)
-            if written is None:
+            new = self._checked(text, current, guard)
+            if not conditional_replace(self.path, text.encode("utf-8"), current.text.encode("utf-8"), self._mode()):
                 raise StaleVersion(self.read().sha256)
-            return written
+            return new
 
-    def _write(self, text: str, expected: str) -> Snapshot | None:
-        """Write ``text`` unless the file stopped being version ``expected`` (then None)."""
+    def _foreign(self, data: bytes) -> Snapshot:
+        """A version someone else saved, to build on; CurrentFileInvalid when it cannot be."""
+        try:
+            snapshot = self.interpret(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CurrentFileInvalid([Problem(str(self.path), 1, "", f"cannot read the file: {exc}")]) from None
+        if not snapshot.valid:
+            raise CurrentFileInvalid(list(snapshot.problems))
+        return snapshot
+
+    def _checked(self, text: str, current: Snapshot, guard: Guard | None) -> Snapshot:
         new = self.interpret(text)
         if not new.valid:
             raise ChangeRefused(list(new.problems))
+        if guard is not None:
+            guard(current.desired, new.desired)
+        return new
+
+    def _mode(self) -> int:
         try:
-            mode = self.path.stat().st_mode & 0o777
+            return self.path.stat().st_mode & 0o777
         except FileNotFoundError:
-            mode = 0o644
-        # written only over the version we read: a hand edit made since then is never overwritten
-        unchanged = lambda old: hashlib.sha256(old).hexdigest() == expected  # noqa: E731
-        return new if atomic_write(self.path, text.encode("utf-8"), mode, replaces=unchanged) else None
+            return 0o644

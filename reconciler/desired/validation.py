@@ -4,7 +4,9 @@ YAML is composed into a node tree first so that every value keeps its line;
 the JSON Schema in ``schemas/desired.schema.json`` then checks shape and types,
 and a few rules that a schema cannot express (duplicates, one-of-two fields,
 exposure rules) run on top. Every problem carries the file, the line and the
-YAML path (``instances[1].port``).
+YAML path (``instances[1].port``). Warnings are kept apart from problems: a file
+with warnings is valid and applied, and the warnings are shown beside it (secrets
+sent over plain http beyond this machine).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -184,7 +187,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"{value!r} is not valid here (expected to match {error.validator_value})"
     if kind == "format":
         return path, f"{value!r} is not a valid {error.validator_value} address"
-    if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size"):
+    if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{value!r} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync"):
         return path, f"{value!r} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
@@ -204,14 +207,18 @@ def _listen_port(value: str) -> int:
     return int(value.rsplit(":", 1)[1])
 
 
-def _is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _is_loopback(listen: str) -> bool:
+    return is_loopback_host(listen.rsplit(":", 1)[0])
 
 
 def _mapping(value: Any) -> dict:
@@ -283,6 +290,33 @@ _PROVIDER_KEYS = {
 }
 
 
+def _plain_http_beyond_loopback(url: Any) -> bool:
+    if not isinstance(url, str) or not url.lower().startswith("http://"):
+        return False
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    return not is_loopback_host(host)
+
+
+def _warnings(doc: _Located) -> Iterator[Problem]:
+    """Settings that are valid but send secrets in clear across the network."""
+    settings = _mapping(doc.data.get("settings"))
+    upstream = _mapping(settings.get("proxy")).get("upstream")
+    if _plain_http_beyond_loopback(upstream):
+        yield doc.problem(("settings", "proxy", "upstream"),
+                          f"{upstream!r} is plain http to another machine: the pool's keys cross the network "
+                          "in clear (use https)")
+    accounts = doc.data.get("accounts")
+    for i, account in enumerate(accounts if isinstance(accounts, list) else []):
+        api_base = _mapping(account).get("api_base")
+        if _plain_http_beyond_loopback(api_base):
+            yield doc.problem(("accounts", i, "api_base"),
+                              f"{api_base!r} is plain http to another machine: the account's password and "
+                              "keys cross the network in clear (use https)")
+
+
 def _exactly_one(doc: _Located, path: YamlPath, item: dict, a: str, b: str) -> Iterator[Problem]:
     if a in item and b in item:
         yield doc.problem((*path, b), f"give either {a} or {b}, not both")
@@ -290,9 +324,9 @@ def _exactly_one(doc: _Located, path: YamlPath, item: dict, a: str, b: str) -> I
         yield doc.problem(path, f"missing {a} (the name of an environment variable) or {b}")
 
 
-def check(text: str, file: str = "desired.yaml") -> dict[str, Any]:
+def check(text: str, file: str = "desired.yaml", warnings: list[Problem] | None = None) -> dict[str, Any]:
     """Return the document as plain data with every default filled in, or raise InvalidDesiredState
-    listing every problem."""
+    listing every problem. The warnings of a valid document are added to ``warnings`` if given."""
     doc = _Located(text, file)
     if doc.problems and doc.data is None:
         raise InvalidDesiredState(doc.problems)
@@ -304,4 +338,6 @@ def check(text: str, file: str = "desired.yaml") -> dict[str, Any]:
     if problems:
         problems.sort(key=lambda p: p.line)
         raise InvalidDesiredState(problems)
+    if warnings is not None:
+        warnings.extend(_warnings(doc))
     return _with_defaults(doc.data, schema())

@@ -27,16 +27,18 @@ import psutil
 from . import sillytavern
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
+from ..files import private_dir
 from .base import LaunchImpossible, Observed, Preparation, StartFailed
-from .logs import rotate_log, tail
+from .environment import child_environment
+from .logs import open_log, rotate_log, tail
 from .statedir import Record, StateDir
 
 # environment markers that let a later run recognise its own processes
 ENV_INSTANCE = "CST_INSTANCE_ID"
 ENV_STATE_DIR = "CST_STATE_DIR"
 ENV_FINGERPRINT = "CST_FINGERPRINT"
-# what an instance inherits from CST's environment; nothing else (CST's own secrets stay here)
-_INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS")
+# what an instance creates (chats, settings, its config.yaml) is its owner's alone
+_INSTANCE_UMASK = 0o077
 _POLL = 0.05   # readiness and exit polling: a localhost connect or a /proc read, cheap
 
 
@@ -168,8 +170,7 @@ class LocalRuntime:
             "--browserLaunchEnabled", "false",
         )
         digest = hashlib.sha256(json.dumps([argv, password]).encode()).hexdigest()[:16]
-        env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
-        env.update({
+        env = child_environment({
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
             ENV_INSTANCE: spec.id,
@@ -263,18 +264,20 @@ class LocalRuntime:
     async def start(self, spec: InstanceSpec, count_restart: bool = False) -> Record:
         """Start the process and wait until its port answers with basic auth; raises StartFailed."""
         launch = self.launch_spec(spec)
-        launch.data_dir.mkdir(parents=True, exist_ok=True)
-        launch.workdir.mkdir(parents=True, exist_ok=True)
-        launch.log.parent.mkdir(parents=True, exist_ok=True)
+        self.state.ensure()
+        private_dir(self.settings.data_root)
+        private_dir(launch.data_dir)
+        private_dir(launch.workdir)
         sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
-        with open(launch.log, "ab") as log:
+        with open_log(launch.log) as log:
             log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
             log.flush()
             proc = subprocess.Popen(
                 launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                umask=_INSTANCE_UMASK)
         record = Record(
             id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
             create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
@@ -364,7 +367,7 @@ class LocalRuntime:
         while target.exists():
             n += 1
             target = self.state.archive_dir / f"{id_}-{stamp}-{n}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(target.parent)
         shutil.move(str(data_dir), str(target))  # a rename on one filesystem; copy then delete across
         return target
 

@@ -1,9 +1,21 @@
-"""Instance logs: capped in place, and their last lines for error messages."""
+"""Instance logs: owner-only, capped in place, and their last lines for error messages."""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
+
+from ..files import tighten
+
+LOG_MODE = 0o600  # a log holds what users typed into their chats
+
+
+def open_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, created owner-only (an existing log is tightened, never loosened)."""
+    log = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE), "ab")
+    tighten(path, LOG_MODE)
+    return log
 
 
 def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
@@ -19,7 +31,11 @@ def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
         if older.exists():
             os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
     if keep > 0:
-        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        copy = path.with_name(f"{path.name}.1")
+        created = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, LOG_MODE)
+        with open(path, "rb") as source, open(created, "wb") as out:
+            shutil.copyfileobj(source, out)
+        tighten(copy, LOG_MODE)
     os.truncate(path, 0)
     return True
 

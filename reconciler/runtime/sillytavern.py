@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .environment import child_environment
 from .statedir import StateDir
 
 _READY = ".cst-ready"
@@ -55,10 +56,11 @@ def node_binary() -> str:
     return node
 
 
-def _run(argv: list[str], cwd: Path, what: str, log: Path) -> None:
+def _run(argv: list[str], cwd: Path, what: str, log: Path, network: bool = False) -> None:
+    """Run an install step with a minimal environment (none of CST's secrets), its output to ``log``."""
     with open(log, "ab") as out:
-        result = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(argv, cwd=cwd, env=child_environment(network=network), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise InstallError(f"{what} failed (exit {result.returncode}); see {log}:\n" + "\n".join(tail))
@@ -92,8 +94,10 @@ def install(version: str, state_dir: Path) -> tuple[Release, bool]:
         log = root / "install.log"
         if not (root / "package.json").exists():
             (root / "package.json").write_text('{"name": "cst-sillytavern", "private": true}\n')
-        _run([npm, "install", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
-             root, f"npm install sillytavern@{version}", log)
+        # --ignore-scripts: no package's install script runs. SillyTavern 1.19.0 needs none (its
+        # only one, protobufjs's postinstall, prints version warnings); its own build runs below.
+        _run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
+             root, f"npm install sillytavern@{version}", log, network=True)
         if not rel.server_js.exists():
             raise InstallError(f"npm installed sillytavern@{version} but {rel.server_js} is missing")
         # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack

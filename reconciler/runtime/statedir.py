@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
-from ..files import atomic_write
+from ..files import atomic_write, private_dir
 
 
 @dataclass
@@ -70,11 +70,11 @@ class StateDir:
         return self.root / "archive"
 
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for sub, mode in (("instances", 0o755), ("run", 0o755), ("logs", 0o755),
-                          ("archive", 0o755), ("secrets", 0o700)):
-            (self.root / sub).mkdir(exist_ok=True)
-            os.chmod(self.root / sub, mode)
+        """Every folder owner-only: records, logs and archives hold users' data and secrets.
+        Modes are only tightened, never loosened."""
+        private_dir(self.root)
+        for sub in ("instances", "run", "logs", "archive", "secrets"):
+            private_dir(self.root / sub)
 
     # records
     @staticmethod
@@ -95,7 +95,7 @@ class StateDir:
         return self._load(self.record_path(id_))
 
     def save(self, record: Record) -> None:
-        atomic_write(self.record_path(record.id), json.dumps(asdict(record), indent=2).encode())
+        atomic_write(self.record_path(record.id), json.dumps(asdict(record), indent=2).encode(), mode=0o600)
 
     def forget(self, id_: str) -> None:
         self.record_path(id_).unlink(missing_ok=True)
@@ -123,9 +123,10 @@ class StateDir:
 
     # locks
     def _open_lock(self, name: str) -> tuple[int, Path]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        # created owner-only, but not tightened here: an install home shares this lock
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.root / f"{name}.lock"
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600), path
 
     @staticmethod
     def _try_lock(fd: int) -> bool:

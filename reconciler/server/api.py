@@ -1,8 +1,9 @@
 """The REST API: the seed's (ChainSillyTavern) contract, plus the desired file and status.
 
 Handlers only translate HTTP into ``Fleet`` calls and back; the middlewares do
-authentication (constant-time comparison of ``X-ST-Admin-Key``) and turn every
-error into ``{"error": "..."}`` in the caller's language, with no traceback.
+authentication (constant-time comparison of ``X-ST-Admin-Key``, wrong keys limited per
+client address) and turn every error into ``{"error": "..."}`` in the caller's language,
+with no traceback.
 """
 from __future__ import annotations
 
@@ -21,20 +22,23 @@ from aiohttp import web
 from .. import __version__
 from . import logstream
 from .admin_page import Page
-from .backup import zip_stream
+from .backup import MANIFEST, zip_stream
 from ..desired.edits import instance_lines
 from ..desired.model import instance_id
+from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
 from .control import Control
 from .fleet import ApiError, Fleet
 from .keypool import pool_document
 from .messages import language, message
+from .ratelimit import FailureLimiter
 
 log = logging.getLogger("cst.api")
 DAEMON = web.AppKey("daemon", Control)
 FLEET = web.AppKey("fleet", Fleet)
 ADMIN_KEY = web.AppKey("admin_key", str)
+LIMITER = web.AppKey("limiter", FailureLimiter)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
 PAGE = web.AppKey("page", Page)
@@ -73,18 +77,36 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(request, 500, "internal")
 
 
+def key_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a header value with a key. aiohttp keeps header bytes that
+    are not UTF-8 as surrogates; they are compared as the bytes that arrived (and never match)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
+
+
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/api/"):
+        limiter = request.app[LIMITER]
+        wait = limiter.retry_after(request.remote)
+        if wait:
+            if limiter.first_refusal(request.remote):
+                log.warning("too many wrong admin keys from %s: refusing it for now", request.remote)
+            response = _error(request, 429, "too_many_failures", seconds=wait)
+            response.headers["Retry-After"] = str(wait)
+            return response
         given = request.headers.get("X-ST-Admin-Key")
-        if not given:
+        if not given:  # not a guess: not counted
             return _error(request, 401, "missing_admin_key")
-        if not hmac.compare_digest(given.encode(), request.app[ADMIN_KEY].encode()):
+        if not key_matches(given, request.app[ADMIN_KEY]):
+            limiter.failed(request.remote)
             return _error(request, 401, "invalid_admin_key")
     return await handler(request)
 
 
 async def _json_body(request: web.Request) -> object:
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise ApiError(415, "bad_content_type", content_type=content_type[:60])
     try:
         return await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
@@ -159,8 +181,20 @@ async def backup(request: web.Request) -> web.StreamResponse:
     })
     response.enable_chunked_encoding()
     await response.prepare(request)
-    async for chunk in zip_stream(root):
-        await response.write(chunk)
+    left_out: list[tuple[str, str]] = []
+    try:
+        async for chunk in zip_stream(root, left_out):
+            await response.write(chunk)
+    except Exception as exc:
+        # The head (200) is gone: the one honest signal left is a connection cut before the
+        # chunked body's end, which every client reports as a failed download.
+        log.error("backup of %s failed after it started; connection cut: %s", id_, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    if left_out:
+        log.warning("backup of %s left out %d files or folders (listed in its %s): %s", id_, len(left_out), MANIFEST,
+                    ", ".join(f"{path} ({reason})" for path, reason in left_out[:10]))
     await response.write_eof()
     return response
 
@@ -172,6 +206,7 @@ async def get_desired(request: web.Request) -> web.Response:
     return _json({
         "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
         "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
+        "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.valid else [],
         "instances": {instance_id(port): {"from": first, "to": last}
                       for port, (first, last) in instance_lines(snapshot.text).items()}})
 
@@ -192,7 +227,9 @@ async def put_desired(request: web.Request) -> web.Response:
     if text is None:
         raise ApiError(400, "bad_body")
     try:
-        snapshot = await daemon.file.replace(text, if_match)
+        snapshot = await daemon.file.replace(text, if_match, guard=refuse_restricted)
+    except RestrictedChange as exc:
+        raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
     except StaleVersion as exc:
         raise ApiError(412, "stale", sha256=exc.current) from None
     except ChangeRefused as exc:
@@ -210,6 +247,7 @@ async def status(request: web.Request) -> web.Response:
             "path": str(daemon.file.path), "sha256": snapshot.sha256, "valid": snapshot.valid,
             "problems": [{"file": p.file, "line": p.line, "path": p.path, "message": p.message, "text": str(p)}
                          for p in snapshot.problems],
+            "warnings": [str(w) for w in daemon.desired.warnings],  # of the version in force
             "enforcedSha256": daemon.enforced_sha256,  # the last valid version, the one in force
         },
         "reconcile": {
@@ -275,6 +313,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app[DAEMON] = daemon
     app[FLEET] = Fleet(daemon)
     app[ADMIN_KEY] = admin_key
+    app[LIMITER] = FailureLimiter()
     app[STARTED] = time.monotonic()
     app[OPENAPI] = json.loads(resources.files(SCHEMAS).joinpath("openapi.json").read_text(encoding="utf-8"))
     app.router.add_get("/health", health)

@@ -1,26 +1,50 @@
-"""A zip of an instance's data dir, produced while it is sent: never built in memory or on disk."""
+"""A zip of an instance's data dir, produced while it is sent: never built in memory or on disk.
+
+What goes in: regular files only, each opened without following a link (``O_NOFOLLOW``, and
+folders walked by descriptor, so a link swapped in during the walk leads nowhere) and without
+blocking (``O_NONBLOCK``: a FIFO is seen for what it is, not waited on). Everything left out
+(links, FIFOs, sockets, unreadable or vanished files, unreadable folders) is named with the
+reason in a manifest, the zip's last entry. Times before 1980, which zip cannot store, are
+stored as 1980-01-01.
+
+Why the standard library's ``zipfile`` and not zipstream-ng: ``zipfile`` already streams to an
+unseekable writer (sizes go in data descriptors), and every entry here is written from a
+descriptor this module opened and checked itself; zipstream-ng's own path walking opens by
+name, so it would be fed the same descriptors, and its one extra -- the total size known in
+advance -- cannot hold for a data dir that SillyTavern writes while the zip is made.
+"""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import queue
+import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import AsyncIterator
 
+MANIFEST = "CST-BACKUP-MANIFEST.txt"
 _CHUNK_QUEUE = 8      # chunks in flight between the zipping thread and the socket
+_READ = 1 << 20
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_ZIP_LAST = (2107, 12, 31, 23, 59, 58)
 _DONE = object()
+_LINK = "a symbolic link (not followed)"
 
 
 class _QueueWriter:
     """A write-only, unseekable file object that hands what zipfile writes to a queue."""
 
-    def __init__(self, out: queue.Queue):
-        self.out = out
+    def __init__(self, out: queue.Queue, cancelled: threading.Event):
+        self.out, self.cancelled = out, cancelled
         self.written = 0
 
     def write(self, data: bytes) -> int:
+        if self.cancelled.is_set():
+            raise _Cancelled
         if data:
             self.out.put(bytes(data))
             self.written += len(data)
@@ -33,32 +57,113 @@ class _QueueWriter:
         pass
 
 
-def _zip(root: Path, out: queue.Queue, cancelled: threading.Event) -> None:
+class _Cancelled(Exception):
+    """The reader went away: stop zipping."""
+
+
+class _Skip(Exception):
+    """A file left out of the zip; the message is the reason shown in the manifest."""
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return _LINK
+    if exc.errno == errno.ENOENT:
+        return "removed while the backup ran"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not readable (permission denied)"
+    return f"not readable ({exc.strerror or exc})"
+
+
+def _open_regular(name: str, folder_fd: int) -> tuple[int, os.stat_result]:
+    """A descriptor of ``name`` in ``folder_fd`` if it is a regular file; _Skip otherwise."""
     try:
-        with zipfile.ZipFile(_QueueWriter(out), "w", compression=zipfile.ZIP_DEFLATED, compresslevel=5) as archive:
-            for folder, dirs, files in os.walk(root):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder_fd)
+    except OSError as exc:
+        raise _Skip(_reason(exc)) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+        raise _Skip(f"{kind}, not a regular file")
+    return fd, info
+
+
+def _unenterable(name: str, folder_fd: int) -> str | None:
+    """Why the folder ``name`` in ``folder_fd`` cannot be walked into, or None if it can."""
+    try:
+        if stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode):
+            return _LINK
+        os.close(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd))
+    except OSError as exc:
+        return _reason(exc)
+    return None
+
+
+def _entry(arcname: str, info: os.stat_result) -> zipfile.ZipInfo:
+    when = time.localtime(info.st_mtime)[:6]
+    entry = zipfile.ZipInfo(arcname, date_time=min(max(when, _ZIP_EPOCH), _ZIP_LAST))
+    entry.compress_type = zipfile.ZIP_DEFLATED
+    entry.external_attr = (info.st_mode & 0xFFFF) << 16
+    entry.file_size = info.st_size
+    return entry
+
+
+def _add(archive: zipfile.ZipFile, fd: int, entry: zipfile.ZipInfo) -> None:
+    with os.fdopen(fd, "rb", closefd=True) as source, \
+            archive.open(entry, "w", force_zip64=entry.file_size > 1 << 30) as target:
+        while chunk := source.read(_READ):
+            target.write(chunk)
+
+
+def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: list[tuple[str, str]]) -> None:
+    try:
+        with zipfile.ZipFile(_QueueWriter(out, cancelled), "w", compresslevel=5) as archive:
+            def unreadable(exc: OSError) -> None:  # a folder that went away or changed mid-walk
+                left_out.append((f"{exc.filename}/", _reason(exc)))
+
+            for folder, dirs, files, folder_fd in os.fwalk(root, onerror=unreadable, follow_symlinks=False):
+                here = Path(folder).relative_to(root)
+                for name in list(dirs):
+                    reason = _unenterable(name, folder_fd)
+                    if reason:  # fwalk would skip it without a word: the manifest names it
+                        dirs.remove(name)
+                        left_out.append(((here / name).as_posix() + ("" if reason == _LINK else "/"), reason))
                 dirs.sort()
                 for name in sorted(files):
-                    if cancelled.is_set():
-                        return
-                    path = Path(folder) / name
-                    if path.is_symlink() or not path.is_file():
-                        continue  # never follow a link out of the data dir
+                    arcname = (here / name).as_posix()
                     try:
-                        archive.write(path, path.relative_to(root).as_posix())
-                    except OSError:
-                        continue  # a file SillyTavern removed while we walked
-    except BaseException as exc:  # reported to the reader, which ends the response
+                        fd, info = _open_regular(name, folder_fd)
+                    except _Skip as skip:
+                        left_out.append((arcname, str(skip)))
+                        continue
+                    try:
+                        _add(archive, fd, _entry(arcname, info))
+                    except OSError as exc:  # a read error half-way: the entry is incomplete
+                        raise OSError(exc.errno, f"reading {arcname}: {exc.strerror or exc}") from None
+            if left_out:
+                archive.writestr(zipfile.ZipInfo(MANIFEST, date_time=time.localtime()[:6]), manifest(left_out),
+                                 compress_type=zipfile.ZIP_DEFLATED)
+    except _Cancelled:
+        pass
+    except BaseException as exc:  # reported to the reader, which aborts the response
         out.put(exc)
     finally:
         out.put(_DONE)
 
 
-async def zip_stream(root: Path) -> AsyncIterator[bytes]:
-    """Yield the bytes of a zip of ``root`` as they are produced (bounded memory)."""
+def manifest(left_out: list[tuple[str, str]]) -> str:
+    lines = ["Left out of this backup (only regular files are saved; links are never followed):", ""]
+    lines += [f"{path}\t{reason}" for path, reason in left_out]
+    return "\n".join(lines) + "\n"
+
+
+async def zip_stream(root: Path, left_out: list[tuple[str, str]]) -> AsyncIterator[bytes]:
+    """Yield the bytes of a zip of ``root`` as they are produced (bounded memory). Raises if the
+    zip cannot be finished; ``left_out`` gets (path, reason) for every file not in it."""
     out: queue.Queue = queue.Queue(maxsize=_CHUNK_QUEUE)
     cancelled = threading.Event()
-    worker = threading.Thread(target=_zip, args=(root, out, cancelled), daemon=True)
+    worker = threading.Thread(target=_zip, args=(root, out, cancelled, left_out), daemon=True)
     worker.start()
     try:
         while True:

@@ -182,11 +182,13 @@ class Daemon:
         if value:
             return value
         self.state.ensure()
-        generated = self.state.read_secret("admin.key") is None
-        key = self.state.secret("admin.key", lambda: secrets.token_urlsafe(32))
         where = self.state.secret_path("admin.key")
-        print(f"cst serve: {env} is not set; admin key {'generated and ' if generated else ''}kept in {where}: {key}",
-              flush=True)
+        key = self.state.read_secret("admin.key")
+        if key is not None:  # printed once, when made: logs (journald, CI) must not collect it
+            print(f"cst serve: {env} is not set; using the admin key kept in {where}", flush=True)
+            return key
+        key = self.state.secret("admin.key", lambda: secrets.token_urlsafe(32))
+        print(f"cst serve: {env} is not set; admin key generated and kept in {where} (0600): {key}", flush=True)
         return key
 
     async def run(self, ssl_context: ssl.SSLContext | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..desired import edits
 from ..desired.model import DesiredState, instance_id, parse, port_of
+from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
 from ..engine.reconcile import Result
@@ -40,7 +41,8 @@ def parse_port(body: Any) -> int:
         raise ApiError(400, "missing_port")
     raw = body["port"]
     # the seed's clients send a number; a string of digits is accepted as the seed's parseInt did
-    if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit())):
+    digits = isinstance(raw, str) and raw.isascii() and raw.isdigit()  # not full-width or other scripts' digits
+    if isinstance(raw, bool) or not (isinstance(raw, int) or digits):
         raise ApiError(400, "invalid_port", port=str(raw)[:20])
     port = int(raw)
     if not 1024 <= port <= 65535:
@@ -118,7 +120,9 @@ class Fleet:
 
     async def _edit(self, edit, failure_key: str) -> Snapshot:
         try:
-            snapshot = await self.daemon.file.change(edit)
+            snapshot = await self.daemon.file.change(edit, guard=refuse_restricted)
+        except RestrictedChange as exc:
+            raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
         except CurrentFileInvalid as exc:
             raise ApiError(409, "file_invalid", problems=_problems(exc)) from None
         except ChangeRefused as exc:

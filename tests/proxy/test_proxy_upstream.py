@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from typing import Awaitable, Callable
 
 import pytest
@@ -84,17 +87,17 @@ async def test_chunked_answers_split_anywhere_with_trailers_and_keep_alive() -> 
 
 async def test_content_length_read_until_close_and_no_body() -> None:
     async def handler(reader, writer):
-        request = await server.read_request(reader)
-        if b"HEAD" in request[:4]:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
-            await writer.drain()
+        while True:
             request = await server.read_request(reader)
-        if b"close" in request:
-            writer.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
-            return
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-A: 1\r\n\r\nbody")
-        await writer.drain()
-        await server.read_request(reader)
+            if request.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+            elif b"close" in request:
+                writer.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+                return
+            else:
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n"
+                             b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-A: 1\r\n\r\nbody")
+            await writer.drain()
 
     client = UpstreamClient()
     async with RawServer(handler) as server:
@@ -112,19 +115,113 @@ async def test_content_length_read_until_close_and_no_body() -> None:
     await client.close()
 
 
-async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one() -> None:
+async def test_an_idle_connection_the_upstream_closed_is_never_used() -> None:
+    """The upstream closes an idle keep-alive connection; its FIN is in the kernel but the event
+    loop has not seen it yet. The peek before reuse sees it: the request goes out once, fresh."""
+    closed = threading.Event()
+
+    def serve(listener: socket.socket) -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if not closed.is_set():
+                    time.sleep(0.1)  # after the answer was read, the upstream gives up on the connection
+                    conn.shutdown(socket.SHUT_RDWR)
+                    closed.set()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+    thread.start()
+    origin = Origin.parse(f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+    client = UpstreamClient()
+    try:
+        assert await body_of(client, origin) == (200, [b"ok"])
+        closed.wait(5)   # blocks the loop on purpose: the FIN arrives, nobody reads it yet
+        time.sleep(0.05)
+        assert await body_of(client, origin) == (200, [b"ok"])
+    finally:
+        await client.close()
+        thread.join(5)
+        listener.close()
+
+
+async def test_a_request_the_upstream_may_have_seen_is_not_re_sent() -> None:
     async def handler(reader, writer):
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        # The next request on this connection meets a server that just gave up on it.
-        await server.read_request(reader)
+        await server.read_request(reader)  # it read the request (and may have billed it), then died
 
     client = UpstreamClient()
     async with RawServer(handler) as server:
         assert await body_of(client, server.origin) == (200, [b"ok"])
-        assert await body_of(client, server.origin) == (200, [b"ok"])
-        assert server.connections == 2 and len(server.requests) == 3
+        with pytest.raises(UpstreamError, match="before answering"):
+            await body_of(client, server.origin)
+        assert server.connections == 1 and len(server.requests) == 2, "sent once, not again"
+    await client.close()
+
+
+HOSTILE = {
+    "negative Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok",
+    "repeated Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    "conflicting Content-Length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 9\r\n\r\nok",
+    "Content-Length list": b"HTTP/1.1 200 OK\r\nContent-Length: 2, 9\r\n\r\nok",
+    "Content-Length with chunked": (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"2\r\nok\r\n0\r\n\r\n"),
+    "chunk size -2": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nok\r\n0\r\n\r\n",
+    "chunk size 1_0": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\nok\r\n0\r\n\r\n",
+    "chunk size 0x2": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n",
+    "chunk size overflow": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"10000000000000000\r\nok\r\n0\r\n\r\n"),
+    "folded header": b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("answer", HOSTILE.values(), ids=HOSTILE.keys())
+async def test_hostile_framing_fails_that_answer_and_the_next_gets_its_own(answer: bytes) -> None:
+    async def handler(reader, writer):
+        while True:
+            request = await server.read_request(reader)
+            writer.write(answer if b"/bad" in request else
+                         b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(request) + request)
+            await writer.drain()
+
+    client = UpstreamClient()
+    async with RawServer(handler) as server:
+        with pytest.raises(UpstreamError, match="malformed"):
+            resp = await client.request(server.origin, "POST", b"POST /bad HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                                        None, timeout=2)
+            await resp.read()
+        own = b"POST /mine HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        resp = await client.request(server.origin, "POST", own, None, timeout=2)
+        assert await resp.read() == own, "the next answer is its own"
+        resp.finish()
+    await client.close()
+
+
+async def test_an_answer_nobody_asked_for_drops_the_connection() -> None:
+    async def handler(reader, writer):
+        while True:
+            request = await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(request) + request)
+            if b"/first" in request:  # then a second answer to the same request
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+            await writer.drain()
+
+    client = UpstreamClient()
+    async with RawServer(handler) as server:
+        first = b"POST /first HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        resp = await client.request(server.origin, "POST", first, None, timeout=2)
+        assert await resp.read() == first
+        resp.finish()
+        await asyncio.sleep(0.1)  # the stray answer arrives on the idle connection
+        second = b"POST /second HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        resp = await client.request(server.origin, "POST", second, None, timeout=2)
+        assert await resp.read() == second, "not the stray answer"
+        resp.finish()
+        assert server.connections == 2
     await client.close()
 
 
