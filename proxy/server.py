@@ -1,13 +1,13 @@
 """The HTTP front: thin handlers over the pool, the forwarder and the accounts.
 
 Routes: ``/v1/*`` (forwarded), ``/health`` (open, for liveness probes),
-``/status`` and ``/metrics`` (behind the client key when one is configured,
-since they reveal balances and masked keys).
+``/status`` and ``/metrics`` (behind a key once any exists, since they reveal
+balances and masked keys). A request is counted for its caller (see ``callers``
+and ``usage``); an instance calling ``/status`` sees its own counts only.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from typing import Any
 
@@ -17,22 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .forward import openai_error
 from .metrics import registry_for
 from .state import ProxyState
+from .usage import Meter
 
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
+GONE = 499   # the client went away before its answer was complete (nginx's code for it)
 
 
-def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
-    if not state.client_keys:
-        return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        token = ""
-    given = token.strip().encode()
-    ok = False
-    for expected in state.client_keys:  # every key compared, each in constant time
-        ok |= hmac.compare_digest(given, expected)
-    return ok
+def _caller(state: ProxyState, request: web.BaseRequest) -> str | None:
+    return state.callers.identify(request.headers.get("Authorization", ""))
 
 
 def _denied() -> web.Response:
@@ -43,9 +35,17 @@ def _denied() -> web.Response:
 
 
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
-    if state.client_keys and not client_allowed(state, request):
+    caller = _caller(state, request)
+    if caller is None:
         return _denied()
-    return await state.forwarder.handle(request)
+    meter = Meter()
+    status = GONE
+    try:
+        response = await state.forwarder.handle(request, meter)
+        status = response.status
+        return response
+    finally:
+        state.usage.count(caller, status, meter)
 
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
@@ -64,7 +64,8 @@ def _wall(monotonic_deadline: float, now_mono: float) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def status_document(state: ProxyState) -> dict[str, Any]:
+def status_document(state: ProxyState, caller: str | None = None) -> dict[str, Any]:
+    """The pool and the counts by caller; ``caller`` an instance: its own counts only."""
     now = state.pool.clock()
     pool_accounts = state.pool.accounts()
     accounts: dict[str, Any] = {}
@@ -90,17 +91,20 @@ def status_document(state: ProxyState) -> dict[str, Any]:
             ],
         }
     total, available = state.pool.counts()
-    return {"keys": {"total": total, "available": available}, "accounts": accounts}
+    own = caller if state.callers.is_instance(caller) else None
+    return {"keys": {"total": total, "available": available}, "accounts": accounts,
+            "caller": caller, "instances": state.usage.document(only=own)}
 
 
 async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:
-    if state.client_keys and not client_allowed(state, request):
+    caller = _caller(state, request)
+    if caller is None:
         return _denied()
-    return web.json_response(status_document(state))
+    return web.json_response(status_document(state, caller))
 
 
 async def metrics(state: ProxyState, registry: CollectorRegistry, request: web.BaseRequest) -> web.Response:
-    if state.client_keys and not client_allowed(state, request):
+    if _caller(state, request) is None:
         return _denied()
     response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

@@ -99,6 +99,13 @@ class ProxySettings:
     max_attempts: int = _default("settings", "proxy", "max_attempts")
     failure_threshold: int = _default("settings", "proxy", "failure_threshold")
     timeout: float = parse_duration(_default("settings", "proxy", "timeout"))
+    anonymous: bool = _default("settings", "proxy", "anonymous")
+
+    @property
+    def local_url(self) -> str:
+        """Where a process on this machine reaches the proxy (a wildcard listen answers on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.listen.host, self.listen.host)
+        return f"http://{Listen(host, self.listen.port)}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class InstanceSpec:
     state: Literal["running", "stopped"] = _default("instances", "state")
     password_env: str | None = None
     max_memory: int | None = None      # bytes
+    proxy: bool = _default("instances", "proxy")   # wired to the key pool, with a proxy key of its own
 
     @property
     def id(self) -> str:
@@ -195,6 +203,7 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             max_attempts=proxy["max_attempts"],
             failure_threshold=proxy["failure_threshold"],
             timeout=parse_duration(proxy["timeout"]),
+            anonymous=proxy["anonymous"],
         ),
     )
     accounts = tuple(
@@ -213,7 +222,8 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
     )
     instances = tuple(
         InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
-                     max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
+                     max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None,
+                     proxy=i["proxy"])
         for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances)

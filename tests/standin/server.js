@@ -1,8 +1,10 @@
 // A fast stand-in for SillyTavern's server.js, for bulk runtime tests.
 // It honours the flags and environment CST passes to the real server: --port, --dataRoot,
 // --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD}.
+// It answers CST's health route (/api/plugins/cst/health) as the overlay's plugin does.
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
+//   {"sickPid": 1234}   the process with that pid answers its health route 503 (read on each request)
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
@@ -21,8 +23,10 @@ const password = process.env.SILLYTAVERN_BASICAUTHUSER_PASSWORD || 'password';
 const expected = 'Basic ' + Buffer.from(`${user}:${password}`).toString('base64');
 
 fs.mkdirSync(path.join(dataRoot, 'default-user'), { recursive: true });
-let knobs = {};
-try { knobs = JSON.parse(fs.readFileSync(path.join(dataRoot, 'standin.json'), 'utf8')); } catch { /* none */ }
+function readKnobs() {
+    try { return JSON.parse(fs.readFileSync(path.join(dataRoot, 'standin.json'), 'utf8')); } catch { return {}; }
+}
+const knobs = readKnobs();
 if (knobs.exitCode !== undefined) {
     console.error(`stand-in: exiting with ${knobs.exitCode} as asked`);
     process.exit(knobs.exitCode);
@@ -35,6 +39,16 @@ const server = http.createServer((req, res) => {
     if (req.headers.authorization !== expected) {
         res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
         return res.end('Unauthorized');
+    }
+    if (req.url === '/api/plugins/cst/health') {
+        const sick = readKnobs().sickPid === process.pid;
+        const memory = process.memoryUsage();
+        res.writeHead(sick ? 503 : 200, { 'Content-Type': 'application/json' });
+        return res.end(JSON.stringify({
+            status: sick ? 'sick' : 'ok', version: 'stand-in', instance: process.env.CST_INSTANCE_ID ?? null,
+            uptime: process.uptime(), memory: { rss: memory.rss, heapTotal: memory.heapTotal,
+                heapUsed: memory.heapUsed, external: memory.external }, dataRoot,
+        }));
     }
     res.writeHead(200, { 'Content-Type': 'text/html' });
     res.end(`<html><body>stand-in SillyTavern on ${port}, data in ${dataRoot}</body></html>`);
