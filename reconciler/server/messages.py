@@ -62,6 +62,6 @@ def language(query: Mapping[str, str], accept_language: str | None) -> str:
     return "zh"
 
 
-def message(key: str, lang: str, **params: object) -> str:
+def message(key: str, lang: str, /, **params: object) -> str:
     english, chinese = MESSAGES[key]
     return (chinese if lang == "zh" else english).format(**params)

@@ -26,7 +26,7 @@ function panelHtml() {
             <b>${t`CST key pool`}</b>
             <div class="inline-drawer-icon fa-solid fa-circle-chevron-down down"></div>
         </div>
-        <div class="inline-drawer-content">
+        <div class="inline-drawer-content"><div class="cst-keypool-body">
             <div class="cst-keypool-stats">
                 <div class="cst-keypool-stat">
                     <span class="cst-keypool-label">${t`Total balance`}</span>
@@ -38,11 +38,15 @@ function panelHtml() {
                 </div>
             </div>
             <div class="cst-keypool-proxy">
-                <span class="cst-keypool-label">${t`Proxy`}</span>
-                <span class="cst-keypool-state" data-cst="state"><span class="cst-keypool-dot"></span><span data-cst="state-text">${t`Loading…`}</span></span>
-                <code class="cst-keypool-url" data-cst="url"></code>
-                <div class="menu_button menu_button_icon cst-keypool-copy" data-cst-action="copy" title="${t`Copy the proxy URL`}">
-                    <i class="fa-solid fa-copy"></i>
+                <div class="cst-keypool-row">
+                    <span class="cst-keypool-label">${t`Proxy`}</span>
+                    <span class="cst-keypool-state" data-cst="state"><span class="cst-keypool-dot"></span><span data-cst="state-text">${t`Loading…`}</span></span>
+                </div>
+                <div class="cst-keypool-row cst-keypool-url-row">
+                    <code class="cst-keypool-url" data-cst="url"></code>
+                    <div class="menu_button menu_button_icon cst-keypool-copy" data-cst-action="copy" title="${t`Copy the proxy URL`}">
+                        <i class="fa-solid fa-copy"></i>
+                    </div>
                 </div>
             </div>
             <div class="cst-keypool-mine">
@@ -59,7 +63,7 @@ function panelHtml() {
                 </div>
                 <small class="cst-keypool-updated" data-cst="updated"></small>
             </div>
-        </div>
+        </div></div>
     </div>
 </div>`;
 }
