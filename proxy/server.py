@@ -20,7 +20,6 @@ from .state import ProxyState
 from .usage import Meter
 
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
-GONE = 499   # the client went away before its answer was complete (nginx's code for it)
 
 
 def _caller(state: ProxyState, request: web.BaseRequest) -> str | None:
@@ -39,11 +38,14 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
     if caller is None:
         return _denied()
     meter = Meter()
-    status = GONE
+    status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
     try:
         response = await state.forwarder.handle(request, meter)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
+        raise
     finally:
         state.usage.count(caller, status, meter)
 

@@ -202,6 +202,10 @@ def st_install(file: Path) -> None:
 def st_verify(file: Path) -> None:
     """Check that the install is the pinned release plus CST's overlay, every file unchanged."""
     desired = load_or_exit(file)
+    if desired.settings.sillytavern.server is not None:
+        click.echo(f"ok: settings.sillytavern.server is your own checkout ({desired.settings.sillytavern.server}); "
+                   "only the npm release is verified")
+        return
     version = desired.settings.sillytavern.version
     try:
         found = sillytavern.verify(version, desired.settings.state_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import venv
@@ -111,3 +112,9 @@ def test_the_wheel_installs_and_validates_from_another_folder(wheel: Path, tmp_p
                             cwd=elsewhere, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "valid (2 instances, 2 accounts)" in result.stdout
+    # stsource-changed/ travels inside the wheel: the overlay cst st install lays
+    from reconciler.runtime.overlay import overlay_files
+    shipped = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import json; from reconciler.runtime.overlay "
+                              "import overlay_files as f; print(json.dumps(sorted(f())))"],
+                             cwd=elsewhere, check=True, capture_output=True, text=True).stdout
+    assert json.loads(shipped) == sorted(overlay_files())

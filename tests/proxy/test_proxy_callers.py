@@ -136,6 +136,24 @@ async def test_streams_count_usage_only_when_the_upstream_sends_it(make_proxy: M
     await client.close()
 
 
+async def test_a_client_hanging_up_is_counted_but_not_as_an_error(make_proxy: MakeProxy, upstream: FakeUpstream,
+                                                                   env, tmp_path) -> None:
+    env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams its chunks 0.2 s apart
+    key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
+    proxy = await make_proxy(static_account("main", "KEYS"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "gpt-fake", "stream": True, "messages": HI}) as resp:
+            await resp.content.readline()   # SillyTavern's stop button: hang up mid-answer
+    await eventually(lambda: _counted(proxy, key))
+    counts = (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]
+    assert (counts["requests"], counts["errors"]) == (1, 0)
+
+
+async def _counted(proxy, key: str) -> bool:
+    return (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]["requests"] == 1
+
+
 # -- the meter, piece by piece
 
 USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}}\n\n'
