@@ -240,7 +240,7 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
                           "so that the proxy asks its clients for a key")
     if proxy.get("anonymous") is True and not _is_loopback(proxy_listen):
         yield doc.problem(("settings", "proxy", "anonymous"),
-                          f"anonymous: true would open the key pool to anyone who reaches {proxy_listen!r}: "
+                          f"true would open the key pool to anyone who reaches {proxy_listen!r}: "
                           "it is allowed only on a loopback address")
 
     reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
