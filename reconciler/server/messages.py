@@ -40,12 +40,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "if_match_required": ("Send the sha256 you read in the If-Match header", "请在 If-Match 请求头中提供读取时的 sha256"),
     "password_from_env": ("The password of {id} comes from the environment variable {env}; change it there",
                           "{id} 的密码来自环境变量 {env}，请在那里修改"),
-    "key_rotated": ("{id} has a new proxy key; the old one no longer works",
-                    "{id} 的代理密钥已更换，旧密钥已失效"),
-    "proxy_off": ("{id} has proxy: false, so it has no proxy key", "{id} 设置了 proxy: false，没有代理密钥"),
     "internal": ("Internal server error", "服务器内部错误"),
     "not_route": ("Not found", "未找到"),
     "method": ("Method not allowed", "不支持的请求方法"),
+    "key_rotated": ("{id} has a new proxy key; the old one no longer works",
+                    "{id} 的代理密钥已更换，旧密钥已失效"),
+    "proxy_off": ("{id} has proxy: false, so it has no proxy key", "{id} 设置了 proxy: false，没有代理密钥"),
 }
 
 

@@ -24,8 +24,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update"]
 
 
-# per module, not per session: while Playwright's sync API runs, its event loop counts as running in
-# this thread, and pytest-asyncio could not run the async tests of the modules after it
+# Module scope, not session: while sync Playwright is open its event loop counts as running in
+# this thread, and the asyncio tests of other modules (asyncio.run, pytest-asyncio) would fail.
+# For the same reason a browser test module must not run asyncio itself.
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not shutil.which(CHROMIUM):

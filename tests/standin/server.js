@@ -1,10 +1,9 @@
 // A fast stand-in for SillyTavern's server.js, for bulk runtime tests.
 // It honours the flags and environment CST passes to the real server: --port, --dataRoot,
-// --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD}.
-// It answers CST's health route (/api/plugins/cst/health) as the overlay's plugin does.
+// --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD},
+// and it answers CST's health route as the overlay's server plugin does (see answerHealth).
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
-//   {"sickPid": 1234}   the process with that pid answers its health route 503 (read on each request)
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
@@ -35,12 +34,13 @@ if (knobs.exitCode !== undefined) {
 const starts = path.join(dataRoot, 'default-user', 'starts.txt');
 fs.appendFileSync(starts, `${process.pid}\n`);
 
-const server = http.createServer((req, res) => {
-    if (req.headers.authorization !== expected) {
-        res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
-        return res.end('Unauthorized');
-    }
-    if (req.url === '/api/plugins/cst/health') {
+// GET /api/plugins/cst/health with basic auth, before the other routes (without auth it is a 401 as
+// any route). The knob {"sickPid": 1234}, read on each request, makes that process answer 503.
+function answerHealth(handler) {
+    return (req, res) => {
+        if (req.url !== '/api/plugins/cst/health' || req.headers.authorization !== expected) {
+            return handler(req, res);
+        }
         const sick = readKnobs().sickPid === process.pid;
         const memory = process.memoryUsage();
         res.writeHead(sick ? 503 : 200, { 'Content-Type': 'application/json' });
@@ -49,10 +49,17 @@ const server = http.createServer((req, res) => {
             uptime: process.uptime(), memory: { rss: memory.rss, heapTotal: memory.heapTotal,
                 heapUsed: memory.heapUsed, external: memory.external }, dataRoot,
         }));
+    };
+}
+
+const server = http.createServer(answerHealth((req, res) => {
+    if (req.headers.authorization !== expected) {
+        res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
+        return res.end('Unauthorized');
     }
     res.writeHead(200, { 'Content-Type': 'text/html' });
     res.end(`<html><body>stand-in SillyTavern on ${port}, data in ${dataRoot}</body></html>`);
-});
+}));
 
 setTimeout(() => {
     server.listen(port, host, () => console.log(`stand-in SillyTavern is listening on ${host}:${port}`));
