@@ -8,7 +8,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import PROMPT_TOKENS, FakeUpstream
 
 from proxy.usage import Meter, UsageBook
