@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .pool import Key, KeyPool, Outcome
+from .usage import Meter
 from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("cst.proxy.forward")
@@ -128,7 +129,8 @@ class Forwarder:
         self.config = config
         self.stats = ForwardStats()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, meter: Meter) -> web.StreamResponse:
+        """Forward ``request``; ``meter`` sees the answer's pieces (for the caller's token counts)."""
         config = self.config  # one consistent config for the whole request, even if apply() swaps it
         body = await request.read() if request.body_exists else b""
         head = request_head(request, config.origin)
@@ -172,11 +174,14 @@ class Forwarder:
                     raise
                 self.pool.report(key, outcome)
                 self.stats.responses[resp.status] += 1
+                metered = meter if outcome is Outcome.SUCCESS else None
                 if small:
                     resp.finish()
+                    if metered:
+                        metered.body(first)
                     return web.Response(status=resp.status, reason=resp.reason, body=first,
                                         headers=response_headers(resp))
-                return await self._stream(request, resp, key, first)
+                return await self._stream(request, resp, key, first, metered)
             # Retryable: keep the answer in case no other key does better.
             try:
                 err_body = await resp.read(MAX_ERROR_BODY)
@@ -214,7 +219,7 @@ class Forwarder:
             log.debug("key %s (%s): %s; trying another key", key.masked, key.account, reason)
 
     async def _stream(self, request: web.BaseRequest, resp: UpstreamResponse, key: Key,
-                      first: bytes) -> web.StreamResponse:
+                      first: bytes, meter: Meter | None) -> web.StreamResponse:
         """Relay an answer piece by piece, starting with the ``first`` piece already read."""
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp))
         if resp.content_length is not None:
@@ -224,12 +229,16 @@ class Forwarder:
             await out.prepare(request)
             while chunk:
                 await out.write(chunk)
+                if meter:
+                    meter.piece(chunk)
                 try:
                     chunk = await resp.read_some()  # whatever has arrived: each SSE event goes on at once
                 except UpstreamError as exc:
                     # Nothing can be retried now. Tell the pool and cut the client off without a
                     # clean end, so it cannot mistake this for a complete answer.
                     resp.close()
+                    if meter:
+                        meter.broken = True
                     self.pool.report(key, Outcome.FAILURE, f"answer broke off: {exc}")
                     log.warning("key %s (%s): the upstream answer broke off: %s", key.masked, key.account, exc)
                     if request.transport is not None:

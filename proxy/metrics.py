@@ -49,6 +49,19 @@ class PoolCollector(Collector):
         yield CounterMetricFamily("cst_proxy_client_disconnects", "Clients that hung up mid-answer",
                                   value=stats.client_disconnects)
 
+        by_instance = CounterMetricFamily("cst_proxy_instance_requests", "Requests by caller (an instance id, "
+                                          "client or anonymous)", labels=["instance"])
+        instance_errors = CounterMetricFamily("cst_proxy_instance_errors", "Requests of a caller that got an "
+                                              "error or a broken answer", labels=["instance"])
+        tokens = CounterMetricFamily("cst_proxy_instance_tokens", "Tokens the upstream reported in answers to a "
+                                     "caller", labels=["instance", "kind"])
+        for caller, tally in sorted(state.usage.total.items()):
+            by_instance.add_metric([caller], tally.requests)
+            instance_errors.add_metric([caller], tally.errors)
+            tokens.add_metric([caller, "prompt"], tally.prompt_tokens)
+            tokens.add_metric([caller, "completion"], tally.completion_tokens)
+        yield from (by_instance, instance_errors, tokens)
+
         errors = GaugeMetricFamily("cst_proxy_account_error", "1 when the last refresh of an account failed",
                                    labels=["account", "provider"])
         for name, status in state.accounts.status().items():

@@ -1,8 +1,9 @@
 """The HTTP front: thin handlers over the pool, the forwarder and the accounts.
 
 Routes: ``/v1/*`` (forwarded), ``/health`` (open, for liveness probes),
-``/status`` and ``/metrics`` (behind the client key when one is configured,
-since they reveal balances and masked keys).
+``/status`` and ``/metrics`` (behind a key once any exists, since they reveal
+balances and masked keys). A request is counted for its caller (see ``callers``
+and ``usage``); an instance calling ``/status`` sees its own counts only.
 
 Limits, answered in OpenAI's error shape: a body over ``settings.proxy.max_body`` is a 413
 (refused before it is read when its Content-Length says so); past
@@ -14,7 +15,6 @@ so no pool key goes to a path the proxy does not serve.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from typing import Any
 from urllib.parse import unquote
@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .forward import openai_error
 from .metrics import registry_for
 from .state import ProxyState
+from .usage import Meter
 
 _NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these is already in normal form
 _DOTS = {".", ".."}
@@ -56,19 +57,8 @@ def normalised_path(raw_path: str) -> str | None:
 
 
 
-def client_allowed(state: ProxyState, request: web.BaseRequest) -> bool:
-    if not state.client_keys:
-        return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        token = ""
-    # header bytes that are not UTF-8 arrive as surrogates: compared as the bytes sent, never a match
-    given = token.strip().encode("utf-8", "surrogateescape")
-    ok = False
-    for expected in state.client_keys:  # every key compared, each in constant time
-        ok |= hmac.compare_digest(given, expected)
-    return ok
+def _caller(state: ProxyState, request: web.BaseRequest) -> str | None:
+    return state.callers.identify(request.headers.get("Authorization", ""))
 
 
 def _denied() -> web.Response:
@@ -84,7 +74,8 @@ def _too_large(state: ProxyState) -> web.Response:
 
 
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
-    if state.client_keys and not client_allowed(state, request):
+    caller = _caller(state, request)
+    if caller is None:
         return _denied()
     target = normalised_path(request.raw_path)
     if target is None:
@@ -100,12 +91,21 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         response.headers["Retry-After"] = "1"
         return response
     state.in_flight += 1
+    meter = Meter()
+    status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
     try:
-        return await state.forwarder.handle(request)
+        response = await state.forwarder.handle(request, meter)
+        status = response.status
+        return response
     except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+        status = 413
         return _too_large(state)
+    except asyncio.CancelledError:
+        status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
+        raise
     finally:
         state.in_flight -= 1
+        state.usage.count(caller, status, meter)
 
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
@@ -124,7 +124,8 @@ def _wall(monotonic_deadline: float, now_mono: float) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def status_document(state: ProxyState) -> dict[str, Any]:
+def status_document(state: ProxyState, caller: str | None = None) -> dict[str, Any]:
+    """The pool and the counts by caller; ``caller`` an instance: its own counts only."""
     now = state.pool.clock()
     pool_accounts = state.pool.accounts()
     accounts: dict[str, Any] = {}
@@ -150,17 +151,20 @@ def status_document(state: ProxyState) -> dict[str, Any]:
             ],
         }
     total, available = state.pool.counts()
-    return {"keys": {"total": total, "available": available}, "accounts": accounts}
+    own = caller if state.callers.is_instance(caller) else None
+    return {"keys": {"total": total, "available": available}, "accounts": accounts,
+            "caller": caller, "instances": state.usage.document(only=own)}
 
 
 async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:
-    if state.client_keys and not client_allowed(state, request):
+    caller = _caller(state, request)
+    if caller is None:
         return _denied()
-    return web.json_response(status_document(state))
+    return web.json_response(status_document(state, caller))
 
 
 async def metrics(state: ProxyState, registry: CollectorRegistry, request: web.BaseRequest) -> web.Response:
-    if state.client_keys and not client_allowed(state, request):
+    if _caller(state, request) is None:
         return _denied()
     response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

@@ -12,13 +12,18 @@ import asyncio
 import logging
 import os
 import socket
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from reconciler.desired.model import DesiredState, Listen, ProxySettings
+from reconciler.desired.watch import changes_in
+from reconciler.runtime.instance_keys import InstanceKeys
+from reconciler.runtime.statedir import StateDir
 
 from .accounts import AccountManager
+from .callers import Callers
 from .forward import ForwardConfig, Forwarder
 from .pool import KeyPool
 from .server import build_server
@@ -34,15 +39,15 @@ def _forward_config(settings: ProxySettings) -> ForwardConfig:
     return ForwardConfig(settings.upstream, settings.max_attempts, settings.timeout)
 
 
-def _client_keys(settings: ProxySettings) -> tuple[bytes, ...]:
+def _client_keys(settings: ProxySettings) -> tuple[str, ...]:
     if not settings.client_keys_env:
         return ()
     raw = os.environ.get(settings.client_keys_env, "")
-    keys = tuple(k.strip().encode() for k in raw.split(",") if k.strip())
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
     if not keys:
         # Fail closed: a configured but empty key list must not mean "no authentication".
         log.error("%s is empty or unset: every proxy request will be refused", settings.client_keys_env)
-        return (os.urandom(32).hex().encode(),)
+        return (os.urandom(32).hex(),)
     return keys
 
 
@@ -56,6 +61,7 @@ class ProxyService:
         self._listen: Listen | None = None
         self.state: ProxyState | None = None
         self._applying = asyncio.Lock()  # one apply at a time: binding a new address awaits
+        self._following: tuple[asyncio.Task, asyncio.Event] | None = None   # the instance key folder
 
     @property
     def port(self) -> int:
@@ -78,9 +84,11 @@ class ProxyService:
         pool = KeyPool(settings.proxy.failure_threshold)
         forwarder = Forwarder(self._upstream, pool, _forward_config(settings.proxy))
         accounts = AccountManager(pool, self._session, settings.state_dir)
-        self.state = ProxyState(pool, forwarder, accounts, _client_keys(settings.proxy),
-                                settings.proxy.max_body, settings.proxy.max_concurrent)
+        callers = Callers(_client_keys(settings.proxy), anonymous=settings.proxy.anonymous)
+        self.state = ProxyState(pool, forwarder, accounts, callers,
+                                max_body=settings.proxy.max_body, max_concurrent=settings.proxy.max_concurrent)
         accounts.update(self.desired.accounts)
+        await self.reload_instance_keys()
         # handler_cancellation: a client that hangs up cancels its handler, and with it the
         # upstream request, instead of letting it run until the next write fails.
         server = build_server(self.state, handler_cancellation=True, access_log=None)
@@ -91,6 +99,7 @@ class ProxyService:
         except BaseException:
             await self.stop()  # e.g. the port is taken: leave nothing running behind
             raise
+        await self._follow_instance_keys()
         log.info("proxy listening on %s, forwarding to %s", self.url, settings.proxy.upstream)
 
     async def _bind(self, listen: Listen) -> None:
@@ -122,16 +131,54 @@ class ProxyService:
         if (old.upstream, old.max_attempts, old.timeout) != (new.upstream, new.max_attempts, new.timeout):
             state.forwarder.config = _forward_config(new)
         state.pool.failure_threshold = new.failure_threshold
-        state.client_keys = _client_keys(new)
+        state.callers.set_client_keys(_client_keys(new), new.anonymous)
         state.max_body, state.max_concurrent = new.max_body, new.max_concurrent
         if desired.settings.state_dir != state.accounts.cache_dir.parent:
             state.accounts.cache_dir = desired.settings.state_dir / "proxy"
+            await self.reload_instance_keys()
+            await self._follow_instance_keys()
         state.accounts.update(desired.accounts)
         if new.listen != self._listen:
             await self._bind(new.listen)
             log.info("proxy now listening on %s", self.url)
 
+    def _instance_keys(self) -> InstanceKeys:
+        return InstanceKeys(StateDir(self.desired.settings.state_dir))
+
+    async def reload_instance_keys(self) -> None:
+        """Read the instances' proxy keys again: a key minted, rotated or revoked counts from now."""
+        assert self.state is not None
+        self.state.callers.set_instance_keys(await asyncio.to_thread(self._instance_keys().all))
+
+    async def _follow_instance_keys(self) -> None:
+        """(Re)start following the key folder of the current state dir, so keys that ``cst apply``
+        or ``cst rotate-key`` change in another process count at once here too."""
+        await self._stop_following()
+        stop = asyncio.Event()
+        folder = self._instance_keys().folder
+        task = asyncio.get_running_loop().create_task(self._follow(folder, stop))
+        self._following = (task, stop)
+
+    async def _follow(self, folder: Path, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(folder.mkdir, 0o700, True, True)
+                async for _ in changes_in(folder, stop):
+                    await self.reload_instance_keys()
+            except Exception:   # never silently: log, and follow again after a pause
+                log.exception("following the instance keys in %s failed; trying again in 1 s", folder)
+                await asyncio.sleep(1)
+
+    async def _stop_following(self) -> None:
+        if self._following is not None:
+            task, stop = self._following
+            self._following = None
+            stop.set()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def stop(self) -> None:
+        await self._stop_following()
         if self.state is not None:
             await self.state.accounts.close()
         if self._runner is not None:

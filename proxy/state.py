@@ -1,12 +1,15 @@
-"""What the proxy's parts share while it runs: the pool, the forwarder, the accounts, the client keys, the limits."""
+"""What the proxy's parts share while it runs: the pool, the forwarder, the accounts, who may call
+and what each caller used, and the limits."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 from .accounts import AccountManager
+from .callers import Callers
 from .forward import Forwarder
 from .pool import KeyPool
+from .usage import UsageBook
 
 
 @dataclass
@@ -14,8 +17,9 @@ class ProxyState:
     pool: KeyPool
     forwarder: Forwarder
     accounts: AccountManager
-    client_keys: tuple[bytes, ...] = ()  # empty: no client authentication
-    max_body: int = 16 * 2**20           # settings.proxy.max_body
-    max_concurrent: int = 512            # settings.proxy.max_concurrent
+    callers: Callers                     # who may call; no keys at all: no client authentication
+    max_body: int                        # settings.proxy.max_body
+    max_concurrent: int                  # settings.proxy.max_concurrent
+    usage: UsageBook = field(default_factory=UsageBook)
     in_flight: int = 0                   # forwarded requests running now
     started: float = field(default_factory=time.monotonic)

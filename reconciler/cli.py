@@ -12,13 +12,14 @@ import click
 import uvloop
 
 from proxy.cli import proxy_command
+from proxy.pool import mask
 
 from .desired.model import DesiredState, TlsSettings, load, port_of
 from .desired.shared_file import DesiredFile
 from .desired.validation import InvalidDesiredState, is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import Report, Result, reconcile
-from .runtime import sillytavern
+from .runtime import overlay, sillytavern
 from .runtime.base import LaunchImpossible
 from .runtime.local import LocalRuntime
 from .runtime.logfollow import MAX_LINES, follow as follow_log, last_lines
@@ -228,15 +229,64 @@ def st() -> None:
 @st.command("install")
 @file_option
 def st_install(file: Path) -> None:
-    """Install the pinned SillyTavern from the npm registry and pre-build its front end (idempotent)."""
+    """Install the pinned SillyTavern from the npm registry, pre-build its front end and lay CST's
+    overlay over it (idempotent; lays the overlay again where a file of it was altered)."""
     desired = load_or_exit(file)
     version = desired.settings.sillytavern.version
     try:
-        rel, did = sillytavern.install(version, desired.settings.state_dir)
-    except (sillytavern.InstallError, OSError) as exc:
+        rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True)
+    except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
         click.echo(f"failed: sillytavern {version}: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    click.echo(f"{'changed' if did else 'ok'}: sillytavern {version} at {rel.package_dir}")
+    click.echo(f"changed: sillytavern {version} at {rel.package_dir} ({done})" if done
+               else f"ok: sillytavern {version} at {rel.package_dir}")
+
+
+@st.command("verify")
+@file_option
+def st_verify(file: Path) -> None:
+    """Check that the install is the pinned release plus CST's overlay, every file unchanged."""
+    desired = load_or_exit(file)
+    if desired.settings.sillytavern.server is not None:
+        click.echo(f"ok: settings.sillytavern.server is your own checkout ({desired.settings.sillytavern.server}); "
+                   "only the npm release is verified")
+        return
+    version = desired.settings.sillytavern.version
+    try:
+        found = sillytavern.verify(version, desired.settings.state_dir)
+    except (overlay.OverlayError, OSError) as exc:
+        found = [str(exc)]
+    package = sillytavern.release_of(version, desired.settings.state_dir).package_dir
+    for problem in found:
+        click.echo(f"failed: {problem}", err=True)
+    if found:
+        sys.exit(EXIT_FAILED)
+    click.echo(f"ok: sillytavern {version} at {package}: the pinned release and CST's overlay, unchanged")
+
+
+@cli.command("rotate-key")
+@file_option
+@click.argument("instance_id")
+@click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="Seconds to wait while another cst works on the same state dir.")
+def rotate_key(file: Path, instance_id: str, wait: float) -> None:
+    """Give an instance a new proxy key; the old one stops working at once."""
+    desired = load_or_exit(file)
+    spec = desired.instance(instance_id)
+    if spec is None:
+        click.echo(f"error: {instance_id} is not declared in {file}", err=True)
+        sys.exit(EXIT_INVALID)
+    if not spec.proxy:
+        click.echo(f"error: {instance_id} has proxy: false, so it has no proxy key", err=True)
+        sys.exit(EXIT_INVALID)
+    runtime = LocalRuntime(desired)
+    try:
+        with runtime.state.lock(timeout=wait):   # not while a pass starts the instance with the old key
+            key = runtime.rotate_key(spec)
+    except LockHeld as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"changed: {instance_id} has a new proxy key ({mask(key)}); the old one no longer works")
 
 
 cli.add_command(proxy_command)

@@ -94,6 +94,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return next(out.glob("cst-*.whl"))
 
 
+def test_the_wheel_carries_the_overlay(wheel: Path) -> None:
+    """stsource-changed/ travels inside the package: what `cst st install` lays over SillyTavern."""
+    import zipfile
+
+    from reconciler.runtime.overlay import overlay_files
+
+    files = overlay_files()
+    assert "plugins/cst/index.mjs" in files
+    with zipfile.ZipFile(wheel) as archive:
+        for rel, data in files.items():
+            assert archive.read(f"reconciler/stsource/{rel}") == data, rel
+
+
 def test_the_wheel_installs_and_validates_from_another_folder(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     # a fresh venv that sees this one's packages for the dependencies, but not the editable cst

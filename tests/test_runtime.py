@@ -247,3 +247,57 @@ def test_a_second_apply_waits_for_the_lock_then_says_who_holds_it(project):
         result = project.cst("apply", "--wait", "0.5")
     assert result.returncode == 2
     assert "reconcile.lock is held by pid 424242" in result.stderr
+
+
+def test_each_instance_gets_its_own_proxy_key_and_loads_the_overlay(project):
+    a, b, c = free_ports(3)
+    project.write(standin_file([(a, "running"), (b, "running"), (c, "running")], extra_instance={c: {"proxy": "false"}}))
+    assert project.cst("apply").returncode == 0
+    keys = project.state_dir / "secrets" / "proxy-keys"
+    key_a, key_b = ((keys / f"st-instance-{p}").read_text().strip() for p in (a, b))
+    assert key_a.startswith("cst-") and key_b.startswith("cst-") and key_a != key_b
+    assert oct((keys / f"st-instance-{a}").stat().st_mode & 0o777) == "0o600"
+    assert not (keys / f"st-instance-{c}").exists()
+    env = psutil.Process(project.record(f"st-instance-{a}")["pid"]).environ()
+    assert env["SILLYTAVERN_ENABLESERVERPLUGINS"] == "true"
+    assert env["SILLYTAVERN_ENABLESERVERPLUGINSAUTOUPDATE"] == "false"
+    assert env["CST_PROXY_KEY_FILE"] == str(keys / f"st-instance-{a}") and env["CST_PROXY_URL"] == "http://127.0.0.1:5100"
+    assert key_a not in json.dumps(env), "the key is in a file, never in the environment"
+    env_c = psutil.Process(project.record(f"st-instance-{c}")["pid"]).environ()
+    assert "CST_PROXY_URL" not in env_c and "CST_PROXY_KEY_FILE" not in env_c
+
+    rotated = project.cst("rotate-key", f"st-instance-{a}")
+    assert rotated.returncode == 0, rotated.stderr
+    new = (keys / f"st-instance-{a}").read_text().strip()
+    assert new != key_a and rotated.stdout.startswith(f"changed: st-instance-{a} has a new proxy key (cst-")
+    assert new not in rotated.stdout
+    refused = project.cst("rotate-key", f"st-instance-{c}")
+    assert refused.returncode == 1 and "has proxy: false" in refused.stderr
+
+    # opting out later revokes the key (and restarts the instance without the proxy's settings)
+    project.write(standin_file([(a, "running"), (b, "running"), (c, "running")],
+                               extra_instance={b: {"proxy": "false"}, c: {"proxy": "false"}}))
+    changed = project.cst("apply")
+    assert f"changed: st-instance-{b} (restarted: settings changed)" in changed.stdout
+    assert not (keys / f"st-instance-{b}").exists()
+    # removing an instance revokes its key
+    project.write(standin_file([(b, "running"), (c, "running")], extra_instance={b: {"proxy": "false"}, c: {"proxy": "false"}}))
+    assert project.cst("apply").returncode == 0
+    assert list(keys.iterdir()) == []
+
+
+def test_readiness_is_the_health_route(project):
+    (a,) = free_ports(1)
+    project.write(standin_file([(a, "running")]))
+    assert project.cst("apply").returncode == 0
+    id_ = f"st-instance-{a}"
+    password = project.cst("password", id_).stdout.strip()
+    import urllib.request
+    from base64 import b64encode
+    request = urllib.request.Request(f"http://127.0.0.1:{a}/api/plugins/cst/health",
+                                     headers={"Authorization": "Basic " + b64encode(f"{id_}:{password}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        health = json.loads(answer.read())
+    assert health["status"] == "ok" and health["instance"] == id_
+    assert health["dataRoot"] == str(project.dir / "user-data" / str(a))
+    assert health["memory"]["rss"] > 0 and health["uptime"] >= 0

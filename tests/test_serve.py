@@ -313,3 +313,51 @@ def test_https_from_settings_and_apply_beside_the_daemon(project, serve, tmp_pat
     assert applied.returncode == 0, applied.stdout + applied.stderr
     wait_until(lambda: http_status(b) == 401)
     assert project.cst("apply").stdout.strip().splitlines()[-1] == "ok=2 changed=0 failed=0"
+
+
+def proxy_status(port: int, key: str) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def test_rotating_and_deleting_take_a_key_away_at_once(project, serve):
+    api, proxy, a, b, c = free_ports(5)
+    settings = f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\nproxy: {{listen: "127.0.0.1:{proxy}"}}'
+    project.write(standin_file([(a, "running"), (b, "running"), (c, "running")], settings=settings,
+                               extra_instance={c: {"proxy": "false"}})
+                  + "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n")
+    project.env["POOL_KEYS"] = "sk-pool-aaaaaaaaaaaa"   # no upstream answers: 502 is "the key was accepted"
+    served = serve(api)
+    wait_answering(served, a, b, c)
+    keys = project.state_dir / "secrets" / "proxy-keys"
+    key_a, key_b = ((keys / f"st-instance-{p}").read_text().strip() for p in (a, b))
+    assert proxy_status(proxy, key_a) == 502 and proxy_status(proxy, "cst-made-up") == 401
+
+    rotated = served.api("POST", f"/api/instances/st-instance-{a}/rotate-key?lang=en")
+    assert rotated.status_code == 200, rotated.text
+    body = rotated.json()
+    new = (keys / f"st-instance-{a}").read_text().strip()
+    assert body == {"id": f"st-instance-{a}", "key": new[:5] + "…" + new[-4:],
+                    "message": f"st-instance-{a} has a new proxy key; the old one no longer works"}
+    assert proxy_status(proxy, key_a) == 401 and proxy_status(proxy, new) == 502
+    off = served.api("POST", f"/api/instances/st-instance-{c}/rotate-key?lang=en")
+    assert off.status_code == 409 and off.json() == {"error": f"st-instance-{c} has proxy: false, so it has no proxy key"}
+    assert served.api("POST", "/api/instances/st-instance-1/rotate-key").status_code == 404
+
+    deleted = served.api("DELETE", f"/api/instances/st-instance-{a}")
+    assert deleted.status_code == 200
+    denied = httpx.get(f"http://127.0.0.1:{proxy}/v1/models", headers={"Authorization": f"Bearer {new}"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert proxy_status(proxy, key_b) == 502
+
+
+def test_an_instance_that_stops_answering_its_health_check_is_restarted(project, serve):
+    api, a = free_ports(2)
+    project.write(fleet_file(api, [(a, "running")], resync="0.3s"))
+    served = serve(api)
+    wait_answering(served, a)
+    sick = wait_until(lambda: pid_of(served, f"st-instance-{a}"))
+    project.standin_knobs(a, {"sickPid": sick})   # alive, listening, but its health route answers 503
+    wait_until(lambda: "restarted: not answering its health check (3 in a row: its health route answered "
+                       "HTTP 503)" in served.log.read_text(), timeout=30)
+    assert pid_of(served, f"st-instance-{a}") not in (None, sick)
+    assert served.api("GET", f"/api/instances/st-instance-{a}").json()["restarts"] == 1

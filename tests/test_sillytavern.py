@@ -126,3 +126,64 @@ def test_seed_usage_example_over_http(project, serve):
     assert (Path(archive) / "cookie-secret.txt").exists(), "the data was archived, not deleted"
     assert httpx.get(f"{url}/api/instances", headers=headers).json() == []
     assert f"port: {port}" not in project.file.read_text()
+
+
+def test_the_overlay_in_the_real_release(project, tmp_path):
+    """The plugin's health route through basic auth; verify and apply refuse an altered overlay file."""
+    import json
+    import shutil
+
+    import httpx
+
+    from reconciler.runtime import overlay
+
+    a, b, proxy = free_ports(3)   # nothing listens on the proxy's port
+    id_ = f"st-instance-{a}"
+    head = ('version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 300}\n'
+            f'  proxy: {{listen: "127.0.0.1:{proxy}"}}\n')
+    project.write(head + f"instances:\n  - port: {a}\n")
+    install = project.cst("st", "install", timeout=900)
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert project.cst("st", "verify").returncode == 0
+    applied = project.cst("apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    password = project.cst("password", id_).stdout.strip()
+    url = f"http://127.0.0.1:{a}/api/plugins/cst/health"
+    assert httpx.get(url).status_code == 401
+    health = httpx.get(url, auth=(id_, password))
+    assert health.status_code == 200, health.text
+    body = health.json()
+    assert body["version"] == "1.19.0" and body["instance"] == id_ and body["status"] == "ok"
+    assert body["dataRoot"] == str(project.dir / "user-data" / str(a))
+    assert body["memory"]["rss"] > 50 * 2**20 and body["uptime"] > 0
+    # the relay answers even with no proxy running, and says so
+    pool = httpx.get(f"http://127.0.0.1:{a}/api/plugins/cst/pool", auth=(id_, password)).json()
+    assert pool["proxy"] == {"state": "down", "url": f"http://127.0.0.1:{proxy}/v1", "message": "ECONNREFUSED"}
+    # wired on its first start, with its own key
+    user = project.dir / "user-data" / str(a) / "default-user"
+    settings = json.loads((user / "settings.json").read_text())
+    assert (settings["main_api"], settings["oai_settings"]["chat_completion_source"],
+            settings["oai_settings"]["custom_url"]) == ("openai", "custom", f"http://127.0.0.1:{proxy}/v1")
+    key = (project.state_dir / "secrets" / "proxy-keys" / id_).read_text().strip()
+    assert [s["value"] for s in json.loads((user / "secrets.json").read_text())["api_key_custom"]] == [key]
+
+    # alter one overlay file, in a copy of the install (hard links: only the replaced file is new)
+    shared = sillytavern.install_home(project.state_dir)
+    copy = tmp_path / "home"
+    shutil.copytree(shared / "1.19.0", copy / "1.19.0", symlinks=True, copy_function=os.link)
+    altered = copy / "1.19.0" / "node_modules" / "sillytavern" / "plugins" / "cst" / "index.mjs"
+    altered.unlink()   # never write through the link into the shared install
+    altered.write_text(overlay.overlay_files()["plugins/cst/index.mjs"].decode() + "\n// altered\n")
+    env = {"CST_SILLYTAVERN_HOME": str(copy)}
+    verify = project.cst("st", "verify", env=env)
+    assert verify.returncode == 2
+    assert "failed: plugins/cst/index.mjs: changed since it was laid (sha256 " in verify.stderr
+    project.write(head + f"instances:\n  - port: {a}\n  - port: {b}\n")
+    refused = project.cst("apply", env=env)
+    assert refused.returncode == 2
+    reason = "sillytavern 1.19.0 fails verification: plugins/cst/index.mjs: changed since it was laid"
+    assert f"failed: sillytavern 1.19.0 ({reason}" in refused.stdout
+    assert f"failed: st-instance-{b} (sillytavern 1.19.0 is not ready: {reason}" in refused.stdout
+    assert http_status(b) == 0, "nothing was started from the altered package"
+    assert http_status(a, (id_, password)) == 200, "and what ran keeps running"
+    assert project.cst("st", "verify").returncode == 0, "the shared install was not touched"

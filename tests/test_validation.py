@@ -49,7 +49,7 @@ def test_example_file_is_valid():
      instances:
        - port: 8001
          colour: blue
-     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: max_memory, password_env, port, state)"),
+     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: max_memory, password_env, port, proxy, state)"),
     ("""\
      version: 1
      instances:
@@ -120,6 +120,14 @@ def test_example_file_is_valid():
     ("""\
      version: 1
      settings:
+       proxy:
+         listen: "0.0.0.0:5100"
+         client_keys_env: PROXY_KEYS
+         anonymous: true
+     """, "desired.yaml:6: settings.proxy.anonymous: true would open the key pool to anyone who reaches '0.0.0.0:5100': it is allowed only on a loopback address"),
+    ("""\
+     version: 1
+     settings:
        sillytavern: {start_timeout: soon}
      """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h)"),
     ("""\
@@ -130,7 +138,7 @@ def test_example_file_is_valid():
      """, "desired.yaml:4: accounts[1].name: 'a' is used twice (first at accounts[0])"),
 ], ids=["duplicate-port", "port-too-low", "port-too-high", "unknown-key", "wrong-type", "bad-enum",
         "unknown-provider", "missing-password-env", "missing-keys-env", "bad-env-name", "version",
-        "missing-version", "duplicate-key", "syntax", "port-clash-api", "exposed-proxy", "bad-duration",
+        "missing-version", "duplicate-key", "syntax", "port-clash-api", "exposed-proxy", "anonymous-exposed", "bad-duration",
         "duplicate-account"])
 def test_bad_input_is_located(text, expected):
     assert expected in problems(text)

@@ -102,6 +102,13 @@ class ProxySettings:
     timeout: float = parse_duration(_default("settings", "proxy", "timeout"))
     max_body: int = parse_size(_default("settings", "proxy", "max_body"))
     max_concurrent: int = _default("settings", "proxy", "max_concurrent")
+    anonymous: bool = _default("settings", "proxy", "anonymous")
+
+    @property
+    def local_url(self) -> str:
+        """Where a process on this machine reaches the proxy (a wildcard listen answers on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.listen.host, self.listen.host)
+        return f"http://{Listen(host, self.listen.port)}"
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class InstanceSpec:
     state: Literal["running", "stopped"] = _default("instances", "state")
     password_env: str | None = None
     max_memory: int | None = None      # bytes
+    proxy: bool = _default("instances", "proxy")   # wired to the key pool, with a proxy key of its own
 
     @property
     def id(self) -> str:
@@ -202,6 +210,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             timeout=parse_duration(proxy["timeout"]),
             max_body=parse_size(proxy["max_body"]),
             max_concurrent=proxy["max_concurrent"],
+            anonymous=proxy["anonymous"],
         ),
     )
     accounts = tuple(
@@ -220,7 +229,8 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     )
     instances = tuple(
         InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
-                     max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None)
+                     max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None,
+                     proxy=i["proxy"])
         for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,

@@ -245,6 +245,10 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
         yield doc.problem(("settings", "proxy", "listen"),
                           f"{proxy_listen!r} is not a loopback address: set client_keys_env "
                           "so that the proxy asks its clients for a key")
+    if proxy.get("anonymous") is True and not _is_loopback(proxy_listen):
+        yield doc.problem(("settings", "proxy", "anonymous"),
+                          f"true would open the key pool to anyone who reaches {proxy_listen!r}: "
+                          "it is allowed only on a loopback address")
 
     reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
     first_use: dict[int, int] = {}

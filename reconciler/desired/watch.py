@@ -1,4 +1,4 @@
-"""Following one file for changes, as ``cst serve`` and ``cst proxy`` both do."""
+"""Following one file (or one folder) for changes, as ``cst serve`` and ``cst proxy`` both do."""
 from __future__ import annotations
 
 import asyncio
@@ -19,4 +19,13 @@ async def changes_of(path: Path, stop: asyncio.Event, debounce_ms: int = 150) ->
     target = str(path.resolve())
     async for _ in watchfiles.awatch(Path(target).parent, watch_filter=lambda _, changed: changed == target,
                                      stop_event=stop, debounce=debounce_ms, step=25, recursive=False):
+        yield
+
+
+async def changes_in(folder: Path, stop: asyncio.Event, debounce_ms: int = 50,
+                     heartbeat_ms: int = 5000) -> AsyncIterator[None]:
+    """Yield once per (debounced) batch of changes of the files in ``folder``, and at least every
+    ``heartbeat_ms`` anyway: a change made while the watch was being set up is not missed for long."""
+    async for _ in watchfiles.awatch(folder, stop_event=stop, debounce=debounce_ms, step=25, recursive=False,
+                                     yield_on_timeout=True, rust_timeout=heartbeat_ms):
         yield

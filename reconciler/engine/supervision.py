@@ -1,9 +1,10 @@
-"""What ``cst serve`` adds to a plain reconcile: crash backoff and the memory limit.
+"""What ``cst serve`` adds to a plain reconcile: crash backoff, the memory limit, liveness.
 
-Both are policies over time, so they live in the daemon, not in the planner:
+All are policies over time, so they live in the daemon, not in the planner:
 before each pass the supervisor turns what it remembers into planner hints
 (``hold`` an instance whose restarts are backing off, ``restart`` one whose
-memory stayed too high); after each pass it learns from the results.
+memory stayed too high or that stopped answering its health check); after each
+pass it learns from the results.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time
 BACKOFF_CAP = 300.0
 STABLE_AFTER = 60.0       # running this long clears the crash count
 MEMORY_STRIKES = 3        # consecutive samples over max_memory before a restart
+HEALTH_STRIKES = 3        # consecutive failed health checks before a restart
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Supervisor:
     crashes: dict[str, _Crashes] = field(default_factory=dict)
     memory_strikes: dict[str, int] = field(default_factory=dict)
     requested: dict[str, str] = field(default_factory=dict)   # restarts asked for by an operator
+    health_strikes: dict[str, int] = field(default_factory=dict)
 
     def request_restart(self, id_: str, reason: str) -> None:
         self.requested[id_] = reason
@@ -44,6 +47,22 @@ class Supervisor:
         """An operator changed this instance on purpose: start its history afresh."""
         self.crashes.pop(id_, None)
         self.memory_strikes.pop(id_, None)
+        self.health_strikes.pop(id_, None)
+
+    def learn_health(self, answers: Mapping[str, str | None]) -> bool:
+        """Take the liveness checks' answers (None: healthy, else why not); True when an instance
+        has now failed HEALTH_STRIKES in a row, and a restart of it is requested."""
+        asked = False
+        for id_, failure in answers.items():
+            if failure is None:
+                self.health_strikes.pop(id_, None)
+                continue
+            strikes = self.health_strikes[id_] = self.health_strikes.get(id_, 0) + 1
+            if strikes >= HEALTH_STRIKES:
+                del self.health_strikes[id_]
+                self.request_restart(id_, f"not answering its health check ({strikes} in a row: {failure})")
+                asked = True
+        return asked
 
     def errored(self, id_: str) -> str | None:
         """Why the instance is held back, if it is."""

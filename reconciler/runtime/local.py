@@ -24,12 +24,13 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from . import sillytavern
+from . import overlay, sillytavern, wiring
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
 from .base import LaunchImpossible, Observed, Preparation, StartFailed
 from .environment import child_environment
+from .instance_keys import InstanceKeys
 from .logs import open_log, rotate_log, tail
 from .statedir import Record, StateDir
 
@@ -37,9 +38,15 @@ from .statedir import Record, StateDir
 ENV_INSTANCE = "CST_INSTANCE_ID"
 ENV_STATE_DIR = "CST_STATE_DIR"
 ENV_FINGERPRINT = "CST_FINGERPRINT"
+# what CST's server plugin reads (see stsource-changed/plugins/cst/): the proxy, and the file with
+# the instance's own proxy key (a path, not the key: the environment of a process is readable in /proc)
+ENV_PROXY_URL = "CST_PROXY_URL"
+ENV_PROXY_KEY_FILE = "CST_PROXY_KEY_FILE"
+HEALTH_PATH = "/api/plugins/cst/health"   # the overlay's health route: readiness and liveness
 # what an instance creates (chats, settings, its config.yaml) is its owner's alone
 _INSTANCE_UMASK = 0o077
 _POLL = 0.05   # readiness and exit polling: a localhost connect or a /proc read, cheap
+PROBE_TIMEOUT = 5.0   # the liveness probe: a healthy instance answers in milliseconds
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class LocalRuntime:
         self.readonly = readonly  # --check: look, generate nothing
         self.settings = desired.settings
         self.state = StateDir(desired.settings.state_dir)
+        self.keys = InstanceKeys(self.state)
 
     # -- resolving desired.yaml into launch specs (reads env and secrets: the edge, not the planner)
 
@@ -169,10 +177,13 @@ class LocalRuntime:
             "--basicAuthMode", "true",
             "--browserLaunchEnabled", "false",
         )
-        digest = hashlib.sha256(json.dumps([argv, password]).encode()).hexdigest()[:16]
+        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec)}
+        digest = hashlib.sha256(json.dumps([argv, password, cst_env]).encode()).hexdigest()[:16]
         env = child_environment({
+            **sillytavern.outside_our_git(self.server_release().package_dir),
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
+            **cst_env,
             ENV_INSTANCE: spec.id,
             ENV_STATE_DIR: str(self.state.root),
             ENV_FINGERPRINT: digest,
@@ -180,6 +191,11 @@ class LocalRuntime:
         probe_host = "127.0.0.1" if st.listen_address == "0.0.0.0" else st.listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
                           self.state.log_path(spec.id), password, probe_host, digest)
+
+    def _proxy_env(self, spec: InstanceSpec) -> dict[str, str]:
+        if not spec.proxy:
+            return {}
+        return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(self.keys.path(spec.id))}
 
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
         return self.launch_spec(spec).fingerprint
@@ -190,19 +206,18 @@ class LocalRuntime:
         return self.state.alock(timeout=timeout)
 
     async def prepare(self) -> Preparation:
-        """Install the pinned SillyTavern on first need."""
+        """Install the pinned SillyTavern and CST's overlay on first need; refuse a package that
+        fails verification (the pinned release plus the overlay, each file unchanged)."""
         st = self.settings.sillytavern
         if st.server is not None:
             missing = None if st.server.is_file() else f"settings.sillytavern.server: {st.server} does not exist"
             return Preparation(str(st.server), failure=missing)
         subject = f"sillytavern {st.version}"
-        if sillytavern.is_installed(st.version, self.settings.state_dir):
-            return Preparation(subject)
         try:
-            await asyncio.to_thread(sillytavern.install, st.version, self.settings.state_dir)
-        except (sillytavern.InstallError, OSError) as exc:
+            done = await asyncio.to_thread(sillytavern.ready, st.version, self.settings.state_dir)
+        except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
             return Preparation(subject, failure=str(exc))
-        return Preparation(subject, done="installed from the npm registry")
+        return Preparation(subject, done=done)
 
     def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
         """What runs now: every recorded instance, plus whoever holds a declared port."""
@@ -269,10 +284,13 @@ class LocalRuntime:
         private_dir(launch.data_dir)
         private_dir(launch.workdir)
         sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
+        wired = self._wire(spec, launch.data_dir)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open_log(launch.log) as log:
             log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
+            if wired:
+                log.write(f"--- cst: {wired}\n".encode())
             log.flush()
             proc = subprocess.Popen(
                 launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
@@ -291,8 +309,29 @@ class LocalRuntime:
             raise
         return record
 
+    def _wire(self, spec: InstanceSpec, data_dir: Path) -> str:
+        """The instance's proxy key (minted, or revoked with ``proxy: false``) and its first-start
+        chat settings; what was done, for the instance's log."""
+        if not spec.proxy:
+            return "proxy: false, proxy key revoked" if self.keys.revoke(spec.id) else ""
+        key = self.keys.ensure(spec.id)
+        try:
+            return wiring.wire(data_dir, self.server_release().package_dir, self.settings.proxy.local_url, key)
+        except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
+            return f"could not wire the chat API to the key pool: {exc}"
+
+    def rotate_key(self, spec: InstanceSpec) -> str:
+        """Give the instance a new proxy key; the old one stops working as soon as the proxy reads
+        the key folder. Where the instance stored the old key (its custom endpoint's secret), the
+        new one goes. Returns the new key."""
+        old, new = self.keys.rotate(spec.id)
+        if old:
+            wiring.replace_key(self.desired.data_dir(spec.port), old, new)
+        return new
+
     async def _wait_ready(self, launch: LaunchSpec, proc: subprocess.Popen) -> None:
-        url = f"http://{launch.probe_host}:{launch.port}/"
+        health = self.server_release().has_overlay
+        url = f"http://{launch.probe_host}:{launch.port}{HEALTH_PATH}"
         auth = aiohttp.BasicAuth(launch.id, launch.password)
         deadline = time.monotonic() + self.settings.sillytavern.start_timeout
         timeout = aiohttp.ClientTimeout(total=5)
@@ -308,8 +347,15 @@ class LocalRuntime:
                         async with session.get(url, auth=auth, allow_redirects=False) as authed:
                             if authed.status == 200:
                                 return
+                            if authed.status == 404 and not health:
+                                # your own checkout without CST's plugin: its front page will do
+                                async with session.get(url.removesuffix(HEALTH_PATH) + "/", auth=auth,
+                                                       allow_redirects=False) as page:
+                                    if page.status == 200:
+                                        return
                             raise StartFailed(f"port {launch.port} answers but refuses the instance's "
-                                              f"credentials (HTTP {authed.status})")
+                                              f"credentials or has no health route ({HEALTH_PATH}: "
+                                              f"HTTP {authed.status})")
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     pass
                 if time.monotonic() >= deadline:
@@ -317,6 +363,22 @@ class LocalRuntime:
                                       f"{self.settings.sillytavern.start_timeout:g}s; last log lines:\n"
                                       f"{self.log_tail(launch.id)}")
                 await asyncio.sleep(_POLL)
+
+    async def probe(self, spec: InstanceSpec) -> str | None:
+        """The liveness probe: None when the running instance answers its health route, else why not."""
+        launch = self.launch_spec(spec)
+        url = f"http://{launch.probe_host}:{launch.port}{HEALTH_PATH}"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as session:
+                async with session.get(url, auth=aiohttp.BasicAuth(launch.id, launch.password),
+                                       allow_redirects=False) as answer:
+                    if answer.status == 200 or (answer.status == 404 and not self.server_release().has_overlay):
+                        return None
+                    return f"its health route answered HTTP {answer.status}"
+        except asyncio.TimeoutError:
+            return f"its health route did not answer within {PROBE_TIMEOUT:g}s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"its health route could not be reached ({exc})"
 
     async def stop(self, id_: str) -> None:
         record = self.state.record(id_)
@@ -347,7 +409,9 @@ class LocalRuntime:
             pass
 
     async def archive(self, id_: str) -> Path | None:
-        """Stop the instance, move its data dir into the archive, drop its record and secret."""
+        """Revoke the instance's proxy key, stop it, move its data dir into the archive, drop its
+        record and secret."""
+        self.keys.revoke(id_)   # first: a removed instance must not use the pool while it stops
         record = self.state.record(id_)
         if record is None:
             return None

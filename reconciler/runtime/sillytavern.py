@@ -4,6 +4,8 @@ Layout of an install home (``$CST_SILLYTAVERN_HOME``, else ``<state_dir>/sillyta
 
     <home>/<version>/node_modules/sillytavern/server.js
     <home>/<version>/node_modules/sillytavern/dist/_webpack/   front-end build, made once here
+    <home>/<version>/node_modules/sillytavern/plugins/cst/…     CST's overlay (see ``overlay``)
+    <home>/<version>/cst-overlay.json                           what the overlay laid, with sha256s
     <home>/<version>/.cst-ready                                 written last: the install is complete
 
 SillyTavern compiles its front-end libraries with webpack on every start and
@@ -15,12 +17,14 @@ into each new data root.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import overlay
 from .environment import child_environment
 from .statedir import StateDir
 
@@ -38,6 +42,7 @@ class Release:
 
     server_js: Path
     prebuilt_webpack: Path | None   # None for a custom checkout: it manages its own cache
+    has_overlay: bool = False       # CST's overlay is laid (the npm release): its health route answers
 
     @property
     def package_dir(self) -> Path:
@@ -56,11 +61,20 @@ def node_binary() -> str:
     return node
 
 
+def outside_our_git(package_dir: Path) -> dict[str, str]:
+    """SillyTavern keys its webpack cache on the git revision it finds from its package dir. An
+    install inside a git checkout (``.cache/`` of CST's own) would take that checkout's HEAD, so
+    every commit there would void the prebuilt front end: git must not look above the install.
+    A SillyTavern checkout of one's own keeps its ``.git``, which sits in the package dir itself."""
+    return {"GIT_CEILING_DIRECTORIES": str(package_dir.parent)}
+
+
 def _run(argv: list[str], cwd: Path, what: str, log: Path, network: bool = False) -> None:
     """Run an install step with a minimal environment (none of CST's secrets), its output to ``log``."""
+    env = child_environment(outside_our_git(cwd), network=network)
     with open(log, "ab") as out:
-        result = subprocess.run(argv, cwd=cwd, env=child_environment(network=network), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise InstallError(f"{what} failed (exit {result.returncode}); see {log}:\n" + "\n".join(tail))
@@ -69,42 +83,82 @@ def _run(argv: list[str], cwd: Path, what: str, log: Path, network: bool = False
 def release_of(version: str, state_dir: Path) -> Release:
     root = install_home(state_dir) / version
     package = root / _PACKAGE
-    return Release(package / "server.js", package / "dist" / "_webpack")
+    return Release(package / "server.js", package / "dist" / "_webpack", has_overlay=True)
 
 
-def is_installed(version: str, state_dir: Path) -> bool:
-    return (install_home(state_dir) / version / _READY).exists()
-
-
-def install(version: str, state_dir: Path) -> tuple[Release, bool]:
-    """Install ``sillytavern@version`` unless present; returns the release and whether work was done."""
+def install(version: str, state_dir: Path, repair: bool = False) -> tuple[Release, str]:
+    """Install ``sillytavern@version`` unless present and lay CST's overlay over it unless it holds
+    this overlay already (an install made before the overlay existed gets it now). With ``repair``,
+    the overlay is laid again when a laid file was altered or removed. Returns the release and
+    what was done ("" when nothing was)."""
     root = install_home(state_dir) / version
     rel = release_of(version, state_dir)
-    if (root / _READY).exists():
-        return rel, False
+
+    def needed() -> bool:
+        if not (root / _READY).exists() or not overlay.is_current(root):
+            return True
+        return repair and bool(overlay.problems(root, rel.package_dir))
+
+    if not needed():
+        return rel, ""
     root.mkdir(parents=True, exist_ok=True)
     # several state dirs (or test workers) may share one home: one installer at a time
     with StateDir(root).lock("install", timeout=900):
-        if (root / _READY).exists():
-            return rel, False
-        npm = shutil.which("npm")
-        if not npm:
-            raise InstallError("npm is not installed (it comes with Node.js >= 20)")
-        node_binary()
-        log = root / "install.log"
-        if not (root / "package.json").exists():
-            (root / "package.json").write_text('{"name": "cst-sillytavern", "private": true}\n')
-        # --ignore-scripts: no package's install script runs. SillyTavern 1.19.0 needs none (its
-        # only one, protobufjs's postinstall, prints version warnings); its own build runs below.
-        _run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
-             root, f"npm install sillytavern@{version}", log, network=True)
-        if not rel.server_js.exists():
-            raise InstallError(f"npm installed sillytavern@{version} but {rel.server_js} is missing")
-        # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack
-        _run([node_binary(), str(rel.package_dir / "docker" / "build-lib.js")],
-             rel.package_dir, "building the SillyTavern front end", log)
+        if not needed():
+            return rel, ""
+        done = []
+        if not (root / _READY).exists():
+            _install_release(version, root, rel)
+            done.append("installed from the npm registry")
+        written = overlay.lay(root, rel.package_dir)
+        done.append(f"overlay laid ({len(written)} files written)")
         (root / _READY).write_text(version + "\n")
-    return rel, True
+    return rel, "; ".join(done)
+
+
+def _install_release(version: str, root: Path, rel: Release) -> None:
+    npm = shutil.which("npm")
+    if not npm:
+        raise InstallError("npm is not installed (it comes with Node.js >= 20)")
+    node_binary()
+    log = root / "install.log"
+    if not (root / "package.json").exists():
+        (root / "package.json").write_text('{"name": "cst-sillytavern", "private": true}\n')
+    # --ignore-scripts: no package's install script runs. SillyTavern 1.19.0 needs none (its
+    # only one, protobufjs's postinstall, prints version warnings); its own build runs below.
+    _run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
+         root, f"npm install sillytavern@{version}", log, network=True)
+    if not rel.server_js.exists():
+        raise InstallError(f"npm installed sillytavern@{version} but {rel.server_js} is missing")
+    # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack
+    _run([node_binary(), str(rel.package_dir / "docker" / "build-lib.js")],
+         rel.package_dir, "building the SillyTavern front end", log)
+
+
+def verify(version: str, state_dir: Path) -> list[str]:
+    """Why the install is not exactly ``sillytavern@version`` plus CST's overlay; [] when it is."""
+    root = install_home(state_dir) / version
+    rel = release_of(version, state_dir)
+    if not (root / _READY).exists():
+        return [f"sillytavern {version} is not installed in {root}: run `cst st install`"]
+    manifest = rel.package_dir / "package.json"
+    try:
+        installed = json.loads(manifest.read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError) as exc:
+        return [f"{manifest} is unreadable ({exc}): run `cst st install`"]
+    found = [] if installed == version else [f"{manifest} says sillytavern {installed}, not the pinned {version}"]
+    return found + overlay.problems(root, rel.package_dir)
+
+
+def ready(version: str, state_dir: Path) -> str:
+    """Install what is missing (never repairing an altered file), then verify; what was done.
+
+    Raises InstallError naming each file that fails the check."""
+    _, done = install(version, state_dir)
+    found = verify(version, state_dir)
+    if found:
+        raise InstallError(f"sillytavern {version} fails verification: " + "; ".join(found))
+    return done
 
 
 def looks_like_container() -> bool:

@@ -116,7 +116,7 @@ async def _json_body(request: web.Request) -> object:
 def _done(request: web.Request, result: dict) -> web.Response:
     key = result.pop("message_key", None)
     if key:
-        result["message"] = message(key, _lang(request), archive=result.get("archive"))
+        result["message"] = message(key, _lang(request), **result)
     return _json(result)
 
 
@@ -165,6 +165,10 @@ async def restart_instance(request: web.Request) -> web.Response:
 
 async def reset_password(request: web.Request) -> web.Response:
     return _json(await request.app[FLEET].reset_password(request.match_info["id"]))
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].rotate_key(request.match_info["id"]))
 
 
 async def delete_instance(request: web.Request) -> web.Response:
@@ -326,6 +330,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_post("/api/instances/{id}/start", start_instance)
     app.router.add_post("/api/instances/{id}/restart", restart_instance)
     app.router.add_post("/api/instances/{id}/reset-password", reset_password)
+    app.router.add_post("/api/instances/{id}/rotate-key", rotate_key)
     app.router.add_get("/api/instances/{id}/backup", backup)
     app.router.add_get("/api/desired", get_desired)
     app.router.add_put("/api/desired", put_desired)

@@ -37,3 +37,6 @@ class Control(Protocol):
 
     async def converge(self) -> Report:
         """Ask for a reconcile pass and wait for one that started after this call."""
+
+    async def proxy_keys_changed(self) -> None:
+        """An instance's proxy key was minted, rotated or revoked: make the proxy read them now."""

@@ -27,7 +27,7 @@ from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
 from ..engine.reconcile import Report, Result, reconcile
 from ..engine.supervision import Supervisor
-from ..runtime.local import live_process, utc_now
+from ..runtime.local import LocalRuntime, live_process, utc_now
 from ..runtime.logs import rotate_log
 from ..runtime.statedir import LockHeld, StateDir
 from .api import make_app
@@ -135,6 +135,7 @@ class Daemon:
         for result in report.results:
             if result.outcome != "ok":
                 log.info("%s", result.line())
+        await self.proxy_keys_changed()   # a started instance's key works, a removed one's does not
         for spec in desired.instances:
             rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
         self._watch_exits()
@@ -142,6 +143,45 @@ class Daemon:
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
         self.events.passed(report, self.last_pass_at, self.last_pass_ms)
         return report
+
+    async def proxy_keys_changed(self) -> None:
+        if self.proxy is not None:
+            try:
+                await self.proxy.reload_instance_keys()
+            except OSError as exc:
+                log.error("could not read the instances' proxy keys: %s", exc)
+
+    async def _liveness_loop(self) -> None:
+        """Every ``resync``, ask each running instance's health route; the supervisor restarts one
+        that keeps failing (a hung server keeps its pid, so the exit watch cannot see it)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=self.desired.settings.resync)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                return
+            try:
+                if self.supervisor.learn_health(await self._check_liveness()):
+                    self._wake.set()
+            except Exception:   # never silently, and the next round tries again
+                log.exception("liveness check failed")
+
+    async def _check_liveness(self) -> dict[str, str | None]:
+        """Probe the processes the last pass found running and left alone (not one being started)."""
+        report = self.last_report
+        if report is None:
+            return {}
+        runtime = LocalRuntime(self.desired)
+        now = await asyncio.to_thread(runtime.observe)
+        specs = []
+        for spec in self.desired.instances:
+            result, before, seen = report.result(spec.id), report.observed.get(spec.id), now.get(spec.id)
+            if (result is not None and result.outcome == "ok" and before is not None and seen is not None
+                    and before.status == seen.status == "running" and before.pid == seen.pid):
+                specs.append(spec)
+        answers = await asyncio.gather(*(runtime.probe(spec) for spec in specs))
+        return dict(zip((spec.id for spec in specs), answers))
 
     def _watch_exits(self) -> None:
         """Wake the loop the moment an instance process exits, rather than at the next resync.
@@ -219,7 +259,8 @@ class Daemon:
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
                   f"watching {self.file.path}", flush=True)
             self._wake.set()  # first pass at once: adopt what runs, start what is missing
-            tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._watch())]
+            tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._watch()),
+                     asyncio.create_task(self._liveness_loop())]
             try:
                 await self._stop.wait()
                 log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")

@@ -6,9 +6,12 @@ message key from ``messages``.
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
+
+from proxy.pool import mask
 
 from ..desired import edits
 from ..desired.model import DesiredState, instance_id, parse, port_of
@@ -191,6 +194,17 @@ class Fleet:
         # the launch fingerprint includes the password: the next pass restarts the instance with it
         await self._converge(id_, "restart_failed")
         return {"id": id_, "password": password}
+
+    async def rotate_key(self, id_: str) -> dict:
+        self._declared(id_)
+        spec = self.desired.instance(id_)
+        if not spec.proxy:
+            raise ApiError(409, "proxy_off", id=id_)
+        runtime = LocalRuntime(self.desired)
+        async with runtime.lock(120):   # not while a pass starts the instance with the old key
+            key = await asyncio.to_thread(runtime.rotate_key, spec)
+        await self.daemon.proxy_keys_changed()
+        return {"id": id_, "key": mask(key), "message_key": "key_rotated"}
 
     async def delete(self, id_: str) -> dict:
         port = self._known(id_)

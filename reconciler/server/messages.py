@@ -52,6 +52,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "internal": ("Internal server error", "服务器内部错误"),
     "not_route": ("Not found", "未找到"),
     "method": ("Method not allowed", "不支持的请求方法"),
+    "key_rotated": ("{id} has a new proxy key; the old one no longer works",
+                    "{id} 的代理密钥已更换，旧密钥已失效"),
+    "proxy_off": ("{id} has proxy: false, so it has no proxy key", "{id} 设置了 proxy: false，没有代理密钥"),
 }
 
 
@@ -68,6 +71,6 @@ def language(query: Mapping[str, str], accept_language: str | None) -> str:
     return "zh"
 
 
-def message(key: str, lang: str, **params: object) -> str:
+def message(key: str, lang: str, /, **params: object) -> str:
     english, chinese = MESSAGES[key]
     return (chinese if lang == "zh" else english).format(**params)

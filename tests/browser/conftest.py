@@ -14,7 +14,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, sync_playwright
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = os.environ.get("CST_CHROMIUM", "/usr/bin/chromium")
@@ -50,20 +50,25 @@ class RecordedPage:
         return [url for url in self.requests
                 if urlsplit(url).scheme not in ("data", "blob") and urlsplit(url).hostname != "127.0.0.1"]
 
-    def screenshot(self, name: str) -> Path:
+    def screenshot(self, name: str, element: Locator | None = None) -> Path:
+        """The whole page, or only ``element``, as ``tests/artifacts/<name>.png``."""
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{name}.png"
-        self.page.screenshot(path=str(path), full_page=True)
+        if element is not None:
+            element.screenshot(path=str(path))
+        else:
+            self.page.screenshot(path=str(path), full_page=True)
         return path
 
 
 @pytest.fixture
 def new_page(browser: Browser) -> Iterator:
-    """``new_page(width=1280, height=800, locale="en-US")``: a recorded page in its own context."""
+    """``new_page(width=1280, height=800, locale="en-US", **context_options)``: a recorded page in its
+    own context (say ``http_credentials={"username": ..., "password": ...}`` for basic auth)."""
     contexts: list[BrowserContext] = []
 
-    def make(width: int = 1280, height: int = 800, locale: str = "en-US") -> RecordedPage:
-        context = browser.new_context(viewport={"width": width, "height": height}, locale=locale)
+    def make(width: int = 1280, height: int = 800, locale: str = "en-US", **options) -> RecordedPage:
+        context = browser.new_context(viewport={"width": width, "height": height}, locale=locale, **options)
         contexts.append(context)
         return RecordedPage(context, context.new_page())
 

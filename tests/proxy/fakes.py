@@ -15,6 +15,11 @@ exactly what each one will do:
 
 A request for model ``slow-stream`` streams slowly whatever the key.
 
+Answers carry ``usage`` (3 prompt tokens, one completion token per chunk). A stream ends with a
+usage event (``"choices": []``) as DaiDai's one-api style gateway sends it whether asked or not;
+with ``stream_usage="asked"`` only when the request asks (``stream_options.include_usage``), and
+then every other event carries ``"usage": null``, as OpenAI does.
+
 Run standalone (used by bench/proxy): ``python tests/proxy/fakes.py upstream
 [CHUNKS [SLOW_GAP]]`` prints ``PORT <n>`` and serves until killed.
 """
@@ -74,17 +79,29 @@ class _Server:
 # -- OpenAI upstream --------------------------------------------------------------------
 
 
-def _chunk(i: int, text: str, model: str) -> bytes:
+PROMPT_TOKENS = 3
+
+
+def _event(model: str, choices: list, **extra: Any) -> bytes:
     event = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
-             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+             "choices": choices, **extra}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
+def _chunk(i: int, text: str, model: str, **extra: Any) -> bytes:
+    return _event(model, [{"index": 0, "delta": {"content": text}, "finish_reason": None}], **extra)
+
+
+def _usage(completion: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": PROMPT_TOKENS + completion}
+
+
 class FakeUpstream(_Server):
-    def __init__(self, chunks: int = 5, slow_gap: float = 0.2):
+    def __init__(self, chunks: int = 5, slow_gap: float = 0.2, stream_usage: str = "always"):
         super().__init__()
         self.chunks = chunks
         self.slow_gap = slow_gap
+        self.stream_usage = stream_usage   # "always" (DaiDai's gateway) or "asked" (OpenAI)
         self.record = True
         self.seen: list[Seen] = []
         self.cancelled = 0  # streams whose client (the proxy) went away before the end
@@ -147,10 +164,12 @@ class FakeUpstream(_Server):
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": self.chunks, "total_tokens": 3 + self.chunks},
+                "usage": _usage(self.chunks),
             })
         # A slow stream by key (tests) or by model name (the benchmark, whose keys rotate).
         gap = self.slow_gap if key.startswith("sk-slow-") or model == "slow-stream" else 0.0
+        asked = bool((data.get("stream_options") or {}).get("include_usage"))
+        nulls = {"usage": None} if asked else {}
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
@@ -161,7 +180,9 @@ class FakeUpstream(_Server):
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                await response.write(_chunk(i, word, model))
+                await response.write(_chunk(i, word, model, **nulls))
+            if asked or self.stream_usage == "always":
+                await response.write(_event(model, [], usage=_usage(len(words))))
             await response.write(b"data: [DONE]\n\n")
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1

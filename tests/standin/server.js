@@ -1,6 +1,7 @@
 // A fast stand-in for SillyTavern's server.js, for bulk runtime tests.
 // It honours the flags and environment CST passes to the real server: --port, --dataRoot,
-// --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD}.
+// --listen/--listenAddressIPv4 and basic auth from SILLYTAVERN_BASICAUTHUSER_{USERNAME,PASSWORD},
+// and it answers CST's health route as the overlay's server plugin does (see answerHealth).
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
 // GET /standin/say?line=TEXT (with basic auth) writes TEXT to its log (stdout), for log tests.
@@ -22,8 +23,10 @@ const password = process.env.SILLYTAVERN_BASICAUTHUSER_PASSWORD || 'password';
 const expected = 'Basic ' + Buffer.from(`${user}:${password}`).toString('base64');
 
 fs.mkdirSync(path.join(dataRoot, 'default-user'), { recursive: true });
-let knobs = {};
-try { knobs = JSON.parse(fs.readFileSync(path.join(dataRoot, 'standin.json'), 'utf8')); } catch { /* none */ }
+function readKnobs() {
+    try { return JSON.parse(fs.readFileSync(path.join(dataRoot, 'standin.json'), 'utf8')); } catch { return {}; }
+}
+const knobs = readKnobs();
 if (knobs.exitCode !== undefined) {
     console.error(`stand-in: exiting with ${knobs.exitCode} as asked`);
     process.exit(knobs.exitCode);
@@ -32,7 +35,25 @@ if (knobs.exitCode !== undefined) {
 const starts = path.join(dataRoot, 'default-user', 'starts.txt');
 fs.appendFileSync(starts, `${process.pid}\n`);
 
-const server = http.createServer((req, res) => {
+// GET /api/plugins/cst/health with basic auth, before the other routes (without auth it is a 401 as
+// any route). The knob {"sickPid": 1234}, read on each request, makes that process answer 503.
+function answerHealth(handler) {
+    return (req, res) => {
+        if (req.url !== '/api/plugins/cst/health' || req.headers.authorization !== expected) {
+            return handler(req, res);
+        }
+        const sick = readKnobs().sickPid === process.pid;
+        const memory = process.memoryUsage();
+        res.writeHead(sick ? 503 : 200, { 'Content-Type': 'application/json' });
+        return res.end(JSON.stringify({
+            status: sick ? 'sick' : 'ok', version: 'stand-in', instance: process.env.CST_INSTANCE_ID ?? null,
+            uptime: process.uptime(), memory: { rss: memory.rss, heapTotal: memory.heapTotal,
+                heapUsed: memory.heapUsed, external: memory.external }, dataRoot,
+        }));
+    };
+}
+
+const server = http.createServer(answerHealth((req, res) => {
     if (req.headers.authorization !== expected) {
         res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="SillyTavern"', 'Content-Type': 'text/plain' });
         return res.end('Unauthorized');
@@ -45,7 +66,7 @@ const server = http.createServer((req, res) => {
     }
     res.writeHead(200, { 'Content-Type': 'text/html' });
     res.end(`<html><body>stand-in SillyTavern on ${port}, data in ${dataRoot}</body></html>`);
-});
+}));
 
 setTimeout(() => {
     server.listen(port, host, () => console.log(`stand-in SillyTavern is listening on ${host}:${port}`));

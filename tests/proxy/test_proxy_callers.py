@@ -1,0 +1,204 @@
+"""Instance keys at the proxy: who is calling, what each caller used, and revocation."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from fakes import PROMPT_TOKENS, FakeUpstream
+
+from proxy.usage import Meter, UsageBook
+from reconciler.runtime.instance_keys import InstanceKeys
+from reconciler.runtime.statedir import StateDir
+
+GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def sdk(service, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=service.url + "/v1", api_key=api_key, max_retries=0, timeout=20)
+
+
+async def get(service, path: str, key: str | None = None) -> tuple[int, dict | str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(service.url + path, headers=headers) as resp:
+            body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+            return resp.status, body
+
+
+async def eventually(check, timeout: float = 10.0) -> None:
+    """Wait for ``check()`` (async) to be true: the proxy follows the key folder on its own."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def refused(service, key: str) -> bool:
+    status, body = await get(service, "/v1/models", key)
+    return status == 401
+
+
+async def test_instance_keys_name_the_caller_and_count_its_use(make_proxy: MakeProxy, upstream: FakeUpstream,
+                                                               env, tmp_path) -> None:
+    env("KEYS", GOOD)
+    proxy = await make_proxy(static_account("main", "KEYS"))
+    # no key exists yet: the seed's "any key works"
+    assert (await get(proxy, "/v1/models", "whatever"))[0] == 200
+    keys = InstanceKeys(StateDir(tmp_path / ".cst"))
+    one, two = keys.ensure("st-instance-8001"), keys.ensure("st-instance-8002")
+    await eventually(lambda: refused(proxy, "whatever"))   # minted by another process: followed
+
+    a, b = sdk(proxy, one), sdk(proxy, two)
+    chat = await a.chat.completions.create(model="gpt-fake", messages=HI)
+    assert chat.choices[0].message.content.startswith("w0")
+    stream = await a.chat.completions.create(model="gpt-fake", messages=HI, stream=True)
+    assert "".join([c.choices[0].delta.content async for c in stream if c.choices]) == "w0 w1 w2 w3 w4 "
+    with pytest.raises(openai.NotFoundError):
+        await a.chat.completions.create(model="missing-model", messages=HI)
+    await b.embeddings.create(model="emb-fake", input="x")
+    assert set(upstream.keys_seen()) == {GOOD}   # the upstream saw a pool key, never an instance key
+
+    status, mine = await get(proxy, "/status", one)
+    assert status == 200 and mine["caller"] == "st-instance-8001"
+    assert list(mine["instances"]) == ["st-instance-8001"]   # an instance sees its own counts only
+    counts = mine["instances"]["st-instance-8001"]
+    assert {k: counts[k] for k in ("requests", "errors", "prompt_tokens", "completion_tokens")} == {
+        "requests": 3, "errors": 1, "prompt_tokens": 2 * PROMPT_TOKENS, "completion_tokens": 5 + 5}
+    assert counts["today"]["requests"] == 3 and counts["today"]["day"] == time.strftime("%Y-%m-%d")
+    assert (await get(proxy, "/status", two))[1]["instances"]["st-instance-8002"]["requests"] == 1
+
+    status, metrics = await get(proxy, "/metrics", two)
+    assert status == 200
+    assert 'cst_proxy_instance_requests_total{instance="st-instance-8001"} 3.0' in metrics
+    assert 'cst_proxy_instance_errors_total{instance="st-instance-8001"} 1.0' in metrics
+    assert 'cst_proxy_instance_tokens_total{instance="st-instance-8001",kind="completion"} 10.0' in metrics
+    assert 'cst_proxy_instance_requests_total{instance="st-instance-8002"} 1.0' in metrics
+    assert one not in metrics and two not in metrics
+
+    # revoked: removing the file is enough, and the answer is OpenAI's error shape
+    keys.revoke("st-instance-8001")
+    await eventually(lambda: refused(proxy, one))
+    status, body = await get(proxy, "/v1/models", one)
+    assert body["error"]["code"] == "invalid_api_key" and body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        await a.models.list()
+    assert [m.id async for m in await b.models.list()] == ["gpt-fake", "emb-fake"]
+    await a.close()
+    await b.close()
+
+
+async def test_a_rotated_key_counts_at_once_after_a_reload(make_proxy: MakeProxy, env, tmp_path) -> None:
+    """What cst serve does after a rotation: read the folder now rather than wait for the watch."""
+    env("KEYS", GOOD)
+    keys = InstanceKeys(StateDir(tmp_path / ".cst"))
+    old = keys.ensure("st-instance-8001")
+    proxy = await make_proxy(static_account("main", "KEYS"))
+    assert (await get(proxy, "/v1/models", old))[0] == 200
+    _, new = keys.rotate("st-instance-8001")
+    await proxy.reload_instance_keys()
+    assert (await get(proxy, "/v1/models", old))[0] == 401
+    assert (await get(proxy, "/v1/models", new))[0] == 200
+
+
+async def test_anonymous_keeps_any_key_working_beside_instance_keys(make_proxy: MakeProxy, env, tmp_path) -> None:
+    env("KEYS", GOOD)
+    key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
+    proxy = await make_proxy(static_account("main", "KEYS"), proxy_extra="anonymous: true")
+    assert (await get(proxy, "/v1/models", "sk-anything"))[0] == 200
+    assert (await get(proxy, "/v1/models"))[0] == 200
+    assert (await get(proxy, "/v1/models", key))[0] == 200
+    status, doc = await get(proxy, "/status")
+    assert status == 200 and doc["caller"] == "anonymous"
+    assert {name: c["requests"] for name, c in doc["instances"].items()} == {"anonymous": 2, "st-instance-8001": 1}
+
+
+async def test_streams_count_usage_only_when_the_upstream_sends_it(make_proxy: MakeProxy, upstream: FakeUpstream,
+                                                                   env, tmp_path) -> None:
+    env("KEYS", GOOD)
+    key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
+    proxy = await make_proxy(static_account("main", "KEYS"))
+    upstream.stream_usage = "asked"   # as OpenAI: usage only with stream_options.include_usage
+    client = sdk(proxy, key)
+    plain = await client.chat.completions.create(model="gpt-fake", messages=HI, stream=True)
+    [c async for c in plain]
+    asked = await client.chat.completions.create(model="gpt-fake", messages=HI, stream=True,
+                                                 stream_options={"include_usage": True})
+    usage = [c.usage async for c in asked if c.usage]
+    assert [(u.prompt_tokens, u.completion_tokens) for u in usage] == [(PROMPT_TOKENS, 5)]
+    counts = (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]
+    assert (counts["requests"], counts["prompt_tokens"], counts["completion_tokens"]) == (2, PROMPT_TOKENS, 5)
+    await client.close()
+
+
+async def test_a_client_hanging_up_is_counted_but_not_as_an_error(make_proxy: MakeProxy, upstream: FakeUpstream,
+                                                                   env, tmp_path) -> None:
+    env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams its chunks 0.2 s apart
+    key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
+    proxy = await make_proxy(static_account("main", "KEYS"))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "gpt-fake", "stream": True, "messages": HI}) as resp:
+            await resp.content.readline()   # SillyTavern's stop button: hang up mid-answer
+    await eventually(lambda: _counted(proxy, key))
+    counts = (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]
+    assert (counts["requests"], counts["errors"]) == (1, 0)
+
+
+async def _counted(proxy, key: str) -> bool:
+    return (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]["requests"] == 1
+
+
+# -- the meter, piece by piece
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}}\n\n'
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 64, 10_000])
+def test_the_meter_finds_usage_however_the_stream_is_cut(size: int) -> None:
+    stream = (b'data: {"choices":[{"delta":{"content":"say \\"usage\\": {"}}],"usage":null}\n\n'
+              + USAGE_EVENT + b"data: [DONE]\n\n")
+    meter = Meter()
+    for i in range(0, len(stream), size):
+        meter.piece(stream[i:i + size])
+    assert meter.usage == (11, 22)
+
+
+def test_the_meter_keeps_the_last_usage_and_ignores_nonsense() -> None:
+    meter = Meter()
+    meter.piece(b'data: {"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n')
+    meter.piece(b'data: {"usage":{"prompt_tokens":1,"completion_tokens":9}}\n\n')
+    meter.piece(b'data: {"usage":{"prompt_tokens":"many","completion_tokens":-3}}\n\n')
+    assert meter.usage == (0, 0)   # the last one said nothing usable
+    broken = Meter()
+    broken.piece(b'data: {"usage":{"prompt_tokens":1,,}\n\n')
+    broken.piece(USAGE_EVENT)
+    assert broken.usage == (11, 22)
+    whole = Meter()
+    whole.body(b'{"id":"x","usage": {"prompt_tokens": 4, "completion_tokens": 6}}')
+    assert whole.usage == (4, 6)
+    none = Meter()
+    none.body(b'{"id":"x","usage": null}')
+    none.body(b'{"data": []}')
+    assert none.usage is None
+
+
+def test_today_starts_again_at_local_midnight() -> None:
+    now = [time.mktime((2025, 3, 1, 23, 59, 0, 0, 0, -1))]
+    book = UsageBook(clock=lambda: now[0])
+    meter = Meter()
+    meter.body(b'{"usage": {"prompt_tokens": 2, "completion_tokens": 3}}')
+    book.count("st-instance-8001", 200, meter)
+    book.count("st-instance-8001", 502, Meter())
+    assert book.document()["st-instance-8001"]["today"] == {
+        "day": "2025-03-01", "requests": 2, "errors": 1, "prompt_tokens": 2, "completion_tokens": 3}
+    now[0] += 120
+    doc = book.document("st-instance-8001")["st-instance-8001"]
+    assert doc["today"] == {"day": "2025-03-02", "requests": 0, "errors": 0, "prompt_tokens": 0,
+                            "completion_tokens": 0}
+    assert (doc["requests"], doc["errors"], doc["prompt_tokens"]) == (2, 1, 2)
