@@ -4,6 +4,9 @@ Every change made through CST re-reads the file from disk first (a hand edit
 is never clobbered), edits only the lines it must (``edits``), validates the
 result (an edit that would make the file invalid is refused and writes
 nothing), and replaces the file atomically. Changes are serialized.
+
+The async methods read, validate and write in a worker thread: ``cst serve``'s event loop
+also relays every proxied chat request, and a large file or a slow fsync must not stall it.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Callable
 
 from .model import DesiredState, parse
 from ..files import atomic_write
-from .validation import InvalidDesiredState, Problem
+from .validation import InvalidDesiredState, Problem, read_text
 
 
 _SETTLE_TRIES = 5
@@ -62,13 +65,16 @@ class DesiredFile:
         self._lock = asyncio.Lock()
 
     def read(self) -> Snapshot:
+        """The file now (blocking: file I/O and validation)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            problem = Problem(str(self.path), 1, "", f"cannot read the file: {reason}")
-            return Snapshot("", sha256(""), None, (problem,))
+            text = read_text(self.path)
+        except InvalidDesiredState as exc:  # unreadable, not a file, too big, not UTF-8
+            return Snapshot("", sha256(""), None, tuple(exc.problems))
         return self.interpret(text)
+
+    async def aread(self) -> Snapshot:
+        """``read`` in a worker thread."""
+        return await asyncio.to_thread(self.read)
 
     def interpret(self, text: str) -> Snapshot:
         try:
@@ -79,7 +85,7 @@ class DesiredFile:
     async def settled_read(self) -> Snapshot:
         """Read, giving an editor that is half-way through writing the file a moment to finish."""
         for _ in range(_SETTLE_TRIES):
-            snapshot = self.read()
+            snapshot = await self.aread()
             if snapshot.valid:
                 return snapshot
             await asyncio.sleep(_SETTLE_PAUSE)
@@ -97,19 +103,19 @@ class DesiredFile:
                 current = await self.settled_read()
                 if not current.valid:
                     raise CurrentFileInvalid(list(current.problems))
-                written = self._write(edit(current.text), expected=current.sha256)
+                written = await asyncio.to_thread(lambda: self._write(edit(current.text), expected=current.sha256))
                 if written is not None:
                     return written
 
     async def replace(self, text: str, if_match: str) -> Snapshot:
         """Replace the whole file, only if it is still the version whose sha256 is ``if_match``."""
         async with self._lock:
-            current = self.read()
+            current = await self.aread()
             if current.sha256 != if_match:
                 raise StaleVersion(current.sha256)
-            written = self._write(text, expected=current.sha256)
+            written = await asyncio.to_thread(self._write, text, current.sha256)
             if written is None:
-                raise StaleVersion(self.read().sha256)
+                raise StaleVersion((await self.aread()).sha256)
             return written
 
     def _write(self, text: str, expected: str) -> Snapshot | None:
