@@ -68,6 +68,7 @@ class ApiSettings:
     listen: Listen = Listen.parse(_default("settings", "api", "listen"))
     admin_key_env: str = _default("settings", "api", "admin_key_env")
     tls: TlsSettings | None = None
+    timeout: float = parse_duration(_default("settings", "api", "timeout"))   # a change waits this long, then 504
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ def from_data(data: dict[str, Any], path: Path) -> DesiredState:
             listen=Listen.parse(api["listen"]),
             admin_key_env=api["admin_key_env"],
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
+            timeout=parse_duration(api["timeout"]),
         ),
         proxy=ProxySettings(
             listen=Listen.parse(proxy["listen"]),

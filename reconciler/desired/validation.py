@@ -387,7 +387,8 @@ def _listen_of(settings: dict, section: str) -> str:
 
 
 _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
-              ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"))
+              ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
+              ("settings", "api", "timeout"))
 _SIZES = (("settings", "logs", "max_size"),)
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"))

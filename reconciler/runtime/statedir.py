@@ -139,6 +139,13 @@ class StateDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
 
+    def lock_holder(self, name: str = "reconcile") -> str | None:
+        """The pid the last holder of ``<name>.lock`` wrote in it (the holder, while it is held)."""
+        try:
+            return (self.root / f"{name}.lock").read_text(errors="replace").strip()[:20] or None
+        except OSError:
+            return None
+
     def _acquired(self, fd: int, path: Path, deadline: float) -> bool:
         """One attempt at the lock: True when held, False to wait and try again; LockHeld past the deadline."""
         if self._try_lock(fd):

@@ -14,6 +14,14 @@ from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
 
 
+class NotConverged(Exception):
+    """No reconcile pass finished the change in time; ``pending`` says what the reconciler is doing."""
+
+    def __init__(self, waited: float, pending: str):
+        self.waited, self.pending = waited, pending
+        super().__init__(f"not applied within {waited:g}s: {pending}")
+
+
 class Control(Protocol):
     file: DesiredFile               # desired.yaml, shared with people and git
     snapshot: Snapshot              # the file as last read (may be invalid)
@@ -26,9 +34,17 @@ class Control(Protocol):
     last_report: Report | None
     last_pass_at: str | None
     last_pass_ms: float | None
+    changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
 
     def accept(self, snapshot: Snapshot) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""
 
     async def converge(self) -> Report:
-        """Ask for a reconcile pass and wait for one that started after this call."""
+        """Ask for a reconcile pass and wait for one that started after this call; NotConverged
+        when none finishes within ``settings.api.timeout``."""
+
+    def pending(self) -> str:
+        """What the reconciler is doing now, in words (for an answer that could not wait longer)."""
+
+    def health(self) -> dict:
+        """The background tasks' failures, for /api/status."""

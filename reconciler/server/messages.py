@@ -40,6 +40,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "if_match_required": ("Send the sha256 you read in the If-Match header", "请在 If-Match 请求头中提供读取时的 sha256"),
     "password_from_env": ("The password of {id} comes from the environment variable {env}; change it there",
                           "{id} 的密码来自环境变量 {env}，请在那里修改"),
+    "write_failed": ("Could not write desired.yaml ({reason}); nothing was changed",
+                     "无法写入 desired.yaml（{reason}），未做任何修改"),
+    "not_applied": ("The change is in desired.yaml but was not applied within {seconds}s: {pending}. "
+                    "cst serve goes on applying it",
+                    "修改已写入 desired.yaml，但未在 {seconds} 秒内完成：{pending}。cst serve 会继续应用"),
     "internal": ("Internal server error", "服务器内部错误"),
     "not_route": ("Not found", "未找到"),
     "method": ("Method not allowed", "不支持的请求方法"),
