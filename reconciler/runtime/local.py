@@ -149,14 +149,19 @@ class LocalRuntime:
             return self.state.read_secret(f"{spec.id}.password") or ""
         return self.state.secret(f"{spec.id}.password")
 
+    def release_identity(self) -> str:
+        """What the file says to run: the release's version, or the server.js it names. Not where
+        this shell found them, so `cst apply` from CI (another PATH, $CST_SILLYTAVERN_HOME
+        spelled another way) agrees with the daemon about what runs."""
+        st = self.settings.sillytavern
+        return f"server {st.server}" if st.server is not None else f"sillytavern@{st.version}"
+
     def launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
         password = self.password(spec)
-        argv = (
-            shutil.which("node") or "node",
-            str(self.server_release().server_js),
+        flags = (
             "--port", str(spec.port),
             "--dataRoot", str(data_dir),
             "--configPath", str(workdir / "config.yaml"),
@@ -167,7 +172,10 @@ class LocalRuntime:
             "--basicAuthMode", "true",
             "--browserLaunchEnabled", "false",
         )
-        digest = hashlib.sha256(json.dumps([argv, password]).encode()).hexdigest()[:16]
+        argv = (shutil.which("node") or "node", str(self.server_release().server_js), *flags)
+        # everything a restart would change, as the file and the release say it: not the node binary
+        # or install folder this process resolved
+        digest = hashlib.sha256(json.dumps([self.release_identity(), flags, password]).encode()).hexdigest()[:16]
         env = {k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}
         env.update({
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
