@@ -159,7 +159,7 @@ class Daemon:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.desired.settings.resync)
             except asyncio.TimeoutError:
-                pass
+                await self.reload()  # a save the watcher missed (while it restarted, say) counts too
             self._wake.clear()
             ticket = self._requested
             report = await self._pass()
@@ -260,6 +260,7 @@ class Daemon:
             os.close(pidfd)
 
     async def _watch(self) -> None:
+        await self.reload()  # what changed while no watcher ran (after a restart of this task)
         async for _ in changes_of(self.file.path, self._stop):
             await self.reload()
 
