@@ -216,7 +216,8 @@ class DaiDaiSource:
             # A network problem is worth retrying soon; a refused login is not (hammering a
             # platform with a wrong password can lock the account), so it waits a full period.
             self._retry_soon = not isinstance(exc, AccountError) or exc.transient
-            message = str(exc) if isinstance(exc, AccountError) else f"platform unreachable: {type(exc).__name__}: {exc}"
+            message = (str(exc) if isinstance(exc, AccountError)
+                       else f"platform unreachable: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
             if self.status.last_error != message:
                 log.error("account %s: %s", self.account.name, message)
             self.status.last_error = message
