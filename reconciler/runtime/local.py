@@ -236,7 +236,33 @@ class LocalRuntime:
                                          create_time=psutil.Process(pid).create_time())
             else:
                 observed[id_] = Observed(id_, port, "port-taken", holder=_describe(pid))
+        # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
+        # the same, and starting another beside it would run the instance twice
+        starting = {i.id for i in self.desired.instances if i.state == "running"
+                    and i.port in unsure and i.port not in busy}
+        spawned: dict[str, Observed] = {}
+        for seen in self._spawned_without_record(starting) if starting else []:
+            spawned.setdefault(seen.id, seen)
+        observed.update(spawned)
         return observed
+
+    def _spawned_without_record(self, ids: set[str]) -> list[Observed]:
+        """Live processes whose environment names one of ``ids`` and this state dir."""
+        ports = {i.id: i.port for i in self.desired.instances}
+        found: list[Observed] = []
+        for proc in psutil.process_iter():
+            try:
+                with proc.oneshot():
+                    env = proc.environ()
+                    if (env.get(ENV_INSTANCE) not in ids or env.get(ENV_STATE_DIR) != str(self.state.root)
+                            or proc.status() == psutil.STATUS_ZOMBIE):
+                        continue
+                    id_ = env[ENV_INSTANCE]
+                    found.append(Observed(id_, ports[id_], "running", proc.pid, env.get(ENV_FINGERPRINT, ""),
+                                          adopted=True, create_time=proc.create_time()))
+            except psutil.Error:
+                continue
+        return found
 
     def _our_process(self, pid: int | None, id_: str) -> str | None:
         """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""

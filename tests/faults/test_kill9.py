@@ -74,3 +74,28 @@ def test_kill_9_of_apply_while_it_starts_instances(project):
     assert_one_process_per_instance_and_records_match(project, ports)
     assert project.cst("apply").stdout.strip().splitlines()[-1] == f"ok={len(ports)} changed=0 failed=0"
 
+
+
+def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(project):
+    """The narrowest window: the process is spawned, the cst that spawned it is killed before the
+    record is written, and the process does not listen yet. It is found by its environment."""
+    from reconciler.desired.model import load
+    from reconciler.runtime.local import LocalRuntime
+
+    api, port = free_ports(2)
+    project.standin_knobs(port, {"startDelayMs": 3000})
+    project.write(standin_file([(port, "running")], settings=serve_settings(api, "1s")))
+    launch = LocalRuntime(load(project.file)).launch_spec(load(project.file).instances[0])
+    launch.workdir.mkdir(parents=True)
+    orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=dict(launch.env), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        applied = project.cst("apply")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert f"ok: st-instance-{port} (adopted)" in applied.stdout
+        wait_until(lambda: http_status(port) == 401, timeout=30)
+        assert_one_process_per_instance_and_records_match(project, [port])
+        assert json.loads((project.state_dir / "instances" / f"st-instance-{port}.json").read_text())["pid"] == orphan.pid
+    finally:
+        orphan.kill()
+        orphan.wait()
