@@ -1,11 +1,14 @@
 """`cst serve` and the proxy under load: the figures of "never blocks, never hangs a caller".
 
     .venv/bin/python bench/load.py [--only latency,api,streams,instances] [--runs 3] [--seconds 60]
+                                   [--baseline DIR]
 
 * latency: chat requests through the proxy inside `cst serve` (a fake upstream, 16 keep-alive
   connections, each paced at 25 requests/s), p50/p99 while idle and while the daemon starts and
   removes 20 stand-in instances over and over and GET /api/instances is called 50 times a second.
   Goal: p99 under load within 2x of idle. Medians of --runs runs; each phase --phase-seconds long.
+  With --baseline DIR (another checkout, e.g. `git archive main | tar -x -C DIR`), its `cst serve`
+  is measured too, run for run in turn with this one.
 * api: 200 concurrent clients for --seconds against the REST API (listings, status, a no-op start
   that waits for a pass) while an editor saves desired.yaml every half second. Goal: no errors.
 * streams: `cst proxy` relaying 1,000 concurrent streams for --seconds (each 20 events 0.5 s apart,
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -60,13 +62,16 @@ def ms(value: float) -> str:
 class Serve:
     """`cst serve` in a temporary folder, with its proxy pointed at the fake upstream."""
 
-    def __init__(self, upstream_port: int, instances: list[int] = (), resync: str = "10s"):
+    def __init__(self, upstream_port: int, instances: list[int] = (), resync: str = "10s",
+                 code: Path | None = None):
         self.folder = Path(tempfile.mkdtemp(prefix="cst-bench-load-"))
         self.api, self.proxy = free_ports(2)
         self.resync = resync
         self.upstream_port = upstream_port
         self.write(instances)
         env = {**os.environ, "CST_ADMIN_KEY": KEY, "BENCH_KEYS": ",".join(GOOD_KEYS)}
+        if code is not None:  # run another checkout's cst
+            env["PYTHONPATH"] = str(code)
         self.log = open(self.folder / "serve.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", "desired.yaml"],
                                      cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -156,9 +161,9 @@ async def churn(serve: Serve, ports: list[int], stop: asyncio.Event) -> int:
     return cycles
 
 
-async def latency_run(seconds: float) -> tuple[list[float], list[float], int, int]:
+async def latency_run(seconds: float, code: Path | None) -> tuple[list[float], list[float], int, int]:
     upstream, upstream_port = proxy_bench.start_upstream(5, 0.2)
-    serve = Serve(upstream_port)
+    serve = Serve(upstream_port, code=code)
     try:
         await paced_chat(serve.proxy, 1.0)  # warm the connections and the proxy's upstream pool
         idle = await paced_chat(serve.proxy, seconds)
@@ -175,18 +180,22 @@ async def latency_run(seconds: float) -> tuple[list[float], list[float], int, in
         upstream.wait()
 
 
-def bench_latency(runs: int, seconds: float) -> None:
-    rows = []
+def bench_latency(runs: int, seconds: float, baseline: Path | None) -> None:
+    sides = {"this checkout": None, **({f"baseline {baseline}": baseline} if baseline else {})}
+    rows: dict[str, list[tuple]] = {name: [] for name in sides}
     for _ in range(runs):
-        idle, loaded, listings, cycles = asyncio.run(latency_run(seconds))
-        rows.append((statistics.median(idle), percentile(idle, 99), statistics.median(loaded),
-                     percentile(loaded, 99), len(idle), len(loaded), listings / seconds, cycles))
-        print(f"  run: idle p50 {ms(rows[-1][0])} p99 {ms(rows[-1][1])} | loaded p50 {ms(rows[-1][2])} "
-              f"p99 {ms(rows[-1][3])} | {rows[-1][6]:.0f} listings/s, {cycles} start+remove cycles of 20", flush=True)
-    med = [statistics.median(r[i] for r in rows) for i in range(8)]
-    print(f"| proxy chat at 16 connections (25 req/s each), idle | p50 {ms(med[0])}, p99 {ms(med[1])} |")
-    print(f"| same, while 20 instances start and go ({med[7]:.0f} cycles) and GET /api/instances "
-          f"{med[6]:.0f}/s | p50 {ms(med[2])}, p99 {ms(med[3])} (p99 {med[3] / med[1]:.2f}x idle) |")
+        for name, code in sides.items():  # in turn, so both see the same machine
+            idle, loaded, listings, cycles = asyncio.run(latency_run(seconds, code))
+            row = (statistics.median(idle), percentile(idle, 99), statistics.median(loaded), percentile(loaded, 99),
+                   listings / seconds, cycles)
+            rows[name].append(row)
+            print(f"  {name}: idle p50 {ms(row[0])} p99 {ms(row[1])} | loaded p50 {ms(row[2])} p99 {ms(row[3])} "
+                  f"| {row[4]:.0f} listings/s, {cycles} start+remove cycles of 20", flush=True)
+    for name in sides:
+        med = [statistics.median(r[i] for r in rows[name]) for i in range(6)]
+        print(f"| {name}: proxy chat at 16 connections (25 req/s each), idle | p50 {ms(med[0])}, p99 {ms(med[1])} |")
+        print(f"| {name}: same, while 20 instances start and go ({med[5]:.0f} cycles) and GET /api/instances "
+              f"{med[4]:.0f}/s | p50 {ms(med[2])}, p99 {ms(med[3])} (p99 {med[3] / med[1]:.2f}x idle) |")
 
 
 # -- the REST API under 200 clients while the file is edited
@@ -364,11 +373,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="latency: runs (medians are reported)")
     parser.add_argument("--phase-seconds", type=float, default=15, help="latency: length of each phase")
     parser.add_argument("--seconds", type=float, default=60, help="api and streams: length")
+    parser.add_argument("--baseline", type=Path, help="latency: also measure the cst in this folder")
     args = parser.parse_args()
     chosen = args.only.split(",")
     print("| figure | value |\n|---|---|", flush=True)
     if "latency" in chosen:
-        bench_latency(args.runs, args.phase_seconds)
+        bench_latency(args.runs, args.phase_seconds, args.baseline)
     if "api" in chosen:
         bench_api(args.seconds)
     if "streams" in chosen:

@@ -25,13 +25,19 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def settled(fds: int, tasks: int) -> None:
-    """Wait until this process holds no more descriptors and tasks than it did at the baseline."""
+async def eventually(predicate, failure) -> None:
+    """Wait up to 5 s for ``predicate()``; else fail with ``failure()``."""
     for _ in range(250):
-        if open_fds() <= fds and len(asyncio.all_tasks()) <= tasks:
+        if predicate():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"leak: {open_fds()} descriptors (was {fds}), {len(asyncio.all_tasks())} tasks (was {tasks})")
+    raise AssertionError(failure())
+
+
+async def settled(fds: int, tasks: int) -> None:
+    """Wait until this process holds no more descriptors and tasks than it did at the baseline."""
+    await eventually(lambda: open_fds() <= fds and len(asyncio.all_tasks()) <= tasks,
+                     lambda: f"leak: {open_fds()} descriptors (was {fds}), {len(asyncio.all_tasks())} tasks (was {tasks})")
 
 
 def sdk(proxy) -> openai.AsyncOpenAI:
@@ -81,11 +87,7 @@ async def test_an_upstream_that_accepts_and_never_answers(make_proxy: MakeProxy,
     # every key timed out within moments: the upstream is down, not the keys, so none is benched for long
     now = proxy.state.pool.clock()
     assert all(k.cooldown_until <= now + 1.5 and not k.quarantined for k in proxy.state.pool.keys())
-    for _ in range(100):
-        if silent.open == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert silent.open == 0, "every connection to the silent upstream was closed"
+    await eventually(lambda: silent.open == 0, lambda: "every connection to the silent upstream is closed")
     await settled(fds, tasks)
     await silent.stop()
 
@@ -118,11 +120,7 @@ async def test_a_stream_cut_half_way_or_stalled_ends_in_a_clean_error(make_proxy
     for key in (CUT, SLOW):
         assert keys[key].failures == 0 and keys[key].available(now), "a cut upstream is not a bad key"
     assert proxy.state.forwarder.stats.upstream_cuts == 2
-    for _ in range(100):
-        if upstream.cancelled == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert upstream.cancelled == 1, "the stalled upstream request was hung up on"
+    await eventually(lambda: upstream.cancelled == 1, lambda: "the stalled upstream request is hung up on")
     await settled(fds, tasks)
 
 
@@ -136,11 +134,7 @@ async def test_a_platform_that_times_out_or_answers_garbage(make_proxy: MakeProx
     status = proxy.state.accounts.status
 
     async def until(predicate) -> None:
-        for _ in range(250):
-            if predicate():
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"not reached; account status {status()}")
+        await eventually(predicate, lambda: f"not reached; account status {status()}")
 
     await until(lambda: status()["dd"]["keys"] == 1 and status()["dd"]["last_error"] is None)
     client = sdk(proxy)
