@@ -38,11 +38,13 @@ class TaskHealth:
 
 class BackgroundTasks:
     def __init__(self, log: logging.Logger, on_give_up: Callable[[str, str], None] | None = None,
-                 give_up_after: int | None = GIVE_UP_AFTER, clock: Callable[[], float] = time.monotonic):
+                 give_up_after: int | None = GIVE_UP_AFTER, clock: Callable[[], float] = time.monotonic,
+                 backoff: tuple[float, float] = (BACKOFF_BASE, BACKOFF_CAP)):
         self.log = log
         self.on_give_up = on_give_up
         self.give_up_after = give_up_after   # None: never (keep retrying at the capped backoff)
         self.clock = clock
+        self.backoff = backoff               # first delay, longest delay
         self.health: dict[str, TaskHealth] = {}
         self._factories: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -101,7 +103,7 @@ class BackgroundTasks:
                 self.on_give_up(name, f"{name} failed {health.failures} times in a row "
                                       f"(last: {health.last_error})")
             return
-        delay = min(BACKOFF_BASE * 2 ** (health.failures - 1), BACKOFF_CAP)
+        delay = min(self.backoff[0] * 2 ** (health.failures - 1), self.backoff[1])
         self.log.warning("restarting background task %s in %.1fs", name, delay)
         self._retries[name] = asyncio.get_running_loop().call_later(delay, self._spawn, name)
 
@@ -132,16 +134,24 @@ class LoopThread:
         """Run ``coro`` on this thread's loop and wait for it; cancelling the caller cancels it."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    async def close(self) -> None:
-        """Cancel what still runs there, wait for it to unwind, stop the loop and the thread."""
+    async def close(self, timeout: float = 10.0) -> bool:
+        """Cancel what still runs there, wait for it to unwind, stop the loop and the thread.
+
+        False when that took longer than ``timeout`` (a call blocked in the thread): the thread is
+        then left to end with the process, which must not hang on it."""
         if not self._thread.is_alive():
             self.loop.close()
-            return
-        await self.run(_cancel_others())
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop))
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self.run(_cancel_others())
+                await self.run(self.loop.shutdown_default_executor())
+        except TimeoutError:
+            return False
         self.loop.call_soon_threadsafe(self.loop.stop)
         await asyncio.to_thread(self._thread.join)
         self.loop.close()
+        return True
 
 
 async def _cancel_others() -> None:

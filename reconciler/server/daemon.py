@@ -341,7 +341,8 @@ class Daemon:
                     log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")
             finally:
                 await self.tasks.close()
-                await self._worker.close()
+                if not await self._worker.close():
+                    log.warning("a reconcile pass is stuck in a blocking call; exiting without waiting for it")
                 await self.proxy.stop()
                 for pid in list(self._exit_watches):
                     self._unwatch(pid)
