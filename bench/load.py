@@ -4,9 +4,11 @@
                                    [--baseline DIR]
 
 * latency: chat requests through the proxy inside `cst serve` (a fake upstream, 16 keep-alive
-  connections, each paced at 25 requests/s), p50/p99 while idle and while the daemon starts and
+  connections, each paced at 25 requests/s), p50/p99 while idle, and while the daemon starts and
   removes 20 stand-in instances over and over and GET /api/instances is called 50 times a second.
-  Goal: p99 under load within 2x of idle. Medians of --runs runs; each phase --phase-seconds long.
+  Between the two, a control: the same 20 stand-ins started and stopped by this script instead,
+  with the same listings, which is what starting node processes costs this machine whoever does
+  it. Goal: p99 under load within 2x of idle. Medians of --runs runs; each phase --phase-seconds.
   With --baseline DIR (another checkout, e.g. `git archive main | tar -x -C DIR`), its `cst serve`
   is measured too, run for run in turn with this one.
 * api: 200 concurrent clients for --seconds against the REST API (listings, status, a no-op start
@@ -161,19 +163,39 @@ async def churn(serve: Serve, ports: list[int], stop: asyncio.Event) -> int:
     return cycles
 
 
-async def latency_run(seconds: float, code: Path | None) -> tuple[list[float], list[float], int, int]:
+async def churn_without_cst(folder: Path, ports: list[int], stop: asyncio.Event) -> int:
+    """The same starts and stops of 20 stand-ins, done by this script: the machine's share of the load."""
+    cycles = 0
+    while not stop.is_set():
+        procs = [subprocess.Popen(["node", str(STANDIN), "--port", str(p), "--dataRoot", str(folder / str(p)),
+                                   "--listen", "true", "--listenAddressIPv4", "127.0.0.1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+        await asyncio.to_thread(wait, lambda: all(answers(p) for p in ports), 60, 0.01)
+        for proc in procs:
+            proc.terminate()
+        await asyncio.to_thread(lambda: [proc.wait() for proc in procs])
+        cycles += 1
+    return cycles
+
+
+async def latency_run(seconds: float, code: Path | None) -> dict[str, tuple[list[float], float, int]]:
+    """Chat latencies in three phases: idle; stand-ins churned by this script while the API is
+    listed 50 times a second (what the machine costs); the same churn done by cst serve."""
     upstream, upstream_port = proxy_bench.start_upstream(5, 0.2)
     serve = Serve(upstream_port, code=code)
+    phases: dict[str, tuple[list[float], float, int]] = {}
     try:
         await paced_chat(serve.proxy, 1.0)  # warm the connections and the proxy's upstream pool
-        idle = await paced_chat(serve.proxy, seconds)
-        stop = asyncio.Event()
-        background = [asyncio.create_task(list_instances(serve.api, stop)),
-                      asyncio.create_task(churn(serve, free_ports(20), stop))]
-        loaded = await paced_chat(serve.proxy, seconds)
-        stop.set()
-        listings, cycles = await asyncio.gather(*background)
-        return idle, loaded, listings, cycles
+        phases["idle"] = (await paced_chat(serve.proxy, seconds), 0.0, 0)
+        for phase, churner in (("churn by a script", lambda stop: churn_without_cst(serve.folder, free_ports(20), stop)),
+                               ("churn by cst serve", lambda stop: churn(serve, free_ports(20), stop))):
+            stop = asyncio.Event()
+            background = [asyncio.create_task(list_instances(serve.api, stop)), asyncio.create_task(churner(stop))]
+            latencies = await paced_chat(serve.proxy, seconds)
+            stop.set()
+            listings, cycles = await asyncio.gather(*background)
+            phases[phase] = (latencies, listings / seconds, cycles)
+        return phases
     finally:
         serve.stop()
         upstream.kill()
@@ -182,20 +204,25 @@ async def latency_run(seconds: float, code: Path | None) -> tuple[list[float], l
 
 def bench_latency(runs: int, seconds: float, baseline: Path | None) -> None:
     sides = {"this checkout": None, **({f"baseline {baseline}": baseline} if baseline else {})}
-    rows: dict[str, list[tuple]] = {name: [] for name in sides}
+    rows: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(runs):
         for name, code in sides.items():  # in turn, so both see the same machine
-            idle, loaded, listings, cycles = asyncio.run(latency_run(seconds, code))
-            row = (statistics.median(idle), percentile(idle, 99), statistics.median(loaded), percentile(loaded, 99),
-                   listings / seconds, cycles)
-            rows[name].append(row)
-            print(f"  {name}: idle p50 {ms(row[0])} p99 {ms(row[1])} | loaded p50 {ms(row[2])} p99 {ms(row[3])} "
-                  f"| {row[4]:.0f} listings/s, {cycles} start+remove cycles of 20", flush=True)
+            phases = asyncio.run(latency_run(seconds, code))
+            rows[name].append(phases)
+            print(f"  {name}: " + " | ".join(
+                f"{phase} p50 {ms(statistics.median(lat))} p99 {ms(percentile(lat, 99))}"
+                + (f" ({rate:.0f} listings/s, {cycles} cycles)" if cycles else "")
+                for phase, (lat, rate, cycles) in phases.items()), flush=True)
     for name in sides:
-        med = [statistics.median(r[i] for r in rows[name]) for i in range(6)]
-        print(f"| {name}: proxy chat at 16 connections (25 req/s each), idle | p50 {ms(med[0])}, p99 {ms(med[1])} |")
-        print(f"| {name}: same, while 20 instances start and go ({med[5]:.0f} cycles) and GET /api/instances "
-              f"{med[4]:.0f}/s | p50 {ms(med[2])}, p99 {ms(med[3])} (p99 {med[3] / med[1]:.2f}x idle) |")
+        def med(phase: str, figure) -> float:
+            return statistics.median(figure(run[phase]) for run in rows[name])
+        idle99 = med("idle", lambda p: percentile(p[0], 99))
+        for phase in rows[name][0]:
+            p50, p99 = med(phase, lambda p: statistics.median(p[0])), med(phase, lambda p: percentile(p[0], 99))
+            extra = "" if phase == "idle" else (f", {med(phase, lambda p: p[2]):.0f} cycles of 20 starts and stops, "
+                                                f"GET /api/instances {med(phase, lambda p: p[1]):.0f}/s")
+            print(f"| {name}: proxy chat, 16 connections at 25 req/s each, {phase}{extra} | "
+                  f"p50 {ms(p50)}, p99 {ms(p99)} ({p99 / idle99:.1f}x idle p99) |")
 
 
 # -- the REST API under 200 clients while the file is edited
