@@ -260,7 +260,7 @@ class Daemon:
             os.close(pidfd)
 
     async def _watch(self) -> None:
-        await self.reload()  # what changed while no watcher ran (after a restart of this task)
+        # the first wake comes when the watch is in place: a save made before it is read then
         async for _ in changes_of(self.file.path, self._stop):
             await self.reload()
 
