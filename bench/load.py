@@ -9,6 +9,9 @@
   Between the two, a control: the same 20 stand-ins started and stopped by this script instead,
   with the same listings, which is what starting node processes costs this machine whoever does
   it. Goal: p99 under load within 2x of idle. Medians of --runs runs; each phase --phase-seconds.
+  With --pin, every node process runs on CPU 1 (through a `node` on PATH that runs
+  `taskset -c 1 node`) and the measured path (this script, the fake upstream, cst serve) on
+  CPU 0: what is left between idle and loaded is then what cst serve's own work costs its proxy.
   With --baseline DIR (another checkout, e.g. `git archive main | tar -x -C DIR`), its `cst serve`
   is measured too, run for run in turn with this one.
 * api: 200 concurrent clients for --seconds against the REST API (listings, status, a no-op start
@@ -61,11 +64,20 @@ def ms(value: float) -> str:
     return f"{value * 1000:.2f} ms"
 
 
+def node_on_cpu1(folder: Path) -> Path:
+    """A folder holding a `node` that runs the real one on CPU 1."""
+    shim = folder / "pinned-bin"
+    shim.mkdir(exist_ok=True)
+    (shim / "node").write_text(f"#!/bin/sh\nexec taskset -c 1 {shutil.which('node')} \"$@\"\n")
+    (shim / "node").chmod(0o755)
+    return shim
+
+
 class Serve:
     """`cst serve` in a temporary folder, with its proxy pointed at the fake upstream."""
 
     def __init__(self, upstream_port: int, instances: list[int] = (), resync: str = "10s",
-                 code: Path | None = None):
+                 code: Path | None = None, pin: bool = False):
         self.folder = Path(tempfile.mkdtemp(prefix="cst-bench-load-"))
         self.api, self.proxy = free_ports(2)
         self.resync = resync
@@ -74,9 +86,12 @@ class Serve:
         env = {**os.environ, "CST_ADMIN_KEY": KEY, "BENCH_KEYS": ",".join(GOOD_KEYS)}
         if code is not None:  # run another checkout's cst
             env["PYTHONPATH"] = str(code)
+        if pin:  # cst serve on CPU 0; the node it starts goes to CPU 1
+            env["PATH"] = f"{node_on_cpu1(self.folder)}{os.pathsep}{env['PATH']}"
         self.log = open(self.folder / "serve.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", "desired.yaml"],
-                                     cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if pin else None)
         wait(lambda: answers(self.api), timeout=30)
 
     def text(self, instances: list[int], comment: str = "") -> str:
@@ -178,11 +193,13 @@ async def churn_without_cst(folder: Path, ports: list[int], stop: asyncio.Event)
     return cycles
 
 
-async def latency_run(seconds: float, code: Path | None) -> dict[str, tuple[list[float], float, int]]:
+async def latency_run(seconds: float, code: Path | None, pin: bool) -> dict[str, tuple[list[float], float, int]]:
     """Chat latencies in three phases: idle; stand-ins churned by this script while the API is
     listed 50 times a second (what the machine costs); the same churn done by cst serve."""
     upstream, upstream_port = proxy_bench.start_upstream(5, 0.2)
-    serve = Serve(upstream_port, code=code)
+    if pin:
+        os.sched_setaffinity(upstream.pid, {0})
+    serve = Serve(upstream_port, code=code, pin=pin)
     phases: dict[str, tuple[list[float], float, int]] = {}
     try:
         await paced_chat(serve.proxy, 1.0)  # warm the connections and the proxy's upstream pool
@@ -202,12 +219,15 @@ async def latency_run(seconds: float, code: Path | None) -> dict[str, tuple[list
         upstream.wait()
 
 
-def bench_latency(runs: int, seconds: float, baseline: Path | None) -> None:
+def bench_latency(runs: int, seconds: float, baseline: Path | None, pin: bool) -> None:
+    if pin:  # this script on CPU 0; the node processes of the control go through the same `node` on CPU 1
+        os.sched_setaffinity(0, {0})
+        os.environ["PATH"] = f"{node_on_cpu1(Path(tempfile.mkdtemp(prefix='cst-bench-pin-')))}{os.pathsep}{os.environ['PATH']}"
     sides = {"this checkout": None, **({f"baseline {baseline}": baseline} if baseline else {})}
     rows: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(runs):
         for name, code in sides.items():  # in turn, so both see the same machine
-            phases = asyncio.run(latency_run(seconds, code))
+            phases = asyncio.run(latency_run(seconds, code, pin))
             rows[name].append(phases)
             print(f"  {name}: " + " | ".join(
                 f"{phase} p50 {ms(statistics.median(lat))} p99 {ms(percentile(lat, 99))}"
@@ -401,11 +421,12 @@ def main() -> None:
     parser.add_argument("--phase-seconds", type=float, default=15, help="latency: length of each phase")
     parser.add_argument("--seconds", type=float, default=60, help="api and streams: length")
     parser.add_argument("--baseline", type=Path, help="latency: also measure the cst in this folder")
+    parser.add_argument("--pin", action="store_true", help="latency: cst serve alone on CPU 0, the rest on CPU 1")
     args = parser.parse_args()
     chosen = args.only.split(",")
     print("| figure | value |\n|---|---|", flush=True)
     if "latency" in chosen:
-        bench_latency(args.runs, args.phase_seconds, args.baseline)
+        bench_latency(args.runs, args.phase_seconds, args.baseline, args.pin)
     if "api" in chosen:
         bench_api(args.seconds)
     if "streams" in chosen:
