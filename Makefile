@@ -47,6 +47,7 @@ bench: sillytavern
 	$(BIN)/python bench/reconciler.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/proxy/bench.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) .cache examples/.cst examples/user-data

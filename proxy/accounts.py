@@ -10,6 +10,10 @@ Secrets: passwords are read from an environment variable or a 0600 file at each
 login (so a rotated password is picked up) and never logged; keys are only ever
 logged masked. The DaiDai key list is cached in ``<state_dir>/proxy/`` (0700 dir,
 0600 file) so the proxy keeps serving while the platform is unreachable.
+
+The platform may time out or answer garbage: each refresh is bounded in time and size, an
+answer that is not the documented shape is a refresh error (the last keys stay), and a source
+that fails in an unforeseen way is logged with its traceback and restarted (``BackgroundTasks``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import aiohttp
 from reconciler.desired.model import Account
 from reconciler.files import atomic_write, private_dir
 from reconciler.desired.secret_source import SecretUnavailable, read_secret
+from reconciler.tasks import BackgroundTasks
 
 from .pool import KeyInfo, KeyPool, mask
 
@@ -34,6 +39,7 @@ log = logging.getLogger("cst.proxy.accounts")
 # After a failed refresh, retry sooner than the normal period (but not hammer the platform).
 RETRY_AFTER_ERROR = 30.0
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+MAX_ANSWER = 4 * 2**20  # a key list is a few KiB; more is not an answer worth holding in memory
 
 
 class AccountError(Exception):
@@ -72,7 +78,7 @@ def _iso(ts: float | None) -> str | None:
 def _money(value: Any) -> float | None:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -138,9 +144,12 @@ class DaiDaiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with self.session.post(self.api_base + path, json=payload, headers=headers,
                                      timeout=HTTP_TIMEOUT) as resp:
+            raw = bytearray()
+            while len(raw) <= MAX_ANSWER and (piece := await resp.content.read(MAX_ANSWER + 1 - len(raw))):
+                raw += piece
             try:
-                body = await resp.json(content_type=None)
-            except (ValueError, aiohttp.ContentTypeError):
+                body = json.loads(raw) if len(raw) <= MAX_ANSWER else None
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, nested without end
                 body = None
             return resp.status, body
 
@@ -162,9 +171,9 @@ class DaiDaiClient:
         status, body = await self._post("/api/general/orders", payload, self.token)
         if isinstance(body, dict) and body.get("code") == 200 and isinstance(body.get("msg"), list):
             return [
-                KeyInfo(str(item["api_key"]), _money(item.get("balance")), _money(item.get("utilised")))
+                KeyInfo(item["api_key"], _money(item.get("balance")), _money(item.get("utilised")))
                 for item in body["msg"]
-                if isinstance(item, dict) and item.get("api_key")
+                if isinstance(item, dict) and isinstance(item.get("api_key"), str) and item["api_key"]
                 and item.get("state") == "success" and not item.get("hasError")
             ]
         if status in (401, 403) or (isinstance(body, dict) and body.get("code") in (401, 403)):
@@ -206,7 +215,8 @@ class DaiDaiSource:
             # A network problem is worth retrying soon; a refused login is not (hammering a
             # platform with a wrong password can lock the account), so it waits a full period.
             self._retry_soon = not isinstance(exc, AccountError) or exc.transient
-            message = str(exc) if isinstance(exc, AccountError) else f"platform unreachable: {type(exc).__name__}: {exc}"
+            message = (str(exc) if isinstance(exc, AccountError)
+                       else f"platform unreachable: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
             if self.status.last_error != message:
                 log.error("account %s: %s", self.account.name, message)
             self.status.last_error = message
@@ -215,7 +225,7 @@ class DaiDaiSource:
         self.status.keys, self.status.last_error, self.status.from_cache = len(keys), None, False
         self.status.last_refresh = time.time()
         log.info("account %s: %d usable keys", self.account.name, len(keys))
-        self._write_cache(keys)
+        await asyncio.to_thread(self._write_cache, keys)  # an fsync: not on the loop that relays requests
         return True
 
     # The cache names the account's email and base so a changed account never
@@ -270,7 +280,9 @@ class AccountManager:
         self.pool = pool
         self.session = session
         self.cache_dir = state_dir / "proxy"
-        self._running: dict[str, tuple[Account, Source, asyncio.Task[None]]] = {}
+        self._running: dict[str, tuple[Account, Source]] = {}
+        # one account's trouble must not stop the proxy: its source is retried for as long as it runs
+        self._tasks = BackgroundTasks(log, give_up_after=None)
 
     def _ensure_cache_dir(self) -> None:
         private_dir(self.cache_dir)
@@ -285,8 +297,8 @@ class AccountManager:
         wanted = {a.name: a for a in accounts}
         for name in list(self._running):
             if name not in wanted:
-                _, source, task = self._running.pop(name)
-                task.cancel()
+                _, source = self._running.pop(name)
+                self._tasks.stop(_task_name(name))
                 self.pool.remove_account(name)
                 if isinstance(source, DaiDaiSource):
                     # Its keys are secrets: do not leave a copy behind for an account that is gone.
@@ -297,25 +309,32 @@ class AccountManager:
             if current is not None and current[0] == account:
                 continue
             if current is not None:
-                current[2].cancel()  # its keys stay in the pool until the new source replaces them
+                self._tasks.stop(_task_name(name))  # its keys stay in the pool until the new source replaces them
                 log.info("account %s changed", name)
             else:
                 log.info("account %s added (%s)", name, account.provider)
             source = self._make(account)
             if isinstance(source, StaticSource):
                 source.load()  # synchronous: the new keys are in the pool before update() returns
-            task = asyncio.create_task(source.run(), name=f"cst-account-{name}")
-            self._running[name] = (account, source, task)
+            self._tasks.keep(_task_name(name), source.run)
+            self._running[name] = (account, source)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        return {name: source.status.as_dict() for name, (_, source, _) in self._running.items()}
+        out = {}
+        for name, (_, source) in self._running.items():
+            out[name] = source.status.as_dict()
+            health = self._tasks.health.get(_task_name(name))
+            if health is not None and health.last_error:
+                out[name]["task_failures"], out[name]["task_error"] = health.total_failures, health.last_error
+        return out
 
     async def close(self) -> None:
-        tasks = [task for _, _, task in self._running.values()]
         self._running.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
+
+
+def _task_name(account: str) -> str:
+    return f"cst-account-{account}"
 
 
 __all__ = ["AccountError", "AccountManager", "DaiDaiClient", "DaiDaiSource", "StaticSource", "mask"]

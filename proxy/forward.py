@@ -58,11 +58,17 @@ class ForwardStats:
     retries: int = 0
     no_key: int = 0
     client_disconnects: int = 0
+    upstream_cuts: int = 0  # answers the upstream broke off after they began
 
 
 def openai_error(status: int, message: str, type_: str, code: str) -> web.Response:
     body = json.dumps({"error": {"message": message, "type": type_, "code": code}})
     return web.Response(status=status, text=body, content_type="application/json")
+
+
+def _sse_error(message: str) -> bytes:
+    error = {"error": {"message": message, "type": "upstream_error", "code": "upstream_broken"}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -224,6 +230,7 @@ class Forwarder:
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp))
         if resp.content_length is not None:
             out.content_length = resp.content_length
+        events = resp.content_length is None and (resp.header("Content-Type") or "").startswith("text/event-stream")
         chunk = first
         try:
             await out.prepare(request)
@@ -231,17 +238,23 @@ class Forwarder:
                 await out.write(chunk)
                 if meter:
                     meter.piece(chunk)
+                between_events = chunk.endswith((b"\n\n", b"\r\n\r\n"))
                 try:
                     chunk = await resp.read_some()  # whatever has arrived: each SSE event goes on at once
                 except UpstreamError as exc:
-                    # Nothing can be retried now. Tell the pool and cut the client off without a
-                    # clean end, so it cannot mistake this for a complete answer.
+                    # Nothing can be retried now. The key was accepted and answered: a cut is the
+                    # upstream's or the network's doing, so the key is not blamed for it.
                     resp.close()
                     if meter:
                         meter.broken = True
-                    self.pool.report(key, Outcome.FAILURE, f"answer broke off: {exc}")
+                    self.stats.upstream_cuts += 1
                     log.warning("key %s (%s): the upstream answer broke off: %s", key.masked, key.account, exc)
-                    if request.transport is not None:
+                    if events and between_events:
+                        # a last event that says so, then a clean end: OpenAI's SDKs raise it as an error
+                        await out.write(_sse_error(f"the upstream's answer broke off ({exc})"))
+                        await out.write_eof()
+                    elif request.transport is not None:
+                        # cut the client off without a clean end, so it cannot take this for a whole answer
                         request.transport.close()
                     return out
         except ConnectionResetError:

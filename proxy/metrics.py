@@ -48,6 +48,8 @@ class PoolCollector(Collector):
         yield CounterMetricFamily("cst_proxy_no_key", "Requests answered 503 for want of a key", value=stats.no_key)
         yield CounterMetricFamily("cst_proxy_client_disconnects", "Clients that hung up mid-answer",
                                   value=stats.client_disconnects)
+        yield CounterMetricFamily("cst_proxy_upstream_cuts", "Answers the upstream broke off after they began",
+                                  value=stats.upstream_cuts)
 
         by_instance = CounterMetricFamily("cst_proxy_instance_requests", "Requests by caller (an instance id, "
                                           "client or anonymous)", labels=["instance"])

@@ -186,12 +186,17 @@ class Served:
         return self.proc.returncode
 
 
+CST = (sys.executable, "-m", "reconciler")
+
+
 def start_serve(project: Project, api_port: int, admin_key: str = "test-admin-key", args: tuple = (),
-                scheme: str = "http", wait: bool = True, log_name: str = "serve.log", prefix: tuple = ()) -> Served:
-    """``prefix``: a command that runs cst serve (like setpriv, to drop root's capabilities)."""
+                scheme: str = "http", wait: bool = True, log_name: str = "serve.log",
+                command: tuple[str, ...] = CST, prefix: tuple = ()) -> Served:
+    """``cst serve`` on the project. ``command`` runs cst (the fault tests inject faults through
+    it); ``prefix`` runs that (like setpriv, to drop root's capabilities)."""
     import httpx
     log = project.dir / log_name
-    proc = subprocess.Popen([*prefix, sys.executable, "-m", "reconciler", "serve", "-f", str(project.file), *args],
+    proc = subprocess.Popen([*prefix, *command, "serve", "-f", str(project.file), *args],
                             cwd=project.dir, env={**project.env, "CST_ADMIN_KEY": admin_key},
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     served = Served(project, proc, api_port, admin_key, log)

@@ -6,34 +6,13 @@ thing whichever directory ``cst`` runs from.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .validation import InvalidDesiredState, Problem, check, schema_default
+from .validation import Problem, check, parse_duration, parse_size, read_text, schema_default
 
 INSTANCE_ID_PREFIX = "st-instance-"
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
-_UNIT_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-
-
-def parse_duration(value: float | int | str) -> float:
-    """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``)."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    number, unit = _DURATION.match(value).groups()
-    return float(number) * _UNIT_SECONDS[unit]
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from a schema-checked size (``1048576``, ``"512MiB"``, ``"1.5GiB"``)."""
-    if isinstance(value, int):
-        return value
-    number, unit = _SIZE.match(value).groups()
-    return int(float(number) * _UNIT_BYTES[unit])
 
 
 def instance_id(port: int) -> str:
@@ -90,6 +69,7 @@ class ApiSettings:
     admin_key_env: str = _default("settings", "api", "admin_key_env")
     tls: TlsSettings | None = None
     insecure_http: bool = _default("settings", "api", "insecure_http")
+    timeout: float = parse_duration(_default("settings", "api", "timeout"))   # a change waits this long, then 504
 
 
 @dataclass(frozen=True)
@@ -200,6 +180,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             admin_key_env=api["admin_key_env"],
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
             insecure_http=api["insecure_http"],
+            timeout=parse_duration(api["timeout"]),
         ),
         proxy=ProxySettings(
             listen=Listen.parse(proxy["listen"]),
@@ -245,9 +226,5 @@ def parse(text: str, path: Path) -> DesiredState:
 
 
 def load(path: Path) -> DesiredState:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InvalidDesiredState([Problem(str(path), 1, "", f"cannot read the file: {reason}")]) from None
-    return parse(text, path)
+    """Read, validate and build the desired state in ``path``; raises InvalidDesiredState."""
+    return parse(read_text(path), path)

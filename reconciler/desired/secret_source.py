@@ -32,3 +32,5 @@ def read_secret(env: str | None = None, file: Path | None = None, what: str = ""
         return file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise SecretUnavailable(f"cannot read {file}{named}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SecretUnavailable(f"{file}{named} is not UTF-8 text") from None

@@ -8,6 +8,9 @@ file's folder). A save by anyone else -- an editor, ``git pull`` -- can still la
 between CST's read and its write; the atomic exchange hands back whatever it
 displaced, so such a save is never discarded: the edit is applied again on top of
 it, or (for a whole-file replace made against an older version) it is put back.
+
+The async methods read, validate and write in a worker thread: ``cst serve``'s event loop
+also relays every proxied chat request, and a large file or a slow fsync must not stall it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import AsyncIterator, Callable
 
 from .model import DesiredState, parse
 from ..files import conditional_replace, swap
-from .validation import InvalidDesiredState, Problem
+from .validation import InvalidDesiredState, Problem, decode, read_text
 
 
 _SETTLE_TRIES = 5
@@ -95,13 +98,16 @@ class DesiredFile:
         self._lock = asyncio.Lock()
 
     def read(self) -> Snapshot:
+        """The file now (blocking: file I/O and validation)."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            problem = Problem(str(self.path), 1, "", f"cannot read the file: {reason}")
-            return Snapshot("", sha256(""), None, (problem,))
+            text = read_text(self.path)
+        except InvalidDesiredState as exc:  # unreadable, not a file, too big, not UTF-8
+            return Snapshot("", sha256(""), None, tuple(exc.problems))
         return self.interpret(text)
+
+    async def aread(self) -> Snapshot:
+        """``read`` in a worker thread."""
+        return await asyncio.to_thread(self.read)
 
     def interpret(self, text: str) -> Snapshot:
         try:
@@ -112,7 +118,7 @@ class DesiredFile:
     async def settled_read(self) -> Snapshot:
         """Read, giving an editor that is half-way through writing the file a moment to finish."""
         for _ in range(_SETTLE_TRIES):
-            snapshot = self.read()
+            snapshot = await self.aread()
             if snapshot.valid:
                 return snapshot
             await asyncio.sleep(_SETTLE_PAUSE)
@@ -135,40 +141,46 @@ class DesiredFile:
             current = await self.settled_read()
             if not current.valid:
                 raise CurrentFileInvalid(list(current.problems))
-            new = self._checked(edit(current.text), current, guard)
-            there = current.text.encode("utf-8")  # what the path holds, as far as we know
-            while True:
-                ours = new.text.encode("utf-8")
-                displaced = swap(self.path, ours, self._mode())
-                if displaced is None or displaced == there:
-                    return new
-                # someone saved meanwhile: their version is the base now, and the edit goes on top
-                there = ours
-                try:
-                    current = self._foreign(displaced)
-                    new = self._checked(edit(current.text), current, guard)
-                except BaseException:
-                    # the edit does not apply to their version: theirs goes back, unchanged
-                    conditional_replace(self.path, displaced, ours, self._mode())
-                    raise
+            return await asyncio.to_thread(self._change, edit, current, guard)
+
+    def _change(self, edit: Callable[[str], str], current: Snapshot, guard: Guard | None) -> Snapshot:
+        """``change`` once the current version is read (blocking: validation, fsync, rename)."""
+        new = self._checked(edit(current.text), current, guard)
+        there = current.text.encode("utf-8")  # what the path holds, as far as we know
+        while True:
+            ours = new.text.encode("utf-8")
+            displaced = swap(self.path, ours, self._mode())
+            if displaced is None or displaced == there:
+                return new
+            # someone saved meanwhile: their version is the base now, and the edit goes on top
+            there = ours
+            try:
+                current = self._foreign(displaced)
+                new = self._checked(edit(current.text), current, guard)
+            except BaseException:
+                # the edit does not apply to their version: theirs goes back, unchanged
+                conditional_replace(self.path, displaced, ours, self._mode())
+                raise
 
     async def replace(self, text: str, if_match: str, guard: Guard | None = None) -> Snapshot:
         """Replace the whole file, only if it is still the version whose sha256 is ``if_match``."""
         async with self._turn():
-            current = self.read()
+            current = await self.aread()
             if current.sha256 != if_match:
                 raise StaleVersion(current.sha256)
-            new = self._checked(text, current, guard)
-            if not conditional_replace(self.path, text.encode("utf-8"), current.text.encode("utf-8"), self._mode()):
-                raise StaleVersion(self.read().sha256)
+            new = await asyncio.to_thread(self._checked, text, current, guard)
+            replaced = await asyncio.to_thread(conditional_replace, self.path, text.encode("utf-8"),
+                                               current.text.encode("utf-8"), self._mode())
+            if not replaced:
+                raise StaleVersion((await self.aread()).sha256)
             return new
 
     def _foreign(self, data: bytes) -> Snapshot:
         """A version someone else saved, to build on; CurrentFileInvalid when it cannot be."""
         try:
-            snapshot = self.interpret(data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise CurrentFileInvalid([Problem(str(self.path), 1, "", f"cannot read the file: {exc}")]) from None
+            snapshot = self.interpret(decode(data, str(self.path)))
+        except InvalidDesiredState as exc:  # too big, not UTF-8
+            raise CurrentFileInvalid(list(exc.problems)) from None
         if not snapshot.valid:
             raise CurrentFileInvalid(list(snapshot.problems))
         return snapshot

@@ -7,12 +7,24 @@ exposure rules) run on top. Every problem carries the file, the line and the
 YAML path (``instances[1].port``). Warnings are kept apart from problems: a file
 with warnings is valid and applied, and the warnings are shown beside it (secrets
 sent over plain http beyond this machine).
+
+Whatever the input (any bytes, any YAML construct, any size), the outcome is the
+data or ``InvalidDesiredState``, never another exception: the daemon's watcher
+and the REST API read files that anyone may have saved. Sizes are bounded before
+any work is done (``MAX_BYTES``), nesting while composing (``MAX_DEPTH``), and
+alias expansion by counting values as they are built (``MAX_VALUES``), so a small
+file of nested aliases cannot make a billion values.
 """
 from __future__ import annotations
 
 import copy
 import ipaddress
 import json
+import math
+import os
+import re
+import reprlib
+import stat
 from importlib import resources
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +36,38 @@ import jsonschema
 import yaml
 
 SCHEMAS = "reconciler.schemas"  # the top-level schemas/ folder, shipped inside the package
+
+# desired.yaml is a few KiB; a file near these limits is a mistake or an attack
+MAX_BYTES = 1 << 20     # 1 MiB
+MAX_DEPTH = 32          # nesting levels; the schema needs 4
+MAX_VALUES = 100_000    # values built, an alias counted again each time it is used
+MAX_DURATION = 365 * 86400.0
+MIN_DURATION = 0.001
+MAX_SIZE = 1 << 50      # 1 PiB: any size beyond is a typo
+
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+_UNIT_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_MAP_TAG, _SEQ_TAG, _MERGE_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
+_shown = reprlib.Repr()
+_shown.maxstring, _shown.maxother = 60, 60
+
+
+def parse_duration(value: float | int | str) -> float:
+    """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    number, unit = _DURATION.match(value).groups()
+    return float(number) * _UNIT_SECONDS[unit]
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from a schema-checked size (``1048576``, ``"512MiB"``, ``"1.5GiB"``)."""
+    if isinstance(value, int):
+        return value
+    number, unit = _SIZE.match(value).groups()
+    return int(float(number) * _UNIT_BYTES[unit])
 
 YamlPath = tuple[str | int, ...]
 
@@ -102,6 +146,63 @@ def format_path(path: YamlPath) -> str:
     return out
 
 
+class _Refused(Exception):
+    """Building stopped: the document is too deep, too big once aliases are expanded, or loops."""
+
+    def __init__(self, line: int, path: YamlPath, message: str):
+        self.line, self.path, self.message = line, path, message
+        super().__init__(message)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than ``MAX_DEPTH`` while composing
+    (its composer recurses once per level, so ``[[[[...`` would otherwise end in RecursionError)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(mark.line + 1, (), f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _Loader(text)  # the reader checks every character here: ReaderError
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def _reader_problem(exc: yaml.reader.ReaderError, text: str, file: str) -> Problem:
+    """A character YAML does not allow (a control character, NUL), at its line."""
+    line = text.count("\n", 0, max(exc.position, 0)) + 1
+    char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+    return Problem(file, line, "", f"character U+{ord(char):04X} is not allowed in YAML "
+                                   "(control characters other than tab and line breaks cannot appear)")
+
+
+def _text_problem(value: str) -> str | None:
+    if "\x00" in value:
+        return "contains a NUL character (\\0)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an escape that is not a Unicode character (a lone surrogate)"
+    return None
+
+
+def _kind(node: yaml.Node) -> str:
+    return "a mapping" if isinstance(node, yaml.MappingNode) else "a list"
+
+
 class _Located:
     """The parsed document plus the line of every key and value in it."""
 
@@ -109,36 +210,85 @@ class _Located:
         self.file = file
         self.lines: dict[YamlPath, int] = {}
         self.problems: list[Problem] = []
+        self.data = None
         self._constructor = yaml.SafeLoader("")
+        self._built = 0
+        self._open: set[int] = set()  # ids of the nodes being built: an alias to one of them loops
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = _compose(text)
+            self.data = self._build(root, ()) if root is not None else None
+        # on any of these self.data stays None: nothing else is checked
+        except yaml.reader.ReaderError as exc:
+            self.problems.append(_reader_problem(exc, text, file))
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else 1
             reason = exc.problem or str(exc)
             self.problems.append(Problem(file, line, "", f"YAML syntax error: {reason}"))
-            self.data = None
-            return
-        self.data = self._build(root, ()) if root is not None else None
+        except yaml.YAMLError as exc:  # any other complaint of the parser: still located at the top
+            self.problems.append(Problem(file, 1, "", f"YAML syntax error: {exc}"))
+        except _Refused as exc:
+            self.problems.append(Problem(file, exc.line, format_path(exc.path), exc.message))
 
     def _build(self, node: yaml.Node, path: YamlPath) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self._constructor.construct_object(key_node, deep=True)
-                child = (*path, key)
-                if key in out:
-                    self.problems.append(Problem(
-                        self.file, key_node.start_mark.line + 1, format_path(child),
-                        "key appears twice in the same mapping"))
-                # a key's own line, so "unknown key" points at the key itself
-                self.lines[child] = key_node.start_mark.line + 1
-                out[key] = self._build(value_node, child)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self._constructor.construct_object(node, deep=True)
+        line = node.start_mark.line + 1
+        self._built += 1
+        if self._built > MAX_VALUES:
+            raise _Refused(line, path, f"the document expands to more than {MAX_VALUES} values "
+                                       "(each use of an alias repeats what it names)")
+        if len(path) > MAX_DEPTH:
+            raise _Refused(line, path, f"nested more than {MAX_DEPTH} levels deep (through aliases)")
+        if id(node) in self._open:
+            raise _Refused(line, path, "an alias refers to a value that contains it (a loop)")
+        self.lines.setdefault(path, line)
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node, path)
+        expected = _MAP_TAG if isinstance(node, yaml.MappingNode) else _SEQ_TAG
+        if node.tag != expected:
+            raise _Refused(line, path, f"the tag {node.tag} is not supported here (write {_kind(node)} without a tag)")
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self._build(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self._mapping(node, path)
+        finally:
+            self._open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: YamlPath) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Refused(key_line, path, f"a key must be plain text, not {_kind(key_node)}")
+            if key_node.tag == _MERGE_TAG:
+                raise _Refused(key_line, path, "merge keys (<<) are not supported: write the values out")
+            key = self._scalar(key_node, path)
+            if not isinstance(key, str):
+                raise _Refused(key_line, path, f"a key must be text, got {_yaml_type(key)} {_shown.repr(key)} "
+                                               "(quote it)")
+            child = (*path, key)
+            if key in out:
+                self.problems.append(Problem(self.file, key_line, format_path(child),
+                                             "key appears twice in the same mapping"))
+            # a key's own line, so "unknown key" points at the key itself
+            self.lines[child] = key_line
+            out[key] = self._build(value_node, child)
+        return out
+
+    def _scalar(self, node: yaml.ScalarNode, path: YamlPath) -> Any:
+        line = node.start_mark.line + 1
+        try:
+            value = self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # an unknown tag, bad !!binary...
+            reason = getattr(exc, "problem", None) or str(exc)
+            raise _Refused(line, path, f"cannot read this value: {reason}") from None
+        except (ValueError, TypeError, LookupError, AttributeError, OverflowError):
+            # an explicit tag the text does not fit: !!int abc, !!bool maybe, !!timestamp x
+            raise _Refused(line, path, f"{_shown.repr(node.value)} is not a valid {node.tag.rsplit(':', 1)[-1]}") from None
+        problem = _text_problem(value) if isinstance(value, str) else None
+        if problem:
+            raise _Refused(line, path, problem)
+        return value
 
     def line_of(self, path: YamlPath) -> int:
         while path and path not in self.lines:
@@ -162,6 +312,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     path: YamlPath = tuple(error.absolute_path)
     value = error.instance
     kind = error.validator
+    shown = _shown.repr(value)
     if kind == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(value) - set(allowed), key=str)
@@ -171,32 +322,41 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"missing required key '{missing}'"
     if kind == "type":
         expected = _YAML_TYPE_NAMES.get(error.validator_value, error.validator_value)
-        return path, f"expected {expected}, got {_yaml_type(value)} {value!r}"
+        return path, f"expected {expected}, got {_yaml_type(value)} {shown}"
     if kind == "enum":
         choices = ", ".join(str(c) for c in error.validator_value)
-        return path, f"{value!r} is not one of: {choices}"
+        return path, f"{shown} is not one of: {choices}"
     if kind == "const":
-        return path, f"{value!r} is not supported (expected {error.validator_value!r})"
+        return path, f"{shown} is not supported (expected {error.validator_value!r})"
     if kind in ("minimum", "maximum") and path and path[-1] == "port":
-        return path, f"{value} is outside 1024-65535"
+        return path, f"{shown} is outside 1024-65535"
     if kind == "pattern" and path and str(path[-1]).endswith("_env"):
-        return path, f"{value!r} is not an environment variable name (letters, digits, _)"
+        return path, f"{shown} is not an environment variable name (letters, digits, _)"
     if kind == "pattern" and path and path[-1] == "listen":
-        return path, f"{value!r} is not host:port (like 127.0.0.1:3000)"
+        return path, f"{shown} is not host:port (like 127.0.0.1:3000)"
     if kind == "pattern":
-        return path, f"{value!r} is not valid here (expected to match {error.validator_value})"
+        return path, f"{shown} is not valid here (expected to match {error.validator_value})"
     if kind == "format":
-        return path, f"{value!r} is not a valid {error.validator_value} address"
+        return path, f"{shown} is not a valid {error.validator_value} address"
     if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
-        return path, f"{value!r} is not a size (bytes, or like 512MiB, 1.5GiB)"
+        return path, f"{shown} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync"):
-        return path, f"{value!r} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
+        return path, f"{shown} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
     return path, error.message
 
 
+def _is_integer(_checker: Any, value: Any) -> bool:
+    # JSON Schema counts 8001.0 as an integer; a port or a count written 8001.0 is a typo here
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+
+
 def _schema_problems(doc: _Located) -> Iterator[Problem]:
-    validator = jsonschema.Draft202012Validator(
-        schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    validator = _Validator(schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     errors = sorted(validator.iter_errors(doc.data), key=lambda e: doc.line_of(tuple(e.absolute_path)))
     for error in errors:
         path, message = _schema_message(error)
@@ -228,7 +388,118 @@ def _mapping(value: Any) -> dict:
 def _listen_of(settings: dict, section: str) -> str:
     default = schema_default("settings", section, "listen")
     listen = _mapping(settings.get(section)).get("listen", default)
-    return listen if isinstance(listen, str) and ":" in listen and listen.rsplit(":", 1)[1].isdigit() else default
+    port = listen.rsplit(":", 1)[1] if isinstance(listen, str) and ":" in listen else ""
+    return listen if port.isascii() and port.isdigit() else default
+
+
+_DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
+              ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
+              ("settings", "api", "timeout"))
+_SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
+_PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
+          ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"))
+_URLS = (("settings", "proxy", "upstream"),)
+_LISTENS = (("settings", "api", "listen"), ("settings", "proxy", "listen"))
+
+
+def _at(data: Any, path: YamlPath) -> Any:
+    for key in path:
+        data = _mapping(data).get(key)
+    return data
+
+
+def _each(data: dict, fields: tuple[YamlPath, ...], list_key: str,
+          item_fields: tuple[str, ...]) -> Iterator[tuple[YamlPath, Any]]:
+    """(path, value) of every given field that is present, including those of each list item."""
+    for path in fields:
+        value = _at(data, path)
+        if value is not None:
+            yield path, value
+    items = data.get(list_key)
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        for name in item_fields:
+            value = _mapping(item).get(name)
+            if value is not None:
+                yield (list_key, i, name), value
+
+
+def _magnitude_problem(value: Any, parse: Any, numbers: tuple[type, ...], pattern: re.Pattern[str],
+                       low: float, high: float, allowed: str) -> str | None:
+    """Why a duration or size (of the right shape, else None: the schema says so) is out of range."""
+    if isinstance(value, bool) or not isinstance(value, (*numbers, str)):
+        return None
+    if isinstance(value, str) and not pattern.match(value):
+        return None
+    try:
+        amount = parse(value)
+    except OverflowError:
+        amount = math.inf
+    if math.isnan(amount) or not low <= amount <= high:
+        return f"{_shown.repr(value)} is out of range ({allowed})"
+    return None
+
+
+def _url_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        return None  # the schema says so
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises on a port that is not a number in range
+    except ValueError as exc:
+        return f"{_shown.repr(value)} is not a valid URL: {exc}"
+    if not parts.hostname:
+        return f"{_shown.repr(value)} names no host"
+    return _host_problem(parts.hostname)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be looked up (name resolution refuses an empty or over-long label)."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or any(not 1 <= len(label) <= 63 for label in labels):
+        return f"{_shown.repr(host)} is not a valid host name"
+    return None
+
+
+def _path_problem(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith("~"):
+        return None
+    try:
+        Path(value).expanduser()
+    except RuntimeError as exc:
+        return f"{_shown.repr(value)}: cannot expand ~ ({exc})"
+    return None
+
+
+def _value_problems(doc: _Located) -> Iterator[Problem]:
+    """Values of the right shape that still cannot be used: out of range, unreachable, unexpandable."""
+    data = doc.data
+    for path, value in _each(data, _DURATIONS, "accounts", ("refresh",)):
+        problem = _magnitude_problem(value, parse_duration, (int, float), _DURATION, MIN_DURATION, MAX_DURATION,
+                                     "from 1ms to 365 days")
+        if problem:
+            yield doc.problem(path, problem)
+    for path, value in _each(data, _SIZES, "instances", ("max_memory",)):
+        problem = _magnitude_problem(value, parse_size, (int,), _SIZE, 1, MAX_SIZE, "from 1 byte to 1 PiB")
+        if problem:
+            yield doc.problem(path, problem)
+    for path, value in _each(data, _URLS, "accounts", ("api_base",)):
+        problem = _url_problem(value)
+        if problem:
+            yield doc.problem(path, problem)
+    for path, value in _each(data, _PATHS, "accounts", ("password_file", "keys_file")):
+        problem = _path_problem(value)
+        if problem:
+            yield doc.problem(path, problem)
+    for path, value in _each(data, _LISTENS, "", ()):
+        if isinstance(value, str) and ":" in value:
+            problem = _host_problem(value.rsplit(":", 1)[0])
+            if problem:
+                yield doc.problem(path, problem)
 
 
 def _rule_problems(doc: _Located) -> Iterator[Problem]:
@@ -328,9 +599,52 @@ def _exactly_one(doc: _Located, path: YamlPath, item: dict, a: str, b: str) -> I
         yield doc.problem(path, f"missing {a} (the name of an environment variable) or {b}")
 
 
+def _too_big(size: int, file: str) -> InvalidDesiredState:
+    return InvalidDesiredState([Problem(file, 1, "", f"the file is {size} bytes, more than the limit of "
+                                                     f"{MAX_BYTES} bytes (1 MiB) for a desired-state file")])
+
+
+def decode(data: bytes, file: str = "desired.yaml") -> str:
+    """The text of a desired-state file's bytes; InvalidDesiredState when too big or not UTF-8."""
+    if len(data) > MAX_BYTES:
+        raise _too_big(len(data), file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidDesiredState([Problem(file, line, "", f"not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                                                           f"at column {exc.start - line_start + 1}")]) from None
+
+
+def read_text(path: Path) -> str:
+    """The text of the file at ``path``, or InvalidDesiredState saying why it has none: unreadable,
+    not a regular file (a FIFO would block the reader for good), too big, not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InvalidDesiredState([Problem(str(path), 1, "", f"cannot read the file: {exc.strerror or exc}")]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidDesiredState([Problem(str(path), 1, "", "not a regular file")])
+        if info.st_size > MAX_BYTES:
+            raise _too_big(info.st_size, str(path))
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidDesiredState([Problem(str(path), 1, "", f"cannot read the file: {exc.strerror or exc}")]) from None
+    finally:
+        os.close(fd)
+    return decode(data, str(path))
+
+
 def check(text: str, file: str = "desired.yaml", warnings: list[Problem] | None = None) -> dict[str, Any]:
     """Return the document as plain data with every default filled in, or raise InvalidDesiredState
     listing every problem. The warnings of a valid document are added to ``warnings`` if given."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_BYTES:
+        raise _too_big(size, file)
     doc = _Located(text, file)
     if doc.problems and doc.data is None:
         raise InvalidDesiredState(doc.problems)
@@ -338,7 +652,7 @@ def check(text: str, file: str = "desired.yaml", warnings: list[Problem] | None 
         raise InvalidDesiredState([Problem(file, 1, "", "the file is empty (expected at least 'version: 1')")])
     if not isinstance(doc.data, dict):
         raise InvalidDesiredState([Problem(file, 1, "", "the top level must be a mapping")])
-    problems = doc.problems + list(_schema_problems(doc)) + list(_rule_problems(doc))
+    problems = doc.problems + list(_schema_problems(doc)) + list(_rule_problems(doc)) + list(_value_problems(doc))
     if problems:
         problems.sort(key=lambda p: p.line)
         raise InvalidDesiredState(problems)

@@ -3,13 +3,19 @@
 ``reconcile()`` is what ``cst apply`` runs once and what the daemon runs on every
 change. Actions on different instances run concurrently (bounded by
 ``settings.concurrency``); actions on one instance run in order.
+
+An action that raises ends as a ``failed`` result for that instance, never as an exception out
+of the pass: the other instances' actions go on, and the next pass tries again.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from typing import Callable, Literal, Mapping
+
+import psutil
 
 from ..desired.model import DesiredState, InstanceSpec
 from ..runtime.base import LaunchImpossible, Observed, Runtime, StartFailed
@@ -20,6 +26,8 @@ Outcome = Literal["ok", "changed", "failed"]
 # the daemon's policies (crash backoff, memory limit): given what was observed, which instances
 # to hold back and which to restart anyway, each with why
 Hints = Callable[[Mapping[str, Observed]], tuple[Mapping[str, str], Mapping[str, str]]]
+
+log = logging.getLogger("cst.reconcile")
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,17 @@ def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
 
 async def reconcile(desired: DesiredState, check: bool = False,
                     on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0,
-                    hints: Hints | None = None, runtime: Runtime | None = None) -> Report:
-    """Make reality match ``desired`` (or, with ``check``, only say what that would take)."""
+                    hints: Hints | None = None, runtime: Runtime | None = None,
+                    on_phase: Callable[[str], None] | None = None,
+                    on_action: Callable[[Action], None] | None = None) -> Report:
+    """Make reality match ``desired`` (or, with ``check``, only say what that would take).
+
+    ``on_phase`` hears what the pass is doing ("waiting for the state dir lock", "observing"...),
+    ``on_action`` each action as it begins and ``on_result`` each result: the daemon tells a
+    caller that waits too long what is still pending."""
     runtime = runtime or LocalRuntime(desired, readonly=check)
     report = Report(check=check)
+    phase = on_phase or (lambda _: None)
 
     def emit(result: Result) -> None:
         report.results.append(result)
@@ -84,12 +99,15 @@ async def reconcile(desired: DesiredState, check: bool = False,
             emit(_would(action, observed.get(action.id)))
         return report
 
+    phase("waiting for the state dir lock")
     async with runtime.lock(lock_timeout):
+        phase("observing")
         wanted = targets(desired, runtime)
         observed = report.observed = runtime.observe()
         hold, restart = hints(observed) if hints else ({}, {})
         actions = plan(wanted, observed, hold, restart)
         if any(a.kind in (Kind.START, Kind.RESTART) for a in actions):
+            phase("preparing the SillyTavern release")
             ready = await runtime.prepare()
             if ready.failure:
                 emit(Result(ready.subject, "failed", ready.failure))
@@ -98,12 +116,15 @@ async def reconcile(desired: DesiredState, check: bool = False,
                            else a for a in actions]
             elif ready.done:
                 emit(Result(ready.subject, "changed", ready.done))
+        phase("acting")
         limit = asyncio.Semaphore(desired.settings.concurrency)
         specs = {spec.id: spec for spec in desired.instances}
 
         async def run_group(group: list[Action]) -> None:
             async with limit:
                 for action in group:
+                    if on_action:
+                        on_action(action)
                     emit(await _execute(runtime, action, specs.get(action.id), observed.get(action.id)))
 
         groups = [list(g) for _, g in groupby(actions, key=lambda a: a.id)]
@@ -154,4 +175,10 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
         return Result(action.id, "failed", f"did not start: {exc}", before)
     except OSError as exc:
         return Result(action.id, "failed", f"{action.kind.value}: {exc}", before)
+    except psutil.Error as exc:
+        # the process exited (or changed hands) between observing and acting: the next pass sees
+        return Result(action.id, "failed", f"{action.kind.value}: the process changed meanwhile ({exc})", before)
+    except Exception as exc:  # a defect: reported for this instance, logged, and the others go on
+        log.error("%s of %s failed unexpectedly", action.kind.value, action.id, exc_info=exc)
+        return Result(action.id, "failed", f"{action.kind.value}: unexpected {type(exc).__name__}: {exc}", before)
     raise AssertionError(f"unhandled action {action.kind}")

@@ -5,6 +5,10 @@ before each pass the supervisor turns what it remembers into planner hints
 (``hold`` an instance whose restarts are backing off, ``restart`` one whose
 memory stayed too high or that stopped answering its health check); after each
 pass it learns from the results.
+
+``cst serve`` calls ``hints`` and ``learn`` from its reconcile thread while API handlers call
+``request_restart``, ``forget`` and ``errored`` from the event loop: each touches a dict in
+single steps (a get, a set, a pop, a swap), never iterating one the other side changes.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ HEALTH_STRIKES = 3        # consecutive failed health checks before a restart
 class _Crashes:
     count: int = 0
     retry_at: float = 0.0
+    reason: str = ""          # the first line of the last failure
 
 
 @dataclass
@@ -69,7 +74,8 @@ class Supervisor:
         crashes = self.crashes.get(id_)
         if crashes and crashes.retry_at > self.clock():
             wait = crashes.retry_at - self.clock()
-            return f"errored: failed {crashes.count} times in a row; next restart in {wait:.0f}s"
+            why = f" ({crashes.reason})" if crashes.reason else ""
+            return f"errored: failed {crashes.count} times in a row{why}; next restart in {wait:.0f}s"
         return None
 
     def restarts(self, id_: str) -> int:
@@ -78,8 +84,7 @@ class Supervisor:
 
     def hints(self, observed: Mapping[str, Observed]) -> tuple[dict[str, str], dict[str, str]]:
         hold = {id_: reason for id_ in observed if (reason := self.errored(id_))}
-        restart = dict(self.requested)
-        self.requested.clear()
+        restart, self.requested = self.requested, {}  # one swap: a request made meanwhile waits for the next pass
         limits = {i.id: i.max_memory for i in self.desired.instances if i.max_memory}
         for id_, seen in observed.items():
             limit = limits.get(id_)
@@ -105,11 +110,14 @@ class Supervisor:
                 entry = self.crashes.setdefault(result.id, _Crashes())
                 entry.count += 1
                 entry.retry_at = now + min(BACKOFF_BASE * 2 ** (entry.count - 1), BACKOFF_CAP)
+                # "did not start: exited with code 7 before answering; last log lines: ..." -> the cause
+                entry.reason = (result.detail.removeprefix("did not start: ").split(";")[0].splitlines()[0]
+                                if failed_start else "the process had exited")
             if result.detail.startswith("restarted: memory"):
                 self.memory_strikes.pop(result.id, None)
         for id_, seen in observed.items():
             if seen.status == "running" and id_ in self.crashes and _uptime(seen.pid) > STABLE_AFTER:
-                del self.crashes[id_]
+                self.crashes.pop(id_, None)
 
 
 def _rss(pid: int | None) -> int | None:

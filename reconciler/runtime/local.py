@@ -159,14 +159,19 @@ class LocalRuntime:
             return self.state.read_secret(f"{spec.id}.password") or ""
         return self.state.secret(f"{spec.id}.password")
 
+    def release_identity(self) -> str:
+        """What the file says to run: the release's version, or the server.js it names. Not where
+        this shell found them, so `cst apply` from CI (another PATH, $CST_SILLYTAVERN_HOME
+        spelled another way) agrees with the daemon about what runs."""
+        st = self.settings.sillytavern
+        return f"server {st.server}" if st.server is not None else f"sillytavern@{st.version}"
+
     def launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
         password = self.password(spec)
-        argv = (
-            shutil.which("node") or "node",
-            str(self.server_release().server_js),
+        flags = (
             "--port", str(spec.port),
             "--dataRoot", str(data_dir),
             "--configPath", str(workdir / "config.yaml"),
@@ -177,8 +182,11 @@ class LocalRuntime:
             "--basicAuthMode", "true",
             "--browserLaunchEnabled", "false",
         )
+        argv = (shutil.which("node") or "node", str(self.server_release().server_js), *flags)
         cst_env = {**overlay.environ_flags(), **self._proxy_env(spec)}
-        digest = hashlib.sha256(json.dumps([argv, password, cst_env]).encode()).hexdigest()[:16]
+        # everything a restart would change, as the file and the release say it: not the node binary
+        # or install folder this process resolved
+        digest = hashlib.sha256(json.dumps([self.release_identity(), flags, password, cst_env]).encode()).hexdigest()[:16]
         env = child_environment({
             **sillytavern.outside_our_git(self.server_release().package_dir),
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
@@ -244,7 +252,33 @@ class LocalRuntime:
                                          create_time=psutil.Process(pid).create_time())
             else:
                 observed[id_] = Observed(id_, port, "port-taken", holder=_describe(pid))
+        # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
+        # the same, and starting another beside it would run the instance twice
+        starting = {i.id for i in self.desired.instances if i.state == "running"
+                    and i.port in unsure and i.port not in busy}
+        spawned: dict[str, Observed] = {}
+        for seen in self._spawned_without_record(starting) if starting else []:
+            spawned.setdefault(seen.id, seen)
+        observed.update(spawned)
         return observed
+
+    def _spawned_without_record(self, ids: set[str]) -> list[Observed]:
+        """Live processes whose environment names one of ``ids`` and this state dir."""
+        ports = {i.id: i.port for i in self.desired.instances}
+        found: list[Observed] = []
+        for proc in psutil.process_iter():
+            try:
+                with proc.oneshot():
+                    env = proc.environ()
+                    if (env.get(ENV_INSTANCE) not in ids or env.get(ENV_STATE_DIR) != str(self.state.root)
+                            or proc.status() == psutil.STATUS_ZOMBIE):
+                        continue
+                    id_ = env[ENV_INSTANCE]
+                    found.append(Observed(id_, ports[id_], "running", proc.pid, env.get(ENV_FINGERPRINT, ""),
+                                          adopted=True, create_time=proc.create_time()))
+            except psutil.Error:
+                continue
+        return found
 
     def _our_process(self, pid: int | None, id_: str) -> str | None:
         """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""

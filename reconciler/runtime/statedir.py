@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
+from ..desired.model import port_of
 from ..files import atomic_write, private_dir
 
 
@@ -35,6 +36,19 @@ class Record:
     fingerprint: str | None = None
     started_at: str | None = None       # ISO 8601 UTC
     restarts: int = 0
+
+
+def _well_formed(record: Record, name: str) -> bool:
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (record.id == name and port_of(name) == record.port and isinstance(record.data_dir, str)
+            and (record.pid is None or (type(record.pid) is int and record.pid > 0))
+            and (record.create_time is None or number(record.create_time))
+            and isinstance(record.argv, list) and all(isinstance(arg, str) for arg in record.argv)
+            and (record.fingerprint is None or isinstance(record.fingerprint, str))
+            and (record.started_at is None or isinstance(record.started_at, str))
+            and type(record.restarts) is int)
 
 
 class LockHeld(Exception):
@@ -79,10 +93,13 @@ class StateDir:
     # records
     @staticmethod
     def _load(path: Path) -> Record | None:
+        """The record in ``path``, or None when it is missing, truncated, garbage or not about the
+        instance its name says: unknown rather than guessed, so nothing is signalled on its word."""
         try:
-            return Record(**json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            return None  # missing or unreadable: treat as unknown rather than guess
+            record = Record(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, RecursionError):
+            return None
+        return record if _well_formed(record, path.stem) else None
 
     def records(self) -> dict[str, Record]:
         if not self.records_dir.is_dir():
@@ -139,6 +156,13 @@ class StateDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
+
+    def lock_holder(self, name: str = "reconcile") -> str | None:
+        """The pid the last holder of ``<name>.lock`` wrote in it (the holder, while it is held)."""
+        try:
+            return (self.root / f"{name}.lock").read_text(errors="replace").strip()[:20] or None
+        except OSError:
+            return None
 
     def _acquired(self, fd: int, path: Path, deadline: float) -> bool:
         """One attempt at the lock: True when held, False to wait and try again; LockHeld past the deadline."""

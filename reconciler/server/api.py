@@ -28,7 +28,7 @@ from ..desired.model import instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
-from .control import Control
+from .control import Control, NotConverged
 from .fleet import ApiError, Fleet
 from .keypool import pool_document
 from .messages import language, message
@@ -66,6 +66,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return _error(request, exc.status, exc.key, **exc.params)
+    except NotConverged as exc:  # the change is in the file; the caller is not kept waiting for ever
+        return _error(request, 504, "not_applied", seconds=f"{exc.waited:g}", pending=exc.pending)
     except web.HTTPNotFound:
         return _error(request, 404, "not_route")
     except web.HTTPMethodNotAllowed:
@@ -140,7 +142,7 @@ async def create_instance(request: web.Request) -> web.Response:
 
 async def list_instances(request: web.Request) -> web.Response:
     try:
-        rows = request.app[FLEET].rows()
+        rows = await request.app[FLEET].rows()
     except OSError:
         log.exception("listing instances")
         raise ApiError(500, "list_failed") from None
@@ -148,7 +150,7 @@ async def list_instances(request: web.Request) -> web.Response:
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    return _json(request.app[FLEET].row(request.match_info["id"]))
+    return _json(await request.app[FLEET].row(request.match_info["id"]))
 
 
 async def stop_instance(request: web.Request) -> web.Response:
@@ -206,7 +208,7 @@ async def backup(request: web.Request) -> web.StreamResponse:
 # -- the desired file and the daemon's status
 
 async def get_desired(request: web.Request) -> web.Response:
-    snapshot = request.app[DAEMON].file.read()
+    snapshot = await request.app[DAEMON].file.aread()
     return _json({
         "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
         "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
@@ -238,9 +240,12 @@ async def put_desired(request: web.Request) -> web.Response:
         raise ApiError(412, "stale", sha256=exc.current) from None
     except ChangeRefused as exc:
         raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
+    except OSError as exc:  # disk full, read-only: the old file is untouched
+        raise ApiError(500, "write_failed", reason=exc.strerror or str(exc)) from None
     daemon.accept(snapshot)
-    await daemon.converge()
-    return _json({"sha256": snapshot.sha256, "valid": True})
+    report = await daemon.converge()
+    return _json({"sha256": snapshot.sha256, "valid": True, "recap": report.recap,
+                  "failed": [r.line() for r in report.results if r.outcome == "failed"]})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -258,9 +263,11 @@ async def status(request: web.Request) -> web.Response:
             "lastRun": daemon.last_pass_at, "durationMs": daemon.last_pass_ms,
             "recap": report.recap if report else None,
             "results": [asdict(r) for r in report.results if r.outcome != "ok"] if report else [],
+            "now": daemon.pending(),
         },
         "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__,
-                   "archiveDir": str(daemon.state.archive_dir)},
+                   "archiveDir": str(daemon.state.archive_dir),
+                   "tasks": daemon.health()},
     })
 
 

@@ -17,6 +17,14 @@ from ..runtime.statedir import StateDir
 from .events import EventHub
 
 
+class NotConverged(Exception):
+    """No reconcile pass finished the change in time; ``pending`` says what the reconciler is doing."""
+
+    def __init__(self, waited: float, pending: str):
+        self.waited, self.pending = waited, pending
+        super().__init__(f"not applied within {waited:g}s: {pending}")
+
+
 class Control(Protocol):
     file: DesiredFile               # desired.yaml, shared with people and git
     snapshot: Snapshot              # the file as last read (may be invalid)
@@ -31,12 +39,20 @@ class Control(Protocol):
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
     proxy: ProxyService | None      # the in-process key-pool proxy, once started
+    changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
 
     def accept(self, snapshot: Snapshot) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""
 
     async def converge(self) -> Report:
-        """Ask for a reconcile pass and wait for one that started after this call."""
+        """Ask for a reconcile pass and wait for one that started after this call; NotConverged
+        when none finishes within ``settings.api.timeout``."""
+
+    def pending(self) -> str:
+        """What the reconciler is doing now, in words (for an answer that could not wait longer)."""
+
+    def health(self) -> dict:
+        """The background tasks' failures, for /api/status."""
 
     async def proxy_keys_changed(self) -> None:
         """An instance's proxy key was minted, rotated or revoked: make the proxy read them now."""

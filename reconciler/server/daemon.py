@@ -3,8 +3,15 @@
 Three things wake the reconcile loop: the file changing on disk (watchfiles,
 debounced), an API call that changed the file, and the resync timer that
 repairs drift nobody announced (a killed instance). One pass runs at a time;
-a caller that needs its change applied waits for a pass that started after it.
+a caller that needs its change applied waits for a pass that started after it,
+for at most ``settings.api.timeout``, and is then told what is still pending.
 An invalid file is reported and ignored: the last valid desired state stays in force.
+
+The event loop of this process also runs the key-pool proxy, so nothing that blocks runs on
+it: passes run on a loop of their own in a worker thread (``LoopThread``), file reads and
+validation in threads. Every long-lived task (the reconcile loop, the file watcher, the proxy
+follower) is kept by ``BackgroundTasks``: a failure is logged with its traceback and the task
+restarted with backoff; one that keeps failing makes ``cst serve`` exit non-zero.
 """
 from __future__ import annotations
 
@@ -22,19 +29,25 @@ from aiohttp import web
 
 from proxy.service import ProxyService
 
-from ..desired.model import DesiredState
+from ..desired.model import DesiredState, InstanceSpec
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
+from ..engine.plan import Action
 from ..engine.reconcile import Report, Result, reconcile
 from ..engine.supervision import Supervisor
 from ..runtime.local import LocalRuntime, live_process, utc_now
 from ..runtime.logs import rotate_log
 from ..runtime.statedir import LockHeld, StateDir
+from ..tasks import BackgroundTasks, LoopThread
 from .api import make_app
+from .control import NotConverged
 from .events import EventHub
 from .keypool import pool_document
 
 log = logging.getLogger("cst.serve")
+
+PASS_LOCK_WAIT = 120.0    # a pass waits this long for a `cst apply` holding the state dir
+PROXY_RETRY_CAP = 60.0    # the proxy follower retries a failed apply (a taken port) up to this often
 
 
 class DaemonError(Exception):
@@ -56,14 +69,24 @@ class Daemon:
         self.last_report: Report | None = None
         self.last_pass_at: str | None = None
         self.last_pass_ms: float | None = None
+        self.changed_at = time.monotonic()
+        self.fatal: str | None = None            # why the daemon gave up, if it did
         self._requested = 0
         self._completed = 0
         self._done = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
+        self._proxy_applied: DesiredState | None = None
+        self._proxy_wanted = asyncio.Event()
         self._exit_watches: dict[int, int] = {}  # pid -> pidfd of each instance process we watch
-        self._background: set[asyncio.Task] = set()
+        self.tasks = BackgroundTasks(log, on_give_up=self._give_up)
+        self._worker = LoopThread("cst-reconcile")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # what the running pass is doing, for pending(): its phase and the actions under way
+        self._phase: str | None = None
+        self._phase_since = 0.0
+        self._acting: dict[str, tuple[str, float]] = {}
         self.events = EventHub(pool=lambda: pool_document(self.proxy))
 
     # -- the desired state
@@ -80,7 +103,10 @@ class Daemon:
         if snapshot.sha256 == previous.sha256 and previous.valid:
             return
         restart_needed = [name for name, old, new in (
-            ("settings.api", self.desired.settings.api, snapshot.desired.settings.api),
+            ("settings.api.listen", self.desired.settings.api.listen, snapshot.desired.settings.api.listen),
+            ("settings.api.tls", self.desired.settings.api.tls, snapshot.desired.settings.api.tls),
+            ("settings.api.admin_key_env", self.desired.settings.api.admin_key_env,
+             snapshot.desired.settings.api.admin_key_env),
             ("settings.state_dir", self.desired.settings.state_dir, snapshot.desired.settings.state_dir),
         ) if old != new]
         for name in restart_needed:
@@ -88,32 +114,56 @@ class Daemon:
         self.desired = snapshot.desired
         self.enforced_sha256 = snapshot.sha256
         self.supervisor.desired = snapshot.desired
-        if self.proxy is not None:
-            task = asyncio.get_running_loop().create_task(self.proxy.apply(snapshot.desired))
-            self._background.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(self._background.discard)
+        self._proxy_wanted.set()
         self._wake.set()
 
-    def reload(self) -> None:
-        self.accept(self.file.read())
+    async def reload(self) -> None:
+        self.accept(await self.file.aread())
 
     # -- reconciling
 
     async def converge(self) -> Report:
-        """Ask for a pass and wait for one that started after this call; its report."""
+        """Ask for a pass and wait for one that started after this call; its report.
+
+        NotConverged after ``settings.api.timeout``: the change stays in the file and a later pass
+        applies it, but the caller is not kept waiting for ever."""
         self._requested += 1
         ticket = self._requested
         self._wake.set()
-        async with self._done:
-            await self._done.wait_for(lambda: self._completed >= ticket)
+        waited = self.desired.settings.api.timeout
+        try:
+            async with asyncio.timeout(waited):
+                async with self._done:
+                    await self._done.wait_for(lambda: self._completed >= ticket)
+        except TimeoutError:
+            raise NotConverged(waited, self.pending()) from None
         return self.last_report
 
+    def pending(self) -> str:
+        now = time.monotonic()
+        if self._phase is None:
+            last = self.last_report.result("reconcile") if self.last_report else None
+            why = f"; the last pass failed: {last.detail}" if last and last.outcome == "failed" else ""
+            return f"the reconciler is between passes{why}"
+        what = f"the reconciler has been {self._phase} for {now - self._phase_since:.0f}s"
+        if self._phase == "waiting for the state dir lock":
+            holder = self.state.lock_holder()
+            what += f" (held by pid {holder}: another cst works on {self.state.root})" if holder else ""
+        if self._acting:
+            what += "; under way: " + ", ".join(f"{kind} {id_} ({now - since:.0f}s)"
+                                               for id_, (kind, since) in sorted(self._acting.items()))
+        return what
+
+    def health(self) -> dict:
+        return {name: {"failures": h.failures, "totalFailures": h.total_failures, "lastError": h.last_error}
+                for name, h in self.tasks.health.items()}
+
     async def _reconcile_loop(self) -> None:
-        while not self._stop.is_set():
+        while True:  # until cancelled
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.desired.settings.resync)
             except asyncio.TimeoutError:
-                pass
+                await self.reload()  # a save the watcher missed (while it restarted, say) counts too
             self._wake.clear()
             ticket = self._requested
             report = await self._pass()
@@ -122,25 +172,46 @@ class Daemon:
                 self._completed = ticket
                 self._done.notify_all()
 
+    def _from_worker(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` on the daemon's loop; the pass calls this from its own thread."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def _set_phase(self, phase: str | None) -> None:
+        self._phase, self._phase_since = phase, time.monotonic()
+        if phase is None:
+            self._acting.clear()
+
+    def _action_began(self, action: Action) -> None:
+        self._acting[action.id] = (action.kind.value, time.monotonic())
+
+    def _result_came(self, result: Result) -> None:
+        self._acting.pop(result.id, None)
+
     async def _pass(self) -> Report:
         desired = self.desired
         started = time.monotonic()
+        self._set_phase("starting a pass")
         try:
-            report = await reconcile(desired, lock_timeout=120, hints=self.supervisor.hints)
+            report, running = await self._worker.run(self._pass_in_worker(desired))
         except (LockHeld, OSError) as exc:
-            log.error("reconcile pass failed: %s", exc)
-            report = Report(results=[Result("reconcile", "failed", str(exc))])
-        else:
-            self.supervisor.learn(report.observed, report.results)
+            log.error("reconcile pass failed while %s: %s", self._phase, exc)
+            report, running = Report(results=[Result("reconcile", "failed", f"{self._phase}: {exc}")]), []
+        except Exception as exc:  # a defect: the pass failed, the loop goes on
+            log.error("reconcile pass failed while %s", self._phase, exc_info=exc)
+            report = Report(results=[Result("reconcile", "failed",
+                                            f"{self._phase}: unexpected {type(exc).__name__}: {exc}")])
+            running = []
+        finally:
+            self._set_phase(None)
         for result in report.results:
             if result.outcome != "ok":
                 log.info("%s", result.line())
         await self.proxy_keys_changed()   # a started instance's key works, a removed one's does not
-        for spec in desired.instances:
-            rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
-        self._watch_exits()
+        self._watch_exits(running)
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
+        self.changed_at = time.monotonic()
         self.events.passed(report, self.last_pass_at, self.last_pass_ms)
         return report
 
@@ -154,36 +225,52 @@ class Daemon:
     async def _liveness_loop(self) -> None:
         """Every ``resync``, ask each running instance's health route; the supervisor restarts one
         that keeps failing (a hung server keeps its pid, so the exit watch cannot see it)."""
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=self.desired.settings.resync)
-            except asyncio.TimeoutError:
-                pass
-            else:
-                return
+        while True:  # until cancelled
+            await asyncio.sleep(self.desired.settings.resync)
             try:
                 if self.supervisor.learn_health(await self._check_liveness()):
                     self._wake.set()
-            except Exception:   # never silently, and the next round tries again
+            except Exception:  # logged with its traceback; one bad round must not stop the checks
                 log.exception("liveness check failed")
 
     async def _check_liveness(self) -> dict[str, str | None]:
-        """Probe the processes the last pass found running and left alone (not one being started)."""
+        """Probe the processes the last pass found running and left alone (not one being started),
+        as long as each is still that very process (its pid and start time)."""
         report = self.last_report
         if report is None:
             return {}
+
+        def still_running() -> list[InstanceSpec]:
+            specs = []
+            for spec in self.desired.instances:
+                result, seen = report.result(spec.id), report.observed.get(spec.id)
+                if (result is not None and result.outcome == "ok" and seen is not None and seen.status == "running"
+                        and live_process(seen.pid, seen.create_time) is not None):
+                    specs.append(spec)
+            return specs
+
+        specs = await asyncio.to_thread(still_running)  # /proc reads
         runtime = LocalRuntime(self.desired)
-        now = await asyncio.to_thread(runtime.observe)
-        specs = []
-        for spec in self.desired.instances:
-            result, before, seen = report.result(spec.id), report.observed.get(spec.id), now.get(spec.id)
-            if (result is not None and result.outcome == "ok" and before is not None and seen is not None
-                    and before.status == seen.status == "running" and before.pid == seen.pid):
-                specs.append(spec)
         answers = await asyncio.gather(*(runtime.probe(spec) for spec in specs))
         return dict(zip((spec.id for spec in specs), answers))
 
-    def _watch_exits(self) -> None:
+    async def _pass_in_worker(self, desired: DesiredState) -> tuple[Report, list[tuple[int, str]]]:
+        """One pass, on the worker thread's loop: everything here may block."""
+        report = await reconcile(
+            desired, lock_timeout=PASS_LOCK_WAIT, hints=self.supervisor.hints,
+            on_phase=lambda phase: self._from_worker(self._set_phase, phase),
+            on_action=lambda action: self._from_worker(self._action_began, action),
+            on_result=lambda result: self._from_worker(self._result_came, result))
+        self._from_worker(self._set_phase, "finishing the pass")
+        self.supervisor.learn(report.observed, report.results)
+        for spec in desired.instances:
+            rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
+        running = [(record.pid, record.id) for record in self.state.records().values()
+                   if record.pid is not None and record.pid not in self._exit_watches
+                   and live_process(record.pid, record.create_time) is not None]
+        return report, running
+
+    def _watch_exits(self, running: list[tuple[int, str]]) -> None:
         """Wake the loop the moment an instance process exits, rather than at the next resync.
 
         A pidfd refers to one process, not to a pid number, and works for processes adopted from
@@ -191,28 +278,59 @@ class Daemon:
         if not hasattr(os, "pidfd_open"):
             return
         loop = asyncio.get_running_loop()
-        for record in self.state.records().values():
-            if record.pid is None or record.pid in self._exit_watches:
-                continue
-            if live_process(record.pid, record.create_time) is None:
+        for pid, id_ in running:
+            if pid in self._exit_watches:
                 continue
             try:
-                pidfd = os.pidfd_open(record.pid)
+                pidfd = os.pidfd_open(pid)
             except OSError:
-                continue
-            self._exit_watches[record.pid] = pidfd
-            loop.add_reader(pidfd, self._exited, record.pid, record.id)
+                continue  # it exited meanwhile: the next pass sees that
+            self._exit_watches[pid] = pidfd
+            loop.add_reader(pidfd, self._exited, pid, id_)
 
     def _exited(self, pid: int, id_: str) -> None:
-        pidfd = self._exit_watches.pop(pid)
-        asyncio.get_running_loop().remove_reader(pidfd)
-        os.close(pidfd)
-        log.debug("%s (pid %d) exited", id_, pid)
-        self._wake.set()
+        try:
+            self._unwatch(pid)
+            log.debug("%s (pid %d) exited", id_, pid)
+        except Exception:  # a reader callback that raises would be called again at once, for ever
+            log.exception("watching %s (pid %d)", id_, pid)
+        finally:
+            self.changed_at = time.monotonic()
+            self._wake.set()
+
+    def _unwatch(self, pid: int) -> None:
+        pidfd = self._exit_watches.pop(pid, None)
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
 
     async def _watch(self) -> None:
+        # the first wake comes when the watch is in place: a save made before it is read then
         async for _ in changes_of(self.file.path, self._stop):
-            self.reload()
+            await self.reload()
+
+    async def _follow_proxy(self) -> None:
+        """Keep the proxy's accounts and settings equal to the enforced desired state."""
+        failures = 0
+        while True:  # until cancelled
+            self._proxy_wanted.clear()
+            wanted = self.desired
+            if self._proxy_applied is wanted:
+                await self._proxy_wanted.wait()
+                continue
+            try:
+                await self.proxy.apply(wanted)
+            except OSError as exc:  # e.g. the new listen address is taken: try again later
+                failures += 1
+                delay = min(2.0 ** failures, PROXY_RETRY_CAP)
+                log.error("key-pool proxy: could not apply desired.yaml (%s); trying again in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._proxy_applied, failures = wanted, 0
+
+    def _give_up(self, name: str, why: str) -> None:
+        self.fatal = why
+        self._stop.set()
 
     # -- running
 
@@ -233,7 +351,7 @@ class Daemon:
 
     async def run(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.state.ensure()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         async with self.state.alock("daemon", timeout=0):
@@ -255,26 +373,30 @@ class Daemon:
                 await runner.cleanup()
                 raise DaemonError(f"cannot start the key-pool proxy on {self.desired.settings.proxy.listen} "
                                   f"(settings.proxy.listen): {exc.strerror or exc}") from None
+            self._proxy_applied = self.desired
             scheme = "https" if ssl_context else "http"
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
                   f"watching {self.file.path}", flush=True)
+            self._worker.start()
             self._wake.set()  # first pass at once: adopt what runs, start what is missing
-            tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._watch()),
-                     asyncio.create_task(self._liveness_loop())]
+            self.tasks.keep("reconcile-loop", self._reconcile_loop)
+            self.tasks.keep("file-watcher", self._watch)
+            self.tasks.keep("proxy-follower", self._follow_proxy)
+            self.tasks.keep("liveness", self._liveness_loop)
             try:
                 await self._stop.wait()
-                log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")
+                if self.fatal is None:
+                    log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                if self.proxy is not None:
-                    await self.proxy.stop()
+                await self.tasks.close()
+                if not await self._worker.close():
+                    log.warning("a reconcile pass is stuck in a blocking call; exiting without waiting for it")
+                await self.proxy.stop()
                 for pid in list(self._exit_watches):
-                    pidfd = self._exit_watches.pop(pid)
-                    loop.remove_reader(pidfd)
-                    os.close(pidfd)
+                    self._unwatch(pid)
                 await runner.cleanup()
+        if self.fatal is not None:
+            raise DaemonError(f"{self.fatal}; exiting so that a service manager can start cst serve afresh")
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -2,11 +2,16 @@
 done the CST way: each one edits desired.yaml, then waits for a reconcile pass to make it so.
 
 Handlers in ``api`` only translate HTTP to these calls; errors are ``ApiError`` with a
-message key from ``messages``.
+message key from ``messages``. Every answer carries the status observed after the pass, not
+the one asked for; a change the reconciler could not finish in time is a 504 naming what is
+pending. Observing processes is blocking work: it runs in a thread, and listings are served
+from an observation at most ``LISTING_MAX_AGE`` old (newer than the last pass or exit), which
+concurrent callers share.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from .control import Control
 # the seed (PM2) called a running instance "online"
 SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
                "port-taken": "errored", "errored": "errored"}
+LISTING_MAX_AGE = 1.0   # seconds a listing may be served again without a new observation
 
 
 class ApiError(Exception):
@@ -56,6 +62,8 @@ def parse_port(body: Any) -> int:
 class Fleet:
     def __init__(self, daemon: Control):
         self.daemon = daemon
+        self._listing: tuple[float, list[dict]] | None = None                  # (observed at, rows)
+        self._observing: tuple[float, asyncio.Future[list[dict]]] | None = None  # one under way
 
     @property
     def desired(self) -> DesiredState:
@@ -63,17 +71,35 @@ class Fleet:
 
     # -- reading
 
-    def rows(self) -> list[dict]:
+    def _observe(self) -> list[dict]:
+        """Blocking: read the records and look at the processes and ports."""
         rows = instance_rows(self.desired, self.daemon.supervisor.errored)
         for row in rows:
             row["status"] = SEED_STATUS[row["status"]]
             row["lastFailure"] = self.daemon.events.last_failure.get(row["id"])
         return rows
 
-    def row(self, id_: str) -> dict:
+    async def rows(self, since: float | None = None) -> list[dict]:
+        """Every instance's row, from an observation that began at ``since`` (monotonic) or later;
+        by default a recent one, newer than the last pass and the last exit seen."""
+        if since is None:
+            since = max(time.monotonic() - LISTING_MAX_AGE, self.daemon.changed_at)
+        if self._listing is not None and self._listing[0] >= since:
+            return self._listing[1]
+        if self._observing is not None and self._observing[0] >= since:
+            return await asyncio.shield(self._observing[1])
+        began = time.monotonic()
+        observing = asyncio.ensure_future(asyncio.to_thread(self._observe))
+        self._observing = (began, observing)
+        rows = await asyncio.shield(observing)  # a caller that goes away does not cancel the others'
+        if self._listing is None or self._listing[0] < began:
+            self._listing = (began, rows)
+        return rows
+
+    async def row(self, id_: str, since: float | None = None) -> dict:
         """The instance's row: declared ones and undeclared ones CST still has a record of."""
         if port_of(id_) is not None:
-            for row in self.rows():
+            for row in await self.rows(since):
                 if row["id"] == id_:
                     return row
         raise ApiError(404, "not_found", id=id_[:40])
@@ -132,15 +158,35 @@ class Fleet:
             raise ApiError(400, "change_invalid", problems=_problems(exc)) from None
         except edits.EditError as exc:
             raise ApiError(409, failure_key, reason=str(exc)) from None
+        except OSError as exc:  # disk full, read-only: the old file is untouched
+            raise ApiError(500, "write_failed", reason=exc.strerror or str(exc)) from None
         self.daemon.accept(snapshot)
         return snapshot
 
-    async def _converge(self, id_: str, failure_key: str) -> Result | None:
-        report = await self.daemon.converge()
+    async def _converge(self, id_: str, failure_key: str) -> tuple[Result | None, float]:
+        """Wait for a pass that applies the change; its result for ``id_`` and when it ended.
+
+        A pass that could not run (the state dir held by a long ``cst apply``, an error) is a
+        failure, not a silent success; one that takes too long is a 504 saying what is pending."""
+        report = await self.daemon.converge()  # NotConverged: the API answers 504
+        ended = time.monotonic()
         result = report.result(id_)
-        if result is not None and result.outcome == "failed":
+        if result is None:
+            result_of_pass = report.result("reconcile")
+            if result_of_pass is not None and result_of_pass.outcome == "failed":
+                raise ApiError(500, failure_key, reason=result_of_pass.detail)
+        elif result.outcome == "failed":
             raise ApiError(500, failure_key, reason=result.detail)
-        return result
+        return result, ended
+
+    async def _observed(self, id_: str, ended: float, expected: str, failure_key: str) -> dict:
+        """The instance's row observed after the pass; a failure unless its status is ``expected``
+        (it may have exited at once after starting, or been stopped by someone else meanwhile)."""
+        row = await self.row(id_, since=ended)
+        if row["status"] != expected:
+            detail = f": {row['detail']}" if row["detail"] else ""
+            raise ApiError(500, failure_key, reason=f"{id_} is {row['status']} now{detail}")
+        return row
 
     async def create(self, body: Any) -> dict:
         port = parse_port(body)
@@ -159,21 +205,23 @@ class Fleet:
             raise ApiError(400, "port_in_use", port=port)
         await self._edit(add, "create_failed")
         self.daemon.supervisor.forget(id_)
-        await self._converge(id_, "create_failed")
-        row = self.row(id_)
+        _, ended = await self._converge(id_, "create_failed")
+        row = await self._observed(id_, ended, SEED_STATUS["running"], "create_failed")
         spec = self.desired.instance(id_)
+        password = await asyncio.to_thread(LocalRuntime(self.desired).password, spec)
+        # the seed's create answer says "running" where its listing says "online"
         return {"id": id_, "port": port, "dataDir": row["dataDir"], "status": "running",
-                "startTime": row["startTime"], "password": LocalRuntime(self.desired).password(spec)}
+                "startTime": row["startTime"], "password": password}
 
     async def set_state(self, id_: str, state: str) -> dict:
         port = self._declared(id_)
+        failure_key = "stop_failed" if state == "stopped" else "start_failed"
         if self.desired.instance(id_).state != state:
-            await self._edit(lambda text: edits.set_instance_state(text, port, state),
-                             "stop_failed" if state == "stopped" else "start_failed")
+            await self._edit(lambda text: edits.set_instance_state(text, port, state), failure_key)
         self.daemon.supervisor.forget(id_)
-        await self._converge(id_, "stop_failed" if state == "stopped" else "start_failed")
-        return {"id": id_, "status": SEED_STATUS["running" if state == "running" else "stopped"],
-                "message_key": "started" if state == "running" else "stopped"}
+        _, ended = await self._converge(id_, failure_key)
+        row = await self._observed(id_, ended, SEED_STATUS[state], failure_key)
+        return {"id": id_, "status": row["status"], "message_key": "started" if state == "running" else "stopped"}
 
     async def restart(self, id_: str) -> dict:
         self._declared(id_)
@@ -181,8 +229,9 @@ class Fleet:
             raise ApiError(409, "restart_failed", reason=f"{id_} is stopped in desired.yaml; start it instead")
         self.daemon.supervisor.forget(id_)
         self.daemon.supervisor.request_restart(id_, "asked through the API")
-        await self._converge(id_, "restart_failed")
-        return {"id": id_, "status": "online", "message_key": "restarted"}
+        _, ended = await self._converge(id_, "restart_failed")
+        row = await self._observed(id_, ended, SEED_STATUS["running"], "restart_failed")
+        return {"id": id_, "status": row["status"], "message_key": "restarted"}
 
     async def reset_password(self, id_: str) -> dict:
         self._declared(id_)
@@ -190,7 +239,10 @@ class Fleet:
         if spec.password_env:
             raise ApiError(409, "password_from_env", id=id_, env=spec.password_env)
         password = str(uuid.uuid4())
-        LocalRuntime(self.desired).state.write_secret(f"{id_}.password", password)
+        try:
+            await asyncio.to_thread(LocalRuntime(self.desired).state.write_secret, f"{id_}.password", password)
+        except OSError as exc:
+            raise ApiError(500, "restart_failed", reason=exc.strerror or str(exc)) from None
         # the launch fingerprint includes the password: the next pass restarts the instance with it
         await self._converge(id_, "restart_failed")
         return {"id": id_, "password": password}
@@ -210,7 +262,7 @@ class Fleet:
         port = self._known(id_)
         if self.desired.instance(id_) is not None:
             await self._edit(lambda text: edits.remove_instance(text, port), "delete_failed")
-        result = await self._converge(id_, "delete_failed")
+        result, _ = await self._converge(id_, "delete_failed")
         self.daemon.supervisor.forget(id_)
         archive = result.archive if result else ""
         return {"id": id_, "archive": archive or None, "message_key": "deleted" if archive else "deleted_no_data"}

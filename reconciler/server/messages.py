@@ -49,6 +49,11 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "bad_tail": ("tail must be a whole number from 0 to {max}, not {tail}", "tail 必须是 0 到 {max} 之间的整数，而不是 {tail}"),
     "bad_follow": ("follow must be 1 or 0, not {follow}", "follow 必须是 1 或 0，而不是 {follow}"),
     "no_free_port": ("No free port from {start} on", "从 {start} 起没有空闲端口"),
+    "write_failed": ("Could not write desired.yaml ({reason}); nothing was changed",
+                     "无法写入 desired.yaml（{reason}），未做任何修改"),
+    "not_applied": ("The change is in desired.yaml but was not applied within {seconds}s: {pending}. "
+                    "cst serve goes on applying it",
+                    "修改已写入 desired.yaml，但未在 {seconds} 秒内完成：{pending}。cst serve 会继续应用"),
     "internal": ("Internal server error", "服务器内部错误"),
     "not_route": ("Not found", "未找到"),
     "method": ("Method not allowed", "不支持的请求方法"),

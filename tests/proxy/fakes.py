@@ -248,10 +248,15 @@ class FakeAccount:
 
 
 class FakeDaiDai(_Server):
-    """``/api/users/login`` and ``/api/general/orders`` as the aggregator's client sees them."""
+    """``/api/users/login`` and ``/api/general/orders`` as the aggregator's client sees them.
+
+    ``fault`` makes the platform misbehave as a real one can: "hang" (accepts, never answers),
+    "garbage" (an HTML error page with bytes that are not UTF-8), "wrong-shape" (JSON that is not
+    the documented answer)."""
 
     def __init__(self, token_ttl: float = 3600.0):
         super().__init__()
+        self.fault: str | None = None
         self.accounts: dict[str, FakeAccount] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (email, expires at)
         self.token_ttl = token_ttl
@@ -268,7 +273,18 @@ class FakeDaiDai(_Server):
     def expire_tokens(self) -> None:
         self.tokens = {t: (e, 0.0) for t, (e, _) in self.tokens.items()}
 
+    async def _fault(self) -> web.Response | None:
+        if self.fault == "hang":
+            await asyncio.sleep(3600)
+        if self.fault == "garbage":
+            return web.Response(body=b"<html>\xff\xfe 502 Bad Gateway", content_type="text/html", status=200)
+        if self.fault == "wrong-shape":
+            return web.json_response({"code": 200, "token": ["not", "a", "token"], "msg": {"api_key": 5}})
+        return None
+
     async def login(self, request: web.Request) -> web.Response:
+        if (faulty := await self._fault()) is not None:
+            return faulty
         data = await request.json()
         account = self.accounts.get(data.get("userEmail"))
         if account is None or not secrets.compare_digest(str(data.get("password")), account.password):
@@ -281,6 +297,8 @@ class FakeDaiDai(_Server):
 
     async def orders(self, request: web.Request) -> web.Response:
         self.lists += 1
+        if (faulty := await self._fault()) is not None:
+            return faulty
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
         email, expires = self.tokens.get(token, ("", 0.0))
