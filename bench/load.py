@@ -220,9 +220,17 @@ async def latency_run(seconds: float, code: Path | None, pin: bool) -> dict[str,
 
 
 def bench_latency(runs: int, seconds: float, baseline: Path | None, pin: bool) -> None:
-    if pin:  # this script on CPU 0; the node processes of the control go through the same `node` on CPU 1
-        os.sched_setaffinity(0, {0})
-        os.environ["PATH"] = f"{node_on_cpu1(Path(tempfile.mkdtemp(prefix='cst-bench-pin-')))}{os.pathsep}{os.environ['PATH']}"
+    shims = Path(tempfile.mkdtemp(prefix="cst-bench-pin-"))
+    try:
+        if pin:  # this script on CPU 0; the node processes of the control go through the same `node` on CPU 1
+            os.sched_setaffinity(0, {0})
+            os.environ["PATH"] = f"{node_on_cpu1(shims)}{os.pathsep}{os.environ['PATH']}"
+        latency_table(runs, seconds, baseline, pin)
+    finally:
+        shutil.rmtree(shims, ignore_errors=True)
+
+
+def latency_table(runs: int, seconds: float, baseline: Path | None, pin: bool) -> None:
     sides = {"this checkout": None, **({f"baseline {baseline}": baseline} if baseline else {})}
     rows: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(runs):
