@@ -160,9 +160,12 @@ class Daemon:
 
     async def _reconcile_loop(self) -> None:
         while True:  # until cancelled
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that lands
+            # as the wake comes, and this loop would then never stop (cst serve hung at SIGTERM)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.desired.settings.resync)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.desired.settings.resync):
+                    await self._wake.wait()
+            except TimeoutError:
                 await self.reload()  # a save the watcher missed (while it restarted, say) counts too
             self._wake.clear()
             ticket = self._requested

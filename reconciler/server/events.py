@@ -202,8 +202,9 @@ class EventHub:
                         sent = event.seq
                 while not listener.dropped:
                     try:
-                        await asyncio.wait_for(listener.wake.wait(), HEARTBEAT)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(HEARTBEAT):  # not wait_for: see Daemon._reconcile_loop
+                            await listener.wake.wait()
+                    except TimeoutError:
                         await response.write(b": keep-alive\n\n")
                         continue
                     listener.wake.clear()

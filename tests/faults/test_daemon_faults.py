@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -162,3 +164,25 @@ def test_a_failing_proxy_apply_is_logged_and_retried(project, serve):
     log = served.log.read_text()
     assert "background task proxy-follower failed" in log and "RuntimeError: injected fault in the proxy's apply" in log
     assert status(served)["daemon"]["tasks"]["proxy-follower"]["totalFailures"] == 1
+
+
+def test_a_stop_signal_the_moment_serve_is_up_ends_it_at_once(project):
+    """SIGTERM as the first pass is being woken: on Python 3.11 asyncio.wait_for swallowed the
+    cancellation that landed then, and cst serve never exited. Several tries, since it is a race."""
+    (api,) = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", str(project.file)],
+                                cwd=project.dir, env=project.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                if "API on" in line:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            output = proc.communicate(timeout=30)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, output
