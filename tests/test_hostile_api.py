@@ -151,9 +151,12 @@ def test_the_admin_key_is_printed_only_when_generated(project):
                 out += line
                 if "API on" in line:
                     break
-        finally:
             proc.send_signal(signal.SIGINT)
             out += proc.communicate(timeout=60)[0]
+        finally:
+            if proc.poll() is None:  # it did not stop: never leave it running
+                proc.kill()
+                proc.wait()
         key = (project.state_dir / "secrets" / "admin.key").read_text().strip()
         if run == 0:
             assert f"generated and kept in {project.state_dir.resolve() / 'secrets' / 'admin.key'}" in out
