@@ -3,6 +3,8 @@ growing delay; one that keeps failing is given up on, once; stopping and closing
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import logging
 
 from reconciler.tasks import BackgroundTasks, LoopThread
@@ -84,11 +86,12 @@ async def test_a_loop_thread_runs_coroutines_and_closes_even_when_one_blocks() -
     assert await thread.close(timeout=5)
     stuck = LoopThread("test-stuck")
     stuck.start()
-    asyncio.ensure_future(stuck.run(_block()))
-    await asyncio.sleep(0.05)
+    blocking = threading.Event()
+    asyncio.ensure_future(stuck.run(_block(blocking)))
+    assert await asyncio.to_thread(blocking.wait, 10), "the blocking coroutine never started"
     assert await stuck.close(timeout=0.2) is False, "a blocked thread is left behind, not waited on for ever"
 
 
-async def _block() -> None:
-    import time
+async def _block(started: threading.Event) -> None:
+    started.set()
     time.sleep(1)  # blocks the thread's loop itself
