@@ -3,9 +3,9 @@ growing delay; one that keeps failing is given up on, once; stopping and closing
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-import logging
 
 from reconciler.tasks import BackgroundTasks, LoopThread
 
