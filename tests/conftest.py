@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import asyncio
+import inspect
 import json
 import os
 import signal
@@ -154,6 +156,21 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def eventually(check, timeout: float = 10.0, failure=None, interval: float = 0.02) -> None:
+    """``wait_until`` for asyncio tests: wait for ``check()`` (plain or async) to be true without
+    blocking the loop; ``failure()`` says what was awaited when it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(failure() if failure else f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
 
 
 @dataclass

@@ -7,17 +7,11 @@ import logging
 import threading
 import time
 
+from conftest import eventually
+
 from reconciler.tasks import BackgroundTasks, LoopThread
 
 FAST = (0.01, 0.08)  # backoff: 10 ms doubling to 80 ms
-
-
-async def eventually(predicate) -> None:
-    for _ in range(500):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not reached in 5 s")
 
 
 async def test_a_failing_task_is_restarted_until_it_runs(caplog) -> None:

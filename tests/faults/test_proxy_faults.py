@@ -13,8 +13,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))  # the proxy tests' fakes and fixtures
 
+from conftest import eventually  # noqa: E402
 from fakes import FakeDaiDai, FakeUpstream, daidai_key  # noqa: E402
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: E402,F401
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: E402,F401
 
 from proxy import accounts  # noqa: E402
 
@@ -23,15 +24,6 @@ CUT, SLOW, GOOD = "sk-cut-aaaaaaaaaaaa0001", "sk-slow-bbbbbbbbbbbb0002", "sk-goo
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def eventually(predicate, failure) -> None:
-    """Wait up to 5 s for ``predicate()``; else fail with ``failure()``."""
-    for _ in range(250):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(failure())
 
 
 def _inotify_open() -> bool:
@@ -47,18 +39,14 @@ def _inotify_open() -> bool:
 async def baseline() -> tuple[int, int]:
     """Descriptors and tasks once the proxy is in its steady state: its watch on the instance-key
     folder (an inotify, set up by a task of its own after start) in place."""
-    await eventually(_inotify_open, lambda: "the proxy never began to follow its key folder")
+    await eventually(_inotify_open, failure=lambda: "the proxy never began to follow its key folder")
     return open_fds(), len(asyncio.all_tasks())
 
 
 async def settled(fds: int, tasks: int) -> None:
     """Wait until this process holds no more descriptors and tasks than it did at the baseline."""
     await eventually(lambda: open_fds() <= fds and len(asyncio.all_tasks()) <= tasks,
-                     lambda: f"leak: {open_fds()} descriptors (was {fds}), {len(asyncio.all_tasks())} tasks (was {tasks})")
-
-
-def sdk(proxy) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="anything", max_retries=0)
+                     failure=lambda: f"leak: {open_fds()} descriptors (was {fds}), {len(asyncio.all_tasks())} tasks (was {tasks})")
 
 
 class SilentUpstream:
@@ -104,7 +92,7 @@ async def test_an_upstream_that_accepts_and_never_answers(make_proxy: MakeProxy,
     # every key timed out within moments: the upstream is down, not the keys, so none is benched for long
     now = proxy.state.pool.clock()
     assert all(k.cooldown_until <= now + 1.5 and not k.quarantined for k in proxy.state.pool.keys())
-    await eventually(lambda: silent.open == 0, lambda: "every connection to the silent upstream is closed")
+    await eventually(lambda: silent.open == 0, failure=lambda: "every connection to the silent upstream is closed")
     await settled(fds, tasks)
     await silent.stop()
 
@@ -137,7 +125,7 @@ async def test_a_stream_cut_half_way_or_stalled_ends_in_a_clean_error(make_proxy
     for key in (CUT, SLOW):
         assert keys[key].failures == 0 and keys[key].available(now), "a cut upstream is not a bad key"
     assert proxy.state.forwarder.stats.upstream_cuts == 2
-    await eventually(lambda: upstream.cancelled == 1, lambda: "the stalled upstream request is hung up on")
+    await eventually(lambda: upstream.cancelled == 1, failure=lambda: "the stalled upstream request is hung up on")
     await settled(fds, tasks)
 
 
@@ -151,7 +139,7 @@ async def test_a_platform_that_times_out_or_answers_garbage(make_proxy: MakeProx
     status = proxy.state.accounts.status
 
     async def until(predicate) -> None:
-        await eventually(predicate, lambda: f"not reached; account status {status()}")
+        await eventually(predicate, failure=lambda: f"not reached; account status {status()}")
 
     await until(lambda: status()["dd"]["keys"] == 1 and status()["dd"]["last_error"] is None)
     client = sdk(proxy)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
+import openai
 import pytest
 
 from fakes import FakeDaiDai, FakeUpstream
@@ -85,3 +86,8 @@ def static_account(name: str, env_name: str) -> str:
 
 
 __all__ = ["desired_text", "static_account", "MakeProxy", "upstream", "daidai", "make_proxy", "env"]
+
+
+def sdk(service: ProxyService, api_key: str = "client-key-ignored") -> openai.AsyncOpenAI:
+    """The official SDK against the proxy; max_retries=0: any retry must be the proxy's doing."""
+    return openai.AsyncOpenAI(base_url=service.url + "/v1", api_key=api_key, max_retries=0, timeout=20)

@@ -1,7 +1,6 @@
 """Account sources against the fake DaiDai platform, the key cache, and in-place pool updates."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import stat
@@ -10,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import openai
 
+from conftest import eventually
 from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import FakeDaiDai, FakeUpstream, daidai_key
 from proxy.accounts import AccountManager
@@ -23,13 +23,6 @@ PASSWORD = "correct horse battery staple"
 def daidai_account(name: str, email: str, api_base: str, env_name: str = "DAIDAI_PW", refresh: str = "5m") -> str:
     return (f"- {{name: {name}, provider: daidai, email: {email}, password_env: {env_name}, "
             f"api_base: \"{api_base}\", refresh: {refresh}}}")
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def get_json(url: str) -> dict:
@@ -58,7 +51,7 @@ async def test_daidai_keys_are_listed_filtered_and_served(make_proxy: MakeProxy,
     ])
     env("DAIDAI_PW", PASSWORD)
     proxy = await make_proxy(daidai_account("main", "me@example.com", daidai.url))
-    await wait_for(lambda: proxy.state.pool.counts()[0] == 3)
+    await eventually(lambda: proxy.state.pool.counts()[0] == 3)
     assert {await chat(proxy) for _ in range(4)} == {"w0 w1 w2 w3 w4 [0001]", "w0 w1 w2 w3 w4 [0004]"}
     assert "sk-good-broke000000005" not in upstream.keys_seen(), "a key without balance is not used"
 
@@ -83,11 +76,11 @@ async def test_expired_token_means_a_new_login(daidai: FakeDaiDai, tmp_path: Pat
         account = Account("main", "daidai", email="me@example.com", password_env="DAIDAI_PW",
                           api_base=daidai.url, refresh=0.1)
         manager.update([account])
-        await wait_for(lambda: daidai.lists >= 2)
+        await eventually(lambda: daidai.lists >= 2)
         assert daidai.logins == 1, "a working token is reused"
         daidai.add_account("me@example.com", PASSWORD, [daidai_key("sk-good-two000000000002")])
         daidai.expire_tokens()
-        await wait_for(lambda: [k.value for k in pool.keys()] == ["sk-good-two000000000002"])
+        await eventually(lambda: [k.value for k in pool.keys()] == ["sk-good-two000000000002"])
         assert daidai.logins == 2
         assert manager.status()["main"]["last_error"] is None
         await manager.close()
@@ -101,8 +94,8 @@ async def test_wrong_password_is_reported_and_other_accounts_keep_working(
     env("STATIC_KEYS", "sk-good-static0000000009")
     proxy = await make_proxy(daidai_account("main", "me@example.com", daidai.url) + "\n"
                              + static_account("extra", "STATIC_KEYS"))
-    await wait_for(lambda: daidai.failed_logins == 1)
-    await wait_for(lambda: proxy.state.accounts.status()["main"]["last_error"] is not None)
+    await eventually(lambda: daidai.failed_logins == 1)
+    await eventually(lambda: proxy.state.accounts.status()["main"]["last_error"] is not None)
     doc = await get_json(proxy.url + "/status")
     assert "login failed for me@example.com" in doc["accounts"]["main"]["last_error"]
     assert "wrong email or password" in doc["accounts"]["main"]["last_error"]
@@ -118,19 +111,19 @@ async def test_platform_down_at_start_serves_the_cached_keys(make_proxy: MakePro
     daidai.add_account("me@example.com", PASSWORD, [daidai_key("sk-good-cached000000007")])
     env("DAIDAI_PW", PASSWORD)
     first = await make_proxy(daidai_account("main", "me@example.com", daidai.url))
-    await wait_for(lambda: first.state.pool.counts() == (1, 1))
+    await eventually(lambda: first.state.pool.counts() == (1, 1))
     await first.stop()
     await daidai.stop()  # the platform is gone
 
     second = await make_proxy(daidai_account("main", "me@example.com", daidai.url))
-    await wait_for(lambda: second.state.pool.counts() == (1, 1))
+    await eventually(lambda: second.state.pool.counts() == (1, 1))
     assert await chat(second) == "w0 w1 w2 w3 w4 [0007]"
     status = second.state.accounts.status()["main"]
     assert status["from_cache"] is True and "platform unreachable" in status["last_error"]
 
     # A cache of another account (different email) is never used.
     third = await make_proxy(daidai_account("main", "other@example.com", daidai.url))
-    await wait_for(lambda: third.state.accounts.status()["main"]["last_error"] is not None)
+    await eventually(lambda: third.state.accounts.status()["main"]["last_error"] is not None)
     assert third.state.pool.counts() == (0, 0)
 
 
@@ -169,7 +162,7 @@ async def test_missing_env_var_is_a_clear_error(tmp_path: Path) -> None:
         assert manager.status()["a"]["last_error"] == "environment variable CST_TEST_UNSET_VAR is not set"
         manager.update([Account("d", "daidai", email="x@y.z", password_env="CST_TEST_UNSET_VAR",
                                 api_base=f"http://127.0.0.1:{free_port()}")])
-        await wait_for(lambda: manager.status()["d"]["last_error"] is not None)
+        await eventually(lambda: manager.status()["d"]["last_error"] is not None)
         assert "CST_TEST_UNSET_VAR is not set" in manager.status()["d"]["last_error"]
         await manager.close()
 
@@ -182,13 +175,13 @@ async def test_password_file_must_be_private(make_proxy: MakeProxy, daidai: Fake
     account = (f"- {{name: main, provider: daidai, email: me@example.com, password_file: {secret.name}, "
                f"api_base: \"{daidai.url}\"}}")
     proxy = await make_proxy(account)
-    await wait_for(lambda: proxy.state.accounts.status()["main"]["last_error"] is not None)
+    await eventually(lambda: proxy.state.accounts.status()["main"]["last_error"] is not None)
     assert "readable by group or others" in proxy.state.accounts.status()["main"]["last_error"]
     assert daidai.logins == 0 and daidai.failed_logins == 0, "the password was not even sent"
 
     secret.chmod(0o600)
     second = await make_proxy(account, file=tmp_path / "again.yaml")
-    await wait_for(lambda: second.state.pool.counts() == (1, 1))
+    await eventually(lambda: second.state.pool.counts() == (1, 1))
     assert await chat(second) == "w0 w1 w2 w3 w4 [0008]"
 
 
@@ -202,14 +195,14 @@ async def test_changing_a_daidai_account_swaps_its_keys_in_place(daidai: FakeDai
         manager = AccountManager(pool, session, tmp_path)
         one = Account("main", "daidai", email="one@example.com", password_env="DAIDAI_PW", api_base=daidai.url)
         manager.update([one])
-        await wait_for(lambda: [k.value for k in pool.keys()] == ["sk-good-one000000000011"])
+        await eventually(lambda: [k.value for k in pool.keys()] == ["sk-good-one000000000011"])
         held = pool.keys()[0]
         manager.update([one])  # the same account again: nothing restarts
         assert daidai.logins == 1
         two = Account("main", "daidai", email="two@example.com", password_env="DAIDAI_PW2", api_base=daidai.url)
         manager.update([two])
         assert pool.keys() == [held], "the old keys serve until the new account has answered"
-        await wait_for(lambda: [k.value for k in pool.keys()] == ["sk-good-two000000000022"])
+        await eventually(lambda: [k.value for k in pool.keys()] == ["sk-good-two000000000022"])
         assert daidai.logins == 2
         cache = tmp_path / "proxy" / "keys-main.json"
         assert "sk-good-two000000000022" in cache.read_text()

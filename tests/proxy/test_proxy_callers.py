@@ -1,14 +1,14 @@
 """Instance keys at the proxy: who is calling, what each caller used, and revocation."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
 import openai
 import pytest
 
-from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from conftest import eventually
+from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import PROMPT_TOKENS, FakeUpstream
 
 from proxy.usage import Meter, UsageBook
@@ -19,24 +19,12 @@ GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
 HI = [{"role": "user", "content": "hi"}]
 
 
-def sdk(service, api_key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=service.url + "/v1", api_key=api_key, max_retries=0, timeout=20)
-
-
 async def get(service, path: str, key: str | None = None) -> tuple[int, dict | str]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession() as http:
         async with http.get(service.url + path, headers=headers) as resp:
             body = await resp.json() if resp.content_type == "application/json" else await resp.text()
             return resp.status, body
-
-
-async def eventually(check, timeout: float = 10.0) -> None:
-    """Wait for ``check()`` (async) to be true: the proxy follows the key folder on its own."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def refused(service, key: str) -> bool:

@@ -11,16 +11,11 @@ import aiohttp
 import openai
 import pytest
 
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import FakeUpstream, throwaway_tls
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
 GOOD2 = "sk-good-bbbbbbbbbbbbbbbb2222"
-
-
-def sdk(service, api_key: str = "client-key-ignored") -> openai.AsyncOpenAI:
-    # max_retries=0: any retry must be the proxy's doing, not the SDK's.
-    return openai.AsyncOpenAI(base_url=service.url + "/v1", api_key=api_key, max_retries=0, timeout=20)
 
 
 async def test_chat_streaming_embeddings_and_models_through_the_sdk(make_proxy: MakeProxy, upstream: FakeUpstream,

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
+from conftest import eventually
 from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import FakeUpstream
 from proxy.cli import follow
@@ -23,13 +23,6 @@ from reconciler.desired.model import load
 ROOT = Path(__file__).resolve().parents[2]
 OLD = "sk-slow-oldoldoldold0001"
 NEW = "sk-good-newnewnewnew0002"
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -65,11 +58,11 @@ async def test_editing_accounts_while_a_stream_is_in_flight(tmp_path: Path, upst
                 edited = True
                 # An invalid edit first: logged with file:line, nothing changes.
                 write_atomically(path, desired_text(upstream.url, "- {name: broken, provider: nope}", port))
-                await wait_for(lambda: "is invalid" in caplog.text)
+                await eventually(lambda: "is invalid" in caplog.text)
                 assert [k.value for k in service.state.pool.keys()] == [OLD]
                 # Then the real edit: the old account goes, a new one comes.
                 write_atomically(path, desired_text(upstream.url, static_account("new", "NEW_KEYS"), port))
-                await wait_for(lambda: [k.value for k in service.state.pool.keys()] == [NEW])
+                await eventually(lambda: [k.value for k in service.state.pool.keys()] == [NEW])
         assert edited
         assert "".join(pieces) == "".join(f"w{i} " for i in range(10)), "the stream in flight completed"
         assert f"{path}:" in caplog.text and "accounts[0].provider" in caplog.text
