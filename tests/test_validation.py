@@ -49,7 +49,7 @@ def test_example_file_is_valid():
      instances:
        - port: 8001
          colour: blue
-     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: max_memory, password_env, port, proxy, state)"),
+     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: budget, max_memory, password_env, port, proxy, state)"),
     ("""\
      version: 1
      instances:
@@ -129,7 +129,7 @@ def test_example_file_is_valid():
      version: 1
      settings:
        sillytavern: {start_timeout: soon}
-     """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h)"),
+     """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h, 90d)"),
     ("""\
      version: 1
      accounts:
