@@ -19,12 +19,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from reconciler.desired.model import NO_LIMIT, Budget
 
 from .calendar import Calendar
-from .ledger import LedgerWriter, Row, Standing, Tally
+from .ledger import DayTotal, LedgerWriter, Row, Standing, Tally
 from .request_body import RequestFacts, estimate_tokens
 
 MINUTE = 60.0
@@ -226,5 +226,15 @@ class UsageBook:
             } if limited else None,
         }
 
+    def document(self, instances: Iterable[str] = ()) -> dict[str, Any]:
+        """Every caller's use in the current windows; ``instances`` are listed even when unused."""
+        callers = sorted(set(self.callers()) | set(instances))
+        return {"window": self.window(), "instances": {caller: self.caller_document(caller) for caller in callers}}
+
     def since_start(self) -> dict[str, Tally]:
         return {caller: account.since_start for caller, account in sorted(self._accounts.items())}
+
+
+def daily_document(window: dict[str, Any], totals: Iterable[DayTotal], first: str, last: str) -> dict[str, Any]:
+    """Daily totals per caller from ``first`` to ``last`` (days without use are absent)."""
+    return {"window": window, "from": first, "to": last, "days": [total.document() for total in totals]}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -179,15 +179,8 @@ def status_document(state: ProxyState, caller: str | None = None) -> dict[str, A
         assert caller is not None
         document["usage"] = {"window": state.usage.window(), **state.usage.caller_document(caller)}
     else:
-        document["usage"] = usage_document(state)
+        document["usage"] = state.usage.document()
     return document
-
-
-def usage_document(state: ProxyState, instances: Iterable[str] = ()) -> dict[str, Any]:
-    """Every caller's use in the current windows (``instances`` are listed even when unused)."""
-    book = state.usage
-    callers = sorted(set(book.callers()) | set(instances))
-    return {"window": book.window(), "instances": {caller: book.caller_document(caller) for caller in callers}}
 
 
 async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:

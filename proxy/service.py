@@ -46,6 +46,20 @@ def ledger_path(state_dir: Path) -> Path:
     return state_dir / "proxy" / "ledger.sqlite3"
 
 
+def read_usage(desired: DesiredState) -> tuple[UsageBook, SqliteStore | None]:
+    """The ledger of ``desired``'s state dir opened for reading (None when nothing was written yet),
+    and a book of the current windows read from it: what ``cst usage`` shows without a proxy."""
+    book = UsageBook(Calendar(desired.settings.usage.timezone))
+    book.budgets = budgets(desired)
+    path = ledger_path(desired.settings.state_dir)
+    if not path.exists():
+        return book, None
+    store = SqliteStore(path, readonly=True)
+    now = book.clock()
+    book.load(store.standing(book.calendar.day(now), book.calendar.month(now), now - MINUTE))
+    return book, store
+
+
 def budgets(desired: DesiredState) -> dict[str, Budget]:
     """Each instance's budget (its own or the fleet's), for the instances that use the pool."""
     return {spec.id: spec.budget for spec in desired.instances if spec.proxy and spec.budget.limited}
