@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 log = logging.getLogger("cst.proxy.ledger")
 
@@ -29,8 +29,7 @@ PRUNE_EVERY = 3600.0
 MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be written
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's parameter row as it is
     caller: str
     model: str
     path: str
@@ -112,7 +111,7 @@ class LedgerStore(Protocol):
         """Daily totals from day ``first`` to ``last`` (inclusive), by day then caller."""
 
     def prune(self, before: float) -> int:
-        """Remove rows that started before ``before``; the number removed."""
+        """Remove rows that ended before ``before``; the number removed."""
 
     def close(self) -> None: ...
 
@@ -126,7 +125,6 @@ _SCHEMA = (
         prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
         started REAL NOT NULL, ended REAL NOT NULL, key TEXT NOT NULL, day TEXT NOT NULL
     );
-    CREATE INDEX requests_started ON requests (started);
     CREATE TABLE daily (
         day TEXT NOT NULL, caller TEXT NOT NULL,
         requests INTEGER NOT NULL, errors INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
@@ -136,22 +134,16 @@ _SCHEMA = (
     """,
 )
 
-_ADD_DAY = """
+_ADD_DAYS = """
     INSERT INTO daily (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
+    SELECT day, caller, count(*), sum(status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(estimated)
+    FROM requests WHERE id > ? GROUP BY day, caller
     ON CONFLICT (day, caller) DO UPDATE SET
         requests = requests + excluded.requests, errors = errors + excluded.errors,
         prompt_tokens = prompt_tokens + excluded.prompt_tokens,
         completion_tokens = completion_tokens + excluded.completion_tokens,
         estimated = estimated + excluded.estimated
 """
-
-
-def _by_day(rows: Iterable[Row]) -> dict[tuple[str, str], Tally]:
-    totals: dict[tuple[str, str], Tally] = {}
-    for row in rows:
-        totals.setdefault((row.day, row.caller), Tally()).add(row)
-    return totals
 
 
 class SqliteStore:
@@ -193,12 +185,10 @@ class SqliteStore:
             try:
                 self._db.executemany(
                     "INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
-                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(r.caller, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens, int(r.estimated),
-                      r.started, r.ended, r.key, r.day) for r in rows])
-                self._db.executemany(_ADD_DAY, [(day, caller, t.requests, t.errors, t.prompt_tokens,
-                                                 t.completion_tokens, t.estimated)
-                                                for (day, caller), t in _by_day(rows).items()])
+                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                # the batch's rows are the last ones: SQLite adds them up into the daily totals
+                last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                self._db.execute(_ADD_DAYS, (last - len(rows),))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -210,7 +200,8 @@ class SqliteStore:
             totals = self._db.execute(
                 "SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
                 " WHERE day >= ? AND day < ?", (f"{month}-01", f"{month}-32")).fetchall()
-            recent = self._db.execute("SELECT caller, started FROM requests WHERE started >= ?", (since,)).fetchall()
+            recent = self._db.execute("SELECT caller, started FROM requests WHERE id >= ? AND started >= ?",
+                                      (self._first_ended_after(since), since)).fetchall()
         for row_day, caller, *counts in totals:
             standing = result.setdefault(caller, Standing())
             tally = Tally(*counts)
@@ -232,9 +223,24 @@ class SqliteStore:
             found = self._db.execute(query + " ORDER BY day, caller", params).fetchall()
         return [DayTotal(day, who, Tally(*counts)) for day, who, *counts in found]
 
+    def _first_ended_after(self, t: float) -> int:
+        """The id of the first row that ended at ``t`` or later. Rows are appended as their requests
+        end, so ids follow ``ended``: a binary search over ids finds it without an index on time
+        (an index would double the cost of every insert)."""
+        low, high = self._db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) + 1 FROM requests").fetchone()
+        while low < high:
+            middle = (low + high) // 2
+            found = self._db.execute("SELECT ended FROM requests WHERE id >= ? ORDER BY id LIMIT 1",
+                                     (middle,)).fetchone()
+            if found is None or found[0] >= t:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
     def prune(self, before: float) -> int:
         with self._lock:
-            return self._db.execute("DELETE FROM requests WHERE started < ?", (before,)).rowcount
+            return self._db.execute("DELETE FROM requests WHERE id < ?", (self._first_ended_after(before),)).rowcount
 
     def rows(self) -> int:
         with self._lock:
