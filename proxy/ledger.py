@@ -260,9 +260,10 @@ class LedgerWriter:
         self.retention = retention
         self._clock = clock
         self._queue: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="cst-ledger", daemon=True)
-        self.failures = 0          # batches that failed to write (and were kept)
+        self._backlog: list[Row] = []   # taken from the queue, not yet committed
+        self.failures = 0          # writes that failed (their rows were kept and tried again)
         self.written = 0
+        self._thread = threading.Thread(target=self._run_forever, name="cst-ledger", daemon=True)
         self._thread.start()
 
     def append(self, row: Row) -> None:
@@ -274,8 +275,11 @@ class LedgerWriter:
         self._thread.join()
         self.store.close()
 
-    def _take(self, backlog: list[Row], wait: float | None) -> bool:
-        """Move what is queued into ``backlog``, waiting up to ``wait`` for a first item;
+    def status(self) -> dict[str, int]:
+        return {"written": self.written, "failures": self.failures, "unwritten": len(self._backlog)}
+
+    def _take(self, wait: float | None) -> bool:
+        """Move what is queued into the backlog, waiting up to ``wait`` for a first item;
         False once ``close`` asked the thread to stop."""
         try:
             item = self._queue.get(timeout=wait)
@@ -286,40 +290,55 @@ class LedgerWriter:
             if item is None:
                 going = False
             else:
-                backlog.append(item)
+                self._backlog.append(item)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return going
 
+    def _run_forever(self) -> None:
+        while True:
+            try:
+                self._run()
+                return
+            except Exception:   # a defect, not the store: the rows stay, the thread goes on
+                log.exception("the ledger writer failed; starting it again in 1 s")
+                time.sleep(1.0)
+
     def _run(self) -> None:
-        backlog: list[Row] = []
         going = True
         next_prune = 0.0
-        while going or backlog:
+        retry_at, backoff = 0.0, 1.0
+        while going or self._backlog:
             if going:
-                # idle: wait for a row; with a backlog the store failed: try again within a second
-                going = self._take(backlog, 1.0 if backlog else None)
+                # idle: wait for a row; after a failed write: wait for the retry, gathering rows
+                waiting = retry_at - time.monotonic()
+                going = self._take(None if not self._backlog else max(waiting, 0.0))
+                if going and time.monotonic() < retry_at:
+                    continue
                 if going:
                     time.sleep(FLUSH_DELAY)   # rows that end meanwhile join the same transaction
-                    going = self._take(backlog, 0)
-            if not backlog:
+                    going = self._take(0)
+            if not self._backlog:
                 continue
             try:
-                self.store.write(backlog)
+                self.store.write(self._backlog)
             except Exception:
                 self.failures += 1
-                log.exception("could not write %d ledger rows; keeping them and trying again", len(backlog))
+                log.exception("could not write %d ledger rows; keeping them and trying again in %g s",
+                              len(self._backlog), backoff)
                 if not going:
-                    log.error("stopping with %d ledger rows unwritten", len(backlog))
+                    log.error("stopping with %d ledger rows unwritten", len(self._backlog))
                     return
-                if len(backlog) > MAX_BACKLOG:
+                if len(self._backlog) > MAX_BACKLOG:
                     log.error("dropping the %d oldest ledger rows: the store has been failing too long",
-                              len(backlog) - MAX_BACKLOG)
-                    del backlog[:-MAX_BACKLOG]
+                              len(self._backlog) - MAX_BACKLOG)
+                    del self._backlog[:-MAX_BACKLOG]
+                retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, 30.0)
                 continue
-            self.written += len(backlog)
-            backlog = []
+            retry_at, backoff = 0.0, 1.0
+            self.written += len(self._backlog)
+            self._backlog = []
             now = self._clock()
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY
