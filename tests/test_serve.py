@@ -274,19 +274,25 @@ def test_https_with_the_seed_flags(project, serve, tmp_path):
 
 def test_the_proxy_in_serve_follows_the_accounts_in_the_file(project, serve):
     api, proxy = free_ports(2)
-    settings = f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\nproxy: {{listen: "127.0.0.1:{proxy}"}}'
+    settings = (f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\n'
+                f'proxy: {{listen: "127.0.0.1:{proxy}", client_keys_env: CLIENT_KEYS}}')
     base = standin_file([], settings=settings)
     project.write(base + "accounts:\n  - {name: first, provider: static, keys_env: FIRST_KEYS}\n")
     project.env["FIRST_KEYS"] = "sk-first-aaaaaaaaaaaa,sk-first-bbbbbbbbbbbb"
     project.env["SECOND_KEYS"] = "sk-second-cccccccccccc"
+    project.env["CLIENT_KEYS"] = "client-key-1"
     serve(api)
-    status = httpx.get(f"http://127.0.0.1:{proxy}/status").json()
+    assert httpx.get(f"http://127.0.0.1:{proxy}/status").status_code == 401   # closed: no instance key yet
+
+    def pool_status() -> dict:
+        return httpx.get(f"http://127.0.0.1:{proxy}/status", headers={"Authorization": "Bearer client-key-1"}).json()
+    status = pool_status()
     assert set(status["accounts"]) == {"first"} and status["keys"]["total"] == 2
     assert "sk-first-aaaaaaaaaaaa" not in json.dumps(status), "keys are shown masked"
     project.write(base + "accounts:\n  - {name: first, provider: static, keys_env: FIRST_KEYS}\n"
                          "  - {name: second, provider: static, keys_env: SECOND_KEYS}\n")
-    wait_until(lambda: set(httpx.get(f"http://127.0.0.1:{proxy}/status").json()["accounts"]) == {"first", "second"})
-    assert httpx.get(f"http://127.0.0.1:{proxy}/status").json()["keys"]["total"] == 3
+    wait_until(lambda: set(pool_status()["accounts"]) == {"first", "second"})
+    assert pool_status()["keys"]["total"] == 3
 
 
 def test_https_from_settings_and_apply_beside_the_daemon(project, serve, tmp_path):
