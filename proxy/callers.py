@@ -1,8 +1,10 @@
 """Who is calling the proxy: the instance a proxy key belongs to, or a holder of a client key.
 
 Instances each have a ``cst-`` key of their own (``reconciler.runtime.instance_keys``); people
-may add client keys with ``settings.proxy.client_keys_env``. Once any key exists, a request
-must bring one, unless ``settings.proxy.anonymous`` keeps the seed's "any key works".
+may add client keys with ``settings.proxy.client_keys_env``. Closed by default: a request must
+bring a known key, whatever the reason the table is empty (no instance yet, the last one deleted,
+only ``proxy: false`` instances), unless ``settings.proxy.anonymous`` keeps the seed's "any key
+works".
 
 Keys are looked up by their SHA-256 in a dict: one hash per request whatever the number of keys,
 and the time a lookup takes depends on the digest, not on how much of a guessed key is right
@@ -52,7 +54,7 @@ class Callers:
     @property
     def required(self) -> bool:
         """Whether a request without a known key is refused."""
-        return not self.anonymous and bool(self._by_digest)
+        return not self.anonymous
 
     def identify(self, authorization: str) -> str | None:
         """The caller behind an Authorization header: an instance id, CLIENT, ANONYMOUS, or None

@@ -1,10 +1,14 @@
 """Forward one client request upstream with a key from the pool, relaying the answer.
 
-Bytes pass through untouched (the body is never parsed or re-serialised, content
-encodings are not decoded) and the upstream answer is relayed chunk by chunk as
-it arrives, so an SSE stream is never buffered. A retry on another key happens
-only before the first byte goes to the client; after that the client gets
-exactly what the upstream sent, or a cut connection if the upstream broke off.
+The answer's bytes pass through untouched and are relayed chunk by chunk as they arrive, so an
+SSE stream is never buffered. The request body goes as the client sent it, except that a stream
+that did not ask for its usage is asked for it (see ``request_body``); the upstream is asked for
+an answer without content encoding, so the meter can read it.
+
+Billed once: a request goes to another key only when the upstream certainly did not process it:
+the connection could not be made (nothing was sent), or the upstream answered with a status that
+says it did not (429, 5xx). Once the request was written, a timeout, a reset or an answer that
+breaks off ends the request with a 504 or 502, and it is never sent again.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,8 +25,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .pool import Key, KeyPool, Outcome
+from .request_body import RequestFacts
 from .usage import Meter
-from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
+from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamNotSent, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("cst.proxy.forward")
 
@@ -30,7 +36,10 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP | {"host", "authorization", "content-length", "expect"})
+DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP | {"host", "authorization", "content-length", "expect",
+                                                            "accept-encoding"})
+# Answers come unencoded, so the meter reads their usage (the client's Accept-Encoding is dropped).
+IDENTITY = b"Accept-Encoding: identity\r\n"
 DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # An error body kept to relay when no other key works; error bodies are small.
@@ -59,6 +68,7 @@ class ForwardStats:
     no_key: int = 0
     client_disconnects: int = 0
     upstream_cuts: int = 0  # answers the upstream broke off after they began
+    not_resent: int = 0     # requests that failed after they were written, and so were not sent again
 
 
 def openai_error(status: int, message: str, type_: str, code: str) -> web.Response:
@@ -106,6 +116,7 @@ def request_head(request: web.BaseRequest, origin: Origin) -> bytes:
     target = origin.base_path + request.raw_path[3:] or "/"
     parts = [f"{request.method} {target} HTTP/1.1\r\nHost: ".encode("latin-1"), origin.host_header, b"\r\n"]
     raw = request.raw_headers
+    parts.append(IDENTITY)
     listed: frozenset[bytes] = frozenset()
     for name, value in raw:
         if name.lower() == b"connection":  # headers named in Connection are hop-by-hop too
@@ -135,16 +146,15 @@ class Forwarder:
         self.config = config
         self.stats = ForwardStats()
 
-    async def handle(self, request: web.BaseRequest, meter: Meter) -> web.StreamResponse:
-        """Forward ``request``; ``meter`` sees the answer's pieces (for the caller's token counts)."""
+    async def handle(self, request: web.BaseRequest, facts: RequestFacts, meter: Meter) -> web.StreamResponse:
+        """Forward ``request`` with ``facts.body``; ``meter`` sees the answer's pieces (for its cost)."""
         config = self.config  # one consistent config for the whole request, even if apply() swaps it
-        body = await request.read() if request.body_exists else b""
+        body = facts.body
         head = request_head(request, config.origin)
         length = b"Content-Length: %d\r\n\r\n" % len(body) if body or request.method in BODY_METHODS else b"\r\n"
         tried: set[Key] = set()
         last_error: tuple[int, str, CIMultiDict[str], bytes] | None = None
-        transport_error: str | None = None
-        answered = False  # some upstream answer began (so "unreachable" would be the wrong word)
+        unreachable: str | None = None
 
         for attempt in range(config.max_attempts):
             key = self.pool.acquire(tried)
@@ -153,28 +163,32 @@ class Forwarder:
             if attempt:
                 self.stats.retries += 1
             tried.add(key)
+            meter.key = key.masked
             auth = b"Authorization: Bearer " + key.value.encode("ascii") + b"\r\n"
             try:
                 resp = await self.client.request(config.origin, request.method, head + auth + length, body,
                                                  config.timeout)
-            except UpstreamError as exc:
-                reason = "timeout" if isinstance(exc, UpstreamTimeout) else str(exc)
-                transport_error = reason
-                self._log(self.pool.report(key, Outcome.FAILURE, reason), key, reason)
+            except UpstreamNotSent as exc:
+                unreachable = str(exc)   # nothing left this machine: another key may try
+                self._log(self.pool.report(key, Outcome.FAILURE, unreachable), key, unreachable)
                 continue
+            except UpstreamError as exc:
+                # written, then silence or a reset: the upstream may have processed (and billed) it
+                reason = "timeout" if isinstance(exc, UpstreamTimeout) else str(exc)
+                self._log(self.pool.report(key, Outcome.FAILURE, reason), key, reason)
+                return self._not_resent(exc)
             outcome = classify(resp.status)
             if outcome is Outcome.SUCCESS or outcome is Outcome.NEUTRAL:
-                # Nothing has gone to the client yet, so an answer that breaks off before its
-                # first byte (or, if small, before its end) can still move on to the next key.
+                meter.accepted = outcome is Outcome.SUCCESS
+                meter.encoded(resp.header("Content-Encoding"))
                 small = _small(request, resp)
                 try:
                     first = await (resp.read() if small else resp.read_some())
                 except UpstreamError as exc:
                     resp.close()
-                    answered = True
-                    transport_error = f"answer broke off: {exc}"
-                    self._log(self.pool.report(key, Outcome.FAILURE, transport_error), key, transport_error)
-                    continue
+                    meter.broken = True
+                    self._log(self.pool.report(key, Outcome.FAILURE, str(exc)), key, str(exc))
+                    return self._not_resent(exc)
                 except BaseException:
                     resp.close()
                     raise
@@ -187,8 +201,9 @@ class Forwarder:
                         metered.body(first)
                     return web.Response(status=resp.status, reason=resp.reason, body=first,
                                         headers=response_headers(resp))
-                return await self._stream(request, resp, key, first, metered)
-            # Retryable: keep the answer in case no other key does better.
+                strip = UsageEventFilter() if facts.usage_added else None
+                return await self._stream(request, resp, key, first, metered, strip)
+            # 429 or 5xx: the upstream says it did not do it. Keep the answer in case no other key does better.
             try:
                 err_body = await resp.read(MAX_ERROR_BODY)
             except UpstreamError:
@@ -203,16 +218,25 @@ class Forwarder:
             status, reason, headers, err_body = last_error
             self.stats.responses[status] += 1
             return web.Response(status=status, reason=reason, body=err_body, headers=headers)
-        if transport_error is not None:
+        if unreachable is not None:
             self.stats.responses[502] += 1
-            if answered:
-                return openai_error(502, f"the upstream's answer broke off ({transport_error})",
-                                    "upstream_error", "upstream_broken")
-            return openai_error(502, f"the upstream could not be reached ({transport_error})",
+            return openai_error(502, f"the upstream could not be reached ({unreachable})",
                                 "upstream_error", "upstream_unreachable")
         self.stats.no_key += 1
         self.stats.responses[503] += 1
         return openai_error(503, "no API key is available in the pool", "server_error", "no_available_key")
+
+    def _not_resent(self, exc: UpstreamError) -> web.Response:
+        """The answer to a request that reached the upstream and then failed: never sent again."""
+        self.stats.not_resent += 1
+        if isinstance(exc, UpstreamTimeout):
+            self.stats.responses[504] += 1
+            return openai_error(504, f"the upstream did not answer within {self.config.timeout:g} s; the request "
+                                "was not sent again, since the upstream may have processed it",
+                                "upstream_error", "upstream_timeout")
+        self.stats.responses[502] += 1
+        return openai_error(502, f"the upstream's answer broke off ({exc}); the request was not sent again, "
+                            "since the upstream may have processed it", "upstream_error", "upstream_broken")
 
     @staticmethod
     def _log(benched: bool, key: Key, reason: str) -> None:
@@ -225,7 +249,7 @@ class Forwarder:
             log.debug("key %s (%s): %s; trying another key", key.masked, key.account, reason)
 
     async def _stream(self, request: web.BaseRequest, resp: UpstreamResponse, key: Key,
-                      first: bytes, meter: Meter | None) -> web.StreamResponse:
+                      first: bytes, meter: Meter | None, strip: "UsageEventFilter | None") -> web.StreamResponse:
         """Relay an answer piece by piece, starting with the ``first`` piece already read."""
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp))
         if resp.content_length is not None:
@@ -235,9 +259,11 @@ class Forwarder:
         try:
             await out.prepare(request)
             while chunk:
-                await out.write(chunk)
                 if meter:
                     meter.piece(chunk)
+                relayed = strip.feed(chunk) if strip else chunk
+                if relayed:
+                    await out.write(relayed)
                 between_events = chunk.endswith((b"\n\n", b"\r\n\r\n"))
                 try:
                     chunk = await resp.read_some()  # whatever has arrived: each SSE event goes on at once
@@ -269,5 +295,39 @@ class Forwarder:
             resp.close()
             raise
         resp.finish()
+        if strip:
+            rest = strip.end()
+            if rest:
+                await out.write(rest)
         await out.write_eof()
         return out
+
+
+class UsageEventFilter:
+    """Drops from a stream the usage-only event (``"choices": []`` with a ``usage`` object) that is
+    there only because the proxy asked for it, so the client gets the stream it asked for. Events
+    are passed on whole; bytes of an event not yet ended wait for its end."""
+
+    __slots__ = ("_held",)
+    _END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+    _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+    _USAGE = re.compile(rb'"usage"\s*:\s*\{')
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._held + data
+        out = []
+        start = 0
+        for end in self._END.finditer(data):
+            event = data[start:end.end()]
+            if not (self._USAGE.search(event) and self._EMPTY_CHOICES.search(event)):
+                out.append(event)
+            start = end.end()
+        self._held = data[start:]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        held, self._held = self._held, b""
+        return held

@@ -57,12 +57,28 @@ class PoolCollector(Collector):
                                               "error or a broken answer", labels=["instance"])
         tokens = CounterMetricFamily("cst_proxy_instance_tokens", "Tokens the upstream reported in answers to a "
                                      "caller", labels=["instance", "kind"])
-        for caller, tally in sorted(state.usage.total.items()):
+        for caller, tally in state.usage.since_start().items():
             by_instance.add_metric([caller], tally.requests)
             instance_errors.add_metric([caller], tally.errors)
             tokens.add_metric([caller, "prompt"], tally.prompt_tokens)
             tokens.add_metric([caller, "completion"], tally.completion_tokens)
         yield from (by_instance, instance_errors, tokens)
+
+        limit = GaugeMetricFamily("cst_proxy_budget_limit", "A caller's budget in its window (tokens per day or "
+                                  "month, requests per minute)", labels=["instance", "budget"])
+        left = GaugeMetricFamily("cst_proxy_budget_left", "What is left of a caller's budget in the current "
+                                 "window", labels=["instance", "budget"])
+        used = GaugeMetricFamily("cst_proxy_usage_tokens", "Tokens a caller used in the current window "
+                                 "(prompt + completion, estimates included)", labels=["instance", "window"])
+        for caller in state.usage.callers():
+            document = state.usage.caller_document(caller)
+            used.add_metric([caller, "day"], document["today"]["tokens"])
+            used.add_metric([caller, "month"], document["month"]["tokens"])
+            for name, allowed in (document["budget"] or {}).items():
+                if allowed is not None:
+                    limit.add_metric([caller, name], allowed)
+                    left.add_metric([caller, name], document["left"][name])
+        yield from (limit, left, used)
 
         errors = GaugeMetricFamily("cst_proxy_account_error", "1 when the last refresh of an account failed",
                                    labels=["account", "provider"])

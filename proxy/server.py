@@ -22,8 +22,10 @@ from urllib.parse import unquote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .budget import Refusal, Reservation, charge
 from .forward import openai_error
 from .metrics import registry_for
+from .request_body import inspect
 from .state import ProxyState
 from .usage import Meter
 
@@ -73,6 +75,12 @@ def _too_large(state: ProxyState) -> web.Response:
                         "invalid_request_error", "request_too_large")
 
 
+def _over_budget(refusal: Refusal, now: float) -> web.Response:
+    response = openai_error(429, refusal.message(), "insufficient_quota", "budget_exceeded")
+    response.headers["Retry-After"] = str(refusal.retry_after(now))
+    return response
+
+
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
     caller = _caller(state, request)
     if caller is None:
@@ -91,21 +99,35 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         response.headers["Retry-After"] = "1"
         return response
     state.in_flight += 1
+    try:
+        try:
+            body = await request.read() if request.body_exists else b""
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
+            return _too_large(state)
+        facts = inspect(request.path, request.method, body)
+        admitted = state.usage.admit(caller, facts)
+        if isinstance(admitted, Refusal):
+            state.usage.refused(caller, facts, 429)
+            return _over_budget(admitted, state.usage.clock())
+        return await _forward_admitted(state, request, admitted)
+    finally:
+        state.in_flight -= 1
+
+
+async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reservation: Reservation) -> web.StreamResponse:
+    """Forward a request its budget admitted, and settle what it cost however it ends."""
     meter = Meter()
     status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
     try:
-        response = await state.forwarder.handle(request, meter)
-        status = response.status
+        response = await state.forwarder.handle(request, reservation.facts, meter)
+        status = 502 if meter.broken else response.status
         return response
-    except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
-        status = 413
-        return _too_large(state)
     except asyncio.CancelledError:
         status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
         raise
     finally:
-        state.in_flight -= 1
-        state.usage.count(caller, status, meter)
+        prompt, completion, estimated = charge(reservation.facts, meter.usage, meter.accepted, meter.text_bytes)
+        state.usage.settle(reservation, status, prompt, completion, estimated, meter.key)
 
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
@@ -151,9 +173,14 @@ def status_document(state: ProxyState, caller: str | None = None) -> dict[str, A
             ],
         }
     total, available = state.pool.counts()
-    own = caller if state.callers.is_instance(caller) else None
-    return {"keys": {"total": total, "available": available}, "accounts": accounts,
-            "caller": caller, "instances": state.usage.document(only=own)}
+    document: dict[str, Any] = {"keys": {"total": total, "available": available}, "accounts": accounts,
+                                "caller": caller}
+    if state.callers.is_instance(caller):
+        assert caller is not None
+        document["usage"] = {"window": state.usage.window(), **state.usage.caller_document(caller)}
+    else:
+        document["usage"] = state.usage.document()
+    return document
 
 
 async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:

@@ -17,14 +17,17 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from reconciler.desired.model import DesiredState, Listen, ProxySettings
+from reconciler.desired.model import Budget, DesiredState, Listen, ProxySettings
 from reconciler.desired.watch import changes_in
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 from .accounts import AccountManager
+from .budget import MINUTE, UsageBook
+from .calendar import Calendar
 from .callers import Callers
 from .forward import ForwardConfig, Forwarder
+from .ledger import LedgerWriter, SqliteStore
 from .pool import KeyPool
 from .server import build_server
 from .state import ProxyState
@@ -37,6 +40,29 @@ SHUTDOWN_GRACE = 5.0
 
 def _forward_config(settings: ProxySettings) -> ForwardConfig:
     return ForwardConfig(settings.upstream, settings.max_attempts, settings.timeout)
+
+
+def ledger_path(state_dir: Path) -> Path:
+    return state_dir / "proxy" / "ledger.sqlite3"
+
+
+def read_usage(desired: DesiredState) -> tuple[UsageBook, SqliteStore | None]:
+    """The ledger of ``desired``'s state dir opened for reading (None when nothing was written yet),
+    and a book of the current windows read from it: what ``cst usage`` shows without a proxy."""
+    book = UsageBook(Calendar(desired.settings.usage.timezone))
+    book.budgets = budgets(desired)
+    path = ledger_path(desired.settings.state_dir)
+    if not path.exists():
+        return book, None
+    store = SqliteStore(path, readonly=True)
+    now = book.clock()
+    book.load(store.standing(book.calendar.day(now), book.calendar.month(now), now - MINUTE))
+    return book, store
+
+
+def budgets(desired: DesiredState) -> dict[str, Budget]:
+    """Each instance's budget (its own or the fleet's), for the instances that use the pool."""
+    return {spec.id: spec.budget for spec in desired.instances if spec.proxy and spec.budget.limited}
 
 
 def _client_keys(settings: ProxySettings) -> tuple[str, ...]:
@@ -85,7 +111,8 @@ class ProxyService:
         forwarder = Forwarder(self._upstream, pool, _forward_config(settings.proxy))
         accounts = AccountManager(pool, self._session, settings.state_dir)
         callers = Callers(_client_keys(settings.proxy), anonymous=settings.proxy.anonymous)
-        self.state = ProxyState(pool, forwarder, accounts, callers,
+        usage = await self._open_usage(self.desired)
+        self.state = ProxyState(pool, forwarder, accounts, callers, usage,
                                 max_body=settings.proxy.max_body, max_concurrent=settings.proxy.max_concurrent)
         accounts.update(self.desired.accounts)
         await self.reload_instance_keys()
@@ -101,6 +128,21 @@ class ProxyService:
             raise
         await self._follow_instance_keys()
         log.info("proxy listening on %s, forwarding to %s", self.url, settings.proxy.upstream)
+
+    async def _open_usage(self, desired: DesiredState) -> UsageBook:
+        """The ledger of the state dir and the book of current use, started where the ledger left off."""
+        settings = desired.settings
+        store = await asyncio.to_thread(SqliteStore, ledger_path(settings.state_dir))
+        book = UsageBook(Calendar(settings.usage.timezone), LedgerWriter(store, settings.usage.retention))
+        book.budgets = budgets(desired)
+        await self._load_usage(book)
+        return book
+
+    async def _load_usage(self, book: UsageBook) -> None:
+        assert book.ledger is not None
+        now = book.clock()
+        book.load(await asyncio.to_thread(book.ledger.store.standing, book.calendar.day(now),
+                                          book.calendar.month(now), now - MINUTE))
 
     async def _bind(self, listen: Listen) -> None:
         assert self._runner is not None
@@ -133,6 +175,12 @@ class ProxyService:
         state.pool.failure_threshold = new.failure_threshold
         state.callers.set_client_keys(_client_keys(new), new.anonymous)
         state.max_body, state.max_concurrent = new.max_body, new.max_concurrent
+        state.usage.budgets = budgets(desired)
+        assert state.usage.ledger is not None
+        state.usage.ledger.retention = desired.settings.usage.retention
+        if desired.settings.usage.timezone != state.usage.calendar.declared:
+            state.usage.reset(Calendar(desired.settings.usage.timezone))
+            await self._load_usage(state.usage)
         if desired.settings.state_dir != state.accounts.cache_dir.parent:
             state.accounts.cache_dir = desired.settings.state_dir / "proxy"
             await self.reload_instance_keys()
@@ -181,6 +229,8 @@ class ProxyService:
         await self._stop_following()
         if self.state is not None:
             await self.state.accounts.close()
+            if self.state.usage.ledger is not None:
+                await asyncio.to_thread(self.state.usage.ledger.close)   # what is queued is written
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = self._site = None

@@ -1,15 +1,15 @@
 """What the proxy's parts share while it runs: the pool, the forwarder, the accounts, who may call
-and what each caller used, and the limits."""
+and what each caller used (with its budget), and the limits."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 from .accounts import AccountManager
+from .budget import UsageBook
 from .callers import Callers
 from .forward import Forwarder
 from .pool import KeyPool
-from .usage import UsageBook
 
 
 @dataclass
@@ -17,9 +17,9 @@ class ProxyState:
     pool: KeyPool
     forwarder: Forwarder
     accounts: AccountManager
-    callers: Callers                     # who may call; no keys at all: no client authentication
+    callers: Callers                     # who may call
+    usage: UsageBook                     # what each caller used, its budget, the ledger
     max_body: int                        # settings.proxy.max_body
     max_concurrent: int                  # settings.proxy.max_concurrent
-    usage: UsageBook = field(default_factory=UsageBook)
     in_flight: int = 0                   # forwarded requests running now
     started: float = field(default_factory=time.monotonic)

@@ -51,6 +51,14 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class UpstreamNotSent(UpstreamError):
+    """The request never left: the connection could not be made. Safe to send elsewhere."""
+
+
+class ConnectTimeout(UpstreamNotSent, UpstreamTimeout):
+    pass
+
+
 @dataclass(frozen=True)
 class Origin:
     scheme: str
@@ -390,16 +398,18 @@ class UpstreamClient:
                                        server_hostname=origin.host if origin.tls else None),
                 timeout)
         except asyncio.TimeoutError:
-            raise UpstreamTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
+            raise ConnectTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
+            raise UpstreamNotSent(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}"
                                 if isinstance(exc, OSError) else str(exc)) from None
         return conn
 
     async def request(self, origin: Origin, method: str, head: bytes, body: bytes | None,
                       timeout: float) -> UpstreamResponse:
         """Send ``head`` (request line and headers, ending in a blank line) and ``body``;
-        return once the answer's head has arrived. Never re-sends: see the module's notes."""
+        return once the answer's head has arrived. Never re-sends: see the module's notes.
+        ``UpstreamNotSent`` when the request never left; any other ``UpstreamError`` once it may
+        have reached the upstream."""
         conn = self._get(origin) or await self._connect(origin, timeout)
         assert conn.transport is not None
         conn.start()

@@ -1,32 +1,27 @@
-"""What each caller (an instance, mostly) used: requests, errors, and the tokens upstream reported.
+"""Reading one answer for what it cost: the tokens the upstream reported, else what an estimate
+needs (how much text was relayed).
 
 Tokens come from the ``usage`` object of the answers: the JSON body of a whole answer, or the
 event of a stream that carries it (OpenAI sends it last when asked with
-``stream_options.include_usage``; gateways of the one-api family always do). The forwarder hands
-every relayed piece to a ``Meter``; the meter looks for the bytes ``"usage"`` and decodes only
-the object after them, so an answer is never parsed whole and a stream never buffered.
-
-Counts are kept since the proxy started and for the current local day (the panel's "today").
+``stream_options.include_usage``, which the proxy adds; gateways of the one-api family always
+do). The forwarder hands every relayed piece to a ``Meter``; the meter looks for the bytes
+``"usage"`` and decodes only the object after them, so an answer is never parsed whole and a
+stream never buffered. A compressed answer (an upstream that ignored ``Accept-Encoding:
+identity``) is inflated for the meter only; the client gets the bytes as they came.
 """
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+import re
+import zlib
 
 _NEEDLE = b'"usage"'
 _DECODER = json.JSONDecoder()
 _MAX_PENDING = 64 * 1024   # a usage object split over stream pieces is small; past this, give up
 _BLANK = b" \t\r\n"
-
-
-@dataclass
-class Tally:
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+_MAX_INFLATED = 16 << 20   # a compressed answer is inflated this far for the meter, no further
+# the generated text of a stream's events, for an estimate when no usage arrives
+_TEXT = re.compile(rb'"(?:content|text|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
 def _tokens(usage: object) -> tuple[int, int] | None:
@@ -75,25 +70,49 @@ def _wait(whole: bool) -> None:
 
 
 class Meter:
-    """Usage seen in one answer. The last usage object seen wins (some upstreams repeat a running
+    """What one answer cost. The last usage object seen wins (some upstreams repeat a running
     total in every event)."""
 
-    __slots__ = ("usage", "broken", "_pending", "_tail")
+    __slots__ = ("usage", "broken", "key", "accepted", "text_bytes", "_pending", "_tail", "_inflate")
 
     def __init__(self) -> None:
-        self.usage: tuple[int, int] | None = None
-        self.broken = False   # the upstream's answer broke off after it began
+        self.usage: tuple[int, int] | None = None   # (prompt, completion) as the upstream reported
+        self.broken = False     # the upstream's answer broke off after it began
+        self.accepted = False   # an upstream answered 2xx: it took the request (and bills it)
+        self.key = ""           # the pool key that carried it, masked
+        self.text_bytes = 0     # generated text relayed, for an estimate when no usage arrives
         self._pending: bytes | None = None
         self._tail = b""
+        self._inflate: zlib._Decompress | None = None
+
+    def encoded(self, content_encoding: str | None) -> None:
+        """The answer comes with this Content-Encoding: gzip and deflate are inflated for metering."""
+        if content_encoding and content_encoding.strip().lower() in ("gzip", "x-gzip", "deflate"):
+            self._inflate = zlib.decompressobj(wbits=47)   # 32 + 15: gzip or zlib, told by the header
+
+    def _plain(self, data: bytes) -> bytes:
+        if self._inflate is None:
+            return data
+        try:
+            return self._inflate.decompress(data, _MAX_INFLATED)
+        except zlib.error:
+            self._inflate = None   # not what it said it was: nothing more to read from it
+            return b""
 
     def body(self, data: bytes) -> None:
         """A whole answer."""
+        data = self._plain(data)
         at = data.rfind(_NEEDLE)
         if at >= 0:
             self.usage = _decode_after(data, at, whole=True) or self.usage
+        if self.usage is None:
+            self.text_bytes += sum(len(m) for m in _TEXT.findall(data))
 
     def piece(self, data: bytes) -> None:
         """The next piece of a streamed answer."""
+        data = self._plain(data)
+        if self.usage is None:
+            self.text_bytes += sum(len(m) for m in _TEXT.findall(data))
         if self._pending is not None:
             self._pending += data
         else:
@@ -112,46 +131,3 @@ class Meter:
         self._pending, self._tail = None, b""
         if found is not None:
             self.usage = found
-
-
-def _next_midnight(now: float) -> float:
-    t = time.localtime(now)
-    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, 0, 0, 0, 0, 0, -1))
-
-
-@dataclass
-class UsageBook:
-    clock: Callable[[], float] = time.time
-    total: dict[str, Tally] = field(default_factory=dict)
-    today: dict[str, Tally] = field(default_factory=dict)
-    day: str = ""
-    _day_ends: float = 0.0
-
-    def _roll(self) -> None:
-        now = self.clock()
-        if now >= self._day_ends:
-            self.today = {}
-            self.day = time.strftime("%Y-%m-%d", time.localtime(now))
-            self._day_ends = _next_midnight(now)
-
-    def count(self, caller: str, status: int, meter: Meter) -> None:
-        self._roll()
-        failed = status >= 400 or meter.broken
-        for book in (self.total, self.today):
-            tally = book.get(caller)
-            if tally is None:
-                tally = book[caller] = Tally()
-            tally.requests += 1
-            if failed:
-                tally.errors += 1
-            if meter.usage is not None:
-                tally.prompt_tokens += meter.usage[0]
-                tally.completion_tokens += meter.usage[1]
-
-    def document(self, only: str | None = None) -> dict[str, dict]:
-        """Counts by caller (or of ``only``), each with today's beside the totals."""
-        self._roll()
-        names = [only] if only is not None else sorted(set(self.total) | set(self.today))
-        return {name: {**asdict(self.total.get(name, Tally())),
-                       "today": {"day": self.day, **asdict(self.today.get(name, Tally()))}}
-                for name in names}

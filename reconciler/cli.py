@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import logging
 import ssl
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
 import uvloop
 
+from proxy.budget import daily_document
 from proxy.cli import proxy_command
 from proxy.pool import mask
+from proxy.service import read_usage
 
 from .desired.model import DesiredState, TlsSettings, load, port_of
 from .desired.shared_file import DesiredFile
@@ -94,6 +99,82 @@ def apply(file: Path, check: bool, diff: bool, wait: float, output: str) -> None
         click.echo(f"{prefix}ok={recap['ok']} changed={recap['changed']} failed={recap['failed']}")
     if report.count("failed"):
         sys.exit(EXIT_FAILED)
+
+
+def _day_option(name: str, dest: str, help_: str):
+    return click.option(name, dest, type=click.DateTime(["%Y-%m-%d"]), default=None, help=help_)
+
+
+@cli.command()
+@file_option
+@click.option("-o", "--output", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True)
+@_day_option("--from", "first", "Daily totals from this day (YYYY-MM-DD, in settings.usage.timezone).")
+@_day_option("--to", "last", "Daily totals up to this day, inclusive (default: today).")
+@click.option("--instance", "caller", default=None, help="Only this caller (an instance id, client or anonymous).")
+def usage(file: Path, output: str, first: datetime | None, last: datetime | None, caller: str | None) -> None:
+    """What each instance used of the key pool: today and this month against its budget; or, with
+    --from/--to/--instance, daily totals (-o csv for billing). Read from the ledger in the state dir,
+    with or without cst serve."""
+    desired = load_or_exit(file)
+    book, store = read_usage(desired)
+    try:
+        if first is None and last is None and caller is None:
+            _show_windows(book.document(i.id for i in desired.instances), output)
+            return
+        window = book.window()
+        first_day = first.date().isoformat() if first else window["month"] + "-01"
+        last_day = last.date().isoformat() if last else window["day"]
+        if first_day > last_day:
+            raise click.BadParameter(f"{first_day} is after --to {last_day}", param_hint="--from")
+        totals = store.daily(first_day, last_day, caller) if store is not None else []
+        _show_days(daily_document(window, totals, first_day, last_day), output)
+    finally:
+        if store is not None:
+            store.close()
+
+
+USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "tokens", "estimated")
+
+
+def _show_windows(document: dict, output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(document, indent=2))
+        return
+    rows = []
+    for caller, entry in document["instances"].items():
+        budget, left = entry["budget"] or {}, entry["left"] or {}
+        rows.append([caller, entry["today"]["requests"], entry["today"]["tokens"], budget.get("tokens_per_day"),
+                     left.get("tokens_per_day"), entry["month"]["tokens"], budget.get("tokens_per_month"),
+                     left.get("tokens_per_month"), budget.get("requests_per_minute")])
+    header = ["instance", "requests_today", "tokens_today", "tokens_per_day", "left_today", "tokens_month",
+              "tokens_per_month", "left_month", "requests_per_minute"]
+    window = document["window"]
+    _table(header, rows, output, f"{window['day']} ({window['timezone']}); the day resets at "
+                                 f"{window['resets']['day']}, the month at {window['resets']['month']}")
+
+
+def _show_days(document: dict, output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(document, indent=2))
+        return
+    rows = [[day["day"], day["instance"], *(day[c] for c in USAGE_COLUMNS)] for day in document["days"]]
+    _table(["day", "instance", *USAGE_COLUMNS], rows, output,
+           f"{document['from']} to {document['to']} ({document['window']['timezone']})")
+
+
+def _table(header: list[str], rows: list[list], output: str, caption: str) -> None:
+    if output == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
+        click.echo(out.getvalue(), nl=False)
+        return
+    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    click.echo(caption)
+    for row in cells:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
 
 
 def _uptime(seconds: float | None) -> str:

@@ -255,23 +255,37 @@ def proxy_fakes():
 
 
 @contextmanager
-def fake_daidai(accounts: dict[str, tuple[str, list[dict]]]) -> Iterator[str]:
-    """tests/proxy/fakes.py's DaiDai platform on an event loop of its own thread, for tests that run
-    `cst serve` as a process: ``{email: (password, keys)}`` in, its base URL out."""
-    platform = proxy_fakes().FakeDaiDai()
-    for email, (password, keys) in accounts.items():
-        platform.add_account(email, password, keys)
+def _on_a_thread(server):
+    """One of tests/proxy/fakes.py's aiohttp servers on an event loop of its own thread, for tests
+    that run `cst serve` as a process."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(platform.start(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
     try:
-        yield platform.url
+        yield server
     finally:
-        asyncio.run_coroutine_threadsafe(platform.stop(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@contextmanager
+def fake_daidai(accounts: dict[str, tuple[str, list[dict]]]) -> Iterator[str]:
+    """The fake DaiDai platform: ``{email: (password, keys)}`` in, its base URL out."""
+    platform = proxy_fakes().FakeDaiDai()
+    for email, (password, keys) in accounts.items():
+        platform.add_account(email, password, keys)
+    with _on_a_thread(platform):
+        yield platform.url
+
+
+@contextmanager
+def fake_upstream(**options):
+    """The fake OpenAI-compatible upstream (``options`` as FakeUpstream takes them)."""
+    with _on_a_thread(proxy_fakes().FakeUpstream(**options)) as upstream:
+        yield upstream
 
 
 def daidai_account(name: str, email: str, api_base: str, password_env: str = "DAIDAI_PASSWORD") -> str:

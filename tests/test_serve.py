@@ -348,6 +348,10 @@ def test_rotating_and_deleting_take_a_key_away_at_once(project, serve):
     denied = httpx.get(f"http://127.0.0.1:{proxy}/v1/models", headers={"Authorization": f"Bearer {new}"})
     assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
     assert proxy_status(proxy, key_b) == 502
+    # the last instance with a key deleted (c has proxy: false): the key table is empty, still closed
+    assert served.api("DELETE", f"/api/instances/st-instance-{b}").status_code == 200
+    assert proxy_status(proxy, key_b) == 401
+    assert httpx.get(f"http://127.0.0.1:{proxy}/v1/models").status_code == 401
 
 
 def test_an_instance_that_stops_answering_its_health_check_is_restarted(project, serve):

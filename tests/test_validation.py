@@ -49,7 +49,7 @@ def test_example_file_is_valid():
      instances:
        - port: 8001
          colour: blue
-     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: max_memory, password_env, port, proxy, state)"),
+     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: budget, max_memory, password_env, port, proxy, state)"),
     ("""\
      version: 1
      instances:
@@ -129,7 +129,7 @@ def test_example_file_is_valid():
      version: 1
      settings:
        sillytavern: {start_timeout: soon}
-     """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h)"),
+     """, "desired.yaml:3: settings.sillytavern.start_timeout: 'soon' is not a duration (a number of seconds, or like 30s, 5m, 1h, 90d)"),
     ("""\
      version: 1
      accounts:
@@ -180,3 +180,62 @@ def test_cli_validate_exit_codes(tmp_path):
     assert failed.stderr.strip() == f"{bad}:4: instances[1].port: 8001 is used twice (first at instances[0])"
     missing = run(tmp_path / "nope.yaml")
     assert missing.returncode == 1 and "nope.yaml:1: cannot read the file" in missing.stderr
+
+
+BUDGETS = """\
+    version: 1
+    settings:
+      usage: {timezone: Mars/Olympus, retention: 1h}
+      budget: {tokens_per_day: -5, tokens_per_month: 1.5, requests_per_minute: 1000000000000000}
+    instances:
+      - port: 8001
+        budget: {tokens_per_dya: 50000}
+      - port: 8002
+        budget: lots
+      - port: 8003
+        proxy: false
+        budget: {tokens_per_day: 5}
+    """
+
+
+def test_bad_budgets_and_usage_settings_are_located_and_nothing_is_applied():
+    assert problems(BUDGETS) == [
+        "desired.yaml:3: settings.usage.timezone: 'Mars/Olympus' is not a known time zone "
+        "(an IANA name such as Asia/Shanghai or UTC)",
+        "desired.yaml:3: settings.usage.retention: '1h' is shorter than a day "
+        "(ledger rows are kept at least for the day they count in)",
+        "desired.yaml:4: settings.budget.tokens_per_day: -5 is less than the minimum of 0",
+        "desired.yaml:4: settings.budget.tokens_per_month: expected an integer, got a number 1.5",
+        "desired.yaml:4: settings.budget.requests_per_minute: 1000000000000000 is greater than the maximum of 1000000",
+        "desired.yaml:7: instances[0].budget.tokens_per_dya: unknown key "
+        "(expected one of: requests_per_minute, tokens_per_day, tokens_per_month)",
+        "desired.yaml:9: instances[1].budget: expected a mapping or null, got a string 'lots'",
+        "desired.yaml:12: instances[2].budget: this instance does not use the key pool (proxy: false), "
+        "so a budget would limit nothing",
+    ]
+
+
+def test_budgets_inherit_the_fleet_s_and_null_or_empty_means_no_limit(tmp_path):
+    desired = parse(textwrap.dedent("""\
+        version: 1
+        settings:
+          usage: {timezone: Asia/Shanghai, retention: 30d}
+          budget: {tokens_per_day: 200000, requests_per_minute: 30}
+        instances:
+          - port: 8001
+            budget: {tokens_per_day: 50000}
+          - port: 8002
+          - port: 8003
+            budget: null
+          - port: 8004
+            budget: {}
+          - port: 8005
+            proxy: false
+        """), tmp_path / "desired.yaml")
+    assert desired.settings.usage.timezone == "Asia/Shanghai" and desired.settings.usage.retention == 30 * 86400
+    limits = {i.port: (i.budget.tokens_per_day, i.budget.requests_per_minute, i.budget.limited)
+              for i in desired.instances}
+    assert limits == {8001: (50000, None, True), 8002: (200000, 30, True), 8003: (None, None, False),
+                      8004: (None, None, False), 8005: (None, None, False)}
+    plain = parse("version: 1\n", tmp_path / "desired.yaml")
+    assert plain.settings.usage.timezone is None and plain.settings.usage.retention == 90 * 86400

@@ -98,6 +98,33 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What one instance may use of the pool; None: no limit of that kind."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_minute: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.tokens_per_day, self.tokens_per_month, self.requests_per_minute))
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any] | None) -> "Budget":
+        data = data or {}
+        return cls(data.get("tokens_per_day"), data.get("tokens_per_month"), data.get("requests_per_minute"))
+
+
+NO_LIMIT = Budget()
+
+
+@dataclass(frozen=True)
+class UsageSettings:
+    timezone: str | None = None   # an IANA name; None: the machine's zone
+    retention: float = parse_duration(_default("settings", "usage", "retention"))
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: Path
     data_root: Path
@@ -107,6 +134,7 @@ class Settings:
     sillytavern: SillyTavernSettings = SillyTavernSettings()
     api: ApiSettings = ApiSettings()
     proxy: ProxySettings = ProxySettings()
+    usage: UsageSettings = UsageSettings()
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,7 @@ class InstanceSpec:
     password_env: str | None = None
     max_memory: int | None = None      # bytes
     proxy: bool = _default("instances", "proxy")   # wired to the key pool, with a proxy key of its own
+    budget: Budget = NO_LIMIT   # its own, or settings.budget when it names none
 
     @property
     def id(self) -> str:
@@ -160,7 +189,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     """Build the model from a document that ``validation.check`` accepted (defaults filled in)."""
     base = path.resolve().parent
     raw = data["settings"]
-    st, api, proxy, logs = raw["sillytavern"], raw["api"], raw["proxy"], raw["logs"]
+    st, api, proxy, logs, usage = raw["sillytavern"], raw["api"], raw["proxy"], raw["logs"], raw["usage"]
     tls = api.get("tls")
     settings = Settings(
         state_dir=_path(base, raw["state_dir"]),
@@ -193,7 +222,9 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             max_concurrent=proxy["max_concurrent"],
             anonymous=proxy["anonymous"],
         ),
+        usage=UsageSettings(timezone=usage.get("timezone"), retention=parse_duration(usage["retention"])),
     )
+    fleet_budget = Budget.from_data(raw.get("budget"))
     accounts = tuple(
         Account(
             name=a["name"],
@@ -211,7 +242,9 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     instances = tuple(
         InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None,
-                     proxy=i["proxy"])
+                     proxy=i["proxy"],
+                     budget=NO_LIMIT if not i["proxy"] else Budget.from_data(i["budget"]) if "budget" in i
+                     else fleet_budget)
         for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,

@@ -25,6 +25,7 @@ import os
 import re
 import reprlib
 import stat
+import zoneinfo
 from importlib import resources
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,8 +46,8 @@ MAX_DURATION = 365 * 86400.0
 MIN_DURATION = 0.001
 MAX_SIZE = 1 << 50      # 1 PiB: any size beyond is a typo
 
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
 _UNIT_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 _MAP_TAG, _SEQ_TAG, _MERGE_TAG = "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:merge"
@@ -300,7 +301,8 @@ class _Located:
 
 
 _YAML_TYPE_NAMES = {"object": "a mapping", "array": "a list", "integer": "an integer",
-                    "string": "a string", "number": "a number", "boolean": "true or false"}
+                    "string": "a string", "number": "a number", "boolean": "true or false",
+                    "null": "null"}
 
 
 def _yaml_type(value: Any) -> str:
@@ -321,7 +323,8 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required key '{missing}'"
     if kind == "type":
-        expected = _YAML_TYPE_NAMES.get(error.validator_value, error.validator_value)
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        expected = " or ".join(_YAML_TYPE_NAMES.get(t, t) for t in types)
         return path, f"expected {expected}, got {_yaml_type(value)} {shown}"
     if kind == "enum":
         choices = ", ".join(str(c) for c in error.validator_value)
@@ -340,8 +343,9 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"{shown} is not a valid {error.validator_value} address"
     if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{shown} is not a size (bytes, or like 512MiB, 1.5GiB)"
-    if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync"):
-        return path, f"{shown} is not a duration (a number of seconds, or like 30s, 5m, 1h)"
+    if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync",
+                                                    "retention"):
+        return path, f"{shown} is not a duration (a number of seconds, or like 30s, 5m, 1h, 90d)"
     return path, error.message
 
 
@@ -394,7 +398,7 @@ def _listen_of(settings: dict, section: str) -> str:
 
 _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
               ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
-              ("settings", "api", "timeout"))
+              ("settings", "api", "timeout"), ("settings", "usage", "retention"))
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"))
@@ -536,6 +540,8 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
         if port in reserved:
             yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
 
+    yield from _usage_problems(doc, settings)
+
     names: dict[str, int] = {}
     accounts = data.get("accounts")
     for i, account in enumerate(accounts if isinstance(accounts, list) else []):
@@ -557,6 +563,39 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
             yield from _exactly_one(doc, ("accounts", i), account, "password_env", "password_file")
         else:
             yield from _exactly_one(doc, ("accounts", i), account, "keys_env", "keys_file")
+
+
+def _usage_problems(doc: _Located, settings: dict) -> Iterator[Problem]:
+    """The ledger's settings: a time zone that exists, a retention of at least a day, and no budget on
+    an instance that does not use the pool."""
+    usage = _mapping(settings.get("usage"))
+    zone = usage.get("timezone")
+    if isinstance(zone, str) and zone and zone_problem(zone):
+        yield doc.problem(("settings", "usage", "timezone"), zone_problem(zone) or "")
+    retention = usage.get("retention")
+    if isinstance(retention, (int, float, str)) and not isinstance(retention, bool):
+        try:
+            too_short = parse_duration(retention) < 86400
+        except (AttributeError, OverflowError):   # not a duration at all: the schema says so
+            too_short = False
+        if too_short:
+            yield doc.problem(("settings", "usage", "retention"), f"{_shown.repr(retention)} is shorter than a day "
+                              "(ledger rows are kept at least for the day they count in)")
+    instances = doc.data.get("instances")
+    for i, instance in enumerate(instances if isinstance(instances, list) else []):
+        instance = _mapping(instance)
+        if instance.get("proxy") is False and instance.get("budget"):
+            yield doc.problem(("instances", i, "budget"), "this instance does not use the key pool (proxy: false), "
+                              "so a budget would limit nothing")
+
+
+def zone_problem(name: str) -> str | None:
+    """Why ``name`` is not an IANA time zone this machine knows, or None."""
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return f"{_shown.repr(name)} is not a known time zone (an IANA name such as Asia/Shanghai or UTC)"
+    return None
 
 
 _PROVIDER_KEYS = {

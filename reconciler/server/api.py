@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
-from . import logstream
+from . import logstream, usage
 from .admin_page import Page
 from .backup import MANIFEST, zip_stream
 from ..desired.edits import instance_lines
@@ -140,17 +140,22 @@ async def create_instance(request: web.Request) -> web.Response:
     return _json(await request.app[FLEET].create(body), status=201)
 
 
+def _with_usage(request: web.Request, row: dict) -> dict:
+    """A row (shared by listings up to a second old) with the instance's use as of now."""
+    return {**row, **usage.instance_fields(request.app[DAEMON].proxy, row["id"])}
+
+
 async def list_instances(request: web.Request) -> web.Response:
     try:
         rows = await request.app[FLEET].rows()
     except OSError:
         log.exception("listing instances")
         raise ApiError(500, "list_failed") from None
-    return _json(rows)
+    return _json([_with_usage(request, row) for row in rows])
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    return _json(await request.app[FLEET].row(request.match_info["id"]))
+    return _json(_with_usage(request, await request.app[FLEET].row(request.match_info["id"])))
 
 
 async def stop_instance(request: web.Request) -> web.Response:
@@ -315,6 +320,11 @@ async def pool(request: web.Request) -> web.Response:
     return _json(pool_document(request.app[DAEMON].proxy))
 
 
+async def get_usage(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    return _json(await usage.usage(daemon.proxy, daemon.desired, request.query))
+
+
 async def free_port(request: web.Request) -> web.Response:
     return _json({"port": request.app[FLEET].free_port()})
 
@@ -351,5 +361,6 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_get("/api/events", _stream(events))
     app.router.add_get("/api/instances/{id}/logs", _stream(instance_logs))
     app.router.add_get("/api/pool", pool)
+    app.router.add_get("/api/usage", get_usage)
     app.router.add_get("/api/free-port", free_port)
     return app

@@ -85,10 +85,9 @@ async def test_an_upstream_that_accepts_and_never_answers(make_proxy: MakeProxy,
     for _ in range(3):
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-fake", messages=[])
-        assert info.value.status_code == 502
-        assert info.value.body["code"] == "upstream_unreachable" and "timeout" in info.value.body["message"]
+        assert info.value.status_code == 504 and info.value.body["code"] == "upstream_timeout"
     await client.close()
-    assert silent.accepted >= 3
+    assert silent.accepted == 3   # written once each, so never sent again on the other key
     # every key timed out within moments: the upstream is down, not the keys, so none is benched for long
     now = proxy.state.pool.clock()
     assert all(k.cooldown_until <= now + 1.5 and not k.quarantined for k in proxy.state.pool.keys())

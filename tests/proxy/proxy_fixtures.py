@@ -34,8 +34,12 @@ async def daidai() -> AsyncIterator[FakeDaiDai]:
 
 
 def desired_text(upstream_url: str, accounts: str, port: int, proxy_extra: str = "", state_dir: str = ".cst",
-                 timeout: str = "1s") -> str:
-    """A desired.yaml with the given ``accounts:`` list (YAML, unindented)."""
+                 timeout: str = "1s", closed: bool = False) -> str:
+    """A desired.yaml with the given ``accounts:`` list (YAML, unindented). The proxy serves
+    requests without a key (``anonymous: true``) unless ``closed``, CST's default, or
+    ``proxy_extra`` says otherwise: most tests here are about forwarding, not about keys."""
+    if not closed and "anonymous:" not in proxy_extra:
+        proxy_extra = f"anonymous: true\n{textwrap.dedent(proxy_extra).strip()}"
     accounts_block = textwrap.indent(textwrap.dedent(accounts).strip(), "  ") if accounts.strip() else "  []"
     return (
         "version: 1\n"
@@ -60,10 +64,11 @@ async def make_proxy(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Ma
     services: list[ProxyService] = []
 
     async def make(accounts: str, proxy_extra: str = "", upstream_url: str | None = None,
-                   file: Path | None = None, timeout: str = "1s") -> ProxyService:
+                   file: Path | None = None, timeout: str = "1s", closed: bool = False,
+                   extra: str = "") -> ProxyService:
         path = file or tmp_path / "desired.yaml"
         path.write_text(desired_text(upstream_url or upstream.url, accounts, free_port(), proxy_extra,
-                                     timeout=timeout))
+                                     timeout=timeout, closed=closed) + extra)
         service = ProxyService(load(path))
         await service.start()
         services.append(service)

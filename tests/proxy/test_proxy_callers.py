@@ -11,7 +11,10 @@ from conftest import eventually
 from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import PROMPT_TOKENS, FakeUpstream
 
-from proxy.usage import Meter, UsageBook
+from proxy.budget import UsageBook
+from proxy.calendar import Calendar
+from proxy.ledger import Row
+from proxy.usage import Meter
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
@@ -35,12 +38,16 @@ async def refused(service, key: str) -> bool:
 async def test_instance_keys_name_the_caller_and_count_its_use(make_proxy: MakeProxy, upstream: FakeUpstream,
                                                                env, tmp_path) -> None:
     env("KEYS", GOOD)
-    proxy = await make_proxy(static_account("main", "KEYS"))
-    # no key exists yet: the seed's "any key works"
-    assert (await get(proxy, "/v1/models", "whatever"))[0] == 200
+    proxy = await make_proxy(static_account("main", "KEYS"), closed=True)
+    # no key exists yet: closed all the same
+    assert (await get(proxy, "/v1/models", "whatever"))[0] == 401
+    assert (await get(proxy, "/v1/models"))[0] == 401
     keys = InstanceKeys(StateDir(tmp_path / ".cst"))
     one, two = keys.ensure("st-instance-8001"), keys.ensure("st-instance-8002")
-    await eventually(lambda: refused(proxy, "whatever"))   # minted by another process: followed
+
+    async def accepted(key: str) -> bool:   # /status: not a request of the caller's
+        return (await get(proxy, "/status", key))[0] == 200
+    await eventually(lambda: accepted(one))   # minted by another process: followed
 
     a, b = sdk(proxy, one), sdk(proxy, two)
     chat = await a.chat.completions.create(model="gpt-fake", messages=HI)
@@ -54,12 +61,13 @@ async def test_instance_keys_name_the_caller_and_count_its_use(make_proxy: MakeP
 
     status, mine = await get(proxy, "/status", one)
     assert status == 200 and mine["caller"] == "st-instance-8001"
-    assert list(mine["instances"]) == ["st-instance-8001"]   # an instance sees its own counts only
-    counts = mine["instances"]["st-instance-8001"]
+    assert "instances" not in mine["usage"]   # an instance sees its own counts only
+    counts = mine["usage"]["today"]
     assert {k: counts[k] for k in ("requests", "errors", "prompt_tokens", "completion_tokens")} == {
         "requests": 3, "errors": 1, "prompt_tokens": 2 * PROMPT_TOKENS, "completion_tokens": 5 + 5}
-    assert counts["today"]["requests"] == 3 and counts["today"]["day"] == time.strftime("%Y-%m-%d")
-    assert (await get(proxy, "/status", two))[1]["instances"]["st-instance-8002"]["requests"] == 1
+    assert mine["usage"]["month"] == counts and mine["usage"]["budget"] is None
+    assert mine["usage"]["window"]["day"] == time.strftime("%Y-%m-%d")   # the machine's zone by default
+    assert (await get(proxy, "/status", two))[1]["usage"]["today"]["requests"] == 1
 
     status, metrics = await get(proxy, "/metrics", two)
     assert status == 200
@@ -86,7 +94,7 @@ async def test_a_rotated_key_counts_at_once_after_a_reload(make_proxy: MakeProxy
     env("KEYS", GOOD)
     keys = InstanceKeys(StateDir(tmp_path / ".cst"))
     old = keys.ensure("st-instance-8001")
-    proxy = await make_proxy(static_account("main", "KEYS"))
+    proxy = await make_proxy(static_account("main", "KEYS"), closed=True)
     assert (await get(proxy, "/v1/models", old))[0] == 200
     _, new = keys.rotate("st-instance-8001")
     await proxy.reload_instance_keys()
@@ -103,43 +111,48 @@ async def test_anonymous_keeps_any_key_working_beside_instance_keys(make_proxy: 
     assert (await get(proxy, "/v1/models", key))[0] == 200
     status, doc = await get(proxy, "/status")
     assert status == 200 and doc["caller"] == "anonymous"
-    assert {name: c["requests"] for name, c in doc["instances"].items()} == {"anonymous": 2, "st-instance-8001": 1}
+    assert {name: c["today"]["requests"] for name, c in doc["usage"]["instances"].items()} == {
+        "anonymous": 2, "st-instance-8001": 1}
 
 
-async def test_streams_count_usage_only_when_the_upstream_sends_it(make_proxy: MakeProxy, upstream: FakeUpstream,
-                                                                   env, tmp_path) -> None:
+async def test_streams_are_asked_for_their_usage_and_the_client_gets_the_stream_it_asked_for(
+        make_proxy: MakeProxy, upstream: FakeUpstream, env, tmp_path) -> None:
     env("KEYS", GOOD)
     key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
-    proxy = await make_proxy(static_account("main", "KEYS"))
+    proxy = await make_proxy(static_account("main", "KEYS"), closed=True)
     upstream.stream_usage = "asked"   # as OpenAI: usage only with stream_options.include_usage
     client = sdk(proxy, key)
     plain = await client.chat.completions.create(model="gpt-fake", messages=HI, stream=True)
-    [c async for c in plain]
+    chunks = [c async for c in plain]
+    assert chunks and all(c.choices for c in chunks)   # no usage-only event it did not ask for
+    assert b'"include_usage":true' in upstream.seen[-1].body   # but the proxy asked, and metered it
     asked = await client.chat.completions.create(model="gpt-fake", messages=HI, stream=True,
                                                  stream_options={"include_usage": True})
     usage = [c.usage async for c in asked if c.usage]
     assert [(u.prompt_tokens, u.completion_tokens) for u in usage] == [(PROMPT_TOKENS, 5)]
-    counts = (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]
-    assert (counts["requests"], counts["prompt_tokens"], counts["completion_tokens"]) == (2, PROMPT_TOKENS, 5)
+    counts = (await get(proxy, "/status", key))[1]["usage"]["today"]
+    assert (counts["requests"], counts["prompt_tokens"], counts["completion_tokens"], counts["estimated"]) == (
+        2, 2 * PROMPT_TOKENS, 10, 0)
     await client.close()
 
 
-async def test_a_client_hanging_up_is_counted_but_not_as_an_error(make_proxy: MakeProxy, upstream: FakeUpstream,
-                                                                   env, tmp_path) -> None:
+async def test_a_client_hanging_up_is_charged_an_estimate_but_not_as_an_error(
+        make_proxy: MakeProxy, upstream: FakeUpstream, env, tmp_path) -> None:
     env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams its chunks 0.2 s apart
     key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
-    proxy = await make_proxy(static_account("main", "KEYS"))
+    proxy = await make_proxy(static_account("main", "KEYS"), closed=True)
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                              json={"model": "gpt-fake", "stream": True, "messages": HI}) as resp:
             await resp.content.readline()   # SillyTavern's stop button: hang up mid-answer
     await eventually(lambda: _counted(proxy, key))
-    counts = (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]
-    assert (counts["requests"], counts["errors"]) == (1, 0)
+    counts = (await get(proxy, "/status", key))[1]["usage"]["today"]
+    assert (counts["requests"], counts["errors"], counts["estimated"]) == (1, 0, 1)
+    assert counts["prompt_tokens"] > 0   # never zero: the upstream had the prompt
 
 
 async def _counted(proxy, key: str) -> bool:
-    return (await get(proxy, "/status", key))[1]["instances"]["st-instance-8001"]["requests"] == 1
+    return (await get(proxy, "/status", key))[1]["usage"]["today"]["requests"] == 1
 
 
 # -- the meter, piece by piece
@@ -174,19 +187,3 @@ def test_the_meter_keeps_the_last_usage_and_ignores_nonsense() -> None:
     none.body(b'{"id":"x","usage": null}')
     none.body(b'{"data": []}')
     assert none.usage is None
-
-
-def test_today_starts_again_at_local_midnight() -> None:
-    now = [time.mktime((2025, 3, 1, 23, 59, 0, 0, 0, -1))]
-    book = UsageBook(clock=lambda: now[0])
-    meter = Meter()
-    meter.body(b'{"usage": {"prompt_tokens": 2, "completion_tokens": 3}}')
-    book.count("st-instance-8001", 200, meter)
-    book.count("st-instance-8001", 502, Meter())
-    assert book.document()["st-instance-8001"]["today"] == {
-        "day": "2025-03-01", "requests": 2, "errors": 1, "prompt_tokens": 2, "completion_tokens": 3}
-    now[0] += 120
-    doc = book.document("st-instance-8001")["st-instance-8001"]
-    assert doc["today"] == {"day": "2025-03-02", "requests": 0, "errors": 0, "prompt_tokens": 0,
-                            "completion_tokens": 0}
-    assert (doc["requests"], doc["errors"], doc["prompt_tokens"]) == (2, 1, 2)

@@ -119,7 +119,7 @@ async def test_paths_are_normalised_and_never_leave_v1(make_proxy: MakeProxy, up
 async def test_a_client_key_that_is_not_utf8_is_a_401(make_proxy: MakeProxy, upstream: FakeUpstream, env) -> None:
     env("KEYS", GOOD)
     env("CLIENT_KEYS", "client-key-1")
-    proxy = await make_proxy(static_account("main", "KEYS"), proxy_extra="client_keys_env: CLIENT_KEYS")
+    proxy = await make_proxy(static_account("main", "KEYS"), proxy_extra="client_keys_env: CLIENT_KEYS", closed=True)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3\r\nConnection: close\r\n\r\n")
     answer = await reader.read()

@@ -1,0 +1,325 @@
+"""The ledger: one row per request that reached the proxy with a known key, kept in a store.
+
+The store is an interface (``LedgerStore``) so that a shared one can stand beside the default
+SQLite file for several proxy replicas. Rows are handed to a ``LedgerWriter``, which writes them
+on a thread of its own in batches at most ``FLUSH_DELAY`` after the first of them arrived: the
+event loop that relays chat streams never waits for a disk, and a ``kill -9`` loses at most the
+rows of the last ``FLUSH_DELAY`` (and of a write under way).
+
+Each batch also adds to the daily totals per caller (the ``daily`` table, keyed by the day in the
+declared time zone when the row was written). Rows are pruned after ``settings.usage.retention``;
+daily totals stay, so billing exports and budgets do not depend on the rows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable, Protocol, Sequence
+
+log = logging.getLogger("cst.proxy.ledger")
+
+FLUSH_DELAY = 0.05      # a row is on disk at most this long (plus the write) after its request ended
+PRUNE_EVERY = 3600.0
+MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be written
+
+
+@dataclass(frozen=True)
+class Row:
+    caller: str
+    model: str
+    path: str
+    status: int                 # what the client got; 0: the client hung up first
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool             # tokens estimated by the proxy, not reported by the upstream
+    started: float              # Unix time
+    ended: float
+    key: str                    # the pool key, masked ("" when none was used)
+    day: str                    # the window the row counts in (YYYY-MM-DD in the declared zone)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def failed(self) -> bool:
+        return self.status >= 400
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: int = 0          # requests whose tokens were estimated
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, row: Row) -> None:
+        self.requests += 1
+        self.errors += row.failed
+        self.prompt_tokens += row.prompt_tokens
+        self.completion_tokens += row.completion_tokens
+        self.estimated += row.estimated
+
+    def merge(self, other: "Tally") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def document(self) -> dict[str, int]:
+        return {"requests": self.requests, "errors": self.errors, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "tokens": self.tokens, "estimated": self.estimated}
+
+
+@dataclass
+class Standing:
+    """What the store says a caller used in the current windows (read when the proxy starts)."""
+
+    today: Tally = field(default_factory=Tally)
+    month: Tally = field(default_factory=Tally)
+    recent: list[float] = field(default_factory=list)   # start times of requests in the last minute
+
+
+@dataclass(frozen=True)
+class DayTotal:
+    day: str
+    caller: str
+    tally: Tally
+
+    def document(self) -> dict[str, object]:
+        return {"day": self.day, "instance": self.caller, **self.tally.document()}
+
+
+class LedgerStore(Protocol):
+    """Where rows and daily totals are kept. Methods block: call them off the event loop."""
+
+    def write(self, rows: Sequence[Row]) -> None:
+        """Rows and their daily totals, in one transaction."""
+
+    def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
+        """Per caller: the totals of ``day`` and ``month`` (``YYYY-MM``), and the requests since ``since``."""
+
+    def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
+        """Daily totals from day ``first`` to ``last`` (inclusive), by day then caller."""
+
+    def prune(self, before: float) -> int:
+        """Remove rows that started before ``before``; the number removed."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = (
+    # version 1
+    """
+    CREATE TABLE requests (
+        id INTEGER PRIMARY KEY,
+        caller TEXT NOT NULL, model TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
+        started REAL NOT NULL, ended REAL NOT NULL, key TEXT NOT NULL, day TEXT NOT NULL
+    );
+    CREATE INDEX requests_started ON requests (started);
+    CREATE TABLE daily (
+        day TEXT NOT NULL, caller TEXT NOT NULL,
+        requests INTEGER NOT NULL, errors INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
+        PRIMARY KEY (day, caller)
+    ) WITHOUT ROWID;
+    """,
+)
+
+_ADD_DAY = """
+    INSERT INTO daily (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (day, caller) DO UPDATE SET
+        requests = requests + excluded.requests, errors = errors + excluded.errors,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens,
+        estimated = estimated + excluded.estimated
+"""
+
+
+def _by_day(rows: Iterable[Row]) -> dict[tuple[str, str], Tally]:
+    totals: dict[tuple[str, str], Tally] = {}
+    for row in rows:
+        totals.setdefault((row.day, row.caller), Tally()).add(row)
+    return totals
+
+
+class SqliteStore:
+    """The default store: a SQLite file in the state dir (WAL: readers such as ``cst usage`` never
+    block the writer; ``synchronous=NORMAL``: a committed batch survives a crash of the process)."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = path
+        if readonly:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=10)
+        else:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)   # owner-only before SQLite writes to it
+            os.close(fd)
+            self._db = sqlite3.connect(path, check_same_thread=False, timeout=10, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        self._lock = threading.Lock()   # one statement at a time on the shared connection
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+            # each migration is one transaction, its version bumped inside it
+            statements = [s for s in script.split(";") if s.strip()]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {int(number)}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def write(self, rows: Sequence[Row]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
+                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(r.caller, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens, int(r.estimated),
+                      r.started, r.ended, r.key, r.day) for r in rows])
+                self._db.executemany(_ADD_DAY, [(day, caller, t.requests, t.errors, t.prompt_tokens,
+                                                 t.completion_tokens, t.estimated)
+                                                for (day, caller), t in _by_day(rows).items()])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
+        result: dict[str, Standing] = {}
+        with self._lock:
+            totals = self._db.execute(
+                "SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
+                " WHERE day >= ? AND day < ?", (f"{month}-01", f"{month}-32")).fetchall()
+            recent = self._db.execute("SELECT caller, started FROM requests WHERE started >= ?", (since,)).fetchall()
+        for row_day, caller, *counts in totals:
+            standing = result.setdefault(caller, Standing())
+            tally = Tally(*counts)
+            standing.month.merge(tally)
+            if row_day == day:
+                standing.today.merge(tally)
+        for caller, started in recent:
+            result.setdefault(caller, Standing()).recent.append(started)
+        return result
+
+    def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
+        query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
+                 " WHERE day >= ? AND day <= ?")
+        params: tuple[str, ...] = (first, last)
+        if caller is not None:
+            query += " AND caller = ?"
+            params += (caller,)
+        with self._lock:
+            found = self._db.execute(query + " ORDER BY day, caller", params).fetchall()
+        return [DayTotal(day, who, Tally(*counts)) for day, who, *counts in found]
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM requests WHERE started < ?", (before,)).rowcount
+
+    def rows(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class LedgerWriter:
+    """Rows in, batches out on a thread of its own. ``append`` never blocks; a batch that cannot be
+    written (disk full) is logged with its traceback and tried again, the rows kept meanwhile."""
+
+    def __init__(self, store: LedgerStore, retention: float, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.retention = retention
+        self._clock = clock
+        self._queue: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cst-ledger", daemon=True)
+        self.failures = 0          # batches that failed to write (and were kept)
+        self.written = 0
+        self._thread.start()
+
+    def append(self, row: Row) -> None:
+        self._queue.put(row)
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self.store.close()
+
+    def _take(self, backlog: list[Row], wait: float | None) -> bool:
+        """Move what is queued into ``backlog``, waiting up to ``wait`` for a first item;
+        False once ``close`` asked the thread to stop."""
+        try:
+            item = self._queue.get(timeout=wait)
+        except queue.Empty:
+            return True
+        going = True
+        while True:
+            if item is None:
+                going = False
+            else:
+                backlog.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return going
+
+    def _run(self) -> None:
+        backlog: list[Row] = []
+        going = True
+        next_prune = 0.0
+        while going or backlog:
+            if going:
+                # idle: wait for a row; with a backlog the store failed: try again within a second
+                going = self._take(backlog, 1.0 if backlog else None)
+                if going:
+                    time.sleep(FLUSH_DELAY)   # rows that end meanwhile join the same transaction
+                    going = self._take(backlog, 0)
+            if not backlog:
+                continue
+            try:
+                self.store.write(backlog)
+            except Exception:
+                self.failures += 1
+                log.exception("could not write %d ledger rows; keeping them and trying again", len(backlog))
+                if not going:
+                    log.error("stopping with %d ledger rows unwritten", len(backlog))
+                    return
+                if len(backlog) > MAX_BACKLOG:
+                    log.error("dropping the %d oldest ledger rows: the store has been failing too long",
+                              len(backlog) - MAX_BACKLOG)
+                    del backlog[:-MAX_BACKLOG]
+                continue
+            self.written += len(backlog)
+            backlog = []
+            now = self._clock()
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY
+                try:
+                    pruned = self.store.prune(now - self.retention)
+                    if pruned:
+                        log.info("pruned %d ledger rows older than the retention", pruned)
+                except Exception:
+                    log.exception("pruning the ledger failed; trying again in an hour")
