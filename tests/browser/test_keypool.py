@@ -75,9 +75,6 @@ class Fleet:
         return httpx.get(f"http://127.0.0.1:{self.proxy_port}{path}", headers={"Authorization": f"Bearer {key}"},
                          timeout=30)
 
-    def counts(self, port: int) -> dict:
-        return self.proxy("/status", self.key(port)).json()["instances"][self.id(port)]
-
     def usage(self, port: int) -> dict:
         """The instance's use against its budget, as the proxy tells the instance itself."""
         return self.proxy("/status", self.key(port)).json()["usage"]
@@ -169,9 +166,9 @@ def test_a_new_user_chats_through_the_pool_from_the_chat_box(fleet: Fleet, new_p
              and b"Hello through the pool" in s.body]
     assert chats, "the message reached the upstream"
     assert {s.key for s in chats} <= set(USABLE), "with a pool key, never the instance's own"
-    counts = fleet.counts(a)
-    assert counts["today"]["requests"] >= 1 and counts["today"]["errors"] == 0
-    assert counts["today"]["completion_tokens"] >= 5, "the streamed answer's usage was counted"
+    today = fleet.usage(a)["today"]
+    assert today["requests"] >= 1 and today["errors"] == 0
+    assert today["completion_tokens"] >= 5, "the streamed answer's usage was counted"
     proxy_origin = f"127.0.0.1:{fleet.proxy_port}"
     assert not [u for u in recorded.requests if proxy_origin in u], "the page never talks to the proxy itself"
 

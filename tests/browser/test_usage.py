@@ -301,6 +301,8 @@ def test_the_chart_reads_with_none_one_or_many_instances(new_page, served, count
     spans = sorted((labels.nth(i).bounding_box() for i in range(labels.count())), key=lambda b: (b["y"], b["x"]))
     for one, two in zip(spans, spans[1:]):  # no label drawn over another
         assert one["y"] != two["y"] or one["x"] + one["width"] <= two["x"], (one, two)
+    for span in spans:  # nor cut by the edge
+        assert box["x"] <= span["x"] and span["x"] + span["width"] <= box["x"] + box["width"], (span, box)
     no_horizontal_scroll(page, "usage")
     page.locator("#chart-data summary").click()
     no_horizontal_scroll(page, "usage, with the table open")

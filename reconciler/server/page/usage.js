@@ -182,12 +182,13 @@ export function drawChart({ plot, legend, table, history, ids, width }) {
     svg.append(shape('line', { x1: left, x2: W - right, y1: y(v), y2: y(v), class: v ? 'grid-line' : 'axis' }),
       shape('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'tick' }, compact(v)));
   }
-  const every = Math.max(1, Math.ceil(44 / band));  // a date label every so many days, 44 px apart at least
+  const every = Math.max(1, Math.ceil(52 / band));  // a date label every so many days, 52 px apart at least
   days.forEach((day, index) => {
     const x = left + band * index + (band - barWidth) / 2;
-    if ((days.length - 1 - index) % every === 0) {
-      svg.append(shape('text', { x: x + barWidth / 2, y: H - 8, 'text-anchor': 'middle', class: 'tick' },
-        day.slice(5)));
+    if ((days.length - 1 - index) % every === 0) {  // counted back from today, whose label ends at the edge
+      const last = index === days.length - 1;
+      svg.append(shape('text', { x: last ? x + barWidth : x + barWidth / 2, y: H - 8,
+        'text-anchor': last ? 'end' : 'middle', class: 'tick' }, day.slice(5)));
     }
     let base = 0;
     for (const s of lines) {

@@ -82,7 +82,6 @@ function poolView(status, proxyUrl) {
             });
         }
     }
-    const me = status.caller ? status.instances?.[status.caller] : null;
     return {
         proxy: { state: 'up', url: `${proxyUrl}/v1` },
         pool: {
@@ -92,11 +91,7 @@ function poolView(status, proxyUrl) {
             available: status.keys?.available ?? keys.filter(k => k.available).length,
             keys,
         },
-        instance: {
-            id: process.env.CST_INSTANCE_ID ?? null,
-            today: me?.today ?? null,
-            total: me ? { requests: me.requests, errors: me.errors, prompt_tokens: me.prompt_tokens, completion_tokens: me.completion_tokens } : null,
-        },
+        instance: { id: process.env.CST_INSTANCE_ID ?? null },
         usage: usageView(status.usage),
     };
 }

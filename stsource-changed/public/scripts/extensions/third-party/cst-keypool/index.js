@@ -151,15 +151,15 @@ function meter(name, used, limit, spent) {
 }
 
 // This instance's use against its budget: usage {window, today, month, budget, left} from the proxy's
-// ledger (relayed by the plugin), or only today's counts from a proxy without one
+// ledger, relayed by the plugin
 function renderUsage(data) {
     const usage = data.usage ?? null;
-    const today = usage?.today ?? data.instance?.today ?? null;
+    const today = usage?.today ?? null;
     const month = usage?.month ?? null;
     const budget = usage?.budget ?? null;
     const left = usage?.left ?? null;
-    const tokens = part => part ? (part.tokens ?? (part.prompt_tokens ?? 0) + (part.completion_tokens ?? 0)) : 0;
-    field('usage').toggle(data.proxy?.state !== 'off');
+    const tokens = part => part?.tokens ?? 0;
+    field('usage').toggle(Boolean(usage));
     field('requests').text(count(today?.requests ?? 0));
     field('tokens').text(count(tokens(today)));
     field('month').toggle(Boolean(month));
