@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from reconciler.desired.model import NO_LIMIT, Budget
 
@@ -63,8 +63,7 @@ class Refusal:
                 f"{self.caller} {span_zh}额度已用完：已用 {self.used} / {self.allowed} tokens，将于 {when}（{self.zone}）重置。")
 
 
-@dataclass
-class Reservation:
+class Reservation(NamedTuple):
     caller: str
     facts: RequestFacts
     tokens: int
@@ -83,7 +82,6 @@ class _Account:
     this_month: Tally = field(default_factory=Tally)
     reserved: int = 0
     recent: deque[float] = field(default_factory=deque)   # start times within the last minute
-    since_start: Tally = field(default_factory=Tally)     # for the Prometheus counters
 
     def roll(self, day: str, month: str) -> None:
         if day != self.day:
@@ -119,7 +117,7 @@ class UsageBook:
         self.calendar = calendar
         self.ledger = ledger
         self.clock = clock
-        self.budgets: Mapping[str, Budget] = {}
+        self.budgets: Mapping[str, Budget] = {}   # the callers with a limit; the others have none
         self._accounts: dict[str, _Account] = {}
 
     def reset(self, calendar: Calendar) -> None:
@@ -130,7 +128,7 @@ class UsageBook:
     def load(self, standing: Mapping[str, Standing]) -> None:
         """Start from what the store holds for the current windows."""
         now = self.clock()
-        day, month = self.calendar.day(now), self.calendar.month(now)
+        day, month = self.calendar.window(now)
         for caller, found in standing.items():
             account = self._account(caller, day, month)
             account.today.merge(found.today)
@@ -147,32 +145,39 @@ class UsageBook:
 
     def admit(self, caller: str, facts: RequestFacts) -> Reservation | Refusal:
         now = self.clock()
-        calendar = self.calendar
-        day, month = calendar.day(now), calendar.month(now)
+        day, month = self.calendar.window(now)
         account = self._account(caller, day, month)
-        budget = self.budgets.get(caller, NO_LIMIT) if facts.billable else NO_LIMIT
+        budget = self.budgets.get(caller) if facts.billable else None
         tokens = 0
-        if budget.limited:
-            if budget.requests_per_minute is not None and account.recent_count(now) >= budget.requests_per_minute:
-                resets = datetime.fromtimestamp((account.recent[0] if account.recent else now) + MINUTE,
-                                                calendar.zone)
-                return Refusal(caller, Limit.MINUTE, len(account.recent), budget.requests_per_minute, resets,
-                               calendar.name)
-            room: int | None = None
-            for limit, allowed, used, ends in (
-                    (Limit.DAY, budget.tokens_per_day, account.today.tokens, calendar.day_ends),
-                    (Limit.MONTH, budget.tokens_per_month, account.this_month.tokens, calendar.month_ends)):
-                if allowed is None:
-                    continue
-                left = allowed - used - account.reserved
-                if left <= 0:
-                    return Refusal(caller, limit, used, allowed, ends(now), calendar.name)
-                room = left if room is None else min(room, left)
-            tokens = facts.reservation if room is None else min(facts.reservation, room)
+        if budget is not None:
+            refusal = self._refusal(caller, budget, account, now)
+            if refusal is not None:
+                return refusal
+            tokens = facts.reservation
+            for allowed, used in ((budget.tokens_per_day, account.today.tokens),
+                                  (budget.tokens_per_month, account.this_month.tokens)):
+                if allowed is not None:   # never more than is left: one request is never refused for its worst case
+                    tokens = min(tokens, allowed - used - account.reserved)
+            if budget.requests_per_minute is not None:
+                account.recent.append(now)
         account.reserved += tokens
-        if facts.billable:
-            account.recent.append(now)
         return Reservation(caller, facts, tokens, now, day, month)
+
+    def _refusal(self, caller: str, budget: Budget, account: _Account, now: float) -> Refusal | None:
+        """Which limit is used up, if one is."""
+        calendar = self.calendar
+        per_minute = budget.requests_per_minute
+        if per_minute is not None and account.recent_count(now) >= per_minute:
+            resets = datetime.fromtimestamp((account.recent[0] if account.recent else now) + MINUTE, calendar.zone)
+            return Refusal(caller, Limit.MINUTE, len(account.recent), per_minute, resets, calendar.name)
+        if budget.tokens_per_day is not None and account.today.tokens + account.reserved >= budget.tokens_per_day:
+            return Refusal(caller, Limit.DAY, account.today.tokens, budget.tokens_per_day, calendar.day_ends(now),
+                           calendar.name)
+        if (budget.tokens_per_month is not None
+                and account.this_month.tokens + account.reserved >= budget.tokens_per_month):
+            return Refusal(caller, Limit.MONTH, account.this_month.tokens, budget.tokens_per_month,
+                           calendar.month_ends(now), calendar.name)
+        return None
 
     def settle(self, reservation: Reservation, status: int, prompt: int, completion: int, estimated: bool,
                key: str) -> Row:
@@ -181,13 +186,12 @@ class UsageBook:
         facts = reservation.facts
         row = Row(reservation.caller, facts.model, facts.path, status, prompt, completion, estimated,
                   reservation.started, now, key, reservation.day)
-        account = self._account(reservation.caller, self.calendar.day(now), self.calendar.month(now))
+        account = self._account(reservation.caller, *self.calendar.window(now))
         account.reserved = max(account.reserved - reservation.tokens, 0)
         if account.day == reservation.day:
             account.today.add(row)
         if account.month == reservation.month:
             account.this_month.add(row)
-        account.since_start.add(row)
         if self.ledger is not None:
             self.ledger.append(row)
         return row
@@ -195,7 +199,7 @@ class UsageBook:
     def refused(self, caller: str, facts: RequestFacts, status: int) -> Row:
         """A request answered without going upstream (over budget): a row, no tokens."""
         now = self.clock()
-        nothing = Reservation(caller, facts, 0, now, self.calendar.day(now), self.calendar.month(now))
+        nothing = Reservation(caller, facts, 0, now, *self.calendar.window(now))
         return self.settle(nothing, status, 0, 0, False, "")
 
     # -- what people read -------------------------------------------------------------------
@@ -212,7 +216,7 @@ class UsageBook:
     def caller_document(self, caller: str) -> dict[str, Any]:
         """``today``, ``month``, ``budget`` and ``left`` of one caller."""
         now = self.clock()
-        account = self._account(caller, self.calendar.day(now), self.calendar.month(now))
+        account = self._account(caller, *self.calendar.window(now))
         budget = self.budgets.get(caller, NO_LIMIT)
         limited = budget.limited
         return {
@@ -231,8 +235,9 @@ class UsageBook:
         callers = sorted(set(self.callers()) | set(instances))
         return {"window": self.window(), "instances": {caller: self.caller_document(caller) for caller in callers}}
 
-    def since_start(self) -> dict[str, Tally]:
-        return {caller: account.since_start for caller, account in sorted(self._accounts.items())}
+    def this_month(self) -> dict[str, Tally]:
+        """Each caller's month so far (Prometheus counters: they start again with each month)."""
+        return {caller: account.this_month for caller, account in sorted(self._accounts.items())}
 
 
 def daily_document(window: dict[str, Any], totals: Iterable[DayTotal], first: str, last: str) -> dict[str, Any]:

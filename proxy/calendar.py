@@ -68,6 +68,12 @@ class Calendar:
         self._day_start, self._day_end = start.timestamp(), end.timestamp()
         self._day, self._month = local.strftime("%Y-%m-%d"), local.strftime("%Y-%m")
 
+    def window(self, t: float) -> tuple[str, str]:
+        """(day, month) of ``t``: ``YYYY-MM-DD`` and ``YYYY-MM``."""
+        if not self._day_start <= t < self._day_end:
+            self._load(t)
+        return self._day, self._month
+
     def day(self, t: float) -> str:
         """``YYYY-MM-DD`` of the day ``t`` (a Unix time) falls in."""
         if not self._day_start <= t < self._day_end:

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 log = logging.getLogger("cst.proxy.ledger")
 
@@ -29,8 +29,7 @@ PRUNE_EVERY = 3600.0
 MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be written
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's parameter row as it is
     caller: str
     model: str
     path: str
@@ -112,7 +111,7 @@ class LedgerStore(Protocol):
         """Daily totals from day ``first`` to ``last`` (inclusive), by day then caller."""
 
     def prune(self, before: float) -> int:
-        """Remove rows that started before ``before``; the number removed."""
+        """Remove rows that ended before ``before``; the number removed."""
 
     def close(self) -> None: ...
 
@@ -126,7 +125,6 @@ _SCHEMA = (
         prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
         started REAL NOT NULL, ended REAL NOT NULL, key TEXT NOT NULL, day TEXT NOT NULL
     );
-    CREATE INDEX requests_started ON requests (started);
     CREATE TABLE daily (
         day TEXT NOT NULL, caller TEXT NOT NULL,
         requests INTEGER NOT NULL, errors INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
@@ -136,22 +134,16 @@ _SCHEMA = (
     """,
 )
 
-_ADD_DAY = """
+_ADD_DAYS = """
     INSERT INTO daily (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
+    SELECT day, caller, count(*), sum(status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(estimated)
+    FROM requests WHERE id > ? GROUP BY day, caller
     ON CONFLICT (day, caller) DO UPDATE SET
         requests = requests + excluded.requests, errors = errors + excluded.errors,
         prompt_tokens = prompt_tokens + excluded.prompt_tokens,
         completion_tokens = completion_tokens + excluded.completion_tokens,
         estimated = estimated + excluded.estimated
 """
-
-
-def _by_day(rows: Iterable[Row]) -> dict[tuple[str, str], Tally]:
-    totals: dict[tuple[str, str], Tally] = {}
-    for row in rows:
-        totals.setdefault((row.day, row.caller), Tally()).add(row)
-    return totals
 
 
 class SqliteStore:
@@ -193,12 +185,10 @@ class SqliteStore:
             try:
                 self._db.executemany(
                     "INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
-                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(r.caller, r.model, r.path, r.status, r.prompt_tokens, r.completion_tokens, int(r.estimated),
-                      r.started, r.ended, r.key, r.day) for r in rows])
-                self._db.executemany(_ADD_DAY, [(day, caller, t.requests, t.errors, t.prompt_tokens,
-                                                 t.completion_tokens, t.estimated)
-                                                for (day, caller), t in _by_day(rows).items()])
+                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                # the batch's rows are the last ones: SQLite adds them up into the daily totals
+                last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                self._db.execute(_ADD_DAYS, (last - len(rows),))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -210,7 +200,8 @@ class SqliteStore:
             totals = self._db.execute(
                 "SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
                 " WHERE day >= ? AND day < ?", (f"{month}-01", f"{month}-32")).fetchall()
-            recent = self._db.execute("SELECT caller, started FROM requests WHERE started >= ?", (since,)).fetchall()
+            recent = self._db.execute("SELECT caller, started FROM requests WHERE id >= ? AND started >= ?",
+                                      (self._first_ended_after(since), since)).fetchall()
         for row_day, caller, *counts in totals:
             standing = result.setdefault(caller, Standing())
             tally = Tally(*counts)
@@ -232,9 +223,24 @@ class SqliteStore:
             found = self._db.execute(query + " ORDER BY day, caller", params).fetchall()
         return [DayTotal(day, who, Tally(*counts)) for day, who, *counts in found]
 
+    def _first_ended_after(self, t: float) -> int:
+        """The id of the first row that ended at ``t`` or later. Rows are appended as their requests
+        end, so ids follow ``ended``: a binary search over ids finds it without an index on time
+        (an index would double the cost of every insert)."""
+        low, high = self._db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) + 1 FROM requests").fetchone()
+        while low < high:
+            middle = (low + high) // 2
+            found = self._db.execute("SELECT ended FROM requests WHERE id >= ? ORDER BY id LIMIT 1",
+                                     (middle,)).fetchone()
+            if found is None or found[0] >= t:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
     def prune(self, before: float) -> int:
         with self._lock:
-            return self._db.execute("DELETE FROM requests WHERE started < ?", (before,)).rowcount
+            return self._db.execute("DELETE FROM requests WHERE id < ?", (self._first_ended_after(before),)).rowcount
 
     def rows(self) -> int:
         with self._lock:
@@ -254,9 +260,10 @@ class LedgerWriter:
         self.retention = retention
         self._clock = clock
         self._queue: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="cst-ledger", daemon=True)
-        self.failures = 0          # batches that failed to write (and were kept)
+        self._backlog: list[Row] = []   # taken from the queue, not yet committed
+        self.failures = 0          # writes that failed (their rows were kept and tried again)
         self.written = 0
+        self._thread = threading.Thread(target=self._run_forever, name="cst-ledger", daemon=True)
         self._thread.start()
 
     def append(self, row: Row) -> None:
@@ -268,8 +275,11 @@ class LedgerWriter:
         self._thread.join()
         self.store.close()
 
-    def _take(self, backlog: list[Row], wait: float | None) -> bool:
-        """Move what is queued into ``backlog``, waiting up to ``wait`` for a first item;
+    def status(self) -> dict[str, int]:
+        return {"written": self.written, "failures": self.failures, "unwritten": len(self._backlog)}
+
+    def _take(self, wait: float | None) -> bool:
+        """Move what is queued into the backlog, waiting up to ``wait`` for a first item;
         False once ``close`` asked the thread to stop."""
         try:
             item = self._queue.get(timeout=wait)
@@ -280,40 +290,55 @@ class LedgerWriter:
             if item is None:
                 going = False
             else:
-                backlog.append(item)
+                self._backlog.append(item)
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return going
 
+    def _run_forever(self) -> None:
+        while True:
+            try:
+                self._run()
+                return
+            except Exception:   # a defect, not the store: the rows stay, the thread goes on
+                log.exception("the ledger writer failed; starting it again in 1 s")
+                time.sleep(1.0)
+
     def _run(self) -> None:
-        backlog: list[Row] = []
         going = True
         next_prune = 0.0
-        while going or backlog:
+        retry_at, backoff = 0.0, 1.0
+        while going or self._backlog:
             if going:
-                # idle: wait for a row; with a backlog the store failed: try again within a second
-                going = self._take(backlog, 1.0 if backlog else None)
+                # idle: wait for a row; after a failed write: wait for the retry, gathering rows
+                waiting = retry_at - time.monotonic()
+                going = self._take(None if not self._backlog else max(waiting, 0.0))
+                if going and time.monotonic() < retry_at:
+                    continue
                 if going:
                     time.sleep(FLUSH_DELAY)   # rows that end meanwhile join the same transaction
-                    going = self._take(backlog, 0)
-            if not backlog:
+                    going = self._take(0)
+            if not self._backlog:
                 continue
             try:
-                self.store.write(backlog)
+                self.store.write(self._backlog)
             except Exception:
                 self.failures += 1
-                log.exception("could not write %d ledger rows; keeping them and trying again", len(backlog))
+                log.exception("could not write %d ledger rows; keeping them and trying again in %g s",
+                              len(self._backlog), backoff)
                 if not going:
-                    log.error("stopping with %d ledger rows unwritten", len(backlog))
+                    log.error("stopping with %d ledger rows unwritten", len(self._backlog))
                     return
-                if len(backlog) > MAX_BACKLOG:
+                if len(self._backlog) > MAX_BACKLOG:
                     log.error("dropping the %d oldest ledger rows: the store has been failing too long",
-                              len(backlog) - MAX_BACKLOG)
-                    del backlog[:-MAX_BACKLOG]
+                              len(self._backlog) - MAX_BACKLOG)
+                    del self._backlog[:-MAX_BACKLOG]
+                retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, 30.0)
                 continue
-            self.written += len(backlog)
-            backlog = []
+            retry_at, backoff = 0.0, 1.0
+            self.written += len(self._backlog)
+            self._backlog = []
             now = self._clock()
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY

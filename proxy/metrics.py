@@ -52,12 +52,12 @@ class PoolCollector(Collector):
                                   value=stats.upstream_cuts)
 
         by_instance = CounterMetricFamily("cst_proxy_instance_requests", "Requests by caller (an instance id, "
-                                          "client or anonymous)", labels=["instance"])
+                                          "client or anonymous) this month", labels=["instance"])
         instance_errors = CounterMetricFamily("cst_proxy_instance_errors", "Requests of a caller that got an "
                                               "error or a broken answer", labels=["instance"])
         tokens = CounterMetricFamily("cst_proxy_instance_tokens", "Tokens the upstream reported in answers to a "
                                      "caller", labels=["instance", "kind"])
-        for caller, tally in state.usage.since_start().items():
+        for caller, tally in state.usage.this_month().items():
             by_instance.add_metric([caller], tally.requests)
             instance_errors.add_metric([caller], tally.errors)
             tokens.add_metric([caller, "prompt"], tally.prompt_tokens)

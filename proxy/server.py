@@ -132,9 +132,11 @@ async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reserva
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
     total, available = state.pool.counts()
+    ledger = state.usage.ledger
     return web.json_response({
         "status": "ok" if available else ("degraded" if total else "no_keys"),
         "keys": {"total": total, "available": available, "unavailable": total - available},
+        "ledger": ledger.status() if ledger is not None else None,
         "uptime": round(time.monotonic() - state.started, 3),
     })
 

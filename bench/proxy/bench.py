@@ -37,9 +37,17 @@ UPSTREAM_CPU: list[float] = []  # the fake upstream's own CPU per request: what 
 SLOW_BODY = json.dumps({"model": "slow-stream", "stream": True, "messages": []}).encode()
 
 
+# the requests come from an instance, by its own proxy key, so the proxy names the caller, holds it
+# to its budget and writes a ledger row for each (the proxy closes to requests without a known key)
+CALLER = "st-instance-8001"
+CALLER_KEY = "cst-bench-" + "x" * 33
+# a budget the benchmark never reaches, so that every request goes through admission and settlement
+BUDGET = "{tokens_per_day: 1000000000000, tokens_per_month: 1000000000000, requests_per_minute: 1000000}"
+
+
 def request_bytes(port: int, body: bytes) -> bytes:
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer sk-good-bench0000xxxxxxxxxxxx\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {CALLER_KEY}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -148,7 +156,8 @@ async def many_streams(port: int, n: int, gap: float, chunks: int) -> tuple[int,
     async def one(i: int, http: aiohttp.ClientSession) -> None:
         nonlocal started
         async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=SLOW_BODY,
-                             headers={"Content-Type": "application/json"}) as resp:
+                             headers={"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {CALLER_KEY}"}) as resp:
             assert resp.status == 200, resp.status
             started += 1
             async for _ in resp.content.iter_any():
@@ -187,15 +196,21 @@ def start_upstream(chunks: int, gap: float) -> tuple[subprocess.Popen[bytes], in
     return proc, int(line.split()[1])
 
 
-async def start_proxy(upstream_port: int, workdir: Path, code: Path = ROOT) -> tuple[subprocess.Popen[bytes], int]:
-    """The proxy of the checkout at ``code`` (this one, or a baseline to compare with)."""
+async def start_proxy(upstream_port: int, workdir: Path, code: Path = ROOT,
+                      budget: bool = True) -> tuple[subprocess.Popen[bytes], int]:
+    """The proxy of the checkout at ``code`` (this one, or a baseline to compare with; a baseline
+    from before budgets existed gets ``budget=False``)."""
     port = free_port()
-    workdir.mkdir(exist_ok=True)
+    keys = workdir / "state" / "secrets" / "proxy-keys"
+    keys.mkdir(parents=True, mode=0o700)
+    (keys / CALLER).write_text(CALLER_KEY + "\n")
+    (keys / CALLER).chmod(0o600)
     path = workdir / "desired.yaml"
     path.write_text(
         "version: 1\nsettings:\n  state_dir: state\n  proxy:\n"
         f"    listen: \"127.0.0.1:{port}\"\n    upstream: \"http://127.0.0.1:{upstream_port}/v1\"\n"
-        "accounts:\n  - {name: bench, provider: static, keys_env: BENCH_KEYS}\n")
+        "accounts:\n  - {name: bench, provider: static, keys_env: BENCH_KEYS}\n"
+        f"instances:\n  - port: 8001\n" + (f"    budget: {BUDGET}\n" if budget else ""))
     env = {**os.environ, "BENCH_KEYS": KEYS, "PYTHONPATH": str(code)}
     proc = spawn([sys.executable, "-m", "proxy.cli", "-f", str(path), "--log-level", "warning"], env, cwd=code)
     await wait_http(f"http://127.0.0.1:{port}/health")
@@ -216,16 +231,20 @@ async def main() -> None:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--baseline", type=Path,
                         help="another checkout (e.g. `git archive main | tar -x -C DIR`): its proxy's CPU per "
-                             "request is measured in the same runs, alternating with this one's")
+                             "request and latency are measured in the same runs, alternating with this one's")
+    parser.add_argument("--baseline-without-budgets", action="store_true",
+                        help="the baseline predates budgets: declare none in its file")
     args = parser.parse_args()
 
     gap, chunks = 0.5, 20  # the 500 slow streams each last 10 s
     upstream, up_port = start_upstream(chunks, gap)
     with tempfile.TemporaryDirectory() as tmp:
         proxy, px_port = await start_proxy(up_port, Path(tmp) / "current")
-        baseline = await start_proxy(up_port, Path(tmp) / "baseline", args.baseline) if args.baseline else None
+        baseline = (await start_proxy(up_port, Path(tmp) / "baseline", args.baseline,
+                                      budget=not args.baseline_without_budgets) if args.baseline else None)
         base_cpu: list[float] = []
         base_rps: list[float] = []
+        base_lat: list[float] = []
         try:
             direct_rps, proxy_rps, cpu = [], [], []
             lat_direct, lat_proxy, lat_added, ttfb_direct, ttfb_proxy = [], [], [], [], []
@@ -242,6 +261,9 @@ async def main() -> None:
                 proxy_rps.append(p)
                 cpu.append(c)
                 ld, lp, added = await paired(up_port, px_port, BODY, 1000, first_byte=False)
+                if baseline:
+                    _, lb, _ = await paired(up_port, baseline[1], BODY, 1000, first_byte=False)
+                    base_lat.append(lb)
                 td, tp, _ = await paired(up_port, px_port, STREAM_BODY, 300, first_byte=True)
                 lat_direct.append(ld)
                 lat_proxy.append(lp)
@@ -272,6 +294,8 @@ async def main() -> None:
         print(f"baseline ({args.baseline}) CPU per request: {med(base_cpu) * 1e6:.0f} us; this checkout "
               f"{med(cpu) * 1e6:.0f} us ({(med(cpu) - med(base_cpu)) * 1e6:+.0f} us, "
               f"runs {' '.join(f'{(c - b) * 1e6:+.0f}' for c, b in zip(cpu, base_cpu))})")
+        print(f"baseline p50 latency at 1 connection: {med(base_lat) * 1e3:.3f} ms; this checkout "
+              f"{med(lat_proxy) * 1e3:.3f} ms")
     print(f"p50 latency at 1 connection: direct {med(lat_direct) * 1e3:.3f} ms, proxy {med(lat_proxy) * 1e3:.3f} ms, "
           f"added {med(lat_added) * 1e3:.3f} ms (median of per-pair differences)")
     print(f"stream time to first byte: direct {med(ttfb_direct) * 1e3:.2f} ms, proxy {med(ttfb_proxy) * 1e3:.2f} ms")

@@ -16,7 +16,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from conftest import eventually
+from conftest import eventually, wait_until
 from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import PROMPT_TOKENS, FakeUpstream
 
@@ -350,3 +350,27 @@ def test_a_limit_changed_in_the_file_never_resets_what_was_spent() -> None:
     assert isinstance(book.admit(ME, _facts(10)), Refusal)
     book.budgets = {ME: Budget(tokens_per_day=150)}
     assert book.caller_document(ME)["left"]["tokens_per_day"] == 50
+
+
+def test_a_store_that_fails_keeps_the_rows_says_so_and_writes_them_once_it_can(tmp_path, caplog) -> None:
+    class DiskFullOnce(SqliteStore):
+        failed = False
+
+        def write(self, rows) -> None:
+            if not self.failed:
+                self.failed = True
+                raise OSError(28, "No space left on device")
+            super().write(rows)
+
+    store = DiskFullOnce(tmp_path / "ledger.sqlite3")
+    writer = LedgerWriter(store, retention=90 * 86400)
+    now = time.time()
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 1, False, now, now, "", "2026-11-30"))
+    wait_until(lambda: writer.failures == 1)
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 2, 2, False, now, now, "", "2026-11-30"))
+    wait_until(lambda: writer.status() == {"written": 2, "failures": 1, "unwritten": 0}, timeout=10)
+    writer.close()
+    assert "No space left on device" in caplog.text and "keeping them" in caplog.text
+    reopened = SqliteStore(tmp_path / "ledger.sqlite3")
+    assert reopened.rows() == 2 and reopened.daily("2026-11-30", "2026-11-30")[0].tally.tokens == 6
+    reopened.close()
