@@ -1,8 +1,8 @@
 """Every instance chats through the pool out of the box: the real SillyTavern release with CST's
 overlay, in a real browser, against local fakes of the DaiDai platform and of the upstream.
 
-One fleet (``cst serve`` with two instances) serves the whole module: a SillyTavern start costs
-seconds of CPU. The tests run in file order; the last one deletes an instance.
+One fleet (``cst serve`` with two instances, each with a budget) serves the whole module: a
+SillyTavern start costs seconds of CPU. The tests run in file order; the last one deletes an instance.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ POOL = [daidai_key("sk-good-aaaaaaaaaaaa1111", "12.50", "3.20"),
 POOL_KEYS = [k["api_key"] for k in POOL]
 USABLE = POOL_KEYS[:2]
 BALANCE = "¥22.50"
+BUDGET_A = {"tokens_per_day": 500, "tokens_per_month": 20000, "requests_per_minute": 30}
+BUDGET_B = {"tokens_per_day": 10}   # used up by one or two chats (the fake upstream reports 8 tokens each)
 
 
 class LoopThread:
@@ -73,8 +75,14 @@ class Fleet:
         return httpx.get(f"http://127.0.0.1:{self.proxy_port}{path}", headers={"Authorization": f"Bearer {key}"},
                          timeout=30)
 
-    def counts(self, port: int) -> dict:
-        return self.proxy("/status", self.key(port)).json()["instances"][self.id(port)]
+    def usage(self, port: int) -> dict:
+        """The instance's use against its budget, as the proxy tells the instance itself."""
+        return self.proxy("/status", self.key(port)).json()["usage"]
+
+    def chat(self, port: int) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.proxy_port}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {self.key(port)}"},
+                          json={"model": "gpt-fake", "messages": [{"role": "user", "content": "hello"}]})
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +103,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         settings:
           resync: 2s
           sillytavern: {{version: "1.19.0", start_timeout: 300}}
+          usage: {{timezone: Asia/Shanghai}}
           api: {{listen: "127.0.0.1:{api}"}}
           proxy: {{listen: "127.0.0.1:{proxy}", upstream: "{upstream.url}/v1"}}
         accounts:
           - {{name: main, provider: daidai, email: me@example.com, password_env: DD_PASSWORD, api_base: "{platform.url}"}}
         instances:
           - port: {a}
+            budget: {json.dumps(BUDGET_A)}
           - port: {b}
+            budget: {json.dumps(BUDGET_B)}
         """)
     install = project.cst("st", "install", timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr
@@ -155,9 +166,9 @@ def test_a_new_user_chats_through_the_pool_from_the_chat_box(fleet: Fleet, new_p
              and b"Hello through the pool" in s.body]
     assert chats, "the message reached the upstream"
     assert {s.key for s in chats} <= set(USABLE), "with a pool key, never the instance's own"
-    counts = fleet.counts(a)
-    assert counts["today"]["requests"] >= 1 and counts["today"]["errors"] == 0
-    assert counts["today"]["completion_tokens"] >= 5, "the streamed answer's usage was counted"
+    today = fleet.usage(a)["today"]
+    assert today["requests"] >= 1 and today["errors"] == 0
+    assert today["completion_tokens"] >= 5, "the streamed answer's usage was counted"
     proxy_origin = f"127.0.0.1:{fleet.proxy_port}"
     assert not [u for u in recorded.requests if proxy_origin in u], "the page never talks to the proxy itself"
 
@@ -181,13 +192,63 @@ def test_the_panel_shows_the_platform_balance_and_this_instance_s_use(fleet: Fle
     rows = panel.locator('[data-cst="keys"] tr')
     assert [rows.nth(i).locator("code").inner_text() for i in range(rows.count())] == [mask(k) for k in USABLE]
     assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(2)] == ["¥12.50", "¥10.00"]
-    assert int(panel.locator('[data-cst="requests"]').inner_text()) >= 1
-    assert int(panel.locator('[data-cst="tokens"]').inner_text()) >= 5
+    usage = fleet.usage(a)
+    today, month = usage["today"], usage["month"]
+    assert today["requests"] >= 1 and today["tokens"] >= 5, "the chat of the first test was counted"
+    assert panel.locator('[data-cst="requests"]').inner_text() == f"{today['requests']:,}"
+    assert panel.locator('[data-cst="tokens"]').inner_text() == f"{today['tokens']:,}"
+    assert panel.locator('[data-cst="day-limit"]').inner_text() == f" / {BUDGET_A['tokens_per_day']:,}"
+    assert panel.locator('[data-cst="month-tokens"]').inner_text() == f"{month['tokens']:,}"
+    assert panel.locator('[data-cst="month-limit"]').inner_text() == f" / {BUDGET_A['tokens_per_month']:,}"
+    assert panel.locator('[data-cst="day-meter"]').get_attribute("aria-valuemax") == str(BUDGET_A["tokens_per_day"])
+    assert panel.locator('[data-cst="day-meter"]').get_attribute("aria-valuenow") == str(today["tokens"])
+    assert panel.locator('[data-cst="limits"]').inner_text() == (
+        "每分钟最多 30 次请求" if chinese else "At most 30 requests a minute")
+    assert ("今日" if chinese else "Today") in panel.locator('[data-cst="day"]').inner_text()
+    assert ("本月" if chinese else "This month") in panel.locator('[data-cst="month"]').inner_text()
+    assert panel.locator('[data-cst="zone"]').inner_text() == (
+        "按 Asia/Shanghai 计日" if chinese else "Days in Asia/Shanghai")
+    assert not panel.locator('[data-cst="spent"]').is_visible()
     html = page.content()
     assert not [k for k in POOL_KEYS + [fleet.key(a)] if k in html], "no whole key in the page"
     box = panel.bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, "the panel fits the screen"
-    name = f"keypool-panel-{locale[:2]}-{width}"
+    name = f"keypool-usage-{locale[:2]}-{width}"
+    recorded.screenshot(name)
+    recorded.screenshot(name + "-panel", element=panel)
+
+
+@pytest.mark.parametrize("locale, width", [("en-US", 1280), ("zh-CN", 360)])
+def test_the_panel_says_when_the_budget_is_used_up(fleet: Fleet, new_page, locale: str, width: int) -> None:
+    b = fleet.ports[1]
+    for _ in range(10):   # until the proxy refuses: 10 tokens a day, 8 an answer
+        answer = fleet.chat(b)
+        if answer.status_code == 429:
+            break
+        assert answer.status_code == 200, answer.text
+    else:
+        raise AssertionError("the budget of 10 tokens a day never ran out")
+    assert answer.json()["error"]["code"] == "budget_exceeded"
+    usage = fleet.usage(b)
+    assert usage["left"]["tokens_per_day"] == 0
+    recorded = open_sillytavern(new_page, fleet, b, width=width, locale=locale)
+    page = recorded.page
+    page.click("#extensions-settings-button .drawer-toggle")
+    page.click("#cst_keypool .inline-drawer-toggle")
+    panel = page.locator("#cst_keypool")
+    spent = panel.locator('[data-cst="spent"]')
+    spent.wait_for(state="visible", timeout=30_000)
+    resets = usage["window"]["resets"]["day"][:16].replace("T", " ")
+    chinese = locale.startswith("zh")
+    assert spent.inner_text() == (f"今日 tokens 额度已用完：{resets} 起恢复对话。" if chinese
+                                  else f"Today's token budget is used up: chats resume on {resets}.")
+    assert panel.locator('[data-cst="tokens"]').inner_text() == f"{usage['today']['tokens']:,}"
+    assert panel.locator('[data-cst="day-limit"]').inner_text() == " / 10"
+    assert panel.locator('[data-cst="day-meter"]').get_attribute("data-level") == "spent"
+    assert not panel.locator('[data-cst="month-meter"]').is_visible(), "no monthly limit: no bar"
+    box = panel.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, "the panel fits the screen"
+    name = f"keypool-usage-spent-{locale[:2]}-{width}"
     recorded.screenshot(name)
     recorded.screenshot(name + "-panel", element=panel)
 

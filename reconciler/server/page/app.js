@@ -1,12 +1,15 @@
-// CST's admin page: sign in, the instances (kept current by GET /api/events), logs, the key pool
-// and the desired file. Plain DOM, no framework: every text goes in through textContent.
+// CST's admin page: sign in, the instances (kept current by GET /api/events), logs, the key pool,
+// the usage against budgets (polled: there is no event per request) and the desired file. Plain DOM,
+// no framework: every text goes in through textContent.
 import { ApiError, call, json, serverEvents, session, textChunks } from './api.js';
 import { lang, setLang, t, translate } from './i18n.js';
+import { DAYS, addDays, drawChart, usageCell, usageRows, wallTime } from './usage.js';
 
 const $ = (id) => document.getElementById(id);
-const VIEWS = ['instances', 'logs', 'pool', 'file'];
-const COLUMNS = ['id', 'port', 'desired', 'status', 'uptime', 'restarts', 'failure', 'dataDir', 'actions'];
+const VIEWS = ['instances', 'logs', 'pool', 'usage', 'file'];
+const COLUMNS = ['id', 'port', 'desired', 'status', 'uptime', 'restarts', 'usage', 'failure', 'dataDir', 'actions'];
 const STALL_MS = 45000;  // the server comments every 15 s: this long without a byte means the stream is dead
+const USAGE_MS = 15000;  // GET /api/usage this often while signed in
 
 const state = {
   rows: new Map(),     // instance id -> {id, data, tr, cells, badge, ..., pending, flash}
@@ -24,6 +27,13 @@ const state = {
   logState: '',
   logLength: 0,
   scrollToFocus: false, // the file view moves to what it highlights once, not on every update
+  usage: null,         // GET /api/usage
+  usageAt: 0,          // when it was fetched
+  usageError: '',
+  history: null,       // GET /api/usage?from=&to=: the chart's days
+  usageTimer: null,
+  usageSeq: 0,
+  chartWidth: 0,
 };
 
 function el(tag, props = {}, ...children) {
@@ -120,6 +130,7 @@ let waitTimer = null;
 function showSignIn(message = '') {
   stopStream();
   stopLogs();
+  stopUsage();
   $('signin').hidden = false;
   for (const id of ['tabs', 'signout', 'live']) $(id).hidden = true;
   for (const view of VIEWS) $(`view-${view}`).hidden = true;
@@ -176,6 +187,7 @@ function enter(status) {
   route();
   listen();
   suggestPort();
+  startUsage();
 }
 
 // -- the event stream: fetch() so the key travels in a header, reconnecting with Last-Event-ID
@@ -239,6 +251,7 @@ function onEvent({ event, data }) {
     loadInstances();
     loadPool();
     loadDesired();
+    loadUsage();
   } else if (event === 'pool') {
     renderPool(data);
   } else if (event === 'instance') {
@@ -349,6 +362,7 @@ function fillRow(row) {
   row.badge.title = data.detail || '';
   cells.uptime.textContent = uptime(row);
   cells.restarts.textContent = data.restarts;
+  cells.usage.replaceChildren(usageCell(usageOf(row)));
   const failure = data.lastFailure;
   cells.failure.textContent = failure ? `${stamp(failure.at)} ${failure.reason}` : data.detail || '—';
   cells.dataDir.textContent = data.dataDir;
@@ -359,6 +373,14 @@ function fillRow(row) {
   row.restart.disabled = Boolean(row.pending) || data.desired !== 'running';
   row.menu.querySelector('summary').classList.toggle('disabled', Boolean(row.pending));
   translate(row.tr);
+}
+
+// this instance's use and budget: from GET /api/usage, or from its row when that is newer
+function usageOf(row) {
+  const polled = state.usage?.instances?.[row.id];
+  const own = row.data.usage ? { ...row.data.usage, budget: row.data.budget ?? null, left: row.data.left ?? null }
+    : null;
+  return (polled && (state.usageAt >= state.fetchedAt || !own)) ? polled : own || polled || null;
 }
 
 function uptime(row) {
@@ -584,6 +606,63 @@ function renderPool(doc) {
   $('no-keys').hidden = keys.length > 0 || !doc.running;
 }
 
+// -- usage against the budgets: polled, as there is no event per request
+
+function startUsage() {
+  stopUsage();
+  loadUsage();
+  state.usageTimer = setInterval(() => { if (!document.hidden) loadUsage(); }, USAGE_MS);
+}
+
+function stopUsage() {
+  clearInterval(state.usageTimer);
+  state.usageTimer = null;
+  state.usageSeq += 1;  // an answer still on its way is dropped
+}
+
+async function loadUsage() {
+  const seq = ++state.usageSeq;
+  try {
+    const usage = await json('GET', 'api/usage');
+    let history = state.history;
+    if (!$('view-usage').hidden || !history) {
+      const to = usage.window.day;
+      history = await json('GET', `api/usage?from=${addDays(to, 1 - DAYS)}&to=${to}`);
+    }
+    if (seq !== state.usageSeq) return;  // an older answer never overwrites a newer one
+    Object.assign(state, { usage, history, usageAt: Date.now(), usageError: '' });
+  } catch (error) {
+    if (seq !== state.usageSeq) return;
+    if (error instanceof ApiError && error.status === 401) return handle(error);
+    state.usageError = error instanceof ApiError ? error.message : t('err.network', { reason: error.message });
+  }
+  for (const row of state.rows.values()) fillRow(row);
+  renderUsage();
+}
+
+function renderUsage() {
+  $('usage-error').textContent = state.usageError ? t('use.unavailable', { reason: state.usageError }) : '';
+  $('usage-error').hidden = !state.usageError;
+  const { usage, history } = state;
+  if (!usage) return;
+  const { window: w } = usage;
+  $('usage-window').textContent = t('use.window', { tz: w.timezone, day: w.day, dayReset: wallTime(w.resets?.day),
+    monthReset: wallTime(w.resets?.month), at: clock(new Date(state.usageAt).toISOString()) });
+  const rows = usageRows(usage);
+  $('usage-table').tBodies[0].replaceChildren(...rows);
+  $('usage-table').hidden = rows.length === 0;
+  $('no-usage').hidden = rows.length > 0;
+  drawUsageChart();
+}
+
+function drawUsageChart() {
+  const plot = $('chart-plot');
+  if (!state.history || !state.usage || $('view-usage').hidden || !plot.clientWidth) return;
+  state.chartWidth = plot.clientWidth;
+  drawChart({ plot, legend: $('chart-legend'), table: $('chart-table'), history: state.history,
+    ids: Object.keys(state.usage.instances || {}), width: plot.clientWidth });
+}
+
 // -- the desired file
 
 async function loadDesired() {
@@ -647,6 +726,10 @@ function route() {
   }
   if (view !== 'logs') stopLogs();
   if (view === 'logs') showLogs(arg);
+  if (view === 'usage') {
+    renderUsage();
+    loadUsage();
+  }
   if (view === 'file') {
     state.focus = arg;
     state.scrollToFocus = true;
@@ -660,6 +743,7 @@ function relabel() {
   for (const row of state.rows.values()) fillRow(row);
   renderActivity();
   if (state.pool) renderPool(state.pool);
+  renderUsage();
   renderFile();
   if (state.live !== null) setLive(state.live);
   setLogState(state.logState);
@@ -679,6 +763,10 @@ function start() {
   $('dialog-copy').addEventListener('click', (event) => copy($('dialog-secret-value').value, event.currentTarget,
     $('dialog-secret-value')));
   window.addEventListener('hashchange', route);
+  new ResizeObserver(() => {  // the chart is drawn at the width it is shown
+    if ($('chart-plot').clientWidth !== state.chartWidth) drawUsageChart();
+  }).observe($('chart-plot'));
+  document.addEventListener('visibilitychange', () => { if (!document.hidden && state.usageTimer) loadUsage(); });
   document.addEventListener('click', (event) => {  // an open menu closes when the click is elsewhere
     for (const menu of document.querySelectorAll('details.menu[open]')) {
       if (!menu.contains(event.target)) menu.open = false;

@@ -4,7 +4,8 @@
 //
 //   GET /api/plugins/cst/health  version, uptime, memory, data root: CST's readiness and liveness probe
 //   GET /api/plugins/cst/pool    the key pool's status, relayed from CST's local proxy with this
-//                                instance's own proxy key, so the browser never reaches the proxy
+//                                instance's own proxy key, so the browser never reaches the proxy;
+//                                with this instance's use against its budget (the proxy's usage)
 //
 // Configuration comes from the environment CST starts the instance with:
 //   CST_INSTANCE_ID      the instance's id (also its basic-auth user)
@@ -35,6 +36,33 @@ function health(_request, response) {
     });
 }
 
+const TALLY = ['requests', 'errors', 'prompt_tokens', 'completion_tokens', 'tokens', 'estimated'];
+const LIMITS = ['tokens_per_day', 'tokens_per_month', 'requests_per_minute'];
+
+function pick(object, names) {
+    return object && typeof object === 'object' ? Object.fromEntries(names.map(name => [name, object[name] ?? null])) : null;
+}
+
+/** This instance's use against its budget, from the proxy's ledger (null from a proxy without one). */
+function usageView(usage) {
+    if (!usage || typeof usage !== 'object') {
+        return null;
+    }
+    const win = usage.window ?? {};
+    return {
+        window: {
+            timezone: win.timezone ?? null,
+            day: win.day ?? null,
+            month: win.month ?? null,
+            resets: pick(win.resets, ['day', 'month']),
+        },
+        today: pick(usage.today, TALLY),
+        month: pick(usage.month, TALLY),
+        budget: pick(usage.budget, LIMITS),
+        left: pick(usage.left, LIMITS),
+    };
+}
+
 /** What the panel shows, picked field by field from the proxy's /status: masked keys only. */
 function poolView(status, proxyUrl) {
     const keys = [];
@@ -54,7 +82,6 @@ function poolView(status, proxyUrl) {
             });
         }
     }
-    const me = status.caller ? status.instances?.[status.caller] : null;
     return {
         proxy: { state: 'up', url: `${proxyUrl}/v1` },
         pool: {
@@ -64,11 +91,8 @@ function poolView(status, proxyUrl) {
             available: status.keys?.available ?? keys.filter(k => k.available).length,
             keys,
         },
-        instance: {
-            id: process.env.CST_INSTANCE_ID ?? null,
-            today: me?.today ?? null,
-            total: me ? { requests: me.requests, errors: me.errors, prompt_tokens: me.prompt_tokens, completion_tokens: me.completion_tokens } : null,
-        },
+        instance: { id: process.env.CST_INSTANCE_ID ?? null },
+        usage: usageView(status.usage),
     };
 }
 
