@@ -4,39 +4,21 @@ sent with each instance's own proxy key, and every number on the page compared w
 Screenshots go to tests/artifacts/usage-*.png."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import threading
+from datetime import date, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from conftest import Project, free_ports, kill_all, proxy_fakes, standin_file, start_serve, wait_until
+from conftest import Project, fake_upstream, free_ports, kill_all, standin_file, start_serve, wait_until
 
 KEY = "usage-test-admin-key"
 POOL_KEYS = "sk-good-usage11112222,sk-good-usage33334444"
 expect.set_options(timeout=30_000)  # a busy 2-core machine; every wait ends as soon as it holds
-
-
-class LoopThread:
-    """The fake upstream is an aiohttp server; Playwright's sync API holds this thread, so it gets its own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Fleet:
@@ -62,7 +44,6 @@ class Fleet:
 
     def history(self) -> dict:
         day = self.usage()["window"]["day"]
-        from datetime import date, timedelta
         start = (date.fromisoformat(day) - timedelta(days=29)).isoformat()
         return self.usage(f"?from={start}&to={day}")
 
@@ -71,8 +52,11 @@ class Fleet:
 def served(tmp_path_factory: pytest.TempPathFactory):
     """`cst serve` with three stand-in instances: one with a budget of its own (which it uses up), one
     with the fleet's budget, one without any limit; its proxy relays to the fake upstream."""
-    loop = LoopThread()
-    upstream = loop.run(proxy_fakes().FakeUpstream().start())
+    with fake_upstream() as upstream:
+        yield from _serve(tmp_path_factory, upstream)
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, upstream: Any):
     folder = tmp_path_factory.mktemp("usage")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CST_")}
     env["USAGE_POOL_KEYS"] = POOL_KEYS
@@ -91,8 +75,6 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     finally:
         served.stop()
         kill_all(project.state_dir.resolve())
-        loop.run(upstream.stop())
-        loop.close()
 
 
 @pytest.fixture(scope="module")
