@@ -146,20 +146,21 @@ class UsageBook:
     def admit(self, caller: str, facts: RequestFacts) -> Reservation | Refusal:
         now = self.clock()
         day, month = self.calendar.window(now)
-        account = self._account(caller, day, month)
         budget = self.budgets.get(caller) if facts.billable else None
-        tokens = 0
-        if budget is not None:
-            refusal = self._refusal(caller, budget, account, now)
-            if refusal is not None:
-                return refusal
-            tokens = facts.reservation
-            for allowed, used in ((budget.tokens_per_day, account.today.tokens),
-                                  (budget.tokens_per_month, account.this_month.tokens)):
-                if allowed is not None:   # never more than is left: one request is never refused for its worst case
-                    tokens = min(tokens, allowed - used - account.reserved)
-            if budget.requests_per_minute is not None:
-                account.recent.append(now)
+        if budget is None:
+            return Reservation(caller, facts, 0, now, day, month)
+        account = self._account(caller, day, month)
+        refusal = self._refusal(caller, budget, account, now)
+        if refusal is not None:
+            return refusal
+        # never more than is left, so that one request is not refused for its worst case
+        tokens = facts.reservation
+        if budget.tokens_per_day is not None:
+            tokens = min(tokens, budget.tokens_per_day - account.today.tokens - account.reserved)
+        if budget.tokens_per_month is not None:
+            tokens = min(tokens, budget.tokens_per_month - account.this_month.tokens - account.reserved)
+        if budget.requests_per_minute is not None:
+            account.recent.append(now)
         account.reserved += tokens
         return Reservation(caller, facts, tokens, now, day, month)
 

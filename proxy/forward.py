@@ -180,7 +180,7 @@ class Forwarder:
             outcome = classify(resp.status)
             if outcome is Outcome.SUCCESS or outcome is Outcome.NEUTRAL:
                 meter.accepted = outcome is Outcome.SUCCESS
-                meter.encoded(resp.header("Content-Encoding"))
+                meter.encoded(resp.content_encoding)
                 small = _small(request, resp)
                 try:
                     first = await (resp.read() if small else resp.read_some())

@@ -12,6 +12,7 @@ daily totals stay, so billing exports and budgets do not depend on the rows.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -134,6 +135,16 @@ _SCHEMA = (
     """,
 )
 
+ROWS_PER_INSERT = 500   # 5,500 parameters: well under SQLite's limit of 32,766
+_COLUMNS = "caller, model, path, status, prompt_tokens, completion_tokens, estimated, started, ended, key, day"
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert(count: int) -> str:
+    return f"INSERT INTO requests ({_COLUMNS}) VALUES " + ", ".join([_ROW] * count)
+
+
 _ADD_DAYS = """
     INSERT INTO daily (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
     SELECT day, caller, count(*), sum(status >= 400), sum(prompt_tokens), sum(completion_tokens), sum(estimated)
@@ -183,9 +194,11 @@ class SqliteStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
-                    " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                # many rows a statement: sqlite3 lets go of the GIL for every statement it runs, and each
+                # time the event loop's thread must hand it back (executemany did so once a row)
+                for start in range(0, len(rows), ROWS_PER_INSERT):
+                    chunk = rows[start:start + ROWS_PER_INSERT]
+                    self._db.execute(_insert(len(chunk)), [value for row in chunk for value in row])
                 # the batch's rows are the last ones: SQLite adds them up into the daily totals
                 last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 self._db.execute(_ADD_DAYS, (last - len(rows),))

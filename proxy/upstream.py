@@ -276,8 +276,8 @@ def _keep_alive_timeout(value: str) -> float | None:
 
 
 class UpstreamResponse:
-    __slots__ = ("status", "reason", "headers", "content_length", "_conn", "_client", "_origin", "_timeout",
-                 "_no_body", "_keep_alive", "_finished")
+    __slots__ = ("status", "reason", "headers", "content_length", "content_encoding", "_conn", "_client", "_origin",
+                 "_timeout", "_no_body", "_keep_alive", "_finished")
 
     def __init__(self, conn: _Connection, client: "UpstreamClient", origin: Origin, timeout: float, method: str):
         self._conn = conn
@@ -289,10 +289,13 @@ class UpstreamResponse:
         self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.raw_headers]
         chunked = False
         self.content_length: int | None = None
+        self.content_encoding: str | None = None
         for name, value in self.headers:  # llhttp has checked both already
             lower = name.lower()
             if lower == "content-length":
                 self.content_length = int(value)
+            elif lower == "content-encoding":
+                self.content_encoding = value
             elif lower == "transfer-encoding":
                 chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
             elif lower == "keep-alive":
