@@ -47,6 +47,7 @@ bench: sillytavern
 	$(BIN)/python bench/reconciler.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/proxy/bench.py
+	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/load.py
 
 clean:

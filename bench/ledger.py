@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from proxy.budget import UsageBook, charge  # noqa: E402
+from proxy.budget import Reservation, UsageBook, charge  # noqa: E402
 from proxy.calendar import Calendar  # noqa: E402
 from proxy.ledger import LedgerWriter, Row, SqliteStore  # noqa: E402
 from proxy.request_body import inspect  # noqa: E402
@@ -53,8 +53,9 @@ def bookkeeping(n: int) -> float:
     for _ in range(n):
         facts = inspect("/v1/chat/completions", "POST", BODY)
         reservation = book.admit(CALLER, facts)
+        assert isinstance(reservation, Reservation)
         prompt, completion, estimated = charge(facts, (12, 30), True, 0)
-        book.settle(reservation, 200, prompt, completion, estimated, "sk-ab…1234")   # type: ignore[arg-type]
+        book.settle(reservation, 200, prompt, completion, estimated, "sk-ab…1234")
     return (time.process_time() - start) / n
 
 

@@ -8,7 +8,7 @@ import asyncio
 from datetime import date
 from typing import Any, Mapping
 
-from proxy.budget import daily_document
+from proxy.budget import UsageBook, daily_document
 from proxy.callers import ANONYMOUS, CLIENT
 from proxy.service import ProxyService
 from ..desired.model import DesiredState, port_of
@@ -26,10 +26,10 @@ def instance_fields(proxy: ProxyService | None, id_: str) -> dict[str, Any]:
             "budget": document["budget"], "left": document["left"]}
 
 
-def _running(proxy: ProxyService | None) -> ProxyService:
+def _book(proxy: ProxyService | None) -> UsageBook:
     if proxy is None or proxy.state is None:
         raise ApiError(503, "no_proxy")
-    return proxy
+    return proxy.state.usage
 
 
 def _day(query: Mapping[str, str], field: str, default: str) -> date:
@@ -45,7 +45,7 @@ def _day(query: Mapping[str, str], field: str, default: str) -> date:
 async def usage(proxy: ProxyService | None, desired: DesiredState, query: Mapping[str, str]) -> dict[str, Any]:
     """The current windows of every declared instance (and any other caller seen); with ``from``,
     ``to`` or ``instance`` in ``query``, daily totals of that range instead."""
-    book = _running(proxy).state.usage   # type: ignore[union-attr]
+    book = _book(proxy)
     if not {"from", "to", "instance"} & set(query):
         return book.document(i.id for i in desired.instances)
     window = book.window()
