@@ -52,6 +52,9 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
         return self.status >= 400
 
 
+RowValues = tuple[object, ...]   # a Row's fields in order, as the writer queues them
+
+
 @dataclass
 class Tally:
     requests: int = 0
@@ -102,8 +105,8 @@ class DayTotal:
 class LedgerStore(Protocol):
     """Where rows and daily totals are kept. Methods block: call them off the event loop."""
 
-    def write(self, rows: Sequence[Row]) -> None:
-        """Rows and their daily totals, in one transaction."""
+    def write(self, rows: Sequence[RowValues]) -> None:
+        """Rows (as Row's fields, in order) and their daily totals, in one transaction."""
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
         """Per caller: the totals of ``day`` and ``month`` (``YYYY-MM``), and the requests since ``since``."""
@@ -190,7 +193,7 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def write(self, rows: Sequence[Row]) -> None:
+    def write(self, rows: Sequence[RowValues]) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -272,15 +275,18 @@ class LedgerWriter:
         self.store = store
         self.retention = retention
         self._clock = clock
-        self._queue: queue.SimpleQueue[Row | None] = queue.SimpleQueue()
-        self._backlog: list[Row] = []   # taken from the queue, not yet committed
+        self._queue: queue.SimpleQueue[RowValues | None] = queue.SimpleQueue()
+        self._backlog: list[RowValues] = []   # taken from the queue, not yet committed
         self.failures = 0          # writes that failed (their rows were kept and tried again)
         self.written = 0
         self._thread = threading.Thread(target=self._run_forever, name="cst-ledger", daemon=True)
         self._thread.start()
 
     def append(self, row: Row) -> None:
-        self._queue.put(row)
+        # queued as a plain tuple: the collector stops tracking a tuple of strings and numbers at its
+        # first pass, while a tuple subclass stays tracked and, waiting here, would age into the
+        # oldest generation and make full collections frequent (measured: ~8 us a request)
+        self._queue.put(tuple(row))
 
     def close(self) -> None:
         """Write what is queued and stop the thread."""
