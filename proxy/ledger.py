@@ -12,7 +12,6 @@ daily totals stay, so billing exports and budgets do not depend on the rows.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import queue
@@ -138,14 +137,10 @@ _SCHEMA = (
     """,
 )
 
-ROWS_PER_INSERT = 500   # 5,500 parameters: well under SQLite's limit of 32,766
-_COLUMNS = "caller, model, path, status, prompt_tokens, completion_tokens, estimated, started, ended, key, day"
-_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-
-
-@functools.lru_cache(maxsize=ROWS_PER_INSERT)
-def _insert(count: int) -> str:
-    return f"INSERT INTO requests ({_COLUMNS}) VALUES " + ", ".join([_ROW] * count)
+ROWS_PER_INSERT = 64   # 704 parameters a statement; the rest of a batch one row a statement
+_INSERT_ONE = ("INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
+               " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_MANY = _INSERT_ONE + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (ROWS_PER_INSERT - 1)
 
 
 _ADD_DAYS = """
@@ -198,10 +193,12 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 # many rows a statement: sqlite3 lets go of the GIL for every statement it runs, and each
-                # time the event loop's thread must hand it back (executemany did so once a row)
-                for start in range(0, len(rows), ROWS_PER_INSERT):
-                    chunk = rows[start:start + ROWS_PER_INSERT]
-                    self._db.execute(_insert(len(chunk)), [value for row in chunk for value in row])
+                # time the event loop's thread must hand it back (executemany did so once a row). One
+                # size of statement, so it is prepared once and kept in sqlite3's statement cache.
+                whole = len(rows) - len(rows) % ROWS_PER_INSERT
+                for start in range(0, whole, ROWS_PER_INSERT):
+                    self._db.execute(_INSERT_MANY, [v for row in rows[start:start + ROWS_PER_INSERT] for v in row])
+                self._db.executemany(_INSERT_ONE, rows[whole:])
                 # the batch's rows are the last ones: SQLite adds them up into the daily totals
                 last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 self._db.execute(_ADD_DAYS, (last - len(rows),))
