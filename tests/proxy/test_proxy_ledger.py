@@ -170,6 +170,13 @@ async def test_requests_pass_until_the_day_s_budget_is_used_then_429_with_the_re
     usage = proxy.state.usage.caller_document(ME)
     assert usage["left"]["tokens_per_day"] == 0 and usage["today"]["requests"] == 5
     assert usage["today"]["errors"] == 1 and usage["today"]["tokens"] == 4 * cost
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
+            metrics = await resp.text()
+    assert f'cst_proxy_budget_limit{{budget="tokens_per_day",instance="{ME}"}} {4 * cost}.0' in metrics
+    assert f'cst_proxy_budget_left{{budget="tokens_per_day",instance="{ME}"}} 0.0' in metrics
+    assert f'cst_proxy_usage_tokens{{instance="{ME}",window="day"}} {4 * cost}.0' in metrics
+    assert "tokens_per_month" not in metrics   # no such limit declared
 
 
 async def test_fifty_concurrent_requests_against_a_budget_for_five_admit_at_most_six(
