@@ -166,10 +166,14 @@ async def test_requests_pass_until_the_day_s_budget_is_used_then_429_with_the_re
     retry_after = int(info.value.response.headers["Retry-After"])
     assert 0 < retry_after <= 86400 + 3600
     assert len(upstream.seen) == 4   # the refused request never went upstream
+    async with aiohttp.ClientSession() as http:   # an escaped path is the same path to the budget
+        async with http.post(proxy.url + "/v1/chat/%63ompletions", json={"model": "gpt-fake", "messages": HI},
+                             headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 429 and (await resp.json())["error"]["code"] == "budget_exceeded"
     await client.close()
     usage = proxy.state.usage.caller_document(ME)
-    assert usage["left"]["tokens_per_day"] == 0 and usage["today"]["requests"] == 5
-    assert usage["today"]["errors"] == 1 and usage["today"]["tokens"] == 4 * cost
+    assert usage["left"]["tokens_per_day"] == 0 and usage["today"]["requests"] == 6
+    assert usage["today"]["errors"] == 2 and usage["today"]["tokens"] == 4 * cost
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
             metrics = await resp.text()
