@@ -109,6 +109,13 @@ class DesiredFile:
         """``read`` in a worker thread."""
         return await asyncio.to_thread(self.read)
 
+    async def read_in_turn(self) -> Snapshot:
+        """``aread`` in turn with this process's own changes, so that a reading taken before a change
+        is never handed over after it: a caller that uses the snapshot without awaiting anything
+        first (``change`` callers do the same) sees this process's readings and writes in order."""
+        async with self._lock:
+            return await self.aread()
+
     def interpret(self, text: str) -> Snapshot:
         try:
             return Snapshot(text, sha256(text), parse(text, self.path))

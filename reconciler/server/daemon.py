@@ -118,7 +118,9 @@ class Daemon:
         self._wake.set()
 
     async def reload(self) -> None:
-        self.accept(await self.file.aread())
+        # in turn with the API's edits: a reading from before an edit accepted after it would put
+        # the file's older version back in force until the next save (a create's pass would miss it)
+        self.accept(await self.file.read_in_turn())
 
     # -- reconciling
 
