@@ -208,7 +208,8 @@ class UsageBook:
     def window(self) -> dict[str, Any]:
         now = self.clock()
         calendar = self.calendar
-        return {"timezone": calendar.name, "day": calendar.day(now), "month": calendar.month(now),
+        day, month = calendar.window(now)
+        return {"timezone": calendar.name, "day": day, "month": month,
                 "resets": {"day": calendar.day_ends(now).isoformat(), "month": calendar.month_ends(now).isoformat()}}
 
     def callers(self) -> list[str]:

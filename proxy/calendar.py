@@ -74,18 +74,6 @@ class Calendar:
             self._load(t)
         return self._day, self._month
 
-    def day(self, t: float) -> str:
-        """``YYYY-MM-DD`` of the day ``t`` (a Unix time) falls in."""
-        if not self._day_start <= t < self._day_end:
-            self._load(t)
-        return self._day
-
-    def month(self, t: float) -> str:
-        """``YYYY-MM`` of the month ``t`` falls in."""
-        if not self._day_start <= t < self._day_end:
-            self._load(t)
-        return self._month
-
     def day_ends(self, t: float) -> datetime:
         """When the day of ``t`` ends (the next midnight), in the zone."""
         local = datetime.fromtimestamp(t, self.zone)
@@ -96,6 +84,3 @@ class Calendar:
         first = _midnight(local).replace(day=1, tzinfo=None)
         following = (first + timedelta(days=32)).replace(day=1)
         return _wall_to_zone(following, self.zone)
-
-    def today(self, t: float) -> datetime:
-        return datetime.fromtimestamp(t, self.zone)

@@ -43,10 +43,6 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
     day: str                    # the window the row counts in (YYYY-MM-DD in the declared zone)
 
     @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
     def failed(self) -> bool:
         return self.status >= 400
 

@@ -106,4 +106,4 @@ def inspect(path: str, method: str, body: bytes) -> RequestFacts:
     asked = _max_tokens(body)
     limit = 0 if path == "/v1/embeddings" else min(asked if asked is not None else DEFAULT_COMPLETION_RESERVE,
                                                   MAX_COMPLETION_RESERVE)
-    return RequestFacts(path, model, True, stream, -(-len(body) // BYTES_PER_TOKEN), limit, body, usage_added)
+    return RequestFacts(path, model, True, stream, estimate_tokens(len(body)), limit, body, usage_added)

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +28,7 @@ from .budget import MINUTE, UsageBook
 from .calendar import Calendar
 from .callers import Callers
 from .forward import ForwardConfig, Forwarder
-from .ledger import LedgerWriter, SqliteStore
+from .ledger import LedgerStore, LedgerWriter, SqliteStore, Standing
 from .pool import KeyPool
 from .server import build_server
 from .state import ProxyState
@@ -55,9 +56,15 @@ def read_usage(desired: DesiredState) -> tuple[UsageBook, SqliteStore | None]:
     if not path.exists():
         return book, None
     store = SqliteStore(path, readonly=True)
-    now = book.clock()
-    book.load(store.standing(book.calendar.day(now), book.calendar.month(now), now - MINUTE))
+    book.load(_standing(book, store))
     return book, store
+
+
+def _standing(book: UsageBook, store: LedgerStore) -> Mapping[str, Standing]:
+    """What ``store`` holds for ``book``'s current windows (blocking: a query)."""
+    now = book.clock()
+    day, month = book.calendar.window(now)
+    return store.standing(day, month, now - MINUTE)
 
 
 def budgets(desired: DesiredState) -> dict[str, Budget]:
@@ -140,9 +147,7 @@ class ProxyService:
 
     async def _load_usage(self, book: UsageBook) -> None:
         assert book.ledger is not None
-        now = book.clock()
-        book.load(await asyncio.to_thread(book.ledger.store.standing, book.calendar.day(now),
-                                          book.calendar.month(now), now - MINUTE))
+        book.load(await asyncio.to_thread(_standing, book, book.ledger.store))
 
     async def _bind(self, listen: Listen) -> None:
         assert self._runner is not None
