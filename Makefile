@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sillytavern browser bench clean
+.PHONY: run test setup node sillytavern browser postgres bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,18 @@ browser:
 	  $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }; }
 
+# the shared-store tests start a PostgreSQL cluster of their own from Debian's server binaries
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null || { echo "the shared-store tests need PostgreSQL's server (initdb, postgres)"; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends postgresql || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }; }
+
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
-test: sillytavern browser
+test: sillytavern browser postgres
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern

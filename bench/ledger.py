@@ -66,7 +66,8 @@ def store_rate(rows: int, folder: Path) -> tuple[float, float, float]:
     writer = LedgerWriter(store, retention=90 * 86400)
     now = time.time()
     sample = [Row(f"st-instance-{8001 + i % 50}", "gpt-4o-mini", "/v1/chat/completions", 200, 812, 240, False,
-                  now + i * 1e-3, now + i * 1e-3 + 2.5, "sk-ab…1234", "2026-12-01") for i in range(rows)]
+                  now + i * 1e-3, now + i * 1e-3 + 2.5, "sk-ab…1234", "2026-12-01", f"bench-{i}")
+              for i in range(rows)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for row in sample:
         writer.append(row)

@@ -14,17 +14,19 @@ injectable clock, so windows rolling at midnight are testable.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol
 
 from reconciler.desired.model import NO_LIMIT, Budget
 
 from .calendar import Calendar
-from .ledger import DayTotal, LedgerWriter, Row, Standing, Tally
+from .ledger import DayTotal, LedgerWriter, Row, Standing, StoreUnavailable, Tally
 from .request_body import RequestFacts, estimate_tokens
 
 MINUTE = 60.0
@@ -70,6 +72,7 @@ class Reservation(NamedTuple):
     started: float
     day: str
     month: str
+    rid: str          # the request's id: its ledger row's, and its hold's in a shared store
 
 
 @dataclass
@@ -93,6 +96,66 @@ class _Account:
         while self.recent and self.recent[0] <= now - MINUTE:
             self.recent.popleft()
         return len(self.recent)
+
+    def used(self, now: float) -> Used:
+        recent = self.recent_count(now)
+        return Used(self.today.tokens, self.this_month.tokens, self.reserved, recent,
+                    self.recent[0] if recent else None)
+
+
+class Used(NamedTuple):
+    """What a caller used in the current windows, where a budget decision reads it (the book's own
+    account, or a shared store's answer)."""
+
+    today: int          # tokens of the day, settled
+    month: int          # tokens of the month, settled
+    reserved: int       # tokens held by requests in flight
+    recent: int         # requests started within the last minute
+    oldest_recent: float | None   # when the oldest of those started
+
+
+def refusal(caller: str, budget: Budget, used: Used, calendar: Calendar, now: float) -> Refusal | None:
+    """Which limit of ``budget`` is used up, if one is."""
+    per_minute = budget.requests_per_minute
+    if per_minute is not None and used.recent >= per_minute:
+        resets = datetime.fromtimestamp((used.oldest_recent or now) + MINUTE, calendar.zone)
+        return Refusal(caller, Limit.MINUTE, used.recent, per_minute, resets, calendar.name)
+    if budget.tokens_per_day is not None and used.today + used.reserved >= budget.tokens_per_day:
+        return Refusal(caller, Limit.DAY, used.today, budget.tokens_per_day, calendar.day_ends(now), calendar.name)
+    if budget.tokens_per_month is not None and used.month + used.reserved >= budget.tokens_per_month:
+        return Refusal(caller, Limit.MONTH, used.month, budget.tokens_per_month, calendar.month_ends(now),
+                       calendar.name)
+    return None
+
+
+def grant(budget: Budget, want: int, used: Used) -> int:
+    """Tokens to reserve for a request that may cost ``want``: never more than is left, so that
+    one request is not refused for its worst case."""
+    if budget.tokens_per_day is not None:
+        want = min(want, budget.tokens_per_day - used.today - used.reserved)
+    if budget.tokens_per_month is not None:
+        want = min(want, budget.tokens_per_month - used.month - used.reserved)
+    return want
+
+
+class SharedBudgets(Protocol):
+    """A store that decides budgets for several proxy replicas at once (``shared.SharedStore``)."""
+
+    url: str   # the store as people may see it
+
+    def status(self) -> dict[str, Any]: ...
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests are served now: the store answers, or on_store_down is open."""
+
+    @property
+    def up(self) -> bool: ...
+
+    async def reserve(self, caller: str, budget: Budget, want: int, now: float, day: str, month: str,
+                      rid: str) -> tuple[int | None, Used]:
+        """Hold up to ``want`` tokens for ``caller`` atomically in the store: (tokens held, or None when
+        a limit is used up; what the store counted). Raises ``StoreUnavailable``."""
 
 
 def _left(allowed: int | None, used: int) -> int | None:
@@ -118,7 +181,10 @@ class UsageBook:
         self.ledger = ledger
         self.clock = clock
         self.budgets: Mapping[str, Budget] = {}   # the callers with a limit; the others have none
+        self.shared: SharedBudgets | None = None  # budgets decided in a store shared by replicas
         self._accounts: dict[str, _Account] = {}
+        self._rid_prefix = secrets.token_hex(6) + "-"   # this process's requests' ids: prefix + count
+        self._rids = itertools.count(1)
 
     def reset(self, calendar: Calendar) -> None:
         """Count in another time zone: the windows change, so what they hold is read again (``load``)."""
@@ -135,6 +201,16 @@ class UsageBook:
             account.this_month.merge(found.month)
             account.recent.extend(sorted(t for t in found.recent if t > now - MINUTE))
 
+    def refresh(self, standing: Mapping[str, Standing], day: str, month: str) -> None:
+        """Take a shared store's totals of ``day`` and ``month`` as they are (every replica's
+        requests), keeping this process's reservations in flight."""
+        for caller, found in standing.items():
+            account = self._account(caller, day, month)
+            if account.day == day:
+                account.today = found.today
+            if account.month == month:
+                account.this_month = found.month
+
     def _account(self, caller: str, day: str, month: str) -> _Account:
         account = self._accounts.get(caller)
         if account is None:
@@ -143,42 +219,52 @@ class UsageBook:
             account.roll(day, month)
         return account
 
+    def _rid(self) -> str:
+        return self._rid_prefix + str(next(self._rids))
+
     def admit(self, caller: str, facts: RequestFacts) -> Reservation | Refusal:
+        """Decide on this process's own counts (the only ones, unless a store is shared)."""
         now = self.clock()
         day, month = self.calendar.window(now)
         budget = self.budgets.get(caller) if facts.billable else None
         if budget is None:
-            return Reservation(caller, facts, 0, now, day, month)
+            return Reservation(caller, facts, 0, now, day, month, self._rid())
         account = self._account(caller, day, month)
-        refusal = self._refusal(caller, budget, account, now)
-        if refusal is not None:
-            return refusal
-        # never more than is left, so that one request is not refused for its worst case
-        tokens = facts.reservation
-        if budget.tokens_per_day is not None:
-            tokens = min(tokens, budget.tokens_per_day - account.today.tokens - account.reserved)
-        if budget.tokens_per_month is not None:
-            tokens = min(tokens, budget.tokens_per_month - account.this_month.tokens - account.reserved)
+        used = account.used(now)
+        refused = refusal(caller, budget, used, self.calendar, now)
+        if refused is not None:
+            return refused
+        tokens = grant(budget, facts.reservation, used)
         if budget.requests_per_minute is not None:
             account.recent.append(now)
         account.reserved += tokens
-        return Reservation(caller, facts, tokens, now, day, month)
+        return Reservation(caller, facts, tokens, now, day, month, self._rid())
 
-    def _refusal(self, caller: str, budget: Budget, account: _Account, now: float) -> Refusal | None:
-        """Which limit is used up, if one is."""
-        calendar = self.calendar
-        per_minute = budget.requests_per_minute
-        if per_minute is not None and account.recent_count(now) >= per_minute:
-            resets = datetime.fromtimestamp((account.recent[0] if account.recent else now) + MINUTE, calendar.zone)
-            return Refusal(caller, Limit.MINUTE, len(account.recent), per_minute, resets, calendar.name)
-        if budget.tokens_per_day is not None and account.today.tokens + account.reserved >= budget.tokens_per_day:
-            return Refusal(caller, Limit.DAY, account.today.tokens, budget.tokens_per_day, calendar.day_ends(now),
-                           calendar.name)
-        if (budget.tokens_per_month is not None
-                and account.this_month.tokens + account.reserved >= budget.tokens_per_month):
-            return Refusal(caller, Limit.MONTH, account.this_month.tokens, budget.tokens_per_month,
-                           calendar.month_ends(now), calendar.name)
-        return None
+    async def admit_shared(self, caller: str, facts: RequestFacts) -> Reservation | Refusal:
+        """Decide in the shared store, where every replica's requests count; while it cannot be
+        reached, on this process's counts if on_store_down is open (else ``StoreUnavailable``)."""
+        shared = self.shared
+        budget = self.budgets.get(caller) if facts.billable else None
+        if budget is None or shared is None or not shared.up:
+            if shared is not None and not shared.serving:
+                raise StoreUnavailable("the store is down")
+            return self.admit(caller, facts)
+        now = self.clock()
+        day, month = self.calendar.window(now)
+        rid = self._rid()
+        try:
+            tokens, used = await shared.reserve(caller, budget, facts.reservation, now, day, month, rid)
+        except StoreUnavailable:
+            if not shared.serving:
+                raise
+            return self.admit(caller, facts)
+        if tokens is None:
+            refused = refusal(caller, budget, used, self.calendar, now)
+            assert refused is not None, "the store refused what the same rules admit"
+            return refused
+        account = self._account(caller, day, month)
+        account.reserved += tokens
+        return Reservation(caller, facts, tokens, now, day, month, rid)
 
     def settle(self, reservation: Reservation, status: int, prompt: int, completion: int, estimated: bool,
                key: str) -> Row:
@@ -186,7 +272,7 @@ class UsageBook:
         now = self.clock()
         facts = reservation.facts
         row = Row(reservation.caller, facts.model, facts.path, status, prompt, completion, estimated,
-                  reservation.started, now, key, reservation.day)
+                  reservation.started, now, key, reservation.day, reservation.rid)
         account = self._account(reservation.caller, *self.calendar.window(now))
         account.reserved = max(account.reserved - reservation.tokens, 0)
         if account.day == reservation.day:
@@ -200,7 +286,7 @@ class UsageBook:
     def refused(self, caller: str, facts: RequestFacts, status: int) -> Row:
         """A request answered without going upstream (over budget): a row, no tokens."""
         now = self.clock()
-        nothing = Reservation(caller, facts, 0, now, *self.calendar.window(now))
+        nothing = Reservation(caller, facts, 0, now, *self.calendar.window(now), self._rid())
         return self.settle(nothing, status, 0, 0, False, "")
 
     # -- what people read -------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import uvloop
 
-from reconciler.desired.model import DesiredState, load
-from reconciler.desired.validation import InvalidDesiredState
+from reconciler.desired.model import DesiredState, Listen, load
+from reconciler.desired.validation import InvalidDesiredState, listen_problem, proxy_listen_problems
 from reconciler.desired.watch import changes_of
 
 from .service import ProxyService
@@ -54,7 +54,8 @@ async def follow(path: Path, service: ProxyService, stop: asyncio.Event) -> None
             await reload(path, service)
 
 
-async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = None) -> None:
+async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = None,
+              listen: Listen | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,7 +63,7 @@ async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = No
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
-    service = ProxyService(desired)
+    service = ProxyService(desired, listen=listen)
     await service.start()
     try:
         await follow(path, service, stop)
@@ -74,9 +75,11 @@ async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = No
 @click.command("proxy")
 @click.option("-f", "--file", "file", envvar="CST_FILE", default="desired.yaml", show_default=True,
               type=click.Path(path_type=Path, dir_okay=False), help="The desired-state file to follow.")
+@click.option("--listen", "listen", default=None, metavar="HOST:PORT",
+              help="Listen here instead of settings.proxy.listen: several replicas share one desired.yaml.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Logging verbosity.")
-def proxy_command(file: Path, log_level: str) -> None:
+def proxy_command(file: Path, listen: str | None, log_level: str) -> None:
     """Run only the OpenAI-compatible key-pool proxy, following FILE's accounts."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -85,7 +88,17 @@ def proxy_command(file: Path, log_level: str) -> None:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(1)  # invalid input, as every cst command
-    uvloop.run(run(file, desired))  # a faster event loop: ~20 % less CPU per proxied request
+    address = None
+    if listen is not None:
+        malformed = listen_problem(listen)
+        proxy = desired.settings.proxy
+        problems = [malformed] if malformed else [
+            f"{why} (settings.proxy.{field} in {file})"
+            for field, why in proxy_listen_problems(listen, proxy.anonymous, bool(proxy.client_keys_env))]
+        if problems:
+            raise click.BadParameter("; ".join(problems), param_hint="--listen")
+        address = Listen.parse(listen)
+    uvloop.run(run(file, desired, listen=address))  # a faster event loop: ~20 % less CPU per proxied request
 
 
 if __name__ == "__main__":  # python -m proxy.cli -f desired.yaml

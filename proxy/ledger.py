@@ -27,6 +27,7 @@ log = logging.getLogger("cst.proxy.ledger")
 FLUSH_DELAY = 0.05      # a row is on disk at most this long (plus the write) after its request ended
 PRUNE_EVERY = 3600.0
 MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be written
+REPLAY_BATCH = 5000       # spooled rows written to the store a transaction
 
 
 class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's parameter row as it is
@@ -41,6 +42,7 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
     ended: float
     key: str                    # the pool key, masked ("" when none was used)
     day: str                    # the window the row counts in (YYYY-MM-DD in the declared zone)
+    rid: str                    # unique per request: a row replayed from a spool is written once
 
     @property
     def failed(self) -> bool:
@@ -97,6 +99,10 @@ class DayTotal:
         return {"day": self.day, "instance": self.caller, **self.tally.document()}
 
 
+class StoreUnavailable(Exception):
+    """A store across the network cannot be reached now; the message names it and says why."""
+
+
 class LedgerStore(Protocol):
     """Where rows and daily totals are kept. Methods block: call them off the event loop."""
 
@@ -131,12 +137,17 @@ _SCHEMA = (
         PRIMARY KEY (day, caller)
     ) WITHOUT ROWID;
     """,
+    # version 2: rows carry their request's id (no index: only a spool's rows are read back by it)
+    """
+    ALTER TABLE requests ADD COLUMN rid TEXT NOT NULL DEFAULT '';
+    """,
 )
 
-ROWS_PER_INSERT = 64   # 704 parameters a statement; the rest of a batch one row a statement
-_INSERT_ONE = ("INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
-               " started, ended, key, day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_INSERT_MANY = _INSERT_ONE + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (ROWS_PER_INSERT - 1)
+ROWS_PER_INSERT = 64   # 768 parameters a statement; the rest of a batch one row a statement
+COLUMNS = ("caller", "model", "path", "status", "prompt_tokens", "completion_tokens", "estimated", "started",
+           "ended", "key", "day", "rid")   # Row's fields, in order
+_INSERT_ONE = (f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_MANY = _INSERT_ONE + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (ROWS_PER_INSERT - 1)
 
 
 _ADD_DAYS = """
@@ -255,21 +266,45 @@ class SqliteStore:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
 
+    # a spool's side: rows read back in order and forgotten once another store took them
+
+    def oldest(self, limit: int) -> tuple[int, list[RowValues]]:
+        """(the id of the last, the rows) of the ``limit`` oldest rows."""
+        with self._lock:
+            found = self._db.execute(f"SELECT id, {', '.join(COLUMNS)} FROM requests ORDER BY id LIMIT ?",
+                                     (limit,)).fetchall()
+        rows = [(*r[1:7], bool(r[7]), *r[8:]) for r in found]
+        return (found[-1][0] if found else 0), rows
+
+    def forget(self, last: int) -> None:
+        """Remove the rows up to id ``last`` (their daily totals go too: a spool's are not read)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM requests WHERE id <= ?", (last,))
+            self._db.execute("DELETE FROM daily")
+            self._db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
 class LedgerWriter:
-    """Rows in, batches out on a thread of its own. ``append`` never blocks; a batch that cannot be
-    written (disk full) is logged with its traceback and tried again, the rows kept meanwhile."""
+    """Rows in, batches out on a thread of its own. ``append`` never blocks. A batch the store cannot
+    take is logged with its traceback and tried again; with a ``spool`` (a local SQLite file, for a
+    shared store across the network) it is kept there meanwhile, so that a proxy stopped or killed
+    while the store is away loses nothing, and written to the store once it answers: rows carry
+    their request's id, and the store takes each id once."""
 
-    def __init__(self, store: LedgerStore, retention: float, clock: Callable[[], float] = time.time):
+    def __init__(self, store: LedgerStore, retention: float, clock: Callable[[], float] = time.time,
+                 spool: "SqliteStore | None" = None):
         self.store = store
+        self.spool = spool
         self.retention = retention
         self._clock = clock
         self._queue: queue.SimpleQueue[RowValues | None] = queue.SimpleQueue()
         self._backlog: list[RowValues] = []   # taken from the queue, not yet committed
+        self.spooled = spool.rows() if spool is not None else 0   # rows in the spool, not yet in the store
         self.failures = 0          # writes that failed (their rows were kept and tried again)
         self.written = 0
         self._thread = threading.Thread(target=self._run_forever, name="cst-ledger", daemon=True)
@@ -286,9 +321,12 @@ class LedgerWriter:
         self._queue.put(None)
         self._thread.join()
         self.store.close()
+        if self.spool is not None:
+            self.spool.close()
 
     def status(self) -> dict[str, int]:
-        return {"written": self.written, "failures": self.failures, "unwritten": len(self._backlog)}
+        return {"written": self.written, "failures": self.failures, "unwritten": len(self._backlog),
+                "spooled": self.spooled}
 
     def _take(self, wait: float | None) -> bool:
         """Move what is queued into the backlog, waiting up to ``wait`` for a first item;
@@ -323,36 +361,42 @@ class LedgerWriter:
         retry_at, backoff = 0.0, 1.0
         while going or self._backlog:
             if going:
-                # idle: wait for a row; after a failed write: wait for the retry, gathering rows
+                # idle: wait for a row; with rows waiting for the store: wait for the retry, gathering rows
                 waiting = retry_at - time.monotonic()
-                going = self._take(None if not self._backlog else max(waiting, 0.0))
+                going = self._take(None if not (self._backlog or self.spooled) else max(waiting, 0.0))
                 if going and time.monotonic() < retry_at:
                     continue
-                if going:
+                if going and self._backlog:
                     time.sleep(FLUSH_DELAY)   # rows that end meanwhile join the same transaction
                     going = self._take(0)
-            if not self._backlog:
-                continue
+            wrote = False
             try:
-                self.store.write(self._backlog)
-            except Exception:
+                if self.spooled and time.monotonic() >= retry_at:
+                    wrote = self._replay()
+                if self._backlog:
+                    self.store.write(self._backlog)
+                    self.written += len(self._backlog)
+                    self._backlog = []
+                    wrote = True
+            except Exception as exc:
                 self.failures += 1
-                log.exception("could not write %d ledger rows; keeping them and trying again in %g s",
-                              len(self._backlog), backoff)
+                waiting = len(self._backlog) + self.spooled
+                if isinstance(exc, StoreUnavailable):   # expected while a store is away: no traceback
+                    log.error("could not write %d ledger rows (%s); keeping them and trying again in %g s",
+                              waiting, exc, backoff)
+                else:
+                    log.exception("could not write %d ledger rows; keeping them and trying again in %g s",
+                                  waiting, backoff)
+                self._keep_backlog()
                 if not going:
-                    log.error("stopping with %d ledger rows unwritten", len(self._backlog))
+                    if self._backlog:
+                        log.error("stopping with %d ledger rows unwritten", len(self._backlog))
                     return
-                if len(self._backlog) > MAX_BACKLOG:
-                    log.error("dropping the %d oldest ledger rows: the store has been failing too long",
-                              len(self._backlog) - MAX_BACKLOG)
-                    del self._backlog[:-MAX_BACKLOG]
                 retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, 30.0)
                 continue
             retry_at, backoff = 0.0, 1.0
-            self.written += len(self._backlog)
-            self._backlog = []
             now = self._clock()
-            if now >= next_prune:
+            if wrote and now >= next_prune:
                 next_prune = now + PRUNE_EVERY
                 try:
                     pruned = self.store.prune(now - self.retention)
@@ -360,3 +404,35 @@ class LedgerWriter:
                         log.info("pruned %d ledger rows older than the retention", pruned)
                 except Exception:
                     log.exception("pruning the ledger failed; trying again in an hour")
+
+    def _keep_backlog(self) -> None:
+        """The store refused the backlog: into the spool if there is one, else held in memory."""
+        if self.spool is not None and self._backlog:
+            try:
+                self.spool.write(self._backlog)
+            except Exception:
+                log.exception("could not keep %d ledger rows in the spool %s either", len(self._backlog),
+                              self.spool.path)
+            else:
+                self.spooled += len(self._backlog)
+                self._backlog = []
+                return
+        if len(self._backlog) > MAX_BACKLOG:
+            log.error("dropping the %d oldest ledger rows: the store has been failing too long",
+                      len(self._backlog) - MAX_BACKLOG)
+            del self._backlog[:-MAX_BACKLOG]
+
+    def _replay(self) -> bool:
+        """Write the spool's rows to the store, oldest first, and forget each batch once it is
+        committed there (a crash in between replays it again; the store takes each row once)."""
+        assert self.spool is not None
+        while True:
+            last, rows = self.spool.oldest(REPLAY_BATCH)
+            if not rows:
+                self.spooled = 0
+                return True
+            self.store.write(rows)
+            self.spool.forget(last)
+            self.spooled = max(self.spooled - len(rows), 0)
+            self.written += len(rows)
+            log.info("wrote %d ledger rows from the spool to the store (%d left)", len(rows), self.spooled)

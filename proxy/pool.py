@@ -19,6 +19,10 @@ Policy (the seed's round robin, made less naive):
   and nothing succeeded since, the fault is the upstream or the network, not the
   keys; failure cooldowns are then capped to a second and do not lengthen the
   streak, so the pool is whole again as soon as the upstream is back.
+* Shared verdicts: with replicas on a shared store, a key another replica cooled down (429) or
+  quarantined (401/402/403) is skipped here until the time it said (``apply_verdict``), and this
+  pool's own such verdicts go to ``on_verdict``. Verdicts for keys not (yet) in the pool are kept
+  and applied when an account's refresh brings them.
 * When nothing is available, the key whose cooldown ends first is offered anyway
   (the seed reset everything instead); only when there is no key at all, or all
   were tried, ``acquire`` returns None and the caller answers 503.
@@ -26,6 +30,7 @@ Policy (the seed's round robin, made less naive):
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -81,9 +86,11 @@ class Key:
     quarantined: bool = False
     last_failure_at: float = field(default=-1e18)
     masked: str = ""
+    digest: str = ""   # SHA-256 of the value: how replicas name a key to each other
 
     def __post_init__(self) -> None:
         self.masked = mask(self.value)
+        self.digest = hashlib.sha256(self.value.encode()).hexdigest()
 
     @property
     def funded(self) -> bool:
@@ -106,6 +113,10 @@ class KeyPool:
         self._keys: list[Key] = []  # flattened, in account order: the round-robin ring
         self._next = 0
         self._last_success_at = -1e18
+        # another replica's verdicts by key digest: (skip until, on this pool's clock; why)
+        self._verdicts: dict[str, tuple[float, str]] = {}
+        # told of this pool's own verdicts: (key, quarantined, skip until on this pool's clock)
+        self.on_verdict: Callable[[Key, bool, float], None] | None = None
 
     # -- membership ------------------------------------------------------------------
 
@@ -124,6 +135,27 @@ class KeyPool:
             keys.append(key)
         self._accounts[account] = keys
         self._rebuild()
+        now = self.clock()
+        for key in keys:
+            verdict = self._verdicts.get(key.digest)
+            if verdict is not None and verdict[0] > now:
+                self._skip(key, *verdict)
+
+    def apply_verdict(self, digest: str, until: float, reason: str) -> None:
+        """Another replica benched the key with ``digest`` until ``until`` (this pool's clock)."""
+        now = self.clock()
+        self._verdicts = {d: v for d, v in self._verdicts.items() if v[0] > now}
+        if until <= now:
+            return
+        self._verdicts[digest] = (until, reason)
+        for key in self._keys:
+            if key.digest == digest:
+                self._skip(key, until, reason)
+
+    @staticmethod
+    def _skip(key: Key, until: float, reason: str) -> None:
+        if until > key.cooldown_until:
+            key.cooldown_until, key.last_error = until, reason
 
     def remove_account(self, account: str) -> None:
         # Requests in flight hold their Key object; reports on it just touch an orphan.
@@ -195,8 +227,12 @@ class KeyPool:
             wait = DEFAULT_RETRY_AFTER if retry_after is None else min(max(retry_after, 0.0), MAX_RETRY_AFTER)
             if now + wait > key.cooldown_until:
                 key.cooldown_until, key.rate_limited = now + wait, True
+                if self.on_verdict is not None:
+                    self.on_verdict(key, False, key.cooldown_until)
             return
         if outcome is Outcome.UNAUTHORIZED:
+            if not key.quarantined and self.on_verdict is not None:
+                self.on_verdict(key, True, now)
             key.quarantined = True
             return
         # FAILURE: transport error, timeout or 5xx.

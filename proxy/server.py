@@ -22,7 +22,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .budget import Refusal, Reservation, charge
+from .budget import Refusal, Reservation, SharedBudgets, StoreUnavailable, charge
 from .forward import openai_error
 from .metrics import registry_for
 from .request_body import inspect
@@ -81,6 +81,14 @@ def _over_budget(refusal: Refusal, now: float) -> web.Response:
     return response
 
 
+def _store_down(shared: SharedBudgets) -> web.Response:
+    response = openai_error(503, f"the usage store {shared.url} cannot be reached, and the proxy serves no request "
+                            "it cannot account for (settings.usage.on_store_down: closed); retry shortly",
+                            "server_error", "store_unavailable")
+    response.headers["Retry-After"] = "5"
+    return response
+
+
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
     caller = _caller(state, request)
     if caller is None:
@@ -105,7 +113,14 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
             return _too_large(state)
         facts = inspect(request.path, request.method, body)
-        admitted = state.usage.admit(caller, facts)
+        book = state.usage
+        if book.shared is None:
+            admitted = book.admit(caller, facts)
+        else:
+            try:
+                admitted = await book.admit_shared(caller, facts)
+            except StoreUnavailable:
+                return _store_down(book.shared)
         if isinstance(admitted, Refusal):
             state.usage.refused(caller, facts, 429)
             return _over_budget(admitted, state.usage.clock())
@@ -133,10 +148,13 @@ async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reserva
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
     total, available = state.pool.counts()
     ledger = state.usage.ledger
+    shared = state.usage.shared
+    closed = shared is not None and not shared.serving
     return web.json_response({
-        "status": "ok" if available else ("degraded" if total else "no_keys"),
+        "status": "store_down" if closed else "ok" if available else ("degraded" if total else "no_keys"),
         "keys": {"total": total, "available": available, "unavailable": total - available},
         "ledger": ledger.status() if ledger is not None else None,
+        "store": shared.status() if shared is not None else {"kind": "sqlite"},
         "uptime": round(time.monotonic() - state.started, 3),
     })
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import aiohttp
 from aiohttp import web
 
-from reconciler.desired.model import Budget, DesiredState, Listen, ProxySettings
+from reconciler.desired.model import Budget, DesiredState, Listen, ProxySettings, UsageSettings
 from reconciler.desired.watch import changes_in
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
@@ -28,9 +31,11 @@ from .budget import MINUTE, UsageBook
 from .calendar import Calendar
 from .callers import Callers
 from .forward import ForwardConfig, Forwarder
-from .ledger import LedgerStore, LedgerWriter, SqliteStore, Standing
-from .pool import KeyPool
+from .ledger import LedgerStore, LedgerWriter, SqliteStore, Standing, StoreUnavailable
+from .pool import Key, KeyPool
+from .postgres import PostgresStore, connection_settings
 from .server import build_server
+from .shared import KeyVerdict, SharedStore
 from .state import ProxyState
 from .upstream import UpstreamClient
 
@@ -43,20 +48,40 @@ def _forward_config(settings: ProxySettings) -> ForwardConfig:
     return ForwardConfig(settings.upstream, settings.max_attempts, settings.timeout)
 
 
+SHARED_REFRESH = 2.0   # seconds between two readings of every replica's use from a shared store
+STORE_WAIT = 3.0       # how long a starting proxy waits for a shared store before serving without it
+
+
 def ledger_path(state_dir: Path) -> Path:
     return state_dir / "proxy" / "ledger.sqlite3"
 
 
-def read_usage(desired: DesiredState) -> tuple[UsageBook, SqliteStore | None]:
-    """The ledger of ``desired``'s state dir opened for reading (None when nothing was written yet),
-    and a book of the current windows read from it: what ``cst usage`` shows without a proxy."""
+def spool_path(state_dir: Path, listen: Listen) -> Path:
+    """Where rows wait while a shared store is away: one file per replica (by its address, so that
+    a replica started again replays what it left)."""
+    return state_dir / "proxy" / f"spool-{listen.host}-{listen.port}.sqlite3"
+
+
+def open_store(usage: UsageSettings, state_dir: Path, application: str, readonly: bool = False) -> LedgerStore | None:
+    """The declared store: PostgreSQL when ``usage.store`` names one, else the state dir's SQLite
+    file (None when reading one that was never written). Raises ``SecretUnavailable``."""
+    if usage.store:
+        conninfo, connect = connection_settings(usage, application)
+        return PostgresStore(conninfo, connect, migrates=not readonly)
+    path = ledger_path(state_dir)
+    if readonly and not path.exists():
+        return None
+    return SqliteStore(path, readonly=readonly)
+
+
+def read_usage(desired: DesiredState) -> tuple[UsageBook, LedgerStore | None]:
+    """The declared ledger opened for reading (None when nothing was written yet), and a book of
+    the current windows read from it: what ``cst usage`` shows without a proxy. Blocking."""
     book = UsageBook(Calendar(desired.settings.usage.timezone))
     book.budgets = budgets(desired)
-    path = ledger_path(desired.settings.state_dir)
-    if not path.exists():
-        return book, None
-    store = SqliteStore(path, readonly=True)
-    book.load(_standing(book, store))
+    store = open_store(desired.settings.usage, desired.settings.state_dir, "cst usage", readonly=True)
+    if store is not None:
+        book.load(_standing(book, store))
     return book, store
 
 
@@ -65,6 +90,11 @@ def _standing(book: UsageBook, store: LedgerStore) -> Mapping[str, Standing]:
     now = book.clock()
     day, month = book.calendar.window(now)
     return store.standing(day, month, now - MINUTE)
+
+
+def _store_of(desired: DesiredState) -> tuple[object, ...]:
+    usage = desired.settings.usage
+    return usage.store, usage.store_password_env, usage.store_password_file
 
 
 def budgets(desired: DesiredState) -> dict[str, Budget]:
@@ -85,8 +115,15 @@ def _client_keys(settings: ProxySettings) -> tuple[str, ...]:
 
 
 class ProxyService:
-    def __init__(self, desired: DesiredState):
+    def __init__(self, desired: DesiredState, listen: Listen | None = None, publishes_keys: bool = False):
+        """``listen`` overrides ``settings.proxy.listen`` (replicas sharing one file);
+        ``publishes_keys``: this is ``cst serve``'s proxy, which owns the state dir and publishes
+        the instances' key digests to a shared store."""
         self.desired = desired
+        self._listen_override = listen
+        self._publishes_keys = publishes_keys
+        self.shared: SharedStore | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._upstream: UpstreamClient | None = None
         self._runner: web.ServerRunner | None = None
@@ -121,6 +158,8 @@ class ProxyService:
         usage = await self._open_usage(self.desired)
         self.state = ProxyState(pool, forwarder, accounts, callers, usage,
                                 max_body=settings.proxy.max_body, max_concurrent=settings.proxy.max_concurrent)
+        if settings.usage.store:
+            await self._share(usage)
         accounts.update(self.desired.accounts)
         await self.reload_instance_keys()
         # handler_cancellation: a client that hangs up cancels its handler, and with it the
@@ -129,7 +168,7 @@ class ProxyService:
         self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE)
         try:
             await self._runner.setup()
-            await self._bind(settings.proxy.listen)
+            await self._bind(self._listen_override or settings.proxy.listen)
         except BaseException:
             await self.stop()  # e.g. the port is taken: leave nothing running behind
             raise
@@ -137,17 +176,73 @@ class ProxyService:
         log.info("proxy listening on %s, forwarding to %s", self.url, settings.proxy.upstream)
 
     async def _open_usage(self, desired: DesiredState) -> UsageBook:
-        """The ledger of the state dir and the book of current use, started where the ledger left off."""
+        """The declared ledger and the book of current use, started where the ledger left off."""
         settings = desired.settings
-        store = await asyncio.to_thread(SqliteStore, ledger_path(settings.state_dir))
-        book = UsageBook(Calendar(settings.usage.timezone), LedgerWriter(store, settings.usage.retention))
+        store = await asyncio.to_thread(open_store, settings.usage, settings.state_dir, "cst proxy")
+        assert store is not None
+        spool = None
+        if settings.usage.store:
+            listen = self._listen_override or settings.proxy.listen
+            spool = await asyncio.to_thread(SqliteStore, spool_path(settings.state_dir, listen))
+        book = UsageBook(Calendar(settings.usage.timezone), LedgerWriter(store, settings.usage.retention, spool=spool))
         book.budgets = budgets(desired)
         await self._load_usage(book)
         return book
 
     async def _load_usage(self, book: UsageBook) -> None:
         assert book.ledger is not None
-        book.load(await asyncio.to_thread(_standing, book, book.ledger.store))
+        try:
+            book.load(await asyncio.to_thread(_standing, book, book.ledger.store))
+        except StoreUnavailable as exc:   # a shared store away: its refresh reads it when it is back
+            log.error("could not read the current use from the usage store: %s", exc)
+
+    async def _share(self, book: UsageBook) -> None:
+        """Budgets, key health and instance keys through the shared store, and its current use read
+        every ``SHARED_REFRESH``."""
+        assert self.state is not None and book.ledger is not None
+        state, usage = self.state, self.desired.settings.usage
+        store = book.ledger.store
+        assert isinstance(store, PostgresStore)
+        conninfo, connect = connection_settings(usage, "cst proxy")
+        clock = state.pool.clock
+
+        def on_key(verdict: KeyVerdict) -> None:
+            state.pool.apply_verdict(verdict.digest, clock() + verdict.until - time.time(), verdict.reason)
+
+        shared = SharedStore(conninfo, connect, f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
+                             usage.on_store_down == "open", store.ensure_schema, on_key,
+                             state.callers.set_published_keys)
+        state.pool.on_verdict = self._publish_verdict
+        book.shared = self.shared = shared
+        await shared.start(STORE_WAIT)
+        self._refreshing = asyncio.get_running_loop().create_task(self._refresh_forever(book, store))
+
+    def _publish_verdict(self, key: Key, quarantined: bool, until: float) -> None:
+        """Tell the other replicas of a key benched here: a 429 until its cooldown ends, a refusal
+        until the account's next refresh (when this replica tries the key again)."""
+        assert self.shared is not None and self.state is not None
+        now_mono, now = self.state.pool.clock(), time.time()
+        if quarantined:
+            refresh = next((a.refresh for a in self.desired.accounts if a.name == key.account), 300.0)
+            wall_until, reason = now + refresh, f"refused by the upstream ({key.last_error})"
+        else:
+            wall_until, reason = now + until - now_mono, f"rate-limited ({key.last_error})"
+        self.shared.publish_key(KeyVerdict(key.digest, wall_until, quarantined, f"another replica: {reason}"))
+
+    async def _refresh_forever(self, book: UsageBook, store: LedgerStore) -> None:
+        while True:
+            await asyncio.sleep(SHARED_REFRESH)
+            if self.shared is None or not self.shared.up:
+                continue
+            try:
+                now = book.clock()
+                day, month = book.calendar.window(now)
+                standing = await asyncio.to_thread(store.standing, day, month, now - MINUTE)
+                book.refresh(standing, day, month)
+            except StoreUnavailable as exc:
+                log.warning("could not read the current use from the usage store: %s", exc)
+            except Exception:   # a defect: never silently, and the next round tries again
+                log.exception("reading the current use from the usage store failed")
 
     async def _bind(self, listen: Listen) -> None:
         assert self._runner is not None
@@ -173,7 +268,16 @@ class ProxyService:
     async def _apply(self, desired: DesiredState) -> None:
         assert self.state is not None
         old, new = self.desired.settings.proxy, desired.settings.proxy
+        if _store_of(desired) != _store_of(self.desired):
+            log.warning("settings.usage.store changed: the proxy keeps the store it started with until it "
+                        "is restarted")
+            desired = replace(desired, settings=replace(desired.settings, usage=replace(
+                desired.settings.usage, store=self.desired.settings.usage.store,
+                store_password_env=self.desired.settings.usage.store_password_env,
+                store_password_file=self.desired.settings.usage.store_password_file)))
         self.desired = desired
+        if self.shared is not None:
+            self.shared.serve_when_down = desired.settings.usage.on_store_down == "open"
         state = self.state
         if (old.upstream, old.max_attempts, old.timeout) != (new.upstream, new.max_attempts, new.timeout):
             state.forwarder.config = _forward_config(new)
@@ -191,7 +295,7 @@ class ProxyService:
             await self.reload_instance_keys()
             await self._follow_instance_keys()
         state.accounts.update(desired.accounts)
-        if new.listen != self._listen:
+        if self._listen_override is None and new.listen != self._listen:
             await self._bind(new.listen)
             log.info("proxy now listening on %s", self.url)
 
@@ -202,6 +306,8 @@ class ProxyService:
         """Read the instances' proxy keys again: a key minted, rotated or revoked counts from now."""
         assert self.state is not None
         self.state.callers.set_instance_keys(await asyncio.to_thread(self._instance_keys().all))
+        if self._publishes_keys and self.shared is not None:
+            self.shared.publish_instance_keys(self.state.callers.instance_digests())
 
     async def _follow_instance_keys(self) -> None:
         """(Re)start following the key folder of the current state dir, so keys that ``cst apply``
@@ -232,6 +338,11 @@ class ProxyService:
 
     async def stop(self) -> None:
         await self._stop_following()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
         if self.state is not None:
             await self.state.accounts.close()
             if self.state.usage.ledger is not None:

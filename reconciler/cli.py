@@ -16,10 +16,12 @@ import uvloop
 
 from proxy.budget import daily_document
 from proxy.cli import proxy_command
+from proxy.ledger import StoreUnavailable
 from proxy.pool import mask
 from proxy.service import read_usage
 
 from .desired.model import DesiredState, TlsSettings, load, port_of
+from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import InvalidDesiredState, is_loopback_host
 from .engine.inventory import instance_rows
@@ -116,7 +118,10 @@ def usage(file: Path, output: str, first: datetime | None, last: datetime | None
     --from/--to/--instance, daily totals (-o csv for billing). Read from the ledger in the state dir,
     with or without cst serve."""
     desired = load_or_exit(file)
-    book, store = read_usage(desired)
+    try:
+        book, store = read_usage(desired)
+    except (SecretUnavailable, StoreUnavailable) as exc:
+        raise click.ClickException(f"cannot read the usage store: {exc}") from None
     try:
         if first is None and last is None and caller is None:
             _show_windows(book.document(i.id for i in desired.instances), output)
@@ -128,6 +133,8 @@ def usage(file: Path, output: str, first: datetime | None, last: datetime | None
             raise click.BadParameter(f"{first_day} is after --to {last_day}", param_hint="--from")
         totals = store.daily(first_day, last_day, caller) if store is not None else []
         _show_days(daily_document(window, totals, first_day, last_day), output)
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"cannot read the usage store: {exc}") from None
     finally:
         if store is not None:
             store.close()

@@ -122,6 +122,10 @@ NO_LIMIT = Budget()
 class UsageSettings:
     timezone: str | None = None   # an IANA name; None: the machine's zone
     retention: float = parse_duration(_default("settings", "usage", "retention"))
+    store: str | None = None      # postgresql://…: shared by proxy replicas; None: SQLite in the state dir
+    store_password_env: str | None = None
+    store_password_file: Path | None = None
+    on_store_down: Literal["closed", "open"] = _default("settings", "usage", "on_store_down")
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,10 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             max_concurrent=proxy["max_concurrent"],
             anonymous=proxy["anonymous"],
         ),
-        usage=UsageSettings(timezone=usage.get("timezone"), retention=parse_duration(usage["retention"])),
+        usage=UsageSettings(timezone=usage.get("timezone"), retention=parse_duration(usage["retention"]),
+                            store=usage.get("store"), store_password_env=usage.get("store_password_env"),
+                            store_password_file=_path(base, usage.get("store_password_file")),
+                            on_store_down=usage["on_store_down"]),
     )
     fleet_budget = Budget.from_data(raw.get("budget"))
     accounts = tuple(

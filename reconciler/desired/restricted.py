@@ -33,6 +33,10 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.sillytavern.version": s.sillytavern.version,
         "settings.api": s.api,                       # its address, TLS paths, insecure_http, the key's variable
         "settings.proxy.upstream": s.proxy.upstream,
+        # where the ledger and the instances' key digests go, with which password
+        "settings.usage.store": s.usage.store,
+        "settings.usage.store_password_env": s.usage.store_password_env,
+        "settings.usage.store_password_file": s.usage.store_password_file,
     }
 
 

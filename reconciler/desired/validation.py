@@ -25,6 +25,7 @@ import os
 import re
 import reprlib
 import stat
+import urllib.parse
 import zoneinfo
 from importlib import resources
 from dataclasses import dataclass
@@ -401,7 +402,8 @@ _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout
               ("settings", "api", "timeout"), ("settings", "usage", "retention"))
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
-          ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"))
+          ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
+          ("settings", "usage", "store_password_file"))
 _URLS = (("settings", "proxy", "upstream"),)
 _LISTENS = (("settings", "api", "listen"), ("settings", "proxy", "listen"))
 
@@ -506,6 +508,30 @@ def _value_problems(doc: _Located) -> Iterator[Problem]:
                 yield doc.problem(path, problem)
 
 
+def proxy_listen_problems(listen: str, anonymous: bool, client_keys: bool) -> list[tuple[str, str]]:
+    """(field of settings.proxy, why) for a proxy address beyond loopback that would let anyone in;
+    also for ``cst proxy --listen``, which overrides the file's address."""
+    if _is_loopback(listen):
+        return []
+    problems = []
+    if not client_keys:
+        problems.append(("listen", f"{listen!r} is not a loopback address: set client_keys_env "
+                                   "so that the proxy asks its clients for a key"))
+    if anonymous:
+        problems.append(("anonymous", f"true would open the key pool to anyone who reaches {listen!r}: "
+                                      "it is allowed only on a loopback address"))
+    return problems
+
+
+def listen_problem(value: str) -> str | None:
+    """Why ``value`` is not a host:port to listen on, or None."""
+    if not re.match(schema()["$defs"]["listen"]["pattern"], value):
+        return f"{_shown.repr(value)} is not host:port (127.0.0.1:5101, [::1]:5101)"
+    if not 1 <= _listen_port(value) <= 65535:
+        return f"port in {value!r} is outside 1-65535"
+    return _host_problem(value.rsplit(":", 1)[0])
+
+
 def _rule_problems(doc: _Located) -> Iterator[Problem]:
     """Rules across fields. They run beside the schema, so they skip values of the wrong shape."""
     data = doc.data
@@ -515,15 +541,9 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
         if not 1 <= _listen_port(listen) <= 65535:
             yield doc.problem(("settings", section, "listen"), f"port in {listen!r} is outside 1-65535")
     proxy = _mapping(settings.get("proxy"))
-    proxy_listen = _listen_of(settings, "proxy")
-    if not _is_loopback(proxy_listen) and not proxy.get("client_keys_env"):
-        yield doc.problem(("settings", "proxy", "listen"),
-                          f"{proxy_listen!r} is not a loopback address: set client_keys_env "
-                          "so that the proxy asks its clients for a key")
-    if proxy.get("anonymous") is True and not _is_loopback(proxy_listen):
-        yield doc.problem(("settings", "proxy", "anonymous"),
-                          f"true would open the key pool to anyone who reaches {proxy_listen!r}: "
-                          "it is allowed only on a loopback address")
+    for field, problem in proxy_listen_problems(_listen_of(settings, "proxy"), proxy.get("anonymous") is True,
+                                                bool(proxy.get("client_keys_env"))):
+        yield doc.problem(("settings", "proxy", field), problem)
 
     reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
     first_use: dict[int, int] = {}
@@ -581,12 +601,42 @@ def _usage_problems(doc: _Located, settings: dict) -> Iterator[Problem]:
         if too_short:
             yield doc.problem(("settings", "usage", "retention"), f"{_shown.repr(retention)} is shorter than a day "
                               "(ledger rows are kept at least for the day they count in)")
+    store = usage.get("store")
+    if isinstance(store, str):
+        problem = store_problem(store)
+        if problem:
+            yield doc.problem(("settings", "usage", "store"), problem)
+    if "store" not in usage:
+        for name in ("store_password_env", "store_password_file"):
+            if name in usage:
+                yield doc.problem(("settings", "usage", name), "there is no settings.usage.store to use it for")
+    elif "store_password_env" in usage and "store_password_file" in usage:
+        yield doc.problem(("settings", "usage"), "give store_password_env or store_password_file, not both")
     instances = doc.data.get("instances")
     for i, instance in enumerate(instances if isinstance(instances, list) else []):
         instance = _mapping(instance)
         if instance.get("proxy") is False and instance.get("budget"):
             yield doc.problem(("instances", i, "budget"), "this instance does not use the key pool (proxy: false), "
                               "so a budget would limit nothing")
+
+
+def store_problem(url: str) -> str | None:
+    """Why ``url`` is not a PostgreSQL URL CST may hold, or None. The password must not be in the
+    file (kept in git, shown by the API): it comes from the environment or a 0600 file."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port   # raises on a port that is not a number
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as exc:
+        return f"{_shown.repr(url)} is not a PostgreSQL URL ({exc})"
+    if parts.password is not None or "password" in query:
+        return ("the URL holds a password: put it in the environment (store_password_env) or a 0600 file "
+                "(store_password_file), never in desired.yaml")
+    if not parts.hostname and "host" not in query:
+        return f"{_shown.repr(url)} names no host (postgresql://user@host:5432/database)"
+    if not parts.path.strip("/"):
+        return f"{_shown.repr(url)} names no database (postgresql://user@host:5432/database)"
+    return None
 
 
 def zone_problem(name: str) -> str | None:

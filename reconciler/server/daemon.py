@@ -370,7 +370,7 @@ class Daemon:
             except OSError as exc:
                 await runner.cleanup()
                 raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
-            self.proxy = ProxyService(self.desired)
+            self.proxy = ProxyService(self.desired, publishes_keys=True)
             try:
                 await self.proxy.start()
             except OSError as exc:

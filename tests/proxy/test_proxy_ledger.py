@@ -22,7 +22,7 @@ from fakes import PROMPT_TOKENS, FakeUpstream
 
 from proxy.budget import Limit, Refusal, Reservation, UsageBook
 from proxy.calendar import Calendar
-from proxy.ledger import LedgerWriter, Row, SqliteStore
+from proxy.ledger import COLUMNS, LedgerWriter, Row, SqliteStore
 from proxy.request_body import inspect
 from proxy.service import ledger_path
 from reconciler.desired.model import Budget
@@ -231,8 +231,7 @@ async def _rows(proxy, count: int) -> list[Row]:
         async def written() -> bool:
             return store.rows() >= count
         await eventually(written, failure=lambda: f"{store.rows()} ledger rows, expected {count}")
-        query = ("SELECT caller, model, path, status, prompt_tokens, completion_tokens, estimated, started, ended, key,"
-                 " day FROM requests ORDER BY id")
+        query = f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY id"
         return [Row(*r[:6], bool(r[6]), *r[7:]) for r in store._db.execute(query).fetchall()]
     finally:
         store.close()
@@ -314,8 +313,8 @@ def test_the_store_is_owner_only_and_its_daily_totals_outlive_pruned_rows(tmp_pa
     store = SqliteStore(path)
     old = time.time() - 200 * 86400
     writer = LedgerWriter(store, retention=90 * 86400, clock=time.time)
-    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 5, 6, False, old, old + 1, "sk-ab…1234", "2026-05-01"))
-    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 2, True, time.time(), time.time(), "", "2026-11-30"))
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 5, 6, False, old, old + 1, "sk-ab…1234", "2026-05-01", "r1"))
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 2, True, time.time(), time.time(), "", "2026-11-30", "r2"))
     writer.close()   # writes what is queued, prunes the row older than the retention
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     reopened = SqliteStore(path)   # the schema is not created twice
@@ -376,10 +375,10 @@ def test_a_store_that_fails_keeps_the_rows_says_so_and_writes_them_once_it_can(t
     store = DiskFullOnce(tmp_path / "ledger.sqlite3")
     writer = LedgerWriter(store, retention=90 * 86400)
     now = time.time()
-    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 1, False, now, now, "", "2026-11-30"))
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 1, False, now, now, "", "2026-11-30", "r1"))
     wait_until(lambda: writer.failures == 1)
-    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 2, 2, False, now, now, "", "2026-11-30"))
-    wait_until(lambda: writer.status() == {"written": 2, "failures": 1, "unwritten": 0}, timeout=10)
+    writer.append(Row(ME, "m", "/v1/chat/completions", 200, 2, 2, False, now, now, "", "2026-11-30", "r2"))
+    wait_until(lambda: writer.status() == {"written": 2, "failures": 1, "unwritten": 0, "spooled": 0}, timeout=10)
     writer.close()
     assert "No space left on device" in caplog.text and "keeping them" in caplog.text
     reopened = SqliteStore(tmp_path / "ledger.sqlite3")

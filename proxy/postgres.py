@@ -1,0 +1,248 @@
+"""The ledger in PostgreSQL, shared by several proxy replicas (``settings.usage.store``).
+
+The same ``LedgerStore`` as the SQLite file, plus what replicas must agree on: the requests in
+flight that hold part of a budget (``cst_holds``), the keys the upstream cooled down or refused
+(``cst_key_health``), the instances' proxy keys as digests (``cst_instance_keys``), and the
+replicas alive (``cst_replicas``: a replica's holds count while it beats). The asynchronous side
+that the request path uses is in ``shared``; this module is the schema, its migrations and the
+blocking calls the ledger's writer thread makes.
+
+Every row carries its request's id, unique in ``cst_requests``: a batch written twice (a commit
+whose answer was lost, a spool replayed after a crash) adds its rows and daily totals once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Sequence
+
+import psycopg
+
+from reconciler.desired.model import UsageSettings
+from reconciler.desired.secret_source import read_secret
+
+from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, Tally
+
+log = logging.getLogger("cst.proxy.postgres")
+
+CONNECT_TIMEOUT = 3      # seconds; a store that does not answer in that time is down for now
+REPLICA_ALIVE = 30       # seconds without a beat after which a replica's holds no longer count
+_MIGRATION_LOCK = 0x6373_7431   # pg_advisory_xact_lock key: replicas starting together migrate once
+
+_MIGRATIONS = (
+    # version 1
+    """
+    CREATE TABLE cst_requests (
+        id bigserial PRIMARY KEY,
+        rid text NOT NULL UNIQUE,
+        caller text NOT NULL, model text NOT NULL, path text NOT NULL, status integer NOT NULL,
+        prompt_tokens bigint NOT NULL, completion_tokens bigint NOT NULL, estimated boolean NOT NULL,
+        started double precision NOT NULL, ended double precision NOT NULL, key text NOT NULL, day text NOT NULL
+    );
+    CREATE INDEX cst_requests_caller_started ON cst_requests (caller, started);
+    CREATE INDEX cst_requests_ended ON cst_requests (ended);
+    CREATE TABLE cst_daily (
+        day text NOT NULL, caller text NOT NULL,
+        requests bigint NOT NULL, errors bigint NOT NULL, prompt_tokens bigint NOT NULL,
+        completion_tokens bigint NOT NULL, estimated bigint NOT NULL,
+        PRIMARY KEY (caller, day)
+    );
+    CREATE TABLE cst_replicas (id text PRIMARY KEY, seen timestamptz NOT NULL, host text NOT NULL);
+    CREATE TABLE cst_budget_locks (caller text PRIMARY KEY);
+    CREATE TABLE cst_holds (
+        id text PRIMARY KEY, caller text NOT NULL, tokens bigint NOT NULL,
+        started double precision NOT NULL, replica text NOT NULL
+    );
+    CREATE INDEX cst_holds_caller ON cst_holds (caller);
+    CREATE TABLE cst_key_health (
+        digest text PRIMARY KEY, until double precision NOT NULL, quarantined boolean NOT NULL,
+        reason text NOT NULL, replica text NOT NULL
+    );
+    CREATE TABLE cst_instance_keys (instance text PRIMARY KEY, digest bytea NOT NULL);
+
+    -- A budget's decision, atomic: the caller's lock row is taken, what every replica settled and
+    -- holds is read in one snapshot, and the hold is written only if no limit is used up. Returns
+    -- the tokens held (NULL: refused) and the counts the decision read.
+    CREATE FUNCTION cst_reserve(p_caller text, p_hold text, p_replica text, p_want bigint, p_now double precision,
+                                p_day text, p_month text, p_day_limit bigint, p_month_limit bigint,
+                                p_minute_limit integer,
+                                OUT granted bigint, OUT today bigint, OUT month bigint, OUT held bigint,
+                                OUT recent integer, OUT oldest_recent double precision)
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO cst_budget_locks VALUES (p_caller) ON CONFLICT DO NOTHING;
+        PERFORM 1 FROM cst_budget_locks WHERE caller = p_caller FOR UPDATE;
+        WITH live AS (
+            SELECT h.tokens, h.started FROM cst_holds h JOIN cst_replicas r ON r.id = h.replica
+            WHERE h.caller = p_caller AND r.seen > clock_timestamp() - make_interval(secs => %(alive)s)
+        ), minute AS (
+            SELECT started FROM cst_requests
+            WHERE caller = p_caller AND started > p_now - 60 AND NOT (status = 429 AND key = '')
+            UNION ALL SELECT started FROM live WHERE started > p_now - 60
+        )
+        SELECT coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
+                         WHERE caller = p_caller AND day = p_day), 0),
+               coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
+                         WHERE caller = p_caller AND day >= p_month || '-01' AND day <= p_month || '-31'), 0),
+               coalesce((SELECT sum(tokens) FROM live), 0),
+               (SELECT count(*) FROM minute), (SELECT min(started) FROM minute)
+        INTO today, month, held, recent, oldest_recent;
+        IF (p_minute_limit IS NOT NULL AND recent >= p_minute_limit)
+           OR (p_day_limit IS NOT NULL AND today + held >= p_day_limit)
+           OR (p_month_limit IS NOT NULL AND month + held >= p_month_limit) THEN
+            granted := NULL;
+            RETURN;
+        END IF;
+        granted := least(p_want, coalesce(p_day_limit - today - held, p_want),
+                         coalesce(p_month_limit - month - held, p_want));
+        INSERT INTO cst_holds VALUES (p_hold, p_caller, granted, p_now, p_replica);
+    END $$;
+    """.replace("%(alive)s", str(REPLICA_ALIVE)),
+)
+
+# A batch in one statement: the rows not yet in the store, their daily totals, and the end of
+# their holds. Arrays, one per column: one round trip whatever the batch's size.
+_WRITE = """
+    WITH incoming AS (
+        SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::bigint[], %s::bigint[],
+                             %s::boolean[], %s::float8[], %s::float8[], %s::text[], %s::text[], %s::text[])
+            AS t(caller, model, path, status, prompt_tokens, completion_tokens, estimated, started, ended, key,
+                 day, rid)
+    ), added AS (
+        INSERT INTO cst_requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,
+                                  started, ended, key, day, rid)
+        SELECT * FROM incoming ON CONFLICT (rid) DO NOTHING
+        RETURNING day, caller, status, prompt_tokens, completion_tokens, estimated
+    ), totals AS (
+        INSERT INTO cst_daily AS d (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
+        SELECT day, caller, count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
+               sum(completion_tokens), count(*) FILTER (WHERE estimated)
+        FROM added GROUP BY day, caller
+        ON CONFLICT (caller, day) DO UPDATE SET
+            requests = d.requests + excluded.requests, errors = d.errors + excluded.errors,
+            prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+            completion_tokens = d.completion_tokens + excluded.completion_tokens,
+            estimated = d.estimated + excluded.estimated
+        RETURNING 1
+    )
+    DELETE FROM cst_holds WHERE id IN (SELECT rid FROM incoming)
+"""
+
+
+def connection_settings(usage: UsageSettings, application: str) -> tuple[str, dict[str, Any]]:
+    """(conninfo, keyword arguments) for psycopg: the URL as declared (TLS options and all), the
+    password from the environment or a 0600 file when one is named (else libpq's own sources,
+    such as PGPASSFILE), a bounded connect time. Raises ``SecretUnavailable``."""
+    assert usage.store is not None
+    extra: dict[str, Any] = {"application_name": application, "autocommit": True}
+    if "connect_timeout" not in usage.store:
+        extra["connect_timeout"] = CONNECT_TIMEOUT
+    if usage.store_password_env or usage.store_password_file:
+        extra["password"] = read_secret(usage.store_password_env, usage.store_password_file,
+                                        "settings.usage.store's password")
+    return usage.store, extra
+
+
+def shown(url: str) -> str:
+    """The store as people may see it: scheme, host, port and database (the URL holds no password,
+    but its query may hold paths of TLS files that tell nobody anything useful)."""
+    return url.split("?", 1)[0]
+
+
+def migrate(db: psycopg.Connection) -> int:
+    """Bring the schema to this version of CST, each migration one transaction; the version."""
+    while True:
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS cst_schema (version integer NOT NULL)")
+            row = db.execute("SELECT max(version) FROM cst_schema").fetchone()
+            version = int(row[0] or 0) if row else 0
+            if version > len(_MIGRATIONS):
+                raise RuntimeError(f"the store's schema is version {version}, newer than this cst knows "
+                                   f"({len(_MIGRATIONS)}): upgrade cst")
+            if version == len(_MIGRATIONS):
+                return version
+            db.execute(_MIGRATIONS[version])
+            db.execute("INSERT INTO cst_schema VALUES (%s)", (version + 1,))
+            log.info("the usage store's schema is now version %d", version + 1)
+
+
+class PostgresStore:
+    """The ledger's blocking side: the writer thread's batches, and the reads of ``cst usage`` and
+    the API. One connection, opened again after the store went away."""
+
+    def __init__(self, conninfo: str, connect: dict[str, Any], migrates: bool = True):
+        """Nothing is connected yet: a proxy starts while its store is away. ``migrates``: bring
+        the schema up to date on the first connection (``cst usage`` only reads)."""
+        self._conninfo, self._connect = conninfo, connect
+        self._lock = threading.Lock()
+        self._db: psycopg.Connection | None = None
+        self._migrated = not migrates
+
+    def _connection(self) -> psycopg.Connection:
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                self._db.close()
+            self._db = psycopg.connect(self._conninfo, **self._connect)
+        if not self._migrated:
+            migrate(self._db)
+            self._migrated = True
+        return self._db
+
+
+    def _run(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                cursor = self._connection().execute(query, params)
+                return cursor.fetchall() if cursor.description else []
+            except psycopg.OperationalError as exc:
+                if self._db is not None:
+                    self._db.close()   # opened afresh by the next call
+                raise StoreUnavailable(f"{shown(self._conninfo)}: {str(exc).strip()}") from exc
+
+    def write(self, rows: Sequence[RowValues]) -> None:
+        if rows:
+            self._run(_WRITE, [list(column) for column in zip(*rows)])
+
+    def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
+        result: dict[str, Standing] = {}
+        totals = self._run("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated"
+                           " FROM cst_daily WHERE day >= %s AND day <= %s", (f"{month}-01", f"{month}-31"))
+        recent = self._run("SELECT caller, started FROM cst_requests WHERE started >= %s"
+                           " AND NOT (status = 429 AND key = '')", (since,))
+        for row_day, caller, *counts in totals:
+            standing = result.setdefault(caller, Standing())
+            tally = Tally(*(int(c) for c in counts))
+            standing.month.merge(tally)
+            if row_day == day:
+                standing.today.merge(tally)
+        for caller, started in recent:
+            result.setdefault(caller, Standing()).recent.append(started)
+        return result
+
+    def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
+        query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM cst_daily"
+                 " WHERE day >= %s AND day <= %s")
+        params: tuple[str, ...] = (first, last)
+        if caller is not None:
+            query += " AND caller = %s"
+            params += (caller,)
+        found = self._run(query + " ORDER BY day, caller", params)
+        return [DayTotal(day, who, Tally(*(int(c) for c in counts))) for day, who, *counts in found]
+
+    def prune(self, before: float) -> int:
+        return int(self._run("WITH gone AS (DELETE FROM cst_requests WHERE ended < %s RETURNING 1)"
+                             " SELECT count(*) FROM gone", (before,))[0][0])
+
+    def ensure_schema(self) -> None:
+        """Connect (and migrate) now; raises ``StoreUnavailable`` when the store cannot be reached."""
+        self._run("SELECT 1")
+
+    def rows(self) -> int:
+        return int(self._run("SELECT count(*) FROM cst_requests")[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,429 @@
+"""Proxy replicas on one PostgreSQL store: one budget, one ledger, one view of the keys' health and
+of the instances' keys, and what happens while the store is away.
+
+Real parts throughout: a PostgreSQL cluster of the tests' own (Debian's server), ``cst proxy``
+replicas as processes (``--listen`` on one desired.yaml), the official SDK as the client. The
+upstream is the fake one (an LLM is outside our reach).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import eventually, free_ports
+from fakes import FakeUpstream
+from postgres_cluster import PASSWORD, PostgresCluster
+from proxy_fixtures import upstream  # noqa: F401  (a fixture)
+
+from proxy.ledger import Row, StoreUnavailable
+from proxy.postgres import PostgresStore, connection_settings
+from proxy.service import ProxyService
+from reconciler.desired.model import UsageSettings, load, parse
+from reconciler.runtime.instance_keys import InstanceKeys
+from reconciler.runtime.statedir import StateDir
+
+CST = (sys.executable, "-m", "reconciler")
+ME = "st-instance-8001"
+PASSWORD_ENV = "CST_TEST_STORE_PASSWORD"
+KEYS_ENV = "CST_TEST_POOL_KEYS"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PostgresCluster]:
+    server = PostgresCluster(free_ports(1)[0])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def store_url(cluster: PostgresCluster) -> str:
+    """A database of its own for each test."""
+    return cluster.url(cluster.new_database())
+
+
+def write_desired(path: Path, upstream_url: str, store: str, state_dir: str = ".cst", budget: str = "",
+                  usage_extra: str = "") -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        version: 1
+        settings:
+          state_dir: {state_dir}
+          usage:
+            store: "{store}"
+            store_password_env: {PASSWORD_ENV}
+            {usage_extra}
+          proxy:
+            listen: "127.0.0.1:{free_ports(1)[0]}"
+            upstream: "{upstream_url}/v1"
+            timeout: 10s
+        accounts:
+          - {{name: pool, provider: static, keys_env: {KEYS_ENV}}}
+        instances:
+          - port: 8001
+            {budget}
+        """))
+    return path
+
+
+class Replicas:
+    """``cst proxy`` processes on free ports, stopped by pid at the end."""
+
+    def __init__(self, folder: Path, keys: str):
+        self.folder = folder
+        self.env = {**os.environ, PASSWORD_ENV: PASSWORD, KEYS_ENV: keys}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    async def start(self, desired: Path, count: int = 1) -> list[str]:
+        urls = []
+        for port in free_ports(count):
+            log = open(self.folder / f"replica-{port}.log", "wb")
+            self.procs[port] = subprocess.Popen([*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"],
+                                                env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            await eventually(lambda url=url: self._store_up(url), timeout=30,
+                             failure=lambda url=url: f"{url} never reported its store up:\n{self.log(url)}")
+        return urls
+
+    def log(self, url: str) -> str:
+        return (self.folder / f"replica-{url.rsplit(':', 1)[1]}.log").read_text(errors="replace")[-3000:]
+
+    async def _store_up(self, url: str) -> bool:
+        health = await get_json(url + "/health")
+        return health is not None and health["store"]["state"] == "up"
+
+    def kill(self, url: str) -> None:
+        proc = self.procs.pop(int(url.rsplit(":", 1)[1]))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
+    started = Replicas(tmp_path, "sk-good-1,sk-good-2")
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+async def get_json(url: str, key: str | None = None) -> dict | None:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+            return await response.json() if response.status == 200 else None
+    except aiohttp.ClientError:
+        return None
+
+
+def client(url: str, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+async def chat(url: str, key: str, model: str = "gpt-4o-mini") -> str:
+    answer = await client(url, key).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=20)
+    return answer.choices[0].message.content or ""
+
+
+def instance_key(state_dir: Path, id_: str = ME) -> str:
+    return InstanceKeys(StateDir(state_dir)).ensure(id_)
+
+
+def ledger_rows(cluster: PostgresCluster, store_url: str, caller: str = ME) -> list[tuple]:
+    with cluster.connect(store_url.rsplit("/", 1)[1]) as db:
+        return db.execute("SELECT rid, status, key FROM cst_requests WHERE caller = %s ORDER BY id",
+                          (caller,)).fetchall()
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+async def test_fifty_concurrent_requests_over_three_replicas_admit_what_one_would(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas, cluster: PostgresCluster, store_url: str) -> None:
+    desired = write_desired(tmp_path / "desired.yaml", upstream.url, store_url,
+                            budget="budget: {requests_per_minute: 5}")
+    key = instance_key(tmp_path / ".cst")
+    urls = await replicas.start(desired, 3)
+
+    async def one(i: int) -> str:
+        try:
+            await chat(urls[i % 3], key)
+            return "admitted"
+        except openai.RateLimitError as exc:
+            assert exc.code == "budget_exceeded", exc
+            return "refused"
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(50)))
+    # one atomic decision in the store: exactly what a single proxy admits (the issue allows one
+    # more per replica; this store needs none)
+    assert outcomes.count("admitted") == 5, outcomes
+    assert len(upstream.keys_seen("/v1/chat/completions")) == 5
+
+    # every request is in the one ledger once; cst usage reads it from the store
+    await eventually(lambda: len(ledger_rows(cluster, store_url)) == 50, timeout=10,
+                     failure=lambda: f"{len(ledger_rows(cluster, store_url))} rows")
+    rows = ledger_rows(cluster, store_url)
+    assert sorted(status for _, status, _ in rows) == [200] * 5 + [429] * 45
+    assert len({rid for rid, _, _ in rows}) == 50
+    shown = subprocess.run([*CST, "usage", "-f", str(desired), "-o", "json"], capture_output=True, text=True,
+                           env=replicas.env, check=True)
+    today = json.loads(shown.stdout)["instances"][ME]["today"]
+    assert today["requests"] == 50 and today["errors"] == 45
+
+
+# -- key health ------------------------------------------------------------------------------------
+
+async def _key_available(url: str, key: str, masked_prefix: str) -> bool | None:
+    status = await get_json(url + "/status", key)
+    if status is None:
+        return None
+    keys = [k for k in status["accounts"]["pool"]["keys"] if k["key"].startswith(masked_prefix)]
+    return keys[0]["available"] if keys else None
+
+
+async def _skips(url: str, key: str, masked_prefix: str) -> bool:
+    return await _key_available(url, key, masked_prefix) is False
+
+
+async def test_a_key_cooled_by_a_429_on_one_replica_is_skipped_by_all(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas, store_url: str) -> None:
+    replicas.env[KEYS_ENV] = "sk-429-aaaaaaaaaaaa,sk-good-bbbbbbbbbbbb"
+    desired = write_desired(tmp_path / "desired.yaml", upstream.url, store_url)
+    key = instance_key(tmp_path / ".cst")
+    first, *others = await replicas.start(desired, 3)
+
+    # the first replica meets the 429 (Retry-After: 30) on one of its first two requests
+    for _ in range(2):
+        await chat(first, key)
+    assert any(k.startswith("sk-429-") for k in upstream.keys_seen("/v1/chat/completions"))
+    learnt = time.monotonic()
+    for url in others:
+        await eventually(lambda url=url: _skips(url, key, "sk-42"), timeout=1.0,
+                         failure=lambda url=url: f"{url} still offers the cooled key")
+    assert time.monotonic() - learnt < 1.0
+    seen = len(upstream.keys_seen("/v1/chat/completions"))
+    for url in others:
+        for _ in range(4):
+            await chat(url, key)
+    after = upstream.keys_seen("/v1/chat/completions")[seen:]
+    assert len(after) == 8 and all(k.startswith("sk-good-") for k in after), after
+
+    # a replica that starts now learns the cooldown from the store
+    [late] = await replicas.start(desired, 1)
+    assert await _skips(late, key, "sk-42")
+
+
+# -- instance keys ---------------------------------------------------------------------------------
+
+async def test_replicas_without_the_state_dir_accept_an_instance_key_and_refuse_it_once_revoked(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas, store_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # cst serve's proxy (the one that publishes) owns the state dir where the keys are minted
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    monkeypatch.setenv(KEYS_ENV, "sk-good-1")
+    owner_file = write_desired(tmp_path / "serve.yaml", upstream.url, store_url, state_dir="serve-state")
+    key = instance_key(tmp_path / "serve-state")
+    owner = ProxyService(load(owner_file), publishes_keys=True)
+    await owner.start()
+    try:
+        # the replicas run elsewhere: a state dir of their own, with no key in it
+        elsewhere = write_desired(tmp_path / "replica.yaml", upstream.url, store_url, state_dir="elsewhere")
+        urls = await replicas.start(elsewhere, 3)
+        for url in urls:
+            await eventually(lambda url=url: _answers(url, key), timeout=5,
+                             failure=lambda url=url: f"{url} never accepted the published key")
+        assert InstanceKeys(StateDir(tmp_path / "elsewhere")).all() == {}   # they know it only from the store
+
+        InstanceKeys(StateDir(tmp_path / "serve-state")).revoke(ME)
+        revoked = time.monotonic()
+        for url in urls:
+            await eventually(lambda url=url: _refused(url, key), timeout=1.0,
+                             failure=lambda url=url: f"{url} still accepts a revoked key")
+        assert time.monotonic() - revoked < 1.0
+    finally:
+        await owner.stop()
+
+
+async def _answers(url: str, key: str) -> bool:
+    try:
+        await chat(url, key)
+        return True
+    except openai.AuthenticationError:
+        return False
+
+
+async def _refused(url: str, key: str) -> bool:
+    return not await _answers(url, key)
+
+
+# -- a replica lost ---------------------------------------------------------------------------------
+
+async def test_a_replica_killed_mid_stream_leaves_the_others_serving_and_every_settled_request_once(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas, cluster: PostgresCluster, store_url: str) -> None:
+    desired = write_desired(tmp_path / "desired.yaml", upstream.url, store_url)
+    key = instance_key(tmp_path / ".cst")
+    doomed, *others = await replicas.start(desired, 3)
+    upstream.slow_gap = 0.3
+
+    async def stream(url: str, started: asyncio.Event) -> str:
+        chunks = await client(url, key).chat.completions.create(
+            model="slow-stream", messages=[{"role": "user", "content": "a long answer"}], stream=True)
+        text = ""
+        async for chunk in chunks:
+            started.set()
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        return text
+
+    events = [asyncio.Event() for _ in range(6)]
+    streams = [asyncio.create_task(stream(url, events[i])) for i, url in enumerate([doomed, *others] * 2)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
+    replicas.kill(doomed)
+    results = await asyncio.gather(*streams, return_exceptions=True)
+    lost = [r for i, r in enumerate(results) if i % 3 == 0]
+    served = [r for i, r in enumerate(results) if i % 3 != 0]
+    assert all(isinstance(r, Exception) for r in lost), lost
+    assert all(isinstance(r, str) and r for r in served), served
+    for url in others:   # the survivors go on
+        assert await chat(url, key)
+
+    settled = len(served) + len(others)
+    await eventually(lambda: len(ledger_rows(cluster, store_url)) >= settled, timeout=10)
+    rows = ledger_rows(cluster, store_url)
+    assert len(rows) == settled, rows   # the killed replica's streams never settled: no row, none twice
+    assert all(status == 200 for _, status, _ in rows)
+    assert len({rid for rid, _, _ in rows}) == len(rows)
+
+
+# -- the store away ------------------------------------------------------------------------------
+
+async def test_the_store_away_closed_refuses_and_recovers_open_serves_and_replays_its_spool_once(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas) -> None:
+    server = PostgresCluster(free_ports(1)[0])   # a cluster of its own: this test stops it
+    try:
+        server.start()
+        url = server.url(server.new_database())
+        closed_file = write_desired(tmp_path / "closed.yaml", upstream.url, url,
+                                    budget="budget: {tokens_per_day: 1000000}")
+        open_file = write_desired(tmp_path / "open.yaml", upstream.url, url,
+                                  budget="budget: {tokens_per_day: 1000000}", usage_extra="on_store_down: open")
+        key = instance_key(tmp_path / ".cst")
+        [closed] = await replicas.start(closed_file)
+        [opened] = await replicas.start(open_file)
+        assert await chat(closed, key) and await chat(opened, key)
+
+        server.stop()
+        for replica in (closed, opened):
+            await eventually(lambda replica=replica: _store_state(replica, "down"), timeout=10)
+        with pytest.raises(openai.InternalServerError) as refused:
+            await chat(closed, key)
+        assert refused.value.status_code == 503 and refused.value.code == "store_unavailable"
+        assert "127.0.0.1" in str(refused.value)   # it names the store
+        health = await get_json(closed + "/health")
+        assert health is not None and health["status"] == "store_down" and health["store"]["serving"] is False
+        for _ in range(5):
+            assert await chat(opened, key)
+        # five rows at least: the row of the request just before the stop may be there too
+        await eventually(lambda: _spooled(opened, 5, at_least=True), timeout=15,
+                         failure=lambda: "the open replica's rows never reached its spool")
+
+        server.start()
+        for replica in (closed, opened):
+            await eventually(lambda replica=replica: _store_state(replica, "up"), timeout=15)
+        assert await chat(closed, key)
+        await eventually(lambda: _spooled(opened, 0), timeout=15)
+        with server.connect(url.rsplit("/", 1)[1]) as db:
+            rows = db.execute("SELECT rid, status FROM cst_requests ORDER BY id").fetchall()
+            today = db.execute("SELECT sum(requests) FROM cst_daily").fetchone()[0]
+        # closed: 2 served (its 503 was never admitted, so never billed); open: 6 served
+        assert len(rows) == 8 and len({rid for rid, _ in rows}) == 8 and today == 8
+    finally:
+        replicas.stop_all()
+        server.remove()
+
+
+async def _store_state(url: str, state: str) -> bool:
+    health = await get_json(url + "/health")
+    return health is not None and health["store"]["state"] == state
+
+
+async def _spooled(url: str, count: int, at_least: bool = False) -> bool:
+    health = await get_json(url + "/health")
+    if health is None:
+        return False
+    spooled = health["ledger"]["spooled"]
+    return spooled >= count if at_least else spooled == count
+
+
+# -- the store itself ------------------------------------------------------------------------------
+
+def _row(rid: str, tokens: int = 10) -> tuple:
+    now = time.time()
+    return tuple(Row(ME, "m", "/v1/chat/completions", 200, tokens, tokens, False, now, now, "", "2026-12-01", rid))
+
+
+def test_a_batch_written_twice_counts_once_and_the_schema_is_versioned(
+        cluster: PostgresCluster, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    usage = load_usage(store_url)
+    store = PostgresStore(*connection_settings(usage, "test"))
+    try:
+        batch = [_row("a"), _row("b")]
+        store.write(batch)
+        store.write(batch + [_row("c")])   # a commit whose answer was lost, sent again with a new row
+        assert store.rows() == 3
+        [total] = store.daily("2026-12-01", "2026-12-01")
+        assert total.tally.requests == 3 and total.tally.tokens == 60
+    finally:
+        store.close()
+    with cluster.connect(store_url.rsplit("/", 1)[1]) as db:
+        assert db.execute("SELECT max(version) FROM cst_schema").fetchone()[0] == 1
+    # a second store on the same database migrates nothing twice
+    again = PostgresStore(*connection_settings(usage, "test"))
+    assert again.rows() == 3
+    again.close()
+
+
+def test_a_wrong_password_or_an_absent_store_is_a_clear_error(
+        tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "not-the-password")
+    store = PostgresStore(*connection_settings(load_usage(store_url), "test"))
+    with pytest.raises(StoreUnavailable, match="password authentication failed"):
+        store.rows()
+    store.close()
+    desired = write_desired(tmp_path / "desired.yaml", "http://127.0.0.1:9", store_url)
+    shown = subprocess.run([*CST, "usage", "-f", str(desired)], capture_output=True, text=True,
+                           env={**os.environ, PASSWORD_ENV: "not-the-password"})
+    assert shown.returncode == 1
+    assert "cannot read the usage store" in shown.stderr and "password authentication failed" in shown.stderr
+    assert "Traceback" not in shown.stderr and "not-the-password" not in shown.stderr
+
+
+def load_usage(store_url: str) -> UsageSettings:
+    text = f'version: 1\nsettings:\n  usage: {{store: "{store_url}", store_password_env: {PASSWORD_ENV}}}\n'
+    return parse(text, Path("/tmp/desired.yaml")).settings.usage
