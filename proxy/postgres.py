@@ -47,22 +47,29 @@ _MIGRATIONS = (
         completion_tokens bigint NOT NULL, estimated bigint NOT NULL,
         PRIMARY KEY (caller, day)
     );
-    CREATE TABLE cst_replicas (id text PRIMARY KEY, seen timestamptz NOT NULL, host text NOT NULL);
-    CREATE TABLE cst_budget_locks (caller text PRIMARY KEY);
-    CREATE TABLE cst_holds (
+    -- What replicas agree on while they run is kept out of the write-ahead log (UNLOGGED): a
+    -- reservation then commits without waiting for a disk, and a store that crashes loses only
+    -- holds and cooldowns that were about to end anyway. The ledger itself is logged.
+    CREATE UNLOGGED TABLE cst_replicas (id text PRIMARY KEY, seen timestamptz NOT NULL, host text NOT NULL);
+    CREATE UNLOGGED TABLE cst_budget_locks (caller text PRIMARY KEY);
+    CREATE UNLOGGED TABLE cst_holds (
         id text PRIMARY KEY, caller text NOT NULL, tokens bigint NOT NULL,
         started double precision NOT NULL, replica text NOT NULL
     );
     CREATE INDEX cst_holds_caller ON cst_holds (caller);
-    CREATE TABLE cst_key_health (
+    -- requests admitted per caller and second: a minute's count is at most 60 rows, however busy
+    CREATE UNLOGGED TABLE cst_minute (
+        caller text NOT NULL, second bigint NOT NULL, requests integer NOT NULL, PRIMARY KEY (caller, second)
+    );
+    CREATE UNLOGGED TABLE cst_key_health (
         digest text PRIMARY KEY, until double precision NOT NULL, quarantined boolean NOT NULL,
         reason text NOT NULL, replica text NOT NULL
     );
     CREATE TABLE cst_instance_keys (instance text PRIMARY KEY, digest bytea NOT NULL);
 
-    -- A budget's decision, atomic: the caller's lock row is taken, what every replica settled and
-    -- holds is read in one snapshot, and the hold is written only if no limit is used up. Returns
-    -- the tokens held (NULL: refused) and the counts the decision read.
+    -- A budget's decision, atomic: the caller's lock row is taken, what every replica settled,
+    -- holds and admitted in the last minute is read in one snapshot, and the hold is written only
+    -- if no limit is used up. Returns the tokens held (NULL: refused) and the counts it read.
     CREATE FUNCTION cst_reserve(p_caller text, p_hold text, p_replica text, p_want bigint, p_now double precision,
                                 p_day text, p_month text, p_day_limit bigint, p_month_limit bigint,
                                 p_minute_limit integer,
@@ -70,22 +77,23 @@ _MIGRATIONS = (
                                 OUT recent integer, OUT oldest_recent double precision)
     LANGUAGE plpgsql AS $$
     BEGIN
-        INSERT INTO cst_budget_locks VALUES (p_caller) ON CONFLICT DO NOTHING;
         PERFORM 1 FROM cst_budget_locks WHERE caller = p_caller FOR UPDATE;
-        WITH live AS (
-            SELECT h.tokens, h.started FROM cst_holds h JOIN cst_replicas r ON r.id = h.replica
-            WHERE h.caller = p_caller AND r.seen > clock_timestamp() - make_interval(secs => %(alive)s)
-        ), minute AS (
-            SELECT started FROM cst_requests
-            WHERE caller = p_caller AND started > p_now - 60 AND NOT (status = 429 AND key = '')
-            UNION ALL SELECT started FROM live WHERE started > p_now - 60
+        IF NOT FOUND THEN   -- the caller's first request: its lock row is made once
+            INSERT INTO cst_budget_locks VALUES (p_caller) ON CONFLICT DO NOTHING;
+            PERFORM 1 FROM cst_budget_locks WHERE caller = p_caller FOR UPDATE;
+        END IF;
+        WITH minute AS (
+            SELECT second, requests FROM cst_minute
+            WHERE p_minute_limit IS NOT NULL AND caller = p_caller AND second > floor(p_now) - 60
         )
         SELECT coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
                          WHERE caller = p_caller AND day = p_day), 0),
                coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
                          WHERE caller = p_caller AND day >= p_month || '-01' AND day <= p_month || '-31'), 0),
-               coalesce((SELECT sum(tokens) FROM live), 0),
-               (SELECT count(*) FROM minute), (SELECT min(started) FROM minute)
+               coalesce((SELECT sum(h.tokens) FROM cst_holds h JOIN cst_replicas r ON r.id = h.replica
+                         WHERE h.caller = p_caller
+                           AND r.seen > clock_timestamp() - make_interval(secs => %(alive)s)), 0),
+               coalesce((SELECT sum(requests) FROM minute), 0), (SELECT min(second) FROM minute)
         INTO today, month, held, recent, oldest_recent;
         IF (p_minute_limit IS NOT NULL AND recent >= p_minute_limit)
            OR (p_day_limit IS NOT NULL AND today + held >= p_day_limit)
@@ -95,7 +103,35 @@ _MIGRATIONS = (
         END IF;
         granted := least(p_want, coalesce(p_day_limit - today - held, p_want),
                          coalesce(p_month_limit - month - held, p_want));
-        INSERT INTO cst_holds VALUES (p_hold, p_caller, granted, p_now, p_replica);
+        IF granted > 0 THEN
+            INSERT INTO cst_holds VALUES (p_hold, p_caller, granted, p_now, p_replica);
+        END IF;
+        IF p_minute_limit IS NOT NULL THEN
+            INSERT INTO cst_minute VALUES (p_caller, floor(p_now), 1)
+            ON CONFLICT (caller, second) DO UPDATE SET requests = cst_minute.requests + 1;
+        END IF;
+    END $$;
+
+    -- Several decisions in one round trip (a replica's requests that arrived together), in the
+    -- order of their callers: every batch takes its callers' locks in the same order, so two
+    -- replicas' batches never wait on each other in a circle.
+    CREATE FUNCTION cst_reserve_many(p_callers text[], p_holds text[], p_replica text, p_wants bigint[],
+                                     p_nows double precision[], p_days text[], p_months text[],
+                                     p_day_limits bigint[], p_month_limits bigint[], p_minute_limits integer[])
+    RETURNS TABLE (i integer, granted bigint, today bigint, month bigint, held bigint, recent integer,
+                   oldest_recent double precision)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        k integer;
+    BEGIN
+        FOR k IN SELECT o FROM unnest(p_callers) WITH ORDINALITY AS t(c, o) ORDER BY c, o LOOP
+            i := k;
+            SELECT r.granted, r.today, r.month, r.held, r.recent, r.oldest_recent
+            INTO granted, today, month, held, recent, oldest_recent
+            FROM cst_reserve(p_callers[k], p_holds[k], p_replica, p_wants[k], p_nows[k], p_days[k], p_months[k],
+                             p_day_limits[k], p_month_limits[k], p_minute_limits[k]) r;
+            RETURN NEXT;
+        END LOOP;
     END $$;
     """.replace("%(alive)s", str(REPLICA_ALIVE)),
 )
@@ -208,16 +244,15 @@ class PostgresStore:
         result: dict[str, Standing] = {}
         totals = self._run("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated"
                            " FROM cst_daily WHERE day >= %s AND day <= %s", (f"{month}-01", f"{month}-31"))
-        recent = self._run("SELECT caller, started FROM cst_requests WHERE started >= %s"
-                           " AND NOT (status = 429 AND key = '')", (since,))
+        recent = self._run("SELECT caller, second, requests FROM cst_minute WHERE second >= floor(%s)", (since,))
         for row_day, caller, *counts in totals:
             standing = result.setdefault(caller, Standing())
             tally = Tally(*(int(c) for c in counts))
             standing.month.merge(tally)
             if row_day == day:
                 standing.today.merge(tally)
-        for caller, started in recent:
-            result.setdefault(caller, Standing()).recent.append(started)
+        for caller, second, requests in recent:   # admitted in that second (counted to the second)
+            result.setdefault(caller, Standing()).recent.extend([float(second)] * requests)
         return result
 
     def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:

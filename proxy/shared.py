@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, NamedTuple
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -41,6 +41,20 @@ FORGET_REPLICA = 600                 # seconds after its last beat: its row and 
 RECONNECT_CAP = 5.0                  # longest wait between two attempts to reach the store
 RESERVE_TIMEOUT = 5.0                # a reservation that takes longer counts as the store being away
 POOL_SIZE = 4
+
+
+class _Ask(NamedTuple):
+    """One request's budget question, waiting for the next batch."""
+
+    caller: str
+    rid: str
+    want: int
+    now: float
+    day: str
+    month: str
+    day_limit: int | None
+    month_limit: int | None
+    minute_limit: int | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,8 @@ class SharedStore:
         self.last_error: str | None = None
         self.down_since: float | None = time.time()
         self._listening: asyncio.Task[None] | None = None
+        self._asking: list[tuple[_Ask, asyncio.Future[tuple[int | None, Used]]]] = []
+        self._deciding: asyncio.Task[None] | None = None   # the batch on its way, if one is
         self._connected = asyncio.Event()
 
     @property
@@ -117,22 +133,57 @@ class SharedStore:
 
     async def reserve(self, caller: str, budget: Budget, want: int, now: float, day: str, month: str,
                       rid: str) -> tuple[int | None, Used]:
+        """Requests that ask while a batch is on its way go together in the next one: one round
+        trip for all of them (measured in bench/proxy/stores.py)."""
+        answer: asyncio.Future[tuple[int | None, Used]] = asyncio.get_running_loop().create_future()
+        self._asking.append((_Ask(caller, rid, want, now, day, month, budget.tokens_per_day, budget.tokens_per_month,
+                                  budget.requests_per_minute), answer))
+        if self._deciding is None:
+            self._deciding = asyncio.get_running_loop().create_task(self._decide())
+        return await answer
+
+    async def _decide(self) -> None:
+        try:
+            while self._asking:
+                batch = [(ask, answer) for ask, answer in self._asking if not answer.cancelled()]
+                self._asking = []
+                if batch:
+                    await self._decide_batch(batch)
+        finally:
+            self._deciding = None
+
+    async def _decide_batch(self, batch: list[tuple["_Ask", "asyncio.Future[tuple[int | None, Used]]"]]) -> None:
+        asks = [ask for ask, _ in batch]
         try:
             async with self._pool.connection() as db:
                 cursor = await db.execute(
-                    "SELECT * FROM cst_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (caller, rid, self.replica, want, now, day, month, budget.tokens_per_day,
-                     budget.tokens_per_month, budget.requests_per_minute))
-                found = await cursor.fetchone()
+                    "SELECT * FROM cst_reserve_many(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    ([a.caller for a in asks], [a.rid for a in asks], self.replica, [a.want for a in asks],
+                     [a.now for a in asks], [a.day for a in asks], [a.month for a in asks],
+                     [a.day_limit for a in asks], [a.month_limit for a in asks], [a.minute_limit for a in asks]))
+                found = await cursor.fetchall()
+                # a request that went away while its batch was deciding: its hold ends now
+                gone = [asks[i - 1].rid for i, granted, *_ in found if granted is not None and batch[i - 1][1].done()]
+                if gone:
+                    await db.execute("DELETE FROM cst_holds WHERE id = ANY(%s)", (gone,))
         except (psycopg.OperationalError, TimeoutError) as exc:
             self._went_down(exc)
             # connections the store dropped are found and replaced before the next request takes one
             asyncio.get_running_loop().create_task(self._pool.check())
-            raise StoreUnavailable(self.url) from exc
-        assert found is not None
-        granted, today, month_used, held, recent, oldest = found
-        return (None if granted is None else int(granted)), Used(int(today), int(month_used), int(held),
-                                                                 int(recent), oldest)
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable(self.url))
+            return
+        except BaseException as exc:   # a defect (or cancellation): no request waits for ever
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc if isinstance(exc, Exception) else StoreUnavailable(self.url))
+            raise
+        for i, granted, today, month_used, held, recent, oldest in found:
+            answer = batch[i - 1][1]
+            if not answer.done():
+                answer.set_result(((None if granted is None else int(granted)),
+                                   Used(int(today), int(month_used), int(held), int(recent), oldest)))
 
     # -- key health ---------------------------------------------------------------------------
 
@@ -235,6 +286,7 @@ class SharedStore:
         await db.execute("DELETE FROM cst_replicas WHERE seen < clock_timestamp() - make_interval(secs => %s)",
                          (FORGET_REPLICA,))
         await db.execute("DELETE FROM cst_key_health WHERE until < %s", (time.time() - REPLICA_ALIVE,))
+        await db.execute("DELETE FROM cst_minute WHERE second < %s", (int(time.time()) - 120,))
 
     async def _read_keys(self, db: psycopg.AsyncConnection) -> None:
         cursor = await db.execute("SELECT digest, until, quarantined, reason FROM cst_key_health WHERE until > %s",

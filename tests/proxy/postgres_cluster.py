@@ -31,8 +31,10 @@ def _bin(name: str) -> str:
 
 
 class PostgresCluster:
-    def __init__(self, port: int):
+    def __init__(self, port: int, durable: bool = False):
+        """``durable``: fsync'd commits, as a host runs it (benchmarks); the tests need no durability."""
         self.port = port
+        self.durable = durable
         self.folder = Path(tempfile.mkdtemp(prefix="cst-pg-"))
         self.data = self.folder / "data"
         self._as: dict[str, Any] = {}
@@ -61,8 +63,9 @@ class PostgresCluster:
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(
             [_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.folder),
-             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+             *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                        "-c", "full_page_writes=off"])],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, **self._as)
         log.close()
         deadline = time.monotonic() + 30

@@ -30,7 +30,8 @@ from proxy_fixtures import upstream  # noqa: F401  (a fixture)
 from proxy.ledger import Row, StoreUnavailable
 from proxy.postgres import PostgresStore, connection_settings
 from proxy.service import ProxyService
-from reconciler.desired.model import UsageSettings, load, parse
+from proxy.shared import SharedStore
+from reconciler.desired.model import Budget, UsageSettings, load, parse
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
@@ -427,3 +428,64 @@ def test_a_wrong_password_or_an_absent_store_is_a_clear_error(
 def load_usage(store_url: str) -> UsageSettings:
     text = f'version: 1\nsettings:\n  usage: {{store: "{store_url}", store_password_env: {PASSWORD_ENV}}}\n'
     return parse(text, Path("/tmp/desired.yaml")).settings.usage
+
+
+async def _shared(url: str, replica: str) -> tuple[SharedStore, PostgresStore]:
+    connect = {"password": PASSWORD, "autocommit": True}
+    store = PostgresStore(url, connect)
+    shared = SharedStore(url, connect, replica, False, store.ensure_schema, lambda _: None, lambda _: None)
+    await shared.start(10)
+    return shared, store
+
+
+async def test_concurrent_reservations_never_hold_more_than_is_left(store_url: str) -> None:
+    shared, store = await _shared(store_url, "replica-a")
+    other, other_store = await _shared(store_url, "replica-b")
+    budget = Budget(tokens_per_day=250)
+    try:
+        asks = [(shared if i % 2 else other).reserve(ME, budget, 100, time.time(), "2026-12-01", "2026-12", f"r{i}")
+                for i in range(10)]
+        granted = [tokens for tokens, _ in await asyncio.gather(*asks)]
+        assert sorted(g for g in granted if g is not None) == [50, 100, 100]   # the last one gets what is left
+        assert granted.count(None) == 7
+        # what was held is released by the ledger's batch that records the requests
+        store.write([_row(f"r{i}", 10) for i in range(10) if granted[i] is not None])
+        tokens, used = await shared.reserve(ME, budget, 100, time.time(), "2026-12-01", "2026-12", "r-next")
+        assert used.today == 60 and used.reserved == 0 and tokens == 100
+    finally:
+        for s, st in ((shared, store), (other, other_store)):
+            await s.close()
+            st.close()
+
+
+async def test_a_request_gone_while_its_budget_is_decided_holds_nothing(
+        cluster: PostgresCluster, store_url: str) -> None:
+    shared, store = await _shared(store_url, "replica-a")
+    database = store_url.rsplit("/", 1)[1]
+    try:
+        await shared.reserve(ME, Budget(tokens_per_day=1000), 1, time.time(), "2026-12-01", "2026-12", "first")
+        with cluster.connect(database) as blocker:
+            with blocker.transaction():   # another replica deciding for the same caller, slowly
+                blocker.execute("SELECT 1 FROM cst_budget_locks WHERE caller = %s FOR UPDATE", (ME,))
+                asking = asyncio.create_task(shared.reserve(ME, Budget(tokens_per_day=1000), 100, time.time(),
+                                                            "2026-12-01", "2026-12", "gone"))
+                await eventually(lambda: _waiting_on_lock(cluster, database), timeout=5)
+                asking.cancel()   # the client hung up
+            with pytest.raises(asyncio.CancelledError):
+                await asking
+        await eventually(lambda: _holds(cluster, database) == ["first"], timeout=5,
+                         failure=lambda: f"holds: {_holds(cluster, database)}")
+    finally:
+        await shared.close()
+        store.close()
+
+
+def _waiting_on_lock(cluster: PostgresCluster, database: str) -> bool:
+    with cluster.connect(database) as db:
+        return bool(db.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND datname = %s", (database,)).fetchone()[0])
+
+
+def _holds(cluster: PostgresCluster, database: str) -> list[str]:
+    with cluster.connect(database) as db:
+        return [row[0] for row in db.execute("SELECT id FROM cst_holds ORDER BY id")]
