@@ -269,6 +269,10 @@ class PostgresStore:
         return int(self._run("WITH gone AS (DELETE FROM cst_requests WHERE ended < %s RETURNING 1)"
                              " SELECT count(*) FROM gone", (before,))[0][0])
 
+    def exists(self) -> bool:
+        """Whether a proxy ever set the store up (a reader finds nothing to read otherwise)."""
+        return bool(self._run("SELECT to_regclass('cst_schema') IS NOT NULL")[0][0])
+
     def ensure_schema(self) -> None:
         """Connect (and migrate) now; raises ``StoreUnavailable`` when the store cannot be reached."""
         self._run("SELECT 1")

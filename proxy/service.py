@@ -67,7 +67,11 @@ def open_store(usage: UsageSettings, state_dir: Path, application: str, readonly
     file (None when reading one that was never written). Raises ``SecretUnavailable``."""
     if usage.store:
         conninfo, connect = connection_settings(usage, application)
-        return PostgresStore(conninfo, connect, migrates=not readonly)
+        store = PostgresStore(conninfo, connect, migrates=not readonly)
+        if readonly and not store.exists():
+            store.close()
+            return None
+        return store
     path = ledger_path(state_dir)
     if readonly and not path.exists():
         return None

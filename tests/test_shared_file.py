@@ -139,6 +139,10 @@ async def test_replace_is_refused_over_a_newer_version(tmp_path: Path) -> None:
     ("settings: {proxy: {upstream: 'https://attacker.example/v1'}}", "settings.proxy.upstream"),
     ("settings: {api: {tls: {cert: /etc/ssl/c.pem, key: /etc/ssl/k.pem}}}", "settings.api"),
     ("settings: {data_root: /etc}", "settings.data_root"),
+    # where the ledger and the instances' key digests go, and which secret is sent there
+    ("settings: {usage: {store: 'postgresql://cst@attacker.example/cst'}}", "settings.usage.store"),
+    ("settings: {usage: {store: 'postgresql://cst@db/cst', store_password_file: /root/.pgpass}}",
+     "settings.usage.store_password_file"),
     ("accounts: [{name: a, provider: static, keys_file: /root/.ssh/id_rsa}]", "accounts[0].keys_file"),
     ("accounts: [{name: a, provider: daidai, email: a@b.c, password_env: X, api_base: 'http://evil'}]",
      "accounts[0].api_base"),

@@ -215,6 +215,47 @@ def test_bad_budgets_and_usage_settings_are_located_and_nothing_is_applied():
     ]
 
 
+STORES = """\
+    version: 1
+    settings:
+      usage:
+        store: "postgresql://cst:hunter2@db.example:5432/cst"
+        store_password_env: CST_STORE_PASSWORD
+        store_password_file: /etc/cst/store-password
+        on_store_down: maybe
+    """
+
+
+def test_a_shared_store_holds_no_password_and_names_its_host_and_database(tmp_path):
+    assert problems(STORES) == [
+        "desired.yaml:3: settings.usage: give store_password_env or store_password_file, not both",
+        "desired.yaml:4: settings.usage.store: the URL holds a password: put it in the environment "
+        "(store_password_env) or a 0600 file (store_password_file), never in desired.yaml",
+        "desired.yaml:7: settings.usage.on_store_down: 'maybe' is not one of: closed, open",
+    ]
+    for url, why in [("postgresql://cst@db/cst?password=x", "holds a password"),
+                     ("postgresql://cst@:5432/cst", "names no host"),
+                     ("postgresql://cst@db:5432", "names no database"),
+                     ("postgresql://cst@db:port/cst", "is not a PostgreSQL URL"),
+                     ("mysql://cst@db/cst", "expected to match ^postgres(ql)?://")]:
+        found = problems(f'version: 1\nsettings: {{usage: {{store: "{url}"}}}}\n')
+        assert len(found) == 1 and why in found[0], (url, found)
+    assert problems("version: 1\nsettings: {usage: {store_password_env: X}}\n") == [
+        "desired.yaml:2: settings.usage.store_password_env: there is no settings.usage.store to use it for"]
+    desired = parse(textwrap.dedent("""\
+        version: 1
+        settings:
+          usage:
+            store: "postgresql://cst@db.example/cst?sslmode=verify-full&sslrootcert=ca.pem"
+            store_password_file: secrets/store-password
+            on_store_down: open
+        """), tmp_path / "desired.yaml")
+    usage = desired.settings.usage
+    assert usage.store == "postgresql://cst@db.example/cst?sslmode=verify-full&sslrootcert=ca.pem"
+    assert usage.store_password_file == tmp_path / "secrets" / "store-password" and usage.on_store_down == "open"
+    assert parse("version: 1\n", tmp_path / "desired.yaml").settings.usage.on_store_down == "closed"
+
+
 def test_budgets_inherit_the_fleet_s_and_null_or_empty_means_no_limit(tmp_path):
     desired = parse(textwrap.dedent("""\
         version: 1

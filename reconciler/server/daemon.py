@@ -30,6 +30,7 @@ from aiohttp import web
 from proxy.service import ProxyService
 
 from ..desired.model import DesiredState, InstanceSpec
+from ..desired.secret_source import SecretUnavailable
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
 from ..engine.plan import Action
@@ -378,6 +379,10 @@ class Daemon:
                 await runner.cleanup()
                 raise DaemonError(f"cannot start the key-pool proxy on {self.desired.settings.proxy.listen} "
                                   f"(settings.proxy.listen): {exc.strerror or exc}") from None
+            except SecretUnavailable as exc:
+                self.proxy = None
+                await runner.cleanup()
+                raise DaemonError(f"cannot start the key-pool proxy: settings.usage.store's password: {exc}") from None
             self._proxy_applied = self.desired
             scheme = "https" if ssl_context else "http"
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "

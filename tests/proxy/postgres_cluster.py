@@ -43,6 +43,7 @@ class PostgresCluster:
             os.chown(self.folder, owner.pw_uid, owner.pw_gid)
             self._as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._tls: list[str] = []
         self._databases = 0
         password_file = self.folder / "password"
         password_file.write_text(PASSWORD)
@@ -59,11 +60,22 @@ class PostgresCluster:
     def connect(self, database: str = "postgres") -> psycopg.Connection:
         return psycopg.connect(self.url(database), password=PASSWORD, autocommit=True, connect_timeout=3)
 
+    def serve_tls(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Serve TLS from the next start with this certificate (the server wants its key 0600, its own)."""
+        for name, data in (("server.crt", cert_pem), ("server.key", key_pem)):
+            path = self.folder / name
+            path.write_bytes(data)
+            path.chmod(0o600)
+            if self._as:
+                os.chown(path, self._as["user"], self._as["group"])
+        self._tls = ["-c", "ssl=on", "-c", f"ssl_cert_file={self.folder / 'server.crt'}",
+                     "-c", f"ssl_key_file={self.folder / 'server.key'}"]
+
     def start(self) -> None:
         log = open(self.folder / "server.log", "ab")
         self.proc = subprocess.Popen(
             [_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.folder),
-             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200",
+             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", *self._tls,
              *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
                                         "-c", "full_page_writes=off"])],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, **self._as)

@@ -21,8 +21,9 @@ from typing import AsyncIterator, Iterator
 import aiohttp
 import openai
 import pytest
+import trustme
 
-from conftest import eventually, free_ports
+from conftest import eventually, fake_upstream, free_ports, http_status, standin_file, wait_until
 from fakes import FakeUpstream
 from postgres_cluster import PASSWORD, PostgresCluster
 from proxy_fixtures import upstream  # noqa: F401  (a fixture)
@@ -489,3 +490,81 @@ def _waiting_on_lock(cluster: PostgresCluster, database: str) -> bool:
 def _holds(cluster: PostgresCluster, database: str) -> list[str]:
     with cluster.connect(database) as db:
         return [row[0] for row in db.execute("SELECT id FROM cst_holds ORDER BY id")]
+
+
+def test_tls_options_in_the_url_reach_libpq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    authority, stranger = trustme.CA(), trustme.CA()
+    certificate = authority.issue_cert("localhost", "127.0.0.1")
+    server = PostgresCluster(free_ports(1)[0])
+    try:
+        server.serve_tls(certificate.cert_chain_pems[0].bytes(), certificate.private_key_pem.bytes())
+        server.start()
+        authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        stranger.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+        monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+        base = f"postgresql://cst@localhost:{server.port}/postgres?sslmode=verify-full&sslrootcert="
+        trusted = PostgresStore(*connection_settings(load_usage(base + str(tmp_path / "ca.pem")), "test"))
+        assert trusted.rows() == 0
+        with trusted._connection() as db:   # the connection is encrypted
+            assert db.pgconn.ssl_in_use
+        trusted.close()
+        doubted = PostgresStore(*connection_settings(load_usage(base + str(tmp_path / "other-ca.pem")), "test"))
+        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+            doubted.rows()
+        doubted.close()
+    finally:
+        server.remove()
+
+
+def test_a_password_file_others_can_read_is_refused_before_anything_starts(tmp_path: Path, store_url: str) -> None:
+    password = tmp_path / "store-password"
+    password.write_text(PASSWORD)
+    password.chmod(0o644)
+    desired = write_desired(tmp_path / "desired.yaml", "http://127.0.0.1:9", store_url)
+    desired.write_text(desired.read_text().replace(f"store_password_env: {PASSWORD_ENV}",
+                                                   f"store_password_file: {password}"))
+    started = subprocess.run([*CST, "proxy", "-f", str(desired)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, KEYS_ENV: "sk-good-1"})
+    assert started.returncode == 1, started.stderr
+    assert "settings.usage.store's password" in started.stderr and "chmod 600" in started.stderr
+    assert "Traceback" not in started.stderr
+    password.chmod(0o600)
+    usage = subprocess.run([*CST, "usage", "-f", str(desired)], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0, usage.stderr
+
+
+# -- cst serve on the store ------------------------------------------------------------------------
+
+async def test_cst_serve_publishes_its_instances_keys_and_its_api_reads_every_replicas_use(
+        project, serve, tmp_path: Path, replicas: Replicas, cluster: PostgresCluster, store_url: str) -> None:
+    api, proxy, port = free_ports(3)
+    me = f"st-instance-{port}"
+    with fake_upstream() as upstream:
+        project.write(standin_file([(port, "running")], settings=(
+            f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\n'
+            f'proxy: {{listen: "127.0.0.1:{proxy}", upstream: "{upstream.url}/v1"}}\n'
+            f'usage: {{store: "{store_url}", store_password_env: {PASSWORD_ENV}}}'))
+            + f"accounts:\n  - {{name: pool, provider: static, keys_env: {KEYS_ENV}}}\n")
+        project.env.update({PASSWORD_ENV: PASSWORD, KEYS_ENV: "sk-good-1"})
+        served = serve(api)
+        wait_until(lambda: http_status(port) == 401, timeout=30)
+        key = (project.state_dir / "secrets" / "proxy-keys" / me).read_text().strip()
+
+        # a replica on "another machine": its own state dir, the same store
+        elsewhere = write_desired(tmp_path / "replica.yaml", upstream.url, store_url, state_dir="elsewhere")
+        [replica] = await replicas.start(elsewhere)
+        await eventually(lambda: _answers(replica, key), timeout=5,
+                         failure=lambda: "the replica never accepted the key cst serve minted")
+
+        def counted() -> bool:   # the request went through the replica; cst serve's API reads the store
+            return served.api("GET", "/api/usage").json()["instances"][me]["today"]["requests"] == 1
+        wait_until(counted, timeout=10)
+        listing = project.cst("usage", "-o", "json")
+        assert json.loads(listing.stdout)["instances"][me]["today"]["requests"] == 1, listing.stderr
+
+        rotated = served.api("POST", f"/api/instances/{me}/rotate-key")
+        assert rotated.status_code == 200, rotated.text
+        new_key = (project.state_dir / "secrets" / "proxy-keys" / me).read_text().strip()
+        await eventually(lambda: _refused(replica, key), timeout=1.0,
+                         failure=lambda: "the replica still accepts the rotated-out key")
+        assert await _answers(replica, new_key)
