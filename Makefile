@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sillytavern browser postgres bench clean
+.PHONY: run test setup node sillytavern browser servers bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,18 +37,20 @@ browser:
 	  $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }; }
 
-# the shared-store tests start a PostgreSQL cluster of their own from Debian's server binaries
-postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  command -v apt-get >/dev/null || { echo "the shared-store tests need PostgreSQL's server (initdb, postgres)"; exit 1; }; \
+# the shared-store tests start a PostgreSQL cluster of their own from Debian's server binaries, and
+# nginx in front of two proxy replicas with examples/nginx-replicas.conf
+SERVER_PACKAGES := postgresql nginx-light
+servers:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && test -x /usr/sbin/nginx || { \
+	  command -v apt-get >/dev/null || { echo "the shared-store tests need PostgreSQL's server and nginx"; exit 1; }; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  $(SUDO) apt-get install -y -q --no-install-recommends postgresql || \
-	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends postgresql; }; }
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(SERVER_PACKAGES) || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(SERVER_PACKAGES); }; }
 
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
-test: sillytavern browser postgres
+test: sillytavern browser servers
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern

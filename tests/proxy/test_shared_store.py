@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 CST = (sys.executable, "-m", "reconciler")
+ROOT = Path(__file__).resolve().parents[2]
 ME = "st-instance-8001"
 PASSWORD_ENV = "CST_TEST_STORE_PASSWORD"
 KEYS_ENV = "CST_TEST_POOL_KEYS"
@@ -568,3 +570,63 @@ async def test_cst_serve_publishes_its_instances_keys_and_its_api_reads_every_re
         await eventually(lambda: _refused(replica, key), timeout=1.0,
                          failure=lambda: "the replica still accepts the rotated-out key")
         assert await _answers(replica, new_key)
+
+
+# -- the deployment the README shows ---------------------------------------------------------------
+
+NGINX_MAIN = """\
+daemon off;
+master_process off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    include {folder}/replicas.conf;
+}}
+"""
+
+
+async def test_two_replicas_behind_the_example_nginx_config_survive_the_loss_of_one(
+        tmp_path: Path, upstream: FakeUpstream, replicas: Replicas, cluster: PostgresCluster, store_url: str) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    front, first, second = free_ports(3)
+    example = (ROOT / "examples" / "nginx-replicas.conf").read_text()
+    for old, new in (("127.0.0.1:5100", f"127.0.0.1:{front}"), ("127.0.0.1:5101", f"127.0.0.1:{first}"),
+                     ("127.0.0.1:5102", f"127.0.0.1:{second}")):
+        assert old in example
+        example = example.replace(old, new)
+    (tmp_path / "replicas.conf").write_text(example)
+    (tmp_path / "nginx.conf").write_text(NGINX_MAIN.format(folder=tmp_path))
+    desired = write_desired(tmp_path / "desired.yaml", upstream.url, store_url)
+    key = instance_key(tmp_path / ".cst")
+    for port in (first, second):   # the example's two commands
+        replicas.procs[port] = subprocess.Popen(
+            [*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"], env=replicas.env,
+            stdout=open(tmp_path / f"replica-{port}.log", "wb"), stderr=subprocess.STDOUT)
+    proxy = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nginx.out", "wb"))
+    try:
+        url = f"http://127.0.0.1:{front}"
+        for port in (first, second):
+            await eventually(lambda port=port: replicas._store_up(f"http://127.0.0.1:{port}"), timeout=30)
+        upstream.slow_gap = 0.05
+        chunks = await client(url, key).chat.completions.create(
+            model="slow-stream", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        answers = await asyncio.gather(*(chat(url, key) for _ in range(6)))
+        assert all(answers)
+        # (a replica killed loses the rows of its last 50 ms: wait for them, to count every one below)
+        await eventually(lambda: len(ledger_rows(cluster, store_url)) == 7, timeout=10)
+        replicas.kill(f"http://127.0.0.1:{first}")   # one machine lost: the other takes every request
+        answers = await asyncio.gather(*(chat(url, key) for _ in range(6)))
+        assert all(answers)
+        health = await get_json(url + "/health")
+        assert health is not None and health["store"]["state"] == "up"
+        await eventually(lambda: len(ledger_rows(cluster, store_url)) == 13, timeout=10,
+                         failure=lambda: f"{len(ledger_rows(cluster, store_url))} ledger rows")
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
