@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
 
 log = logging.getLogger("cst.proxy.ledger")
 
@@ -97,6 +97,26 @@ class DayTotal:
 
     def document(self) -> dict[str, object]:
         return {"day": self.day, "instance": self.caller, **self.tally.document()}
+
+
+def standings(day: str, totals: Iterable[Sequence[Any]], recent: Iterable[tuple[str, float]]) -> dict[str, Standing]:
+    """A store's answer as standings: ``totals`` are daily rows of a month (day, caller, Tally's
+    fields), ``recent`` the start times of the last minute's requests by caller."""
+    result: dict[str, Standing] = {}
+    for row_day, caller, *counts in totals:
+        standing = result.setdefault(caller, Standing())
+        tally = Tally(*(int(c) for c in counts))
+        standing.month.merge(tally)
+        if row_day == day:
+            standing.today.merge(tally)
+    for caller, started in recent:
+        result.setdefault(caller, Standing()).recent.append(started)
+    return result
+
+
+def day_totals(found: Iterable[Sequence[Any]]) -> list[DayTotal]:
+    """Daily rows (day, caller, Tally's fields) as DayTotals."""
+    return [DayTotal(day, who, Tally(*(int(c) for c in counts))) for day, who, *counts in found]
 
 
 class StoreUnavailable(Exception):
@@ -215,22 +235,13 @@ class SqliteStore:
                 raise
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
-        result: dict[str, Standing] = {}
         with self._lock:
             totals = self._db.execute(
                 "SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
                 " WHERE day >= ? AND day < ?", (f"{month}-01", f"{month}-32")).fetchall()
             recent = self._db.execute("SELECT caller, started FROM requests WHERE id >= ? AND started >= ?",
                                       (self._first_ended_after(since), since)).fetchall()
-        for row_day, caller, *counts in totals:
-            standing = result.setdefault(caller, Standing())
-            tally = Tally(*counts)
-            standing.month.merge(tally)
-            if row_day == day:
-                standing.today.merge(tally)
-        for caller, started in recent:
-            result.setdefault(caller, Standing()).recent.append(started)
-        return result
+        return standings(day, totals, recent)
 
     def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
         query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
@@ -241,7 +252,7 @@ class SqliteStore:
             params += (caller,)
         with self._lock:
             found = self._db.execute(query + " ORDER BY day, caller", params).fetchall()
-        return [DayTotal(day, who, Tally(*counts)) for day, who, *counts in found]
+        return day_totals(found)
 
     def _first_ended_after(self, t: float) -> int:
         """The id of the first row that ended at ``t`` or later. Rows are appended as their requests

@@ -21,7 +21,7 @@ import psycopg
 from reconciler.desired.model import UsageSettings
 from reconciler.desired.secret_source import read_secret
 
-from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, Tally
+from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, day_totals, standings
 
 log = logging.getLogger("cst.proxy.postgres")
 
@@ -39,7 +39,6 @@ _MIGRATIONS = (
         prompt_tokens bigint NOT NULL, completion_tokens bigint NOT NULL, estimated boolean NOT NULL,
         started double precision NOT NULL, ended double precision NOT NULL, key text NOT NULL, day text NOT NULL
     );
-    CREATE INDEX cst_requests_caller_started ON cst_requests (caller, started);
     CREATE INDEX cst_requests_ended ON cst_requests (ended);
     CREATE TABLE cst_daily (
         day text NOT NULL, caller text NOT NULL,
@@ -51,12 +50,14 @@ _MIGRATIONS = (
     -- reservation then commits without waiting for a disk, and a store that crashes loses only
     -- holds and cooldowns that were about to end anyway. The ledger itself is logged.
     CREATE UNLOGGED TABLE cst_replicas (id text PRIMARY KEY, seen timestamptz NOT NULL, host text NOT NULL);
-    CREATE UNLOGGED TABLE cst_budget_locks (caller text PRIMARY KEY);
+    -- one row per caller with a budget: the lock its decisions take, and what its requests in
+    -- flight hold (the sum of its holds, kept here so a decision reads one row, however busy)
+    CREATE UNLOGGED TABLE cst_callers (caller text PRIMARY KEY, holding bigint NOT NULL);
     CREATE UNLOGGED TABLE cst_holds (
         id text PRIMARY KEY, caller text NOT NULL, tokens bigint NOT NULL,
         started double precision NOT NULL, replica text NOT NULL
     );
-    CREATE INDEX cst_holds_caller ON cst_holds (caller);
+    CREATE INDEX cst_holds_replica ON cst_holds (replica);
     -- requests admitted per caller and second: a minute's count is at most 60 rows, however busy
     CREATE UNLOGGED TABLE cst_minute (
         caller text NOT NULL, second bigint NOT NULL, requests integer NOT NULL, PRIMARY KEY (caller, second)
@@ -67,9 +68,9 @@ _MIGRATIONS = (
     );
     CREATE TABLE cst_instance_keys (instance text PRIMARY KEY, digest bytea NOT NULL);
 
-    -- A budget's decision, atomic: the caller's lock row is taken, what every replica settled,
-    -- holds and admitted in the last minute is read in one snapshot, and the hold is written only
-    -- if no limit is used up. Returns the tokens held (NULL: refused) and the counts it read.
+    -- A budget's decision, atomic: the caller's row is locked, what every replica settled, holds
+    -- and admitted in the last minute is read, and the hold is written only if no limit is used
+    -- up. Returns the tokens held (NULL: refused) and the counts it read.
     CREATE FUNCTION cst_reserve(p_caller text, p_hold text, p_replica text, p_want bigint, p_now double precision,
                                 p_day text, p_month text, p_day_limit bigint, p_month_limit bigint,
                                 p_minute_limit integer,
@@ -77,24 +78,21 @@ _MIGRATIONS = (
                                 OUT recent integer, OUT oldest_recent double precision)
     LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM 1 FROM cst_budget_locks WHERE caller = p_caller FOR UPDATE;
-        IF NOT FOUND THEN   -- the caller's first request: its lock row is made once
-            INSERT INTO cst_budget_locks VALUES (p_caller) ON CONFLICT DO NOTHING;
-            PERFORM 1 FROM cst_budget_locks WHERE caller = p_caller FOR UPDATE;
+        SELECT c.holding INTO held FROM cst_callers c WHERE c.caller = p_caller FOR UPDATE;
+        IF NOT FOUND THEN   -- the caller's first request: its row is made once
+            INSERT INTO cst_callers VALUES (p_caller, 0) ON CONFLICT DO NOTHING;
+            SELECT c.holding INTO held FROM cst_callers c WHERE c.caller = p_caller FOR UPDATE;
         END IF;
         WITH minute AS (
-            SELECT second, requests FROM cst_minute
-            WHERE p_minute_limit IS NOT NULL AND caller = p_caller AND second > floor(p_now) - 60
+            SELECT m.second, m.requests FROM cst_minute m
+            WHERE p_minute_limit IS NOT NULL AND m.caller = p_caller AND m.second > floor(p_now) - 60
         )
-        SELECT coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
-                         WHERE caller = p_caller AND day = p_day), 0),
-               coalesce((SELECT sum(prompt_tokens + completion_tokens) FROM cst_daily
-                         WHERE caller = p_caller AND day >= p_month || '-01' AND day <= p_month || '-31'), 0),
-               coalesce((SELECT sum(h.tokens) FROM cst_holds h JOIN cst_replicas r ON r.id = h.replica
-                         WHERE h.caller = p_caller
-                           AND r.seen > clock_timestamp() - make_interval(secs => %(alive)s)), 0),
-               coalesce((SELECT sum(requests) FROM minute), 0), (SELECT min(second) FROM minute)
-        INTO today, month, held, recent, oldest_recent;
+        SELECT coalesce((SELECT sum(d.prompt_tokens + d.completion_tokens) FROM cst_daily d
+                         WHERE d.caller = p_caller AND d.day = p_day), 0),
+               coalesce((SELECT sum(d.prompt_tokens + d.completion_tokens) FROM cst_daily d
+                         WHERE d.caller = p_caller AND d.day >= p_month || '-01' AND d.day <= p_month || '-31'), 0),
+               coalesce((SELECT sum(minute.requests) FROM minute), 0), (SELECT min(minute.second) FROM minute)
+        INTO today, month, recent, oldest_recent;
         IF (p_minute_limit IS NOT NULL AND recent >= p_minute_limit)
            OR (p_day_limit IS NOT NULL AND today + held >= p_day_limit)
            OR (p_month_limit IS NOT NULL AND month + held >= p_month_limit) THEN
@@ -105,11 +103,31 @@ _MIGRATIONS = (
                          coalesce(p_month_limit - month - held, p_want));
         IF granted > 0 THEN
             INSERT INTO cst_holds VALUES (p_hold, p_caller, granted, p_now, p_replica);
+            UPDATE cst_callers c SET holding = c.holding + granted WHERE c.caller = p_caller;
         END IF;
         IF p_minute_limit IS NOT NULL THEN
             INSERT INTO cst_minute VALUES (p_caller, floor(p_now), 1)
             ON CONFLICT (caller, second) DO UPDATE SET requests = cst_minute.requests + 1;
         END IF;
+    END $$;
+
+    -- Holds end (their request was recorded, or their replica stopped beating): taken off their
+    -- callers' sums. The callers' rows are locked in order first, as every decision locks them.
+    CREATE FUNCTION cst_end_holds(p_ids text[], p_dead_replicas interval) RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM cst_callers c WHERE c.caller IN (
+            SELECT h.caller FROM cst_holds h WHERE h.id = ANY(p_ids) OR (p_dead_replicas IS NOT NULL AND h.replica IN (
+                SELECT r.id FROM cst_replicas r WHERE r.seen < clock_timestamp() - p_dead_replicas)))
+        ORDER BY c.caller FOR UPDATE;
+        WITH ended AS (
+            DELETE FROM cst_holds h WHERE h.id = ANY(p_ids) OR (p_dead_replicas IS NOT NULL AND h.replica IN (
+                SELECT r.id FROM cst_replicas r WHERE r.seen < clock_timestamp() - p_dead_replicas))
+            RETURNING h.caller, h.tokens
+        )
+        UPDATE cst_callers c SET holding = greatest(c.holding - e.tokens, 0)
+        FROM (SELECT ended.caller, sum(ended.tokens) AS tokens FROM ended GROUP BY ended.caller) e
+        WHERE c.caller = e.caller;
     END $$;
 
     -- Several decisions in one round trip (a replica's requests that arrived together), in the
@@ -133,11 +151,12 @@ _MIGRATIONS = (
             RETURN NEXT;
         END LOOP;
     END $$;
-    """.replace("%(alive)s", str(REPLICA_ALIVE)),
+    """,
 )
 
-# A batch in one statement: the rows not yet in the store, their daily totals, and the end of
-# their holds. Arrays, one per column: one round trip whatever the batch's size.
+# A batch's rows not yet in the store and their daily totals (in the order of their callers, as
+# every replica's batch locks them), in one statement: arrays, one per column, one round trip
+# whatever the batch's size.
 _WRITE = """
     WITH incoming AS (
         SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::bigint[], %s::bigint[],
@@ -149,19 +168,16 @@ _WRITE = """
                                   started, ended, key, day, rid)
         SELECT * FROM incoming ON CONFLICT (rid) DO NOTHING
         RETURNING day, caller, status, prompt_tokens, completion_tokens, estimated
-    ), totals AS (
-        INSERT INTO cst_daily AS d (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
-        SELECT day, caller, count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
-               sum(completion_tokens), count(*) FILTER (WHERE estimated)
-        FROM added GROUP BY day, caller
-        ON CONFLICT (caller, day) DO UPDATE SET
-            requests = d.requests + excluded.requests, errors = d.errors + excluded.errors,
-            prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-            completion_tokens = d.completion_tokens + excluded.completion_tokens,
-            estimated = d.estimated + excluded.estimated
-        RETURNING 1
     )
-    DELETE FROM cst_holds WHERE id IN (SELECT rid FROM incoming)
+    INSERT INTO cst_daily AS d (day, caller, requests, errors, prompt_tokens, completion_tokens, estimated)
+    SELECT day, caller, count(*), count(*) FILTER (WHERE status >= 400), sum(prompt_tokens),
+           sum(completion_tokens), count(*) FILTER (WHERE estimated)
+    FROM added GROUP BY day, caller ORDER BY caller, day
+    ON CONFLICT (caller, day) DO UPDATE SET
+        requests = d.requests + excluded.requests, errors = d.errors + excluded.errors,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        estimated = d.estimated + excluded.estimated
 """
 
 
@@ -226,34 +242,39 @@ class PostgresStore:
         return self._db
 
 
-    def _run(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    def _run(self, query: str, params: Sequence[Any] = (),
+             then: tuple[str, Sequence[Any]] | None = None) -> list[tuple[Any, ...]]:
+        """``query`` (and ``then`` after it, in the same transaction): the rows of the first."""
         with self._lock:
             try:
-                cursor = self._connection().execute(query, params)
-                return cursor.fetchall() if cursor.description else []
+                db = self._connection()
+                if then is None:
+                    cursor = db.execute(query, params)
+                    return cursor.fetchall() if cursor.description else []
+                with db.transaction():
+                    cursor = db.execute(query, params)
+                    found = cursor.fetchall() if cursor.description else []
+                    db.execute(*then)
+                return found
             except psycopg.OperationalError as exc:
                 if self._db is not None:
                     self._db.close()   # opened afresh by the next call
                 raise StoreUnavailable(f"{shown(self._conninfo)}: {str(exc).strip()}") from exc
 
     def write(self, rows: Sequence[RowValues]) -> None:
-        if rows:
-            self._run(_WRITE, [list(column) for column in zip(*rows)])
+        """The rows and their daily totals, and the end of their holds, in one transaction."""
+        if not rows:
+            return
+        columns = [list(column) for column in zip(*rows)]
+        self._run(_WRITE, columns, then=("SELECT cst_end_holds(%s, NULL)", (columns[-1],)))
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
-        result: dict[str, Standing] = {}
         totals = self._run("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated"
                            " FROM cst_daily WHERE day >= %s AND day <= %s", (f"{month}-01", f"{month}-31"))
         recent = self._run("SELECT caller, second, requests FROM cst_minute WHERE second >= floor(%s)", (since,))
-        for row_day, caller, *counts in totals:
-            standing = result.setdefault(caller, Standing())
-            tally = Tally(*(int(c) for c in counts))
-            standing.month.merge(tally)
-            if row_day == day:
-                standing.today.merge(tally)
-        for caller, second, requests in recent:   # admitted in that second (counted to the second)
-            result.setdefault(caller, Standing()).recent.extend([float(second)] * requests)
-        return result
+        # admitted per second: each request starts at its second (the minute is counted to the second)
+        return standings(day, totals, ((caller, float(second)) for caller, second, requests in recent
+                                       for _ in range(requests)))
 
     def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
         query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM cst_daily"
@@ -262,8 +283,7 @@ class PostgresStore:
         if caller is not None:
             query += " AND caller = %s"
             params += (caller,)
-        found = self._run(query + " ORDER BY day, caller", params)
-        return [DayTotal(day, who, Tally(*(int(c) for c in counts))) for day, who, *counts in found]
+        return day_totals(self._run(query + " ORDER BY day, caller", params))
 
     def prune(self, before: float) -> int:
         return int(self._run("WITH gone AS (DELETE FROM cst_requests WHERE ended < %s RETURNING 1)"

@@ -19,7 +19,7 @@ def account_state(info: dict[str, Any]) -> str:
 def pool_document(proxy: ProxyService | None) -> dict[str, Any]:
     if proxy is None or proxy.state is None:
         return {"running": False, "url": None, "totalBalance": 0.0, "keys": {"total": 0, "available": 0},
-                "accounts": {}}
+                "accounts": {}, "store": {"kind": "sqlite"}}
     document = status_document(proxy.state)
     accounts = {name: {**info, "state": account_state(info)} for name, info in document["accounts"].items()}
     return {
@@ -28,4 +28,5 @@ def pool_document(proxy: ProxyService | None) -> dict[str, Any]:
         "totalBalance": round(sum(a["balance"] for a in accounts.values()), 2),
         "keys": document["keys"],
         "accounts": accounts,
+        "store": proxy.shared.status() if proxy.shared is not None else {"kind": "sqlite"},
     }

@@ -469,7 +469,7 @@ async def test_a_request_gone_while_its_budget_is_decided_holds_nothing(
         await shared.reserve(ME, Budget(tokens_per_day=1000), 1, time.time(), "2026-12-01", "2026-12", "first")
         with cluster.connect(database) as blocker:
             with blocker.transaction():   # another replica deciding for the same caller, slowly
-                blocker.execute("SELECT 1 FROM cst_budget_locks WHERE caller = %s FOR UPDATE", (ME,))
+                blocker.execute("SELECT 1 FROM cst_callers WHERE caller = %s FOR UPDATE", (ME,))
                 asking = asyncio.create_task(shared.reserve(ME, Budget(tokens_per_day=1000), 100, time.time(),
                                                             "2026-12-01", "2026-12", "gone"))
                 await eventually(lambda: _waiting_on_lock(cluster, database), timeout=5)
@@ -478,6 +478,8 @@ async def test_a_request_gone_while_its_budget_is_decided_holds_nothing(
                 await asking
         await eventually(lambda: _holds(cluster, database) == ["first"], timeout=5,
                          failure=lambda: f"holds: {_holds(cluster, database)}")
+        with cluster.connect(database) as db:   # what the caller holds is the one hold left
+            assert db.execute("SELECT holding FROM cst_callers WHERE caller = %s", (ME,)).fetchone()[0] == 1
     finally:
         await shared.close()
         store.close()
@@ -561,6 +563,8 @@ async def test_cst_serve_publishes_its_instances_keys_and_its_api_reads_every_re
         def counted() -> bool:   # the request went through the replica; cst serve's API reads the store
             return served.api("GET", "/api/usage").json()["instances"][me]["today"]["requests"] == 1
         wait_until(counted, timeout=10)
+        store = served.api("GET", "/api/pool").json()["store"]
+        assert (store["kind"], store["state"], store["serving"]) == ("postgresql", "up", True)
         listing = project.cst("usage", "-o", "json")
         assert json.loads(listing.stdout)["instances"][me]["today"]["requests"] == 1, listing.stderr
 
@@ -630,3 +634,28 @@ async def test_two_replicas_behind_the_example_nginx_config_survive_the_loss_of_
     finally:
         proxy.terminate()
         proxy.wait(10)
+
+
+async def test_the_holds_of_a_replica_that_stopped_beating_stop_counting(
+        cluster: PostgresCluster, store_url: str) -> None:
+    lost, lost_store = await _shared(store_url, "replica-lost")
+    alive, alive_store = await _shared(store_url, "replica-alive")
+    budget = Budget(tokens_per_day=1000)
+    try:
+        tokens, _ = await lost.reserve(ME, budget, 600, time.time(), "2026-12-01", "2026-12", "in-flight")
+        assert tokens == 600
+        await lost.close()   # as a kill -9 would: its request never settles, its beats stop
+        lost_store.close()
+        with cluster.connect(store_url.rsplit("/", 1)[1]) as db:   # 30 s pass, for the store
+            db.execute("UPDATE cst_replicas SET seen = seen - interval '1 minute' WHERE id = 'replica-lost'")
+        _, used = await alive.reserve(ME, budget, 1, time.time(), "2026-12-01", "2026-12", "probe-1")
+        assert used.reserved == 600   # until a living replica's next beat
+
+        async def released() -> bool:
+            _, seen = await alive.reserve(ME, budget, 0, time.time(), "2026-12-01", "2026-12",
+                                          f"probe-{time.monotonic()}")
+            return seen.reserved == 1   # only the first probe's hold is left
+        await eventually(released, timeout=15, interval=0.5)
+    finally:
+        await alive.close()
+        alive_store.close()
