@@ -53,10 +53,11 @@ run: sillytavern
 test: sillytavern browser servers
 	$(BIN)/python -m pytest -q
 
-bench: sillytavern
+bench: sillytavern servers
 	$(BIN)/python bench/reconciler.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/proxy/bench.py
+	$(BIN)/python bench/proxy/stores.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/load.py
 

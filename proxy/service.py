@@ -342,6 +342,10 @@ class ProxyService:
 
     async def stop(self) -> None:
         await self._stop_following()
+        if self._runner is not None:
+            # first: no new request, and those in flight end (and settle) within the grace
+            await self._runner.cleanup()
+            self._runner = self._site = None
         if self._refreshing is not None:
             self._refreshing.cancel()
             await asyncio.gather(self._refreshing, return_exceptions=True)
@@ -351,9 +355,6 @@ class ProxyService:
             await self.state.accounts.close()
             if self.state.usage.ledger is not None:
                 await asyncio.to_thread(self.state.usage.ledger.close)   # what is queued is written
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = self._site = None
         if self._session is not None:
             await self._session.close()
             self._session = None

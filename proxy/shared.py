@@ -37,7 +37,7 @@ log = logging.getLogger("cst.proxy.shared")
 KEY_HEALTH = "cst_key_health"        # NOTIFY channels
 INSTANCE_KEYS = "cst_instance_keys"
 BEAT = 5.0                           # seconds between a replica's heartbeats
-FORGET_REPLICA = 600                 # seconds after its last beat: its row and holds are removed
+FORGET_REPLICA = 600                 # seconds after its last beat: its row is removed
 RECONNECT_CAP = 5.0                  # longest wait between two attempts to reach the store
 RESERVE_TIMEOUT = 5.0                # connecting for longer than this counts as the store being away
 
@@ -153,9 +153,16 @@ class SharedStore:
                 batch = [(ask, answer) for ask, answer in self._asking if not answer.cancelled()]
                 self._asking = []
                 if batch:
-                    await self._decide_batch(batch)
+                    try:
+                        await self._decide_batch(batch)
+                    except Exception:   # a defect: its requests were answered with it; say so, go on
+                        log.exception("deciding %d budgets in the usage store failed", len(batch))
         finally:
             self._deciding = None
+            for _, answer in self._asking:   # only when cancelled: nobody waits for ever
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable(self.url))
+            self._asking = []
 
     async def _decide_batch(self, batch: list[tuple["_Ask", "asyncio.Future[tuple[int | None, Used]]"]]) -> None:
         asks = [ask for ask, _ in batch]

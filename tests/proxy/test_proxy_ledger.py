@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import os
+import sqlite3
 import stat
 import time
 from datetime import datetime
@@ -22,7 +23,7 @@ from fakes import PROMPT_TOKENS, FakeUpstream
 
 from proxy.budget import Limit, Refusal, Reservation, UsageBook
 from proxy.calendar import Calendar
-from proxy.ledger import COLUMNS, LedgerWriter, Row, SqliteStore
+from proxy.ledger import _SCHEMA, COLUMNS, LedgerWriter, Row, SqliteStore
 from proxy.request_body import inspect
 from proxy.service import ledger_path
 from reconciler.desired.model import Budget
@@ -384,3 +385,20 @@ def test_a_store_that_fails_keeps_the_rows_says_so_and_writes_them_once_it_can(t
     reopened = SqliteStore(tmp_path / "ledger.sqlite3")
     assert reopened.rows() == 2 and reopened.daily("2026-11-30", "2026-11-30")[0].tally.tokens == 6
     reopened.close()
+
+
+def test_a_ledger_from_before_request_ids_is_migrated_in_place(tmp_path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA[0] + "PRAGMA user_version = 1;")
+    old.execute("INSERT INTO requests (caller, model, path, status, prompt_tokens, completion_tokens, estimated,"
+                " started, ended, key, day) VALUES (?, 'm', '/v1/chat/completions', 200, 1, 2, 0, 1.0, 2.0, '', "
+                "'2026-11-30')", (ME,))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    store.write([tuple(Row(ME, "m", "/v1/chat/completions", 200, 3, 4, False, 3.0, 4.0, "", "2026-11-30", "r-new"))])
+    last, rows = store.oldest(10)
+    assert [(row[0], row[4], row[-1]) for row in rows] == [(ME, 1, ""), (ME, 3, "r-new")]
+    assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(_SCHEMA)
+    store.close()
