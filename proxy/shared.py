@@ -29,7 +29,8 @@ import psycopg
 
 from reconciler.desired.model import Budget
 
-from .budget import StoreUnavailable, Used
+from .budget import Used
+from .ledger import StoreUnavailable
 from .postgres import REPLICA_ALIVE, shown
 
 log = logging.getLogger("cst.proxy.shared")
