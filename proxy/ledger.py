@@ -114,6 +114,18 @@ def standings(day: str, totals: Iterable[Sequence[Any]], recent: Iterable[tuple[
     return result
 
 
+def daily_query(table: str, mark: str, first: str, last: str, caller: str | None) -> tuple[str, tuple[str, ...]]:
+    """The query of a store's daily totals (``table``, parameters written ``mark``) from ``first``
+    to ``last``, of one caller or all, and its parameters."""
+    query = (f"SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM {table}"
+             f" WHERE day >= {mark} AND day <= {mark}")
+    params: tuple[str, ...] = (first, last)
+    if caller is not None:
+        query += f" AND caller = {mark}"
+        params += (caller,)
+    return query + " ORDER BY day, caller", params
+
+
 def day_totals(found: Iterable[Sequence[Any]]) -> list[DayTotal]:
     """Daily rows (day, caller, Tally's fields) as DayTotals."""
     return [DayTotal(day, who, Tally(*(int(c) for c in counts))) for day, who, *counts in found]
@@ -244,14 +256,9 @@ class SqliteStore:
         return standings(day, totals, recent)
 
     def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
-        query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM daily"
-                 " WHERE day >= ? AND day <= ?")
-        params: tuple[str, ...] = (first, last)
-        if caller is not None:
-            query += " AND caller = ?"
-            params += (caller,)
+        query, params = daily_query("daily", "?", first, last, caller)
         with self._lock:
-            found = self._db.execute(query + " ORDER BY day, caller", params).fetchall()
+            found = self._db.execute(query, params).fetchall()
         return day_totals(found)
 
     def _first_ended_after(self, t: float) -> int:

@@ -21,7 +21,7 @@ import psycopg
 from reconciler.desired.model import UsageSettings
 from reconciler.desired.secret_source import read_secret
 
-from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, day_totals, standings
+from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, daily_query, day_totals, standings
 
 log = logging.getLogger("cst.proxy.postgres")
 
@@ -285,13 +285,7 @@ class PostgresStore:
                                        for _ in range(requests)))
 
     def daily(self, first: str, last: str, caller: str | None = None) -> list[DayTotal]:
-        query = ("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated FROM cst_daily"
-                 " WHERE day >= %s AND day <= %s")
-        params: tuple[str, ...] = (first, last)
-        if caller is not None:
-            query += " AND caller = %s"
-            params += (caller,)
-        return day_totals(self._run(query + " ORDER BY day, caller", params))
+        return day_totals(self._run(*daily_query("cst_daily", "%s", first, last, caller)))
 
     def prune(self, before: float) -> int:
         return int(self._run("WITH gone AS (DELETE FROM cst_requests WHERE ended < %s RETURNING 1)"
