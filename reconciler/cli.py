@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import logging
+import os
 import ssl
 import sys
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import click
 import uvloop
 
@@ -77,16 +79,23 @@ def validate(file: Path) -> None:
 @click.option("--diff", is_flag=True, help="Show each change as observed -> desired.")
 @click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True,
               help="Seconds to wait while another cst works on the same state dir.")
+@click.option("--remote", metavar="URL", default=None,
+              help="With --check: ask the cst serve at URL what this file would change there (POST /api/plan, "
+                   "the admin key from settings.api.admin_key_env); nothing runs here.")
 @output_option
-def apply(file: Path, check: bool, diff: bool, wait: float, output: str) -> None:
+def apply(file: Path, check: bool, diff: bool, wait: float, remote: str | None, output: str) -> None:
     """Make what runs match the file: start, stop, restart and archive instances."""
     desired = load_or_exit(file)
+    if remote is not None:
+        if not check:
+            raise click.BadParameter("a remote host is only asked what would change: add --check", param_hint="--remote")
+        _remote_plan(remote, file, desired, output)
+        return
 
     def show(result: Result) -> None:
         if output == "text":
-            click.echo(result.line())
-            if diff and result.before != result.after and result.outcome == "changed":
-                click.echo(f"    - {result.before}\n    + {result.after}")
+            for line in result.lines(diff):
+                click.echo(line)
 
     try:
         report: Report = asyncio.run(reconcile(desired, check=check, on_result=show, lock_timeout=wait))
@@ -96,9 +105,7 @@ def apply(file: Path, check: bool, diff: bool, wait: float, output: str) -> None
     if output == "json":
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        recap = report.recap
-        prefix = "check: " if check else ""
-        click.echo(f"{prefix}ok={recap['ok']} changed={recap['changed']} failed={recap['failed']}")
+        click.echo(report.recap_line())
     if report.count("failed"):
         sys.exit(EXIT_FAILED)
 
@@ -138,6 +145,42 @@ def usage(file: Path, output: str, first: datetime | None, last: datetime | None
     finally:
         if store is not None:
             store.close()
+
+
+def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> None:
+    """``cst apply --check --remote URL``: the host's plan for this file, printed as it is here."""
+    env = desired.settings.api.admin_key_env
+    key = os.environ.get(env)
+    if not key:
+        raise click.ClickException(f"{env} (settings.api.admin_key_env) is not set: the remote host's admin key "
+                                   "comes from it")
+    if not url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--remote")
+
+    async def ask() -> tuple[int, dict]:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(url.rstrip("/") + "/api/plan", data=file.read_bytes(),
+                                    headers={"X-ST-Admin-Key": key, "Content-Type": "application/yaml"}) as answer:
+                try:
+                    body = await answer.json(content_type=None)
+                except ValueError:
+                    body = {}
+                return answer.status, body if isinstance(body, dict) else {}
+
+    try:
+        status, body = asyncio.run(ask())
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+    if status != 200:
+        reason = body.get("error") or body.get("message") or f"HTTP {status}"
+        raise click.ClickException(f"{url} answered {status}: {reason}")
+    if output == "json":
+        click.echo(json.dumps(body, indent=2))
+    else:
+        click.echo(body.get("text", ""), nl=False)
+    if (body.get("recap") or {}).get("failed"):
+        sys.exit(EXIT_FAILED)
 
 
 USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "tokens", "estimated")

@@ -6,7 +6,7 @@ thing whichever directory ``cst`` runs from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +92,16 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class GitSettings:
+    """The branch ``cst serve`` follows (``settings.git``)."""
+
+    remote: str = _default("settings", "git", "remote")
+    branch: str = _default("settings", "git", "branch")
+    every: float = parse_duration(_default("settings", "git", "every"))
+    push: bool = _default("settings", "git", "push")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     max_size: int = parse_size(_default("settings", "logs", "max_size"))
     keep: int = _default("settings", "logs", "keep")
@@ -139,6 +149,7 @@ class Settings:
     api: ApiSettings = ApiSettings()
     proxy: ProxySettings = ProxySettings()
     usage: UsageSettings = UsageSettings()
+    git: GitSettings | None = None     # None: the file is not followed from a remote
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,10 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
                             store_password_file=_path(base, usage.get("store_password_file")),
                             on_store_down=usage["on_store_down"]),
     )
+    git = raw.get("git")
+    if git is not None:
+        settings = replace(settings, git=GitSettings(git["remote"], git["branch"], parse_duration(git["every"]),
+                                                     git["push"]))
     fleet_budget = Budget.from_data(raw.get("budget"))
     accounts = tuple(
         Account(

@@ -37,6 +37,7 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.usage.store": s.usage.store,
         "settings.usage.store_password_env": s.usage.store_password_env,
         "settings.usage.store_password_file": s.usage.store_password_file,
+        "settings.git": s.git,                       # where the file is followed from and pushed to
     }
 
 

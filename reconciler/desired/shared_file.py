@@ -36,6 +36,9 @@ _LOCK_TIMEOUT = 30.0
 
 # a check of a change before it is written: raises to refuse it (see ``restricted``)
 Guard = Callable[[DesiredState, DesiredState], None]
+# told of each change CST wrote, in turn with the writes and in a worker thread: the text the
+# change was built on, and what the change was (the daemon commits it when the file is in git)
+Recorder = Callable[[str, str], None]
 
 
 def sha256(text: str) -> str:
@@ -96,6 +99,7 @@ class DesiredFile:
     def __init__(self, path: Path):
         self.path = path.resolve()
         self._lock = asyncio.Lock()
+        self.recorder: Recorder | None = None
 
     def read(self) -> Snapshot:
         """The file now (blocking: file I/O and validation)."""
@@ -132,11 +136,16 @@ class DesiredFile:
         return snapshot
 
     @asynccontextmanager
-    async def _turn(self) -> AsyncIterator[None]:
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold CST's writers' turn: no write of CST's happens meanwhile (a merge of the file runs in it)."""
         async with self._lock, _writers_turn(self.path.parent):
             yield
 
-    async def change(self, edit: Callable[[str], str], guard: Guard | None = None) -> Snapshot:
+    async def _record(self, before: Snapshot, note: str | None) -> None:
+        if note is not None and self.recorder is not None:
+            await asyncio.to_thread(self.recorder, before.text, note)
+
+    async def change(self, edit: Callable[[str], str], guard: Guard | None = None, note: str | None = None) -> Snapshot:
         """Apply ``edit`` to the current text and write the result if it is valid (and ``guard``
         lets it through).
 
@@ -144,21 +153,24 @@ class DesiredFile:
         errors. In every such case the file is as it was. A save that lands between the read
         and the write is not lost: the edit is applied again on top of it.
         """
-        async with self._turn():
+        async with self.turn():
             current = await self.settled_read()
             if not current.valid:
                 raise CurrentFileInvalid(list(current.problems))
-            return await asyncio.to_thread(self._change, edit, current, guard)
+            base, new = await asyncio.to_thread(self._change, edit, current, guard)
+            await self._record(base, note)
+            return new
 
-    def _change(self, edit: Callable[[str], str], current: Snapshot, guard: Guard | None) -> Snapshot:
-        """``change`` once the current version is read (blocking: validation, fsync, rename)."""
+    def _change(self, edit: Callable[[str], str], current: Snapshot, guard: Guard | None) -> tuple[Snapshot, Snapshot]:
+        """``change`` once the current version is read (blocking: validation, fsync, rename): the
+        version the change was built on, and the new one."""
         new = self._checked(edit(current.text), current, guard)
         there = current.text.encode("utf-8")  # what the path holds, as far as we know
         while True:
             ours = new.text.encode("utf-8")
             displaced = swap(self.path, ours, self._mode())
             if displaced is None or displaced == there:
-                return new
+                return current, new
             # someone saved meanwhile: their version is the base now, and the edit goes on top
             there = ours
             try:
@@ -169,9 +181,9 @@ class DesiredFile:
                 conditional_replace(self.path, displaced, ours, self._mode())
                 raise
 
-    async def replace(self, text: str, if_match: str, guard: Guard | None = None) -> Snapshot:
+    async def replace(self, text: str, if_match: str, guard: Guard | None = None, note: str | None = None) -> Snapshot:
         """Replace the whole file, only if it is still the version whose sha256 is ``if_match``."""
-        async with self._turn():
+        async with self.turn():
             current = await self.aread()
             if current.sha256 != if_match:
                 raise StaleVersion(current.sha256)
@@ -180,6 +192,7 @@ class DesiredFile:
                                                current.text.encode("utf-8"), self._mode())
             if not replaced:
                 raise StaleVersion((await self.aread()).sha256)
+            await self._record(current, note)
             return new
 
     def _foreign(self, data: bytes) -> Snapshot:

@@ -397,9 +397,10 @@ def _listen_of(settings: dict, section: str) -> str:
     return listen if port.isascii() and port.isdigit() else default
 
 
+_BAD_BRANCH = re.compile(r"\.\.|//|@\{|/\.|[/.]$|\.lock$")
 _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
               ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
-              ("settings", "api", "timeout"), ("settings", "usage", "retention"))
+              ("settings", "api", "timeout"), ("settings", "usage", "retention"), ("settings", "git", "every"))
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
@@ -561,6 +562,10 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
             yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
 
     yield from _usage_problems(doc, settings)
+    branch = _mapping(settings.get("git")).get("branch")
+    if isinstance(branch, str) and _BAD_BRANCH.search(branch):
+        yield doc.problem(("settings", "git", "branch"), f"{_shown.repr(branch)} is not a branch name git accepts "
+                          "(no '..', '//', '@{', and no '/', '.' or '.lock' at the end)")
 
     names: dict[str, int] = {}
     accounts = data.get("accounts")

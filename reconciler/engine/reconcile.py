@@ -42,6 +42,12 @@ class Result:
     def line(self) -> str:
         return f"{self.outcome}: {self.id}" + (f" ({self.detail})" if self.detail else "")
 
+    def lines(self, diff: bool) -> list[str]:
+        """What ``cst apply`` prints for this result; ``diff``: also observed -> desired."""
+        if diff and self.before != self.after and self.outcome == "changed":
+            return [self.line(), f"    - {self.before}", f"    + {self.after}"]
+        return [self.line()]
+
 
 @dataclass
 class Report:
@@ -58,6 +64,14 @@ class Report:
 
     def result(self, id_: str) -> Result | None:
         return next((r for r in reversed(self.results) if r.id == id_), None)
+
+    def recap_line(self) -> str:
+        recap = self.recap
+        return f"{'check: ' if self.check else ''}ok={recap['ok']} changed={recap['changed']} failed={recap['failed']}"
+
+    def text(self, diff: bool) -> str:
+        """The whole report as ``cst apply`` prints it (``--check --diff`` when asked)."""
+        return "\n".join([line for r in self.results for line in r.lines(diff)] + [self.recap_line()]) + "\n"
 
     def as_dict(self) -> dict:
         return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap}

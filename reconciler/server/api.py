@@ -28,8 +28,9 @@ from ..desired.model import instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, StaleVersion
 from ..desired.validation import SCHEMAS
+from ..engine.reconcile import reconcile
 from .control import Control, NotConverged
-from .fleet import ApiError, Fleet
+from .fleet import ApiError, Fleet, change_note
 from .keypool import pool_document
 from .messages import language, message
 from .ratelimit import FailureLimiter
@@ -137,7 +138,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def create_instance(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _json(await request.app[FLEET].create(body), status=201)
+    return _json(await request.app[FLEET].create(body, _client(request)), status=201)
 
 
 def _with_usage(request: web.Request, row: dict) -> dict:
@@ -159,11 +160,11 @@ async def get_instance(request: web.Request) -> web.Response:
 
 
 async def stop_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "stopped"))
+    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "stopped", _client(request)))
 
 
 async def start_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "running"))
+    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "running", _client(request)))
 
 
 async def restart_instance(request: web.Request) -> web.Response:
@@ -179,7 +180,7 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 
 async def delete_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].delete(request.match_info["id"]))
+    return _done(request, await request.app[FLEET].delete(request.match_info["id"], _client(request)))
 
 
 async def backup(request: web.Request) -> web.StreamResponse:
@@ -212,21 +213,25 @@ async def backup(request: web.Request) -> web.StreamResponse:
 
 # -- the desired file and the daemon's status
 
+def _client(request: web.BaseRequest) -> str:
+    """Who asked, as a change's history names them: the client's address."""
+    return request.remote or "an unknown address"
+
+
 async def get_desired(request: web.Request) -> web.Response:
-    snapshot = await request.app[DAEMON].file.aread()
+    daemon = request.app[DAEMON]
+    snapshot = await daemon.file.aread()
     return _json({
-        "path": str(request.app[DAEMON].file.path), "text": snapshot.text, "sha256": snapshot.sha256,
+        "path": str(daemon.file.path), "text": snapshot.text, "sha256": snapshot.sha256,
         "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
         "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.valid else [],
         "instances": {instance_id(port): {"from": first, "to": last}
-                      for port, (first, last) in instance_lines(snapshot.text).items()}})
+                      for port, (first, last) in instance_lines(snapshot.text).items()},
+        "git": await asyncio.to_thread(daemon.git.document)})
 
 
-async def put_desired(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
-    if_match = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
-    if not if_match:
-        raise ApiError(428, "if_match_required")
+async def _file_text(request: web.Request) -> str:
+    """A whole desired.yaml sent as the body: as it is, or as ``{"text": ...}`` in JSON."""
     raw = await request.read()
     try:
         text = raw.decode("utf-8")
@@ -237,8 +242,19 @@ async def put_desired(request: web.Request) -> web.Response:
         text = None
     if text is None:
         raise ApiError(400, "bad_body")
+    return text
+
+
+async def put_desired(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    if_match = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
+    if not if_match:
+        raise ApiError(428, "if_match_required")
+    text = await _file_text(request)
     try:
-        snapshot = await daemon.file.replace(text, if_match, guard=refuse_restricted)
+        snapshot = await daemon.file.replace(text, if_match, guard=refuse_restricted,
+                                             note=change_note(f"replace desired.yaml (PUT, If-Match {if_match[:12]}…)",
+                                                              _client(request)))
     except RestrictedChange as exc:
         raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
     except StaleVersion as exc:
@@ -251,6 +267,20 @@ async def put_desired(request: web.Request) -> web.Response:
     report = await daemon.converge()
     return _json({"sha256": snapshot.sha256, "valid": True, "recap": report.recap,
                   "failed": [r.line() for r in report.results if r.outcome == "failed"]})
+
+
+async def plan(request: web.Request) -> web.Response:
+    """What a candidate desired.yaml would change on this host, as ``cst apply --check --diff``
+    prints it; nothing is changed or written (a pull request's check before it is merged)."""
+    daemon = request.app[DAEMON]
+    text = await _file_text(request)
+    candidate = await asyncio.to_thread(daemon.file.interpret, text)
+    if candidate.desired is None:
+        raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in candidate.problems))
+    # check mode only observes and plans (blocking work, so in a thread with a loop of its own)
+    report = await asyncio.to_thread(asyncio.run, reconcile(candidate.desired, check=True))
+    return _json({"text": report.text(diff=True), "recap": report.recap,
+                  "results": [asdict(r) for r in report.results], "sha256": candidate.sha256})
 
 
 async def status(request: web.Request) -> web.Response:
@@ -273,6 +303,7 @@ async def status(request: web.Request) -> web.Response:
         "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__,
                    "archiveDir": str(daemon.state.archive_dir),
                    "tasks": daemon.health()},
+        "git": await asyncio.to_thread(daemon.git.document),
     })
 
 
@@ -351,6 +382,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_get("/api/instances/{id}/backup", backup)
     app.router.add_get("/api/desired", get_desired)
     app.router.add_put("/api/desired", put_desired)
+    app.router.add_post("/api/plan", plan)
     app.router.add_get("/api/status", status)
     # the admin page
     app[PAGE] = Page()

@@ -15,6 +15,7 @@ from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
 from .events import EventHub
+from .git_follow import GitFollower
 
 
 class NotConverged(Exception):
@@ -39,6 +40,7 @@ class Control(Protocol):
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
     proxy: ProxyService | None      # the in-process key-pool proxy, once started
+    git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
 
     def accept(self, snapshot: Snapshot) -> None:

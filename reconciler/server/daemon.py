@@ -43,6 +43,7 @@ from ..tasks import BackgroundTasks, LoopThread
 from .api import make_app
 from .control import NotConverged
 from .events import EventHub
+from .git_follow import GitFollower
 from .keypool import pool_document
 
 log = logging.getLogger("cst.serve")
@@ -89,6 +90,8 @@ class Daemon:
         self._phase_since = 0.0
         self._acting: dict[str, tuple[str, float]] = {}
         self.events = EventHub(pool=lambda: pool_document(self.proxy))
+        self.git = GitFollower(file, lambda: self.desired.settings.git, self.reload,
+                               lambda data: self.events.publish("git", data))
 
     # -- the desired state
 
@@ -387,12 +390,14 @@ class Daemon:
             scheme = "https" if ssl_context else "http"
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
                   f"watching {self.file.path}", flush=True)
+            await self.git.start()
             self._worker.start()
             self._wake.set()  # first pass at once: adopt what runs, start what is missing
             self.tasks.keep("reconcile-loop", self._reconcile_loop)
             self.tasks.keep("file-watcher", self._watch)
             self.tasks.keep("proxy-follower", self._follow_proxy)
             self.tasks.keep("liveness", self._liveness_loop)
+            self.tasks.keep("git-follower", self.git.follow)
             try:
                 await self._stop.wait()
                 if self.fatal is None:

@@ -39,6 +39,11 @@ class ApiError(Exception):
         super().__init__(key)
 
 
+def change_note(what: str, client: str) -> str:
+    """A change's description for the file's history: its first line says what it did."""
+    return f"{what}\n\nMade through CST's REST API by a client at {client}."
+
+
 def _problems(exc: Exception) -> str:
     return "; ".join(str(p) for p in getattr(exc, "problems", [])) or str(exc)
 
@@ -147,9 +152,10 @@ class Fleet:
 
     # -- changing (each: edit the file, then converge)
 
-    async def _edit(self, edit, failure_key: str) -> Snapshot:
+    async def _edit(self, edit, failure_key: str, note: str) -> Snapshot:
+        """``note``: what the change was and who asked, for the file's history (a git commit)."""
         try:
-            snapshot = await self.daemon.file.change(edit, guard=refuse_restricted)
+            snapshot = await self.daemon.file.change(edit, guard=refuse_restricted, note=note)
         except RestrictedChange as exc:
             raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
         except CurrentFileInvalid as exc:
@@ -188,7 +194,7 @@ class Fleet:
             raise ApiError(500, failure_key, reason=f"{id_} is {row['status']} now{detail}")
         return row
 
-    async def create(self, body: Any) -> dict:
+    async def create(self, body: Any, client: str) -> dict:
         port = parse_port(body)
         id_ = instance_id(port)
 
@@ -203,7 +209,7 @@ class Fleet:
             raise ApiError(400, "reserved_port", port=port, setting=self._reserved()[port])
         if not port_is_free(self.desired.settings.sillytavern.listen_address, port):
             raise ApiError(400, "port_in_use", port=port)
-        await self._edit(add, "create_failed")
+        await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
         self.daemon.supervisor.forget(id_)
         _, ended = await self._converge(id_, "create_failed")
         row = await self._observed(id_, ended, SEED_STATUS["running"], "create_failed")
@@ -213,11 +219,13 @@ class Fleet:
         return {"id": id_, "port": port, "dataDir": row["dataDir"], "status": "running",
                 "startTime": row["startTime"], "password": password}
 
-    async def set_state(self, id_: str, state: str) -> dict:
+    async def set_state(self, id_: str, state: str, client: str) -> dict:
         port = self._declared(id_)
         failure_key = "stop_failed" if state == "stopped" else "start_failed"
         if self.desired.instance(id_).state != state:
-            await self._edit(lambda text: edits.set_instance_state(text, port, state), failure_key)
+            verb = "stop" if state == "stopped" else "start"
+            await self._edit(lambda text: edits.set_instance_state(text, port, state), failure_key,
+                             change_note(f"{verb} {id_}", client))
         self.daemon.supervisor.forget(id_)
         _, ended = await self._converge(id_, failure_key)
         row = await self._observed(id_, ended, SEED_STATUS[state], failure_key)
@@ -258,10 +266,11 @@ class Fleet:
         await self.daemon.proxy_keys_changed()
         return {"id": id_, "key": mask(key), "message_key": "key_rotated"}
 
-    async def delete(self, id_: str) -> dict:
+    async def delete(self, id_: str, client: str) -> dict:
         port = self._known(id_)
         if self.desired.instance(id_) is not None:
-            await self._edit(lambda text: edits.remove_instance(text, port), "delete_failed")
+            await self._edit(lambda text: edits.remove_instance(text, port), "delete_failed",
+                             change_note(f"delete {id_} (port {port}; its data is archived)", client))
         result, _ = await self._converge(id_, "delete_failed")
         self.daemon.supervisor.forget(id_)
         archive = result.archive if result else ""

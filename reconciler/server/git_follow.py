@@ -1,0 +1,122 @@
+"""``cst serve`` and git: the commits of CST's own edits, and the branch the file follows.
+
+``GitFollower`` is the daemon's collaborator for both. It records every change CST writes (the
+file's ``recorder``) as a commit, follows ``settings.git`` (fetch, merge, push, every ``every``,
+and at once after a commit when it pushes), and keeps what happened for ``/api/status``,
+``GET /api/desired`` and the page: the last outcome of each kind of work and the problem, if
+one stands, with what to do about it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from ..desired.model import GitSettings
+from ..desired.shared_file import DesiredFile
+from .git_repo import GitRepo, Kind, Outcome
+
+log = logging.getLogger("cst.git")
+
+IDLE = 30.0   # how often to look again at settings.git while it is unset
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class GitFollower:
+    def __init__(self, file: DesiredFile, settings: Callable[[], GitSettings | None],
+                 merged: Callable[[], Awaitable[None]], announce: Callable[[dict[str, Any]], None]):
+        """``settings``: the settings in force now; ``merged``: re-read the file after a merge;
+        ``announce``: an event for the page."""
+        self.file = file
+        self._settings = settings
+        self._merged = merged
+        self._announce = announce
+        self.repo: GitRepo | None = None
+        self.last_commit: dict[str, str] | None = None   # the outcome of CST's last edit, with when
+        self.last_sync: dict[str, Any] | None = None     # the outcomes of the last round, with when
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Find the work tree (blocking: run in a thread) and record CST's edits in it."""
+        self._loop = asyncio.get_running_loop()
+        self.repo = await asyncio.to_thread(GitRepo.locate, self.file.path)
+        if self.repo is not None:
+            self.file.recorder = self.commit
+            log.info("%s is tracked in git (%s): CST's changes to it are committed", self.file.path, self.repo.top)
+
+    # -- CST's edits --------------------------------------------------------------------------------
+
+    def commit(self, before: str, note: str) -> None:
+        """The file's recorder (in a worker thread, in turn with the writes)."""
+        assert self.repo is not None and self._loop is not None
+        outcome = self.repo.commit(before, note)
+        last = self.last_commit = {**outcome.document(), "at": _now()}
+        if outcome.kind is Kind.COMMITTED:
+            log.info("committed %s: %s (%s)", self.repo.relative, note.splitlines()[0], outcome.message[:10])
+            settings = self._settings()
+            if settings is not None and settings.push:
+                self._loop.call_soon_threadsafe(self._wake.set)   # pushed now rather than at the next round
+        else:
+            log.warning("%s", outcome.message)
+        self._loop.call_soon_threadsafe(self._announce, {"commit": last})
+
+    # -- following a branch -----------------------------------------------------------------------------
+
+    async def follow(self) -> None:
+        """Until cancelled: a round of fetch, merge and push every ``settings.git.every``."""
+        while True:
+            settings = self._settings()
+            if settings is None:
+                await self._pause(IDLE)
+                continue
+            if self.repo is None:
+                self._record([Outcome(Kind.BAD_STATE, f"{self.file.path} is not tracked in a git work tree: "
+                                                      "settings.git has nothing to follow (git add and commit it)")])
+                await self._pause(settings.every)
+                continue
+            async with self.file.turn():   # no edit of CST's lands in the middle of a merge
+                outcomes = await asyncio.to_thread(self.repo.sync, settings)
+            self._record(outcomes)
+            if any(o.kind is Kind.MERGED for o in outcomes):
+                await self._merged()
+            await self._pause(settings.every)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        problems = [o for o in outcomes if o.kind.problem]
+        previous = (self.last_sync or {}).get("problem")
+        self.last_sync = {"at": _now(), "outcomes": [o.document() for o in outcomes],
+                          "problem": problems[-1].document() if problems else None}
+        for outcome in outcomes:
+            if outcome.kind is Kind.MERGED:
+                log.info("merged the followed branch into the work tree (now %s)", outcome.message[:10])
+            elif outcome.kind is Kind.PUSHED:
+                log.info("pushed CST's commits (now %s)", outcome.message[:10])
+        if problems and problems[-1].document() != previous:
+            log.error("following the branch: %s", problems[-1].message)
+        if problems or any(o.kind in (Kind.MERGED, Kind.PUSHED) for o in outcomes) or previous:
+            self._announce({"sync": self.last_sync})
+
+    # -- what the API shows ---------------------------------------------------------------------------
+
+    def document(self) -> dict[str, Any] | None:
+        """The file's place in git (blocking: runs git); None outside a work tree and not following."""
+        settings = self._settings()
+        if self.repo is None and settings is None:
+            return None
+        document: dict[str, Any] = self.repo.document() if self.repo is not None else {"root": None}
+        document["following"] = None if settings is None else {
+            "remote": settings.remote, "branch": settings.branch, "every": settings.every, "push": settings.push}
+        document["lastCommit"] = self.last_commit
+        document["lastSync"] = self.last_sync
+        return document
