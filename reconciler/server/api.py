@@ -233,6 +233,7 @@ async def get_desired(request: web.Request) -> web.Response:
 async def _file_text(request: web.Request) -> str:
     """A whole desired.yaml sent as the body: as it is, or as ``{"text": ...}`` in JSON."""
     raw = await request.read()
+    text: str | None
     try:
         text = raw.decode("utf-8")
         if request.content_type == "application/json":
