@@ -191,7 +191,11 @@ class GitRepo:
                          "merge", "--quiet", "--no-edit", "--no-verify", "FETCH_HEAD")
             except GitError as exc:
                 if (Path(self.run("rev-parse", "--absolute-git-dir").strip()) / "MERGE_HEAD").exists():
-                    self.run("merge", "--abort")
+                    try:
+                        self.run("merge", "--abort")
+                    except GitError as stuck:
+                        return [Outcome(Kind.FAILED, f"merging {remote}/{branch} conflicted, and undoing the merge "
+                                                     f"failed: {_last_line(stuck.output)}; run git merge --abort")]
                     return [Outcome(Kind.CONFLICT, f"{remote}/{branch} conflicts with this work tree's commits: "
                                                    f"nothing was merged ({_last_line(exc.output)}); resolve it in "
                                                    "the repository, and CST merges the fix")]
@@ -217,8 +221,10 @@ def _last_line(text: str) -> str:
 
 
 def _git(cwd: Path, *args: str) -> str:
+    # no prompt ever; and no optional locks: a `git status` for the API must never hold the index
+    # while a merge or a commit needs it
     env = child_environment({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": "",
-                             "LC_ALL": "C", "GIT_EDITOR": "true"})
+                             "LC_ALL": "C", "GIT_EDITOR": "true", "GIT_OPTIONAL_LOCKS": "0"})
     env.update({name: os.environ[name] for name in _GIT_ENV if name in os.environ})
     try:
         done = subprocess.run(["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
