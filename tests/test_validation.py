@@ -256,6 +256,22 @@ def test_a_shared_store_holds_no_password_and_names_its_host_and_database(tmp_pa
     assert parse("version: 1\n", tmp_path / "desired.yaml").settings.usage.on_store_down == "closed"
 
 
+def test_a_followed_branch_is_named_as_git_allows_and_is_off_unless_declared(tmp_path):
+    assert problems('version: 1\nsettings:\n  git: {remote: "-upload-pack=evil", branch: "a..b", every: 0}\n') == [
+        "desired.yaml:3: settings.git.remote: '-upload-pack=evil' is not valid here "
+        "(expected to match ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$)",
+        "desired.yaml:3: settings.git.every: 0 is not a duration (a number of seconds, or like 30s, 5m, 1h, 90d)",
+        "desired.yaml:3: settings.git.branch: 'a..b' is not a branch name git accepts "
+        "(no '..', '//', '@{', and no '/', '.' or '.lock' at the end)",
+        "desired.yaml:3: settings.git.every: 0 is out of range (from 1ms to 365 days)",
+    ]
+    assert parse("version: 1\n", tmp_path / "desired.yaml").settings.git is None
+    followed = parse("version: 1\nsettings: {git: {branch: prod, every: 30s, push: true}}\n",
+                     tmp_path / "desired.yaml").settings.git
+    assert followed is not None and (followed.remote, followed.branch, followed.every, followed.push) == (
+        "origin", "prod", 30.0, True)
+
+
 def test_budgets_inherit_the_fleet_s_and_null_or_empty_means_no_limit(tmp_path):
     desired = parse(textwrap.dedent("""\
         version: 1
