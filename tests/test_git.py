@@ -13,6 +13,8 @@ import httpx
 
 from conftest import CST, Project, free_ports, http_status, kill_all, standin_file, start_serve, wait_until
 
+from reconciler.server.git_repo import GitRepo, Kind
+
 KEY = "git-test-admin-key"
 WHO = {"GIT_AUTHOR_NAME": "Tester", "GIT_AUTHOR_EMAIL": "tester@example.com",
        "GIT_COMMITTER_NAME": "Tester", "GIT_COMMITTER_EMAIL": "tester@example.com"}
@@ -275,3 +277,27 @@ def test_a_plan_shows_what_a_candidate_would_change_and_changes_nothing(project:
     assert no_check.returncode == 2 and "--check" in no_check.stderr
     assert project.file.read_text() == before
     assert json.loads(api(served, "GET", "/api/desired").text)["git"]["clean"]
+
+
+def test_a_commit_holds_what_cst_wrote_not_a_save_that_landed_after_it(tmp_path: Path) -> None:
+    git(tmp_path, "init", "-q", "-b", "main")
+    path = tmp_path / "desired.yaml"
+    path.write_text("version: 1\n")
+    git(tmp_path, "add", "desired.yaml")
+    git(tmp_path, "commit", "-q", "-m", "start")
+    repo = GitRepo.locate(path)
+    assert repo is not None
+    ours = "version: 1\ninstances: [{port: 8001}]\n"
+    path.write_text(ours + "# someone saved right after CST\n")   # between CST's write and its commit
+    outcome = repo.commit("version: 1\n", ours, "create st-instance-8001 (port 8001)")
+    assert outcome.kind is Kind.COMMITTED
+    assert git(tmp_path, "show", "HEAD:desired.yaml") + "\n" == ours
+    assert git(tmp_path, "status", "--porcelain") == "M desired.yaml"   # their line: in the work tree only
+    assert git(tmp_path, "diff", "--cached") == ""                      # the index follows the commit
+    assert git(tmp_path, "log", "-1", "--format=%an") == "CST"
+
+    # a repository that breaks under CST: the API's document says so instead of failing
+    (tmp_path / ".git").rename(tmp_path / "broken.git")
+    document = repo.document()
+    assert document["root"] == str(tmp_path) and "git fails here" in document["problem"]
+    assert document["head"] is None and document["recent"] == []

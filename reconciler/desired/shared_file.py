@@ -37,8 +37,9 @@ _LOCK_TIMEOUT = 30.0
 # a check of a change before it is written: raises to refuse it (see ``restricted``)
 Guard = Callable[[DesiredState, DesiredState], None]
 # told of each change CST wrote, in turn with the writes and in a worker thread: the text the
-# change was built on, and what the change was (the daemon commits it when the file is in git)
-Recorder = Callable[[str, str], None]
+# change was built on, the text written, and what the change was (the daemon commits it when the
+# file is in git)
+Recorder = Callable[[str, str, str], None]
 
 
 def sha256(text: str) -> str:
@@ -141,9 +142,9 @@ class DesiredFile:
         async with self._lock, _writers_turn(self.path.parent):
             yield
 
-    async def _record(self, before: Snapshot, note: str | None) -> None:
+    async def _record(self, before: Snapshot, after: Snapshot, note: str | None) -> None:
         if note is not None and self.recorder is not None:
-            await asyncio.to_thread(self.recorder, before.text, note)
+            await asyncio.to_thread(self.recorder, before.text, after.text, note)
 
     async def change(self, edit: Callable[[str], str], guard: Guard | None = None, note: str | None = None) -> Snapshot:
         """Apply ``edit`` to the current text and write the result if it is valid (and ``guard``
@@ -158,7 +159,7 @@ class DesiredFile:
             if not current.valid:
                 raise CurrentFileInvalid(list(current.problems))
             base, new = await asyncio.to_thread(self._change, edit, current, guard)
-            await self._record(base, note)
+            await self._record(base, new, note)
             return new
 
     def _change(self, edit: Callable[[str], str], current: Snapshot, guard: Guard | None) -> tuple[Snapshot, Snapshot]:
@@ -192,7 +193,7 @@ class DesiredFile:
                                                current.text.encode("utf-8"), self._mode())
             if not replaced:
                 raise StaleVersion((await self.aread()).sha256)
-            await self._record(current, note)
+            await self._record(current, new, note)
             return new
 
     def _foreign(self, data: bytes) -> Snapshot:

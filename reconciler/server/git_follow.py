@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from ..desired.model import GitSettings
 from ..desired.shared_file import DesiredFile
-from .git_repo import GitRepo, Kind, Outcome
+from .git_repo import EMPTY, GitRepo, Kind, Outcome
 
 log = logging.getLogger("cst.git")
 
@@ -52,10 +52,10 @@ class GitFollower:
 
     # -- CST's edits --------------------------------------------------------------------------------
 
-    def commit(self, before: str, note: str) -> None:
+    def commit(self, before: str, after: str, note: str) -> None:
         """The file's recorder (in a worker thread, in turn with the writes)."""
         assert self.repo is not None and self._loop is not None
-        outcome = self.repo.commit(before, note)
+        outcome = self.repo.commit(before, after, note)
         last = self.last_commit = {**outcome.document(), "at": _now()}
         if outcome.kind is Kind.COMMITTED:
             log.info("committed %s: %s (%s)", self.repo.relative, note.splitlines()[0], outcome.message[:10])
@@ -95,16 +95,19 @@ class GitFollower:
     def _record(self, outcomes: list[Outcome]) -> None:
         problems = [o for o in outcomes if o.kind.problem]
         previous = (self.last_sync or {}).get("problem")
-        self.last_sync = {"at": _now(), "outcomes": [o.document() for o in outcomes],
-                          "problem": problems[-1].document() if problems else None}
+        problem = problems[-1].document() if problems else None
+        self.last_sync = {"at": _now(), "outcomes": [o.document() for o in outcomes], "problem": problem}
         for outcome in outcomes:
             if outcome.kind is Kind.MERGED:
                 log.info("merged the followed branch into the work tree (now %s)", outcome.message[:10])
             elif outcome.kind is Kind.PUSHED:
                 log.info("pushed CST's commits (now %s)", outcome.message[:10])
-        if problems and problems[-1].document() != previous:
-            log.error("following the branch: %s", problems[-1].message)
-        if problems or any(o.kind in (Kind.MERGED, Kind.PUSHED) for o in outcomes) or previous:
+        if problem is not None and problem != previous:
+            log.error("following the branch: %s", problem["message"])
+        elif problem is None and previous is not None:
+            log.info("following the branch works again")
+        # an event when something happened or the problem changed, not every round a problem stands
+        if problem != previous or any(o.kind in (Kind.MERGED, Kind.PUSHED) for o in outcomes):
             self._announce({"sync": self.last_sync})
 
     # -- what the API shows ---------------------------------------------------------------------------
@@ -114,9 +117,12 @@ class GitFollower:
         settings = self._settings()
         if self.repo is None and settings is None:
             return None
-        document: dict[str, Any] = self.repo.document() if self.repo is not None else {"root": None}
+        document: dict[str, Any] = self.repo.document() if self.repo is not None else dict(EMPTY)
         document["following"] = None if settings is None else {
             "remote": settings.remote, "branch": settings.branch, "every": settings.every, "push": settings.push}
-        document["lastCommit"] = self.last_commit
+        # CST's last edit that could not be committed stops mattering once the file is committed
+        # again (the operator committed or discarded what stood in the way)
+        stale = document["clean"] and self.last_commit is not None and self.last_commit["kind"] != Kind.COMMITTED.value
+        document["lastCommit"] = None if stale else self.last_commit
         document["lastSync"] = self.last_sync
         return document

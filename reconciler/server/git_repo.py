@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ class Commit:
                 "when": self.when}
 
 
+# the shape of the API's document where nothing is known (no work tree, or git failing)
+EMPTY: dict[str, Any] = {"root": None, "file": None, "clean": None, "head": None, "recent": [], "problem": None}
+
+
 class GitError(Exception):
     def __init__(self, args: list[str], output: str):
         self.output = output.strip()
@@ -103,8 +108,8 @@ class GitRepo:
             return None
         return cls(Path(top).resolve(), path.resolve())
 
-    def run(self, *args: str) -> str:
-        return _git(self.top, *args)
+    def run(self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+        return _git(self.top, *args, stdin=stdin, env=env)
 
     # -- what the API shows -----------------------------------------------------------------------
 
@@ -142,17 +147,24 @@ class GitRepo:
         return [Commit(*line.split("\x1f", 3)) for line in out.splitlines() if line.count("\x1f") == 3]
 
     def document(self) -> dict[str, Any]:
-        commits = self.recent()
-        return {"root": str(self.top), "file": self.relative, "clean": self.clean(),
-                "head": commits[0].document() if commits else None,
-                "recent": [c.document() for c in commits], "problem": self.state_problem()}
+        """The file's place in git, for the API (a git that fails says so in ``problem``)."""
+        try:
+            commits = self.recent()
+            return {"root": str(self.top), "file": self.relative, "clean": self.clean(),
+                    "head": commits[0].document() if commits else None,
+                    "recent": [c.document() for c in commits], "problem": self.state_problem()}
+        except GitError as exc:   # the repository moved or broke under CST: the API still answers
+            return {**EMPTY, "root": str(self.top), "file": self.relative, "problem": f"git fails here: {exc}"}
 
     # -- CST's edits as commits ----------------------------------------------------------------------
 
-    def commit(self, before: str, message: str) -> Outcome:
-        """Commit the file as CST just wrote it, with ``message``, unless it held changes that were
-        not committed before CST's edit (``before`` is what CST built on): those lines are someone
-        else's, and are not committed under CST's name."""
+    def commit(self, before: str, after: str, message: str) -> Outcome:
+        """Commit ``after`` (the file as CST just wrote it) with ``message``, unless the file held
+        changes that were not committed before CST's edit (``before`` is what CST built on): those
+        lines are someone else's, and are not committed under CST's name.
+
+        The commit is made of CST's text, not of whatever the work tree holds by then: a hand save
+        that lands after CST's write stays in the work tree, uncommitted, as it should."""
         problem = self.state_problem()
         if problem is not None:
             return Outcome(Kind.BAD_STATE, f"{problem}; CST's change to {self.relative} is written, not committed")
@@ -163,11 +175,28 @@ class GitRepo:
                            "is committed again)")
         name, email = identity()
         try:
-            self.run("-c", f"user.name={name}", "-c", f"user.email={email}", "-c", "commit.gpgsign=false",
-                     "commit", "--quiet", "--no-verify", "--only", "-m", message, "--", self.relative)
+            parent = self.run("rev-parse", "HEAD").strip()
+            entry = self.run("ls-tree", "HEAD", "--", self.relative).split()
+            mode = entry[0] if entry else "100644"
+            blob = self.run("hash-object", "-w", "--stdin", f"--path={self.relative}", stdin=after).strip()
+            with tempfile.TemporaryDirectory(prefix="cst-git-") as scratch:   # an index of its own
+                index = {"GIT_INDEX_FILE": os.path.join(scratch, "index")}
+                self.run("read-tree", "HEAD", env=index)
+                self.run("update-index", "--add", "--cacheinfo", f"{mode},{blob},{self.relative}", env=index)
+                tree = self.run("write-tree", env=index).strip()
+            who = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name,
+                   "GIT_COMMITTER_EMAIL": email}
+            commit = self.run("commit-tree", tree, "-p", parent, "-m", message, env=who).strip()
+            # only if HEAD is still the parent: a commit made meanwhile is never overwritten
+            self.run("update-ref", "-m", f"cst: {message.splitlines()[0]}", "HEAD", commit, parent)
         except GitError as exc:
             return Outcome(Kind.FAILED, f"committing {self.relative} failed: {_last_line(exc.output)}")
-        return Outcome(Kind.COMMITTED, self.run("rev-parse", "HEAD").strip())
+        try:   # the index follows, so that git status compares the work tree with the new commit
+            self.run("update-index", "--cacheinfo", f"{mode},{blob},{self.relative}")
+        except GitError as exc:
+            log.warning("committed %s, but updating git's index failed (git status may show it as changed "
+                        "until `git reset -- %s`): %s", commit[:10], self.relative, _last_line(exc.output))
+        return Outcome(Kind.COMMITTED, commit)
 
     # -- following a branch ----------------------------------------------------------------------------
 
@@ -220,15 +249,17 @@ def _last_line(text: str) -> str:
     return (said or lines or ["no reason given"])[0 if said else -1]
 
 
-def _git(cwd: Path, *args: str) -> str:
+def _git(cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
     # no prompt ever; and no optional locks: a `git status` for the API must never hold the index
     # while a merge or a commit needs it
-    env = child_environment({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": "",
-                             "LC_ALL": "C", "GIT_EDITOR": "true", "GIT_OPTIONAL_LOCKS": "0"})
-    env.update({name: os.environ[name] for name in _GIT_ENV if name in os.environ})
+    environment = child_environment({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "SSH_ASKPASS": "",
+                                     "LC_ALL": "C", "GIT_EDITOR": "true", "GIT_OPTIONAL_LOCKS": "0"})
+    environment.update({name: os.environ[name] for name in _GIT_ENV if name in os.environ})
+    environment.update(env or {})
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                              encoding="utf-8", errors="surrogateescape", timeout=GIT_TIMEOUT)
+        done = subprocess.run(["git", *args], cwd=cwd, env=environment, capture_output=True,
+                              input=stdin if stdin is not None else "", encoding="utf-8",
+                              errors="surrogateescape", timeout=GIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise GitError(list(args), f"no answer within {GIT_TIMEOUT:g} s") from None
     if done.returncode != 0:
