@@ -1,6 +1,6 @@
 // CST's admin page: sign in, the instances (kept current by GET /api/events), logs, the key pool,
-// the usage against budgets (polled: there is no event per request) and the desired file. Plain DOM,
-// no framework: every text goes in through textContent.
+// the usage against budgets (polled: there is no event per request) and the desired file with its
+// place in git. Plain DOM, no framework: every text goes in through textContent.
 import { ApiError, call, json, serverEvents, session, textChunks } from './api.js';
 import { lang, setLang, t, translate } from './i18n.js';
 import { DAYS, addDays, drawChart, usageCell, usageRows, wallTime } from './usage.js';
@@ -17,7 +17,9 @@ const state = {
   listSeq: 0,
   archiveDir: '',
   pool: null,
-  desired: null,       // GET /api/desired
+  desired: null,       // GET /api/desired (with its `git`)
+  desiredSeq: 0,
+  gitWarnings: '',     // the warnings shown, so an unchanged set is not announced again
   status: null,        // GET /api/status
   focus: '',           // what the file view highlights: an instance id or L<line>
   activity: [],
@@ -54,7 +56,15 @@ const clock = (iso) => (iso ? new Date(iso).toLocaleTimeString(locale(), { hour1
 const stamp = (iso) => (iso ? new Date(iso).toLocaleString(locale(), {
   month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false,
 }) : '');
+const moment = (iso) => (iso ? new Date(iso).toLocaleString(locale(), {
+  year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', hour12: false,
+}) : '');
 const money = (value) => (typeof value === 'number' ? `¥${value.toFixed(2)}` : '—');
+
+function period(seconds) {  // settings.git.every: 1s, 30s, 1m, 1m 30s, 2h
+  if (seconds < 60) return `${Number(seconds.toFixed(3))}s`;
+  return duration(seconds).replace(/ 0[smh]$/, '');
+}
 
 function duration(seconds) {
   const s = Math.floor(seconds);
@@ -267,7 +277,7 @@ function onEvent({ event, data }) {
       detail: data.problems.map((p) => p.text).join('; ') });
     later(loadInstances);
     later(loadDesired);
-  } else if (event === 'reconcile') {
+  } else if (event === 'reconcile' || event === 'git') {  // git: a commit, a merge, a push, a problem
     later(loadDesired);
   }
 }
@@ -666,8 +676,10 @@ function drawUsageChart() {
 // -- the desired file
 
 async function loadDesired() {
+  const seq = ++state.desiredSeq;
   try {
     const [desired, status] = await Promise.all([json('GET', 'api/desired'), json('GET', 'api/status')]);
+    if (seq !== state.desiredSeq) return;  // an older answer never overwrites a newer one
     state.desired = desired;
     state.status = status;
     renderFile();
@@ -695,6 +707,7 @@ function renderFile() {
   $('file-problems').replaceChildren(...problems.map((p) => el('li', {},
     el('a', { href: `#file/L${p.line}` }, t('file.line', { n: p.line })),
     ` ${p.path ? `${p.path}: ` : ''}${p.message}`)));
+  renderGit(desired.git);
   const bad = new Set(problems.map((p) => p.line));
   let [from, to] = [0, -1];
   const span = desired.instances[state.focus];
@@ -711,6 +724,68 @@ function renderFile() {
     $(`L${from}`)?.scrollIntoView({ block: 'center' });
     state.scrollToFocus = false;
   }
+}
+
+// -- the file in git: the commit that runs, the last commits, the branch followed, what went wrong
+
+function commitLine(commit) {
+  return el('span', { class: 'commit' },
+    el('span', { class: 'commit-what' }, el('code', { title: commit.hash }, commit.short), ' ',
+      el('span', { class: 'commit-message' }, commit.message)),
+    el('span', { class: 'commit-meta' }, `${commit.author} · `,
+      el('time', { datetime: commit.when, title: commit.when }, moment(commit.when))));
+}
+
+// what is wrong, each with the server's own message (in English) under a label in the page's language
+function gitWarnings(git) {
+  const warnings = [];
+  if (git.problem) warnings.push({ label: t('git.warn.problem'), message: git.problem });
+  const sync = git.lastSync?.problem;
+  if (sync && sync.message !== git.problem) {
+    const key = `git.warn.sync.${sync.kind}`;
+    warnings.push({ label: t(key) === key ? t('git.warn.sync') : t(key), message: sync.message,
+      when: t('git.warn.tried', { at: stamp(git.lastSync.at) }) });
+  }
+  const commit = git.lastCommit;
+  if (commit && commit.kind !== 'committed') {
+    warnings.push({ label: t('git.warn.commit'), message: commit.message,
+      when: t('git.warn.edit', { at: stamp(commit.at) }) });
+  }
+  return warnings;
+}
+
+function renderGit(git) {
+  $('git-box').hidden = !git;
+  const warnings = git ? gitWarnings(git) : [];
+  const shown = JSON.stringify(warnings);
+  if (shown !== state.gitWarnings) {  // rebuilt (and announced) only when they change
+    state.gitWarnings = shown;
+    $('git-warnings').replaceChildren(...warnings.map(({ label, message, when }) => el('div',
+      { class: 'warning', role: 'alert' },
+      el('strong', {}, label), el('span', { class: 'warning-message' }, message),
+      when ? el('span', { class: 'small muted' }, when) : null)));
+  }
+  if (!git) return;
+  $('git-repo').replaceChildren(git.root
+    ? el('span', {}, el('code', {}, git.root), ` · ${git.file}`) : el('span', { class: 'muted' }, t('git.noRepo')));
+  const dirty = git.clean === false;
+  $('git-head').replaceChildren(git.head ? commitLine(git.head) : el('span', { class: 'muted' }, t('git.noCommit')),
+    git.root ? el('span', { class: `badge ${dirty ? 's-pending' : 's-ok'}`, title: dirty ? t('git.dirtyHint') : '' },
+      t(dirty ? 'git.dirty' : 'git.clean')) : null);
+  const recent = git.recent || [];
+  $('git-recent-row').hidden = recent.length === 0;
+  $('git-recent').replaceChildren(...recent.map((commit) => el('li', {}, commitLine(commit))));
+  const { following, lastSync } = git;
+  $('git-following-row').hidden = !following;
+  $('git-sync-row').hidden = !following;
+  if (!following) return;
+  $('git-following').replaceChildren(el('code', {}, `${following.remote}/${following.branch}`),
+    ` · ${t('git.every', { every: period(following.every) })} · ${t(following.push ? 'git.push' : 'git.noPush')}`);
+  $('git-sync').replaceChildren(lastSync
+    ? el('span', {}, el('time', { datetime: lastSync.at }, stamp(lastSync.at)), ' · ',
+      ...lastSync.outcomes.flatMap(({ kind }, index) => [index ? ', ' : '',
+        el('span', { class: `git-${kind}` }, t(`git.outcome.${kind}`))]))
+    : el('span', { class: 'muted' }, t('file.never')));
 }
 
 // -- views and language
