@@ -80,12 +80,24 @@ class GitFollower:
                                                       "settings.git has nothing to follow (git add and commit it)")])
                 await self._pause(settings.every)
                 continue
-            async with self.file.turn():   # no edit of CST's lands in the middle of a merge
-                outcomes = await asyncio.to_thread(self.repo.sync, settings)
+            outcomes = await self._round(self.repo, settings)
             self._record(outcomes)
             if any(o.kind is Kind.MERGED for o in outcomes):
                 await self._merged()
             await self._pause(settings.every)
+
+    async def _round(self, repo: GitRepo, settings: GitSettings) -> list[Outcome]:
+        """Fetch, merge, push: what happened, in order, up to the first problem. Only the merge
+        holds the file's writers' turn (a fetch or a push may wait on the network)."""
+        fetched = await asyncio.to_thread(repo.fetch, settings)
+        if fetched.kind is not Kind.FETCHED:
+            return [fetched]
+        async with self.file.turn():   # no edit of CST's lands in the middle of a merge
+            merged = await asyncio.to_thread(repo.merge, settings, fetched.message)
+        outcomes = [merged]
+        if settings.push and not merged.kind.problem:
+            outcomes.append(await asyncio.to_thread(repo.push, settings, fetched.message))
+        return [o for o in outcomes if o.kind is not Kind.UNCHANGED] or [Outcome(Kind.UNCHANGED)]
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

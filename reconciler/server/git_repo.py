@@ -36,6 +36,7 @@ class Kind(enum.Enum):
     COMMITTED = "committed"
     FOREIGN_CHANGES = "foreign_changes"     # the file held someone else's uncommitted lines: not committed
     UNCHANGED = "unchanged"                 # nothing to do
+    FETCHED = "fetched"                     # the branch's commit (in the message) is here
     MERGED = "merged"                       # the branch brought changes to the work tree
     PUSHED = "pushed"
     BAD_STATE = "bad_state"                 # mid-merge or rebase, detached HEAD: nothing done
@@ -200,46 +201,57 @@ class GitRepo:
 
     # -- following a branch ----------------------------------------------------------------------------
 
-    def sync(self, settings: GitSettings) -> list[Outcome]:
-        """Fetch the branch, merge it (never a force, never a reset), push CST's commits when
-        asked; what happened, in order. A conflict undoes the merge; nothing else is touched."""
+    def fetch(self, settings: GitSettings) -> Outcome:
+        """Fetch the branch (network: no turn of the file's writers is held): FETCHED with the
+        commit it points at, or why not."""
         problem = self.state_problem()
         if problem is not None:
-            return [Outcome(Kind.BAD_STATE, problem)]
+            return Outcome(Kind.BAD_STATE, problem)
         remote, branch = settings.remote, settings.branch
         try:
             self.run("fetch", "--quiet", "--no-tags", remote, f"refs/heads/{branch}")
+            return Outcome(Kind.FETCHED, self.run("rev-parse", "FETCH_HEAD").strip())
         except GitError as exc:
-            return [Outcome(Kind.FETCH_FAILED, f"fetching {branch} from {remote} failed: {_last_line(exc.output)}")]
-        done: list[Outcome] = []
-        behind = int(self.run("rev-list", "--count", "HEAD..FETCH_HEAD").strip() or 0)
-        if behind:
-            name, email = identity()
+            return Outcome(Kind.FETCH_FAILED, f"fetching {branch} from {remote} failed: {_last_line(exc.output)}")
+
+    def merge(self, settings: GitSettings, fetched: str) -> Outcome:
+        """Merge the fetched commit as git would (a fast-forward, or a merge commit on top of the
+        work tree's own commits; never a force, never a reset). A conflict undoes the merge."""
+        problem = self.state_problem()   # again: someone may have started a merge meanwhile
+        if problem is not None:
+            return Outcome(Kind.BAD_STATE, problem)
+        where = f"{settings.remote}/{settings.branch}"
+        if not int(self.run("rev-list", "--count", f"HEAD..{fetched}").strip() or 0):
+            return Outcome(Kind.UNCHANGED)
+        name, email = identity()
+        try:
+            self.run("-c", f"user.name={name}", "-c", f"user.email={email}", "-c", "commit.gpgsign=false",
+                     "merge", "--quiet", "--no-edit", "--no-verify", fetched)
+        except GitError as exc:
+            if not (Path(self.run("rev-parse", "--absolute-git-dir").strip()) / "MERGE_HEAD").exists():
+                return Outcome(Kind.FAILED, f"merging {where} failed, nothing was merged: {_last_line(exc.output)}")
             try:
-                self.run("-c", f"user.name={name}", "-c", f"user.email={email}", "-c", "commit.gpgsign=false",
-                         "merge", "--quiet", "--no-edit", "--no-verify", "FETCH_HEAD")
-            except GitError as exc:
-                if (Path(self.run("rev-parse", "--absolute-git-dir").strip()) / "MERGE_HEAD").exists():
-                    try:
-                        self.run("merge", "--abort")
-                    except GitError as stuck:
-                        return [Outcome(Kind.FAILED, f"merging {remote}/{branch} conflicted, and undoing the merge "
-                                                     f"failed: {_last_line(stuck.output)}; run git merge --abort")]
-                    return [Outcome(Kind.CONFLICT, f"{remote}/{branch} conflicts with this work tree's commits: "
-                                                   f"nothing was merged ({_last_line(exc.output)}); resolve it in "
-                                                   "the repository, and CST merges the fix")]
-                return [Outcome(Kind.FAILED, f"merging {remote}/{branch} failed, nothing was merged: "
-                                             f"{_last_line(exc.output)}")]
-            done.append(Outcome(Kind.MERGED, self.run("rev-parse", "HEAD").strip()))
-        if settings.push and int(self.run("rev-list", "--count", "FETCH_HEAD..HEAD").strip() or 0):
-            try:
-                self.run("push", "--quiet", remote, f"HEAD:refs/heads/{branch}")
-            except GitError as exc:
-                return done + [Outcome(Kind.PUSH_REFUSED, f"pushing to {remote}/{branch} was refused "
-                                                          f"({_last_line(exc.output)}); CST fetches, merges and "
-                                                          "pushes again next round")]
-            done.append(Outcome(Kind.PUSHED, self.run("rev-parse", "HEAD").strip()))
-        return done or [Outcome(Kind.UNCHANGED)]
+                self.run("merge", "--abort")
+            except GitError as stuck:
+                return Outcome(Kind.FAILED, f"merging {where} conflicted, and undoing the merge failed: "
+                                            f"{_last_line(stuck.output)}; run git merge --abort")
+            return Outcome(Kind.CONFLICT, f"{where} conflicts with this work tree's commits: nothing was merged "
+                                          f"({_last_line(exc.output)}); resolve it in the repository, and CST "
+                                          "merges the fix")
+        return Outcome(Kind.MERGED, self.run("rev-parse", "HEAD").strip())
+
+    def push(self, settings: GitSettings, fetched: str) -> Outcome:
+        """Push the commits the branch lacks (CST's, and its merges); refused when someone pushed
+        first, and the next round fetches, merges and pushes again."""
+        if not int(self.run("rev-list", "--count", f"{fetched}..HEAD").strip() or 0):
+            return Outcome(Kind.UNCHANGED)
+        remote, branch = settings.remote, settings.branch
+        try:
+            self.run("push", "--quiet", remote, f"HEAD:refs/heads/{branch}")
+        except GitError as exc:
+            return Outcome(Kind.PUSH_REFUSED, f"pushing to {remote}/{branch} was refused ({_last_line(exc.output)}); "
+                                              "CST fetches, merges and pushes again next round")
+        return Outcome(Kind.PUSHED, self.run("rev-parse", "HEAD").strip())
 
 
 def _last_line(text: str) -> str:
