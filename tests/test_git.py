@@ -301,3 +301,25 @@ def test_a_commit_holds_what_cst_wrote_not_a_save_that_landed_after_it(tmp_path:
     document = repo.document()
     assert document["root"] == str(tmp_path) and "git fails here" in document["problem"]
     assert document["head"] is None and document["recent"] == []
+
+
+def test_a_refused_push_is_said_and_pushed_again_once_the_remote_takes_it(project: Project, serve) -> None:
+    api_port, port = free_ports(2)
+    bare = host_repo(project, api_port, [], "git: {every: 1s, push: true}")
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is frozen for the release' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    served = serve(api_port, admin_key=KEY)
+    assert api(served, "POST", "/api/instances", json={"port": port}).status_code == 201
+    ours = git(project.dir, "rev-parse", "HEAD")
+
+    def problem() -> dict:
+        return (git_state(served)["lastSync"] or {}).get("problem") or {}
+
+    wait_until(lambda: problem().get("kind") == "push_refused", timeout=15)
+    assert "pushes again next round" in problem()["message"]
+    assert git(bare, "rev-parse", "main") != ours and http_status(port) == 401   # what runs is unchanged
+
+    hook.unlink()
+    wait_until(lambda: git(bare, "rev-parse", "main") == ours, timeout=15)
+    wait_until(lambda: not problem(), timeout=15)
