@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from ..desired.model import GitSettings
 from ..desired.shared_file import DesiredFile
-from .git_repo import EMPTY, GitRepo, Kind, Outcome
+from .git_repo import EMPTY, GitError, GitRepo, Kind, Outcome
 
 log = logging.getLogger("cst.git")
 
@@ -55,7 +55,10 @@ class GitFollower:
     def commit(self, before: str, after: str, note: str) -> None:
         """The file's recorder (in a worker thread, in turn with the writes)."""
         assert self.repo is not None and self._loop is not None
-        outcome = self.repo.commit(before, after, note)
+        try:
+            outcome = self.repo.commit(before, after, note)
+        except (GitError, OSError) as exc:   # the edit is written; it must not fail for want of a commit
+            outcome = Outcome(Kind.FAILED, f"committing {self.repo.relative} failed: {exc}")
         last = self.last_commit = {**outcome.document(), "at": _now()}
         if outcome.kind is Kind.COMMITTED:
             log.info("committed %s: %s (%s)", self.repo.relative, note.splitlines()[0], outcome.message[:10])
@@ -80,7 +83,10 @@ class GitFollower:
                                                       "settings.git has nothing to follow (git add and commit it)")])
                 await self._pause(settings.every)
                 continue
-            outcomes = await self._round(self.repo, settings)
+            try:
+                outcomes = await self._round(self.repo, settings)
+            except (GitError, OSError) as exc:   # the repository broke under CST: said, tried again
+                outcomes = [Outcome(Kind.FAILED, f"following the branch failed: {exc}")]
             self._record(outcomes)
             if any(o.kind is Kind.MERGED for o in outcomes):
                 await self._merged()
