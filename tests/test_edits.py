@@ -100,7 +100,7 @@ async def test_desired_file_refuses_bad_changes_and_stale_replaces(tmp_path):
     assert "port: 8009" in path.read_text() and snapshot.sha256 == sha256(path.read_text())
     assert oct(path.stat().st_mode & 0o777) == "0o640", "an atomic rewrite keeps the file's mode"
     with pytest.raises(StaleVersion):
-        await desired_file.replace("version: 1\n", sha256(COMMENTED))
+        await desired_file.replace("version: 1\n", frozenset({sha256(COMMENTED)}))
     path.write_text("version: [\n")
     with pytest.raises(CurrentFileInvalid):
         await desired_file.change(lambda t: add_instance(t, 8010))

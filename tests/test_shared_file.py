@@ -130,7 +130,7 @@ async def test_replace_is_refused_over_a_newer_version(tmp_path: Path) -> None:
     read = file.read()
     path.write_bytes(saved(1))
     with pytest.raises(StaleVersion):
-        await file.replace(BODY, read.sha256)
+        await file.replace(BODY, frozenset({read.sha256}))
     assert path.read_bytes() == saved(1)
 
 
@@ -154,7 +154,7 @@ async def test_restricted_settings_are_refused_and_nothing_is_written(tmp_path: 
     path.write_text("version: 1\n")
     file = DesiredFile(path)
     with pytest.raises(RestrictedChange) as refused:
-        await file.replace(f"version: 1\n{setting}\n", file.read().sha256, guard=refuse_restricted)
+        await file.replace(f"version: 1\n{setting}\n", frozenset({file.read().sha256}), guard=refuse_restricted)
     assert field in refused.value.fields
     assert path.read_text() == "version: 1\n"
 
@@ -166,5 +166,5 @@ async def test_what_the_api_may_change(tmp_path: Path) -> None:
     allowed = ("version: 1\nsettings: {concurrency: 2}\n"
                "accounts: [{name: b, provider: static, keys_env: B_KEYS}]\n"   # a removed, b added from env
                "instances: [{port: 8001}]\n")
-    await file.replace(allowed, file.read().sha256, guard=refuse_restricted)
+    await file.replace(allowed, frozenset({file.read().sha256}), guard=refuse_restricted)
     assert path.read_text() == allowed

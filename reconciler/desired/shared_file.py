@@ -182,13 +182,17 @@ class DesiredFile:
                 conditional_replace(self.path, displaced, ours, self._mode())
                 raise
 
-    async def replace(self, text: str, if_match: str, guard: Guard | None = None, note: str | None = None) -> Snapshot:
-        """Replace the whole file, only if it is still the version whose sha256 is ``if_match``."""
+    async def replace(self, text: str, if_match: frozenset[str] | None, guard: Guard | None = None,
+                      note: str | None = None, base: DesiredState | None = None) -> Snapshot:
+        """Replace the whole file, only if it is still a version whose sha256 is in ``if_match``
+        (None: any version, as long as the file exists). ``guard`` compares the change with the
+        file's version, or with ``base`` (the last valid state) when the file is invalid now: a
+        broken file is exactly when an operator needs to replace it."""
         async with self.turn():
             current = await self.aread()
-            if current.sha256 != if_match:
+            if (current.sha256 not in if_match) if if_match is not None else not self.path.exists():
                 raise StaleVersion(current.sha256)
-            new = await asyncio.to_thread(self._checked, text, current, guard)
+            new = await asyncio.to_thread(self._checked, text, current, guard, base)
             replaced = await asyncio.to_thread(conditional_replace, self.path, text.encode("utf-8"),
                                                current.text.encode("utf-8"), self._mode())
             if not replaced:
@@ -206,12 +210,16 @@ class DesiredFile:
             raise CurrentFileInvalid(list(snapshot.problems))
         return snapshot
 
-    def _checked(self, text: str, current: Snapshot, guard: Guard | None) -> Snapshot:
+    def _checked(self, text: str, current: Snapshot, guard: Guard | None,
+                 base: DesiredState | None = None) -> Snapshot:
         new = self.interpret(text)
-        if not new.valid:
+        if new.desired is None:
             raise ChangeRefused(list(new.problems))
         if guard is not None:
-            guard(current.desired, new.desired)
+            old = current.desired or base
+            if old is None:   # nothing sound to compare the change with
+                raise CurrentFileInvalid(list(current.problems))
+            guard(old, new.desired)
         return new
 
     def _mode(self) -> int:

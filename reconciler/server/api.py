@@ -20,13 +20,13 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
-from . import logstream, usage
+from . import logstream, responses, usage
 from .admin_page import Page
 from .backup import MANIFEST, zip_stream
 from ..desired.edits import instance_lines
 from ..desired.model import instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
-from ..desired.shared_file import ChangeRefused, StaleVersion
+from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..desired.validation import SCHEMAS
 from ..engine.reconcile import reconcile
 from .control import Control, NotConverged
@@ -77,6 +77,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _json({"error": exc.reason}, status=exc.status)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
+        if responses.started(request):
+            raise   # its answer is under way: aiohttp ends the connection instead of answering twice
         return _error(request, 500, "internal")
 
 
@@ -192,7 +194,7 @@ async def backup(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="{id_}-{stamp}.zip"',
     })
     response.enable_chunked_encoding()
-    await response.prepare(request)
+    await responses.start(response, request)
     left_out: list[tuple[str, str]] = []
     try:
         async for chunk in zip_stream(root, left_out):
@@ -212,6 +214,16 @@ async def backup(request: web.Request) -> web.StreamResponse:
 
 
 # -- the desired file and the daemon's status
+
+def if_match(header: str) -> frozenset[str] | None:
+    """The versions an ``If-Match`` header accepts, as RFC 9110 reads it: ``*`` any current
+    version (None); else its entity tags compared strongly, so a weak one (``W/"..."``) never
+    matches. Tags are the file's sha256, quoted or not."""
+    if header.strip() == "*":
+        return None
+    tags = (tag.strip() for tag in header.split(","))
+    return frozenset(tag.strip('"') for tag in tags if tag and not tag.startswith("W/"))
+
 
 def _client(request: web.BaseRequest) -> str:
     """Who asked, as a change's history names them: the client's address."""
@@ -248,13 +260,13 @@ async def _file_text(request: web.Request) -> str:
 
 async def put_desired(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    if_match = request.headers.get("If-Match", "").strip().removeprefix("W/").strip('"')
-    if not if_match:
+    header = request.headers.get("If-Match", "").strip()
+    if not header:
         raise ApiError(428, "if_match_required")
     text = await _file_text(request)
     try:
-        snapshot = await daemon.file.replace(text, if_match, guard=refuse_restricted,
-                                             note=change_note(f"replace desired.yaml (PUT, If-Match {if_match[:12]}…)",
+        snapshot = await daemon.file.replace(text, if_match(header), guard=refuse_restricted, base=daemon.desired,
+                                             note=change_note(f"replace desired.yaml (PUT, If-Match {header[:12]}…)",
                                                               _client(request)))
     except RestrictedChange as exc:
         raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
@@ -262,6 +274,8 @@ async def put_desired(request: web.Request) -> web.Response:
         raise ApiError(412, "stale", sha256=exc.current) from None
     except ChangeRefused as exc:
         raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
+    except CurrentFileInvalid as exc:
+        raise ApiError(409, "file_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
     except OSError as exc:  # disk full, read-only: the old file is untouched
         raise ApiError(500, "write_failed", reason=exc.strerror or str(exc)) from None
     daemon.accept(snapshot)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from collections import deque
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from aiohttp import web
 from ..desired.model import port_of
 from ..desired.shared_file import Snapshot
 from ..engine.reconcile import Report, Result
+from . import responses
 
 log = logging.getLogger("cst.events")
 
@@ -41,6 +43,9 @@ POOL_POLL = 1.0       # seconds between looks at the pool while someone listens
 # Supervisor.errored()'s wording: the instance is held back by the crash backoff. Holding it is
 # not a new failure (that was published when it happened), and its countdown changes every pass.
 HELD = "errored:"
+
+
+_DIGITS = re.compile(r"[0-9]{1,18}")   # an event number from a client: at most 18 ASCII digits
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ class EventHub:
     def since(self, last_event_id: str | None) -> list[Event] | None:
         """The events after ``last_event_id``; None when they cannot all be given."""
         run, _, number = (last_event_id or "").partition("-")
-        if run != self.run or not number.isdigit() or int(number) > self._seq:
+        # ASCII digits only: str.isdigit() also takes '²' and '٣', which int() refuses or reads
+        if run != self.run or not _DIGITS.fullmatch(number) or int(number) > self._seq:
             return None
         seq = int(number)
         oldest = self._recent[0].seq if self._recent else self._seq + 1
@@ -187,7 +193,7 @@ class EventHub:
         """The SSE stream for one client, from its ``Last-Event-ID`` on, until it hangs up."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        await response.prepare(request)
+        await responses.start(response, request)
         last = request.headers.get("Last-Event-ID")
         with self.listen() as listener:  # listening before reading the backlog: nothing falls between
             try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..runtime.logfollow import MAX_LINES, follow, last_lines
+from . import responses
 from .fleet import ApiError
 
 DEFAULT_TAIL = 100
@@ -34,7 +35,7 @@ async def respond(request: web.Request, path: Path) -> web.StreamResponse:
         text, _, _ = await asyncio.to_thread(last_lines, path, tail)
         return web.Response(body=text, content_type="text/plain", charset="utf-8", headers=headers)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
+    await responses.start(response, request)
 
     def gone() -> bool:
         return request.transport is None or request.transport.is_closing()

@@ -1,0 +1,17 @@
+"""Answers that stream (events, logs, backups): once one is prepared, its head has gone out, and
+an error must end the connection rather than send a second answer inside the first."""
+from __future__ import annotations
+
+from aiohttp import web
+
+_STARTED = "cst.response_started"
+
+
+async def start(response: web.StreamResponse, request: web.Request) -> None:
+    """Prepare ``response`` and remember that this request has its answer under way."""
+    await response.prepare(request)
+    request[_STARTED] = True
+
+
+def started(request: web.Request) -> bool:
+    return bool(request.get(_STARTED))

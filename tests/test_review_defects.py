@@ -1,0 +1,75 @@
+"""Defects a review of main found (issue 17), each against a live `cst serve` on the stand-in:
+the test fails on the code before its fix."""
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
+
+from reconciler.server.events import EventHub
+
+KEY = "review-admin-key"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_put_repairs_a_broken_file_judged_against_the_last_valid_state(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    project.write(standin_file([(port, "running")], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    good = project.file.read_text()
+    broken = good + "instances: [\n"
+    project.file.write_text(broken)
+    wait_until(lambda: not served.api("GET", "/api/status").json()["file"]["valid"], timeout=10)
+
+    # a restricted change is still refused, judged against the last valid state
+    sneaky = good.replace("settings:\n", "settings:\n  data_root: /etc\n", 1)
+    refused = served.api("PUT", "/api/desired?lang=en", content=sneaky, headers={"If-Match": sha(broken)})
+    assert refused.status_code == 403 and "settings.data_root" in refused.text
+    assert project.file.read_text() == broken
+
+    # the repair itself goes through (it was a 500 with a traceback)
+    repaired = served.api("PUT", "/api/desired", content=good, headers={"If-Match": sha(broken)})
+    assert repaired.status_code == 200, repaired.text
+    assert project.file.read_text() == good and served.api("GET", "/api/status").json()["file"]["valid"]
+    assert http_status(port) == 401
+
+
+def test_if_match_compares_strongly_and_star_matches_the_current_file(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    text = project.file.read_text()
+    changed = text + "# one\n"
+
+    weak = served.api("PUT", "/api/desired", content=changed, headers={"If-Match": f'W/"{sha(text)}"'})
+    assert weak.status_code == 412 and project.file.read_text() == text   # a weak tag never matches
+    listed = served.api("PUT", "/api/desired", content=changed, headers={"If-Match": f'"{"0" * 64}", "{sha(text)}"'})
+    assert listed.status_code == 200 and project.file.read_text() == changed
+    star = served.api("PUT", "/api/desired", content=changed + "# two\n", headers={"If-Match": "*"})
+    assert star.status_code == 200 and project.file.read_text().endswith("# two\n")
+
+
+def test_a_last_event_id_of_other_digits_gets_a_fresh_stream_not_a_second_answer(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    hub = EventHub(pool=lambda: {})
+    for odd in ("²", "٣", "1²", "9" * 40, "-1", " 1"):
+        assert hub.since(f"{hub.run}-{odd}") is None, odd   # isdigit() took '²', and int() raised
+    headers = {"X-ST-Admin-Key": KEY}
+    with httpx.stream("GET", served.url + "/api/events", timeout=10, headers=headers) as stream:
+        ids = (line for line in stream.iter_lines() if line.startswith("id:"))
+        run = next(ids).split(":", 1)[1].strip().split("-")[0]   # this cst serve's run
+    with httpx.stream("GET", served.url + "/api/events", timeout=10,
+                      headers={**headers, "Last-Event-ID": f"{run}-²".encode()}) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        seen = [next(lines) for _ in range(3)]
+    assert any(line.startswith("event:") and "reset" in line for line in seen), seen
+    assert not any("500" in line or "HTTP/" in line for line in seen), seen
