@@ -3,11 +3,13 @@ the test fails on the code before its fix."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import httpx
 
 from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
 
+from reconciler.runtime.statedir import StateDir
 from reconciler.server.events import EventHub
 
 KEY = "review-admin-key"
@@ -73,3 +75,20 @@ def test_a_last_event_id_of_other_digits_gets_a_fresh_stream_not_a_second_answer
         seen = [next(lines) for _ in range(3)]
     assert any(line.startswith("event:") and "reset" in line for line in seen), seen
     assert not any("500" in line or "HTTP/" in line for line in seen), seen
+
+
+def test_rotate_key_while_another_cst_holds_the_state_dir_is_a_504_naming_it(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    settings = serve_settings(api).replace(f'api: {{listen: "127.0.0.1:{api}"}}',
+                                           f'api: {{listen: "127.0.0.1:{api}", timeout: 2s}}')
+    project.write(standin_file([(port, "running")], settings=settings))
+    served = serve(api, admin_key=KEY)
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    key_file = project.state_dir / "secrets" / "proxy-keys" / f"st-instance-{port}"
+    before = key_file.read_text()
+    with StateDir(project.state_dir).lock(timeout=5):   # as a long `cst apply` would
+        answer = served.api("POST", f"/api/instances/st-instance-{port}/rotate-key?lang=en")
+    assert answer.status_code == 504, answer.text   # was a 500: LockHeld escaped
+    assert "not rotated" in answer.json()["error"] and f"pid {os.getpid()}" in answer.json()["error"]
+    assert key_file.read_text() == before
+    assert served.api("POST", f"/api/instances/st-instance-{port}/rotate-key").status_code == 200

@@ -25,6 +25,7 @@ from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
 from ..engine.reconcile import Result
 from ..runtime.local import LocalRuntime, port_is_free
+from ..runtime.statedir import LockHeld
 from .control import Control
 
 # the seed (PM2) called a running instance "online"
@@ -209,12 +210,15 @@ class Fleet:
             raise ApiError(400, "reserved_port", port=port, setting=self._reserved()[port])
         if not port_is_free(self.desired.settings.sillytavern.listen_address, port):
             raise ApiError(400, "port_in_use", port=port)
-        await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
+        snapshot = await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
+        # the instance as created: a DELETE that lands while this call waits must not leave it without one
+        desired = snapshot.desired
+        spec = desired.instance(id_) if desired is not None else None
+        assert desired is not None and spec is not None, "a create that was written declares its instance"
         self.daemon.supervisor.forget(id_)
         _, ended = await self._converge(id_, "create_failed")
         row = await self._observed(id_, ended, SEED_STATUS["running"], "create_failed")
-        spec = self.desired.instance(id_)
-        password = await asyncio.to_thread(LocalRuntime(self.desired).password, spec)
+        password = await asyncio.to_thread(LocalRuntime(desired).password, spec)
         # the seed's create answer says "running" where its listing says "online"
         return {"id": id_, "port": port, "dataDir": row["dataDir"], "status": "running",
                 "startTime": row["startTime"], "password": password}
@@ -261,8 +265,12 @@ class Fleet:
         if not spec.proxy:
             raise ApiError(409, "proxy_off", id=id_)
         runtime = LocalRuntime(self.desired)
-        async with runtime.lock(120):   # not while a pass starts the instance with the old key
-            key = await asyncio.to_thread(runtime.rotate_key, spec)
+        waited = self.desired.settings.api.timeout
+        try:
+            async with runtime.lock(waited):   # not while a pass starts the instance with the old key
+                key = await asyncio.to_thread(runtime.rotate_key, spec)
+        except LockHeld as exc:
+            raise ApiError(504, "state_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
         await self.daemon.proxy_keys_changed()
         return {"id": id_, "key": mask(key), "message_key": "key_rotated"}
 

@@ -33,6 +33,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "start_failed": ("Failed to start instance: {reason}", "启动实例失败：{reason}"),
     "stop_failed": ("Failed to stop instance: {reason}", "停止实例失败：{reason}"),
     "restart_failed": ("Failed to restart instance: {reason}", "重启实例失败：{reason}"),
+    "state_busy": ("{id}'s key was not rotated: another cst has held the state dir for {seconds}s ({holder}); "
+                   "try again", "{id} 的密钥未轮换：另一个 cst 已占用状态目录 {seconds} 秒（{holder}），请稍后再试"),
     "delete_failed": ("Failed to delete instance: {reason}", "删除实例失败：{reason}"),
     "list_failed": ("Failed to list instances", "获取实例列表失败"),
     "deleted": ("Instance deleted; its data was archived in {archive}", "实例已删除，数据已归档至 {archive}"),
