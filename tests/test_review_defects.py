@@ -3,13 +3,17 @@ the test fails on the code before its fix."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+from types import SimpleNamespace
 
 import httpx
+from multidict import CIMultiDict
 
 from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
 
 from reconciler.runtime.statedir import StateDir
+from reconciler.server.api import client_address
 from reconciler.server.events import EventHub
 
 KEY = "review-admin-key"
@@ -92,3 +96,33 @@ def test_rotate_key_while_another_cst_holds_the_state_dir_is_a_504_naming_it(pro
     assert "not rotated" in answer.json()["error"] and f"pid {os.getpid()}" in answer.json()["error"]
     assert key_file.read_text() == before
     assert served.api("POST", f"/api/instances/st-instance-{port}/rotate-key").status_code == 200
+
+
+def test_behind_a_trusted_reverse_proxy_one_guesser_locks_out_only_itself(project: Project, serve) -> None:
+    api, = free_ports(1)
+    settings = serve_settings(api).replace(f'api: {{listen: "127.0.0.1:{api}"}}',
+                                           f'api: {{listen: "127.0.0.1:{api}", trusted_proxies: [127.0.0.1]}}')
+    project.write(standin_file([], settings=settings))
+    served = serve(api, admin_key=KEY)
+    guesser, colleague = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.9, 203.0.113.8"}
+    answers = [served.api("GET", "/api/status", headers={**guesser, "X-ST-Admin-Key": f"guess-{i}"}).status_code
+               for i in range(30)]
+    assert answers[-1] == 429 and answers.count(401) >= 10
+    assert served.api("GET", "/api/status", headers=colleague).status_code == 200   # was 429 for everyone
+    assert served.api("GET", "/api/status", headers=guesser).status_code == 429
+
+
+def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
+    trusted = (ipaddress.ip_network("10.0.0.0/8"),)
+
+    def seen(remote: str, forwarded: str | None) -> str | None:
+        headers = CIMultiDict({"X-Forwarded-For": forwarded} if forwarded is not None else {})
+        return client_address(SimpleNamespace(remote=remote, headers=headers), trusted)  # type: ignore[arg-type]
+
+    assert seen("203.0.113.7", "1.2.3.4") == "203.0.113.7"            # a client cannot name itself
+    assert seen("10.0.0.2", "1.2.3.4") == "1.2.3.4"
+    assert seen("10.0.0.2", "6.6.6.6, 1.2.3.4, 10.0.0.3") == "1.2.3.4"  # spoofed hops before the client: not believed
+    assert seen("10.0.0.2", "not-an-address") == "10.0.0.2"
+    assert seen("10.0.0.2", None) == "10.0.0.2"
+    assert client_address(SimpleNamespace(remote="1.2.3.4", headers=CIMultiDict({"X-Forwarded-For": "5.6.7.8"})),
+                          ()) == "1.2.3.4"   # type: ignore[arg-type]   off by default

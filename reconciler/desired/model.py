@@ -6,9 +6,10 @@ thing whichever directory ``cst`` runs from.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from .validation import Problem, check, parse_duration, parse_size, read_text, schema_default
 
@@ -63,6 +64,8 @@ class TlsSettings:
     key: Path
 
 
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
 @dataclass(frozen=True)
 class ApiSettings:
     listen: Listen = Listen.parse(_default("settings", "api", "listen"))
@@ -70,6 +73,7 @@ class ApiSettings:
     tls: TlsSettings | None = None
     insecure_http: bool = _default("settings", "api", "insecure_http")
     timeout: float = parse_duration(_default("settings", "api", "timeout"))   # a change waits this long, then 504
+    trusted_proxies: tuple[IPNetwork, ...] = ()   # whose X-Forwarded-For is believed
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             tls=TlsSettings(_path(base, tls["cert"]), _path(base, tls["key"])) if tls else None,
             insecure_http=api["insecure_http"],
             timeout=parse_duration(api["timeout"]),
+            trusted_proxies=tuple(ipaddress.ip_network(p, strict=False) for p in api["trusted_proxies"]),
         ),
         proxy=ProxySettings(
             listen=Listen.parse(proxy["listen"]),

@@ -562,6 +562,14 @@ def _rule_problems(doc: _Located) -> Iterator[Problem]:
             yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
 
     yield from _usage_problems(doc, settings)
+    proxies = _mapping(settings.get("api")).get("trusted_proxies")
+    for i, proxy in enumerate(proxies if isinstance(proxies, list) else []):
+        if isinstance(proxy, str):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                yield doc.problem(("settings", "api", "trusted_proxies", i),
+                                  f"{_shown.repr(proxy)} is not an address or a network (10.0.0.1, 10.0.0.0/8, ::1)")
     branch = _mapping(settings.get("git")).get("branch")
     if isinstance(branch, str) and _BAD_BRANCH.search(branch):
         yield doc.problem(("settings", "git", "branch"), f"{_shown.repr(branch)} is not a branch name git accepts "

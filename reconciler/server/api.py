@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 from dataclasses import asdict
 import logging
@@ -24,7 +25,7 @@ from . import logstream, responses, usage
 from .admin_page import Page
 from .backup import MANIFEST, zip_stream
 from ..desired.edits import instance_lines
-from ..desired.model import instance_id
+from ..desired.model import IPNetwork, instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..desired.validation import SCHEMAS
@@ -88,14 +89,46 @@ def key_matches(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
+def client_address(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str | None:
+    """Who is calling: the peer, or, when the peer is a trusted reverse proxy, the nearest address
+    in ``X-Forwarded-For`` that is not one (each proxy appends the address it heard from, so the
+    addresses before a trusted proxy's are the client's word and believed no further)."""
+    address = request.remote
+    if not trusted or not _trusted(address, trusted):
+        return address
+    for hop in reversed(",".join(request.headers.getall("X-Forwarded-For", [])).split(",")):
+        hop = hop.strip()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break   # not an address: nothing before it can be believed either
+        address = hop
+        if not _trusted(hop, trusted):
+            break
+    return address
+
+
+def _trusted(address: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def _caller(request: web.Request) -> str | None:
+    return client_address(request, request.app[DAEMON].desired.settings.api.trusted_proxies)
+
+
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/api/"):
         limiter = request.app[LIMITER]
-        wait = limiter.retry_after(request.remote)
+        caller = _caller(request)
+        wait = limiter.retry_after(caller)
         if wait:
-            if limiter.first_refusal(request.remote):
-                log.warning("too many wrong admin keys from %s: refusing it for now", request.remote)
+            if limiter.first_refusal(caller):
+                log.warning("too many wrong admin keys from %s: refusing it for now", caller)
             response = _error(request, 429, "too_many_failures", seconds=wait)
             response.headers["Retry-After"] = str(wait)
             return response
@@ -103,7 +136,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not given:  # not a guess: not counted
             return _error(request, 401, "missing_admin_key")
         if not key_matches(given, request.app[ADMIN_KEY]):
-            limiter.failed(request.remote)
+            limiter.failed(caller)
             return _error(request, 401, "invalid_admin_key")
     return await handler(request)
 
@@ -225,9 +258,9 @@ def if_match(header: str) -> frozenset[str] | None:
     return frozenset(tag.strip('"') for tag in tags if tag and not tag.startswith("W/"))
 
 
-def _client(request: web.BaseRequest) -> str:
+def _client(request: web.Request) -> str:
     """Who asked, as a change's history names them: the client's address."""
-    return request.remote or "an unknown address"
+    return _caller(request) or "an unknown address"
 
 
 async def get_desired(request: web.Request) -> web.Response:
