@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-_STARTED = "cst.response_started"
+_STARTED = web.RequestKey("cst_response_started", bool)
 
 
 async def start(response: web.StreamResponse, request: web.Request) -> None:
@@ -14,4 +14,4 @@ async def start(response: web.StreamResponse, request: web.Request) -> None:
 
 
 def started(request: web.Request) -> bool:
-    return bool(request.get(_STARTED))
+    return request.get(_STARTED, False)
