@@ -34,7 +34,7 @@ def _report(exc: InvalidDesiredState) -> None:
 async def reload(path: Path, service: ProxyService) -> bool:
     """Apply the file if it is valid; otherwise log why and keep the current state."""
     try:
-        desired = load(path)
+        desired = await asyncio.to_thread(load, path)   # not on the loop that relays chat streams
     except InvalidDesiredState as exc:
         _report(exc)
         log.error("%s is invalid: the proxy keeps its last valid accounts and settings", path)

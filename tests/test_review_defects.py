@@ -8,10 +8,13 @@ import os
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from multidict import CIMultiDict
 
 from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
 
+from reconciler.desired.model import load
+from reconciler.desired.validation import MAX_PROBLEMS, InvalidDesiredState
 from reconciler.runtime.statedir import StateDir
 from reconciler.server.api import client_address
 from reconciler.server.events import EventHub
@@ -126,3 +129,28 @@ def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
     assert seen("10.0.0.2", None) == "10.0.0.2"
     assert client_address(SimpleNamespace(remote="1.2.3.4", headers=CIMultiDict({"X-Forwarded-For": "5.6.7.8"})),
                           ()) == "1.2.3.4"   # type: ignore[arg-type]   off by default
+
+
+def test_a_file_of_thousands_of_problems_lists_the_first_and_counts_the_rest(tmp_path) -> None:
+    entries = "".join(f"  - port: not-a-port-{i}\n" for i in range(3000))
+    path = tmp_path / "desired.yaml"
+    path.write_text("version: 1\ninstances:\n" + entries)
+    with pytest.raises(InvalidDesiredState) as invalid:
+        load(path)
+    problems = [str(p) for p in invalid.value.problems]
+    assert len(problems) == MAX_PROBLEMS + 1   # was 3,000 lines, each logged by cst serve on every save
+    assert problems[0].startswith(f"{path}:3: instances[0].port:")
+    assert problems[-1] == f"{path}:{3 + MAX_PROBLEMS}: and {3000 - MAX_PROBLEMS} more problems from this line on"
+
+
+def test_get_desired_answers_for_a_deeply_nested_file(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    deep = project.file.read_text() + "extra: " + "[" * 5000 + "]" * 5000 + "\n"
+    project.file.write_text(deep)
+    wait_until(lambda: not served.api("GET", "/api/status").json()["file"]["valid"], timeout=10)
+    answer = served.api("GET", "/api/desired")
+    assert answer.status_code == 200, answer.text   # was a 500: RecursionError in the plain YAML parser
+    assert answer.json()["valid"] is False and answer.json()["instances"] == {}
+    assert any("nest" in p for p in answer.json()["problems"]), answer.json()["problems"]

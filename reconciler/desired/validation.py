@@ -43,6 +43,7 @@ SCHEMAS = "reconciler.schemas"  # the top-level schemas/ folder, shipped inside 
 MAX_BYTES = 1 << 20     # 1 MiB
 MAX_DEPTH = 32          # nesting levels; the schema needs 4
 MAX_VALUES = 100_000    # values built, an alias counted again each time it is used
+MAX_PROBLEMS = 50       # listed of a file's problems; the rest are counted (a log must not take 18,000 lines)
 MAX_DURATION = 365 * 86400.0
 MIN_DURATION = 0.001
 MAX_SIZE = 1 << 50      # 1 PiB: any size beyond is a typo
@@ -757,6 +758,10 @@ def check(text: str, file: str = "desired.yaml", warnings: list[Problem] | None 
     problems = doc.problems + list(_schema_problems(doc)) + list(_rule_problems(doc)) + list(_value_problems(doc))
     if problems:
         problems.sort(key=lambda p: p.line)
+        if len(problems) > MAX_PROBLEMS:
+            rest = len(problems) - MAX_PROBLEMS
+            problems = problems[:MAX_PROBLEMS] + [Problem(file, problems[MAX_PROBLEMS].line, "",
+                                                          f"and {rest} more problems from this line on")]
         raise InvalidDesiredState(problems)
     if warnings is not None:
         warnings.extend(_warnings(doc))

@@ -270,8 +270,10 @@ async def get_desired(request: web.Request) -> web.Response:
         "path": str(daemon.file.path), "text": snapshot.text, "sha256": snapshot.sha256,
         "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
         "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.valid else [],
+        # a valid file only (the loader's limits held for it), and off the loop that relays chats
         "instances": {instance_id(port): {"from": first, "to": last}
-                      for port, (first, last) in instance_lines(snapshot.text).items()},
+                      for port, (first, last) in (await asyncio.to_thread(instance_lines, snapshot.text)
+                                                  if snapshot.valid else {}).items()},
         "git": await asyncio.to_thread(daemon.git.document)})
 
 
