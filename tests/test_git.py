@@ -5,27 +5,16 @@ Real git, real `cst serve` on the stand-in."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import httpx
 
-from conftest import CST, Project, free_ports, http_status, kill_all, standin_file, start_serve, wait_until
+from conftest import CST, Project, free_ports, git, http_status, kill_all, standin_file, start_serve, wait_until
 
 from reconciler.server.git_repo import GitRepo, Kind
 
 KEY = "git-test-admin-key"
-WHO = {"GIT_AUTHOR_NAME": "Tester", "GIT_AUTHOR_EMAIL": "tester@example.com",
-       "GIT_COMMITTER_NAME": "Tester", "GIT_COMMITTER_EMAIL": "tester@example.com"}
-
-
-def git(cwd: Path, *args: str, check: bool = True) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **WHO, "GIT_TERMINAL_PROMPT": "0"})
-    if check and done.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)}: {done.stderr}")
-    return done.stdout.strip()
 
 
 def host_repo(project: Project, api: int, ports: list[tuple[int, str]], git_settings: str,

@@ -7,25 +7,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from playwright.sync_api import Page, expect
 
-from conftest import Project, free_ports, kill_all, serve_settings, standin_file, start_serve, wait_until
+from conftest import GIT_ENV, Project, free_ports, git, kill_all, serve_settings, standin_file, start_serve, wait_until
 
 KEY = "git-page-test-admin-key"
 SOON = 10_000  # ms: what the page must show "within a few seconds"
 expect.set_options(timeout=30_000)  # a busy 2-core machine; every wait ends as soon as it holds
-# git as the tests run it: no system or user configuration (no signing, hooks or identity from the host)
-GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0"}
-
-
-def git(folder: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=folder, env={**os.environ, **GIT_ENV}, check=True,
-                          capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="module")
