@@ -134,8 +134,10 @@ class LoopThread:
         """Run ``coro`` on this thread's loop and wait for it; cancelling the caller cancels it."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    async def close(self, timeout: float = 10.0) -> bool:
-        """Cancel what still runs there, wait for it to unwind, stop the loop and the thread.
+    async def close(self, timeout: float = 10.0,
+                    cleanup: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Cancel what still runs there, wait for it to unwind, run ``cleanup`` there (what belongs
+        to that loop, such as a client session), stop the loop and the thread.
 
         False when that took longer than ``timeout`` (a call blocked in the thread): the thread is
         then left to end with the process, which must not hang on it."""
@@ -145,6 +147,8 @@ class LoopThread:
         try:
             async with asyncio.timeout(timeout):
                 await self.run(_cancel_others())
+                if cleanup is not None:
+                    await self.run(cleanup())
                 await self.run(self.loop.shutdown_default_executor())
         except TimeoutError:
             return False

@@ -154,3 +154,78 @@ def test_get_desired_answers_for_a_deeply_nested_file(project: Project, serve) -
     assert answer.status_code == 200, answer.text   # was a 500: RecursionError in the plain YAML parser
     assert answer.json()["valid"] is False and answer.json()["instances"] == {}
     assert any("nest" in p for p in answer.json()["problems"]), answer.json()["problems"]
+
+
+def test_a_hand_edit_of_the_state_dir_waits_for_a_restart_and_status_says_so(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    text = standin_file([(port, "running")], settings=serve_settings(api))
+    project.write(text)
+    served = serve(api, admin_key=KEY)
+    id_ = f"st-instance-{port}"
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    elsewhere = project.dir / "elsewhere"
+    project.write(text.replace("settings:\n", f"settings:\n  state_dir: {elsewhere}\n", 1))
+
+    def restart_noted() -> bool:
+        return served.api("GET", "/api/status").json()["daemon"]["restartNeeded"] == ["settings.state_dir"]
+    wait_until(restart_noted, timeout=15)
+    before = served.api("GET", "/api/status").json()["reconcile"]["lastRun"]
+    wait_until(lambda: served.api("GET", "/api/status").json()["reconcile"]["lastRun"] != before, timeout=15)
+    # the passes keep the state dir cst serve started with: the instance is still its own, not
+    # "port taken by another process", and nothing was written to the new one
+    assert served.api("GET", f"/api/instances/{id_}").json()["status"] == "online"
+    status = served.api("GET", "/api/status").json()
+    assert status["reconcile"]["recap"]["failed"] == 0, status["reconcile"]
+    assert not elsewhere.exists()
+    project.write(text)   # put back: nothing waits for a restart any more
+    wait_until(lambda: served.api("GET", "/api/status").json()["daemon"]["restartNeeded"] == [], timeout=15)
+
+
+async def test_a_stop_is_bounded_when_the_process_outlives_sigkill(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a process in D state outlives SIGKILL; here, signals that reach nobody stand for it
+    import asyncio
+    import subprocess
+
+    import psutil
+
+    from reconciler.runtime import processes
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        monkeypatch.setattr(processes, "_signal", lambda pidfd, pid, sig: True)
+        monkeypatch.setattr(processes, "KILL_WAIT", 0.3)
+        create_time = psutil.Process(sleeper.pid).create_time()
+        with pytest.raises(processes.StopStuck, match=f"pid {sleeper.pid} did not exit"):
+            async with asyncio.timeout(10):   # the code before the fix waited here for ever
+                await processes.terminate(sleeper.pid, create_time, grace=0.2)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from reconciler.engine.reconcile import Report, Result
+    from reconciler.runtime.base import Observed
+    from reconciler.runtime.health import HealthChecks
+    from reconciler.runtime.local import LocalRuntime
+    from reconciler.server import liveness
+    (port,) = free_ports(1)
+    project.write(standin_file([(port, "running")]))
+    desired = load(project.file)
+    me = os.getpid()
+    import psutil
+    seen = Observed(f"st-instance-{port}", port, "running", me, create_time=psutil.Process(me).create_time())
+    report = Report(results=[Result(seen.id, "ok")], observed={seen.id: seen})
+    threads = []
+    real = LocalRuntime.launch_spec
+    monkeypatch.setattr(LocalRuntime, "launch_spec",
+                        lambda self, spec: threads.append(threading.current_thread()) or real(self, spec))
+    checks = HealthChecks()
+    try:
+        answers = await liveness.check(desired, report, checks)
+    finally:
+        await checks.close()
+    assert answers[seen.id] and "could not be reached" in answers[seen.id]   # nobody listens there
+    assert threads and threading.main_thread() not in threads

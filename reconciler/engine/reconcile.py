@@ -98,7 +98,12 @@ async def reconcile(desired: DesiredState, check: bool = False,
     ``on_phase`` hears what the pass is doing ("waiting for the state dir lock", "observing"...),
     ``on_action`` each action as it begins and ``on_result`` each result: the daemon tells a
     caller that waits too long what is still pending."""
-    runtime = runtime or LocalRuntime(desired, readonly=check)
+    if runtime is None:
+        local = LocalRuntime(desired, readonly=check)
+        try:
+            return await reconcile(desired, check, on_result, lock_timeout, hints, local, on_phase, on_action)
+        finally:
+            await local.close()
     report = Report(check=check)
     phase = on_phase or (lambda _: None)
 

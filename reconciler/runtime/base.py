@@ -70,11 +70,8 @@ class Runtime(Protocol):
     async def start(self, spec: InstanceSpec, count_restart: bool = False) -> None:
         """Start the instance and return once it answers; raises StartFailed."""
 
-    async def probe(self, spec: InstanceSpec) -> str | None:
-        """Liveness: None when the running instance answers its health check, else why not."""
-
     async def stop(self, id_: str) -> None:
-        """Stop the instance (gracefully, then by force)."""
+        """Stop the instance (gracefully, then by force); raises OSError when it will not go."""
 
     async def archive(self, id_: str) -> Path | None:
         """Stop the instance and move its data into the archive; where it went, or None."""

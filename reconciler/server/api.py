@@ -352,6 +352,7 @@ async def status(request: web.Request) -> web.Response:
         },
         "daemon": {"pid": daemon.pid, "startedAt": daemon.started_at, "version": __version__,
                    "archiveDir": str(daemon.state.archive_dir),
+                   "restartNeeded": list(daemon.restart_needed),
                    "tasks": daemon.health()},
         "git": await asyncio.to_thread(daemon.git.document),
     })

@@ -31,6 +31,7 @@ class Control(Protocol):
     snapshot: Snapshot              # the file as last read (may be invalid)
     desired: DesiredState           # the last valid desired state: what is enforced
     enforced_sha256: str
+    restart_needed: tuple[str, ...]  # settings the file changed that wait for a restart (see restart_settings)
     supervisor: Supervisor
     state: StateDir
     pid: int

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import ssl
 import time
@@ -29,20 +28,26 @@ from aiohttp import web
 
 from proxy.service import ProxyService
 
-from ..desired.model import DesiredState, InstanceSpec
+from ..desired.model import DesiredState
+from ..desired.restart_settings import keep_restart_settings
 from ..desired.secret_source import SecretUnavailable
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
 from ..engine.plan import Action
 from ..engine.reconcile import Report, Result, reconcile
 from ..engine.supervision import Supervisor
-from ..runtime.local import LocalRuntime, live_process, utc_now
+from ..runtime.health import HealthChecks
+from ..runtime.local import LocalRuntime
 from ..runtime.logs import rotate_log
+from ..runtime.processes import live_process, utc_now
 from ..runtime.statedir import LockHeld, StateDir
 from ..tasks import BackgroundTasks, LoopThread
+from . import liveness
+from .admin_key import admin_key
 from .api import make_app
 from .control import NotConverged
 from .events import EventHub
+from .exit_watch import ExitWatches
 from .git_follow import GitFollower
 from .keypool import pool_document
 
@@ -63,6 +68,8 @@ class Daemon:
         self.file = file
         self.snapshot = snapshot                 # the file as last read (may be invalid)
         self.desired: DesiredState = snapshot.desired  # the last valid desired state: what is enforced
+        self.started_with = snapshot.desired      # its settings that need a restart stay in force
+        self.restart_needed: tuple[str, ...] = ()  # those the file has changed since
         self.enforced_sha256 = snapshot.sha256
         self.pid = os.getpid()
         self.state = StateDir(self.desired.settings.state_dir)
@@ -81,7 +88,9 @@ class Daemon:
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
         self._proxy_applied: DesiredState | None = None
         self._proxy_wanted = asyncio.Event()
-        self._exit_watches: dict[int, int] = {}  # pid -> pidfd of each instance process we watch
+        self._exit_watches = ExitWatches(self._exited)
+        self._checks = HealthChecks()          # liveness, on this loop
+        self._pass_checks = HealthChecks()     # readiness after starts, on the worker's loop
         self.tasks = BackgroundTasks(log, on_give_up=self._give_up)
         self._worker = LoopThread("cst-reconcile")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,18 +115,14 @@ class Daemon:
             return
         if snapshot.sha256 == previous.sha256 and previous.valid:
             return
-        restart_needed = [name for name, old, new in (
-            ("settings.api.listen", self.desired.settings.api.listen, snapshot.desired.settings.api.listen),
-            ("settings.api.tls", self.desired.settings.api.tls, snapshot.desired.settings.api.tls),
-            ("settings.api.admin_key_env", self.desired.settings.api.admin_key_env,
-             snapshot.desired.settings.api.admin_key_env),
-            ("settings.state_dir", self.desired.settings.state_dir, snapshot.desired.settings.state_dir),
-        ) if old != new]
-        for name in restart_needed:
-            log.warning("%s changed: restart cst serve for it to take effect", name)
-        self.desired = snapshot.desired
+        desired, restart_needed = keep_restart_settings(snapshot.desired, self.started_with)
+        for name in set(restart_needed) - set(self.restart_needed):
+            log.warning("%s changed: it takes effect when cst serve restarts; until then the "
+                        "value it started with stays in force", name)
+        self.restart_needed = restart_needed
+        self.desired = desired
         self.enforced_sha256 = snapshot.sha256
-        self.supervisor.desired = snapshot.desired
+        self.supervisor.desired = desired
         self._proxy_wanted.set()
         self._wake.set()
 
@@ -217,7 +222,7 @@ class Daemon:
             if result.outcome != "ok":
                 log.info("%s", result.line())
         await self.proxy_keys_changed()   # a started instance's key works, a removed one's does not
-        self._watch_exits(running)
+        self._exit_watches.watch(running)
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
         self.changed_at = time.monotonic()
@@ -237,36 +242,16 @@ class Daemon:
         while True:  # until cancelled
             await asyncio.sleep(self.desired.settings.resync)
             try:
-                if self.supervisor.learn_health(await self._check_liveness()):
+                if self.supervisor.learn_health(await liveness.check(self.desired, self.last_report, self._checks)):
                     self._wake.set()
             except Exception:  # logged with its traceback; one bad round must not stop the checks
                 log.exception("liveness check failed")
-
-    async def _check_liveness(self) -> dict[str, str | None]:
-        """Probe the processes the last pass found running and left alone (not one being started),
-        as long as each is still that very process (its pid and start time)."""
-        report = self.last_report
-        if report is None:
-            return {}
-
-        def still_running() -> list[InstanceSpec]:
-            specs = []
-            for spec in self.desired.instances:
-                result, seen = report.result(spec.id), report.observed.get(spec.id)
-                if (result is not None and result.outcome == "ok" and seen is not None and seen.status == "running"
-                        and live_process(seen.pid, seen.create_time) is not None):
-                    specs.append(spec)
-            return specs
-
-        specs = await asyncio.to_thread(still_running)  # /proc reads
-        runtime = LocalRuntime(self.desired)
-        answers = await asyncio.gather(*(runtime.probe(spec) for spec in specs))
-        return dict(zip((spec.id for spec in specs), answers))
 
     async def _pass_in_worker(self, desired: DesiredState) -> tuple[Report, list[tuple[int, str]]]:
         """One pass, on the worker thread's loop: everything here may block."""
         report = await reconcile(
             desired, lock_timeout=PASS_LOCK_WAIT, hints=self.supervisor.hints,
+            runtime=LocalRuntime(desired, checks=self._pass_checks),
             on_phase=lambda phase: self._from_worker(self._set_phase, phase),
             on_action=lambda action: self._from_worker(self._action_began, action),
             on_result=lambda result: self._from_worker(self._result_came, result))
@@ -279,39 +264,9 @@ class Daemon:
                    and live_process(record.pid, record.create_time) is not None]
         return report, running
 
-    def _watch_exits(self, running: list[tuple[int, str]]) -> None:
-        """Wake the loop the moment an instance process exits, rather than at the next resync.
-
-        A pidfd refers to one process, not to a pid number, and works for processes adopted from
-        an earlier run, which are not our children."""
-        if not hasattr(os, "pidfd_open"):
-            return
-        loop = asyncio.get_running_loop()
-        for pid, id_ in running:
-            if pid in self._exit_watches:
-                continue
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                continue  # it exited meanwhile: the next pass sees that
-            self._exit_watches[pid] = pidfd
-            loop.add_reader(pidfd, self._exited, pid, id_)
-
     def _exited(self, pid: int, id_: str) -> None:
-        try:
-            self._unwatch(pid)
-            log.debug("%s (pid %d) exited", id_, pid)
-        except Exception:  # a reader callback that raises would be called again at once, for ever
-            log.exception("watching %s (pid %d)", id_, pid)
-        finally:
-            self.changed_at = time.monotonic()
-            self._wake.set()
-
-    def _unwatch(self, pid: int) -> None:
-        pidfd = self._exit_watches.pop(pid, None)
-        if pidfd is not None:
-            asyncio.get_running_loop().remove_reader(pidfd)
-            os.close(pidfd)
+        self.changed_at = time.monotonic()
+        self._wake.set()
 
     async def _watch(self) -> None:
         # the first wake comes when the watch is in place: a save made before it is read then
@@ -343,28 +298,13 @@ class Daemon:
 
     # -- running
 
-    def admin_key(self) -> str:
-        env = self.desired.settings.api.admin_key_env
-        value = os.environ.get(env)
-        if value:
-            return value
-        self.state.ensure()
-        where = self.state.secret_path("admin.key")
-        key = self.state.read_secret("admin.key")
-        if key is not None:  # printed once, when made: logs (journald, CI) must not collect it
-            print(f"cst serve: {env} is not set; using the admin key kept in {where}", flush=True)
-            return key
-        key = self.state.secret("admin.key", lambda: secrets.token_urlsafe(32))
-        print(f"cst serve: {env} is not set; admin key generated and kept in {where} (0600): {key}", flush=True)
-        return key
-
     async def run(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.state.ensure()
         loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         async with self.state.alock("daemon", timeout=0):
-            app = make_app(self, self.admin_key())
+            app = make_app(self, admin_key(self.desired, self.state))
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             listen = self.desired.settings.api.listen
@@ -404,11 +344,11 @@ class Daemon:
                     log.info("stopping; instances keep running and the next cst serve or cst apply adopts them")
             finally:
                 await self.tasks.close()
-                if not await self._worker.close():
+                if not await self._worker.close(cleanup=self._pass_checks.close):
                     log.warning("a reconcile pass is stuck in a blocking call; exiting without waiting for it")
                 await self.proxy.stop()
-                for pid in list(self._exit_watches):
-                    self._unwatch(pid)
+                self._exit_watches.close()
+                await self._checks.close()
                 await runner.cleanup()
         if self.fatal is not None:
             raise DaemonError(f"{self.fatal}; exiting so that a service manager can start cst serve afresh")

@@ -24,7 +24,8 @@ from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
 from ..engine.reconcile import Result
-from ..runtime.local import LocalRuntime, port_is_free
+from ..runtime.local import LocalRuntime
+from ..runtime.processes import port_is_free
 from ..runtime.statedir import LockHeld
 from .control import Control
 

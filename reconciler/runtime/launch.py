@@ -1,0 +1,31 @@
+"""What starting an instance takes (``LaunchSpec``) and the markers its process carries."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# environment markers that let a later run recognise its own processes
+ENV_INSTANCE = "CST_INSTANCE_ID"
+ENV_STATE_DIR = "CST_STATE_DIR"
+ENV_FINGERPRINT = "CST_FINGERPRINT"
+# what CST's server plugin reads (see stsource-changed/plugins/cst/): the proxy, and the file with
+# the instance's own proxy key (a path, not the key: the environment of a process is readable in /proc)
+ENV_PROXY_URL = "CST_PROXY_URL"
+ENV_PROXY_KEY_FILE = "CST_PROXY_KEY_FILE"
+HEALTH_PATH = "/api/plugins/cst/health"   # the overlay's health route: readiness and liveness
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one instance. Holds its password: never print or log it."""
+
+    id: str
+    port: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    data_dir: Path
+    workdir: Path
+    log: Path
+    password: str
+    probe_host: str
+    fingerprint: str

@@ -1,0 +1,83 @@
+"""Observing the fleet: every recorded instance, plus whoever holds a declared port.
+
+Identity is never a bare pid: a record holds the pid *and* the process's start time, and a
+process found on a port without a record is ours only if its environment carries our instance
+id and state dir.
+"""
+from __future__ import annotations
+
+import psutil
+
+from ..desired.model import DesiredState
+from .base import Observed
+from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_STATE_DIR
+from .processes import describe, listeners, live_process, port_is_free
+from .statedir import Record, StateDir
+
+
+def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] | None = None) -> dict[str, Observed]:
+    """What runs now: every recorded instance, plus whoever holds a declared port."""
+    observed: dict[str, Observed] = {}
+    for record in (state.records() if records is None else records).values():
+        if record.pid is None:
+            observed[record.id] = Observed(record.id, record.port, "stopped")
+        elif live_process(record.pid, record.create_time):
+            observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
+                                           create_time=record.create_time)
+        else:
+            observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint)
+
+    host = desired.settings.sillytavern.listen_address
+    unsure = {i.port: i.id for i in desired.instances
+              if getattr(observed.get(i.id), "status", None) != "running"}
+    busy = {port for port in unsure if not port_is_free(host, port)}
+    holders = listeners(busy) if busy else {}
+    for port in busy:
+        id_, pid = unsure[port], holders.get(port)
+        fingerprint = _our_process(state, pid, id_)
+        if pid is not None and fingerprint is not None:
+            observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True,
+                                     create_time=psutil.Process(pid).create_time())
+        else:
+            observed[id_] = Observed(id_, port, "port-taken", holder=describe(pid))
+    # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
+    # the same, and starting another beside it would run the instance twice
+    starting = {i.id for i in desired.instances if i.state == "running"
+                and i.port in unsure and i.port not in busy}
+    spawned: dict[str, Observed] = {}
+    for seen in _spawned_without_record(desired, state, starting) if starting else []:
+        spawned.setdefault(seen.id, seen)
+    observed.update(spawned)
+    return observed
+
+
+def _spawned_without_record(desired: DesiredState, state: StateDir, ids: set[str]) -> list[Observed]:
+    """Live processes whose environment names one of ``ids`` and this state dir."""
+    ports = {i.id: i.port for i in desired.instances}
+    found: list[Observed] = []
+    for proc in psutil.process_iter():
+        try:
+            with proc.oneshot():
+                env = proc.environ()
+                if (env.get(ENV_INSTANCE) not in ids or env.get(ENV_STATE_DIR) != str(state.root)
+                        or proc.status() == psutil.STATUS_ZOMBIE):
+                    continue
+                id_ = env[ENV_INSTANCE]
+                found.append(Observed(id_, ports[id_], "running", proc.pid, env.get(ENV_FINGERPRINT, ""),
+                                      adopted=True, create_time=proc.create_time()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _our_process(state: StateDir, pid: int | None, id_: str) -> str | None:
+    """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""
+    if pid is None:
+        return None
+    try:
+        env = psutil.Process(pid).environ()
+    except psutil.Error:
+        return None
+    if env.get(ENV_INSTANCE) == id_ and env.get(ENV_STATE_DIR) == str(state.root):
+        return env.get(ENV_FINGERPRINT, "")
+    return None
