@@ -19,6 +19,7 @@ import pytest
 
 from conftest import (daidai_account, fake_daidai, free_ports, http_status, proxy_fakes, serve_settings, standin_file,
                       wait_until)
+from reconciler.engine.reconcile import Happened as H
 from reconciler.engine.reconcile import Report, Result
 from reconciler.runtime.logfollow import follow
 from reconciler.runtime.logs import rotate_log
@@ -264,8 +265,11 @@ def test_pool_is_relayed_from_the_proxy(project, serve):
         project.write(standin_file([], settings=serve_settings(api)) + accounts)
         project.env.update(DAIDAI_PASSWORD="right", WRONG_PASSWORD="wrong")
         served = serve(api)
-        pool = wait_until(lambda: (doc := served.api("GET", "/api/pool").json())["accounts"]["main"]["state"] == "ok"
-                          and doc["accounts"]["broken"]["state"] == "error" and doc)
+        def both_read() -> dict | None:   # an account is listed once its first refresh began
+            doc = served.api("GET", "/api/pool").json()
+            states = {name: account.get("state") for name, account in doc["accounts"].items()}
+            return doc if states == {"main": "ok", "broken": "error"} else None
+        pool = wait_until(both_read)
     proxy_port = re.search(r'proxy: \{listen: "127\.0\.0\.1:(\d+)"', project.file.read_text()).group(1)
     assert pool["running"] and pool["url"] == f"http://127.0.0.1:{proxy_port}/v1"
     assert pool["totalBalance"] == 22.5 and pool["keys"] == {"total": 2, "available": 2}
@@ -290,19 +294,30 @@ def test_free_port_and_where_each_instance_is_written(fleet):
 
 
 @pytest.mark.parametrize("result, pid, expected", [
-    (Result("st-instance-8001", "changed", "started", "stopped", "running"), None, [("started", "")]),
-    (Result("st-instance-8001", "changed", "restarted: settings changed", "running", "running"), 7,
-     [("restarted", "settings changed")]),
-    (Result("st-instance-8001", "changed", "restarted: process had exited", "crashed", "running"), 7,
+    (Result("st-instance-8001", "changed", "started", "stopped", "running", happened=H.STARTED), None,
+     [("started", "")]),
+    (Result("st-instance-8001", "changed", "restarted: settings changed", "running", "running", happened=H.RESTARTED),
+     7, [("restarted", "settings changed")]),
+    (Result("st-instance-8001", "changed", "restarted: process had exited", "crashed", "running",
+            happened=H.RESTARTED), 7,
      [("crashed", "process 7 exited while it should be running"), ("restarted", "process had exited")]),
-    (Result("st-instance-8001", "changed", "stopped", "running", "stopped"), 7, [("stopped", "")]),
-    (Result("st-instance-8001", "changed", "removed; data archived in /a", "running", "absent", "/a"), 7,
-     [("removed", "removed; data archived in /a")]),
-    (Result("st-instance-8001", "failed", "did not start: boom", "crashed"), 7,
+    (Result("st-instance-8001", "changed", "stopped", "running", "stopped", happened=H.STOPPED), 7, [("stopped", "")]),
+    (Result("st-instance-8001", "changed", "removed; data archived in /a", "running", "absent", "/a",
+            happened=H.REMOVED), 7, [("removed", "removed; data archived in /a")]),
+    (Result("st-instance-8001", "failed", "did not start: boom", "crashed", happened=H.START_FAILED), 7,
      [("crashed", "process 7 exited while it should be running"), ("failed", "did not start: boom")]),
-    (Result("st-instance-8001", "failed", "errored: failed 2 times in a row; next restart in 3s", "crashed"), 7, []),
-    (Result("st-instance-8001", "ok", "adopted", "running", "running"), 7, [("adopted", "")]),
+    (Result("st-instance-8001", "failed", "errored: failed 2 times in a row; next restart in 3s", "crashed",
+            happened=H.HELD), 7, []),
+    (Result("st-instance-8001", "ok", "adopted", "running", "running", happened=H.ADOPTED), 7, [("adopted", "")]),
     (Result("st-instance-8001", "ok", "", "running", "running"), 7, []),
+    # decided by the kind, not the words: reworded details mean the same
+    (Result("st-instance-8001", "failed", "backing off for a while", "crashed", happened=H.HELD), 7, []),
+    (Result("st-instance-8001", "ok", "found it running", "running", "running", happened=H.ADOPTED), 7,
+     [("adopted", "")]),
+    (Result("st-instance-8001", "changed", "restarted", "running", "running", happened=H.RESTARTED), 7,
+     [("restarted", "restarted")]),
+    (Result("st-instance-8001", "changed", "restarted? no: started", "stopped", "running", happened=H.STARTED), 7,
+     [("started", "")]),
 ])
 def test_what_a_reconcile_result_means_to_a_watcher(result, pid, expected):
     assert changes(result, pid) == expected
@@ -310,13 +325,15 @@ def test_what_a_reconcile_result_means_to_a_watcher(result, pid, expected):
 
 def test_a_failure_that_repeats_is_published_once_and_replay_knows_its_limits():
     hub = EventHub(pool=lambda: {})
-    taken = Result("st-instance-8001", "failed", "port 8001 is held by another process (pid 9)", "port-taken")
+    taken = Result("st-instance-8001", "failed", "port 8001 is held by another process (pid 9)", "port-taken",
+                   happened=H.IMPOSSIBLE)
+    installed = Result("sillytavern 1.19.0", "changed", "installed", happened=H.RELEASE_READY)
     for _ in range(3):
-        hub.passed(Report(results=[taken, Result("sillytavern 1.19.0", "changed", "installed")]), "t", 1.0)
+        hub.passed(Report(results=[taken, installed]), "t", 1.0)
     names = [(e.name, e.data.get("change")) for e in hub.since(f"{hub.run}-0")]
     assert names == [("instance", "failed"), ("reconcile", None)]
     assert hub.last_failure["st-instance-8001"]["reason"] == taken.detail
-    removed = Result("st-instance-8001", "changed", "removed; no data", "stopped", "absent")
+    removed = Result("st-instance-8001", "changed", "removed; no data", "stopped", "absent", happened=H.REMOVED)
     hub.passed(Report(results=[removed]), "t", 1.0)
     assert "st-instance-8001" not in hub.last_failure
     first = hub.last_id

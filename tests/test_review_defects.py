@@ -229,3 +229,23 @@ async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, mon
         await checks.close()
     assert answers[seen.id] and "could not be reached" in answers[seen.id]   # nobody listens there
     assert threads and threading.main_thread() not in threads
+
+
+def test_backoff_follows_the_kind_of_a_result_not_its_wording(project: Project) -> None:
+    from reconciler.engine.reconcile import Happened, Result
+    from reconciler.engine.supervision import Supervisor
+    from reconciler.runtime.base import Observed
+    (port,) = free_ports(1)
+    project.write(standin_file([(port, "running")]))
+    now = [1000.0]
+    supervisor = Supervisor(load(project.file), clock=lambda: now[0])
+    id_ = f"st-instance-{port}"
+    observed = {id_: Observed(id_, port, "stopped")}
+    # reworded: neither starts with "did not start"
+    supervisor.learn(observed, [Result(id_, "failed", "never came up", happened=Happened.START_FAILED,
+                                       cause="exit 7")])
+    held = supervisor.errored(id_)
+    assert held is not None and "(exit 7)" in held
+    supervisor.learn(observed, [Result(id_, "failed", "did not start: but this is a taken port",
+                                       happened=Happened.IMPOSSIBLE)])
+    assert supervisor.crashes[id_].count == 1   # not a failed start, whatever it says

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from itertools import groupby
 from typing import Callable, Literal, Mapping
 
@@ -30,6 +31,24 @@ Hints = Callable[[Mapping[str, Observed]], tuple[Mapping[str, str], Mapping[str,
 log = logging.getLogger("cst.reconcile")
 
 
+class Happened(str, Enum):
+    """What a result is, for code to decide on: ``detail`` is for people and may be reworded."""
+
+    UNCHANGED = "unchanged"
+    ADOPTED = "adopted"             # found running without a record; now recorded
+    FORGOTTEN = "forgotten"         # its process was gone and stopped is wanted: record cleared
+    STARTED = "started"
+    RESTARTED = "restarted"         # detail says why (settings changed, memory, an operator...)
+    STOPPED = "stopped"
+    REMOVED = "removed"             # stopped and archived
+    HELD = "held"                   # should run, but its restarts are backing off
+    IMPOSSIBLE = "impossible"       # cannot be done as declared (a taken port, an unset variable)
+    START_FAILED = "start-failed"   # started, but did not come up
+    ACTION_FAILED = "action-failed"  # an action raised (a stop that would not end, an I/O error)
+    RELEASE_READY = "release-ready"  # the release was installed or repaired (id: the release)
+    RELEASE_FAILED = "release-failed"
+
+
 @dataclass(frozen=True)
 class Result:
     id: str
@@ -38,6 +57,8 @@ class Result:
     before: str = ""        # observed status before the pass (for --diff)
     after: str = ""         # what it should be after
     archive: str = ""       # where a removed instance's data went
+    happened: Happened = Happened.UNCHANGED
+    cause: str = ""         # a failure's own first line, without what was being done ("exited with code 7 ...")
 
     def line(self) -> str:
         return f"{self.outcome}: {self.id}" + (f" ({self.detail})" if self.detail else "")
@@ -54,6 +75,7 @@ class Report:
     results: list[Result] = field(default_factory=list)
     check: bool = False
     observed: dict[str, Observed] = field(default_factory=dict, repr=False)  # before acting
+    failure: str | None = None   # the pass as a whole could not run (the state dir held, an error)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
@@ -74,7 +96,8 @@ class Report:
         return "\n".join([line for r in self.results for line in r.lines(diff)] + [self.recap_line()]) + "\n"
 
     def as_dict(self) -> dict:
-        return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap}
+        return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap,
+                "failure": self.failure}
 
 
 def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
@@ -129,12 +152,12 @@ async def reconcile(desired: DesiredState, check: bool = False,
             phase("preparing the SillyTavern release")
             ready = await runtime.prepare()
             if ready.failure:
-                emit(Result(ready.subject, "failed", ready.failure))
+                emit(Result(ready.subject, "failed", ready.failure, happened=Happened.RELEASE_FAILED))
                 reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
                 actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in (Kind.START, Kind.RESTART)
                            else a for a in actions]
             elif ready.done:
-                emit(Result(ready.subject, "changed", ready.done))
+                emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
         phase("acting")
         limit = asyncio.Semaphore(desired.settings.concurrency)
         specs = {spec.id: spec for spec in desired.instances}
@@ -151,53 +174,69 @@ async def reconcile(desired: DesiredState, check: bool = False,
     return report
 
 
+_HAPPENS = {Kind.OK: Happened.UNCHANGED, Kind.ADOPT: Happened.ADOPTED, Kind.FORGET_PID: Happened.FORGOTTEN,
+            Kind.START: Happened.STARTED, Kind.RESTART: Happened.RESTARTED, Kind.STOP: Happened.STOPPED,
+            Kind.REMOVE: Happened.REMOVED, Kind.BACK_OFF: Happened.HELD, Kind.FAIL: Happened.IMPOSSIBLE}
+_AFTER = {Kind.START: "running", Kind.RESTART: "running", Kind.STOP: "stopped", Kind.REMOVE: "absent"}
+
+
 def _would(action: Action, seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
+    happens = _HAPPENS[action.kind]
     if action.kind in (Kind.FAIL, Kind.BACK_OFF):
-        return Result(action.id, "failed", action.reason, before)
+        return Result(action.id, "failed", action.reason, before, happened=happens)
     if action.changes:
-        after = {Kind.START: "running", Kind.RESTART: "running", Kind.STOP: "stopped",
-                 Kind.REMOVE: "absent"}[action.kind]
-        return Result(action.id, "changed", f"would be {action.reason.split(':')[0]}", before, after)
-    return Result(action.id, "ok", action.reason, before, before)
+        return Result(action.id, "changed", f"would be {happens.value}", before, _AFTER[action.kind],
+                      happened=happens)
+    return Result(action.id, "ok", action.reason, before, before, happened=happens)
 
 
 async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
                    seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
+    happens = _HAPPENS[action.kind]
+
+    def failed(happened: Happened, detail: str, cause: object = "") -> Result:
+        first = str(cause).split(";")[0].splitlines()
+        return Result(action.id, "failed", detail, before, happened=happened, cause=first[0] if first else "")
+
     try:
         if action.kind in (Kind.FAIL, Kind.BACK_OFF):
-            return Result(action.id, "failed", action.reason, before)
+            return failed(happens, action.reason)
         if action.kind == Kind.OK:
-            return Result(action.id, "ok", "", before, before)
+            return Result(action.id, "ok", "", before, before, happened=happens)
         if action.kind == Kind.ADOPT:
+            assert seen is not None and seen.pid is not None, "the planner adopts only a process it saw"
             runtime.adopt(action.id, action.port, seen.pid)
-            return Result(action.id, "ok", "adopted", before, "running")
+            return Result(action.id, "ok", action.reason, before, "running", happened=happens)
         if action.kind == Kind.FORGET_PID:
             runtime.forget_pid(action.id)
-            return Result(action.id, "ok", "", before, "stopped")
+            return Result(action.id, "ok", "", before, "stopped", happened=happens)
         if action.kind == Kind.STOP:
             await runtime.stop(action.id)
-            return Result(action.id, "changed", "stopped", before, "stopped")
+            return Result(action.id, "changed", action.reason, before, "stopped", happened=happens)
         if action.kind == Kind.REMOVE:
             archived = await runtime.archive(action.id)
             where = f"data archived in {archived}" if archived else "it had no data dir"
-            return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""))
+            return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""),
+                          happened=happens)
+        assert spec is not None, "the planner starts only declared instances"
         if action.kind == Kind.RESTART:
             await runtime.stop(action.id)
             await runtime.start(spec, count_restart=True)
-            return Result(action.id, "changed", action.reason, before, "running")
+            return Result(action.id, "changed", action.reason, before, "running", happened=happens)
         if action.kind == Kind.START:
             await runtime.start(spec, count_restart=before == "crashed")
-            return Result(action.id, "changed", action.reason, before, "running")
+            again = Happened.RESTARTED if before == "crashed" else happens   # "restarted: process had exited"
+            return Result(action.id, "changed", action.reason, before, "running", happened=again)
     except StartFailed as exc:
-        return Result(action.id, "failed", f"did not start: {exc}", before)
+        return failed(Happened.START_FAILED, f"did not start: {exc}", exc)
     except OSError as exc:
-        return Result(action.id, "failed", f"{action.kind.value}: {exc}", before)
+        return failed(Happened.ACTION_FAILED, f"{action.kind.value}: {exc}")
     except psutil.Error as exc:
         # the process exited (or changed hands) between observing and acting: the next pass sees
-        return Result(action.id, "failed", f"{action.kind.value}: the process changed meanwhile ({exc})", before)
+        return failed(Happened.ACTION_FAILED, f"{action.kind.value}: the process changed meanwhile ({exc})")
     except Exception as exc:  # a defect: reported for this instance, logged, and the others go on
         log.error("%s of %s failed unexpectedly", action.kind.value, action.id, exc_info=exc)
-        return Result(action.id, "failed", f"{action.kind.value}: unexpected {type(exc).__name__}: {exc}", before)
+        return failed(Happened.ACTION_FAILED, f"{action.kind.value}: unexpected {type(exc).__name__}: {exc}")
     raise AssertionError(f"unhandled action {action.kind}")

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 
 import psutil
 
-from .reconcile import Result
+from .reconcile import Happened, Result
 from ..desired.model import DesiredState
 from .plan import Observed
 
@@ -95,6 +95,7 @@ class Supervisor:
             if rss is not None and rss > limit:
                 self.memory_strikes[id_] = self.memory_strikes.get(id_, 0) + 1
                 if self.memory_strikes[id_] >= MEMORY_STRIKES:
+                    del self.memory_strikes[id_]   # counted afresh after this restart
                     restart.setdefault(id_, f"memory {rss / 2**20:.0f} MiB stayed above max_memory "
                                             f"{limit / 2**20:.0f} MiB")
             else:
@@ -104,17 +105,14 @@ class Supervisor:
     def learn(self, observed: Mapping[str, Observed], results: Iterable[Result]) -> None:
         now = self.clock()
         for result in results:
-            crashed = observed.get(result.id) and observed[result.id].status == "crashed"
-            failed_start = result.outcome == "failed" and result.detail.startswith("did not start")
+            seen = observed.get(result.id)
+            crashed = seen is not None and seen.status == "crashed"
+            failed_start = result.happened is Happened.START_FAILED
             if failed_start or (crashed and result.outcome == "changed"):
                 entry = self.crashes.setdefault(result.id, _Crashes())
                 entry.count += 1
                 entry.retry_at = now + min(BACKOFF_BASE * 2 ** (entry.count - 1), BACKOFF_CAP)
-                # "did not start: exited with code 7 before answering; last log lines: ..." -> the cause
-                entry.reason = (result.detail.removeprefix("did not start: ").split(";")[0].splitlines()[0]
-                                if failed_start else "the process had exited")
-            if result.detail.startswith("restarted: memory"):
-                self.memory_strikes.pop(result.id, None)
+                entry.reason = result.cause if failed_start else "the process had exited"
         for id_, seen in observed.items():
             if seen.status == "running" and id_ in self.crashes and _uptime(seen.pid) > STABLE_AFTER:
                 self.crashes.pop(id_, None)

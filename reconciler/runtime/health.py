@@ -92,4 +92,4 @@ class HealthChecks:
 
 
 def _credentials(launch: LaunchSpec) -> dict[str, str]:
-    return {"Authorization": aiohttp.BasicAuth(launch.id, launch.password).encode()}
+    return {"Authorization": aiohttp.encode_basic_auth(launch.id, launch.password)}

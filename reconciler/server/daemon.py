@@ -153,8 +153,8 @@ class Daemon:
     def pending(self) -> str:
         now = time.monotonic()
         if self._phase is None:
-            last = self.last_report.result("reconcile") if self.last_report else None
-            why = f"; the last pass failed: {last.detail}" if last and last.outcome == "failed" else ""
+            failure = self.last_report.failure if self.last_report else None
+            why = f"; the last pass failed: {failure}" if failure else ""
             return f"the reconciler is between passes{why}"
         what = f"the reconciler has been {self._phase} for {now - self._phase_since:.0f}s"
         if self._phase == "waiting for the state dir lock":
@@ -210,11 +210,10 @@ class Daemon:
             report, running = await self._worker.run(self._pass_in_worker(desired))
         except (LockHeld, OSError) as exc:
             log.error("reconcile pass failed while %s: %s", self._phase, exc)
-            report, running = Report(results=[Result("reconcile", "failed", f"{self._phase}: {exc}")]), []
+            report, running = Report(failure=f"{self._phase}: {exc}"), []
         except Exception as exc:  # a defect: the pass failed, the loop goes on
             log.error("reconcile pass failed while %s", self._phase, exc_info=exc)
-            report = Report(results=[Result("reconcile", "failed",
-                                            f"{self._phase}: unexpected {type(exc).__name__}: {exc}")])
+            report = Report(failure=f"{self._phase}: unexpected {type(exc).__name__}: {exc}")
             running = []
         finally:
             self._set_phase(None)

@@ -29,9 +29,8 @@ from typing import Any, Callable, Iterator
 
 from aiohttp import web
 
-from ..desired.model import port_of
 from ..desired.shared_file import Snapshot
-from ..engine.reconcile import Report, Result
+from ..engine.reconcile import Happened, Report, Result
 from . import responses
 
 log = logging.getLogger("cst.events")
@@ -42,7 +41,6 @@ HEARTBEAT = 15.0      # seconds between comments on a quiet stream, so dead clie
 POOL_POLL = 1.0       # seconds between looks at the pool while someone listens
 # Supervisor.errored()'s wording: the instance is held back by the crash backoff. Holding it is
 # not a new failure (that was published when it happened), and its countdown changes every pass.
-HELD = "errored:"
 
 
 _DIGITS = re.compile(r"[0-9]{1,18}")   # an event number from a client: at most 18 ASCII digits
@@ -70,17 +68,20 @@ class _Listener:
 def changes(result: Result, pid: int | None) -> list[tuple[str, str]]:
     """What one reconcile result means to someone watching the instance: ``(change, detail)`` pairs."""
     crashed = [("crashed", f"process {pid} exited while it should be running")] if result.before == "crashed" else []
-    if result.outcome == "changed":
-        if result.after == "absent":
-            return [("removed", result.detail)]
-        if result.after == "stopped":
-            return [("stopped", "")]
-        if result.detail.startswith("restarted"):  # the planner's "restarted: <why>"
-            return crashed + [("restarted", result.detail.removeprefix("restarted").lstrip(": "))]
+    happened = result.happened
+    if happened is Happened.REMOVED:
+        return [("removed", result.detail)]
+    if happened is Happened.STOPPED:
+        return [("stopped", "")]
+    if happened is Happened.RESTARTED:   # the detail reads "restarted: <why>": the why is told
+        return crashed + [("restarted", result.detail.partition(": ")[2] or result.detail)]
+    if happened is Happened.STARTED:
         return crashed + [("started", "")]
+    if happened is Happened.HELD:        # backing off: said when it failed, not again each pass
+        return []
     if result.outcome == "failed":
-        return [] if result.detail.startswith(HELD) else crashed + [("failed", result.detail)]
-    return [("adopted", "")] if result.detail == "adopted" else []
+        return crashed + [("failed", result.detail)]
+    return [("adopted", "")] if happened is Happened.ADOPTED else []
 
 
 class EventHub:
@@ -133,8 +134,8 @@ class EventHub:
     def passed(self, report: Report, at: str, duration_ms: float) -> None:
         published = False
         for result in report.results:
-            if port_of(result.id) is None:
-                continue  # not an instance: the release being installed, the lock
+            if result.happened in (Happened.RELEASE_READY, Happened.RELEASE_FAILED):
+                continue  # not an instance: the release being installed
             seen = report.observed.get(result.id)
             for change, detail in changes(result, seen.pid if seen else None):
                 if change == "failed" and self._failing.get(result.id) == detail:

@@ -180,9 +180,8 @@ class Fleet:
         ended = time.monotonic()
         result = report.result(id_)
         if result is None:
-            result_of_pass = report.result("reconcile")
-            if result_of_pass is not None and result_of_pass.outcome == "failed":
-                raise ApiError(500, failure_key, reason=result_of_pass.detail)
+            if report.failure is not None:
+                raise ApiError(500, failure_key, reason=report.failure)
         elif result.outcome == "failed":
             raise ApiError(500, failure_key, reason=result.detail)
         return result, ended

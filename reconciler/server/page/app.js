@@ -699,9 +699,9 @@ function renderFile() {
   $('file-run').textContent = run.lastRun
     ? `${stamp(run.lastRun)} · ${t('file.took', { ms: run.durationMs })} · ${t('file.recap', run.recap)}`
     : t('file.never');
-  $('file-results').replaceChildren(...(run.results.length
-    ? run.results.map((r) => el('li', {}, el('code', {}, r.id), ` ${r.outcome}${r.detail ? `: ${r.detail}` : ''}`))
-    : [el('li', {}, t('file.nothing'))]));
+  const results = run.results.map((r) => el('li', {}, el('code', {}, r.id), ` ${r.outcome}${r.detail ? `: ${r.detail}` : ''}`));
+  if (run.failure) results.unshift(el('li', {}, t('file.passFailed', { reason: run.failure })));
+  $('file-results').replaceChildren(...(results.length ? results : [el('li', {}, t('file.nothing'))]));
   const problems = status.file.problems;
   $('file-problems-box').hidden = problems.length === 0;
   $('file-problems').replaceChildren(...problems.map((p) => el('li', {},

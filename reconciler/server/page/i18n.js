@@ -166,6 +166,7 @@ const STRINGS = {  // key: [English, Chinese]
   'file.never': ['not yet', '尚未'],
   'file.changes': ['What it changed', '变更内容'],
   'file.nothing': ['nothing needed changing', '无需变更'],
+  'file.passFailed': ['the pass could not run: {reason}', '本轮协调未能运行：{reason}'],
   'file.recap': ['ok {ok} · changed {changed} · failed {failed}', '正常 {ok} · 变更 {changed} · 失败 {failed}'],
   'file.took': ['{ms} ms', '{ms} 毫秒'],
   'file.readonly': [
