@@ -18,7 +18,8 @@ import uvloop
 
 from reconciler.desired.model import DesiredState, Listen, load
 from reconciler.desired.secret_source import SecretUnavailable
-from reconciler.desired.validation import InvalidDesiredState, listen_problem, proxy_listen_problems
+from reconciler.desired.problems import InvalidDesiredState
+from reconciler.desired.validation import listen_problem, proxy_listen_problems
 from reconciler.desired.watch import changes_of
 
 from .service import ProxyService

@@ -25,7 +25,8 @@ from proxy.service import read_usage
 from .desired.model import DesiredState, TlsSettings, load, port_of
 from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
-from .desired.validation import InvalidDesiredState, is_loopback_host
+from .desired.problems import InvalidDesiredState
+from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import Report, Result, reconcile
 from .runtime import overlay, sillytavern

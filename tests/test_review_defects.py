@@ -14,7 +14,8 @@ from multidict import CIMultiDict
 from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
 
 from reconciler.desired.model import load
-from reconciler.desired.validation import MAX_PROBLEMS, InvalidDesiredState
+from reconciler.desired.problems import InvalidDesiredState
+from reconciler.desired.validation import MAX_PROBLEMS
 from reconciler.runtime.statedir import StateDir
 from reconciler.server.api import client_address
 from reconciler.server.events import EventHub
@@ -249,3 +250,11 @@ def test_backoff_follows_the_kind_of_a_result_not_its_wording(project: Project) 
     supervisor.learn(observed, [Result(id_, "failed", "did not start: but this is a taken port",
                                        happened=Happened.IMPOSSIBLE)])
     assert supervisor.crashes[id_].count == 1   # not a failed start, whatever it says
+
+
+def test_an_edit_reads_the_file_within_the_loaders_limits() -> None:
+    from reconciler.desired import edits
+    nested = "version: 1\ninstances: " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(edits.EditError, match="nested more than"):   # was RecursionError
+        edits.add_instance(nested, 8001, "running")
+    assert edits.instance_lines(nested) == {}

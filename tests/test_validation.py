@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.desired.model import load, parse
-from reconciler.desired.validation import InvalidDesiredState, check
+from reconciler.desired.problems import InvalidDesiredState
+from reconciler.desired.validation import check
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import yaml
 
+from .safe_yaml import Refused, compose
+
 
 class EditError(Exception):
     """The edit does not apply to this document (e.g. no such instance)."""
 
 
 def _root(text: str) -> yaml.MappingNode:
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    try:
+        root = compose(text)   # within the loader's limits: the text may be anything saved
+    except (yaml.YAMLError, Refused) as exc:
+        raise EditError(f"the file cannot be read as YAML: {exc}") from None
     if not isinstance(root, yaml.MappingNode):
         raise EditError("the top level of the file is not a mapping")
     return root
@@ -164,7 +169,7 @@ def instance_lines(text: str) -> dict[int, tuple[int, int]]:
     the file. Empty when the text is not a mapping with a list of instances."""
     try:
         _, found = _instances(text)
-    except (yaml.YAMLError, EditError):
+    except EditError:
         return {}
     if not found or not isinstance(found[1], yaml.SequenceNode):
         return {}

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .validation import Problem, check, parse_duration, parse_size, read_text, schema_default
+from .problems import Problem
+from .safe_yaml import read_text
+from .schema import schema_default
+from .validation import check, parse_duration, parse_size
 
 INSTANCE_ID_PREFIX = "st-instance-"
 

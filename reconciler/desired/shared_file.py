@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from .model import DesiredState, parse
 from ..files import conditional_replace, swap
-from .validation import InvalidDesiredState, Problem, decode, read_text
+from .model import DesiredState, parse
+from .problems import InvalidDesiredState, Problem
+from .safe_yaml import decode, read_text
 
 
 _SETTLE_TRIES = 5

@@ -28,7 +28,7 @@ from ..desired.edits import instance_lines
 from ..desired.model import IPNetwork, instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
-from ..desired.validation import SCHEMAS
+from ..desired.schema import SCHEMAS
 from ..engine.reconcile import reconcile
 from .control import Control, NotConverged
 from .fleet import ApiError, Fleet, change_note

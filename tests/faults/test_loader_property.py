@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.desired.model import DesiredState, parse
-from reconciler.desired.validation import InvalidDesiredState, check, decode
+from reconciler.desired.problems import InvalidDesiredState
+from reconciler.desired.safe_yaml import decode
+from reconciler.desired.validation import check
 
 ROOT = Path(__file__).resolve().parents[2]
 FILE = Path("/srv/cst/desired.yaml")
