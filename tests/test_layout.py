@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "reconciler" / "server" / "page"
 # each layer may import the ones after it in this list, never one before it
 LAYERS = ["reconciler.cli", "reconciler.server", "proxy", "reconciler.engine", "reconciler.runtime",
-          "reconciler.desired"]
+          "reconciler.desired", "reconciler.files", "reconciler.tasks"]
 
 
 def _imports(path: Path, module: str) -> set[str]:
