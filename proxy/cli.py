@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from pathlib import Path
 
 import click
@@ -86,10 +85,8 @@ def proxy_command(file: Path, listen: str | None, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         desired = load(file)
-    except InvalidDesiredState as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(1)  # invalid input, as every cst command
+    except InvalidDesiredState as exc:   # exit 1: invalid input, as every cst command
+        raise click.ClickException("\n".join(str(problem) for problem in exc.problems)) from None
     address = None
     if listen is not None:
         malformed = listen_problem(listen)

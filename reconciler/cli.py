@@ -11,6 +11,7 @@ import ssl
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
 import click
@@ -39,6 +40,35 @@ from .server.daemon import Daemon, DaemonError, tls_context
 EXIT_INVALID = 1
 EXIT_FAILED = 2
 
+
+class CommandError(click.ClickException):
+    """What ends a command, said on stderr as ``error: <message>`` with the command's exit code."""
+
+    exit_code = EXIT_FAILED
+    prefix = "error: "
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"{self.prefix}{self.format_message()}", err=True, file=file)
+
+
+class Invalid(CommandError):
+    """The input is wrong (the file, an argument); nothing was changed."""
+
+    exit_code = EXIT_INVALID
+
+
+class FileInvalid(Invalid):
+    """The desired-state file has problems: one ``file:line: path: message`` line each."""
+
+    prefix = ""
+
+    def __init__(self, exc: InvalidDesiredState):
+        super().__init__("\n".join(str(problem) for problem in exc.problems))
+
+
+class Failed(CommandError):
+    """The work could not be done (another cst holds the state dir, an instance did not start)."""
+
 def _file_option(*names: str):
     return click.option(*names, "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
                         default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
@@ -53,9 +83,7 @@ def load_or_exit(path: Path) -> DesiredState:
     try:
         desired = load(path)
     except InvalidDesiredState as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(EXIT_INVALID)
+        raise FileInvalid(exc) from None
     for warning in desired.warnings:
         click.echo(f"warning: {warning}", err=True)
     return desired
@@ -101,14 +129,13 @@ def apply(file: Path, check: bool, diff: bool, wait: float, remote: str | None, 
     try:
         report: Report = asyncio.run(reconcile(desired, check=check, on_result=show, lock_timeout=wait))
     except LockHeld as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        raise Failed(str(exc)) from None
     if output == "json":
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         click.echo(report.recap_line())
     if report.count("failed"):
-        sys.exit(EXIT_FAILED)
+        raise Failed(f"{report.count('failed')} failed (see above)")
 
 
 def _day_option(name: str, dest: str, help_: str):
@@ -181,7 +208,7 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
     else:
         click.echo(body.get("text", ""), nl=False)
     if (body.get("recap") or {}).get("failed"):
-        sys.exit(EXIT_FAILED)
+        raise Failed(f"{body['recap']['failed']} would fail on {url} (see above)")
 
 
 USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "tokens", "estimated")
@@ -267,17 +294,13 @@ def password(file: Path, instance_id: str) -> None:
                                  param_hint="INSTANCE_ID")
     spec = desired.instance(instance_id)
     if spec is None:
-        click.echo(f"error: {instance_id} is not declared in {file}", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"{instance_id} is not declared in {file}")
     try:
         secret = LocalRuntime(desired, readonly=True).password(spec)
     except LaunchImpossible as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(str(exc)) from None
     if not secret:
-        click.echo(f"error: {instance_id} has no password yet: it is generated on its first start",
-                   err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"{instance_id} has no password yet: it is generated on its first start")
     click.echo(secret)
 
 
@@ -295,8 +318,7 @@ def logs(file: Path, instance_id: str, lines: int, follow: bool) -> None:
                                  param_hint="INSTANCE_ID")
     path = StateDir(desired.settings.state_dir).log_path(instance_id)
     if desired.instance(instance_id) is None and not path.exists():
-        click.echo(f"error: {instance_id} is not declared in {file} and has no log", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"{instance_id} is not declared in {file} and has no log")
     out = sys.stdout.buffer
     if not follow:
         out.write(last_lines(path, lines)[0])
@@ -337,20 +359,17 @@ def serve(file: Path, use_ssl: str | None, cert_path: Path | None, key_path: Pat
         try:
             context = tls_context(tls.cert, tls.key)
         except (OSError, ssl.SSLError) as exc:
-            click.echo(f"error: cannot load the TLS certificate {tls.cert} / key {tls.key}: {exc}", err=True)
-            sys.exit(EXIT_INVALID)
+            raise Invalid(f"cannot load the TLS certificate {tls.cert} / key {tls.key}: {exc}") from None
     listen = desired.settings.api.listen
     if context is None and not is_loopback_host(listen.host) and not desired.settings.api.insecure_http:
-        click.echo(f"error: settings.api.listen is {listen}, beyond this machine, without TLS: the admin key would "
-                   "cross the network in clear. Set settings.api.tls (or --ssl), or settings.api.insecure_http: "
-                   "true to accept that", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"settings.api.listen is {listen}, beyond this machine, without TLS: the admin key would "
+                      "cross the network in clear. Set settings.api.tls (or --ssl), or settings.api.insecure_http: "
+                      "true to accept that")
     desired_file = DesiredFile(file)
     try:
         uvloop.run(Daemon(desired_file, desired_file.read()).run(context))  # serves the proxy too
     except (LockHeld, DaemonError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        raise Failed(str(exc)) from None
 
 
 @cli.group()
@@ -368,8 +387,7 @@ def st_install(file: Path) -> None:
     try:
         rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True)
     except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
-        click.echo(f"failed: sillytavern {version}: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        raise Failed(f"sillytavern {version}: {exc}") from None
     click.echo(f"changed: sillytavern {version} at {rel.package_dir} ({done})" if done
                else f"ok: sillytavern {version} at {rel.package_dir}")
 
@@ -392,7 +410,7 @@ def st_verify(file: Path) -> None:
     for problem in found:
         click.echo(f"failed: {problem}", err=True)
     if found:
-        sys.exit(EXIT_FAILED)
+        raise Failed(f"sillytavern {version} at {package} is not the pinned release plus CST's overlay")
     click.echo(f"ok: sillytavern {version} at {package}: the pinned release and CST's overlay, unchanged")
 
 
@@ -406,18 +424,15 @@ def rotate_key(file: Path, instance_id: str, wait: float) -> None:
     desired = load_or_exit(file)
     spec = desired.instance(instance_id)
     if spec is None:
-        click.echo(f"error: {instance_id} is not declared in {file}", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"{instance_id} is not declared in {file}")
     if not spec.proxy:
-        click.echo(f"error: {instance_id} has proxy: false, so it has no proxy key", err=True)
-        sys.exit(EXIT_INVALID)
+        raise Invalid(f"{instance_id} has proxy: false, so it has no proxy key")
     runtime = LocalRuntime(desired)
     try:
         with runtime.state.lock(timeout=wait):   # not while a pass starts the instance with the old key
             key = runtime.rotate_key(spec)
     except LockHeld as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        raise Failed(str(exc)) from None
     click.echo(f"changed: {instance_id} has a new proxy key ({mask(key)}); the old one no longer works")
 
 
