@@ -189,8 +189,11 @@ class LocalRuntime:
         if user is None:
             return ""
         given = instance_users.own_tree(launch.data_dir, user) + instance_users.own_tree(launch.workdir, user)
-        for path, need in ((Path(launch.argv[0]), 5), (Path(launch.argv[1]), 4),
-                           (launch.data_dir, 1), (launch.workdir, 1)):
+        release = self.server_release()
+        needed = [(Path(launch.argv[0]), 5), (release.server_js, 4), (launch.data_dir, 1), (launch.workdir, 1)]
+        if release.has_overlay:   # CST's plugin: its health route is how a start is seen
+            needed.append((release.package_dir / overlay.PLUGIN_ENTRY, 4))
+        for path, need in needed:
             problem = instance_users.unreachable(user, path, need)
             if problem:
                 raise StartFailed(f"{launch.id} runs as {user}, but {problem}")
