@@ -6,10 +6,13 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -26,6 +29,46 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin" / "server.js"
+AS_ROOT = os.geteuid() == 0
+
+
+# As root, cst runs each instance under a uid of its own, which must reach the test's folders:
+# pytest keeps them in /tmp/pytest-of-root (0700, tightened again by every pytest session that
+# starts), so the tests run in a folder of this session's own where each folder on the way lets
+# others search it (o+x, never list).
+_SESSIONS = Path(tempfile.gettempdir()) / "cst-pytest-of-root"
+
+
+def _searchable(path: Path) -> None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & stat.S_IXOTH:
+        path.chmod(mode | stat.S_IXOTH)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config) -> None:
+    if not AS_ROOT or config.option.basetemp or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    _SESSIONS.mkdir(mode=0o701, exist_ok=True)
+    _searchable(_SESSIONS)
+    old = sorted((p for p in _SESSIONS.iterdir() if p.name.startswith("run-")), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-3]:   # as pytest, the last three sessions' folders are kept
+        pid = stale.name.split("-")[-1]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    config.option.basetemp = str(_SESSIONS / f"run-{int(time.time())}-{os.getpid()}")
+
+
+if AS_ROOT:
+    _mktemp = pytest.TempPathFactory.mktemp
+
+    def _searchable_mktemp(self, basename: str, numbered: bool = True) -> Path:
+        path = _mktemp(self, basename, numbered)
+        for folder in (self.getbasetemp(), path):
+            _searchable(folder)
+        return path
+
+    pytest.TempPathFactory.mktemp = _searchable_mktemp
 
 
 # git as the tests run it: no system or user configuration (no signing, hooks or identity from the

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
+import httpx
 import psutil
+import pytest
 
-from conftest import free_ports, http_status, serve_settings, standin_file, start_serve, wait_until
+from conftest import (AS_ROOT, STANDIN, fake_upstream, free_ports, http_status, serve_settings, standin_file,
+                      start_serve, wait_until)
 from reconciler.runtime import sillytavern
 
 SECRETS = {"CST_ADMIN_KEY": "secret-admin-key-1", "DAIDAI_PASSWORD": "secret-daidai-2",
@@ -107,7 +111,11 @@ def test_everything_cst_creates_is_owner_only(project):
     finally:
         served.stop()
     modes = {**modes_under(project.state_dir), **modes_under(project.dir / "user-data")}
-    loose = {path: oct(mode) for path, mode in modes.items() if mode & 0o077}
+    # as root, instances run under uids of their own: the folders on their way may be searched by
+    # others (o+x, never listed), nothing more
+    searched = {".cst/", ".cst/run/", "user-data/"} if AS_ROOT else set()
+    loose = {path: oct(mode) for path, mode in modes.items()
+             if mode & (0o076 if path in searched else 0o077)}
     assert not loose, loose
     for must in (".cst/", ".cst/instances/", ".cst/secrets/admin.key", f".cst/instances/st-instance-{a}.json",
                  f".cst/logs/st-instance-{a}.log", f".cst/logs/st-instance-{a}.log.1", ".cst/archive/",
@@ -133,5 +141,150 @@ def test_a_mode_tightened_by_the_operator_is_never_loosened(project):
     assert project.cst("apply").returncode == 0
     assert http_status(port) == 401
     for path, mode in tightened.items():
-        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+        # as root the one exception: the data root lets instance users search it (o+x)
+        searched = stat.S_IXOTH if AS_ROOT and path == project.dir / "user-data" else 0
+        assert stat.S_IMODE(path.stat().st_mode) == mode | searched, path
     assert stat.S_IMODE(loosened.stat().st_mode) == 0o700, "a looser mode is tightened"
+
+
+# -- each instance under a user of its own (cst as root; CI runs as root)
+
+root_only = pytest.mark.skipif(not AS_ROOT, reason="instances get users of their own only when cst runs as "
+                               "root (CI does); under another user they share cst's, as before")
+UID_FROM = 2_000_000_000   # settings.sillytavern.users.uid_from's default (the schema's)
+
+
+def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess:
+    """``argv`` run with exactly an instance's credentials: its uid and gid, no other group."""
+    return subprocess.run(list(argv), user=uid, group=uid, extra_groups=[], capture_output=True, text=True,
+                          timeout=60, cwd="/", env={"PATH": os.environ["PATH"]})
+
+
+# what the instance's plugin does with its key: read the file CST_PROXY_KEY_FILE names, call the proxy
+CHAT = """
+const key = require('node:fs').readFileSync(process.argv[1], 'utf8').trim();
+fetch(process.argv[2] + '/v1/chat/completions', {method: 'POST',
+    headers: {Authorization: 'Bearer ' + key, 'Content-Type': 'application/json'},
+    body: JSON.stringify({model: 'gpt-fake', messages: [{role: 'user', content: 'hello'}]})})
+  .then(async r => console.log(r.status, (await r.text()).slice(0, 200)));
+"""
+
+
+@root_only
+def test_an_instance_under_its_own_user_reads_only_what_is_its_own(project, serve):
+    api, proxy, a, b = free_ports(4)
+    pool = project.dir / "pool.keys"
+    pool.write_text("sk-good-pool-key-1\n")
+    pool.chmod(0o600)
+    with fake_upstream() as upstream:
+        settings = (f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\n'
+                    f'proxy: {{listen: "127.0.0.1:{proxy}", upstream: "{upstream.url}/v1"}}')
+        project.write(standin_file([(a, "running"), (b, "running")], settings=settings)
+                      + "accounts:\n  - {name: pool, provider: static, keys_file: pool.keys}\n")
+        project.env = {**project.env, **SECRETS}   # cst's environment: secrets in /proc/<pid>/environ
+        served = serve(api, admin_key="")   # no key in the environment: one is generated into the state dir
+        served.admin_key = (project.state_dir / "secrets" / "admin.key").read_text().strip()
+        wait_until(lambda: http_status(a) == 401 and http_status(b) == 401, timeout=30)
+        ids = {p: f"st-instance-{p}" for p in (a, b)}
+        procs = {p: psutil.Process(project.record(ids[p])["pid"]) for p in (a, b)}
+        uid = UID_FROM + a
+        assert procs[a].uids() == (uid, uid, uid) and procs[a].gids() == (uid, uid, uid)
+        assert procs[b].uids().real == UID_FROM + b
+        assert procs[a].environ()["CST_PROXY_KEY_FILE"] == str(project.state_dir / "run" / ids[a] / "proxy.key")
+
+        # CST's secrets, another instance's data and key, and CST's environment: out of reach
+        state = project.state_dir
+        theirs = [state / "secrets" / "admin.key", state / "secrets" / f"{ids[b]}.password",
+                  state / "secrets" / "proxy-keys" / ids[b], state / "secrets" / "proxy-keys" / ids[a],
+                  state / "logs" / f"{ids[b]}.log", state / "instances" / f"{ids[b]}.json", pool,
+                  project.dir / "user-data" / str(b) / "default-user" / "starts.txt",
+                  state / "run" / ids[b] / "proxy.key", Path(f"/proc/{served.proc.pid}/environ")]
+        for path in theirs:
+            assert path.exists(), path
+            read = as_user(uid, "cat", str(path))
+            assert read.returncode != 0 and "Permission denied" in read.stderr, (path, read.stdout, read.stderr)
+        for folder in (state, state / "run", project.dir / "user-data"):
+            listed = as_user(uid, "ls", str(folder))
+            assert listed.returncode != 0, f"{folder} can be searched, never listed"
+
+        # its own: the copy of its key, its data
+        own = as_user(uid, "cat", str(state / "run" / ids[a] / "proxy.key"))
+        assert own.returncode == 0 and own.stdout.strip() == (state / "secrets" / "proxy-keys" / ids[a]).read_text().strip()
+        assert as_user(uid, "cat", str(project.dir / "user-data" / str(a) / "default-user" / "starts.txt")).returncode == 0
+        health = httpx.get(f"http://127.0.0.1:{a}/api/plugins/cst/health", timeout=10,
+                           auth=(ids[a], project.cst("password", ids[a]).stdout.strip()))
+        assert health.status_code == 200 and health.json()["instance"] == ids[a]
+
+        # it chats through the pool with its own key, as the plugin would
+        def chat() -> str:
+            done = as_user(uid, "node", "-e", CHAT, procs[a].environ()["CST_PROXY_KEY_FILE"], f"http://127.0.0.1:{proxy}")
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+        assert chat().startswith("200 "), "the instance's own key works"
+        assert upstream.keys_seen("/v1/chat/completions")[-1] == "sk-good-pool-key-1"
+
+        # a rotated key reaches its copy; the old one is refused at once
+        old = own.stdout.strip()
+        rotated = served.api("POST", f"/api/instances/{ids[a]}/rotate-key")
+        assert rotated.status_code == 200, rotated.text
+        new = as_user(uid, "cat", str(state / "run" / ids[a] / "proxy.key")).stdout.strip()
+        assert new.startswith("cst-") and new != old
+        wait_until(lambda: chat().startswith("200 "), timeout=10)
+        stale = httpx.post(f"http://127.0.0.1:{proxy}/v1/chat/completions", headers={"Authorization": f"Bearer {old}"},
+                           json={"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert stale.status_code == 401
+
+        # removed: archived by root, its data intact and still its own
+        project.write(standin_file([(a, "running")], settings=settings)
+                      + "accounts:\n  - {name: pool, provider: static, keys_file: pool.keys}\n")
+        archived = wait_until(lambda: list((state / "archive").iterdir()), timeout=30)
+        starts = archived[0] / "default-user" / "starts.txt"
+        assert starts.read_text().strip() and starts.stat().st_uid == UID_FROM + b
+
+
+@root_only
+def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_followed(project):
+    (port,) = free_ports(1)
+    id_ = f"st-instance-{port}"
+
+    def write(users: str) -> None:
+        project.write(f"version: 1\nsettings:\n  sillytavern: {{server: {STANDIN}, start_timeout: 15, "
+                      f"stop_timeout: 3{users}}}\ninstances:\n  - port: {port}\n")
+
+    write(", users: {isolate: false}")   # as cst ran every instance before: under its own user
+    assert project.cst("apply").returncode == 0
+    assert psutil.Process(project.record(id_)["pid"]).uids().real == 0
+    data = project.dir / "user-data" / str(port)
+    chats = data / "default-user" / "chats"
+    chats.mkdir(parents=True)
+    (chats / "old.jsonl").write_text('{"mes": "hello"}\n')
+    outside = project.dir / "outside.txt"
+    outside.write_text("root's own\n")
+    os.symlink(outside, chats / "link")
+
+    write("")   # the default: a user of its own
+    applied = project.cst("apply")
+    assert f"changed: {id_} (restarted: settings changed)" in applied.stdout, applied.stdout
+    uid = UID_FROM + port
+    assert psutil.Process(project.record(id_)["pid"]).uids().real == uid
+    not_given = [path for path in [data, *data.rglob("*")] if (path.lstat().st_uid, path.lstat().st_gid) != (uid, uid)]
+    assert not not_given, not_given
+    assert outside.stat().st_uid == 0, "a link is given, never what it points at"
+    assert (project.state_dir / "run" / id_).stat().st_uid == uid
+    assert "files from before given to it" in (project.state_dir / "logs" / f"{id_}.log").read_text()
+    assert as_user(uid, "cat", str(chats / "old.jsonl")).stdout == '{"mes": "hello"}\n'
+
+    again = project.cst("apply")
+    assert again.stdout.strip().splitlines()[-1] == "ok=1 changed=0 failed=0"
+
+
+@root_only
+def test_a_folder_the_instance_user_cannot_search_is_named(project, tmp_path_factory):
+    closed = tmp_path_factory.mktemp("closed")
+    closed.chmod(0o700)
+    (port,) = free_ports(1)
+    project.write(standin_file([(port, "running")], settings=f"data_root: {closed / 'data'}"))
+    applied = project.cst("apply")
+    assert applied.returncode == 2
+    assert (f"st-instance-{port} runs as uid {UID_FROM + port}, but {closed} (mode 0700, owner uid 0) "
+            f"does not let others search it") in applied.stdout, applied.stdout

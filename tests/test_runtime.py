@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from conftest import free_ports, http_status, processes_of, standin_file, wait_until
+from conftest import AS_ROOT, free_ports, http_status, processes_of, standin_file, wait_until
 
 
 def recap(result) -> str:
@@ -261,7 +261,14 @@ def test_each_instance_gets_its_own_proxy_key_and_loads_the_overlay(project):
     env = psutil.Process(project.record(f"st-instance-{a}")["pid"]).environ()
     assert env["SILLYTAVERN_ENABLESERVERPLUGINS"] == "true"
     assert env["SILLYTAVERN_ENABLESERVERPLUGINSAUTOUPDATE"] == "false"
-    assert env["CST_PROXY_KEY_FILE"] == str(keys / f"st-instance-{a}") and env["CST_PROXY_URL"] == "http://127.0.0.1:5100"
+    # as root the instance runs under a uid of its own and reads a copy of its key (0400, its own)
+    # in its workdir: the key folder is root's alone
+    copy = project.state_dir / "run" / f"st-instance-{a}" / "proxy.key"
+    key_file = copy if AS_ROOT else keys / f"st-instance-{a}"
+    assert env["CST_PROXY_KEY_FILE"] == str(key_file) and env["CST_PROXY_URL"] == "http://127.0.0.1:5100"
+    if AS_ROOT:
+        uid = psutil.Process(project.record(f"st-instance-{a}")["pid"]).uids().real
+        assert (copy.read_text().strip(), copy.stat().st_uid, oct(copy.stat().st_mode & 0o777)) == (key_a, uid, "0o400")
     assert key_a not in json.dumps(env), "the key is in a file, never in the environment"
     env_c = psutil.Process(project.record(f"st-instance-{c}")["pid"]).environ()
     assert "CST_PROXY_URL" not in env_c and "CST_PROXY_KEY_FILE" not in env_c
@@ -271,6 +278,8 @@ def test_each_instance_gets_its_own_proxy_key_and_loads_the_overlay(project):
     new = (keys / f"st-instance-{a}").read_text().strip()
     assert new != key_a and rotated.stdout.startswith(f"changed: st-instance-{a} has a new proxy key (cst-")
     assert new not in rotated.stdout
+    if AS_ROOT:
+        assert copy.read_text().strip() == new and oct(copy.stat().st_mode & 0o777) == "0o400", "the copy follows"
     refused = project.cst("rotate-key", f"st-instance-{c}")
     assert refused.returncode == 1 and "has proxy: false" in refused.stderr
 
@@ -280,6 +289,7 @@ def test_each_instance_gets_its_own_proxy_key_and_loads_the_overlay(project):
     changed = project.cst("apply")
     assert f"changed: st-instance-{b} (restarted: settings changed)" in changed.stdout
     assert not (keys / f"st-instance-{b}").exists()
+    assert not (project.state_dir / "run" / f"st-instance-{b}" / "proxy.key").exists(), "nor its copy"
     # removing an instance revokes its key
     project.write(standin_file([(b, "running"), (c, "running")], extra_instance={b: {"proxy": "false"}, c: {"proxy": "false"}}))
     assert project.cst("apply").returncode == 0

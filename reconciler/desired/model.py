@@ -53,12 +53,21 @@ def _default(*path: str) -> Any:
 
 
 @dataclass(frozen=True)
+class UserSettings:
+    """Under which user each instance runs when cst runs as root (see runtime/instance_users.py)."""
+
+    isolate: bool = _default("settings", "sillytavern", "users", "isolate")
+    uid_from: int = _default("settings", "sillytavern", "users", "uid_from")
+
+
+@dataclass(frozen=True)
 class SillyTavernSettings:
     version: str = _default("settings", "sillytavern", "version")
     server: Path | None = None
     listen_address: str = _default("settings", "sillytavern", "listen_address")
     start_timeout: float = parse_duration(_default("settings", "sillytavern", "start_timeout"))
     stop_timeout: float = parse_duration(_default("settings", "sillytavern", "stop_timeout"))
+    users: UserSettings = UserSettings()
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             listen_address=st["listen_address"],
             start_timeout=parse_duration(st["start_timeout"]),
             stop_timeout=parse_duration(st["stop_timeout"]),
+            users=UserSettings(isolate=st["users"]["isolate"], uid_from=st["users"]["uid_from"]),
         ),
         api=ApiSettings(
             listen=Listen.parse(api["listen"]),

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .instance_users import InstanceUser
+
 # environment markers that let a later run recognise its own processes
 ENV_INSTANCE = "CST_INSTANCE_ID"
 ENV_STATE_DIR = "CST_STATE_DIR"
@@ -29,3 +31,4 @@ class LaunchSpec:
     password: str
     probe_host: str
     fingerprint: str
+    user: InstanceUser | None = None   # None: it runs as cst's own user

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from . import overlay, sillytavern, wiring
+from . import instance_users, overlay, sillytavern, wiring
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
@@ -33,6 +33,8 @@ from .statedir import Record, StateDir
 
 # what an instance creates (chats, settings, its config.yaml) is its owner's alone
 _INSTANCE_UMASK = 0o077
+# an instance under a user of its own reads its proxy key from this file of its workdir (0400, its own)
+KEY_COPY = "proxy.key"
 
 
 class LocalRuntime:
@@ -75,11 +77,16 @@ class LocalRuntime:
         st = self.settings.sillytavern
         return f"server {st.server}" if st.server is not None else f"sillytavern@{st.version}"
 
+    def instance_user(self, spec: InstanceSpec) -> instance_users.InstanceUser | None:
+        """The user the instance runs as; None for cst's own (cst is not root, or the file says so)."""
+        return instance_users.user_for(self.settings.sillytavern.users, spec.port)
+
     def launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
         password = self.password(spec)
+        user = self.instance_user(spec)
         flags = (
             "--port", str(spec.port),
             "--dataRoot", str(data_dir),
@@ -92,12 +99,17 @@ class LocalRuntime:
             "--browserLaunchEnabled", "false",
         )
         argv = (shutil.which("node") or "node", str(self.server_release().server_js), *flags)
-        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec)}
+        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user)}
         # everything a restart would change, as the file and the release say it: not the node binary
-        # or install folder this process resolved
-        digest = hashlib.sha256(json.dumps([self.release_identity(), flags, password, cst_env]).encode()).hexdigest()[:16]
+        # or install folder this process resolved. The user only when it has one of its own, so an
+        # instance of a cst that is not root keeps the fingerprint it had before users existed.
+        identity: list[object] = [self.release_identity(), flags, password, cst_env]
+        if user is not None:
+            identity.append([user.uid, user.gid])
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         env = child_environment({
             **sillytavern.outside_our_git(self.server_release().package_dir),
+            **({"HOME": str(workdir)} if user is not None else {}),   # not root's home
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
             **cst_env,
@@ -107,12 +119,15 @@ class LocalRuntime:
         })
         probe_host = "127.0.0.1" if st.listen_address == "0.0.0.0" else st.listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
-                          self.state.log_path(spec.id), password, probe_host, digest)
+                          self.state.log_path(spec.id), password, probe_host, digest, user)
 
-    def _proxy_env(self, spec: InstanceSpec) -> dict[str, str]:
+    def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None) -> dict[str, str]:
+        """Where the instance's plugin finds the proxy and its key: under a user of its own, the
+        copy in its workdir (the state dir's key folder is root's alone); else the key itself."""
         if not spec.proxy:
             return {}
-        return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(self.keys.path(spec.id))}
+        key_file = self.state.workdir(spec.id) / KEY_COPY if user is not None else self.keys.path(spec.id)
+        return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(key_file)}
 
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
         return self.launch_spec(spec).fingerprint
@@ -157,26 +172,54 @@ class LocalRuntime:
             record.pid = record.create_time = None
             self.state.save(record)
 
+    def _prepare_folders(self, launch: LaunchSpec) -> str:
+        """The instance's data dir and workdir, its own when it has a user of its own (folders from
+        before, root's, are given to it here, links never followed), the key copy it reads, and
+        the way to them; what was done, for its log. Raises StartFailed when its user could not
+        reach a folder, node or server.js, or its uid is not free."""
+        user = launch.user
+        self.state.ensure(searchable=user is not None)
+        if user is None:
+            private_dir(self.settings.data_root)
+        else:
+            instance_users.check_usable(user, launch.port)
+            instance_users.searchable(private_dir(self.settings.data_root, 0o701))
+        private_dir(launch.data_dir)
+        private_dir(launch.workdir)
+        if user is None:
+            return ""
+        given = instance_users.own_tree(launch.data_dir, user) + instance_users.own_tree(launch.workdir, user)
+        release = self.server_release()
+        needed = [(Path(launch.argv[0]), 5), (release.server_js, 4), (launch.data_dir, 1), (launch.workdir, 1)]
+        if release.has_overlay:   # CST's plugin: its health route is how a start is seen
+            needed.append((release.package_dir / overlay.PLUGIN_ENTRY, 4))
+        for path, need in needed:
+            problem = instance_users.unreachable(user, path, need)
+            if problem:
+                raise StartFailed(f"{launch.id} runs as {user}, but {problem}")
+        return f"runs as {user}" + (f"; {given} files from before given to it" if given else "")
+
     async def start(self, spec: InstanceSpec, count_restart: bool = False) -> Record:
         """Start the process and wait until its port answers with basic auth; raises StartFailed."""
         launch = self.launch_spec(spec)
-        self.state.ensure()
-        private_dir(self.settings.data_root)
-        private_dir(launch.data_dir)
-        private_dir(launch.workdir)
-        sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
-        wired = self._wire(spec, launch.data_dir)
+        user = launch.user
+        owned = self._prepare_folders(launch)
+        with instance_users.acting_as(user):   # what cst writes into the data dir is the instance's
+            sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
+        wired = self._wire(spec, launch)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open_log(launch.log) as log:
             log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
-            if wired:
-                log.write(f"--- cst: {wired}\n".encode())
+            for done in (owned, wired):
+                if done:
+                    log.write(f"--- cst: {done}\n".encode())
             log.flush()
+            as_user = {} if user is None else {"user": user.uid, "group": user.gid, "extra_groups": []}
             proc = subprocess.Popen(
                 launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                umask=_INSTANCE_UMASK)
+                umask=_INSTANCE_UMASK, **as_user)
         record = Record(
             id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
             create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
@@ -191,24 +234,41 @@ class LocalRuntime:
             raise
         return record
 
-    def _wire(self, spec: InstanceSpec, data_dir: Path) -> str:
-        """The instance's proxy key (minted, or revoked with ``proxy: false``) and its first-start
-        chat settings; what was done, for the instance's log."""
+    def _wire(self, spec: InstanceSpec, launch: LaunchSpec) -> str:
+        """The instance's proxy key (minted, or revoked with ``proxy: false``; copied where its own
+        user reads it) and its first-start chat settings; what was done, for the instance's log."""
         if not spec.proxy:
+            self._drop_key_copy(spec.id)
             return "proxy: false, proxy key revoked" if self.keys.revoke(spec.id) else ""
         key = self.keys.ensure(spec.id)
+        if launch.user is not None:
+            self._copy_key(spec.id, key, launch.user)
         try:
-            return wiring.wire(data_dir, self.server_release().package_dir, self.settings.proxy.local_url, key)
+            with instance_users.acting_as(launch.user):
+                return wiring.wire(launch.data_dir, self.server_release().package_dir,
+                                   self.settings.proxy.local_url, key)
         except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
             return f"could not wire the chat API to the key pool: {exc}"
 
+    def _copy_key(self, id_: str, key: str, user: instance_users.InstanceUser) -> None:
+        """The instance's own copy of its key, 0400 and its user's, in its workdir. The proxy keeps
+        reading the state dir's key folder: that decides which keys work."""
+        instance_users.write_owned(self.state.workdir(id_) / KEY_COPY, key.encode() + b"\n", user, 0o400)
+
+    def _drop_key_copy(self, id_: str) -> None:
+        (self.state.workdir(id_) / KEY_COPY).unlink(missing_ok=True)
+
     def rotate_key(self, spec: InstanceSpec) -> str:
         """Give the instance a new proxy key; the old one stops working as soon as the proxy reads
-        the key folder. Where the instance stored the old key (its custom endpoint's secret), the
-        new one goes. Returns the new key."""
+        the key folder. Where the instance stored the old key (its custom endpoint's secret, and
+        the copy its own user reads), the new one goes. Returns the new key."""
         old, new = self.keys.rotate(spec.id)
+        user = self.instance_user(spec)
+        if user is not None and self.state.workdir(spec.id).is_dir():
+            self._copy_key(spec.id, new, user)
         if old:
-            wiring.replace_key(self.desired.data_dir(spec.port), old, new)
+            with instance_users.acting_as(user):
+                wiring.replace_key(self.desired.data_dir(spec.port), old, new)
         return new
 
     async def close(self) -> None:

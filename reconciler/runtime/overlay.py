@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -24,6 +26,7 @@ from ..files import atomic_write
 
 SOURCE = "reconciler.stsource"   # the top-level stsource-changed/ folder, shipped inside the package
 RECORD = "cst-overlay.json"
+PLUGIN_ENTRY = "plugins/cst/index.mjs"   # the server plugin: its health route tells a start is ready
 # in stsource-changed/ but not laid: its own README, and what makes the folder a Python package
 _NOT_LAID = {"README.md", "__init__.py"}
 
@@ -104,9 +107,29 @@ def lay(install_root: Path, package_dir: Path, files: dict[str, bytes] | None = 
         (package_dir / rel).unlink(missing_ok=True)
         _prune_empty(package_dir / rel, package_dir)
         written.append(rel)
+    open_folders(package_dir, files)
     record = {"source": source_digest(files), "files": {rel: _sha256(data) for rel, data in files.items()}}
     atomic_write(install_root / RECORD, json.dumps(record, indent=2).encode() + b"\n")
     return written
+
+
+def open_folders(package_dir: Path, files: dict[str, bytes] | None = None) -> None:
+    """Let everyone read and enter the folders the overlay laid (its files are 0644): an instance
+    under a user of its own must load the plugin and the panel. Installs whose overlay folders were
+    made owner-only (0700, before instances had users of their own) are opened here too."""
+    files = overlay_files() if files is None else files
+    folders = {folder for rel in files for folder in (package_dir / rel).parents
+               if folder != package_dir and package_dir in folder.parents}
+    for folder in folders:
+        try:
+            mode = stat.S_IMODE(folder.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o055 != 0o055:
+            try:
+                os.chmod(folder, mode | 0o055)
+            except PermissionError:
+                continue   # a shared install of another user's: a start as an instance user says what it cannot reach
 
 
 def _prune_empty(path: Path, package_dir: Path) -> None:

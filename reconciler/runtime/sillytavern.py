@@ -154,7 +154,8 @@ def ready(version: str, state_dir: Path) -> str:
     """Install what is missing (never repairing an altered file), then verify; what was done.
 
     Raises InstallError naming each file that fails the check."""
-    _, done = install(version, state_dir)
+    rel, done = install(version, state_dir)
+    overlay.open_folders(rel.package_dir)   # installs laid before instances had users of their own
     found = verify(version, state_dir)
     if found:
         raise InstallError(f"sillytavern {version} fails verification: " + "; ".join(found))

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 from ..desired.model import port_of
-from ..files import atomic_write, private_dir
+from ..files import atomic_write, private_dir, tighten
+from . import instance_users
 
 
 @dataclass
@@ -70,7 +71,8 @@ class StateDir:
         return self.records_dir / f"{id_}.json"
 
     def workdir(self, id_: str) -> Path:
-        """Per-instance working directory: its config.yaml lives here, not in the shared install."""
+        """Per-instance working directory: its config.yaml lives here, not in the shared install
+        (and, when it runs under a user of its own, the copy of its proxy key it reads)."""
         return self.root / "run" / id_
 
     def log_path(self, id_: str) -> Path:
@@ -83,12 +85,20 @@ class StateDir:
     def archive_dir(self) -> Path:
         return self.root / "archive"
 
-    def ensure(self) -> None:
+    def ensure(self, searchable: bool = False) -> None:
         """Every folder owner-only: records, logs and archives hold users' data and secrets.
-        Modes are only tightened, never loosened."""
-        private_dir(self.root)
-        for sub in ("instances", "run", "logs", "archive", "secrets"):
-            private_dir(self.root / sub)
+        Modes are only tightened, never loosened, with one exception: ``searchable`` (instances
+        run under users of their own) lets others search the state dir and its ``run`` folder
+        (``o+x``: enter by name, never list) to reach their workdirs. That bit is never taken
+        away again here, so an instance keeps its way in while CST runs."""
+        for path in (self.root, *(self.root / sub for sub in ("instances", "run", "logs", "archive", "secrets"))):
+            if path in (self.root, self.root / "run"):
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tighten(path, 0o701)
+                if searchable:
+                    instance_users.searchable(path)
+            else:
+                private_dir(path)
 
     # records
     @staticmethod
