@@ -45,10 +45,24 @@ def _searchable(path: Path) -> None:
         path.chmod(mode | stat.S_IXOTH)
 
 
+def _reachable_by_instances(path: Path) -> None:
+    """The stand-in and the SillyTavern release live in this checkout: an instance's uid must be
+    able to search every folder above them. A checkout under a folder closed to others (say,
+    /root) gets the search bit there (enter by name, never list), said on stderr."""
+    for folder in [*reversed(path.parents), path]:
+        if folder.exists() and not stat.S_IMODE(folder.stat().st_mode) & stat.S_IXOTH:
+            sys.stderr.write(f"conftest: {folder} lets others search it now (o+x), so that instances "
+                             f"under uids of their own reach {path}\n")
+            _searchable(folder)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config) -> None:
     if not AS_ROOT or config.option.basetemp or os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    _reachable_by_instances(ROOT)
+    if os.environ.get("CST_SILLYTAVERN_HOME"):
+        _reachable_by_instances(Path(os.environ["CST_SILLYTAVERN_HOME"]))
     _SESSIONS.mkdir(mode=0o701, exist_ok=True)
     _searchable(_SESSIONS)
     old = sorted((p for p in _SESSIONS.iterdir() if p.name.startswith("run-")), key=lambda p: p.stat().st_mtime)
