@@ -50,7 +50,10 @@ servers:
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
+# the linters first: they take seconds, and their configuration is in pyproject.toml
 test: sillytavern browser servers
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern servers

@@ -46,8 +46,9 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(HERE / "proxy")]
-import bench as proxy_bench  # noqa: E402  (bench/proxy/bench.py: the keep-alive client, the fake upstream)
 from serve import answers, free_ports, wait  # noqa: E402  (bench/serve.py)
+
+import bench as proxy_bench  # noqa: E402  (bench/proxy/bench.py: the keep-alive client, the fake upstream)
 
 STANDIN = ROOT / "tests" / "standin" / "server.js"
 KEY = "bench-admin-key"

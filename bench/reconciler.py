@@ -25,8 +25,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reconciler.runtime import sillytavern  # noqa: E402
 from reconciler.engine.plan import Observed, Target, plan  # noqa: E402
+from reconciler.runtime import sillytavern  # noqa: E402
 
 STANDIN = ROOT / "tests" / "standin" / "server.js"
 VERSION = "1.19.0"

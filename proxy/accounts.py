@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from reconciler.desired.model import Account
-from reconciler.files import atomic_write, private_dir
 from reconciler.desired.secret_source import SecretUnavailable, read_secret
+from reconciler.files import atomic_write, private_dir
 from reconciler.tasks import BackgroundTasks
 
 from .pool import KeyInfo, KeyPool, mask

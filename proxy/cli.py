@@ -16,8 +16,8 @@ import click
 import uvloop
 
 from reconciler.desired.model import DesiredState, Listen, load
-from reconciler.desired.secret_source import SecretUnavailable
 from reconciler.desired.problems import InvalidDesiredState
+from reconciler.desired.secret_source import SecretUnavailable
 from reconciler.desired.validation import listen_problem, proxy_listen_problems
 from reconciler.desired.watch import changes_of
 
@@ -51,7 +51,7 @@ async def reload(path: Path, service: ProxyService) -> bool:
 async def follow(path: Path, service: ProxyService, stop: asyncio.Event) -> None:
     """Apply every change of ``path`` until ``stop`` is set."""
     async for _ in changes_of(path, stop):
-        if path.exists():  # mid-rename or deleted: wait for the next event
+        if await asyncio.to_thread(path.exists):  # mid-rename or deleted: wait for the next event
             await reload(path, service)
 
 

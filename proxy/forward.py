@@ -26,8 +26,8 @@ from multidict import CIMultiDict
 
 from .pool import Key, KeyPool, Outcome
 from .request_body import RequestFacts
-from .usage import Meter
 from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamNotSent, UpstreamResponse, UpstreamTimeout
+from .usage import Meter
 
 log = logging.getLogger("cst.proxy.forward")
 

@@ -273,7 +273,7 @@ class PostgresStore:
         """The rows and their daily totals, and the end of their holds, in one transaction."""
         if not rows:
             return
-        columns = [list(column) for column in zip(*rows)]
+        columns = [list(column) for column in zip(*rows, strict=True)]
         self._run(_WRITE, columns, then=("SELECT cst_end_holds(%s, NULL)", (columns[-1],)))
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:

@@ -63,7 +63,8 @@ def _decode_after(data: bytes, at: int, whole: bool) -> tuple[int, int] | None:
     return _tokens(usage)
 
 
-def _wait(whole: bool) -> None:
+def _wait(whole: bool) -> tuple[int, int] | None:
+    """No usage here (None) if the answer is whole; else raise _Incomplete: more may come."""
     if not whole:
         raise _Incomplete
     return None

@@ -24,16 +24,17 @@ from proxy.pool import mask
 from proxy.service import read_usage
 
 from .desired.model import DesiredState, TlsSettings, load, port_of
+from .desired.problems import InvalidDesiredState
 from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
-from .desired.problems import InvalidDesiredState
 from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import Report, Result, reconcile
 from .runtime import overlay, sillytavern
 from .runtime.base import LaunchImpossible
 from .runtime.local import LocalRuntime
-from .runtime.logfollow import MAX_LINES, follow as follow_log, last_lines
+from .runtime.logfollow import MAX_LINES, last_lines
+from .runtime.logfollow import follow as follow_log
 from .runtime.statedir import LockHeld, StateDir
 from .server.daemon import Daemon, DaemonError, tls_context
 
@@ -188,7 +189,7 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
     async def ask() -> tuple[int, dict]:
         timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(url.rstrip("/") + "/api/plan", data=file.read_bytes(),
+            async with session.post(url.rstrip("/") + "/api/plan", data=await asyncio.to_thread(file.read_bytes),
                                     headers={"X-ST-Admin-Key": key, "Content-Type": "application/yaml"}) as answer:
                 try:
                     body = await answer.json(content_type=None)
@@ -252,7 +253,7 @@ def _table(header: list[str], rows: list[list], output: str, caption: str) -> No
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     click.echo(caption)
     for row in cells:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _uptime(seconds: float | None) -> str:
@@ -280,7 +281,7 @@ def status(file: Path, output: str) -> None:
                          _uptime(r["uptime"]), str(r["restarts"]), r["dataDir"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @cli.command()

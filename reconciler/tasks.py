@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 T = TypeVar("T")
 
@@ -130,12 +130,12 @@ class LoopThread:
     def start(self) -> None:
         self._thread.start()
 
-    async def run(self, coro: Awaitable[T]) -> T:
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on this thread's loop and wait for it; cancelling the caller cancels it."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def close(self, timeout: float = 10.0,
-                    cleanup: Callable[[], Awaitable[None]] | None = None) -> bool:
+                    cleanup: Callable[[], Coroutine[Any, Any, None]] | None = None) -> bool:
         """Cancel what still runs there, wait for it to unwind, run ``cleanup`` there (what belongs
         to that loop, such as a client session), stop the loop and the thread.
 

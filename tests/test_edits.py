@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from reconciler.desired.shared_file import ChangeRefused, CurrentFileInvalid, DesiredFile, StaleVersion, sha256
 from reconciler.desired.edits import EditError, add_instance, remove_instance, set_instance_state
+from reconciler.desired.shared_file import ChangeRefused, CurrentFileInvalid, DesiredFile, StaleVersion, sha256
 from reconciler.desired.validation import check
 
 COMMENTED = """\

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 
 from conftest import CST, Project, free_ports, git, http_status, kill_all, standin_file, start_serve, wait_until
-
 from reconciler.server.git_repo import GitRepo, Kind
 
 KEY = "git-test-admin-key"

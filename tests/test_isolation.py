@@ -13,8 +13,17 @@ import httpx
 import psutil
 import pytest
 
-from conftest import (AS_ROOT, STANDIN, fake_upstream, free_ports, http_status, serve_settings, standin_file,
-                      start_serve, wait_until)
+from conftest import (
+    AS_ROOT,
+    STANDIN,
+    fake_upstream,
+    free_ports,
+    http_status,
+    serve_settings,
+    standin_file,
+    start_serve,
+    wait_until,
+)
 from reconciler.runtime import sillytavern
 
 SECRETS = {"CST_ADMIN_KEY": "secret-admin-key-1", "DAIDAI_PASSWORD": "secret-daidai-2",

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
 
 import reconciler
+from conftest import wait_until
 from reconciler.runtime import logs
 from reconciler.runtime.logfollow import follow, last_lines
 from reconciler.runtime.logs import rotate_log

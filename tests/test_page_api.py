@@ -17,8 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import (daidai_account, fake_daidai, free_ports, http_status, proxy_fakes, serve_settings, standin_file,
-                      wait_until)
+from conftest import (
+    daidai_account,
+    fake_daidai,
+    free_ports,
+    http_status,
+    proxy_fakes,
+    serve_settings,
+    standin_file,
+    wait_until,
+)
 from reconciler.engine.reconcile import Happened as H
 from reconciler.engine.reconcile import Report, Result
 from reconciler.runtime.logfollow import follow

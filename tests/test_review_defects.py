@@ -12,7 +12,6 @@ import pytest
 from multidict import CIMultiDict
 
 from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
-
 from reconciler.desired.model import load
 from reconciler.desired.problems import InvalidDesiredState
 from reconciler.desired.validation import MAX_PROBLEMS

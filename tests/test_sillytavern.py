@@ -1,7 +1,7 @@
 """End to end with the real SillyTavern release from the npm registry (marker: sillytavern)."""
 import os
-from pathlib import Path
 import signal
+from pathlib import Path
 
 import psutil
 import pytest

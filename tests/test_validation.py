@@ -172,8 +172,9 @@ def test_cli_validate_exit_codes(tmp_path):
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text("version: 1\ninstances:\n  - port: 8001\n")
     bad.write_text("version: 1\ninstances:\n  - port: 8001\n  - port: 8001\n")
-    run = lambda f: subprocess.run([sys.executable, "-m", "reconciler", "validate", "-f", str(f)],
-                                   capture_output=True, text=True)
+    def run(f):
+        return subprocess.run([sys.executable, "-m", "reconciler", "validate", "-f", str(f)],
+                              capture_output=True, text=True)
     ok = run(good)
     assert ok.returncode == 0 and "valid" in ok.stdout
     failed = run(bad)

@@ -24,13 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))
-from bench import (BUDGET, CALLER, CALLER_KEY, BODY, KEYS, paired, spawn, start_upstream, stop,  # noqa: E402
-                   throughput, wait_http)
 from postgres_cluster import PASSWORD, PostgresCluster  # noqa: E402
 
+from bench import BODY, BUDGET, CALLER, CALLER_KEY, KEYS, paired, spawn, start_upstream, stop, throughput, wait_http  # noqa: E402
+from proxy.postgres import PostgresStore  # noqa: E402
 from proxy.service import free_port  # noqa: E402
 from proxy.shared import KeyVerdict, SharedStore  # noqa: E402
-from proxy.postgres import PostgresStore  # noqa: E402
 
 PASSWORD_ENV = "BENCH_STORE_PASSWORD"
 med = statistics.median

@@ -135,7 +135,9 @@ def set_instance_state(text: str, port: int, state: str) -> str:
     if item.flow_style:
         close = text.rfind("}", item.start_mark.index, item.end_mark.index)
         return _splice(text, close, close, f", state: {state}")
-    port_key = _value(item, "port")[0]
+    port_entry = _value(item, "port")
+    assert port_entry is not None, "_find found the item by its port"
+    port_key = port_entry[0]
     starts = _line_starts(text)
     line = _last_line(item) + 1
     at = starts[line] if line < len(starts) else len(text)

@@ -212,8 +212,12 @@ class DesiredState:
         return self.settings.data_root / str(port)
 
 
-def _path(base: Path, value: str | None) -> Path | None:
-    return None if value is None else (base / Path(value).expanduser()).resolve()
+def _path(base: Path, value: str) -> Path:
+    return (base / Path(value).expanduser()).resolve()
+
+
+def _optional_path(base: Path, value: str | None) -> Path | None:
+    return None if value is None else _path(base, value)
 
 
 def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = ()) -> DesiredState:
@@ -230,7 +234,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
         logs=LogSettings(max_size=parse_size(logs["max_size"]), keep=logs["keep"]),
         sillytavern=SillyTavernSettings(
             version=st["version"],
-            server=_path(base, st.get("server")),
+            server=_optional_path(base, st.get("server")),
             listen_address=st["listen_address"],
             start_timeout=parse_duration(st["start_timeout"]),
             stop_timeout=parse_duration(st["stop_timeout"]),
@@ -257,7 +261,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
         ),
         usage=UsageSettings(timezone=usage.get("timezone"), retention=parse_duration(usage["retention"]),
                             store=usage.get("store"), store_password_env=usage.get("store_password_env"),
-                            store_password_file=_path(base, usage.get("store_password_file")),
+                            store_password_file=_optional_path(base, usage.get("store_password_file")),
                             on_store_down=usage["on_store_down"]),
     )
     git = raw.get("git")
@@ -271,11 +275,11 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             provider=a["provider"],
             email=a.get("email"),
             password_env=a.get("password_env"),
-            password_file=_path(base, a.get("password_file")),
+            password_file=_optional_path(base, a.get("password_file")),
             api_base=a["api_base"].rstrip("/"),
             refresh=parse_duration(a["refresh"]),
             keys_env=a.get("keys_env"),
-            keys_file=_path(base, a.get("keys_file")),
+            keys_file=_optional_path(base, a.get("keys_file")),
         )
         for a in data["accounts"]
     )

@@ -48,7 +48,7 @@ class _Loader(yaml.SafeLoader):
         super().__init__(text)
         self._depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -96,7 +96,7 @@ class Located:
         self.file = file
         self.lines: dict[YamlPath, int] = {}
         self.problems: list[Problem] = []
-        self.data = None
+        self.data: Any = None   # the document as plain values, once built
         self._constructor = yaml.SafeLoader("")
         self._built = 0
         self._open: set[int] = set()  # ids of the nodes being built: an alias to one of them loops
@@ -136,6 +136,7 @@ class Located:
         try:
             if isinstance(node, yaml.SequenceNode):
                 return [self._build(item, (*path, i)) for i, item in enumerate(node.value)]
+            assert isinstance(node, yaml.MappingNode)
             return self._mapping(node, path)
         finally:
             self._open.discard(id(node))

@@ -82,7 +82,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         return path, f"missing required key '{missing}'"
     if kind == "type":
         types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        expected = " or ".join(_YAML_TYPE_NAMES.get(t, t) for t in types)
+        expected = " or ".join(_YAML_TYPE_NAMES.get(t, str(t)) for t in types)
         return path, f"expected {expected}, got {yaml_type(value)} {quoted}"
     if kind == "enum":
         choices = ", ".join(str(c) for c in error.validator_value)

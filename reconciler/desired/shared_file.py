@@ -29,7 +29,6 @@ from .model import DesiredState, parse
 from .problems import InvalidDesiredState, Problem
 from .safe_yaml import decode, read_text
 
-
 _SETTLE_TRIES = 5
 _SETTLE_PAUSE = 0.05
 _LOCK_POLL = 0.01

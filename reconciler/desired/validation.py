@@ -37,7 +37,9 @@ def parse_duration(value: float | int | str) -> float:
     """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``)."""
     if isinstance(value, (int, float)):
         return float(value)
-    number, unit = _DURATION.match(value).groups()
+    match = _DURATION.match(value)
+    assert match is not None, "the schema lets only durations through"
+    number, unit = match.groups()
     return float(number) * _UNIT_SECONDS[unit]
 
 
@@ -45,7 +47,9 @@ def parse_size(value: int | str) -> int:
     """Bytes from a schema-checked size (``1048576``, ``"512MiB"``, ``"1.5GiB"``)."""
     if isinstance(value, int):
         return value
-    number, unit = _SIZE.match(value).groups()
+    match = _SIZE.match(value)
+    assert match is not None, "the schema lets only sizes through"
+    number, unit = match.groups()
     return int(float(number) * _UNIT_BYTES[unit])
 
 def _listen_port(value: str) -> int:
@@ -318,7 +322,7 @@ def store_problem(url: str) -> str | None:
     file (kept in git, shown by the API): it comes from the environment or a 0600 file."""
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port   # raises on a port that is not a number
+        _ = parts.port   # raises on a port that is not a number
         query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
         return f"{shown.repr(url)} is not a PostgreSQL URL ({exc})"

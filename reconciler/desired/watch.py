@@ -22,7 +22,7 @@ async def changes_of(path: Path, stop: asyncio.Event, debounce_ms: int = 150) ->
     watch was being set up (just after start-up, or while a failed watcher was restarted) is
     then not missed. The folder is watched, not the file: editors and ``git checkout`` save by
     renaming a new file over the old one, which a watch on the old file would miss."""
-    target = str(path.resolve())
+    target = str(await asyncio.to_thread(path.resolve))
     in_place = False
     async for changes in watchfiles.awatch(Path(target).parent, watch_filter=lambda _, changed: changed == target,
                                            stop_event=stop, debounce=debounce_ms, step=25, recursive=False,

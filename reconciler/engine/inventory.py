@@ -17,8 +17,8 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
     rows = []
     for id_ in list(declared) + sorted(set(records) - set(declared)):
         spec, seen, record = declared.get(id_), observed.get(id_), records.get(id_)
-        port = spec.port if spec else record.port
-        status = seen.status if seen else "stopped"
+        port = spec.port if spec else records[id_].port
+        status: str = seen.status if seen else "stopped"
         held = errored(id_)
         if held and status != "running":
             status = "errored"
@@ -29,7 +29,7 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
             "desired": spec.state if spec else "absent",
             "status": status,
             "detail": held or (seen.holder if seen and seen.holder else ""),
-            "pid": seen.pid if status == "running" else None,
+            "pid": seen.pid if seen and status == "running" else None,
             "startTime": record.started_at if record and status == "running" else None,
             "uptime": round(time.time() - started, 1) if started else None,
             "restarts": record.restarts if record else 0,

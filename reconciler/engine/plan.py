@@ -68,11 +68,11 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
         return act(Kind.OK)
 
     # running is wanted
-    if status == "port-taken":
+    if seen is not None and seen.status == "port-taken":
         return act(Kind.FAIL, f"port {target.port} is held by another process ({seen.holder})")
     if target.problem:
         return act(Kind.FAIL, target.problem)
-    if status == "running":
+    if seen is not None and seen.status == "running":
         if seen.fingerprint != target.fingerprint:
             return adopted + act(Kind.RESTART, "restarted: settings changed")
         if restart:

@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Mapping
 
 import psutil
 
-from .reconcile import Happened, Result
 from ..desired.model import DesiredState
 from .plan import Observed
+from .reconcile import Happened, Result
 
 BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time
 BACKOFF_CAP = 300.0

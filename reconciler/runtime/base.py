@@ -67,7 +67,7 @@ class Runtime(Protocol):
     def forget_pid(self, id_: str) -> None:
         """The instance's process is gone: remember it as stopped."""
 
-    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> None:
+    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> object:
         """Start the instance and return once it answers; raises StartFailed."""
 
     async def stop(self, id_: str) -> None:

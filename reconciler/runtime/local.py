@@ -16,16 +16,15 @@ from pathlib import Path
 
 import psutil
 
-from . import instance_users, overlay, sillytavern, wiring
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
+from . import instance_users, overlay, sillytavern, wiring
 from .base import LaunchImpossible, Observed, Preparation, StartFailed
 from .environment import child_environment
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
-from .launch import (ENV_FINGERPRINT, ENV_INSTANCE, ENV_PROXY_KEY_FILE, ENV_PROXY_URL, ENV_STATE_DIR,
-                     LaunchSpec)
+from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_PROXY_KEY_FILE, ENV_PROXY_URL, ENV_STATE_DIR, LaunchSpec
 from .logs import open_log, rotate_log, tail
 from .observe import observe
 from .processes import iso_utc, terminate, utc_now
@@ -215,11 +214,11 @@ class LocalRuntime:
                 if done:
                     log.write(f"--- cst: {done}\n".encode())
             log.flush()
-            as_user = {} if user is None else {"user": user.uid, "group": user.gid, "extra_groups": []}
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: ASYNC220 -- a fork and exec, on the pass's own loop
                 launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                umask=_INSTANCE_UMASK, **as_user)
+                umask=_INSTANCE_UMASK, user=user.uid if user else None, group=user.gid if user else None,
+                extra_groups=[] if user else None)
         record = Record(
             id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
             create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),

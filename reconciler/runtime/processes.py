@@ -119,8 +119,12 @@ def _signal(pidfd: int, pid: int, sig: signal.Signals) -> bool:
 async def _exits_within(pidfd: int, seconds: float) -> bool:
     """Whether the process exits within ``seconds``: a pidfd turns readable when it does."""
     loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+    loop.add_reader(pidfd, readable)
     try:
         async with asyncio.timeout(seconds):
             await exited

@@ -11,9 +11,9 @@ import asyncio
 import hmac
 import ipaddress
 import json
-from dataclasses import asdict
 import logging
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Awaitable, Callable
@@ -21,15 +21,15 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from .. import __version__
-from . import logstream, responses, usage
-from .admin_page import Page
-from .backup import MANIFEST, zip_stream
 from ..desired.edits import instance_lines
 from ..desired.model import IPNetwork, instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
-from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..desired.schema import SCHEMAS
+from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..engine.reconcile import reconcile
+from . import logstream, responses, usage
+from .admin_page import Page
+from .backup import MANIFEST, zip_stream
 from .control import Control, NotConverged
 from .fleet import ApiError, Fleet, change_note
 from .keypool import pool_document
@@ -44,7 +44,7 @@ LIMITER = web.AppKey("limiter", FailureLimiter)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
 PAGE = web.AppKey("page", Page)
-STREAMS = web.AppKey("streams", set)  # the tasks serving open streams
+STREAMS = web.AppKey("streams", set[asyncio.Task])  # the tasks serving open streams
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -269,7 +269,7 @@ async def get_desired(request: web.Request) -> web.Response:
     return _json({
         "path": str(daemon.file.path), "text": snapshot.text, "sha256": snapshot.sha256,
         "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
-        "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.valid else [],
+        "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.desired is not None else [],
         # a valid file only (the loader's limits held for it), and off the loop that relays chats
         "instances": {instance_id(port): {"from": first, "to": last}
                       for port, (first, last) in (await asyncio.to_thread(instance_lines, snapshot.text)
@@ -377,6 +377,7 @@ def _stream(handler: Handler) -> Handler:
     """Mark a handler whose response stays open, so shutdown can end it."""
     async def streaming(request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
+        assert task is not None, "a handler runs in a task"
         request.app[STREAMS].add(task)
         try:
             return await handler(request)
@@ -387,7 +388,8 @@ def _stream(handler: Handler) -> Handler:
 
 async def _end_streams(app: web.Application) -> None:
     # an open stream would otherwise hold the shutdown for the runner's whole timeout (60 s)
-    for task in list(app[STREAMS]):
+    streams: set[asyncio.Task] = app[STREAMS]
+    for task in list(streams):
         task.cancel()
 
 

@@ -56,6 +56,9 @@ class _QueueWriter:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:   # the queue is ended by the reader's side
+        pass
+
 
 class _Cancelled(Exception):
     """The reader went away: stop zipping."""

@@ -63,12 +63,12 @@ class DaemonError(Exception):
 
 class Daemon:
     def __init__(self, file: DesiredFile, snapshot: Snapshot):
-        if not snapshot.valid:
+        if snapshot.desired is None:
             raise DaemonError("\n".join(str(p) for p in snapshot.problems))
         self.file = file
         self.snapshot = snapshot                 # the file as last read (may be invalid)
         self.desired: DesiredState = snapshot.desired  # the last valid desired state: what is enforced
-        self.started_with = snapshot.desired      # its settings that need a restart stay in force
+        self.started_with = self.desired          # its settings that need a restart stay in force
         self.restart_needed: tuple[str, ...] = ()  # those the file has changed since
         self.enforced_sha256 = snapshot.sha256
         self.pid = os.getpid()
@@ -109,7 +109,7 @@ class Daemon:
         previous = self.snapshot
         self.snapshot = snapshot
         self.events.file_read(previous, snapshot)
-        if not snapshot.valid:
+        if snapshot.desired is None:
             for problem in snapshot.problems:
                 log.error("desired.yaml is invalid, keeping the last valid state: %s", problem)
             return
@@ -148,6 +148,7 @@ class Daemon:
                     await self._done.wait_for(lambda: self._completed >= ticket)
         except TimeoutError:
             raise NotConverged(waited, self.pending()) from None
+        assert self.last_report is not None, "a pass has completed"
         return self.last_report
 
     def pending(self) -> str:

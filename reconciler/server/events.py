@@ -203,7 +203,7 @@ class EventHub:
                     await response.write(f"retry: 2000\nid: {self.last_id}\nevent: reset\ndata: {{}}\n\n".encode())
                     sent = self._seq
                 else:
-                    sent = int(last.partition("-")[2])
+                    sent = int((last or "").partition("-")[2])
                     for event in backlog:
                         await response.write(event.encode())
                         sent = event.seq

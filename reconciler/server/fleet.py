@@ -19,7 +19,7 @@ from typing import Any
 from proxy.pool import mask
 
 from ..desired import edits
-from ..desired.model import DesiredState, instance_id, parse, port_of
+from ..desired.model import DesiredState, InstanceSpec, instance_id, parse, port_of
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
@@ -118,12 +118,12 @@ class Fleet:
             raise ApiError(404, "not_found", id=id_[:40])
         return port
 
-    def _declared(self, id_: str) -> int:
-        """The port of a declared instance; 404 for anything else."""
-        port = port_of(id_)
-        if port is None or self.desired.instance(id_) is None:
+    def _declared(self, id_: str) -> InstanceSpec:
+        """A declared instance; 404 for anything else."""
+        spec = self.desired.instance(id_) if port_of(id_) is not None else None
+        if spec is None:
             raise ApiError(404, "not_found", id=id_[:40])
-        return port
+        return spec
 
     def data_dir(self, id_: str) -> Path:
         port = self._known(id_)
@@ -224,9 +224,10 @@ class Fleet:
                 "startTime": row["startTime"], "password": password}
 
     async def set_state(self, id_: str, state: str, client: str) -> dict:
-        port = self._declared(id_)
+        spec = self._declared(id_)
+        port = spec.port
         failure_key = "stop_failed" if state == "stopped" else "start_failed"
-        if self.desired.instance(id_).state != state:
+        if spec.state != state:
             verb = "stop" if state == "stopped" else "start"
             await self._edit(lambda text: edits.set_instance_state(text, port, state), failure_key,
                              change_note(f"{verb} {id_}", client))
@@ -236,8 +237,7 @@ class Fleet:
         return {"id": id_, "status": row["status"], "message_key": "started" if state == "running" else "stopped"}
 
     async def restart(self, id_: str) -> dict:
-        self._declared(id_)
-        if self.desired.instance(id_).state != "running":
+        if self._declared(id_).state != "running":
             raise ApiError(409, "restart_failed", reason=f"{id_} is stopped in desired.yaml; start it instead")
         self.daemon.supervisor.forget(id_)
         self.daemon.supervisor.request_restart(id_, "asked through the API")
@@ -246,8 +246,7 @@ class Fleet:
         return {"id": id_, "status": row["status"], "message_key": "restarted"}
 
     async def reset_password(self, id_: str) -> dict:
-        self._declared(id_)
-        spec = self.desired.instance(id_)
+        spec = self._declared(id_)
         if spec.password_env:
             raise ApiError(409, "password_from_env", id=id_, env=spec.password_env)
         password = str(uuid.uuid4())
@@ -260,8 +259,7 @@ class Fleet:
         return {"id": id_, "password": password}
 
     async def rotate_key(self, id_: str) -> dict:
-        self._declared(id_)
-        spec = self.desired.instance(id_)
+        spec = self._declared(id_)
         if not spec.proxy:
             raise ApiError(409, "proxy_off", id=id_)
         runtime = LocalRuntime(self.desired)

@@ -29,7 +29,7 @@ def _now() -> str:
 
 class GitFollower:
     def __init__(self, file: DesiredFile, settings: Callable[[], GitSettings | None],
-                 merged: Callable[[], Awaitable[None]], announce: Callable[[dict[str, Any]], None]):
+                 merged: Callable[[], Awaitable[None]], announce: Callable[[dict[str, Any]], object]):
         """``settings``: the settings in force now; ``merged``: re-read the file after a merge;
         ``announce``: an event for the page."""
         self.file = file

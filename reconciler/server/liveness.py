@@ -39,4 +39,4 @@ async def check(desired: DesiredState, report: Report | None, checks: HealthChec
         return {}
     probes = await asyncio.to_thread(_to_probe, desired, report)
     answers = await asyncio.gather(*(checks.probe(launch, has_overlay) for launch, has_overlay in probes))
-    return dict(zip((launch.id for launch, _ in probes), answers))
+    return dict(zip((launch.id for launch, _ in probes), answers, strict=True))

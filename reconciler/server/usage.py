@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from proxy.budget import UsageBook, daily_document
 from proxy.callers import ANONYMOUS, CLIENT
 from proxy.service import ProxyService
+
 from ..desired.model import DesiredState, port_of
 from .fleet import ApiError
 

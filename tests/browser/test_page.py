@@ -15,8 +15,18 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from conftest import (Project, daidai_account, fake_daidai, free_ports, http_status, kill_all, proxy_fakes,
-                      serve_settings, standin_file, start_serve)
+from conftest import (
+    Project,
+    daidai_account,
+    fake_daidai,
+    free_ports,
+    http_status,
+    kill_all,
+    proxy_fakes,
+    serve_settings,
+    standin_file,
+    start_serve,
+)
 
 KEY = "page-test-admin-key"
 PASSWORD = "daidai-password"

@@ -8,7 +8,6 @@ import threading
 import time
 
 from conftest import eventually
-
 from reconciler.tasks import BackgroundTasks, LoopThread
 
 FAST = (0.01, 0.08)  # backoff: 10 ms doubling to 80 ms

@@ -8,7 +8,6 @@ import os
 import shutil
 
 from conftest import STANDIN, free_ports, http_status, serve_settings, wait_until
-
 from reconciler.runtime import overlay
 
 

@@ -13,10 +13,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))  # the proxy tests' fakes and fixtures
 
-from conftest import eventually  # noqa: E402
 from fakes import FakeDaiDai, FakeUpstream, daidai_key  # noqa: E402
 from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: E402,F401
 
+from conftest import eventually  # noqa: E402
 from proxy import accounts  # noqa: E402
 
 CUT, SLOW, GOOD = "sk-cut-aaaaaaaaaaaa0001", "sk-slow-bbbbbbbbbbbb0002", "sk-good-cccccccccccc0003"

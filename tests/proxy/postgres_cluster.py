@@ -87,7 +87,7 @@ class PostgresCluster:
                 return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("PostgreSQL did not start:\n" + (self.folder / "server.log").read_text()[-2000:])
+                    raise RuntimeError("PostgreSQL did not start:\n" + (self.folder / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -11,7 +11,6 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import openai
 import pytest
-
 from fakes import FakeDaiDai, FakeUpstream
 
 from proxy.service import ProxyService, free_port

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import aiohttp
 import openai
+from fakes import FakeDaiDai, FakeUpstream, daidai_key
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
-from fakes import FakeDaiDai, FakeUpstream, daidai_key
 from proxy.accounts import AccountManager
 from proxy.pool import KeyPool
 from proxy.service import free_port

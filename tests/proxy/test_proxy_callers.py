@@ -6,11 +6,10 @@ import time
 import aiohttp
 import openai
 import pytest
+from fakes import PROMPT_TOKENS, FakeUpstream
+from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually
-from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
-from fakes import PROMPT_TOKENS, FakeUpstream
-
 from proxy.budget import UsageBook
 from proxy.calendar import Calendar
 from proxy.ledger import Row

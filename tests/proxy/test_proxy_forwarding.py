@@ -10,9 +10,8 @@ import time
 import aiohttp
 import openai
 import pytest
-
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import FakeUpstream, throwaway_tls
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
 GOOD2 = "sk-good-bbbbbbbbbbbbbbbb2222"

@@ -8,9 +8,8 @@ import json
 import aiohttp
 import openai
 import pytest
-
-from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 from fakes import FakeUpstream
+from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 from test_proxy_upstream import HOSTILE, RawServer
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"

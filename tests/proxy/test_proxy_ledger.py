@@ -16,11 +16,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from fakes import PROMPT_TOKENS, FakeUpstream
+from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually, wait_until
-from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
-from fakes import PROMPT_TOKENS, FakeUpstream
-
 from proxy.budget import Limit, Refusal, Reservation, UsageBook
 from proxy.calendar import Calendar
 from proxy.ledger import _SCHEMA, COLUMNS, LedgerWriter, Row, SqliteStore

@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from fakes import FakeUpstream
+from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually
-from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: F401 (fixtures)
-from fakes import FakeUpstream
 from proxy.cli import follow
 from proxy.service import ProxyService, free_port
 from reconciler.desired.model import load

@@ -23,12 +23,11 @@ import aiohttp
 import openai
 import pytest
 import trustme
-
-from conftest import eventually, fake_upstream, free_ports, http_status, standin_file, wait_until
 from fakes import FakeUpstream
 from postgres_cluster import PASSWORD, PostgresCluster
 from proxy_fixtures import upstream  # noqa: F401  (a fixture)
 
+from conftest import eventually, fake_upstream, free_ports, http_status, standin_file, wait_until
 from proxy.ledger import Row, StoreUnavailable
 from proxy.postgres import PostgresStore, connection_settings
 from proxy.service import ProxyService
