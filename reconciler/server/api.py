@@ -3,7 +3,7 @@
 Handlers only translate HTTP into ``Fleet`` calls and back; the middlewares do
 authentication (constant-time comparison of ``X-ST-Admin-Key``, wrong keys limited per
 client address) and turn every error into ``{"error": "..."}`` in the caller's language,
-with no traceback.
+with no traceback. Every route needs the key but those in ``PUBLIC_ROUTES`` (deny by default).
 """
 from __future__ import annotations
 
@@ -120,24 +120,46 @@ def _caller(request: web.Request) -> str | None:
     return client_address(request, request.app[DAEMON].desired.settings.api.trusted_proxies)
 
 
+# The only routes answered without the admin key, as (method, route pattern): liveness, and the
+# admin page with its static files (it holds no secret and asks for the key once loaded). Every
+# other route needs the key, one added later too, and so does a path no route matches (a 404 or
+# 405 tells nothing without it). HEAD follows its GET.
+PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/health"),
+    ("GET", "/"),
+    ("GET", "/page/{name}"),
+})
+
+
+def is_public(request: web.BaseRequest) -> bool:
+    """Whether the route ``request`` matched is one of ``PUBLIC_ROUTES`` (decided by the route
+    the router matched, never by the path's spelling)."""
+    route = request.match_info.route
+    if route.resource is None:  # no route matched: a 404 or 405
+        return False
+    method = "GET" if route.method == "HEAD" else route.method
+    return (method, route.resource.canonical) in PUBLIC_ROUTES
+
+
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
-        limiter = request.app[LIMITER]
-        caller = _caller(request)
-        wait = limiter.retry_after(caller)
-        if wait:
-            if limiter.first_refusal(caller):
-                log.warning("too many wrong admin keys from %s: refusing it for now", caller)
-            response = _error(request, 429, "too_many_failures", seconds=wait)
-            response.headers["Retry-After"] = str(wait)
-            return response
-        given = request.headers.get("X-ST-Admin-Key")
-        if not given:  # not a guess: not counted
-            return _error(request, 401, "missing_admin_key")
-        if not key_matches(given, request.app[ADMIN_KEY]):
-            limiter.failed(caller)
-            return _error(request, 401, "invalid_admin_key")
+    if is_public(request):
+        return await handler(request)
+    limiter = request.app[LIMITER]
+    caller = _caller(request)
+    wait = limiter.retry_after(caller)
+    if wait:
+        if limiter.first_refusal(caller):
+            log.warning("too many wrong admin keys from %s: refusing it for now", caller)
+        response = _error(request, 429, "too_many_failures", seconds=wait)
+        response.headers["Retry-After"] = str(wait)
+        return response
+    given = request.headers.get("X-ST-Admin-Key")
+    if not given:  # not a guess: not counted
+        return _error(request, 401, "missing_admin_key")
+    if not key_matches(given, request.app[ADMIN_KEY]):
+        limiter.failed(caller)
+        return _error(request, 401, "invalid_admin_key")
     return await handler(request)
 
 
@@ -443,7 +465,8 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app[STREAMS] = set()
     app.on_shutdown.append(_end_streams)
     app.router.add_get("/", page_index)
-    app.router.add_get("/page/{name}", page_file)
+    # the whole folder: a name the page does not have ("/page/", "/page/a/b") is its 404, not a 401
+    app.router.add_get("/page/{name:.*}", page_file)
     app.router.add_get("/api/events", _stream(events))
     app.router.add_get("/api/instances/{id}/logs", _stream(instance_logs))
     app.router.add_get("/api/pool", pool)
