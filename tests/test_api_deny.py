@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from reconciler.desired.schema import SCHEMAS
 from reconciler.desired.shared_file import DesiredFile
-from reconciler.desired.validation import SCHEMAS
 from reconciler.server import api
 from reconciler.server.daemon import Daemon
 

@@ -131,7 +131,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-def is_public(request: web.BaseRequest) -> bool:
+def is_public(request: web.Request) -> bool:
     """Whether the route ``request`` matched is one of ``PUBLIC_ROUTES`` (decided by the route
     the router matched, never by the path's spelling)."""
     route = request.match_info.route
