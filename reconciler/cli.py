@@ -29,7 +29,8 @@ from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
-from .engine.reconcile import Report, Result, reconcile
+from .engine.reconcile import reconcile
+from .engine.results import Report, Result
 from .runtime import overlay, sillytavern
 from .runtime.base import LaunchImpossible
 from .runtime.local import LocalRuntime
@@ -135,8 +136,9 @@ def apply(file: Path, check: bool, diff: bool, wait: float, remote: str | None, 
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         click.echo(report.recap_line())
-    if report.count("failed"):
-        raise Failed(f"{report.count('failed')} failed (see above)")
+    if report.count("failed") or report.halt:
+        raise Failed(f"{report.count('failed')} failed (see above)" if report.count("failed") else
+                     "the rollout stands halted (see above); it goes on when the file asks for another release")
 
 
 def _day_option(name: str, dest: str, help_: str):

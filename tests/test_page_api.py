@@ -27,8 +27,8 @@ from conftest import (
     standin_file,
     wait_until,
 )
-from reconciler.engine.reconcile import Happened as H
-from reconciler.engine.reconcile import Report, Result
+from reconciler.engine.results import Happened as H
+from reconciler.engine.results import Report, Result
 from reconciler.runtime.logfollow import follow
 from reconciler.runtime.logs import rotate_log
 from reconciler.server.events import KEEP, EventHub, changes

@@ -206,7 +206,7 @@ async def test_a_stop_is_bounded_when_the_process_outlives_sigkill(monkeypatch: 
 async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from reconciler.engine.reconcile import Report, Result
+    from reconciler.engine.results import Report, Result
     from reconciler.runtime.base import Observed
     from reconciler.runtime.health import HealthChecks
     from reconciler.runtime.local import LocalRuntime
@@ -232,7 +232,7 @@ async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, mon
 
 
 def test_backoff_follows_the_kind_of_a_result_not_its_wording(project: Project) -> None:
-    from reconciler.engine.reconcile import Happened, Result
+    from reconciler.engine.results import Happened, Result
     from reconciler.engine.supervision import Supervisor
     from reconciler.runtime.base import Observed
     (port,) = free_ports(1)

@@ -61,6 +61,15 @@ class UserSettings:
 
 
 @dataclass(frozen=True)
+class RolloutSettings:
+    """How a change of release goes through the fleet (``settings.sillytavern.rollout``)."""
+
+    canary: int = _default("settings", "sillytavern", "rollout", "canary")
+    batch: int = _default("settings", "sillytavern", "rollout", "batch")
+    pause: float = parse_duration(_default("settings", "sillytavern", "rollout", "pause"))
+
+
+@dataclass(frozen=True)
 class SillyTavernSettings:
     version: str = _default("settings", "sillytavern", "version")
     server: Path | None = None
@@ -68,6 +77,7 @@ class SillyTavernSettings:
     start_timeout: float = parse_duration(_default("settings", "sillytavern", "start_timeout"))
     stop_timeout: float = parse_duration(_default("settings", "sillytavern", "stop_timeout"))
     users: UserSettings = UserSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
 
 @dataclass(frozen=True)
@@ -239,6 +249,8 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             start_timeout=parse_duration(st["start_timeout"]),
             stop_timeout=parse_duration(st["stop_timeout"]),
             users=UserSettings(isolate=st["users"]["isolate"], uid_from=st["users"]["uid_from"]),
+            rollout=RolloutSettings(canary=st["rollout"]["canary"], batch=st["rollout"]["batch"],
+                                    pause=parse_duration(st["rollout"]["pause"])),
         ),
         api=ApiSettings(
             listen=Listen.parse(api["listen"]),

@@ -102,7 +102,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{quoted} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync",
-                                                    "retention", "every"):
+                                                    "retention", "every", "pause"):
         return path, f"{quoted} is not a duration (a number of seconds, or like 30s, 5m, 1h, 90d)"
     return path, error.message
 

@@ -31,6 +31,8 @@ class Kind(str, Enum):
     FORGET_PID = "forget-pid"       # record says running, process is gone, and stopped is wanted
     START = "start"
     RESTART = "restart"
+    UPGRADE = "upgrade"             # running another release than the file asks for: rolled out one
+                                    # instance at a time, a snapshot first (see engine.rollout)
     STOP = "stop"
     REMOVE = "remove"               # stop, archive the data dir, drop the record
     BACK_OFF = "back-off"           # should run, but its restarts are backing off after repeated
@@ -38,7 +40,7 @@ class Kind(str, Enum):
     FAIL = "fail"                   # cannot be done; reason says why
 
 
-CHANGES = {Kind.START, Kind.RESTART, Kind.STOP, Kind.REMOVE}
+CHANGES = {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP, Kind.REMOVE}
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,15 @@ class Action:
     id: str
     port: int
     reason: str = ""
+    release: str = ""               # UPGRADE: the release to run
 
     @property
     def changes(self) -> bool:
         return self.kind in CHANGES
 
 
-def _for_declared(target: Target, seen: Observed | None, hold: str | None, restart: str | None) -> list[Action]:
+def _for_declared(target: Target, seen: Observed | None, hold: str | None, restart: str | None,
+                  halted: str | None) -> list[Action]:
     def act(kind: Kind, reason: str = "") -> list[Action]:
         return [Action(kind, target.id, target.port, reason)]
 
@@ -73,6 +77,11 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
     if target.problem:
         return act(Kind.FAIL, target.problem)
     if seen is not None and seen.status == "running":
+        if seen.release and target.release and seen.release != target.release:
+            if halted:   # the rollout stopped: instances not reached stay on their release until the file changes
+                return adopted + act(Kind.OK, f"on {seen.release}: {halted}")
+            return adopted + [Action(Kind.UPGRADE, target.id, target.port,
+                                     f"upgraded: {seen.release} -> {target.release}", target.release)]
         if seen.fingerprint != target.fingerprint:
             return adopted + act(Kind.RESTART, "restarted: settings changed")
         if restart:
@@ -80,23 +89,30 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
         return adopted or act(Kind.OK)
     if hold:
         return act(Kind.BACK_OFF, hold)
+    # its data was last used by another release: a snapshot first (release set), as in a rollout
+    moving = seen.release if seen and seen.release and target.release and seen.release != target.release else None
+    release = target.release if moving else ""
     if status == "crashed":
-        return act(Kind.START, "restarted: process had exited")
-    return act(Kind.START, "started")
+        return [Action(Kind.START, target.id, target.port, "restarted: process had exited", release)]
+    return [Action(Kind.START, target.id, target.port, f"started (was on {moving})" if moving else "started",
+                   release)]
 
 
 def plan(targets: Sequence[Target], observed: Mapping[str, Observed],
-         hold: Mapping[str, str] | None = None, restart: Mapping[str, str] | None = None) -> list[Action]:
+         hold: Mapping[str, str] | None = None, restart: Mapping[str, str] | None = None,
+         halted: str | None = None) -> list[Action]:
     """Actions that make ``observed`` match ``targets``; instances known but undeclared are removed.
 
     ``hold`` names instances whose (re)start must wait, with why (crash backoff); ``restart``
-    names running instances to restart anyway, with why (memory limit, an operator's request).
+    names running instances to restart anyway, with why (memory limit, an operator's request);
+    ``halted`` says why a rollout stands halted: no instance changes release meanwhile.
     """
     hold, restart = hold or {}, restart or {}
     actions: list[Action] = []
     declared = {t.id for t in targets}
     for target in targets:
-        actions.extend(_for_declared(target, observed.get(target.id), hold.get(target.id), restart.get(target.id)))
+        actions.extend(_for_declared(target, observed.get(target.id), hold.get(target.id), restart.get(target.id),
+                                     halted))
     for id_, seen in sorted(observed.items()):
         if id_ not in declared and seen.status != "port-taken":
             actions.append(Action(Kind.REMOVE, id_, seen.port, "removed: data archived"))

@@ -11,93 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass, field
-from enum import Enum
 from itertools import groupby
-from typing import Callable, Literal, Mapping
+from typing import Callable, Mapping
 
 import psutil
 
 from ..desired.model import DesiredState, InstanceSpec
 from ..runtime.base import LaunchImpossible, Observed, Runtime, StartFailed
 from ..runtime.local import LocalRuntime
+from ..runtime.processes import utc_now
 from .plan import Action, Kind, Target, plan
+from .results import Happened, Report, Result
+from .rollout import Halt, roll_out, stands
 
-Outcome = Literal["ok", "changed", "failed"]
 # the daemon's policies (crash backoff, memory limit): given what was observed, which instances
 # to hold back and which to restart anyway, each with why
 Hints = Callable[[Mapping[str, Observed]], tuple[Mapping[str, str], Mapping[str, str]]]
 
 log = logging.getLogger("cst.reconcile")
-
-
-class Happened(str, Enum):
-    """What a result is, for code to decide on: ``detail`` is for people and may be reworded."""
-
-    UNCHANGED = "unchanged"
-    ADOPTED = "adopted"             # found running without a record; now recorded
-    FORGOTTEN = "forgotten"         # its process was gone and stopped is wanted: record cleared
-    STARTED = "started"
-    RESTARTED = "restarted"         # detail says why (settings changed, memory, an operator...)
-    STOPPED = "stopped"
-    REMOVED = "removed"             # stopped and archived
-    HELD = "held"                   # should run, but its restarts are backing off
-    IMPOSSIBLE = "impossible"       # cannot be done as declared (a taken port, an unset variable)
-    START_FAILED = "start-failed"   # started, but did not come up
-    ACTION_FAILED = "action-failed"  # an action raised (a stop that would not end, an I/O error)
-    RELEASE_READY = "release-ready"  # the release was installed or repaired (id: the release)
-    RELEASE_FAILED = "release-failed"
-
-
-@dataclass(frozen=True)
-class Result:
-    id: str
-    outcome: Outcome
-    detail: str = ""
-    before: str = ""        # observed status before the pass (for --diff)
-    after: str = ""         # what it should be after
-    archive: str = ""       # where a removed instance's data went
-    happened: Happened = Happened.UNCHANGED
-    cause: str = ""         # a failure's own first line, without what was being done ("exited with code 7 ...")
-
-    def line(self) -> str:
-        return f"{self.outcome}: {self.id}" + (f" ({self.detail})" if self.detail else "")
-
-    def lines(self, diff: bool) -> list[str]:
-        """What ``cst apply`` prints for this result; ``diff``: also observed -> desired."""
-        if diff and self.before != self.after and self.outcome == "changed":
-            return [self.line(), f"    - {self.before}", f"    + {self.after}"]
-        return [self.line()]
-
-
-@dataclass
-class Report:
-    results: list[Result] = field(default_factory=list)
-    check: bool = False
-    observed: dict[str, Observed] = field(default_factory=dict, repr=False)  # before acting
-    failure: str | None = None   # the pass as a whole could not run (the state dir held, an error)
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for r in self.results if r.outcome == outcome)
-
-    @property
-    def recap(self) -> dict[str, int]:
-        return {o: self.count(o) for o in ("ok", "changed", "failed")}
-
-    def result(self, id_: str) -> Result | None:
-        return next((r for r in reversed(self.results) if r.id == id_), None)
-
-    def recap_line(self) -> str:
-        recap = self.recap
-        return f"{'check: ' if self.check else ''}ok={recap['ok']} changed={recap['changed']} failed={recap['failed']}"
-
-    def text(self, diff: bool) -> str:
-        """The whole report as ``cst apply`` prints it (``--check --diff`` when asked)."""
-        return "\n".join([line for r in self.results for line in r.lines(diff)] + [self.recap_line()]) + "\n"
-
-    def as_dict(self) -> dict:
-        return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap,
-                "failure": self.failure}
 
 
 def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
@@ -136,8 +67,11 @@ async def reconcile(desired: DesiredState, check: bool = False,
             on_result(result)
 
     if check:
+        wanted = targets(desired, runtime)
         observed = runtime.observe()
-        for action in plan(targets(desired, runtime), observed):
+        halt = _standing_halt(runtime, wanted, drop_stale=False)
+        report.halt = halt.as_dict() if halt else None
+        for action in plan(wanted, observed, halted=halt.line() if halt else None):
             emit(_would(action, observed.get(action.id)))
         return report
 
@@ -147,15 +81,15 @@ async def reconcile(desired: DesiredState, check: bool = False,
         wanted = targets(desired, runtime)
         observed = report.observed = runtime.observe()
         hold, restart = hints(observed) if hints else ({}, {})
-        actions = plan(wanted, observed, hold, restart)
-        if any(a.kind in (Kind.START, Kind.RESTART) for a in actions):
+        halt = _standing_halt(runtime, wanted, drop_stale=True)
+        actions = plan(wanted, observed, hold, restart, halt.line() if halt else None)
+        if any(a.kind in _STARTS for a in actions):
             phase("preparing the SillyTavern release")
             ready = await runtime.prepare()
             if ready.failure:
                 emit(Result(ready.subject, "failed", ready.failure, happened=Happened.RELEASE_FAILED))
                 reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
-                actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in (Kind.START, Kind.RESTART)
-                           else a for a in actions]
+                actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
             elif ready.done:
                 emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
         phase("acting")
@@ -169,15 +103,48 @@ async def reconcile(desired: DesiredState, check: bool = False,
                         on_action(action)
                     emit(await _execute(runtime, action, specs.get(action.id), observed.get(action.id)))
 
-        groups = [list(g) for _, g in groupby(actions, key=lambda a: a.id)]
-        await asyncio.gather(*(run_group(g) for g in groups))
+        async def run_rollout(upgrades: list[Action]) -> None:
+            nonlocal halt
+            async with limit:   # one instance at a time: it takes one slot
+                for action in upgrades:
+                    if on_action:
+                        on_action(action)
+                halted = await roll_out(runtime, upgrades, specs, observed, desired.settings.sillytavern.rollout,
+                                        emit, utc_now)
+            if halted is not None:
+                halt = halted
+                runtime.record_rollout_halt(halted.as_dict())
+
+        upgrades = [a for a in actions if a.kind == Kind.UPGRADE]
+        others = [a for a in actions if a.kind != Kind.UPGRADE]
+        groups = [list(g) for _, g in groupby(others, key=lambda a: a.id)]
+        await asyncio.gather(*(run_group(g) for g in groups), *([run_rollout(upgrades)] if upgrades else []))
+        report.halt = halt.as_dict() if halt else None
     return report
 
 
+_STARTS = (Kind.START, Kind.RESTART, Kind.UPGRADE)
+
+
+def _standing_halt(runtime: Runtime, wanted: list[Target], drop_stale: bool) -> Halt | None:
+    """The rollout halt an earlier pass recorded, while the file still wants what it wanted then;
+    one that no longer stands is dropped with ``drop_stale``."""
+    halt = Halt.from_dict(runtime.rollout_halt())
+    if halt is None:
+        return None
+    if stands(halt, {t.id: t.release for t in wanted if t.release}):
+        return halt
+    if drop_stale:
+        runtime.record_rollout_halt(None)
+    return None
+
+
 _HAPPENS = {Kind.OK: Happened.UNCHANGED, Kind.ADOPT: Happened.ADOPTED, Kind.FORGET_PID: Happened.FORGOTTEN,
-            Kind.START: Happened.STARTED, Kind.RESTART: Happened.RESTARTED, Kind.STOP: Happened.STOPPED,
+            Kind.START: Happened.STARTED, Kind.RESTART: Happened.RESTARTED, Kind.UPGRADE: Happened.UPGRADED,
+            Kind.STOP: Happened.STOPPED,
             Kind.REMOVE: Happened.REMOVED, Kind.BACK_OFF: Happened.HELD, Kind.FAIL: Happened.IMPOSSIBLE}
-_AFTER = {Kind.START: "running", Kind.RESTART: "running", Kind.STOP: "stopped", Kind.REMOVE: "absent"}
+_AFTER = {Kind.START: "running", Kind.RESTART: "running", Kind.UPGRADE: "running", Kind.STOP: "stopped",
+          Kind.REMOVE: "absent"}
 
 
 def _would(action: Action, seen: Observed | None) -> Result:
@@ -226,6 +193,8 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
             await runtime.start(spec, count_restart=True)
             return Result(action.id, "changed", action.reason, before, "running", happened=happens)
         if action.kind == Kind.START:
+            if action.release:   # its data was last used by another release: keep a copy first
+                await runtime.snapshot(action.id, "rollout")
             await runtime.start(spec, count_restart=before == "crashed")
             again = Happened.RESTARTED if before == "crashed" else happens   # "restarted: process had exited"
             return Result(action.id, "changed", action.reason, before, "running", happened=again)

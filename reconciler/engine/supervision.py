@@ -20,7 +20,7 @@ import psutil
 
 from ..desired.model import DesiredState
 from .plan import Observed
-from .reconcile import Happened, Result
+from .results import Happened, Result
 
 BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time
 BACKOFF_CAP = 300.0

@@ -48,7 +48,28 @@ class LaunchImpossible(Exception):
     """An instance cannot be started as declared (say, its password variable is unset)."""
 
 
-class Runtime(Protocol):
+class RolloutRuntime(Protocol):
+    """What a rollout needs of a runtime (see ``engine.rollout``)."""
+
+    async def snapshot(self, id_: str, reason: str) -> str:
+        """Take a snapshot of the instance's data dir; its id. OSError when it cannot."""
+
+    async def put_back(self, id_: str, snapshot_id: str) -> Path | None:
+        """Put a snapshot in place of the (stopped) instance's data dir; where the replaced data went."""
+
+    async def stop(self, id_: str) -> None:
+        """Stop the instance (gracefully, then by force); raises OSError when it will not go."""
+
+    async def start(self, spec: InstanceSpec, count_restart: bool = False, release: str | None = None) -> object:
+        """Start the instance (on ``release``, a release identity, instead of the file's) and return
+        once it answers; raises StartFailed."""
+
+    async def stays_healthy(self, spec: InstanceSpec, seconds: float) -> str | None:
+        """None when the running instance keeps answering its health route and its front page for
+        ``seconds``; else why not."""
+
+
+class Runtime(RolloutRuntime, Protocol):
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
         """A digest of everything a restart would change; raises LaunchImpossible."""
 
@@ -67,11 +88,11 @@ class Runtime(Protocol):
     def forget_pid(self, id_: str) -> None:
         """The instance's process is gone: remember it as stopped."""
 
-    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> object:
-        """Start the instance and return once it answers; raises StartFailed."""
+    def rollout_halt(self) -> dict | None:
+        """The rollout halt recorded by an earlier pass, if one stands (see ``engine.rollout.Halt``)."""
 
-    async def stop(self, id_: str) -> None:
-        """Stop the instance (gracefully, then by force); raises OSError when it will not go."""
+    def record_rollout_halt(self, halt: dict | None) -> None:
+        """Record a halt (None: no rollout is halted)."""
 
     async def archive(self, id_: str) -> Path | None:
         """Stop the instance and move its data into the archive; where it went, or None."""

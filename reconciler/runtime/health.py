@@ -19,6 +19,7 @@ from .launch import HEALTH_PATH, LaunchSpec
 POLL = 0.05            # readiness polling: a localhost connect, cheap
 ATTEMPT_TIMEOUT = 5.0  # one readiness request
 PROBE_TIMEOUT = 5.0    # the liveness probe: a healthy instance answers in milliseconds
+HOLD_POLL = 0.5        # while an upgraded instance must stay healthy: asked twice a second
 
 
 class HealthChecks:
@@ -89,6 +90,29 @@ class HealthChecks:
             return f"its health route did not answer within {PROBE_TIMEOUT:g}s"
         except (aiohttp.ClientError, OSError) as exc:
             return f"its health route could not be reached ({exc})"
+
+
+    async def stays_healthy(self, launch: LaunchSpec, has_overlay: bool, seconds: float) -> str | None:
+        """None when the instance answers its health route and its front page (SillyTavern's own
+        page, with the instance's credentials) throughout ``seconds``; else the first failure."""
+        deadline = time.monotonic() + seconds
+        page = f"http://{launch.probe_host}:{launch.port}/"
+        while True:
+            failure = await self.probe(launch, has_overlay)
+            if failure is None:
+                try:
+                    async with self._client().get(page, headers=_credentials(launch), allow_redirects=False,
+                                                  timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as answer:
+                        await answer.read()
+                        if answer.status != 200:
+                            failure = f"its front page answered HTTP {answer.status}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    failure = f"its front page could not be loaded ({exc or type(exc).__name__})"
+            if failure is not None:
+                return failure
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(HOLD_POLL, max(0.0, deadline - time.monotonic())))
 
 
 def _credentials(launch: LaunchSpec) -> dict[str, str]:

@@ -28,6 +28,7 @@ from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_PROXY_KEY_FILE, ENV_PROXY
 from .logs import open_log, rotate_log, tail
 from .observe import observe
 from .processes import iso_utc, terminate, utc_now
+from .snapshots import Snapshots
 from .statedir import Record, StateDir
 
 # what an instance creates (chats, settings, its config.yaml) is its owner's alone
@@ -317,3 +318,31 @@ class LocalRuntime:
 
     def log_tail(self, id_: str) -> str:
         return tail(self.state.log_path(id_))
+
+    # -- what a rollout needs (engine.rollout)
+
+    async def snapshot(self, id_: str, reason: str) -> str:
+        spec = self.desired.instance(id_)
+        record = self.state.record(id_)
+        data_dir = self.desired.data_dir(spec.port) if spec else Path(record.data_dir) if record else None
+        if data_dir is None:
+            raise OSError(f"{id_} has no data dir to take a snapshot of")
+        taken = await asyncio.to_thread(Snapshots(self.state).take, id_, data_dir, reason)
+        return taken.id
+
+    async def put_back(self, id_: str, snapshot_id: str) -> Path | None:
+        spec = self.desired.instance(id_)
+        if spec is None:
+            raise OSError(f"{id_} is not declared")
+        return await asyncio.to_thread(Snapshots(self.state).put_back, id_, snapshot_id,
+                                       self.desired.data_dir(spec.port), self.state.archive_dir)
+
+    async def stays_healthy(self, spec: InstanceSpec, seconds: float) -> str | None:
+        launch = await asyncio.to_thread(self.launch_spec, spec)
+        return await self.checks.stays_healthy(launch, self.server_release().has_overlay, seconds)
+
+    def rollout_halt(self) -> dict | None:
+        return self.state.rollout_halt()
+
+    def record_rollout_halt(self, halt: dict | None) -> None:
+        self.state.record_rollout_halt(halt)

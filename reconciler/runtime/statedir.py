@@ -124,6 +124,25 @@ class StateDir:
     def save(self, record: Record) -> None:
         atomic_write(self.record_path(record.id), json.dumps(asdict(record), indent=2).encode(), mode=0o600)
 
+    @property
+    def rollout_halt_path(self) -> Path:
+        return self.root / "rollout-halt.json"
+
+    def rollout_halt(self) -> dict | None:
+        try:
+            halt = json.loads(self.rollout_halt_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):   # unreadable or torn by hand: no halt holds the fleet back
+            return None
+        return halt if isinstance(halt, dict) else None
+
+    def record_rollout_halt(self, halt: dict | None) -> None:
+        if halt is None:
+            self.rollout_halt_path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.rollout_halt_path, json.dumps(halt, indent=2).encode(), mode=0o600)
+
     def forget(self, id_: str) -> None:
         self.record_path(id_).unlink(missing_ok=True)
 

@@ -34,7 +34,8 @@ from ..desired.secret_source import SecretUnavailable
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
 from ..engine.plan import Action
-from ..engine.reconcile import Report, Result, reconcile
+from ..engine.reconcile import reconcile
+from ..engine.results import Report, Result
 from ..engine.supervision import Supervisor
 from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime

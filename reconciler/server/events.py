@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 from aiohttp import web
 
 from ..desired.shared_file import Snapshot
-from ..engine.reconcile import Happened, Report, Result
+from ..engine.results import Happened, Report, Result
 from . import responses
 
 log = logging.getLogger("cst.events")

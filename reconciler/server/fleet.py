@@ -23,7 +23,7 @@ from ..desired.model import DesiredState, InstanceSpec, instance_id, parse, port
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
-from ..engine.reconcile import Result
+from ..engine.results import Result
 from ..runtime.local import LocalRuntime
 from ..runtime.processes import port_is_free
 from ..runtime.statedir import LockHeld

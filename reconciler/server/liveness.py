@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from ..desired.model import DesiredState
-from ..engine.reconcile import Report
+from ..engine.results import Report
 from ..runtime.health import HealthChecks
 from ..runtime.launch import LaunchSpec
 from ..runtime.local import LocalRuntime
