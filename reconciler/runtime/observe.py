@@ -10,7 +10,7 @@ import psutil
 
 from ..desired.model import DesiredState
 from .base import Observed
-from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_STATE_DIR
+from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_RELEASE, ENV_STATE_DIR
 from .processes import describe, listeners, live_process, port_is_free
 from .statedir import Record, StateDir
 
@@ -23,9 +23,10 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
             observed[record.id] = Observed(record.id, record.port, "stopped")
         elif live_process(record.pid, record.create_time):
             observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
-                                           create_time=record.create_time)
+                                           create_time=record.create_time, release=record.release)
         else:
-            observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint)
+            observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint,
+                                           release=record.release)
 
     host = desired.settings.sillytavern.listen_address
     unsure = {i.port: i.id for i in desired.instances
@@ -34,10 +35,11 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     holders = listeners(busy) if busy else {}
     for port in busy:
         id_, pid = unsure[port], holders.get(port)
-        fingerprint = _our_process(state, pid, id_)
-        if pid is not None and fingerprint is not None:
+        ours = _our_process(state, pid, id_)
+        if pid is not None and ours is not None:
+            fingerprint, release = ours
             observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True,
-                                     create_time=psutil.Process(pid).create_time())
+                                     create_time=psutil.Process(pid).create_time(), release=release)
         else:
             observed[id_] = Observed(id_, port, "port-taken", holder=describe(pid))
     # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
@@ -64,14 +66,14 @@ def _spawned_without_record(desired: DesiredState, state: StateDir, ids: set[str
                     continue
                 id_ = env[ENV_INSTANCE]
                 found.append(Observed(id_, ports[id_], "running", proc.pid, env.get(ENV_FINGERPRINT, ""),
-                                      adopted=True, create_time=proc.create_time()))
+                                      adopted=True, create_time=proc.create_time(), release=env.get(ENV_RELEASE)))
         except psutil.Error:
             continue
     return found
 
 
-def _our_process(state: StateDir, pid: int | None, id_: str) -> str | None:
-    """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""
+def _our_process(state: StateDir, pid: int | None, id_: str) -> tuple[str, str | None] | None:
+    """The fingerprint and release of ``pid`` if it is instance ``id_`` started from this state dir."""
     if pid is None:
         return None
     try:
@@ -79,5 +81,5 @@ def _our_process(state: StateDir, pid: int | None, id_: str) -> str | None:
     except psutil.Error:
         return None
     if env.get(ENV_INSTANCE) == id_ and env.get(ENV_STATE_DIR) == str(state.root):
-        return env.get(ENV_FINGERPRINT, "")
+        return env.get(ENV_FINGERPRINT, ""), env.get(ENV_RELEASE)
     return None
