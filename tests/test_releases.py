@@ -177,6 +177,9 @@ def test_prepare_names_the_version_and_the_field_it_cannot_have(tmp_path: Path,
     first = asyncio.run(LocalRuntime(desired).prepare())
     assert (first.subject, first.failure) == ("sillytavern 1.19.0, 1.18.0", None)
     assert first.done == "1.19.0: overlay laid (7 files written); 1.18.0: overlay laid (7 files written)"
+    for version in ("1.19.0", "1.18.0"):   # SillyTavern's own start would fail to make it as an instance user
+        backups = tmp_path / "home" / version / "node_modules" / "sillytavern" / "backups"
+        assert backups.is_dir() and backups.stat().st_mode & 0o777 == 0o755
     again = asyncio.run(LocalRuntime(desired).prepare())
     assert (again.subject, again.done, again.failure) == ("sillytavern 1.19.0, 1.18.0", "", None)
 
@@ -292,3 +295,56 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
     assert f"ok: {ids[b]}" in moved.stdout
     assert _cmdline_server(project, ids[a]) == str(home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
     assert project.record(ids[a])["release"] == "sillytavern@1.19.0"
+
+
+@pytest.mark.sillytavern
+def test_real_releases_side_by_side(project) -> None:
+    """1.18.0 for one instance, 1.19.0 (the fleet's) for another: both installed into the shared
+    home with CST's overlay, both start on their own server.js and answer CST's health route
+    with their own credentials; re-pinning the first to 1.19.0 restarts it there."""
+    import httpx
+
+    from reconciler.runtime.launch import HEALTH_PATH
+    a, b = free_ports(2)
+    ids = {a: f"st-instance-{a}", b: f"st-instance-{b}"}
+    head = 'version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 180}\ninstances:\n'
+    project.write(head + f'  - port: {a}\n    sillytavern_version: "1.18.0"\n  - port: {b}\n')
+    home = sillytavern.install_home(project.state_dir)
+    started = time.monotonic()
+    install = project.cst("st", "install", timeout=900)   # 1.18.0 once per home: ~70 s
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert [line.split(" at ")[0].split(": ", 1)[1] for line in install.stdout.splitlines()] == [
+        "sillytavern 1.19.0", "sillytavern 1.18.0"], install.stdout
+    print(f"cst st install: {time.monotonic() - started:.1f}s")
+    verify = project.cst("st", "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert len(verify.stdout.splitlines()) == 2
+
+    first = project.cst("apply", timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "ok=0 changed=2 failed=0"
+    for port, version in ((a, "1.18.0"), (b, "1.19.0")):
+        id_ = ids[port]
+        password = project.cst("password", id_).stdout.strip()
+        server_js = home / version / "node_modules" / "sillytavern" / "server.js"
+        assert _cmdline_server(project, id_) == str(server_js)
+        assert project.record(id_)["release"] == f"sillytavern@{version}"
+        health = httpx.get(f"http://127.0.0.1:{port}{HEALTH_PATH}", auth=(id_, password), timeout=10)
+        assert health.status_code == 200, health.text
+        assert health.json()["version"] == version, health.json()
+        assert httpx.get(f"http://127.0.0.1:{port}{HEALTH_PATH}", auth=(id_, "wrong"), timeout=10).status_code == 401
+    fingerprint_a = project.record(ids[a])["fingerprint"]
+    fingerprint_b = project.record(ids[b])["fingerprint"]
+
+    project.write(head + f'  - port: {a}\n    sillytavern_version: "1.19.0"\n  - port: {b}\n')
+    moved = project.cst("apply", timeout=600)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"changed: {ids[a]} (restarted: settings changed)" in moved.stdout
+    assert f"ok: {ids[b]}" in moved.stdout
+    assert project.record(ids[a])["fingerprint"] != fingerprint_a
+    assert project.record(ids[b])["fingerprint"] == fingerprint_b
+    assert _cmdline_server(project, ids[a]) == str(home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
+    assert project.record(ids[a])["release"] == "sillytavern@1.19.0"
+    password = project.cst("password", ids[a]).stdout.strip()
+    health = httpx.get(f"http://127.0.0.1:{a}{HEALTH_PATH}", auth=(ids[a], password), timeout=10)
+    assert health.status_code == 200 and health.json()["version"] == "1.19.0", health.text

@@ -161,6 +161,29 @@ def _install_release(version: str, root: Path, rel: Release) -> None:
     # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack
     _run([node_binary(), str(rel.package_dir / "docker" / "build-lib.js")],
          rel.package_dir, "building the SillyTavern front end", log)
+    make_startup_folders(rel.package_dir)
+
+
+# the folders SillyTavern makes in its package dir on every start (its src/constants.js
+# PUBLIC_DIRECTORIES, relative to the package dir: server.js chdirs there); the others ship with
+# the package or the overlay
+_STARTUP_FOLDERS = ("backups",)
+
+
+def make_startup_folders(package_dir: Path) -> None:
+    """Make, root's and readable by all, the folders SillyTavern would make in its package dir at
+    start: an instance under a user of its own cannot create them in a root's install, and
+    SillyTavern exits (EACCES, mkdir 'backups/'). That they exist is all it checks: the only
+    writer of the package's ``backups/`` is a migration of a data layout older than multi-user
+    SillyTavern, which never runs on CST's data roots."""
+    for name in _STARTUP_FOLDERS:
+        folder = package_dir / name
+        if not folder.is_dir():
+            try:
+                folder.mkdir(exist_ok=True)
+                folder.chmod(0o755)
+            except PermissionError:
+                continue   # a shared install of another user's: a start as an instance user says why it fails
 
 
 def verify(version: str, state_dir: Path) -> list[str]:
@@ -184,6 +207,7 @@ def ready(version: str, state_dir: Path) -> str:
     Raises InstallError naming each file that fails the check."""
     rel, done = install(version, state_dir)
     overlay.open_folders(rel.package_dir)   # installs laid before instances had users of their own
+    make_startup_folders(rel.package_dir)   # and installs made before CST made these
     found = verify(version, state_dir)
     if found:
         raise InstallError(f"sillytavern {version} fails verification: " + "; ".join(found))
