@@ -151,6 +151,14 @@ def test_observed_carries_the_recorded_release(tmp_path: Path) -> None:
     seen = runtime.observe()
     assert (seen["st-instance-8001"].status, seen["st-instance-8001"].release) == ("running", "sillytavern@1.18.0")
     assert seen["st-instance-8002"].release is None, "no process, no release it runs"
+    # a record from before CST kept the release: read off the server.js it ran, when an npm release's
+    server = "/h/1.18.0/node_modules/sillytavern/server.js"
+    for argv, release in (([server], None), (["node", server, "--port", "8001"], "sillytavern@1.18.0"),
+                          (["node", "/src/SillyTavern/server.js"], None),
+                          (["node", "/h/latest/node_modules/sillytavern/server.js"], None)):
+        runtime.state.save(Record("st-instance-8001", 8001, "/d", pid=me.pid, create_time=me.create_time(),
+                                  argv=argv))
+        assert runtime.observe()["st-instance-8001"].release == release, argv
 
 
 # -- fake installs: the stand-in as each release's server.js

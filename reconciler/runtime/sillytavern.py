@@ -66,6 +66,15 @@ def identity(version: str) -> str:
     return f"sillytavern@{version}"
 
 
+def version_of_server(server_js: str) -> str | None:
+    """The version of the npm release a server.js path lies in, by the install home's layout
+    (``<home>/<version>/node_modules/sillytavern/server.js``); None for any other path."""
+    parts = Path(server_js).parts
+    if len(parts) < 5 or parts[-3:] != ("node_modules", "sillytavern", "server.js"):
+        return None
+    return parts[-4] if _VERSION_FOLDER.match(parts[-4]) else None
+
+
 def install_home(state_dir: Path) -> Path:
     env = os.environ.get("CST_SILLYTAVERN_HOME")
     return Path(env).expanduser().resolve() if env else state_dir / "sillytavern"
