@@ -23,6 +23,7 @@ node:
 
 sillytavern: setup
 	$(BIN)/cst st install -f examples/desired.yaml
+	$(BIN)/cst st install -f tests/releases.yaml
 
 # the page tests drive Debian's chromium through Playwright (whose own browser download cannot
 # reach its host here); installed from the distribution when it is missing, with a small CJK font

@@ -383,38 +383,50 @@ def st() -> None:
 @st.command("install")
 @file_option
 def st_install(file: Path) -> None:
-    """Install the pinned SillyTavern from the npm registry, pre-build its front end and lay CST's
-    overlay over it (idempotent; lays the overlay again where a file of it was altered)."""
+    """Install every SillyTavern release the file uses (settings.sillytavern.version and each
+    instance's own sillytavern_version) from the npm registry, pre-build each front end and lay
+    CST's overlay over each (idempotent; lays the overlay again where a file of it was altered).
+    One line per release."""
     desired = load_or_exit(file)
-    version = desired.settings.sillytavern.version
-    try:
-        rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True)
-    except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
-        raise Failed(f"sillytavern {version}: {exc}") from None
-    click.echo(f"changed: sillytavern {version} at {rel.package_dir} ({done})" if done
-               else f"ok: sillytavern {version} at {rel.package_dir}")
+    failed = []
+    for version, fields in desired.versions().items():
+        try:
+            rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True)
+        except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
+            click.echo(f"failed: sillytavern {version} ({', '.join(fields)}): {exc}", err=True)
+            failed.append(version)
+            continue
+        click.echo(f"changed: sillytavern {version} at {rel.package_dir} ({done})" if done
+                   else f"ok: sillytavern {version} at {rel.package_dir}")
+    if failed:
+        raise Failed(f"sillytavern {', '.join(failed)} could not be installed")
 
 
 @st.command("verify")
 @file_option
 def st_verify(file: Path) -> None:
-    """Check that the install is the pinned release plus CST's overlay, every file unchanged."""
+    """Check that each release the file uses is installed as published plus CST's overlay, every
+    file unchanged. One line per release."""
     desired = load_or_exit(file)
     if desired.settings.sillytavern.server is not None:
         click.echo(f"ok: settings.sillytavern.server is your own checkout ({desired.settings.sillytavern.server}); "
                    "only the npm release is verified")
         return
-    version = desired.settings.sillytavern.version
-    try:
-        found = sillytavern.verify(version, desired.settings.state_dir)
-    except (overlay.OverlayError, OSError) as exc:
-        found = [str(exc)]
-    package = sillytavern.release_of(version, desired.settings.state_dir).package_dir
-    for problem in found:
-        click.echo(f"failed: {problem}", err=True)
-    if found:
-        raise Failed(f"sillytavern {version} at {package} is not the pinned release plus CST's overlay")
-    click.echo(f"ok: sillytavern {version} at {package}: the pinned release and CST's overlay, unchanged")
+    failed = []
+    for version in desired.versions():
+        try:
+            found = sillytavern.verify(version, desired.settings.state_dir)
+        except (overlay.OverlayError, OSError) as exc:
+            found = [str(exc)]
+        package = sillytavern.release_of(version, desired.settings.state_dir).package_dir
+        for problem in found:
+            click.echo(f"failed: {problem}", err=True)
+        if found:
+            failed.append(f"sillytavern {version} at {package}")
+        else:
+            click.echo(f"ok: sillytavern {version} at {package}: the pinned release and CST's overlay, unchanged")
+    if failed:
+        raise Failed(f"{'; '.join(failed)}: not the pinned release plus CST's overlay")
 
 
 @cli.command("rotate-key")

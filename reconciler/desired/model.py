@@ -201,6 +201,9 @@ class InstanceSpec:
     max_memory: int | None = None      # bytes
     proxy: bool = _default("instances", "proxy")   # wired to the key pool, with a proxy key of its own
     budget: Budget = NO_LIMIT   # its own, or settings.budget when it names none
+    # its own npm release of SillyTavern; None: the fleet's settings.sillytavern.version
+    # (resolved by DesiredState.version_of, the one place that applies the default)
+    sillytavern_version: str | None = None
 
     @property
     def id(self) -> str:
@@ -220,6 +223,20 @@ class DesiredState:
 
     def data_dir(self, port: int) -> Path:
         return self.settings.data_root / str(port)
+
+    def version_of(self, spec: InstanceSpec) -> str:
+        """The npm release of SillyTavern ``spec`` runs: its own, else the fleet's. (With
+        ``settings.sillytavern.server`` no instance names its own: validation refuses it.)"""
+        return spec.sillytavern_version or self.settings.sillytavern.version
+
+    def versions(self) -> dict[str, list[str]]:
+        """Every npm release the file uses, each with the fields that ask for it, in file order:
+        the fleet's version always (what a new instance gets), then each instance's own."""
+        used: dict[str, list[str]] = {self.settings.sillytavern.version: ["settings.sillytavern.version"]}
+        for i, spec in enumerate(self.instances):
+            if spec.sillytavern_version is not None:
+                used.setdefault(spec.sillytavern_version, []).append(f"instances[{i}].sillytavern_version")
+        return used
 
 
 def _path(base: Path, value: str) -> Path:
@@ -298,7 +315,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     instances = tuple(
         InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None,
-                     proxy=i["proxy"],
+                     proxy=i["proxy"], sillytavern_version=i.get("sillytavern_version"),
                      budget=NO_LIMIT if not i["proxy"] else Budget.from_data(i["budget"]) if "budget" in i
                      else fleet_budget)
         for i in data["instances"]

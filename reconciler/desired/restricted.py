@@ -51,6 +51,12 @@ def restricted_changes(old: DesiredState, new: DesiredState) -> list[str]:
     """The restricted settings that differ between ``old`` and ``new`` (YAML paths)."""
     before, after = _settings(old), _settings(new)
     changed = [name for name in before if before[name] != after[name]]
+    # an instance's own release changes what runs, as the fleet's version does (a new instance
+    # may name none: it runs the fleet's)
+    releases = {spec.port: spec.sillytavern_version for spec in old.instances}
+    for i, spec in enumerate(new.instances):
+        if spec.sillytavern_version != releases.get(spec.port):
+            changed.append(f"instances[{i}].sillytavern_version")
     previous = {a.name: a for a in old.accounts}
     for i, account in enumerate(new.accounts):
         for field in _ACCOUNT_FIELDS:

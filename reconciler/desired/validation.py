@@ -246,6 +246,15 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
         if port in reserved:
             yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
 
+    # a checkout of one's own (settings.sillytavern.server) runs every instance: a release named
+    # for one instance would be silently ignored, so the two together are refused
+    server = _mapping(settings.get("sillytavern")).get("server")
+    for i, instance in enumerate(instances if isinstance(instances, list) else []):
+        if server is not None and "sillytavern_version" in _mapping(instance):
+            yield doc.problem(("instances", i, "sillytavern_version"),
+                              "cannot be used with settings.sillytavern.server (your own checkout runs every "
+                              "instance); remove one of them")
+
     yield from _usage_problems(doc, settings)
     proxies = _mapping(settings.get("api")).get("trusted_proxies")
     for i, proxy in enumerate(proxies if isinstance(proxies, list) else []):

@@ -22,6 +22,7 @@ class Target:
     port: int
     state: Literal["running", "stopped"]
     fingerprint: str = ""           # digest of everything a restart would change
+    release: str = ""               # the release it should run ("sillytavern@1.19.0"), as Observed.release says it
     problem: str | None = None      # e.g. its password variable is unset: cannot start
 
 

@@ -36,7 +36,8 @@ def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
     out: list[Target] = []
     for spec in desired.instances:
         try:
-            out.append(Target(spec.id, spec.port, spec.state, runtime.launch_fingerprint(spec)))
+            out.append(Target(spec.id, spec.port, spec.state, runtime.launch_fingerprint(spec),
+                              release=runtime.release_identity(spec)))
         except LaunchImpossible as exc:
             out.append(Target(spec.id, spec.port, spec.state, problem=str(exc)))
     return out

@@ -28,6 +28,10 @@ class Observed:
     adopted: bool = False           # found running without a valid record: the record needs writing
     holder: str = ""                # for port-taken: who holds the port
     create_time: float | None = None  # when the running process started (epoch seconds)
+    # the release the process was started on ("sillytavern@1.19.0", as Runtime.release_identity
+    # says it), from its record or, adopted, its environment; None: unknown (started by a cst
+    # from before releases were recorded), or no process
+    release: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class Preparation:
     subject: str
     done: str = ""
     failure: str | None = None
+    # with a failure: the releases that could not be had (as Runtime.release_identity says them),
+    # so a pass may fail only the instances on those; empty when the failure is everyone's
+    failed_releases: tuple[str, ...] = ()
 
 
 class StartFailed(Exception):
@@ -73,6 +80,9 @@ class Runtime(RolloutRuntime, Protocol):
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
         """A digest of everything a restart would change; raises LaunchImpossible."""
 
+    def release_identity(self, spec: InstanceSpec) -> str:
+        """What release the file says ``spec`` runs ("sillytavern@1.19.0"): ``Observed.release``'s terms."""
+
     def observe(self) -> dict[str, Observed]:
         """Every instance this runtime knows of, plus whoever holds a declared port."""
 
@@ -80,7 +90,7 @@ class Runtime(RolloutRuntime, Protocol):
         """Exclusive use of this runtime's instances, across processes."""
 
     async def prepare(self) -> Preparation:
-        """Make sure instances can be started (install the release)."""
+        """Make sure instances can be started (install every release the file uses)."""
 
     def adopt(self, id_: str, port: int, pid: int) -> None:
         """Take over a process already running as ``id_``."""

@@ -10,6 +10,9 @@ from .instance_users import InstanceUser
 ENV_INSTANCE = "CST_INSTANCE_ID"
 ENV_STATE_DIR = "CST_STATE_DIR"
 ENV_FINGERPRINT = "CST_FINGERPRINT"
+# the release the process was started on ("sillytavern@1.19.0", "server /path/server.js"): what an
+# adopted process runs, when no record says so
+ENV_RELEASE = "CST_RELEASE"
 # what CST's server plugin reads (see stsource-changed/plugins/cst/): the proxy, and the file with
 # the instance's own proxy key (a path, not the key: the environment of a process is readable in /proc)
 ENV_PROXY_URL = "CST_PROXY_URL"
@@ -32,3 +35,4 @@ class LaunchSpec:
     probe_host: str
     fingerprint: str
     user: InstanceUser | None = None   # None: it runs as cst's own user
+    release: str = ""                  # the runtime's release identity of what argv runs

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,15 @@ from .base import LaunchImpossible, Observed, Preparation, StartFailed
 from .environment import child_environment
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
-from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_PROXY_KEY_FILE, ENV_PROXY_URL, ENV_STATE_DIR, LaunchSpec
+from .launch import (
+    ENV_FINGERPRINT,
+    ENV_INSTANCE,
+    ENV_PROXY_KEY_FILE,
+    ENV_PROXY_URL,
+    ENV_RELEASE,
+    ENV_STATE_DIR,
+    LaunchSpec,
+)
 from .logs import open_log, rotate_log, tail
 from .observe import observe
 from .processes import iso_utc, terminate, utc_now
@@ -51,11 +60,13 @@ class LocalRuntime:
 
     # -- resolving desired.yaml into launch specs (reads env and secrets: the edge, not the planner)
 
-    def server_release(self) -> sillytavern.Release:
+    def release_for(self, spec: InstanceSpec) -> sillytavern.Release:
+        """Where the server ``spec`` runs lives: the checkout ``settings.sillytavern.server`` names
+        (every instance's), else the npm release of the instance's version, its own or the fleet's."""
         st = self.settings.sillytavern
         if st.server is not None:
             return sillytavern.Release(st.server, None)
-        return sillytavern.release_of(st.version, self.settings.state_dir)
+        return sillytavern.release_of(self.desired.version_of(spec), self.settings.state_dir)
 
     def password(self, spec: InstanceSpec) -> str:
         """The instance's basic-auth password: from its variable if declared, else the generated one.
@@ -70,12 +81,14 @@ class LocalRuntime:
             return self.state.read_secret(f"{spec.id}.password") or ""
         return self.state.secret(f"{spec.id}.password")
 
-    def release_identity(self) -> str:
-        """What the file says to run: the release's version, or the server.js it names. Not where
-        this shell found them, so `cst apply` from CI (another PATH, $CST_SILLYTAVERN_HOME
-        spelled another way) agrees with the daemon about what runs."""
+    def release_identity(self, spec: InstanceSpec) -> str:
+        """What the file says ``spec`` runs: its release's version ("sillytavern@1.19.0"), or the
+        server.js it names ("server /path/server.js"). Not where this shell found them, so `cst
+        apply` from CI (another PATH, $CST_SILLYTAVERN_HOME spelled another way) agrees with the
+        daemon about what runs. Part of the fingerprint, in the process's environment
+        (``ENV_RELEASE``) and in its record: what a rollout compares."""
         st = self.settings.sillytavern
-        return f"server {st.server}" if st.server is not None else f"sillytavern@{st.version}"
+        return f"server {st.server}" if st.server is not None else sillytavern.identity(self.desired.version_of(spec))
 
     def instance_user(self, spec: InstanceSpec) -> instance_users.InstanceUser | None:
         """The user the instance runs as; None for cst's own (cst is not root, or the file says so)."""
@@ -98,17 +111,18 @@ class LocalRuntime:
             "--basicAuthMode", "true",
             "--browserLaunchEnabled", "false",
         )
-        argv = (shutil.which("node") or "node", str(self.server_release().server_js), *flags)
+        release, release_identity = self.release_for(spec), self.release_identity(spec)
+        argv = (shutil.which("node") or "node", str(release.server_js), *flags)
         cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user)}
         # everything a restart would change, as the file and the release say it: not the node binary
         # or install folder this process resolved. The user only when it has one of its own, so an
         # instance of a cst that is not root keeps the fingerprint it had before users existed.
-        identity: list[object] = [self.release_identity(), flags, password, cst_env]
+        identity: list[object] = [release_identity, flags, password, cst_env]
         if user is not None:
             identity.append([user.uid, user.gid])
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         env = child_environment({
-            **sillytavern.outside_our_git(self.server_release().package_dir),
+            **sillytavern.outside_our_git(release.package_dir),
             **({"HOME": str(workdir)} if user is not None else {}),   # not root's home
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
@@ -116,10 +130,11 @@ class LocalRuntime:
             ENV_INSTANCE: spec.id,
             ENV_STATE_DIR: str(self.state.root),
             ENV_FINGERPRINT: digest,
+            ENV_RELEASE: release_identity,
         })
         probe_host = "127.0.0.1" if st.listen_address == "0.0.0.0" else st.listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
-                          self.state.log_path(spec.id), password, probe_host, digest, user)
+                          self.state.log_path(spec.id), password, probe_host, digest, user, release_identity)
 
     def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None) -> dict[str, str]:
         """Where the instance's plugin finds the proxy and its key: under a user of its own, the
@@ -138,18 +153,32 @@ class LocalRuntime:
         return self.state.alock(timeout=timeout)
 
     async def prepare(self) -> Preparation:
-        """Install the pinned SillyTavern and CST's overlay on first need; refuse a package that
-        fails verification (the pinned release plus the overlay, each file unchanged)."""
+        """Install every release the file uses (the fleet's version and each instance's own) with
+        CST's overlay on first need; refuse a package that fails verification (the pinned release
+        plus the overlay, each file unchanged). Every release is tried, one after the other (an
+        install takes a core for a minute), and a failure names the version and the fields that
+        ask for it. A pass prepares before it stops anything, so a release that cannot be had
+        leaves every instance as it was."""
         st = self.settings.sillytavern
         if st.server is not None:
             missing = None if st.server.is_file() else f"settings.sillytavern.server: {st.server} does not exist"
             return Preparation(str(st.server), failure=missing)
-        subject = f"sillytavern {st.version}"
-        try:
-            done = await asyncio.to_thread(sillytavern.ready, st.version, self.settings.state_dir)
-        except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
-            return Preparation(subject, failure=str(exc))
-        return Preparation(subject, done=done)
+        done: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        versions = self.desired.versions()
+        for version, fields in versions.items():
+            try:
+                done[version] = await asyncio.to_thread(sillytavern.ready, version, self.settings.state_dir)
+            except sillytavern.Unpublished as exc:   # the file asks for it: say where
+                failed[version] = f"{', '.join(fields)}: {exc}"
+            except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
+                failed[version] = str(exc)
+        if failed:
+            return Preparation(_subject(failed), failure="\n".join(failed.values()),
+                               failed_releases=tuple(sillytavern.identity(v) for v in failed))
+        did = {version: what for version, what in done.items() if what}
+        return Preparation(_subject(did or versions), done="; ".join(
+            f"{version}: {what}" if len(did) > 1 else what for version, what in did.items()))
 
     def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
         return observe(self.desired, self.state, records)
@@ -159,12 +188,14 @@ class LocalRuntime:
     def adopt(self, id_: str, port: int, pid: int) -> None:
         proc = psutil.Process(pid)
         previous = self.state.record(id_)
+        environ = proc.environ()
         self.state.save(Record(
             id=id_, port=port, data_dir=str(self.desired.data_dir(port)), pid=pid,
             create_time=proc.create_time(), argv=proc.cmdline(),
-            fingerprint=proc.environ().get(ENV_FINGERPRINT),
+            fingerprint=environ.get(ENV_FINGERPRINT),
             started_at=iso_utc(proc.create_time()),
-            restarts=previous.restarts if previous else 0))
+            restarts=previous.restarts if previous else 0,
+            release=environ.get(ENV_RELEASE)))   # None: started by a cst from before the marker
 
     def forget_pid(self, id_: str) -> None:
         record = self.state.record(id_)
@@ -172,7 +203,7 @@ class LocalRuntime:
             record.pid = record.create_time = None
             self.state.save(record)
 
-    def _prepare_folders(self, launch: LaunchSpec) -> str:
+    def _prepare_folders(self, spec: InstanceSpec, launch: LaunchSpec) -> str:
         """The instance's data dir and workdir, its own when it has a user of its own (folders from
         before, root's, are given to it here, links never followed), the key copy it reads, and
         the way to them; what was done, for its log. Raises StartFailed when its user could not
@@ -189,7 +220,7 @@ class LocalRuntime:
         if user is None:
             return ""
         given = instance_users.own_tree(launch.data_dir, user) + instance_users.own_tree(launch.workdir, user)
-        release = self.server_release()
+        release = self.release_for(spec)
         needed = [(Path(launch.argv[0]), 5), (release.server_js, 4), (launch.data_dir, 1), (launch.workdir, 1)]
         if release.has_overlay:   # CST's plugin: its health route is how a start is seen
             needed.append((release.package_dir / overlay.PLUGIN_ENTRY, 4))
@@ -203,9 +234,9 @@ class LocalRuntime:
         """Start the process and wait until its port answers with basic auth; raises StartFailed."""
         launch = self.launch_spec(spec)
         user = launch.user
-        owned = self._prepare_folders(launch)
+        owned = self._prepare_folders(spec, launch)
         with instance_users.acting_as(user):   # what cst writes into the data dir is the instance's
-            sillytavern.prefill_webpack_cache(self.server_release(), launch.data_dir)
+            sillytavern.prefill_webpack_cache(self.release_for(spec), launch.data_dir)
         wired = self._wire(spec, launch)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
@@ -224,10 +255,11 @@ class LocalRuntime:
             id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
             create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
             fingerprint=launch.fingerprint, started_at=utc_now(),
-            restarts=(previous.restarts if previous else 0) + (1 if count_restart else 0))
+            restarts=(previous.restarts if previous else 0) + (1 if count_restart else 0),
+            release=launch.release)
         self.state.save(record)  # written at once: a crash from here on still knows the pid
         try:
-            await self.checks.wait_ready(launch, proc, self.server_release().has_overlay,
+            await self.checks.wait_ready(launch, proc, self.release_for(spec).has_overlay,
                                          self.settings.sillytavern.start_timeout, lambda: self.log_tail(launch.id))
         except StartFailed:
             await self._stop(record)
@@ -245,7 +277,7 @@ class LocalRuntime:
             self._copy_key(spec.id, key, launch.user)
         try:
             with instance_users.acting_as(launch.user):
-                return wiring.wire(launch.data_dir, self.server_release().package_dir,
+                return wiring.wire(launch.data_dir, self.release_for(spec).package_dir,
                                    self.settings.proxy.local_url, key)
         except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
             return f"could not wire the chat API to the key pool: {exc}"
@@ -339,10 +371,14 @@ class LocalRuntime:
 
     async def stays_healthy(self, spec: InstanceSpec, seconds: float) -> str | None:
         launch = await asyncio.to_thread(self.launch_spec, spec)
-        return await self.checks.stays_healthy(launch, self.server_release().has_overlay, seconds)
+        return await self.checks.stays_healthy(launch, self.release_for(spec).has_overlay, seconds)
 
     def rollout_halt(self) -> dict | None:
         return self.state.rollout_halt()
 
     def record_rollout_halt(self, halt: dict | None) -> None:
         self.state.record_rollout_halt(halt)
+
+def _subject(versions: Iterable[str]) -> str:
+    """What a preparation was about: "sillytavern 1.19.0", "sillytavern 1.18.0, 1.19.0"."""
+    return "sillytavern " + ", ".join(versions)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import psutil
 
 from ..desired.model import DesiredState
+from . import sillytavern
 from .base import Observed
-from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_STATE_DIR
+from .launch import ENV_FINGERPRINT, ENV_INSTANCE, ENV_RELEASE, ENV_STATE_DIR
 from .processes import describe, listeners, live_process, port_is_free
 from .statedir import Record, StateDir
 
@@ -23,9 +24,10 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
             observed[record.id] = Observed(record.id, record.port, "stopped")
         elif live_process(record.pid, record.create_time):
             observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
-                                           create_time=record.create_time)
+                                           create_time=record.create_time, release=_release(record.release, record.argv))
         else:
-            observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint)
+            observed[record.id] = Observed(record.id, record.port, "crashed", record.pid, record.fingerprint,
+                                           release=_release(record.release, record.argv))
 
     host = desired.settings.sillytavern.listen_address
     unsure = {i.port: i.id for i in desired.instances
@@ -34,10 +36,11 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     holders = listeners(busy) if busy else {}
     for port in busy:
         id_, pid = unsure[port], holders.get(port)
-        fingerprint = _our_process(state, pid, id_)
-        if pid is not None and fingerprint is not None:
+        ours = _our_process(state, pid, id_)
+        if pid is not None and ours is not None:
+            fingerprint, release = ours
             observed[id_] = Observed(id_, port, "running", pid, fingerprint, adopted=True,
-                                     create_time=psutil.Process(pid).create_time())
+                                     create_time=psutil.Process(pid).create_time(), release=release)
         else:
             observed[id_] = Observed(id_, port, "port-taken", holder=describe(pid))
     # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
@@ -64,20 +67,32 @@ def _spawned_without_record(desired: DesiredState, state: StateDir, ids: set[str
                     continue
                 id_ = env[ENV_INSTANCE]
                 found.append(Observed(id_, ports[id_], "running", proc.pid, env.get(ENV_FINGERPRINT, ""),
-                                      adopted=True, create_time=proc.create_time()))
+                                      adopted=True, create_time=proc.create_time(),
+                                      release=_release(env.get(ENV_RELEASE), proc.cmdline())))
         except psutil.Error:
             continue
     return found
 
 
-def _our_process(state: StateDir, pid: int | None, id_: str) -> str | None:
-    """The fingerprint of ``pid`` if it is instance ``id_`` started from this state dir."""
+def _our_process(state: StateDir, pid: int | None, id_: str) -> tuple[str, str | None] | None:
+    """The fingerprint and release of ``pid`` if it is instance ``id_`` started from this state dir."""
     if pid is None:
         return None
     try:
-        env = psutil.Process(pid).environ()
+        proc = psutil.Process(pid)
+        env = proc.environ()
+        if env.get(ENV_INSTANCE) == id_ and env.get(ENV_STATE_DIR) == str(state.root):
+            return env.get(ENV_FINGERPRINT, ""), _release(env.get(ENV_RELEASE), proc.cmdline())
     except psutil.Error:
         return None
-    if env.get(ENV_INSTANCE) == id_ and env.get(ENV_STATE_DIR) == str(state.root):
-        return env.get(ENV_FINGERPRINT, "")
     return None
+
+
+def _release(said: str | None, argv: list[str]) -> str | None:
+    """The release a process was started on: as its record or environment says, else (started by
+    a cst from before either said it) read off its server.js, when that is an npm release of an
+    install home (``<home>/<version>/node_modules/sillytavern/server.js``); None: unknown."""
+    if said is not None:
+        return said
+    version = sillytavern.version_of_server(argv[1]) if len(argv) > 1 else None
+    return sillytavern.identity(version) if version else None

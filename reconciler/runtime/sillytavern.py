@@ -19,21 +19,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from . import overlay
 from .environment import child_environment
-from .statedir import StateDir
+from .statedir import LockHeld, StateDir
 
 _READY = ".cst-ready"
 _PACKAGE = Path("node_modules") / "sillytavern"
+# the folders of an install home that are releases (schemas/desired.schema.json's st_version):
+# anything else there (locks, a folder someone put there) is never removed
+_VERSION_FOLDER = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$")
+# what npm says when the registry has no such release (a typo, or one not published yet)
+_UNPUBLISHED = re.compile(r"\b(ETARGET|E404)\b|No matching version found|is not in this registry")
 
 
 class InstallError(Exception):
     pass
+
+
+class Unpublished(InstallError):
+    """The npm registry has no such release of SillyTavern (a typo, or one not published yet)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,20 @@ class Release:
     @property
     def package_dir(self) -> Path:
         return self.server_js.parent
+
+
+def identity(version: str) -> str:
+    """The npm release ``version`` as the runtime names what an instance runs ("sillytavern@1.19.0")."""
+    return f"sillytavern@{version}"
+
+
+def version_of_server(server_js: str) -> str | None:
+    """The version of the npm release a server.js path lies in, by the install home's layout
+    (``<home>/<version>/node_modules/sillytavern/server.js``); None for any other path."""
+    parts = Path(server_js).parts
+    if len(parts) < 5 or parts[-3:] != ("node_modules", "sillytavern", "server.js"):
+        return None
+    return parts[-4] if _VERSION_FOLDER.match(parts[-4]) else None
 
 
 def install_home(state_dir: Path) -> Path:
@@ -126,13 +152,47 @@ def _install_release(version: str, root: Path, rel: Release) -> None:
         (root / "package.json").write_text('{"name": "cst-sillytavern", "private": true}\n')
     # --ignore-scripts: no package's install script runs. SillyTavern 1.19.0 needs none (its
     # only one, protobufjs's postinstall, prints version warnings); its own build runs below.
-    _run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
-         root, f"npm install sillytavern@{version}", log, network=True)
+    start = log.stat().st_size if log.exists() else 0
+    try:
+        _run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund", "--no-save", f"sillytavern@{version}"],
+             root, f"npm install sillytavern@{version}", log, network=True)
+    except InstallError:
+        with open(log, "rb") as out:   # this attempt's lines only: an earlier one may have failed otherwise
+            out.seek(start)
+            said = out.read().decode(errors="replace")
+        found = next((line for line in said.splitlines() if _UNPUBLISHED.search(line)), None)
+        if found is not None:
+            raise Unpublished(f"sillytavern {version} is not published on the npm registry "
+                               f"({found.strip()})") from None
+        raise
     if not rel.server_js.exists():
         raise InstallError(f"npm installed sillytavern@{version} but {rel.server_js} is missing")
     # SillyTavern's own build script for container images: compiles into <cwd>/dist/_webpack
     _run([node_binary(), str(rel.package_dir / "docker" / "build-lib.js")],
          rel.package_dir, "building the SillyTavern front end", log)
+    make_startup_folders(rel.package_dir)
+
+
+# the folders SillyTavern makes in its package dir on every start (its src/constants.js
+# PUBLIC_DIRECTORIES, relative to the package dir: server.js chdirs there); the others ship with
+# the package or the overlay
+_STARTUP_FOLDERS = ("backups",)
+
+
+def make_startup_folders(package_dir: Path) -> None:
+    """Make, root's and readable by all, the folders SillyTavern would make in its package dir at
+    start: an instance under a user of its own cannot create them in a root's install, and
+    SillyTavern exits (EACCES, mkdir 'backups/'). That they exist is all it checks: the only
+    writer of the package's ``backups/`` is a migration of a data layout older than multi-user
+    SillyTavern, which never runs on CST's data roots."""
+    for name in _STARTUP_FOLDERS:
+        folder = package_dir / name
+        if not folder.is_dir():
+            try:
+                folder.mkdir(exist_ok=True)
+                folder.chmod(0o755)
+            except PermissionError:
+                continue   # a shared install of another user's: a start as an instance user says why it fails
 
 
 def verify(version: str, state_dir: Path) -> list[str]:
@@ -156,6 +216,7 @@ def ready(version: str, state_dir: Path) -> str:
     Raises InstallError naming each file that fails the check."""
     rel, done = install(version, state_dir)
     overlay.open_folders(rel.package_dir)   # installs laid before instances had users of their own
+    make_startup_folders(rel.package_dir)   # and installs made before CST made these
     found = verify(version, state_dir)
     if found:
         raise InstallError(f"sillytavern {version} fails verification: " + "; ".join(found))
@@ -183,3 +244,46 @@ def prefill_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(rel.prebuilt_webpack, target)
     return target
+
+
+def _busy(folder: Path) -> bool:
+    """Whether a live process runs a server.js inside ``folder`` (of any state dir sharing the home)."""
+    inside = str(folder) + os.sep
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(arg.startswith(inside) for arg in proc.info["cmdline"] or ()):
+                return True
+        except (psutil.Error, TypeError):
+            continue
+    return False
+
+
+def remove_unused(state_dir: Path, in_use: set[str]) -> list[str]:
+    """Delete the installed releases (version folders of the install home) not in ``in_use``; the
+    versions removed, in name order.
+
+    ``in_use`` is the caller's: every version a declared instance runs or a running process was
+    started on (a rollout calls this once it completed). Beyond it, a release is kept while any
+    live process runs its server.js (a home may be shared by several state dirs, whose processes
+    this caller does not know) or while another cst installs it. An empty ``in_use`` is refused:
+    a fleet always uses its own version, so it is a caller's mistake that would empty the home."""
+    if not in_use:
+        raise ValueError("remove_unused: no release is in use; refusing to remove every installed one")
+    home = install_home(state_dir)
+    if not home.is_dir():
+        return []
+    removed: list[str] = []
+    for folder in sorted(home.iterdir(), key=lambda p: p.name):
+        if (not _VERSION_FOLDER.match(folder.name) or folder.name in in_use or folder.is_symlink()
+                or not folder.is_dir() or _busy(folder)):
+            continue
+        try:
+            with StateDir(folder).lock("install", timeout=0):
+                # moved aside first, in one rename: no one finds half a release under its name
+                doomed = home / f".removing-{folder.name}-{os.getpid()}"
+                folder.rename(doomed)
+        except LockHeld:
+            continue   # being installed right now: someone is about to use it
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(folder.name)
+    return removed

@@ -37,6 +37,10 @@ class Record:
     fingerprint: str | None = None
     started_at: str | None = None       # ISO 8601 UTC
     restarts: int = 0
+    # the release it was (last) started on, as LocalRuntime.release_identity says it
+    # ("sillytavern@1.19.0"); None: unknown (a record written before CST kept it, or an
+    # adopted process started without the marker)
+    release: str | None = None
 
 
 def _well_formed(record: Record, name: str) -> bool:
@@ -49,7 +53,8 @@ def _well_formed(record: Record, name: str) -> bool:
             and isinstance(record.argv, list) and all(isinstance(arg, str) for arg in record.argv)
             and (record.fingerprint is None or isinstance(record.fingerprint, str))
             and (record.started_at is None or isinstance(record.started_at, str))
-            and type(record.restarts) is int)
+            and type(record.restarts) is int
+            and (record.release is None or isinstance(record.release, str)))
 
 
 class LockHeld(Exception):

@@ -29,8 +29,7 @@ def _to_probe(desired: DesiredState, report: Report) -> list[tuple[LaunchSpec, b
     if not specs:
         return []
     runtime = LocalRuntime(desired, readonly=True)
-    has_overlay = runtime.server_release().has_overlay
-    return [(runtime.launch_spec(spec), has_overlay) for spec in specs]
+    return [(runtime.launch_spec(spec), runtime.release_for(spec).has_overlay) for spec in specs]
 
 
 async def check(desired: DesiredState, report: Report | None, checks: HealthChecks) -> dict[str, str | None]:
