@@ -29,9 +29,9 @@ async def restore_snapshot(runtime: LocalRuntime, spec: InstanceSpec, snapshot_i
     """Raises SnapshotNotFound (nothing stopped), LockHeld (nothing stopped), StartFailed (the
     snapshot is in place but the instance did not come up), or OSError."""
     snapshots = Snapshots(runtime.state)
-    snapshot = snapshots.get(spec.id, snapshot_id)   # before anything is stopped
     data_dir = runtime.desired.data_dir(spec.port)
     try:
+        snapshot = snapshots.get(spec.id, snapshot_id)   # before anything is stopped
         async with runtime.lock(lock_timeout):
             record = runtime.state.record(spec.id)
             if record is not None:
