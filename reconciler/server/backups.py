@@ -56,6 +56,9 @@ class BackupScheduler:
             return IDLE_CHECK
         running = await asyncio.to_thread(self._running, desired)
         next_due = settings.every
+        if len(running) < sum(spec.state == "running" for spec in desired.instances):
+            # one is starting (or being repaired): its first snapshot comes soon after it runs
+            next_due = min(next_due, desired.settings.resync)
         for instance_id, data_dir in running:
             due_in = await asyncio.to_thread(self._due_in, instance_id, settings.every)
             if due_in > 0:
