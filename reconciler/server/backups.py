@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 from ..desired.model import DesiredState
 from ..runtime.processes import live_process
 from ..runtime.snapshots import Snapshots
-from ..runtime.statedir import StateDir
+from ..runtime.statedir import LockHeld, StateDir
 
 log = logging.getLogger("cst.backups")
 
@@ -66,7 +66,7 @@ class BackupScheduler:
                 continue
             try:
                 await asyncio.to_thread(self._backup, instance_id, data_dir, settings.keep)
-            except (OSError, ValueError) as exc:   # disk full, a data dir gone: this one, not the others
+            except (OSError, ValueError, LockHeld) as exc:   # disk full, a data dir gone, a long restore: this one only
                 self._failed_at[instance_id] = self.clock()
                 self.last_error[instance_id] = str(exc)
                 log.error("scheduled snapshot of %s failed: %s; trying again in %.0fs", instance_id, exc,
