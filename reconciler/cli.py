@@ -32,10 +32,12 @@ from .engine.inventory import instance_rows
 from .engine.reconcile import reconcile
 from .engine.results import Report, Result
 from .runtime import overlay, sillytavern
-from .runtime.base import LaunchImpossible
+from .runtime.base import LaunchImpossible, StartFailed
 from .runtime.local import LocalRuntime
 from .runtime.logfollow import MAX_LINES, last_lines
 from .runtime.logfollow import follow as follow_log
+from .runtime.restore import restore_snapshot
+from .runtime.snapshots import SnapshotNotFound, Snapshots
 from .runtime.statedir import LockHeld, StateDir
 from .server.daemon import Daemon, DaemonError, tls_context
 
@@ -449,6 +451,73 @@ def rotate_key(file: Path, instance_id: str, wait: float) -> None:
     except LockHeld as exc:
         raise Failed(str(exc)) from None
     click.echo(f"changed: {instance_id} has a new proxy key ({mask(key)}); the old one no longer works")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _instance_argument(instance_id: str) -> None:
+    if port_of(instance_id) is None:
+        raise click.BadParameter(f"{instance_id!r} is not an instance id (like st-instance-8001)",
+                                 param_hint="INSTANCE_ID")
+
+
+@cli.command()
+@file_option
+@click.argument("instance_id")
+@output_option
+def backups(file: Path, instance_id: str, output: str) -> None:
+    """List an instance's snapshots (settings.backups, rollouts), oldest first."""
+    desired = load_or_exit(file)
+    _instance_argument(instance_id)
+    snapshots = Snapshots(StateDir(desired.settings.state_dir)).list(instance_id)
+    if output == "json":
+        click.echo(json.dumps([snapshot.document() for snapshot in snapshots], indent=2))
+        return
+    if not snapshots:
+        click.echo(f"{instance_id} has no snapshots")
+        return
+    header = ("SNAPSHOT", "TAKEN AT", "REASON", "FILES", "SIZE", "NEW")
+    table = [header] + [(s.id, s.taken_at, s.reason, str(s.files), _size(s.bytes_total), _size(s.bytes_new))
+                        for s in snapshots]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@cli.command()
+@file_option
+@click.argument("instance_id")
+@click.argument("snapshot_id")
+@click.option("--wait", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="Seconds to wait while another cst works on the same state dir.")
+def restore(file: Path, instance_id: str, snapshot_id: str, wait: float) -> None:
+    """Put a snapshot back: stop the instance, keep its data dir in the archive, copy the snapshot
+    in its place, start it again when the file says it runs."""
+    desired = load_or_exit(file)
+    _instance_argument(instance_id)
+    spec = desired.instance(instance_id)
+    if spec is None:
+        raise Invalid(f"{instance_id} is not declared in {file}")
+    try:
+        restored = asyncio.run(restore_snapshot(LocalRuntime(desired), spec, snapshot_id, lock_timeout=wait))
+    except SnapshotNotFound as exc:
+        raise Invalid(f"{exc}; nothing was stopped (cst backups {instance_id} lists its snapshots)") from None
+    except LockHeld as exc:
+        raise Failed(f"{exc}; nothing was stopped") from None
+    except (StartFailed, OSError) as exc:
+        raise Failed(f"restoring {instance_id}: {exc}") from None
+    kept = f"; the data it replaced is kept in {restored.replaced}" if restored.replaced else ""
+    state = "running again" if restored.running else "stopped, as the file says"
+    click.echo(f"changed: {instance_id} has its data of snapshot {restored.snapshot.id} again ({state}){kept}")
 
 
 cli.add_command(proxy_command)

@@ -143,6 +143,8 @@ async def test_replace_is_refused_over_a_newer_version(tmp_path: Path) -> None:
     ("settings: {usage: {store: 'postgresql://cst@attacker.example/cst'}}", "settings.usage.store"),
     # where the file is followed from and pushed to
     ("settings: {git: {remote: attacker, push: true}}", "settings.git"),
+    # a lower keep deletes snapshots for good
+    ("settings: {backups: {keep: 1}}", "settings.backups"),
     ("settings: {usage: {store: 'postgresql://cst@db/cst', store_password_file: /root/.pgpass}}",
      "settings.usage.store_password_file"),
     ("accounts: [{name: a, provider: static, keys_file: /root/.ssh/id_rsa}]", "accounts[0].keys_file"),

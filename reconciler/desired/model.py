@@ -128,6 +128,14 @@ class GitSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    """Scheduled snapshots of each running instance's data dir (``settings.backups``)."""
+
+    every: float = parse_duration(_default("settings", "backups", "every"))
+    keep: int = _default("settings", "backups", "keep")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     max_size: int = parse_size(_default("settings", "logs", "max_size"))
     keep: int = _default("settings", "logs", "keep")
@@ -176,6 +184,7 @@ class Settings:
     proxy: ProxySettings = ProxySettings()
     usage: UsageSettings = UsageSettings()
     git: GitSettings | None = None     # None: the file is not followed from a remote
+    backups: BackupSettings | None = None   # None: no scheduled snapshots
 
 
 @dataclass(frozen=True)
@@ -297,6 +306,9 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     if git is not None:
         settings = replace(settings, git=GitSettings(git["remote"], git["branch"], parse_duration(git["every"]),
                                                      git["push"]))
+    backups = raw.get("backups")
+    if backups is not None:
+        settings = replace(settings, backups=BackupSettings(parse_duration(backups["every"]), backups["keep"]))
     fleet_budget = Budget.from_data(raw.get("budget"))
     accounts = tuple(
         Account(

@@ -38,6 +38,7 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.usage.store_password_env": s.usage.store_password_env,
         "settings.usage.store_password_file": s.usage.store_password_file,
         "settings.git": s.git,                       # where the file is followed from and pushed to
+        "settings.backups": s.backups,               # a lower keep deletes snapshots for good
     }
 
 

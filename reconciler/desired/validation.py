@@ -85,7 +85,7 @@ _BAD_BRANCH = re.compile(r"\.\.|//|@\{|/\.|[/.]$|\.lock$")
 _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
               ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
               ("settings", "api", "timeout"), ("settings", "usage", "retention"), ("settings", "git", "every"),
-              ("settings", "sillytavern", "rollout", "pause"))
+              ("settings", "sillytavern", "rollout", "pause"), ("settings", "backups", "every"))
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),

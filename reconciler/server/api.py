@@ -240,6 +240,15 @@ async def delete_instance(request: web.Request) -> web.Response:
     return _done(request, await request.app[FLEET].delete(request.match_info["id"], _client(request)))
 
 
+async def list_backups(request: web.Request) -> web.Response:
+    return _json(await request.app[FLEET].backups(request.match_info["id"]))
+
+
+async def restore_backup(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    return _done(request, await request.app[FLEET].restore(request.match_info["id"], body))
+
+
 async def backup(request: web.Request) -> web.StreamResponse:
     id_ = request.match_info["id"]
     root = request.app[FLEET].data_dir(id_)
@@ -456,6 +465,8 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_post("/api/instances/{id}/reset-password", reset_password)
     app.router.add_post("/api/instances/{id}/rotate-key", rotate_key)
     app.router.add_get("/api/instances/{id}/backup", backup)
+    app.router.add_get("/api/instances/{id}/backups", list_backups)
+    app.router.add_post("/api/instances/{id}/restore", restore_backup)
     app.router.add_get("/api/desired", get_desired)
     app.router.add_put("/api/desired", put_desired)
     app.router.add_post("/api/plan", plan)

@@ -46,6 +46,7 @@ from ..tasks import BackgroundTasks, LoopThread
 from . import liveness
 from .admin_key import admin_key
 from .api import make_app
+from .backups import BackupScheduler
 from .control import NotConverged
 from .events import EventHub
 from .exit_watch import ExitWatches
@@ -339,6 +340,8 @@ class Daemon:
             self.tasks.keep("proxy-follower", self._follow_proxy)
             self.tasks.keep("liveness", self._liveness_loop)
             self.tasks.keep("git-follower", self.git.follow)
+            self.backups = BackupScheduler(lambda: self.desired, self.state)   # settings.backups
+            self.tasks.keep("backups", self.backups.run)
             try:
                 await self._stop.wait()
                 if self.fatal is None:

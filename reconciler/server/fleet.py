@@ -24,8 +24,11 @@ from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
 from ..engine.inventory import instance_rows
 from ..engine.results import Result
+from ..runtime.base import StartFailed
 from ..runtime.local import LocalRuntime
 from ..runtime.processes import port_is_free
+from ..runtime.restore import restore_snapshot
+from ..runtime.snapshots import SnapshotNotFound, Snapshots
 from ..runtime.statedir import LockHeld
 from .control import Control
 
@@ -281,3 +284,38 @@ class Fleet:
         self.daemon.supervisor.forget(id_)
         archive = result.archive if result else ""
         return {"id": id_, "archive": archive or None, "message_key": "deleted" if archive else "deleted_no_data"}
+
+    # -- snapshots (settings.backups, rollouts) and restoring one
+
+    async def backups(self, id_: str) -> list[dict]:
+        """The instance's snapshots, oldest first."""
+        self._known(id_)
+        snapshots = await asyncio.to_thread(Snapshots(self.daemon.state).list, id_)
+        return [snapshot.document() for snapshot in snapshots]
+
+    async def restore(self, id_: str, body: Any) -> dict:
+        """Put a snapshot back in place of the instance's data dir (the replaced one is archived)."""
+        spec = self._declared(id_)
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_body")
+        snapshot_id = body.get("snapshot")
+        if not isinstance(snapshot_id, str) or not snapshot_id:
+            raise ApiError(400, "missing_snapshot")
+        waited = self.desired.settings.api.timeout
+        # its own loop in a thread: stopping, copying a data dir and starting all block
+        try:
+            restored = await asyncio.to_thread(asyncio.run, restore_snapshot(
+                LocalRuntime(self.desired), spec, snapshot_id, lock_timeout=waited))
+        except SnapshotNotFound:
+            raise ApiError(404, "no_snapshot", id=id_, snapshot=snapshot_id[:40]) from None
+        except LockHeld as exc:
+            raise ApiError(504, "restore_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
+        except (StartFailed, OSError) as exc:
+            raise ApiError(500, "restore_failed", id=id_, reason=str(exc)) from None
+        finally:
+            self.daemon.changed_at = time.monotonic()   # listings observe again
+        self.daemon.supervisor.forget(id_)
+        return {"id": id_, "snapshot": restored.snapshot.id,
+                "replaced": str(restored.replaced) if restored.replaced else None,
+                "status": SEED_STATUS["running" if restored.running else "stopped"],
+                "message_key": "restored" if restored.replaced else "restored_no_data"}

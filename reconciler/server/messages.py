@@ -68,6 +68,17 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "key_rotated": ("{id} has a new proxy key; the old one no longer works",
                     "{id} 的代理密钥已更换，旧密钥已失效"),
     "proxy_off": ("{id} has proxy: false, so it has no proxy key", "{id} 设置了 proxy: false，没有代理密钥"),
+    "missing_snapshot": ("Name the snapshot to restore: {{\"snapshot\": \"<id>\"}} (cst backups ID lists them)",
+                         "请指定要恢复的快照：{{\"snapshot\": \"<id>\"}}（cst backups ID 可列出快照）"),
+    "no_snapshot": ("{id} has no snapshot {snapshot}; nothing was stopped", "{id} 没有快照 {snapshot}，未停止任何实例"),
+    "restore_busy": ("{id} was not restored: another cst has held the state dir for {seconds}s ({holder}); "
+                     "nothing was stopped, try again",
+                     "{id} 未恢复：另一个 cst 已占用状态目录 {seconds} 秒（{holder}），未停止任何实例，请稍后再试"),
+    "restore_failed": ("Failed to restore {id}: {reason}", "恢复 {id} 失败：{reason}"),
+    "restored": ("{id} has its data of snapshot {snapshot} again; the data it replaced is kept in {replaced}",
+                 "{id} 已恢复到快照 {snapshot}；被替换的数据保存在 {replaced}"),
+    "restored_no_data": ("{id} has its data of snapshot {snapshot} again (it had no data dir to replace)",
+                         "{id} 已恢复到快照 {snapshot}（此前没有数据目录）"),
 }
 
 
