@@ -29,7 +29,7 @@ from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
-from .engine.reconcile import reconcile
+from .engine.reconcile import reconcile, standing_halt
 from .engine.results import Report, Result
 from .runtime import overlay, sillytavern
 from .runtime.base import LaunchImpossible, StartFailed
@@ -275,8 +275,13 @@ def _uptime(seconds: float | None) -> str:
 @file_option
 @output_option
 def status(file: Path, output: str) -> None:
-    """Show every instance: desired and observed state, pid, uptime, restarts, data dir."""
-    rows = instance_rows(load_or_exit(file))
+    """Show every instance: desired and observed state, pid, uptime, restarts, data dir; and a
+    rollout that stands halted."""
+    desired = load_or_exit(file)
+    rows = instance_rows(desired)
+    halt = standing_halt(LocalRuntime(desired, readonly=True), desired)
+    if halt is not None:
+        click.echo(halt.line(), err=output == "json")
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return

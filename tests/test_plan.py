@@ -64,7 +64,8 @@ def test_plan_is_pure_and_repeatable():
 
 
 def test_only_changes_count_as_changes():
-    assert {k for k in Kind if Action(k, A, 1).changes} == {Kind.START, Kind.RESTART, Kind.STOP, Kind.REMOVE}
+    assert {k for k in Kind if Action(k, A, 1).changes} == {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP,
+                                                            Kind.REMOVE}
 
 
 HINT_CASES = [

@@ -275,7 +275,8 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
         fake_release(home, version)
     env = {"CST_SILLYTAVERN_HOME": str(home)}
     a, b = free_ports(2)
-    head = 'version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 15, stop_timeout: 3}\ninstances:\n'
+    head = ('version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 15, stop_timeout: 3, '
+            'rollout: {pause: 1s}}\ninstances:\n')
     project.write(head + f'  - port: {a}\n    sillytavern_version: "1.18.0"\n  - port: {b}\n')
     first = project.cst("apply", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -299,7 +300,8 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
 
     project.write(head + f'  - port: {a}\n    sillytavern_version: "1.19.0"\n  - port: {b}\n')
     moved = project.cst("apply", env=env)
-    assert f"changed: {ids[a]} (restarted: settings changed)" in moved.stdout, moved.stdout + moved.stderr
+    assert f"changed: {ids[a]} (upgraded: sillytavern@1.18.0 -> sillytavern@1.19.0 (snapshot " in moved.stdout, \
+        moved.stdout + moved.stderr
     assert f"ok: {ids[b]}" in moved.stdout
     assert _cmdline_server(project, ids[a]) == str(home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
     assert project.record(ids[a])["release"] == "sillytavern@1.19.0"
@@ -315,7 +317,7 @@ def test_real_releases_side_by_side(project) -> None:
     from reconciler.runtime.launch import HEALTH_PATH
     a, b = free_ports(2)
     ids = {a: f"st-instance-{a}", b: f"st-instance-{b}"}
-    head = 'version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 180}\ninstances:\n'
+    head = 'version: 1\nsettings:\n  sillytavern: {version: "1.19.0", start_timeout: 180, rollout: {pause: 2s}}\ninstances:\n'
     project.write(head + f'  - port: {a}\n    sillytavern_version: "1.18.0"\n  - port: {b}\n')
     home = sillytavern.install_home(project.state_dir)
     started = time.monotonic()
@@ -347,7 +349,7 @@ def test_real_releases_side_by_side(project) -> None:
     project.write(head + f'  - port: {a}\n    sillytavern_version: "1.19.0"\n  - port: {b}\n')
     moved = project.cst("apply", timeout=600)
     assert moved.returncode == 0, moved.stdout + moved.stderr
-    assert f"changed: {ids[a]} (restarted: settings changed)" in moved.stdout
+    assert f"changed: {ids[a]} (upgraded: sillytavern@1.18.0 -> sillytavern@1.19.0 (snapshot " in moved.stdout
     assert f"ok: {ids[b]}" in moved.stdout
     assert project.record(ids[a])["fingerprint"] != fingerprint_a
     assert project.record(ids[b])["fingerprint"] == fingerprint_b

@@ -115,6 +115,10 @@ async def reconcile(desired: DesiredState, check: bool = False,
             if halted is not None:
                 halt = halted
                 runtime.record_rollout_halt(halted.as_dict())
+            elif all(a.release.startswith("sillytavern@") for a in upgrades):
+                for version in await runtime.remove_unused_releases():
+                    emit(Result(f"sillytavern {version}", "changed", "removed: no instance runs it any more",
+                                happened=Happened.RELEASE_REMOVED))
 
         upgrades = [a for a in actions if a.kind == Kind.UPGRADE]
         others = [a for a in actions if a.kind != Kind.UPGRADE]
@@ -125,6 +129,11 @@ async def reconcile(desired: DesiredState, check: bool = False,
 
 
 _STARTS = (Kind.START, Kind.RESTART, Kind.UPGRADE)
+
+
+def standing_halt(runtime: Runtime, desired: DesiredState) -> Halt | None:
+    """The rollout halt that holds the fleet back now, if one does (for `cst status`)."""
+    return _standing_halt(runtime, targets(desired, runtime), drop_stale=False)
 
 
 def _standing_halt(runtime: Runtime, wanted: list[Target], drop_stale: bool) -> Halt | None:

@@ -26,6 +26,7 @@ class Happened(str, Enum):
     ACTION_FAILED = "action-failed"  # an action raised (a stop that would not end, an I/O error)
     RELEASE_READY = "release-ready"  # the release was installed or repaired (id: the release)
     RELEASE_FAILED = "release-failed"
+    RELEASE_REMOVED = "release-removed"  # no instance runs it after a rollout
     UPGRADED = "upgraded"           # now on the release the file asks for, after a snapshot
     ROLLED_BACK = "rolled-back"     # the new release failed: back on the old one, its data as it was
     ROLLBACK_FAILED = "rollback-failed"

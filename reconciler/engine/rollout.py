@@ -41,13 +41,12 @@ class Halt:
     @classmethod
     def from_dict(cls, doc: dict | None) -> Halt | None:
         """A halt as ``as_dict`` wrote it; None for nothing, or for a document of another shape."""
+        if doc is None or not isinstance(doc.get("wanted"), dict):
+            return None
         try:
-            wanted = doc["wanted"] if doc else None
-            if not isinstance(wanted, dict):
-                return None
-            return cls({str(k): str(v) for k, v in wanted.items()}, str(doc["at"]), str(doc["reason"]),
+            return cls({str(k): str(v) for k, v in doc["wanted"].items()}, str(doc["at"]), str(doc["reason"]),
                        str(doc.get("when", "")))
-        except (KeyError, TypeError):
+        except KeyError:
             return None
 
 

@@ -98,6 +98,9 @@ class Runtime(RolloutRuntime, Protocol):
     def forget_pid(self, id_: str) -> None:
         """The instance's process is gone: remember it as stopped."""
 
+    async def remove_unused_releases(self) -> list[str]:
+        """Remove installed releases nothing uses any more (a rollout completed); the versions removed."""
+
     def rollout_halt(self) -> dict | None:
         """The rollout halt recorded by an earlier pass, if one stands (see ``engine.rollout.Halt``)."""
 

@@ -94,7 +94,15 @@ class LocalRuntime:
         """The user the instance runs as; None for cst's own (cst is not root, or the file says so)."""
         return instance_users.user_for(self.settings.sillytavern.users, spec.port)
 
-    def launch_spec(self, spec: InstanceSpec) -> LaunchSpec:
+    def _release(self, spec: InstanceSpec, identity: str | None) -> tuple[sillytavern.Release, str]:
+        """The release ``spec`` runs and its identity: the file's, or the one named (a rollback runs
+        the release an instance ran before, which the file no longer names)."""
+        if identity is None:
+            return self.release_for(spec), self.release_identity(spec)
+        return sillytavern.release_of_identity(identity, self.settings.state_dir), identity
+
+    def launch_spec(self, spec: InstanceSpec, release: str | None = None) -> LaunchSpec:
+        """What starting ``spec`` takes; on ``release`` (an identity) instead of the file's when given."""
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
@@ -111,8 +119,8 @@ class LocalRuntime:
             "--basicAuthMode", "true",
             "--browserLaunchEnabled", "false",
         )
-        release, release_identity = self.release_for(spec), self.release_identity(spec)
-        argv = (shutil.which("node") or "node", str(release.server_js), *flags)
+        release_of, release_identity = self._release(spec, release)
+        argv = (shutil.which("node") or "node", str(release_of.server_js), *flags)
         cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user)}
         # everything a restart would change, as the file and the release say it: not the node binary
         # or install folder this process resolved. The user only when it has one of its own, so an
@@ -122,7 +130,7 @@ class LocalRuntime:
             identity.append([user.uid, user.gid])
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         env = child_environment({
-            **sillytavern.outside_our_git(release.package_dir),
+            **sillytavern.outside_our_git(release_of.package_dir),
             **({"HOME": str(workdir)} if user is not None else {}),   # not root's home
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
@@ -203,7 +211,7 @@ class LocalRuntime:
             record.pid = record.create_time = None
             self.state.save(record)
 
-    def _prepare_folders(self, spec: InstanceSpec, launch: LaunchSpec) -> str:
+    def _prepare_folders(self, launch: LaunchSpec, release: sillytavern.Release) -> str:
         """The instance's data dir and workdir, its own when it has a user of its own (folders from
         before, root's, are given to it here, links never followed), the key copy it reads, and
         the way to them; what was done, for its log. Raises StartFailed when its user could not
@@ -220,7 +228,6 @@ class LocalRuntime:
         if user is None:
             return ""
         given = instance_users.own_tree(launch.data_dir, user) + instance_users.own_tree(launch.workdir, user)
-        release = self.release_for(spec)
         needed = [(Path(launch.argv[0]), 5), (release.server_js, 4), (launch.data_dir, 1), (launch.workdir, 1)]
         if release.has_overlay:   # CST's plugin: its health route is how a start is seen
             needed.append((release.package_dir / overlay.PLUGIN_ENTRY, 4))
@@ -230,14 +237,16 @@ class LocalRuntime:
                 raise StartFailed(f"{launch.id} runs as {user}, but {problem}")
         return f"runs as {user}" + (f"; {given} files from before given to it" if given else "")
 
-    async def start(self, spec: InstanceSpec, count_restart: bool = False) -> Record:
-        """Start the process and wait until its port answers with basic auth; raises StartFailed."""
-        launch = self.launch_spec(spec)
+    async def start(self, spec: InstanceSpec, count_restart: bool = False, release: str | None = None) -> Record:
+        """Start the process (on ``release``, an identity, instead of the file's when given) and wait
+        until its port answers with basic auth; raises StartFailed."""
+        launch = self.launch_spec(spec, release)
+        server, _ = self._release(spec, release)
         user = launch.user
-        owned = self._prepare_folders(spec, launch)
+        owned = self._prepare_folders(launch, server)
         with instance_users.acting_as(user):   # what cst writes into the data dir is the instance's
-            sillytavern.prefill_webpack_cache(self.release_for(spec), launch.data_dir)
-        wired = self._wire(spec, launch)
+            sillytavern.prefill_webpack_cache(server, launch.data_dir)
+        wired = self._wire(spec, launch, server)
         previous = self.state.record(launch.id)
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
         with open_log(launch.log) as log:
@@ -259,14 +268,14 @@ class LocalRuntime:
             release=launch.release)
         self.state.save(record)  # written at once: a crash from here on still knows the pid
         try:
-            await self.checks.wait_ready(launch, proc, self.release_for(spec).has_overlay,
+            await self.checks.wait_ready(launch, proc, server.has_overlay,
                                          self.settings.sillytavern.start_timeout, lambda: self.log_tail(launch.id))
         except StartFailed:
             await self._stop(record)
             raise
         return record
 
-    def _wire(self, spec: InstanceSpec, launch: LaunchSpec) -> str:
+    def _wire(self, spec: InstanceSpec, launch: LaunchSpec, server: sillytavern.Release) -> str:
         """The instance's proxy key (minted, or revoked with ``proxy: false``; copied where its own
         user reads it) and its first-start chat settings; what was done, for the instance's log."""
         if not spec.proxy:
@@ -277,7 +286,7 @@ class LocalRuntime:
             self._copy_key(spec.id, key, launch.user)
         try:
             with instance_users.acting_as(launch.user):
-                return wiring.wire(launch.data_dir, self.release_for(spec).package_dir,
+                return wiring.wire(launch.data_dir, server.package_dir,
                                    self.settings.proxy.local_url, key)
         except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
             return f"could not wire the chat API to the key pool: {exc}"
@@ -378,6 +387,20 @@ class LocalRuntime:
 
     def record_rollout_halt(self, halt: dict | None) -> None:
         self.state.record_rollout_halt(halt)
+
+    async def remove_unused_releases(self) -> list[str]:
+        """Remove the installed npm releases no declared instance and no recorded process uses any
+        more (after a rollout completed); the versions removed."""
+        if self.settings.sillytavern.server is not None:
+            return []
+        in_use = {self.desired.version_of(spec) for spec in self.desired.instances}
+        in_use.add(self.settings.sillytavern.version)
+        for record in self.state.records().values():
+            version = (record.release or "").removeprefix("sillytavern@")
+            if record.pid is not None and version:
+                in_use.add(version)
+        return await asyncio.to_thread(sillytavern.remove_unused, self.settings.state_dir, in_use)
+
 
 def _subject(versions: Iterable[str]) -> str:
     """What a preparation was about: "sillytavern 1.19.0", "sillytavern 1.18.0, 1.19.0"."""

@@ -66,6 +66,16 @@ def identity(version: str) -> str:
     return f"sillytavern@{version}"
 
 
+def release_of_identity(identity: str, state_dir: Path) -> Release:
+    """The release an identity names: "sillytavern@1.18.0" (the npm release) or "server PATH" (a
+    checkout of one's own)."""
+    if identity.startswith("sillytavern@"):
+        return release_of(identity.removeprefix("sillytavern@"), state_dir)
+    if identity.startswith("server "):
+        return Release(Path(identity.removeprefix("server ")), None)
+    raise ValueError(f"not a release identity: {identity!r}")
+
+
 def version_of_server(server_js: str) -> str | None:
     """The version of the npm release a server.js path lies in, by the install home's layout
     (``<home>/<version>/node_modules/sillytavern/server.js``); None for any other path."""

@@ -379,6 +379,7 @@ async def status(request: web.Request) -> web.Response:
             "lastRun": daemon.last_pass_at, "durationMs": daemon.last_pass_ms,
             "recap": report.recap if report else None,
             "failure": report.failure if report else None,
+            "rollout": report.halt if report else None,   # a halted rollout, while it stands
             "results": [asdict(r) for r in report.results if r.outcome != "ok"] if report else [],
             "now": daemon.pending(),
         },

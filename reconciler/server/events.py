@@ -3,8 +3,11 @@
 Events (the SSE ``event:`` field; ``data:`` is one line of JSON):
 
 * ``file``: desired.yaml was read and differs from the last reading: ``{sha256, valid, problems}``
-* ``instance``: an instance ``started``, ``stopped``, ``crashed``, ``restarted``, ``failed``,
-  was ``adopted`` or ``removed``: ``{id, change, detail, at}``
+* ``instance``: an instance ``started``, ``stopped``, ``crashed``, ``restarted``, ``upgraded``,
+  ``failed`` (a rollout's rolled-back instance too), was ``adopted`` or ``removed``:
+  ``{id, change, detail, at}``
+* ``rollout``: a rollout halted (``halted``: ``{at, reason, when, wanted}``) or its halt no longer
+  stands (``halted``: null): ``{halted, at}``
 * ``reconcile``: a pass that changed or failed something: ``{at, durationMs, recap}``
 * ``pool``: the key pool's document changed (the one ``GET /api/pool`` answers)
 * ``reset``: the events this client missed are gone (or it never had any): reload everything
@@ -77,6 +80,8 @@ def changes(result: Result, pid: int | None) -> list[tuple[str, str]]:
         return crashed + [("restarted", result.detail.partition(": ")[2] or result.detail)]
     if happened is Happened.STARTED:
         return crashed + [("started", "")]
+    if happened is Happened.UPGRADED:
+        return [("upgraded", result.detail)]
     if happened is Happened.HELD:        # backing off: said when it failed, not again each pass
         return []
     if result.outcome == "failed":
@@ -94,6 +99,7 @@ class EventHub:
         self._pool_task: asyncio.Task | None = None
         self._failing: dict[str, str] = {}              # id -> the failure last published for it
         self.last_failure: dict[str, dict[str, str]] = {}  # id -> {reason, at}, since cst serve started
+        self._halt: dict | None = None                  # the rollout halt last announced
 
     @property
     def last_id(self) -> str:
@@ -134,7 +140,7 @@ class EventHub:
     def passed(self, report: Report, at: str, duration_ms: float) -> None:
         published = False
         for result in report.results:
-            if result.happened in (Happened.RELEASE_READY, Happened.RELEASE_FAILED):
+            if result.happened in (Happened.RELEASE_READY, Happened.RELEASE_FAILED, Happened.RELEASE_REMOVED):
                 continue  # not an instance: the release being installed
             seen = report.observed.get(result.id)
             for change, detail in changes(result, seen.pid if seen else None):
@@ -145,6 +151,10 @@ class EventHub:
                 published = True
             if result.outcome != "failed":
                 self._failing.pop(result.id, None)
+        if report.halt != self._halt:   # a rollout halted, or its halt no longer stands
+            self._halt = report.halt
+            self.publish("rollout", {"halted": report.halt, "at": at})
+            published = True
         if published:
             self.publish("reconcile", {"at": at, "durationMs": duration_ms, "recap": report.recap})
 

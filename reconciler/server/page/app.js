@@ -277,7 +277,7 @@ function onEvent({ event, data }) {
       detail: data.problems.map((p) => p.text).join('; ') });
     later(loadInstances);
     later(loadDesired);
-  } else if (event === 'reconcile' || event === 'git') {  // git: a commit, a merge, a push, a problem
+  } else if (event === 'reconcile' || event === 'git' || event === 'rollout') {  // git: a commit, a merge, a push, a problem
     later(loadDesired);
   }
 }
@@ -701,6 +701,7 @@ function renderFile() {
     : t('file.never');
   const results = run.results.map((r) => el('li', {}, el('code', {}, r.id), ` ${r.outcome}${r.detail ? `: ${r.detail}` : ''}`));
   if (run.failure) results.unshift(el('li', {}, t('file.passFailed', { reason: run.failure })));
+  if (run.rollout) results.unshift(el('li', { class: 'warn' }, t('file.rolloutHalted', run.rollout)));
   $('file-results').replaceChildren(...(results.length ? results : [el('li', {}, t('file.nothing'))]));
   const problems = status.file.problems;
   $('file-problems-box').hidden = problems.length === 0;

@@ -167,6 +167,7 @@ const STRINGS = {  // key: [English, Chinese]
   'file.changes': ['What it changed', '变更内容'],
   'file.nothing': ['nothing needed changing', '无需变更'],
   'file.passFailed': ['the pass could not run: {reason}', '本轮协调未能运行：{reason}'],
+  'file.rolloutHalted': ['rollout halted at {at}: {reason}, rolled back', '升级已在 {at} 中止：{reason}，已回滚'],
   'file.recap': ['ok {ok} · changed {changed} · failed {failed}', '正常 {ok} · 变更 {changed} · 失败 {failed}'],
   'file.took': ['{ms} ms', '{ms} 毫秒'],
   'file.readonly': [
