@@ -64,6 +64,7 @@ bench: sillytavern servers
 	$(BIN)/python bench/proxy/stores.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/snapshots.py --runs 5
 
 clean:
