@@ -123,7 +123,9 @@ async def reconcile(desired: DesiredState, check: bool = False,
         upgrades = [a for a in actions if a.kind == Kind.UPGRADE]
         others = [a for a in actions if a.kind != Kind.UPGRADE]
         groups = [list(g) for _, g in groupby(others, key=lambda a: a.id)]
-        await asyncio.gather(*(run_group(g) for g in groups), *([run_rollout(upgrades)] if upgrades else []))
+        await asyncio.gather(*(run_group(g) for g in groups))
+        if upgrades:   # after the rest: an instance found running without a record is adopted first
+            await run_rollout(upgrades)
         report.halt = halt.as_dict() if halt else None
     return report
 
