@@ -8,8 +8,17 @@ import os
 import pytest
 from playwright.sync_api import expect
 
-from conftest import STANDIN, Project, free_ports, http_status, kill_all, serve_settings, standin_file, \
-    start_serve, wait_until
+from conftest import (
+    STANDIN,
+    Project,
+    free_ports,
+    http_status,
+    kill_all,
+    serve_settings,
+    standin_file,
+    start_serve,
+    wait_until,
+)
 
 KEY = "rollout-page-admin-key"
 expect.set_options(timeout=30_000)
