@@ -117,7 +117,7 @@ async def _upgrade(runtime: RolloutRuntime, turn: _Turn, pause: float) -> Result
         await runtime.stop(action.id)
         kept = await runtime.put_back(action.id, snapshot)
         await runtime.start(spec, count_restart=True, release=old)
-    except (StartFailed, OSError) as exc:
+    except (StartFailed, OSError, LookupError) as exc:   # LookupError: the snapshot was pruned meanwhile
         return failed(Happened.ROLLBACK_FAILED,
                       f"rollout halted: {why}; rolling back to {old} failed too: {exc}", why)
     where = f"; what it held on {action.release} is kept in {kept}" if kept else ""
