@@ -11,7 +11,7 @@ import ssl
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Sequence
 
 import aiohttp
 import click
@@ -216,6 +216,14 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
         raise Failed(f"{body['recap']['failed']} would fail on {url} (see above)")
 
 
+def _echo_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns padded to their widest cell, two spaces apart, as `cst status` prints them."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "tokens", "estimated")
 
 
@@ -253,11 +261,8 @@ def _table(header: list[str], rows: list[list], output: str, caption: str) -> No
         writer.writerows(["" if v is None else v for v in row] for row in rows)
         click.echo(out.getvalue(), nl=False)
         return
-    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     click.echo(caption)
-    for row in cells:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+    _echo_table(header, [["-" if v is None else str(v) for v in row] for row in rows])
 
 
 def _uptime(seconds: float | None) -> str:
@@ -285,12 +290,9 @@ def status(file: Path, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
-    header = ("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "RESTARTS", "DATA DIR")
-    table = [header] + [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"),
-                         _uptime(r["uptime"]), str(r["restarts"]), r["dataDir"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "RESTARTS", "DATA DIR"),
+                [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"),
+                  _uptime(r["uptime"]), str(r["restarts"]), r["dataDir"]) for r in rows])
 
 
 @cli.command()
@@ -490,12 +492,9 @@ def backups(file: Path, instance_id: str, output: str) -> None:
     if not snapshots:
         click.echo(f"{instance_id} has no snapshots")
         return
-    header = ("SNAPSHOT", "TAKEN AT", "REASON", "FILES", "SIZE", "NEW")
-    table = [header] + [(s.id, s.taken_at, s.reason, str(s.files), _size(s.bytes_total), _size(s.bytes_new))
-                        for s in snapshots]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _echo_table(("SNAPSHOT", "TAKEN AT", "REASON", "FILES", "SIZE", "NEW"),
+                [(s.id, s.taken_at, s.reason, str(s.files), _size(s.bytes_total), _size(s.bytes_new))
+                 for s in snapshots])
 
 
 @cli.command()

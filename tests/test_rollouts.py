@@ -163,7 +163,7 @@ def test_real_1_18_to_1_19_one_at_a_time_with_every_chat_intact(project: Project
 
     def fleet(version: str) -> None:
         project.write('version: 1\nsettings:\n'
-                      f'  sillytavern: {{version: "{version}", start_timeout: 180, rollout: {{pause: 3s}}}}\n'
+                      f'  sillytavern: {{version: "{version}", start_timeout: 180, rollout: {{pause: 1s}}}}\n'
                       'instances:\n' + "".join(f"  - port: {p}\n" for p in ports))
 
     fleet("1.18.0")

@@ -34,11 +34,13 @@ _UNIT_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB
 
 
 def parse_duration(value: float | int | str) -> float:
-    """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``)."""
+    """Seconds from a schema-checked duration (``90``, ``"30s"``, ``"5m"``); ValueError for text
+    that is none (the rules run beside the schema, on values it has not passed)."""
     if isinstance(value, (int, float)):
         return float(value)
     match = _DURATION.match(value)
-    assert match is not None, "the schema lets only durations through"
+    if match is None:
+        raise ValueError(f"not a duration: {shown.repr(value)}")
     number, unit = match.groups()
     return float(number) * _UNIT_SECONDS[unit]
 
@@ -48,7 +50,8 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         return value
     match = _SIZE.match(value)
-    assert match is not None, "the schema lets only sizes through"
+    if match is None:
+        raise ValueError(f"not a size: {shown.repr(value)}")
     number, unit = match.groups()
     return int(float(number) * _UNIT_BYTES[unit])
 
@@ -303,7 +306,7 @@ def _usage_problems(doc: Located, settings: dict) -> Iterator[Problem]:
     if isinstance(retention, (int, float, str)) and not isinstance(retention, bool):
         try:
             too_short = parse_duration(retention) < 86400
-        except (AttributeError, OverflowError):   # not a duration at all: the schema says so
+        except (ValueError, OverflowError):   # not a duration at all: the schema says so
             too_short = False
         if too_short:
             yield doc.problem(("settings", "usage", "retention"), f"{shown.repr(retention)} is shorter than a day "

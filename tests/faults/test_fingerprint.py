@@ -27,7 +27,8 @@ def release_home(root, *versions: str):
 def fleet(api: int, ports: list[int], version: str) -> str:
     body = "".join(f"  - port: {p}\n" for p in ports)
     settings = "".join(f"  {line}\n" for line in serve_settings(api, "0.5s").splitlines())
-    return (f"version: 1\nsettings:\n  sillytavern: {{version: \"{version}\", start_timeout: 15, stop_timeout: 3}}\n"
+    return (f"version: 1\nsettings:\n  sillytavern: {{version: \"{version}\", start_timeout: 15, stop_timeout: 3, "
+            "rollout: {pause: 0.2s}}\n"
             f"{settings}instances:\n{body}")
 
 
@@ -59,7 +60,10 @@ def test_apply_from_another_shell_changes_nothing_the_daemon_started(project, se
     assert served.log.read_text().count("changed: ") == 2, "the daemon's two starts, nothing since: it did not fight back"
     served.stop()
 
-    # what the file says does count: a new release version restarts the instances
+    # what the file says does count: a new release version is rolled out to the instances, and the
+    # release no instance runs any more is removed
     project.write(fleet(api, [a, b], "1.19.1"))
     result = project.cst("apply", env={"PATH": ci_path, "CST_SILLYTAVERN_HOME": str(ci_home)})
-    assert recap(result) == "ok=0 changed=2 failed=0" and "restarted: settings changed" in result.stdout
+    assert recap(result) == "ok=0 changed=3 failed=0", result.stdout
+    assert result.stdout.count("(upgraded: sillytavern@1.19.0 -> sillytavern@1.19.1") == 2, result.stdout
+    assert "changed: sillytavern 1.19.0 (removed: no instance runs it any more)" in result.stdout
