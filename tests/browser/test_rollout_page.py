@@ -39,6 +39,8 @@ def halted(tmp_path_factory: pytest.TempPathFactory):
     served = start_serve(project, api, admin_key=KEY)
     try:
         wait_until(lambda: http_status(a) == 401 and http_status(b) == 401, timeout=30)
+        # the instances answer before the pass that started them has reported
+        wait_until(lambda: served.api("GET", "/api/status").json()["reconcile"]["rollout"], timeout=30)
         yield served, ids
     finally:
         served.stop()
