@@ -74,7 +74,7 @@ def one_run(chats: int) -> tuple[float, float]:
                 elif up and since is not None:
                     down.append(now - since)
                     since = None
-                time.sleep(0.01)
+                stop.wait(0.01)   # the sampling period
         watcher = threading.Thread(target=watch)
         watcher.start()
         started = time.monotonic()

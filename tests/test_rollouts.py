@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,7 @@ class DownWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.most = max(self.most, sum(1 for port in self.ports if http_status(port) != 401))
-            time.sleep(0.02)
+            self._stop.wait(0.02)   # the sampling period, ended at once by __exit__
 
     def __enter__(self) -> DownWatch:
         self._thread.start()

@@ -8,7 +8,6 @@ archive, never deleted), and start it again when desired.yaml says it runs.
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +27,13 @@ async def restore_snapshot(runtime: LocalRuntime, spec: InstanceSpec, snapshot_i
                            lock_timeout: float) -> Restored:
     """Raises SnapshotNotFound (nothing stopped), LockHeld (nothing stopped), StartFailed (the
     snapshot is in place but the instance did not come up), or OSError."""
-    snapshots = Snapshots(runtime.state)
-    data_dir = runtime.desired.data_dir(spec.port)
     try:
-        snapshot = snapshots.get(spec.id, snapshot_id)   # before anything is stopped
+        snapshot = Snapshots(runtime.state).get(spec.id, snapshot_id)   # before anything is stopped
         async with runtime.lock(lock_timeout):
             record = runtime.state.record(spec.id)
             if record is not None:
                 await runtime.stop(spec.id)
-            replaced = await asyncio.to_thread(snapshots.put_back, spec.id, snapshot.id, data_dir,
-                                               runtime.state.archive_dir)
+            replaced = await runtime.put_back(spec.id, snapshot.id)
             if spec.state == "running":
                 await runtime.start(spec, count_restart=record is not None and record.pid is not None)
     finally:
