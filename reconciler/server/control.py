@@ -16,6 +16,7 @@ from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
 from .events import EventHub
 from .git_follow import GitFollower
+from .parking import Parking
 
 
 class NotConverged(Exception):
@@ -41,6 +42,7 @@ class Control(Protocol):
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
     proxy: ProxyService | None      # the in-process key-pool proxy, once started
+    parking: Parking | None         # the front doors of instances with park_after, once started
     git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
 
