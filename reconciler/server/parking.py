@@ -201,8 +201,7 @@ class Parking:
 
 def _entrances(desired: DesiredState) -> list[Entrance]:
     """Blocking (reads the instances' passwords): a door for each instance wanted running with park_after."""
-    # readonly: a password not generated yet is the pass's to generate (two writers could differ)
-    runtime = LocalRuntime(desired, readonly=True)
+    runtime = LocalRuntime(desired)   # a new instance's password is generated here or by the pass: the same
     host = desired.settings.sillytavern.listen_address
     doors = []
     for spec in desired.instances:
@@ -211,8 +210,6 @@ def _entrances(desired: DesiredState) -> list[Entrance]:
         try:
             password = runtime.password(spec)
         except LaunchImpossible:   # its variable is unset: the pass says so; no door meanwhile
-            continue
-        if not password:   # a new instance: its door opens after the pass that generates it
             continue
         doors.append(Entrance(spec.id, host, spec.port, f"{spec.id}:{password}", spec.park_after))
     return doors
