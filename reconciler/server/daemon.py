@@ -50,6 +50,7 @@ from .backups import BackupScheduler
 from .control import NotConverged
 from .events import EventHub
 from .exit_watch import ExitWatches
+from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .keypool import pool_document
 
@@ -82,6 +83,8 @@ class Daemon:
         self.last_pass_ms: float | None = None
         self.changed_at = time.monotonic()
         self.fatal: str | None = None            # why the daemon gave up, if it did
+        self.pass_counters = PassCounters()      # for GET /metrics
+        self.parking_counters = ParkingCounters()
         self._requested = 0
         self._completed = 0
         self._done = asyncio.Condition()
@@ -220,6 +223,7 @@ class Daemon:
             running = []
         finally:
             self._set_phase(None)
+        self.pass_counters.count(report)
         for result in report.results:
             if result.outcome != "ok":
                 log.info("%s", result.line())
