@@ -108,6 +108,7 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         response.headers["Retry-After"] = "1"
         return response
     state.in_flight += 1
+    state.in_flight_by_caller[caller] = state.in_flight_by_caller.get(caller, 0) + 1
     try:
         try:
             body = await request.read() if request.body_exists else b""
@@ -128,6 +129,10 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         return await _forward_admitted(state, request, admitted, arrived)
     finally:
         state.in_flight -= 1
+        if state.in_flight_by_caller[caller] == 1:
+            del state.in_flight_by_caller[caller]
+        else:
+            state.in_flight_by_caller[caller] -= 1
 
 
 async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reservation: Reservation,

@@ -31,6 +31,7 @@ class ProxyState:
     max_body: int                        # settings.proxy.max_body
     max_concurrent: int                  # settings.proxy.max_concurrent
     in_flight: int = 0                   # forwarded requests running now
+    in_flight_by_caller: dict[str, int] = field(default_factory=dict)   # the same, per caller (parking asks)
     started: float = field(default_factory=time.monotonic)
     # forwarded requests, from their arrival: to the first piece of the answer, and to its end
     first_byte_seconds: Histogram = field(default_factory=_answer_histogram)

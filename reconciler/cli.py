@@ -290,9 +290,13 @@ def status(file: Path, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
-    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "RESTARTS", "DATA DIR"),
+    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DATA DIR"),
                 [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"),
-                  _uptime(r["uptime"]), str(r["restarts"]), r["dataDir"]) for r in rows])
+                  _uptime(r["uptime"]), _mib(r["memory"]), str(r["restarts"]), r["dataDir"]) for r in rows])
+
+
+def _mib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.0f}MiB"
 
 
 @cli.command()

@@ -78,6 +78,8 @@ class SillyTavernSettings:
     stop_timeout: float = parse_duration(_default("settings", "sillytavern", "stop_timeout"))
     users: UserSettings = UserSettings()
     rollout: RolloutSettings = RolloutSettings()
+    park_after: float | None = None   # seconds; None: instances are not parked unless they say so
+    lean: bool = _default("settings", "sillytavern", "lean")
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,8 @@ class InstanceSpec:
     # its own npm release of SillyTavern; None: the fleet's settings.sillytavern.version
     # (resolved by DesiredState.version_of, the one place that applies the default)
     sillytavern_version: str | None = None
+    # seconds without use before it is parked (its own, else settings.sillytavern.park_after); None: never
+    park_after: float | None = None
 
     @property
     def id(self) -> str:
@@ -277,6 +281,8 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             users=UserSettings(isolate=st["users"]["isolate"], uid_from=st["users"]["uid_from"]),
             rollout=RolloutSettings(canary=st["rollout"]["canary"], batch=st["rollout"]["batch"],
                                     pause=parse_duration(st["rollout"]["pause"])),
+            park_after=parse_duration(st["park_after"]) if "park_after" in st else None,
+            lean=st["lean"],
         ),
         api=ApiSettings(
             listen=Listen.parse(api["listen"]),
@@ -328,12 +334,20 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
         InstanceSpec(port=i["port"], state=i["state"], password_env=i.get("password_env"),
                      max_memory=parse_size(i["max_memory"]) if "max_memory" in i else None,
                      proxy=i["proxy"], sillytavern_version=i.get("sillytavern_version"),
+                     park_after=_park_after(i.get("park_after"), settings.sillytavern.park_after),
                      budget=NO_LIMIT if not i["proxy"] else Budget.from_data(i["budget"]) if "budget" in i
                      else fleet_budget)
         for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,
                         warnings=warnings)
+
+
+def _park_after(own: Any, default: float | None) -> float | None:
+    """An instance's park_after: its own (false: never), else the fleet's."""
+    if own is False:
+        return None
+    return default if own is None else parse_duration(own)
 
 
 def parse(text: str, path: Path) -> DesiredState:

@@ -14,6 +14,7 @@ import math
 import re
 import urllib.parse
 import zoneinfo
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -88,7 +89,8 @@ _BAD_BRANCH = re.compile(r"\.\.|//|@\{|/\.|[/.]$|\.lock$")
 _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout"),
               ("settings", "sillytavern", "stop_timeout"), ("settings", "proxy", "timeout"),
               ("settings", "api", "timeout"), ("settings", "usage", "retention"), ("settings", "git", "every"),
-              ("settings", "sillytavern", "rollout", "pause"), ("settings", "backups", "every"))
+              ("settings", "sillytavern", "rollout", "pause"), ("settings", "backups", "every"),
+              ("settings", "sillytavern", "park_after"))
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
@@ -173,7 +175,8 @@ def _path_problem(value: Any) -> str | None:
 def _value_problems(doc: Located) -> Iterator[Problem]:
     """Values of the right shape that still cannot be used: out of range, unreachable, unexpandable."""
     data = doc.data
-    for path, value in _each(data, _DURATIONS, "accounts", ("refresh",)):
+    durations = chain(_each(data, _DURATIONS, "accounts", ("refresh",)), _each(data, (), "instances", ("park_after",)))
+    for path, value in durations:
         problem = _magnitude_problem(value, parse_duration, (int, float), _DURATION, MIN_DURATION, MAX_DURATION,
                                      "from 1ms to 365 days")
         if problem:

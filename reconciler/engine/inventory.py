@@ -6,6 +6,7 @@ from typing import Callable
 
 from ..desired.model import DesiredState
 from ..runtime.local import LocalRuntime
+from ..runtime.processes import tree_rss
 
 
 def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None) -> list[dict]:
@@ -13,6 +14,7 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
     runtime = LocalRuntime(desired, readonly=True)
     records = runtime.state.records()
     observed = runtime.observe(records)
+    memory = tree_rss({seen.pid for seen in observed.values() if seen.status == "running" and seen.pid})
     declared = {i.id: i for i in desired.instances}
     rows = []
     for id_ in list(declared) + sorted(set(records) - set(declared)):
@@ -32,6 +34,8 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
             "pid": seen.pid if seen and status == "running" else None,
             "startTime": record.started_at if record and status == "running" else None,
             "uptime": round(time.time() - started, 1) if started else None,
+            "memory": memory.get(seen.pid) if seen and seen.pid and status == "running" else None,
+            "parkAfter": spec.park_after if spec else None,
             "restarts": record.restarts if record else 0,
             "dataDir": str(desired.data_dir(port)),
         })

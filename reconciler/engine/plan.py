@@ -24,6 +24,7 @@ class Target:
     fingerprint: str = ""           # digest of everything a restart would change
     release: str = ""               # the release it should run ("sillytavern@1.19.0"), as Observed.release says it
     problem: str | None = None      # e.g. its password variable is unset: cannot start
+    parks: bool = False             # park_after is set: parked is as good as running (cst serve's door wakes it)
 
 
 class Kind(str, Enum):
@@ -68,9 +69,12 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
     if target.state == "stopped":
         if status == "running":
             return act(Kind.STOP, "stopped")
-        if status == "crashed":
+        if status in ("crashed", "parked"):
             return act(Kind.FORGET_PID, "not running")
         return act(Kind.OK)
+
+    if status == "parked":   # woken by its first request, on the file's release and settings then
+        return act(Kind.OK, "parked") if target.parks else act(Kind.START, "started: park_after is off")
 
     # running is wanted
     if seen is not None and seen.status == "port-taken":

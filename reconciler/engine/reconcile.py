@@ -37,7 +37,7 @@ def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
     for spec in desired.instances:
         try:
             out.append(Target(spec.id, spec.port, spec.state, runtime.launch_fingerprint(spec),
-                              release=runtime.release_identity(spec)))
+                              release=runtime.release_identity(spec), parks=spec.park_after is not None))
         except LaunchImpossible as exc:
             out.append(Target(spec.id, spec.port, spec.state, problem=str(exc)))
     return out
@@ -183,7 +183,7 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
         if action.kind in (Kind.FAIL, Kind.BACK_OFF):
             return failed(happens, action.reason)
         if action.kind == Kind.OK:
-            return Result(action.id, "ok", "", before, before, happened=happens)
+            return Result(action.id, "ok", action.reason, before, before, happened=happens)
         if action.kind == Kind.ADOPT:
             assert seen is not None and seen.pid is not None, "the planner adopts only a process it saw"
             runtime.adopt(action.id, action.port, seen.pid)

@@ -78,6 +78,11 @@ class Supervisor:
             return f"errored: failed {crashes.count} times in a row{why}; next restart in {wait:.0f}s"
         return None
 
+    def retry_in(self, id_: str) -> float:
+        """Seconds until the instance's next start may be tried (0: now)."""
+        crashes = self.crashes.get(id_)
+        return max(0.0, crashes.retry_at - self.clock()) if crashes else 0.0
+
     def restarts(self, id_: str) -> int:
         crashes = self.crashes.get(id_)
         return crashes.count if crashes else 0

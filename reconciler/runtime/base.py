@@ -13,7 +13,8 @@ from typing import Literal, Protocol
 
 from ..desired.model import InstanceSpec
 
-ObservedStatus = Literal["running", "stopped", "crashed", "port-taken"]
+# parked: no process, on purpose; cst serve's front door holds its port and wakes it on use
+ObservedStatus = Literal["running", "parked", "stopped", "crashed", "port-taken"]
 
 
 @dataclass(frozen=True)

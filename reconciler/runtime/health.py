@@ -44,7 +44,7 @@ class HealthChecks:
                          start_timeout: float, log_tail: Callable[[], str]) -> None:
         """Return once the started process answers its health route with its credentials; raises
         StartFailed when it exits first, refuses them, or stays silent for ``start_timeout``."""
-        url = f"http://{launch.probe_host}:{launch.port}{HEALTH_PATH}"
+        url = f"http://{launch.probe_host}:{launch.probe_port}{HEALTH_PATH}"
         auth = _credentials(launch)
         deadline = time.monotonic() + start_timeout
         timeout = aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT)
@@ -66,19 +66,19 @@ class HealthChecks:
                                                    allow_redirects=False, timeout=timeout) as page:
                                 if page.status == 200:
                                     return
-                        raise StartFailed(f"port {launch.port} answers but refuses the instance's "
+                        raise StartFailed(f"port {launch.probe_port} answers but refuses the instance's "
                                           f"credentials or has no health route ({HEALTH_PATH}: "
                                           f"HTTP {authed.status})")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
             if time.monotonic() >= deadline:
-                raise StartFailed(f"port {launch.port} did not answer within {start_timeout:g}s; "
+                raise StartFailed(f"port {launch.probe_port} did not answer within {start_timeout:g}s; "
                                   f"last log lines:\n{log_tail()}")
             await asyncio.sleep(POLL)
 
     async def probe(self, launch: LaunchSpec, has_overlay: bool) -> str | None:
         """The liveness probe: None when the running instance answers its health route, else why not."""
-        url = f"http://{launch.probe_host}:{launch.port}{HEALTH_PATH}"
+        url = f"http://{launch.probe_host}:{launch.probe_port}{HEALTH_PATH}"
         try:
             async with self._client().get(url, headers=_credentials(launch),
                                           allow_redirects=False,
@@ -96,7 +96,7 @@ class HealthChecks:
         """None when the instance answers its health route and its front page (SillyTavern's own
         page, with the instance's credentials) throughout ``seconds``; else the first failure."""
         deadline = time.monotonic() + seconds
-        page = f"http://{launch.probe_host}:{launch.port}/"
+        page = f"http://{launch.probe_host}:{launch.probe_port}/"
         while True:
             failure = await self.probe(launch, has_overlay)
             if failure is None:

@@ -18,6 +18,10 @@ ENV_RELEASE = "CST_RELEASE"
 ENV_PROXY_URL = "CST_PROXY_URL"
 ENV_PROXY_KEY_FILE = "CST_PROXY_KEY_FILE"
 HEALTH_PATH = "/api/plugins/cst/health"   # the overlay's health route: readiness and liveness
+# node's lean memory profile (settings.sillytavern.lean): a smaller heap and young generation,
+# code optimised for size; fewer malloc arenas. Not --jitless: tiktoken's WebAssembly needs the JIT.
+LEAN_NODE_FLAGS = ("--max-old-space-size=256", "--max-semi-space-size=1", "--optimize-for-size")
+LEAN_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,12 @@ class LaunchSpec:
     log: Path
     password: str
     probe_host: str
+    probe_port: int                    # where node answers: its own port, or its loopback port behind the door
     fingerprint: str
     user: InstanceUser | None = None   # None: it runs as cst's own user
     release: str = ""                  # the runtime's release identity of what argv runs
+    backend_port: int | None = None    # behind cst serve's front door: node's loopback port
+
+    @property
+    def fronted(self) -> bool:
+        return self.backend_port is not None

@@ -32,11 +32,13 @@ from .launch import (
     ENV_PROXY_URL,
     ENV_RELEASE,
     ENV_STATE_DIR,
+    LEAN_ENV,
+    LEAN_NODE_FLAGS,
     LaunchSpec,
 )
 from .logs import open_log, rotate_log, tail
 from .observe import observe
-from .processes import iso_utc, terminate, utc_now
+from .processes import free_loopback_port, iso_utc, live_process, terminate, utc_now
 from .snapshots import Snapshots
 from .statedir import Record, StateDir
 
@@ -101,37 +103,56 @@ class LocalRuntime:
             return self.release_for(spec), self.release_identity(spec)
         return sillytavern.release_of_identity(identity, self.settings.state_dir), identity
 
-    def launch_spec(self, spec: InstanceSpec, release: str | None = None) -> LaunchSpec:
-        """What starting ``spec`` takes; on ``release`` (an identity) instead of the file's when given."""
+    def launch_spec(self, spec: InstanceSpec, release: str | None = None, backend_port: int | None = None) -> LaunchSpec:
+        """What starting ``spec`` takes; on ``release`` (an identity) instead of the file's when given.
+
+        An instance with ``park_after`` is behind cst serve's front door: node listens on a
+        loopback port of its own (``backend_port`` for a start; else the one its record names,
+        where it answers now) and the door holds the instance's port."""
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
         password = self.password(spec)
         user = self.instance_user(spec)
-        flags = (
-            "--port", str(spec.port),
-            "--dataRoot", str(data_dir),
-            "--configPath", str(workdir / "config.yaml"),
-            "--listen", "true",
-            "--listenAddressIPv4", st.listen_address,
-            "--enableIPv6", "false",
-            "--whitelist", "false",
-            "--basicAuthMode", "true",
-            "--browserLaunchEnabled", "false",
-        )
+        fronted = spec.park_after is not None
+        if fronted and backend_port is None:
+            record = self.state.record(spec.id)
+            backend_port = record.backend_port if record and record.backend_port else 0
+        listen_port, listen_address = (backend_port or 0, "127.0.0.1") if fronted else (spec.port, st.listen_address)
+
+        def flags(port: object) -> tuple[object, ...]:
+            return (
+                "--port", port,
+                "--dataRoot", str(data_dir),
+                "--configPath", str(workdir / "config.yaml"),
+                "--listen", "true",
+                "--listenAddressIPv4", listen_address,
+                "--enableIPv6", "false",
+                "--whitelist", "false",
+                "--basicAuthMode", "true",
+                "--browserLaunchEnabled", "false",
+            )
+
         release_of, release_identity = self._release(spec, release)
-        argv = (shutil.which("node") or "node", str(release_of.server_js), *flags)
+        node_flags = LEAN_NODE_FLAGS if st.lean else ()
+        argv = (shutil.which("node") or "node", *node_flags, str(release_of.server_js),
+                *(str(flag) for flag in flags(listen_port)))
         cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user)}
         # everything a restart would change, as the file and the release say it: not the node binary
-        # or install folder this process resolved. The user only when it has one of its own, so an
-        # instance of a cst that is not root keeps the fingerprint it had before users existed.
-        identity: list[object] = [release_identity, flags, password, cst_env]
+        # or install folder this process resolved, nor the loopback port a door's node got this time.
+        # The user only when it has one of its own, so an instance of a cst that is not root keeps the
+        # fingerprint it had before users existed; the lean profile only when it is on, likewise.
+        identity: list[object] = [release_identity, flags("front door" if fronted else str(spec.port)),
+                                  password, cst_env]
         if user is not None:
             identity.append([user.uid, user.gid])
+        if st.lean:
+            identity.append(["lean", node_flags, LEAN_ENV])
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         env = child_environment({
             **sillytavern.outside_our_git(release_of.package_dir),
             **({"HOME": str(workdir)} if user is not None else {}),   # not root's home
+            **(LEAN_ENV if st.lean else {}),
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
             **cst_env,
@@ -140,9 +161,10 @@ class LocalRuntime:
             ENV_FINGERPRINT: digest,
             ENV_RELEASE: release_identity,
         })
-        probe_host = "127.0.0.1" if st.listen_address == "0.0.0.0" else st.listen_address
+        probe_host = "127.0.0.1" if listen_address == "0.0.0.0" else listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
-                          self.state.log_path(spec.id), password, probe_host, digest, user, release_identity)
+                          self.state.log_path(spec.id), password, probe_host, listen_port, digest, user,
+                          release_identity, backend_port if fronted else None)
 
     def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None) -> dict[str, str]:
         """Where the instance's plugin finds the proxy and its key: under a user of its own, the
@@ -203,12 +225,13 @@ class LocalRuntime:
             fingerprint=environ.get(ENV_FINGERPRINT),
             started_at=iso_utc(proc.create_time()),
             restarts=previous.restarts if previous else 0,
-            release=environ.get(ENV_RELEASE)))   # None: started by a cst from before the marker
+            release=environ.get(ENV_RELEASE),   # None: started by a cst from before the marker
+            backend_port=_backend_port(proc.cmdline(), port)))
 
     def forget_pid(self, id_: str) -> None:
         record = self.state.record(id_)
         if record:
-            record.pid = record.create_time = None
+            record.pid = record.create_time = record.parked_at = None
             self.state.save(record)
 
     def _prepare_folders(self, launch: LaunchSpec, release: sillytavern.Release) -> str:
@@ -240,7 +263,7 @@ class LocalRuntime:
     async def start(self, spec: InstanceSpec, count_restart: bool = False, release: str | None = None) -> Record:
         """Start the process (on ``release``, an identity, instead of the file's when given) and wait
         until its port answers with basic auth; raises StartFailed."""
-        launch = self.launch_spec(spec, release)
+        launch = self.launch_spec(spec, release, free_loopback_port() if spec.park_after is not None else None)
         server, _ = self._release(spec, release)
         user = launch.user
         owned = self._prepare_folders(launch, server)
@@ -265,7 +288,7 @@ class LocalRuntime:
             create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
             fingerprint=launch.fingerprint, started_at=utc_now(),
             restarts=(previous.restarts if previous else 0) + (1 if count_restart else 0),
-            release=launch.release)
+            release=launch.release, backend_port=launch.backend_port)
         self.state.save(record)  # written at once: a crash from here on still knows the pid
         try:
             await self.checks.wait_ready(launch, proc, server.has_overlay,
@@ -329,6 +352,28 @@ class LocalRuntime:
         await terminate(record.pid, record.create_time, self.settings.sillytavern.stop_timeout)
         record.pid = record.create_time = None
         self.state.save(record)
+
+    async def park(self, id_: str) -> None:
+        """Stop the instance's process as a stop does (SIGTERM: SillyTavern saves before it exits)
+        and remember it as parked: nothing is archived, and cst serve's front door keeps its port."""
+        record = self.state.record(id_)
+        if record is None:
+            raise OSError(f"no record for {id_} in {self.state.root}")
+        await terminate(record.pid, record.create_time, self.settings.sillytavern.stop_timeout)
+        record.pid = record.create_time = None
+        record.parked_at = utc_now()
+        self.state.save(record)
+
+    async def wake(self, spec: InstanceSpec) -> Record:
+        """Start a parked (or stopped) instance for a request at its door; a live process is left
+        as it is. Its data was last used by another release when the file changed it meanwhile: a
+        snapshot first, as a rollout takes one. Raises StartFailed."""
+        record = self.state.record(spec.id)
+        if record is not None and live_process(record.pid, record.create_time) is not None:
+            return record
+        if record is not None and record.release not in (None, self.release_identity(spec)):
+            await self.snapshot(spec.id, "rollout")
+        return await self.start(spec)
 
     async def archive(self, id_: str) -> Path | None:
         """Revoke the instance's proxy key, stop it, move its data dir into the archive, drop its
@@ -400,6 +445,14 @@ class LocalRuntime:
             if record.pid is not None and version:
                 in_use.add(version)
         return await asyncio.to_thread(sillytavern.remove_unused, self.settings.state_dir, in_use)
+
+
+def _backend_port(argv: list[str], port: int) -> int | None:
+    """The loopback port an adopted node behind the front door listens on (its --port, when that is
+    not the instance's own); None for one on its own port."""
+    flag = argv.index("--port") if "--port" in argv else -1
+    value = argv[flag + 1] if 0 <= flag < len(argv) - 1 else ""
+    return int(value) if value.isascii() and value.isdigit() and int(value) != port else None
 
 
 def _subject(versions: Iterable[str]) -> str:

@@ -21,7 +21,8 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     observed: dict[str, Observed] = {}
     for record in (state.records() if records is None else records).values():
         if record.pid is None:
-            observed[record.id] = Observed(record.id, record.port, "stopped")
+            observed[record.id] = Observed(record.id, record.port, "parked" if record.parked_at else "stopped",
+                                           release=record.release)
         elif live_process(record.pid, record.create_time):
             observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
                                            create_time=record.create_time, release=_release(record.release, record.argv))
@@ -30,8 +31,9 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
                                            release=_release(record.release, record.argv))
 
     host = desired.settings.sillytavern.listen_address
+    # an instance behind the front door: cst serve holds its port, and node listens elsewhere
     unsure = {i.port: i.id for i in desired.instances
-              if getattr(observed.get(i.id), "status", None) != "running"}
+              if getattr(observed.get(i.id), "status", None) not in ("running", "parked") and i.park_after is None}
     busy = {port for port in unsure if not port_is_free(host, port)}
     holders = listeners(busy) if busy else {}
     for port in busy:
@@ -46,7 +48,8 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     # a process spawned by a cst killed before it wrote the record, not listening yet: ours all
     # the same, and starting another beside it would run the instance twice
     starting = {i.id for i in desired.instances if i.state == "running"
-                and i.port in unsure and i.port not in busy}
+                and ((i.port in unsure and i.port not in busy)
+                     or (i.park_after is not None and getattr(observed.get(i.id), "status", None) != "running"))}
     spawned: dict[str, Observed] = {}
     for seen in _spawned_without_record(desired, state, starting) if starting else []:
         spawned.setdefault(seen.id, seen)

@@ -44,6 +44,35 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def free_loopback_port() -> int:
+    """A port free on 127.0.0.1 now (the kernel's choice), for a node behind the front door."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tree_rss(pids: set[int]) -> dict[int, int]:
+    """The resident memory of each of ``pids`` with all its descendants, in bytes, from one scan of
+    the process table (asking each pid for its children would scan it once per pid)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for proc in psutil.process_iter(["ppid", "memory_info"]):
+        info = proc.info
+        if info["memory_info"] is None:   # gone meanwhile, or not ours to read
+            continue
+        rss[proc.pid] = info["memory_info"].rss
+        children.setdefault(info["ppid"], []).append(proc.pid)
+    totals: dict[int, int] = {}
+    for root in pids & rss.keys():
+        total, stack = 0, [root]
+        while stack:
+            pid = stack.pop()
+            total += rss.get(pid, 0)
+            stack.extend(children.get(pid, ()))
+        totals[root] = total
+    return totals
+
+
 def listeners(ports: set[int]) -> dict[int, int | None]:
     """pid listening on each of ``ports`` (None when the kernel will not say)."""
     found: dict[int, int | None] = {}

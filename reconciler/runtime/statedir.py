@@ -41,6 +41,10 @@ class Record:
     # ("sillytavern@1.19.0"); None: unknown (a record written before CST kept it, or an
     # adopted process started without the marker)
     release: str | None = None
+    # behind cst serve's front door (park_after set): the loopback port node listens on; the
+    # instance's own port is the door's
+    backend_port: int | None = None
+    parked_at: str | None = None        # ISO 8601 UTC: parked then (no process; the door holds its port)
 
 
 def _well_formed(record: Record, name: str) -> bool:
@@ -54,7 +58,9 @@ def _well_formed(record: Record, name: str) -> bool:
             and (record.fingerprint is None or isinstance(record.fingerprint, str))
             and (record.started_at is None or isinstance(record.started_at, str))
             and type(record.restarts) is int
-            and (record.release is None or isinstance(record.release, str)))
+            and (record.release is None or isinstance(record.release, str))
+            and (record.backend_port is None or (type(record.backend_port) is int and 0 < record.backend_port < 65536))
+            and (record.parked_at is None or isinstance(record.parked_at, str)))
 
 
 class LockHeld(Exception):

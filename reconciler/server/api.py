@@ -247,6 +247,14 @@ async def restart_instance(request: web.Request) -> web.Response:
     return _done(request, await request.app[FLEET].restart(request.match_info["id"]))
 
 
+async def park_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].park(request.match_info["id"]))
+
+
+async def wake_instance(request: web.Request) -> web.Response:
+    return _done(request, await request.app[FLEET].wake(request.match_info["id"]))
+
+
 async def reset_password(request: web.Request) -> web.Response:
     return _json(await request.app[FLEET].reset_password(request.match_info["id"]))
 
@@ -492,6 +500,8 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_post("/api/instances/{id}/start", start_instance)
     app.router.add_post("/api/instances/{id}/restart", restart_instance)
     app.router.add_post("/api/instances/{id}/reset-password", reset_password)
+    app.router.add_post("/api/instances/{id}/park", park_instance)
+    app.router.add_post("/api/instances/{id}/wake", wake_instance)
     app.router.add_post("/api/instances/{id}/rotate-key", rotate_key)
     app.router.add_get("/api/instances/{id}/backup", backup)
     app.router.add_get("/api/instances/{id}/backups", list_backups)

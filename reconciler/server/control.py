@@ -17,6 +17,7 @@ from ..runtime.statedir import StateDir
 from .events import EventHub
 from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
+from .parking import Parking
 
 
 class NotConverged(Exception):
@@ -42,6 +43,7 @@ class Control(Protocol):
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
     proxy: ProxyService | None      # the in-process key-pool proxy, once started
+    parking: Parking | None         # the front doors of instances with park_after, once started
     git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
     pass_counters: PassCounters     # reconcile passes, for GET /metrics

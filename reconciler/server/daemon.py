@@ -41,7 +41,7 @@ from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime
 from ..runtime.logs import rotate_log
 from ..runtime.processes import live_process, utc_now
-from ..runtime.statedir import LockHeld, StateDir
+from ..runtime.statedir import LockHeld, Record, StateDir
 from ..tasks import BackgroundTasks, LoopThread
 from . import liveness
 from .admin_key import admin_key
@@ -53,6 +53,7 @@ from .exit_watch import ExitWatches
 from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .keypool import pool_document
+from .parking import Parking
 
 log = logging.getLogger("cst.serve")
 
@@ -62,6 +63,17 @@ PROXY_RETRY_CAP = 60.0    # the proxy follower retries a failed apply (a taken p
 
 class DaemonError(Exception):
     pass
+
+
+class _Uncounted:
+    def parked(self) -> None:
+        pass
+
+    def woken(self, seconds: float) -> None:
+        pass
+
+    def wake_failed(self) -> None:
+        pass
 
 
 class Daemon:
@@ -91,6 +103,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
+        self.parking: Parking | None = None      # the front doors of instances with park_after, once started
+        self.fleet_counters = _Uncounted()      # TODO(merge): the fleet metrics' counters
         self._proxy_applied: DesiredState | None = None
         self._proxy_wanted = asyncio.Event()
         self._exit_watches = ExitWatches(self._exited)
@@ -212,6 +226,8 @@ class Daemon:
         desired = self.desired
         started = time.monotonic()
         self._set_phase("starting a pass")
+        if self.parking is not None:   # the ports of instances no longer behind a door are free for node
+            await self.parking.follow(desired)
         try:
             report, running = await self._worker.run(self._pass_in_worker(desired))
         except (LockHeld, OSError) as exc:
@@ -229,6 +245,8 @@ class Daemon:
                 log.info("%s", result.line())
         await self.proxy_keys_changed()   # a started instance's key works, a removed one's does not
         self._exit_watches.watch(running)
+        if self.parking is not None:   # a node restarted behind its door has left the instance's port
+            await self.parking.follow(desired)
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
         self.changed_at = time.monotonic()
@@ -269,6 +287,12 @@ class Daemon:
                    if record.pid is not None and record.pid not in self._exit_watches
                    and live_process(record.pid, record.create_time) is not None]
         return report, running
+
+    def _parked_or_woken(self, record: Record | None) -> None:
+        """Listings observe again; a woken instance's process is watched as a pass's would be."""
+        self.changed_at = time.monotonic()
+        if record is not None and record.pid is not None:
+            self._exit_watches.watch([(record.pid, record.id)])
 
     def _exited(self, pid: int, id_: str) -> None:
         self.changed_at = time.monotonic()
@@ -333,6 +357,10 @@ class Daemon:
                 await runner.cleanup()
                 raise DaemonError(f"cannot start the key-pool proxy: settings.usage.store's password: {exc}") from None
             self._proxy_applied = self.desired
+            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.fleet_counters,
+                                   self.proxy.in_flight_of, self._parked_or_woken)
+            await self.parking.start()
+            await self.parking.follow(self.desired)
             scheme = "https" if ssl_context else "http"
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
                   f"watching {self.file.path}", flush=True)
@@ -346,6 +374,7 @@ class Daemon:
             self.tasks.keep("git-follower", self.git.follow)
             self.backups = BackupScheduler(lambda: self.desired, self.state)   # settings.backups
             self.tasks.keep("backups", self.backups.run)
+            self.tasks.keep("parking", self.parking.run)
             try:
                 await self._stop.wait()
                 if self.fatal is None:
@@ -354,6 +383,7 @@ class Daemon:
                 await self.tasks.close()
                 if not await self._worker.close(cleanup=self._pass_checks.close):
                     log.warning("a reconcile pass is stuck in a blocking call; exiting without waiting for it")
+                await self.parking.close()
                 await self.proxy.stop()
                 self._exit_watches.close()
                 await self._checks.close()

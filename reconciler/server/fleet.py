@@ -31,9 +31,12 @@ from ..runtime.restore import restore_snapshot
 from ..runtime.snapshots import SnapshotNotFound, Snapshots
 from ..runtime.statedir import LockHeld
 from .control import Control
+from .front_door import WakeFailed
+from .parking import Parking
 
-# the seed (PM2) called a running instance "online"
-SEED_STATUS = {"running": "online", "stopped": "stopped", "crashed": "errored",
+# the seed (PM2) called a running instance "online"; a parked one answers (its first request wakes
+# it), so it is online to the seed's clients too, and ``observed`` says "parked"
+SEED_STATUS = {"running": "online", "parked": "online", "stopped": "stopped", "crashed": "errored",
                "port-taken": "errored", "errored": "errored"}
 LISTING_MAX_AGE = 1.0   # seconds a listing may be served again without a new observation
 
@@ -85,6 +88,7 @@ class Fleet:
         """Blocking: read the records and look at the processes and ports."""
         rows = instance_rows(self.desired, self.daemon.supervisor.errored)
         for row in rows:
+            row["observed"] = row["status"]
             row["status"] = SEED_STATUS[row["status"]]
             row["lastFailure"] = self.daemon.events.last_failure.get(row["id"])
         return rows
@@ -284,6 +288,40 @@ class Fleet:
         self.daemon.supervisor.forget(id_)
         archive = result.archive if result else ""
         return {"id": id_, "archive": archive or None, "message_key": "deleted" if archive else "deleted_no_data"}
+
+    # -- parking (park_after): by hand
+
+    def _parking(self, id_: str) -> tuple[InstanceSpec, Parking]:
+        spec = self._declared(id_)
+        parking = self.daemon.parking
+        if spec.park_after is None or spec.state != "running" or parking is None:
+            raise ApiError(409, "park_unavailable", id=id_)
+        return spec, parking
+
+    async def park(self, id_: str) -> dict:
+        """Park a running instance now, however recently it was used."""
+        _, parking = self._parking(id_)
+        try:
+            await parking.park(id_, "asked through the API")
+        except LockHeld as exc:
+            raise ApiError(504, "park_busy", id=id_, seconds=f"{self.desired.settings.api.timeout:g}",
+                           holder=exc.holder) from None
+        except OSError as exc:
+            raise ApiError(500, "park_failed", id=id_, reason=str(exc)) from None
+        row = await self.row(id_, since=time.monotonic())
+        if row["observed"] != "parked":
+            raise ApiError(409, "park_unavailable", id=id_)
+        return {"id": id_, "status": row["status"], "observed": row["observed"], "message_key": "parked"}
+
+    async def wake(self, id_: str) -> dict:
+        """Wake a parked instance now, without waiting for its first request."""
+        _, parking = self._parking(id_)
+        try:
+            await parking.wake(id_)
+        except WakeFailed as exc:
+            raise ApiError(503, "wake_failed", id=id_, reason=str(exc)) from None
+        row = await self.row(id_, since=time.monotonic())
+        return {"id": id_, "status": row["status"], "observed": row["observed"], "message_key": "woken"}
 
     # -- snapshots (settings.backups, rollouts) and restoring one
 
