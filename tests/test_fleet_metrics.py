@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, get_args
 
 import httpx
 import pytest
@@ -24,6 +24,7 @@ from conftest import fake_upstream, free_ports, http_status, standin_file, wait_
 from proxy.histogram import Histogram
 from reconciler.desired.shared_file import DesiredFile
 from reconciler.engine.results import Report, Result
+from reconciler.runtime.base import ObservedStatus
 from reconciler.server import api
 from reconciler.server.daemon import Daemon
 from reconciler.server.fleet_metrics import (
@@ -51,6 +52,10 @@ def value(scraped: Samples, name: str, **labels: str) -> float:
 
 def by_state(scraped: Samples) -> dict[str, float]:
     return {state: value(scraped, "cst_instances", state=state) for state in INSTANCE_STATES}
+
+
+def memory_of(scraped: Samples) -> dict[str, float]:
+    return {dict(labels)["instance"]: v for (name, labels), v in scraped.items() if name == "cst_instance_memory_bytes"}
 
 
 def text_of(families: list[Metric]) -> str:
@@ -113,17 +118,22 @@ def test_pass_counters_tell_failed_passes_from_failed_results() -> None:
 
 
 def test_instance_rows_give_states_restarts_and_the_memory_rows_report() -> None:
-    rows = [{"id": "st-instance-8001", "status": "online", "restarts": 3, "memory": 180_000_000},
-            {"id": "st-instance-8002", "status": "online", "restarts": 0, "memory": None},
-            {"id": "st-instance-8003", "status": "stopped", "restarts": 1},
-            {"id": "st-instance-8004", "status": "errored", "restarts": 5}]
+    rows = [{"id": "st-instance-8001", "observed": "running", "restarts": 3, "memory": 180_000_000},
+            {"id": "st-instance-8002", "observed": "running", "restarts": 0, "memory": None},
+            {"id": "st-instance-8003", "observed": "parked", "restarts": 0, "memory": None},
+            {"id": "st-instance-8004", "observed": "crashed", "restarts": 1, "memory": None},
+            {"id": "st-instance-8005", "observed": "errored", "restarts": 5, "memory": None}]
     scraped = samples(text_of(list(instance_families(rows))))
-    assert by_state(scraped) == {"running": 2, "parked": 0, "stopped": 1, "crashed": 0, "port-taken": 0,
+    assert by_state(scraped) == {"running": 2, "parked": 1, "stopped": 0, "crashed": 1, "port-taken": 0,
                                  "errored": 1}
-    assert [value(scraped, "cst_instance_restarts_total", instance=row["id"]) for row in rows] == [3, 0, 1, 5]
-    memory = {dict(labels)["instance"]: v for (name, labels), v in scraped.items()
-              if name == "cst_instance_memory_bytes"}
-    assert memory == {"st-instance-8001": 180_000_000}   # none for an instance whose memory is not known
+    assert [value(scraped, "cst_instance_restarts_total", instance=row["id"]) for row in rows] == [3, 0, 0, 1, 5]
+    assert memory_of(scraped) == {"st-instance-8001": 180_000_000}   # none for an instance whose memory is not known
+
+
+def test_every_state_an_instance_row_can_have_is_a_state_of_the_gauge() -> None:
+    # what the runtime observes, and the supervisor's "errored" (engine.inventory): an unknown one
+    # would make every scrape fail
+    assert set(get_args(ObservedStatus)) | {"errored"} == set(INSTANCE_STATES)
 
 
 # -- the route's guard: the real app in this process (no instances, no proxy)
@@ -168,7 +178,8 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
         settings = (f'resync: 1h\napi: {{listen: "127.0.0.1:{api_port}"}}\n'   # passes come from changes only
                     f'proxy: {{listen: "127.0.0.1:{proxy_port}", upstream: "{upstream.url}/v1"}}')
         accounts = "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n"
-        project.write(standin_file([(a, "running"), (b, "running"), (c, "stopped")], settings=settings) + accounts)
+        parks = {b: {"park_after": "1h"}}   # behind a front door; parked and woken through the API only
+        project.write(standin_file([(a, "running"), (b, "running"), (c, "stopped")], parks, settings) + accounts)
         project.env["POOL_KEYS"] = POOL_KEY
         served = serve(api_port, admin_key=KEY)
 
@@ -184,6 +195,8 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
         assert by_state(first) == {"running": 2, "parked": 0, "stopped": 1, "crashed": 0, "port-taken": 0,
                                    "errored": 0}
         assert [value(first, "cst_instance_restarts_total", instance=ids[p]) for p in (a, b, c)] == [0, 0, 0]
+        memory = memory_of(first)
+        assert set(memory) == {ids[a], ids[b]} and all(rss > 10_000_000 for rss in memory.values()), memory
         assert value(first, "cst_reconcile_passes_total") >= 1
         assert value(first, "cst_reconcile_results_failed_total") == 0
         assert value(first, "cst_proxy_answer_seconds_count") == 0
@@ -192,19 +205,31 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
         restarted = scrape()
         assert value(restarted, "cst_instance_restarts_total", instance=ids[a]) == 1
         assert value(restarted, "cst_instance_restarts_total", instance=ids[b]) == 0
-        passes = value(restarted, "cst_reconcile_passes_total")
+
+        assert served.api("POST", f"/api/instances/{ids[b]}/park").status_code == 200
+        parked = scrape()
+        assert (value(parked, "cst_parks_total"), value(parked, "cst_wake_seconds_count")) == (1, 0)
+        assert by_state(parked) == {"running": 1, "parked": 1, "stopped": 1, "crashed": 0, "port-taken": 0,
+                                    "errored": 0}
+        assert ids[b] not in memory_of(parked)
+        assert served.api("POST", f"/api/instances/{ids[b]}/wake").status_code == 200
+        woken = scrape()
+        assert (value(woken, "cst_parks_total"), value(woken, "cst_wake_seconds_count"),
+                value(woken, "cst_wake_failures_total")) == (1, 1, 0)
+        assert 0 < value(woken, "cst_wake_seconds_sum") < 15
+        assert by_state(woken)["running"] == 2
+        passes = value(woken, "cst_reconcile_passes_total")
 
         # a file change: an instance declared on a port another process listens on
         with socket.create_server(("127.0.0.1", taken)):
             project.write(standin_file([(a, "running"), (b, "running"), (c, "stopped"), (taken, "running")],
-                                       settings=settings) + accounts)
+                                       parks, settings) + accounts)
             wait_until(lambda: value(scrape(), "cst_reconcile_results_failed_total") >= 1)
             changed = scrape()
         assert value(changed, "cst_reconcile_passes_total") > passes
         assert value(changed, "cst_reconcile_passes_failed_total") == 0   # the pass ran; one result failed
-        # the rows name a held port with the seed's "errored"
-        assert by_state(changed) == {"running": 2, "parked": 0, "stopped": 1, "crashed": 0, "port-taken": 0,
-                                     "errored": 1}
+        assert by_state(changed) == {"running": 2, "parked": 0, "stopped": 1, "crashed": 0, "port-taken": 1,
+                                     "errored": 0}
 
         # a streamed chat through the proxy, by an instance's own key: timed to its first piece and its end
         key = (project.state_dir / "secrets" / "proxy-keys" / ids[a]).read_text().strip()

@@ -65,17 +65,6 @@ class DaemonError(Exception):
     pass
 
 
-class _Uncounted:
-    def parked(self) -> None:
-        pass
-
-    def woken(self, seconds: float) -> None:
-        pass
-
-    def wake_failed(self) -> None:
-        pass
-
-
 class Daemon:
     def __init__(self, file: DesiredFile, snapshot: Snapshot):
         if snapshot.desired is None:
@@ -104,7 +93,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
         self.parking: Parking | None = None      # the front doors of instances with park_after, once started
-        self.fleet_counters = _Uncounted()      # TODO(merge): the fleet metrics' counters
         self._proxy_applied: DesiredState | None = None
         self._proxy_wanted = asyncio.Event()
         self._exit_watches = ExitWatches(self._exited)
@@ -357,7 +345,7 @@ class Daemon:
                 await runner.cleanup()
                 raise DaemonError(f"cannot start the key-pool proxy: settings.usage.store's password: {exc}") from None
             self._proxy_applied = self.desired
-            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.fleet_counters,
+            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.parking_counters,
                                    self.proxy.in_flight_of, self._parked_or_woken)
             await self.parking.start()
             await self.parking.follow(self.desired)

@@ -5,8 +5,8 @@ API lists (``Fleet.rows()``: instances by state, restarts, memory), what the dae
 (reconcile passes in ``PassCounters``, parks and wakes in ``ParkingCounters``), and the
 in-process proxy's answer times (``proxy.metrics.latency_families``).
 
-The park/wake code reports to ``ParkingCounters``, the daemon's ``parking_counters``; its three
-methods may be called from any thread (the pass's worker thread too):
+The park/wake code (``parking.Parking``) reports to ``ParkingCounters``, the daemon's
+``parking_counters``, on the daemon's event loop (where scrapes read them):
 
     parked()                an instance was parked
     woken(seconds: float)   a parked instance answers again; ``seconds`` since its wake began
@@ -16,7 +16,6 @@ Wakes are counted by the wake-time histogram: ``cst_wake_seconds_count``.
 """
 from __future__ import annotations
 
-import threading
 from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,47 +30,35 @@ from ..engine.results import Report
 
 # every state is exposed, at 0 when no instance is in it, so a query need not tell "none" from "absent"
 INSTANCE_STATES = ("running", "parked", "stopped", "crashed", "port-taken", "errored")
-# the rows carry the seed's status names (fleet.SEED_STATUS), which fold crashed and port-taken into errored
-_STATE_OF_SEED_STATUS = {"online": "running", "stopped": "stopped", "errored": "errored"}
 # a wake starts a SillyTavern: about a second with its front end pre-built, up to its start_timeout
 WAKE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
-
-
-def instance_state(row: dict) -> str:
-    """The state an instance row counts under in ``cst_instances``."""
-    return _STATE_OF_SEED_STATUS[row["status"]]
 
 
 class ParkingCounters:
     """Parks and wakes, as the park/wake code reports them (see the module's docstring)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._parks = 0
         self._wake_failures = 0
         self._wake_seconds = Histogram(WAKE_BUCKETS)
 
     def parked(self) -> None:
-        with self._lock:
-            self._parks += 1
+        self._parks += 1
 
     def woken(self, seconds: float) -> None:
-        with self._lock:
-            self._wake_seconds.observe(seconds)
+        self._wake_seconds.observe(seconds)
 
     def wake_failed(self) -> None:
-        with self._lock:
-            self._wake_failures += 1
+        self._wake_failures += 1
 
     def families(self) -> list[Metric]:
-        with self._lock:   # the histogram's buckets, sum and count as of one moment
-            return [
-                CounterMetricFamily("cst_parks", "Instances parked", value=self._parks),
-                self._wake_seconds.family("cst_wake_seconds", "Wakes of parked instances: seconds from the wake's "
-                                          "start until the instance answered (_count: the wakes)"),
-                CounterMetricFamily("cst_wake_failures", "Wakes that did not bring the instance up",
-                                    value=self._wake_failures),
-            ]
+        return [
+            CounterMetricFamily("cst_parks", "Instances parked", value=self._parks),
+            self._wake_seconds.family("cst_wake_seconds", "Wakes of parked instances: seconds from the wake's "
+                                      "start until the instance answered (_count: the wakes)"),
+            CounterMetricFamily("cst_wake_failures", "Wakes that did not bring the instance up",
+                                value=self._wake_failures),
+        ]
 
 
 class PassCounters:
@@ -107,7 +94,7 @@ def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
     memory = GaugeMetricFamily("cst_instance_memory_bytes", "Resident memory of an instance's processes",
                                labels=["instance"])
     for row in rows:
-        by_state[instance_state(row)] += 1
+        by_state[row["observed"]] += 1   # CST's own state (the seed's "status" folds several into one)
         restarts.add_metric([row["id"]], row["restarts"])
         if row.get("memory") is not None:
             memory.add_metric([row["id"]], row["memory"])
