@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import psutil
 import pytest
 
@@ -363,3 +364,43 @@ def daidai_account(name: str, email: str, api_base: str, password_env: str = "DA
     """An ``accounts:`` item of desired.yaml for a (fake) DaiDai platform."""
     return (f"  - name: {name}\n    provider: daidai\n    email: {email}\n"
             f"    password_env: {password_env}\n    api_base: {api_base}\n")
+
+
+class EventReader:
+    """GET /api/events read on a thread of its own; ``events`` grows as they arrive."""
+
+    def __init__(self, served, last_event_id: str | None = None, key: str | None = None):
+        headers = {"X-ST-Admin-Key": key if key is not None else served.admin_key}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        self.events: list[dict] = []
+        self._client = httpx.Client(timeout=httpx.Timeout(10, read=60))
+        self.response = self._client.send(self._client.build_request("GET", served.url + "/api/events",
+                                                                     headers=headers), stream=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        if self.response.status_code == 200:
+            self._thread.start()
+
+    def _read(self) -> None:
+        event: dict = {}
+        try:
+            for line in self.response.iter_lines():
+                if not line:
+                    if event:
+                        self.events.append(event)
+                    event = {}
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(": ")
+                    event[field] = json.loads(value) if field == "data" else value
+        except (httpx.HTTPError, RuntimeError):
+            pass  # closed by the test
+
+    def wait_for(self, name: str, timeout: float = 30, **data) -> dict:
+        def match() -> dict | None:
+            return next((e for e in list(self.events) if e.get("event") == name
+                         and all(e["data"].get(k) == v for k, v in data.items())), None)
+        return wait_until(match, timeout=timeout)
+
+    def close(self) -> None:
+        self.response.close()
+        self._client.close()

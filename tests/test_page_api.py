@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from conftest import (
+    EventReader,
     daidai_account,
     fake_daidai,
     free_ports,
@@ -32,46 +33,6 @@ from reconciler.engine.results import Report, Result
 from reconciler.runtime.logfollow import follow
 from reconciler.runtime.logs import rotate_log
 from reconciler.server.events import KEEP, EventHub, changes
-
-
-class EventReader:
-    """GET /api/events read on a thread of its own; ``events`` grows as they arrive."""
-
-    def __init__(self, served, last_event_id: str | None = None, key: str | None = None):
-        headers = {"X-ST-Admin-Key": key if key is not None else served.admin_key}
-        if last_event_id:
-            headers["Last-Event-ID"] = last_event_id
-        self.events: list[dict] = []
-        self._client = httpx.Client(timeout=httpx.Timeout(10, read=60))
-        self.response = self._client.send(self._client.build_request("GET", served.url + "/api/events",
-                                                                     headers=headers), stream=True)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        if self.response.status_code == 200:
-            self._thread.start()
-
-    def _read(self) -> None:
-        event: dict = {}
-        try:
-            for line in self.response.iter_lines():
-                if not line:
-                    if event:
-                        self.events.append(event)
-                    event = {}
-                elif not line.startswith(":"):
-                    field, _, value = line.partition(": ")
-                    event[field] = json.loads(value) if field == "data" else value
-        except (httpx.HTTPError, RuntimeError):
-            pass  # closed by the test
-
-    def wait_for(self, name: str, timeout: float = 30, **data) -> dict:
-        def match() -> dict | None:
-            return next((e for e in list(self.events) if e.get("event") == name
-                         and all(e["data"].get(k) == v for k, v in data.items())), None)
-        return wait_until(match, timeout=timeout)
-
-    def close(self) -> None:
-        self.response.close()
-        self._client.close()
 
 
 def say(served, port: int, line: str) -> None:

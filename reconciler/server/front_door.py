@@ -33,6 +33,8 @@ log = logging.getLogger("cst.door")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "proxy-connection"})
 CONNECT_TIMEOUT = 5.0   # to node on loopback: it answers at once or is not there
+STARTING_WAIT = 30.0    # a refused connection to a node with a live record: it may be starting
+RETRY_GAP = 0.1
 
 
 class WakeFailed(Exception):
@@ -200,9 +202,11 @@ class FrontDoor:
     async def _awake(self, entrance: Entrance) -> int:
         """Where node answers for the entrance: woken first when it has no process."""
         backend = self._backend_of(entrance.id)
-        if backend is not None:
+        if backend is not None and not entrance.turn.locked():
             return backend
-        async with entrance.turn:   # the first request wakes it; the others find it awake
+        # the first request wakes it; the others wait for that (its record names the port before
+        # node listens on it) and find it awake
+        async with entrance.turn:
             backend = self._backend_of(entrance.id)
             if backend is None:
                 await self._wake(entrance)
@@ -211,14 +215,30 @@ class FrontDoor:
             raise WakeFailed("it stopped again at once")
         return backend
 
+    async def _connect(self, request: web.BaseRequest, entrance: Entrance, backend: int,
+                       headers: CIMultiDict[str]) -> aiohttp.ClientResponse:
+        """Send the request to node. A refused connection is tried again while node is starting
+        (started by a pass, not this door: its record names the port before node listens on it);
+        nothing of the request was sent then."""
+        assert self._client is not None, "start() first"
+        deadline = time.monotonic() + STARTING_WAIT
+        while True:
+            url = URL(f"http://127.0.0.1:{backend}{request.raw_path}", encoded=True)
+            try:
+                return await self._client.request(request.method, url, headers=headers, allow_redirects=False,
+                                                  data=request.content if request.body_exists else None)
+            except aiohttp.ClientConnectorError:
+                now_at = self._backend_of(entrance.id)
+                if now_at is None or time.monotonic() >= deadline:
+                    raise
+                backend = now_at
+                await asyncio.sleep(RETRY_GAP)
+
     async def _relay(self, request: web.BaseRequest, entrance: Entrance, backend: int) -> web.StreamResponse:
         assert self._client is not None, "start() first"
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
-        url = URL(f"http://127.0.0.1:{backend}{request.raw_path}", encoded=True)
         try:
-            upstream = await self._client.request(
-                request.method, url, headers=headers, allow_redirects=False,
-                data=request.content if request.body_exists else None)
+            upstream = await self._connect(request, entrance, backend, headers)
         except aiohttp.ClientConnectionError as exc:
             log.warning("front door of %s: node on port %d did not take the request (%s)", entrance.id, backend, exc)
             return _text(502, f"{entrance.id} did not answer; try again shortly.", f"{entrance.id} 没有响应，请稍后重试。",

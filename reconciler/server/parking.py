@@ -173,7 +173,8 @@ class Parking:
         try:
             record = await self._worker.run(self._wake(id_))
         except (StartFailed, OSError, LockHeld) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # its own first words ("exited with code 3 before answering"), not the log lines after them
+            reason = (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
             log.error("waking %s failed: %s", id_, exc)
             self._counters.wake_failed()
             self._supervisor.learn({}, [Result(id_, "failed", f"did not start: {exc}", happened=Happened.START_FAILED,

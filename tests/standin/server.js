@@ -4,7 +4,8 @@
 // and it answers CST's health route as the overlay's server plugin does (see answerHealth).
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
-// GET /standin/say?line=TEXT (with basic auth) writes TEXT to its log (stdout), for log tests.
+// GET /standin/say?line=TEXT (with basic auth) writes TEXT to its log (stdout), for log tests;
+// GET /standin/stream?seconds=N answers slowly, a line every 200 ms for N seconds.
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
@@ -59,6 +60,18 @@ const server = http.createServer(answerHealth((req, res) => {
         return res.end('Unauthorized');
     }
     const url = new URL(req.url, 'http://standin');
+    if (url.pathname === '/standin/stream') {   // a slow answer: a line every 200 ms for ?seconds=N
+        const until = Date.now() + 1000 * Number(url.searchParams.get('seconds') || 1);
+        res.writeHead(200, { 'Content-Type': 'text/plain' });
+        const tick = setInterval(() => {
+            res.write('tick\n');
+            if (Date.now() >= until) {
+                clearInterval(tick);
+                res.end();
+            }
+        }, 200);
+        return req.on('close', () => clearInterval(tick));
+    }
     if (url.pathname === '/standin/say') {
         console.log(url.searchParams.get('line') || '');
         res.writeHead(204);
