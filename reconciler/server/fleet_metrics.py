@@ -65,24 +65,24 @@ class PassCounters:
     """cst serve's reconcile passes, counted by the daemon on its loop as each one ends."""
 
     def __init__(self) -> None:
-        self.passes = 0
-        self.failed_passes = 0    # the pass as a whole could not run (Report.failure)
-        self.failed_results = 0   # results whose outcome was "failed", over all passes
+        self._passes = 0
+        self._failed_passes = 0    # the pass as a whole could not run (Report.failure)
+        self._failed_results = 0   # results whose outcome was "failed", over all passes
 
     def count(self, report: Report) -> None:
-        self.passes += 1
+        self._passes += 1
         if report.failure is not None:
-            self.failed_passes += 1
-        self.failed_results += report.count("failed")
+            self._failed_passes += 1
+        self._failed_results += report.count("failed")
 
     def families(self) -> list[Metric]:
         return [
-            CounterMetricFamily("cst_reconcile_passes", "Reconcile passes cst serve ran", value=self.passes),
+            CounterMetricFamily("cst_reconcile_passes", "Reconcile passes cst serve ran", value=self._passes),
             CounterMetricFamily("cst_reconcile_passes_failed", "Reconcile passes that could not run as a whole "
-                                "(the state dir held, an error)", value=self.failed_passes),
+                                "(the state dir held, an error)", value=self._failed_passes),
             CounterMetricFamily("cst_reconcile_results_failed", "Failed results of reconcile passes: an instance "
                                 "or release a pass could not bring to the desired state (again at each pass "
-                                "while it cannot)", value=self.failed_results),
+                                "while it cannot)", value=self._failed_results),
         ]
 
 
