@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 from ..desired.model import DesiredState
 from ..engine.results import Happened, Result
@@ -31,19 +31,12 @@ from ..runtime.processes import utc_now
 from ..runtime.statedir import LockHeld, Record, StateDir
 from ..tasks import LoopThread
 from .events import EventHub
+from .fleet_metrics import ParkingCounters
 from .front_door import Entrance, FrontDoor, WakeFailed
 
 log = logging.getLogger("cst.parking")
 
 TICK = 0.5   # how often idleness is looked at: park_after is seconds at the least
-
-
-class ParkingCounters(Protocol):
-    """What the fleet's metrics count of parking."""
-
-    def parked(self) -> None: ...
-    def woken(self, seconds: float) -> None: ...
-    def wake_failed(self) -> None: ...
 
 
 @dataclass(frozen=True)
