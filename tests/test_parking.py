@@ -151,6 +151,7 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
             assert project.status()[f"st-instance-{a}"]["status"] == "parked"
             applied = project.cst("apply")
             assert applied.returncode == 0 and f"ok: st-instance-{a} (parked)" in applied.stdout, applied.stdout
+            assert "front door" not in applied.stderr   # cst serve runs: it holds the ports
             assert len(starts(project, a)) == 2 and observed(served, a)["observed"] == "parked"
 
             # b stayed awake for its whole stream, the same process throughout; then it parks
@@ -165,6 +166,9 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
         # a cst serve restart keeps a parked instance parked, its port held again
         served.stop()
         wait_until(lambda: port_is_free("127.0.0.1", a), timeout=10)
+        alone = project.cst("apply")   # without cst serve nothing holds the ports: said, and nothing woken
+        assert alone.returncode == 0 and "no cst serve runs" in alone.stderr, alone.stderr
+        assert len(starts(project, a)) == 2
         served = serve(api)
         wait_until(lambda: accepts(a), timeout=10)
         assert observed(served, a)["observed"] == "parked" and len(starts(project, a)) == 2

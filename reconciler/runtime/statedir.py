@@ -203,6 +203,16 @@ class StateDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
 
+    def held(self, name: str) -> bool:
+        """Whether another process holds ``<name>.lock`` now (``daemon``: a cst serve runs here)."""
+        if not (self.root / f"{name}.lock").exists():
+            return False
+        fd, _ = self._open_lock(name)
+        try:
+            return not self._try_lock(fd)
+        finally:
+            os.close(fd)   # releases it, when this call took it
+
     def lock_holder(self, name: str = "reconcile") -> str | None:
         """The pid the last holder of ``<name>.lock`` wrote in it (the holder, while it is held)."""
         try:

@@ -106,11 +106,10 @@ def test_a_parked_instance_wakes_for_its_user_with_their_chat(parked_project, ne
     recorded = new_page(http_credentials=credentials)
     page = recorded.page
     page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
-    page.locator("#send_but:not(.displayNone)").wait_for(timeout=120_000)
-    assert observed() == "running"
-    recent = page.locator(".recentChat", has_text=MESSAGE[:20])
-    recent.first.wait_for(timeout=30_000)
-    recent.first.click()
+    assert served.api("GET", f"/api/instances/{id_}").json()["pid"] is not None, "woken by the page"
+    recent = page.locator(".recentChat")   # the welcome screen's recent chats: the one written before
+    recent.first.wait_for(timeout=60_000)
+    recent.first.click()   # parked again meanwhile (park_after: 4s), this request wakes it again
     page.locator('#chat .mes[is_user="true"] .mes_text', has_text=MESSAGE).wait_for(timeout=30_000)
     recorded.screenshot("parked-woken-chat-en")
 
