@@ -192,6 +192,7 @@ class Forwarder:
                 except BaseException:
                     resp.close()
                     raise
+                meter.first_piece_at = time.monotonic()
                 self.pool.report(key, outcome)
                 self.stats.responses[resp.status] += 1
                 metered = meter if outcome is Outcome.SUCCESS else None

@@ -1,8 +1,10 @@
 """Prometheus metrics, read from the pool and the forwarder at scrape time.
 
 A custom collector instead of Counter/Gauge objects updated per request: the
-hot path only bumps plain ints it keeps anyway, and the exposition format is
-still produced by prometheus-client (correct escaping, content type, types).
+hot path only bumps plain ints it keeps anyway (and the answer times go into
+``histogram.Histogram``, a bisection and two additions), and the exposition
+format is still produced by prometheus-client (correct escaping, content type,
+types).
 Each service has its own registry so several can coexist (tests).
 """
 from __future__ import annotations
@@ -87,6 +89,17 @@ class PoolCollector(Collector):
         yield errors
         yield GaugeMetricFamily("cst_proxy_uptime_seconds", "Seconds since the proxy started",
                                 value=time.monotonic() - state.started)
+        yield from latency_families(state)
+
+
+def latency_families(state: ProxyState) -> Iterator[Metric]:
+    """How long forwarded requests took to answer (on the proxy's /metrics, and on cst serve's)."""
+    yield state.first_byte_seconds.family(
+        "cst_proxy_first_byte_seconds", "Forwarded requests: seconds from their arrival to the first piece of "
+        "the upstream's answer (to the end of an answer the proxy made itself)")
+    yield state.answer_seconds.family(
+        "cst_proxy_answer_seconds", "Forwarded requests: seconds from their arrival to the end of the answer "
+        "(streams included)")
 
 
 def registry_for(state: ProxyState) -> CollectorRegistry:

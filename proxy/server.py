@@ -90,6 +90,7 @@ def _store_down(shared: SharedBudgets) -> web.Response:
 
 
 async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
+    arrived = time.monotonic()
     caller = _caller(state, request)
     if caller is None:
         return _denied()
@@ -125,7 +126,7 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
         if isinstance(admitted, Refusal):
             state.usage.refused(caller, facts, 429)
             return _over_budget(admitted, state.usage.clock())
-        return await _forward_admitted(state, request, admitted)
+        return await _forward_admitted(state, request, admitted, arrived)
     finally:
         state.in_flight -= 1
         if state.in_flight_by_caller[caller] == 1:
@@ -134,8 +135,10 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
             state.in_flight_by_caller[caller] -= 1
 
 
-async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reservation: Reservation) -> web.StreamResponse:
-    """Forward a request its budget admitted, and settle what it cost however it ends."""
+async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reservation: Reservation,
+                            arrived: float) -> web.StreamResponse:
+    """Forward a request its budget admitted, settle what it cost however it ends, and time its
+    answer from ``arrived`` (monotonic)."""
     meter = Meter()
     status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
     try:
@@ -148,6 +151,12 @@ async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reserva
     finally:
         prompt, completion, estimated = charge(reservation.facts, meter.usage, meter.accepted, meter.text_bytes)
         state.usage.settle(reservation, status, prompt, completion, estimated, meter.key)
+        if status:   # not a request cancelled because its client hung up: it got no answer to time
+            ended = time.monotonic()
+            state.answer_seconds.observe(ended - arrived)
+            # an answer with no piece from the upstream (the proxy's own error) is sent whole at its end
+            first_piece = meter.first_piece_at if meter.first_piece_at is not None else ended
+            state.first_byte_seconds.observe(first_piece - arrived)
 
 
 async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:

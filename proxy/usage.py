@@ -71,10 +71,11 @@ def _wait(whole: bool) -> tuple[int, int] | None:
 
 
 class Meter:
-    """What one answer cost. The last usage object seen wins (some upstreams repeat a running
-    total in every event)."""
+    """What one answer cost, and when it began to arrive. The last usage object seen wins (some
+    upstreams repeat a running total in every event)."""
 
-    __slots__ = ("usage", "broken", "key", "accepted", "text_bytes", "_pending", "_tail", "_inflate")
+    __slots__ = ("usage", "broken", "key", "accepted", "text_bytes", "first_piece_at", "_pending", "_tail",
+                 "_inflate")
 
     def __init__(self) -> None:
         self.usage: tuple[int, int] | None = None   # (prompt, completion) as the upstream reported
@@ -82,6 +83,7 @@ class Meter:
         self.accepted = False   # an upstream answered 2xx: it took the request (and bills it)
         self.key = ""           # the pool key that carried it, masked
         self.text_bytes = 0     # generated text relayed, for an estimate when no usage arrives
+        self.first_piece_at: float | None = None   # time.monotonic() when the answer's first piece was read
         self._pending: bytes | None = None
         self._tail = b""
         self._inflate: zlib._Decompress | None = None

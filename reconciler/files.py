@@ -78,6 +78,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     _fsync_dir(path.parent)
 
 
+def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Put ``data`` at ``path`` unless something is there already (then False): of two writers at
+    once, one wins whole, and the other finds its content (a hard link never replaces a file)."""
+    tmp = _temp_beside(path, data, mode)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
 def swap(path: Path, data: bytes, mode: int) -> bytes | None:
     """Put ``data`` at ``path`` atomically and return the content it displaced (None if none).
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
 from ..desired.model import port_of
-from ..files import atomic_write, private_dir, tighten
+from ..files import atomic_write, create_once, private_dir, tighten
 from . import instance_users
 
 
@@ -165,12 +165,18 @@ class StateDir:
             return None
 
     def secret(self, name: str, generate: Callable[[], str] = lambda: str(uuid.uuid4())) -> str:
-        """The secret kept under ``name``, generated on first use (a UUID, as the seed's passwords)."""
+        """The secret kept under ``name``, generated on first use (a UUID, as the seed's passwords).
+        Two callers at once (a pass and the front door) get the same one."""
         value = self.read_secret(name)
-        if value is None:
-            value = generate()
+        if value is not None:
+            return value
+        value = generate()
+        if create_once(self.secret_path(name), value.encode() + b"\n"):
+            return value
+        found = self.read_secret(name)   # the other caller's; an empty file is replaced
+        if found is None:
             self.write_secret(name, value)
-        return value
+        return found or value
 
     def write_secret(self, name: str, value: str) -> None:
         atomic_write(self.secret_path(name), value.encode() + b"\n", mode=0o600)

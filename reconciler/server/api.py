@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..desired.edits import instance_lines
@@ -27,7 +28,7 @@ from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.schema import SCHEMAS
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..engine.reconcile import reconcile
-from . import logstream, responses, usage
+from . import fleet_metrics, logstream, responses, usage
 from .admin_page import Page
 from .backup import MANIFEST, zip_stream
 from .control import Control, NotConverged
@@ -131,14 +132,32 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-def is_public(request: web.Request) -> bool:
-    """Whether the route ``request`` matched is one of ``PUBLIC_ROUTES`` (decided by the route
-    the router matched, never by the path's spelling)."""
+# Routes that also take the admin key as ``Authorization: Bearer <key>``: what Prometheus and other
+# scrapers send (bearer_token_file, authorization.credentials_file), where a header of another name
+# needs a recent Prometheus. Compared, and limited when wrong, as X-ST-Admin-Key is.
+BEARER_ROUTES: frozenset[tuple[str, str]] = frozenset({("GET", "/metrics")})
+
+
+def matched_route(request: web.Request) -> tuple[str, str] | None:
+    """(method, route pattern) of the route the router matched (HEAD as its GET), never the
+    path's spelling; None when no route matched (a 404 or 405)."""
     route = request.match_info.route
-    if route.resource is None:  # no route matched: a 404 or 405
-        return False
-    method = "GET" if route.method == "HEAD" else route.method
-    return (method, route.resource.canonical) in PUBLIC_ROUTES
+    if route.resource is None:
+        return None
+    return ("GET" if route.method == "HEAD" else route.method, route.resource.canonical)
+
+
+def is_public(request: web.Request) -> bool:
+    """Whether the route ``request`` matched is one of ``PUBLIC_ROUTES``."""
+    return matched_route(request) in PUBLIC_ROUTES
+
+
+def _bearer_key(request: web.Request) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` on a route of ``BEARER_ROUTES``."""
+    if matched_route(request) not in BEARER_ROUTES:
+        return None
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None   # the scheme is case-insensitive (RFC 9110)
 
 
 @web.middleware
@@ -154,7 +173,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error(request, 429, "too_many_failures", seconds=wait)
         response.headers["Retry-After"] = str(wait)
         return response
-    given = request.headers.get("X-ST-Admin-Key")
+    given = request.headers.get("X-ST-Admin-Key") or _bearer_key(request)
     if not given:  # not a guess: not counted
         return _error(request, 401, "missing_admin_key")
     if not key_matches(given, request.app[ADMIN_KEY]):
@@ -399,6 +418,15 @@ async def status(request: web.Request) -> web.Response:
     })
 
 
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    rows = await request.app[FLEET].rows()
+    response = web.Response(body=fleet_metrics.exposition(rows, daemon.parking_counters, daemon.pass_counters,
+                                                          daemon.proxy))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST   # with its version parameter, which content_type= refuses
+    return response
+
+
 async def openapi(request: web.Request) -> web.Response:
     return _json(request.app[OPENAPI])
 
@@ -482,6 +510,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app.router.add_put("/api/desired", put_desired)
     app.router.add_post("/api/plan", plan)
     app.router.add_get("/api/status", status)
+    app.router.add_get("/metrics", metrics)
     # the admin page
     app[PAGE] = Page()
     app[STREAMS] = set()

@@ -15,6 +15,7 @@ from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
 from .events import EventHub
+from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .parking import Parking
 
@@ -45,6 +46,8 @@ class Control(Protocol):
     parking: Parking | None         # the front doors of instances with park_after, once started
     git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
+    pass_counters: PassCounters     # reconcile passes, for GET /metrics
+    parking_counters: ParkingCounters  # parks and wakes, for GET /metrics
 
     def accept(self, snapshot: Snapshot) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""

@@ -50,6 +50,7 @@ from .backups import BackupScheduler
 from .control import NotConverged
 from .events import EventHub
 from .exit_watch import ExitWatches
+from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .keypool import pool_document
 from .parking import Parking
@@ -62,17 +63,6 @@ PROXY_RETRY_CAP = 60.0    # the proxy follower retries a failed apply (a taken p
 
 class DaemonError(Exception):
     pass
-
-
-class _Uncounted:
-    def parked(self) -> None:
-        pass
-
-    def woken(self, seconds: float) -> None:
-        pass
-
-    def wake_failed(self) -> None:
-        pass
 
 
 class Daemon:
@@ -94,6 +84,8 @@ class Daemon:
         self.last_pass_ms: float | None = None
         self.changed_at = time.monotonic()
         self.fatal: str | None = None            # why the daemon gave up, if it did
+        self.pass_counters = PassCounters()      # for GET /metrics
+        self.parking_counters = ParkingCounters()
         self._requested = 0
         self._completed = 0
         self._done = asyncio.Condition()
@@ -101,7 +93,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
         self.parking: Parking | None = None      # the front doors of instances with park_after, once started
-        self.fleet_counters = _Uncounted()      # TODO(merge): the fleet metrics' counters
         self._proxy_applied: DesiredState | None = None
         self._proxy_wanted = asyncio.Event()
         self._exit_watches = ExitWatches(self._exited)
@@ -236,6 +227,7 @@ class Daemon:
             running = []
         finally:
             self._set_phase(None)
+        self.pass_counters.count(report)
         for result in report.results:
             if result.outcome != "ok":
                 log.info("%s", result.line())
@@ -353,7 +345,7 @@ class Daemon:
                 await runner.cleanup()
                 raise DaemonError(f"cannot start the key-pool proxy: settings.usage.store's password: {exc}") from None
             self._proxy_applied = self.desired
-            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.fleet_counters,
+            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.parking_counters,
                                    self.proxy.in_flight_of, self._parked_or_woken)
             await self.parking.start()
             await self.parking.follow(self.desired)

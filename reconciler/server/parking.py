@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 from ..desired.model import DesiredState
 from ..engine.results import Happened, Result
@@ -31,19 +31,12 @@ from ..runtime.processes import utc_now
 from ..runtime.statedir import LockHeld, Record, StateDir
 from ..tasks import LoopThread
 from .events import EventHub
+from .fleet_metrics import ParkingCounters
 from .front_door import Entrance, FrontDoor, WakeFailed
 
 log = logging.getLogger("cst.parking")
 
 TICK = 0.5   # how often idleness is looked at: park_after is seconds at the least
-
-
-class ParkingCounters(Protocol):
-    """What the fleet's metrics count of parking."""
-
-    def parked(self) -> None: ...
-    def woken(self, seconds: float) -> None: ...
-    def wake_failed(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -201,8 +194,7 @@ class Parking:
 
 def _entrances(desired: DesiredState) -> list[Entrance]:
     """Blocking (reads the instances' passwords): a door for each instance wanted running with park_after."""
-    # readonly: a password not generated yet is the pass's to generate (two writers could differ)
-    runtime = LocalRuntime(desired, readonly=True)
+    runtime = LocalRuntime(desired)   # a new instance's password is generated here or by the pass: the same
     host = desired.settings.sillytavern.listen_address
     doors = []
     for spec in desired.instances:
@@ -211,8 +203,6 @@ def _entrances(desired: DesiredState) -> list[Entrance]:
         try:
             password = runtime.password(spec)
         except LaunchImpossible:   # its variable is unset: the pass says so; no door meanwhile
-            continue
-        if not password:   # a new instance: its door opens after the pass that generates it
             continue
         doors.append(Entrance(spec.id, host, spec.port, f"{spec.id}:{password}", spec.park_after))
     return doors
