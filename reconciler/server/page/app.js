@@ -3,16 +3,24 @@
 // place in git. Plain DOM, no framework: every text goes in through textContent.
 import { ApiError, call, json, serverEvents, session, textChunks } from './api.js';
 import { lang, setLang, t, translate } from './i18n.js';
-import { DAYS, addDays, drawChart, usageCell, usageRows, wallTime } from './usage.js';
+import { DAYS, addDays, count, drawChart, usageCell, usageRows, wallTime } from './usage.js';
 
 const $ = (id) => document.getElementById(id);
 const VIEWS = ['instances', 'logs', 'pool', 'usage', 'file'];
 const COLUMNS = ['id', 'port', 'desired', 'status', 'uptime', 'restarts', 'usage', 'failure', 'dataDir', 'actions'];
 const STALL_MS = 45000;  // the server comments every 15 s: this long without a byte means the stream is dead
 const USAGE_MS = 15000;  // GET /api/usage this often while signed in
+// What CST observes of an instance, for rows from a server that says only the seed's status
+const OBSERVED_OF_STATUS = { online: 'running', stopped: 'stopped', errored: 'errored' };
+// The summary's and the state filter's groups: every way of failing to run counts as errored
+const GROUP_OF_OBSERVED = { running: 'running', parked: 'parked', stopped: 'stopped', crashed: 'errored',
+  'port-taken': 'errored', errored: 'errored' };
+const GROUPS = ['running', 'parked', 'stopped', 'errored'];
 
 const state = {
-  rows: new Map(),     // instance id -> {id, data, tr, cells, badge, ..., pending, flash}
+  rows: new Map(),     // instance id -> {id, data, tr, cells, badge, ..., pending, flash, drawnFrom}
+  search: '',          // the instances shown: ids or ports containing this, in this group (or 'all')
+  group: 'all',
   fetchedAt: 0,        // when the rows' uptimes were measured
   listSeq: 0,
   archiveDir: '',
@@ -60,6 +68,19 @@ const moment = (iso) => (iso ? new Date(iso).toLocaleString(locale(), {
   year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit', hour12: false,
 }) : '');
 const money = (value) => (typeof value === 'number' ? `¥${value.toFixed(2)}` : '—');
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+function size(bytes) {  // 182 MiB, 1.4 GiB
+  if (typeof bytes !== 'number') return '—';
+  let value = bytes;
+  let unit = 0;
+  for (; value >= 1024 && unit < UNITS.length - 1; unit += 1) value /= 1024;
+  return `${unit && value < 10 ? value.toFixed(1) : Math.round(value)} ${UNITS[unit]}`;
+}
+
+function setText(node, text) {  // a write that changes nothing would still make the page lay out again
+  if (node.textContent !== text) node.textContent = text;
+}
 
 function period(seconds) {  // settings.git.every: 1s, 30s, 1m, 1m 30s, 2h
   if (seconds < 60) return `${Number(seconds.toFixed(3))}s`;
@@ -300,6 +321,8 @@ async function loadInstances() {
   }
 }
 
+// Rows are made once and then only changed: a row whose data did not change is not touched, so a
+// live update at 500 instances costs what the few changed rows cost.
 function renderInstances(list) {
   state.fetchedAt = Date.now();
   const body = $('instances').tBodies[0];
@@ -324,65 +347,160 @@ function renderInstances(list) {
   }
   $('instances').hidden = list.length === 0;
   $('no-instances').hidden = list.length > 0;
+  renderSummary();
+  applyFilter();
   fillLogChoices();
 }
 
+const observedOf = (data) => data.observed ?? OBSERVED_OF_STATUS[data.status];
+const groupOf = (data) => GROUP_OF_OBSERVED[observedOf(data)] ?? 'errored';
+
+function renderSummary() {
+  const counts = Object.fromEntries(GROUPS.map((group) => [group, 0]));
+  let memory = null;  // stays null from a server that does not report memory: shown as "—", not 0 B
+  for (const { data } of state.rows.values()) {
+    counts[groupOf(data)] += 1;
+    if ('memory' in data) memory = (memory ?? 0) + (data.memory ?? 0);
+  }
+  for (const group of GROUPS) setText($(`sum-${group}`), count(counts[group]));
+  $('sum-errored').parentElement.classList.toggle('alert', counts.errored > 0);
+  setText($('sum-memory'), size(memory));
+}
+
+function matches(row) {
+  const { search, group } = state;
+  return (group === 'all' || groupOf(row.data) === group)
+    && (!search || row.id.includes(search) || String(row.data.port).includes(search));
+}
+
+// Search and the state filter hide rows rather than rebuild them: typing costs a pass over the rows
+function applyFilter() {
+  let shown = 0;
+  for (const row of state.rows.values()) {
+    const hidden = !matches(row);
+    if (row.tr.hidden !== hidden) row.tr.hidden = hidden;
+    if (!hidden) shown += 1;
+  }
+  const total = state.rows.size;
+  const filtering = state.search !== '' || state.group !== 'all';
+  setText($('shown-count'), filtering ? t('filter.shown', { shown: count(shown), total: count(total) }) : '');
+  $('no-match').hidden = !(total > 0 && shown === 0);
+}
+
+function filterBy() {
+  state.search = $('instance-search').value.trim().toLowerCase();
+  state.group = $('state-filter').value;
+  applyFilter();
+}
+
+// A row is a clone of one built here, for the page's language: at 500 rows cloning is several
+// times faster than building each element by element. Its buttons carry data-act and are answered
+// by one listener on the table (onRowClick).
+const rowTemplates = new Map();  // language -> <tr>
+
+function rowTemplate() {
+  if (!rowTemplates.has(lang())) {
+    const tr = el('tr', {}, ...COLUMNS.map((column) => el('td', { class: `c-${column}` })));
+    const cell = (column) => tr.cells[COLUMNS.indexOf(column)];
+    cell('id').append(el('span', {}, el('code'), el('a', { class: 'small file-link' })));
+    cell('status').append(el('span', { class: 'badge' }), el('span', { class: 'memory' }));
+    const button = (act, extra = {}) => el('button', { type: 'button', ...extra, dataset: { act, ...extra.dataset } });
+    cell('actions').append(el('span', { class: 'actions' },
+      button('toggle', { class: 'toggle' }), button('park', { class: 'park' }),
+      button('restart', { class: 'restart', dataset: { i18n: 'act.restart' } }),
+      el('a', { class: 'button logs', dataset: { i18n: 'act.logs' } }),
+      el('details', { class: 'menu' }, el('summary', { dataset: { i18n: 'act.more' } }),
+        el('div', { class: 'menu-items' },
+          button('password', { dataset: { i18n: 'act.password' } }),
+          button('backup', { dataset: { i18n: 'act.backup' } }),
+          el('a', { class: 'in-file', dataset: { i18n: 'act.file' } }),
+          button('delete', { class: 'danger', dataset: { i18n: 'act.delete' } })))));
+    translate(tr);
+    rowTemplates.set(lang(), tr);
+  }
+  return rowTemplates.get(lang());
+}
+
 function makeRow(id) {
-  const cells = Object.fromEntries(COLUMNS.map((column) => [column, el('td', { class: `c-${column}` })]));
-  const row = { id, cells, tr: el('tr', { dataset: { id } }, ...Object.values(cells)), pending: null, flash: null };
-  row.name = el('code', {}, id);
-  row.fileLink = el('a', { href: `#file/${id}`, class: 'small' });
-  cells.id.append(el('span', {}, row.name, row.fileLink));
-  row.badge = el('span', { class: 'badge' });
-  cells.status.append(row.badge);
-  row.toggle = el('button', { type: 'button', class: 'toggle', onclick: () => toggle(row) });
-  row.restart = el('button', { type: 'button', dataset: { i18n: 'act.restart' },
-    onclick: () => act(row, 'restarting', 'POST', '/restart') });
-  const menu = el('details', { class: 'menu' }, el('summary', { dataset: { i18n: 'act.more' } }));
-  const item = (key, action, extra = {}) => el('button', { type: 'button', dataset: { i18n: key }, ...extra,
-    onclick: () => { menu.open = false; action(row); } });
-  menu.append(el('div', { class: 'menu-items' },
-    item('act.password', resetPassword), item('act.backup', backup),
-    el('a', { href: `#file/${id}`, dataset: { i18n: 'act.file' }, onclick: () => { menu.open = false; } }),
-    item('act.delete', remove, { class: 'danger' })));
-  menu.addEventListener('keydown', (event) => {
-    if (event.key === 'Escape' && menu.open) {
-      menu.open = false;
-      menu.querySelector('summary').focus();
-    }
-  });
-  row.menu = menu;
-  row.logs = el('a', { href: `#logs/${id}`, class: 'button', dataset: { i18n: 'act.logs' } });
-  cells.actions.append(el('span', { class: 'actions' }, row.toggle, row.restart, row.logs, menu));
-  translate(row.tr);
+  const tr = rowTemplate().cloneNode(true);
+  tr.dataset.id = id;
+  const pick = (selector) => tr.querySelector(selector);
+  const row = { id, tr, cells: Object.fromEntries(COLUMNS.map((column, index) => [column, tr.cells[index]])),
+    pending: null, flash: null, fileLink: pick('.file-link'), badge: pick('.badge'), memory: pick('.memory'),
+    toggle: pick('.toggle'), park: pick('.park'), restart: pick('.restart'), more: pick('summary') };
+  pick('code').textContent = id;
+  row.fileLink.href = `#file/${id}`;
+  pick('.in-file').href = `#file/${id}`;
+  pick('.logs').href = `#logs/${id}`;
+  labelRow(row);
   return row;
 }
 
-function fillRow(row) {
-  const { data, cells } = row;
-  for (const column of COLUMNS) cells[column].dataset.label = t(`col.${column}`);  // the phone layout's labels
-  const lines = state.desired?.instances?.[row.id];
-  row.fileLink.textContent = lines ? `desired.yaml:${lines.from}` : '';
+function labelRow(row) {  // what changes only with the language, but for data-i18n (translate)
+  for (const column of COLUMNS) row.cells[column].dataset.label = t(`col.${column}`);  // the phone layout's labels
   row.fileLink.title = t('act.file');
+  row.memory.title = t('memory');
+}
+
+const ROW_ACTIONS = {
+  toggle, park: parkOrWake, restart: (row) => act(row, 'restarting', 'POST', '/restart'),
+  password: resetPassword, backup, delete: remove,
+};
+
+function onRowClick(event) {
+  const menu = event.target.closest('.menu-items')?.closest('details');
+  if (menu) menu.open = false;  // a choice made in a row's menu closes it
+  const button = event.target.closest('button[data-act]');
+  const row = button && state.rows.get(button.closest('tr').dataset.id);
+  if (row) ROW_ACTIONS[button.dataset.act](row);
+}
+
+function onRowKey(event) {  // Escape closes a row's open menu and leaves the focus on it
+  const menu = event.target.closest('details.menu[open]');
+  if (event.key !== 'Escape' || !menu) return;
+  menu.open = false;
+  menu.querySelector('summary').focus();
+}
+
+function fillRow(row) {
+  fillFileLink(row);
+  const { data, cells } = row;
+  const usage = usageOf(row);
+  const observed = observedOf(data);
+  const status = row.pending || row.flash || observed;
+  // everything the row shows but its uptime, which the clock moves (see start), and its lines
+  const drawnFrom = JSON.stringify([lang(), status, usage, { ...data, uptime: null }]);
+  if (drawnFrom === row.drawnFrom) return;
+  row.drawnFrom = drawnFrom;
   cells.port.textContent = data.port;
   cells.desired.textContent = t(`desired.${data.desired}`);
-  const status = row.pending || row.flash || data.status;
   row.badge.textContent = t(`status.${status}`);
   row.badge.className = `badge s-${status}`;
   row.badge.title = data.detail || '';
+  row.memory.textContent = size(data.memory);
   cells.uptime.textContent = uptime(row);
   cells.restarts.textContent = data.restarts;
-  cells.usage.replaceChildren(usageCell(usageOf(row)));
+  cells.usage.replaceChildren(usageCell(usage));
   const failure = data.lastFailure;
   cells.failure.textContent = failure ? `${stamp(failure.at)} ${failure.reason}` : data.detail || '—';
   cells.dataDir.textContent = data.dataDir;
   cells.dataDir.title = data.dataDir;
   const declared = data.desired !== 'absent';
+  const busy = Boolean(row.pending);
   row.toggle.textContent = t(data.desired === 'running' ? 'act.stop' : 'act.start');
-  row.toggle.disabled = Boolean(row.pending) || !declared;
-  row.restart.disabled = Boolean(row.pending) || data.desired !== 'running';
-  row.menu.querySelector('summary').classList.toggle('disabled', Boolean(row.pending));
-  translate(row.tr);
+  row.toggle.disabled = busy || !declared;
+  // parking is on for it (parkAfter): a running instance can be parked now, a parked one woken
+  const parkable = observed === 'running' && data.parkAfter !== null && data.parkAfter !== undefined;
+  row.park.hidden = !(parkable || observed === 'parked');
+  row.park.textContent = t(observed === 'parked' ? 'act.wake' : 'act.park');
+  row.park.disabled = busy;
+  row.restart.disabled = busy || data.desired !== 'running';
+  row.more.classList.toggle('disabled', busy);
+}
+
+function fillFileLink(row) {  // GET /api/desired says where the instance is in the file
+  const lines = state.desired?.instances?.[row.id];
+  setText(row.fileLink, lines ? `desired.yaml:${lines.from}` : '');
 }
 
 // this instance's use and budget: from GET /api/usage, or from its row when that is newer
@@ -422,6 +540,11 @@ async function act(row, pendingStatus, method, path) {
 function toggle(row) {
   const stop = row.data.desired === 'running';
   return act(row, stop ? 'stopping' : 'starting', 'POST', stop ? '/stop' : '/start');
+}
+
+function parkOrWake(row) {
+  const wake = observedOf(row.data) === 'parked';
+  return act(row, wake ? 'waking' : 'parking', 'POST', wake ? '/wake' : '/park');
 }
 
 async function resetPassword(row) {
@@ -651,6 +774,7 @@ async function loadUsage() {
 }
 
 function renderUsage() {
+  if ($('view-usage').hidden) return;  // drawn when shown (route): a table of 500 rows is not free
   $('usage-error').textContent = state.usageError ? t('use.unavailable', { reason: state.usageError }) : '';
   $('usage-error').hidden = !state.usageError;
   const { usage, history } = state;
@@ -683,7 +807,7 @@ async function loadDesired() {
     state.desired = desired;
     state.status = status;
     renderFile();
-    for (const row of state.rows.values()) fillRow(row);
+    for (const row of state.rows.values()) fillFileLink(row);
   } catch (error) {
     handle(error);
   }
@@ -816,7 +940,12 @@ function route() {
 
 function relabel() {
   translate();
-  for (const row of state.rows.values()) fillRow(row);
+  for (const row of state.rows.values()) {  // translate() did their data-i18n texts
+    labelRow(row);
+    fillRow(row);
+  }
+  renderSummary();
+  applyFilter();
   renderActivity();
   if (state.pool) renderPool(state.pool);
   renderUsage();
@@ -832,6 +961,10 @@ function start() {
   $('signin-form').addEventListener('submit', signIn);
   $('signout').addEventListener('click', () => signOut());
   $('create-form').addEventListener('submit', create);
+  $('instances').addEventListener('click', onRowClick);
+  $('instances').addEventListener('keydown', onRowKey);
+  $('instance-search').addEventListener('input', filterBy);
+  $('state-filter').addEventListener('change', filterBy);
   $('log-instance').addEventListener('change', () => { location.hash = `#logs/${$('log-instance').value}`; });
   $('log-reload').addEventListener('click', () => showLogs());
   $('log-follow').addEventListener('change', () => showLogs());
@@ -848,7 +981,7 @@ function start() {
       if (!menu.contains(event.target)) menu.open = false;
     }
   });
-  setInterval(() => { for (const row of state.rows.values()) row.cells.uptime.textContent = uptime(row); }, 1000);
+  setInterval(() => { for (const row of state.rows.values()) setText(row.cells.uptime, uptime(row)); }, 1000);
   if (!session.key) return showSignIn();
   json('GET', 'api/status').then(enter, (error) => {
     if (!(error instanceof ApiError)) return showSignIn(t('err.network', { reason: error.message }));

@@ -35,7 +35,9 @@ const STRINGS = {  // key: [English, Chinese]
   'col.failure': ['Last failure', '最近故障'],
   'col.dataDir': ['Data dir', '数据目录'],
   'col.actions': ['Actions', '操作'],
-  'status.online': ['running', '运行中'],
+  'status.running': ['running', '运行中'],
+  'status.parked': ['parked', '已休眠'],
+  'status.port-taken': ['port taken', '端口被占用'],
   'status.stopped': ['stopped', '已停止'],
   'status.errored': ['errored', '出错'],
   'status.crashed': ['crashed', '已崩溃'],
@@ -44,12 +46,27 @@ const STRINGS = {  // key: [English, Chinese]
   'status.restarting': ['restarting…', '重启中…'],
   'status.deleting': ['deleting…', '删除中…'],
   'status.resetting': ['restarting…', '重启中…'],
+  'status.parking': ['parking…', '休眠中…'],
+  'status.waking': ['waking…', '唤醒中…'],
+  memory: ['Memory of its processes (resident)', '其进程占用的内存（常驻）'],
+  'sum.running': ['Running', '运行中'],
+  'sum.parked': ['Parked', '已休眠'],
+  'sum.stopped': ['Stopped', '已停止'],
+  'sum.errored': ['Errored', '出错'],
+  'sum.memory': ['Memory', '内存'],
+  'filter.search': ['Search by id or port', '按 ID 或端口搜索'],
+  'filter.state': ['Show instances that are', '按状态筛选'],
+  'filter.all': ['All states', '全部状态'],
+  'filter.shown': ['{shown} of {total} shown', '显示 {shown} / {total} 个'],
+  'filter.none': ['No instance matches the search.', '没有符合条件的实例。'],
   'desired.running': ['running', '运行'],
   'desired.stopped': ['stopped', '停止'],
   'desired.absent': ['removed', '已移除'],
   'act.start': ['Start', '启动'],
   'act.stop': ['Stop', '停止'],
   'act.restart': ['Restart', '重启'],
+  'act.park': ['Park', '休眠'],
+  'act.wake': ['Wake', '唤醒'],
   'act.logs': ['Logs', '日志'],
   'act.more': ['More', '更多'],
   'act.password': ['Reset password', '重置密码'],
@@ -69,6 +86,8 @@ const STRINGS = {  // key: [English, Chinese]
   'change.failed': ['failed', '失败'],
   'change.removed': ['removed', '已删除'],
   'change.adopted': ['adopted', '已接管'],
+  'change.parked': ['parked', '已休眠'],
+  'change.woken': ['woken', '已唤醒'],
   'change.file': ['desired.yaml changed', 'desired.yaml 已修改'],
   'change.invalid': ['desired.yaml is invalid', 'desired.yaml 无效'],
   cancel: ['Cancel', '取消'],
@@ -228,10 +247,15 @@ export function t(key, params = {}) {
   return text.replace(/\{(\w+)\}/g, (whole, name) => (name in params ? String(params[name]) : whole));
 }
 
-// Fill every element marked data-i18n (its text) or data-i18n-label (its aria-label)
+// Fill every element marked data-i18n (its text), data-i18n-label (its aria-label) or
+// data-i18n-placeholder (its placeholder); the document's language and title with the whole
+// document only: setting them restyles the page, too slow for each of 500 new rows
 export function translate(root = document) {
-  document.documentElement.lang = current === 'zh' ? 'zh-CN' : 'en';
-  document.title = t('title');
+  if (root === document) {
+    document.documentElement.lang = current === 'zh' ? 'zh-CN' : 'en';
+    document.title = t('title');
+  }
   for (const el of root.querySelectorAll('[data-i18n]')) el.textContent = t(el.dataset.i18n);
   for (const el of root.querySelectorAll('[data-i18n-label]')) el.setAttribute('aria-label', t(el.dataset.i18nLabel));
+  for (const el of root.querySelectorAll('[data-i18n-placeholder]')) el.placeholder = t(el.dataset.i18nPlaceholder);
 }
