@@ -111,6 +111,7 @@ def test_a_parked_instance_wakes_for_its_user_with_their_chat(parked_project, ne
     recent.first.wait_for(timeout=60_000)
     recent.first.click()   # parked again meanwhile (park_after: 4s), this request wakes it again
     page.locator('#chat .mes[is_user="true"] .mes_text', has_text=MESSAGE).wait_for(timeout=30_000)
+    page.locator('#chat .mes[is_user="false"] .mes_text', has_text="w0 w1 w2 w3 w4").last.wait_for(timeout=30_000)
     recorded.screenshot("parked-woken-chat-en")
 
     after = contents(data_dir)
