@@ -136,8 +136,10 @@ def open_page(browser, port: int, password: str) -> list[str]:
     if greeting.count():
         greeting.first.click()
     counted = page.evaluate("""async () => {
+        const { token } = await (await fetch('/csrf-token')).json();
         const r = await fetch('/api/tokenizers/openai/count?model=gpt-4o', {method: 'POST',
-            headers: getRequestHeaders(), body: JSON.stringify([{role: 'user', content: 'how many tokens is this?'}])});
+            headers: {'Content-Type': 'application/json', 'X-CSRF-Token': token},
+            body: JSON.stringify([{role: 'user', content: 'how many tokens is this?'}])});
         return (await r.json()).token_count; }""")
     if not counted:
         raise SystemExit(f"the tokenizer did not count on port {port}: {counted!r}")
@@ -222,9 +224,9 @@ def wake_times(fleet: Fleet, port: int, wakes: int) -> list[float]:
     return times
 
 
-def fleet_memory(browser, instances: int, active: int) -> None:
+def fleet_memory(browser, instances: int, active: int, lean: str) -> None:
     ports = free_ports(instances)
-    fleet = Fleet(ports, 'version: "1.19.0", start_timeout: 300, park_after: 5s', extra="resync: 5s")
+    fleet = Fleet(ports, f'version: "1.19.0", start_timeout: 300, park_after: 5s, lean: {lean}', extra="resync: 5s")
     try:
         fleet.start_serve()
         began = time.monotonic()
@@ -254,8 +256,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=100)
     parser.add_argument("--active", type=int, default=10)
     parser.add_argument("--only", choices=["memory", "door", "wake", "fleet"], action="append")
+    parser.add_argument("--plain", action="store_true", help="door, wake and fleet with node's defaults (lean: false)")
     args = parser.parse_args()
     only = set(args.only or ["memory", "door", "wake", "fleet"])
+    lean = "false" if args.plain else "true"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         try:
@@ -266,7 +270,7 @@ def main() -> None:
                       f"({(plain - lean) / MiB:.0f} MiB less)")
             if only & {"door", "wake"}:
                 (port,) = free_ports(1)
-                fleet = Fleet([port], 'version: "1.19.0", start_timeout: 300, park_after: 1h')
+                fleet = Fleet([port], f'version: "1.19.0", start_timeout: 300, park_after: 1h, lean: {lean}')
                 try:
                     fleet.start_serve()
                     wait(lambda: fleet.rows().get(f"st-instance-{port}", {}).get("observed") == "running", 600,
@@ -281,7 +285,7 @@ def main() -> None:
                 finally:
                     fleet.close()
             if "fleet" in only:
-                fleet_memory(browser, args.instances, args.active)
+                fleet_memory(browser, args.instances, args.active, lean)
         finally:
             browser.close()
 

@@ -115,8 +115,13 @@ class Parking:
             await asyncio.sleep(TICK)
             now = time.monotonic()
             for entrance in self.door.entrances:
-                if self._idle(entrance, now):
+                if not self._idle(entrance, now):
+                    continue
+                try:
                     await self.park(entrance.id, f"idle for {entrance.park_after:g}s")
+                except (OSError, LockHeld) as exc:   # tried again once it has been idle that long again
+                    entrance.last_used = time.monotonic()
+                    log.error("could not park %s: %s", entrance.id, exc)
 
     def _idle(self, entrance: Entrance, now: float) -> bool:
         return (entrance.idle_for(now) >= entrance.park_after and not entrance.turn.locked()
