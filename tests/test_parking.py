@@ -8,6 +8,8 @@ parked instance parked with its port held, and ``state: stopped`` frees the port
 """
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import threading
 import time
@@ -16,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from conftest import EventReader, fake_upstream, free_ports, standin_file, wait_until
+from conftest import STANDIN, EventReader, fake_upstream, free_ports, serve_settings, standin_file, wait_until
 from reconciler.runtime.processes import port_is_free
+from reconciler.runtime.snapshots import Snapshots
+from reconciler.runtime.statedir import StateDir
 
 POOL_KEY = "sk-good-parking-0000000001"
 STREAM_CHUNKS = 300            # 0.2 s apart at the fake upstream: a 60 s chat stream
@@ -182,3 +186,31 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
         wait_until(lambda: port_is_free("127.0.0.1", a), timeout=10)
         refused = served.api("POST", f"/api/instances/st-instance-{a}/park?lang=en")
         assert refused.status_code == 409 and "park_after" in refused.json()["error"]
+
+
+def test_a_parked_instance_wakes_on_the_new_release_with_a_snapshot_first(project, serve):
+    """A release change while parked is no rollout turn: the instance stays parked (never two
+    copies of one data dir) and moves when it next wakes, its data kept in a snapshot first."""
+    api, port = free_ports(2)
+    id_ = f"st-instance-{port}"
+    newer = project.dir / "newer" / "server.js"   # the same server elsewhere: another release
+    newer.parent.mkdir()
+    shutil.copy(STANDIN, newer)
+
+    def write(server) -> None:
+        project.write(standin_file([(port, "running")], settings=serve_settings(api),
+                                   extra_instance={port: {"park_after": "1s"}}).replace(str(STANDIN), str(server)))
+    write(STANDIN)
+    served = serve(api)
+    wait_until(lambda: observed(served, port)["observed"] == "parked", timeout=15)
+    write(newer)
+    wait_until(lambda: project.cst("apply", "--check").stdout.count(f"ok: {id_} (parked)") == 1, timeout=10)
+    assert observed(served, port)["observed"] == "parked" and len(starts(project, port)) == 1
+
+    answer = httpx.get(f"http://127.0.0.1:{port}/", auth=(id_, password(project, port)), timeout=30)
+    assert answer.status_code == 200 and len(starts(project, port)) == 2
+    record = json.loads((project.state_dir / "instances" / f"{id_}.json").read_text())
+    assert record["release"] == f"server {newer}"
+    (taken,) = Snapshots(StateDir(project.state_dir)).list(id_)
+    assert taken.reason == "rollout" and (taken.tree / "default-user" / "starts.txt").read_text().split() == \
+        starts(project, port)[:1]
