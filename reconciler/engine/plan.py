@@ -36,13 +36,15 @@ class Kind(str, Enum):
     UPGRADE = "upgrade"             # running another release than the file asks for: rolled out one
                                     # instance at a time, a snapshot first (see engine.rollout)
     STOP = "stop"
+    PARK = "park"                   # park_after is set and it has no process: parked, not started (its
+                                    # first request starts it), so a fleet's first pass starts nobody
     REMOVE = "remove"               # stop, archive the data dir, drop the record
     BACK_OFF = "back-off"           # should run, but its restarts are backing off after repeated
                                     # failures: reported as failed, since it is not running as asked
     FAIL = "fail"                   # cannot be done; reason says why
 
 
-CHANGES = {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP, Kind.REMOVE}
+CHANGES = {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP, Kind.PARK, Kind.REMOVE}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
         return adopted or act(Kind.OK)
     if hold:
         return act(Kind.BACK_OFF, hold)
+    if target.parks and status == "stopped":
+        return act(Kind.PARK, "parked: not in use")
     # its data was last used by another release: a snapshot first (release set), as in a rollout
     moving = seen.release if seen and seen.release and target.release and seen.release != target.release else None
     release = target.release if moving else ""

@@ -153,10 +153,10 @@ def _standing_halt(runtime: Runtime, wanted: list[Target], drop_stale: bool) -> 
 
 _HAPPENS = {Kind.OK: Happened.UNCHANGED, Kind.ADOPT: Happened.ADOPTED, Kind.FORGET_PID: Happened.FORGOTTEN,
             Kind.START: Happened.STARTED, Kind.RESTART: Happened.RESTARTED, Kind.UPGRADE: Happened.UPGRADED,
-            Kind.STOP: Happened.STOPPED,
+            Kind.STOP: Happened.STOPPED, Kind.PARK: Happened.PARKED,
             Kind.REMOVE: Happened.REMOVED, Kind.BACK_OFF: Happened.HELD, Kind.FAIL: Happened.IMPOSSIBLE}
 _AFTER = {Kind.START: "running", Kind.RESTART: "running", Kind.UPGRADE: "running", Kind.STOP: "stopped",
-          Kind.REMOVE: "absent"}
+          Kind.PARK: "parked", Kind.REMOVE: "absent"}
 
 
 def _would(action: Action, seen: Observed | None) -> Result:
@@ -194,6 +194,9 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
         if action.kind == Kind.STOP:
             await runtime.stop(action.id)
             return Result(action.id, "changed", action.reason, before, "stopped", happened=happens)
+        if action.kind == Kind.PARK:
+            await runtime.park(action.id)
+            return Result(action.id, "changed", action.reason, before, "parked", happened=happens)
         if action.kind == Kind.REMOVE:
             archived = await runtime.archive(action.id)
             where = f"data archived in {archived}" if archived else "it had no data dir"

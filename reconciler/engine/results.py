@@ -19,6 +19,7 @@ class Happened(str, Enum):
     STARTED = "started"
     RESTARTED = "restarted"         # detail says why (settings changed, memory, an operator...)
     STOPPED = "stopped"
+    PARKED = "parked"               # park_after is set: no process until its first request
     REMOVED = "removed"             # stopped and archived
     HELD = "held"                   # should run, but its restarts are backing off
     IMPOSSIBLE = "impossible"       # cannot be done as declared (a taken port, an unset variable)

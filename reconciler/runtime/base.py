@@ -99,6 +99,9 @@ class Runtime(RolloutRuntime, Protocol):
     def forget_pid(self, id_: str) -> None:
         """The instance's process is gone: remember it as stopped."""
 
+    async def park(self, id_: str) -> None:
+        """Stop the instance's process, if it has one, and remember it as parked (park_after)."""
+
     async def remove_unused_releases(self) -> list[str]:
         """Remove installed releases nothing uses any more (a rollout completed); the versions removed."""
 

@@ -357,11 +357,15 @@ class LocalRuntime:
         """Stop the instance's process as a stop does (SIGTERM: SillyTavern saves before it exits)
         and remember it as parked: nothing is archived, and cst serve's front door keeps its port."""
         record = self.state.record(id_)
-        if record is None:
-            raise OSError(f"no record for {id_} in {self.state.root}")
+        if record is None:   # never started: parked from the first
+            spec = self.desired.instance(id_)
+            if spec is None:
+                raise OSError(f"{id_} is not declared")
+            record = Record(id=id_, port=spec.port, data_dir=str(self.desired.data_dir(spec.port)))
         await terminate(record.pid, record.create_time, self.settings.sillytavern.stop_timeout)
         record.pid = record.create_time = None
         record.parked_at = utc_now()
+        self.state.ensure()
         self.state.save(record)
 
     async def wake(self, spec: InstanceSpec) -> Record:

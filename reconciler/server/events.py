@@ -76,6 +76,8 @@ def changes(result: Result, pid: int | None) -> list[tuple[str, str]]:
         return [("removed", result.detail)]
     if happened is Happened.STOPPED:
         return [("stopped", "")]
+    if happened is Happened.PARKED:
+        return [("parked", result.detail)]
     if happened is Happened.RESTARTED:   # the detail reads "restarted: <why>": the why is told
         return crashed + [("restarted", result.detail.partition(": ")[2] or result.detail)]
     if happened is Happened.STARTED:

@@ -23,7 +23,8 @@ expect.set_options(timeout=30_000)  # a busy 2-core machine; every wait ends as 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory):
     """`cst serve` on 60 stopped instances and three running: `plain` without park_after, `parks`
-    parked 2 s after it started (nobody uses it), `awake` with park_after: 1h."""
+    with park_after: 2s (parked from the first: nobody used it), `awake` with park_after: 1h, woken
+    through the API."""
     folder = tmp_path_factory.mktemp("page-fleet")
     project = Project(folder, {k: v for k, v in os.environ.items() if not k.startswith("CST_")})
     (api,) = free_ports(1)
@@ -37,6 +38,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     try:
         rows = lambda: {row["id"]: row for row in served.api("GET", "/api/instances").json()}  # noqa: E731
         wait_until(lambda: rows()[f"st-instance-{parks}"]["observed"] == "parked", timeout=30)
+        assert served.api("POST", f"/api/instances/st-instance-{awake}/wake").json()["observed"] == "running"
         wait_until(lambda: all(rows()[f"st-instance-{port}"]["observed"] == "running" for port in (plain, awake)),
                    timeout=30)
         yield served, {"plain": plain, "parks": parks, "awake": awake, "stopped": stopped}
