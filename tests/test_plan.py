@@ -65,7 +65,7 @@ def test_plan_is_pure_and_repeatable():
 
 def test_only_changes_count_as_changes():
     assert {k for k in Kind if Action(k, A, 1).changes} == {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP,
-                                                            Kind.REMOVE}
+                                                            Kind.PARK, Kind.REMOVE}
 
 
 HINT_CASES = [
@@ -87,3 +87,29 @@ def test_hints(name, state, seen, hold, restart, expected):
         assert actions[0].reason == "errored"
     if Kind.RESTART in expected:
         assert actions[-1].reason == "restarted: memory"
+
+
+PARKED = Observed(A, 8001, "parked")
+PARKING_CASES = [
+    # (name, desired state, parks (park_after set), observed, expected kinds)
+    ("never started, park_after: parked, not started", "running", True, None, [Kind.PARK]),
+    ("stopped record, park_after: parked", "running", True, Observed(A, 8001, "stopped"), [Kind.PARK]),
+    ("parked as wanted: as good as running", "running", True, PARKED, [Kind.OK]),
+    ("parked, park_after taken away: started", "running", False, PARKED, [Kind.START]),
+    ("parked, stopped wanted: forgotten", "stopped", True, PARKED, [Kind.FORGET_PID]),
+    ("crashed with park_after: restarted (backoff applies)", "running", True,
+     Observed(A, 8001, "crashed", pid=100, fingerprint="fp1"), [Kind.START]),
+    ("running with park_after: left alone (the door parks it)", "running", True, running(), [Kind.OK]),
+]
+
+
+@pytest.mark.parametrize("name,state,parks,seen,expected", PARKING_CASES, ids=[c[0] for c in PARKING_CASES])
+def test_parking_transition(name, state, parks, seen, expected):
+    actions = plan([Target(A, 8001, state, fingerprint="fp1", parks=parks)], {A: seen} if seen else {})
+    assert [a.kind for a in actions] == expected
+
+
+def test_a_parked_instance_is_not_upgraded_or_restarted_while_parked():
+    seen = Observed(A, 8001, "parked", release="sillytavern@1.18.0")
+    target = Target(A, 8001, "running", fingerprint="new", release="sillytavern@1.19.0", parks=True)
+    assert [a.kind for a in plan([target], {A: seen}, restart={A: "asked"})] == [Kind.OK]
