@@ -226,16 +226,17 @@ def wake_times(fleet: Fleet, port: int, wakes: int) -> list[float]:
 
 def fleet_memory(browser, instances: int, active: int, lean: str) -> None:
     ports = free_ports(instances)
-    fleet = Fleet(ports, f'version: "1.19.0", start_timeout: 300, park_after: 5s, lean: {lean}', extra="resync: 5s")
+    # long enough for the active users' pages to be loaded one after the other before any parks again
+    fleet = Fleet(ports, f'version: "1.19.0", start_timeout: 300, park_after: 10m, lean: {lean}', extra="resync: 5s")
     try:
         fleet.start_serve()
         began = time.monotonic()
         wait(lambda: sum(r["observed"] == "parked" for r in fleet.rows().values()) == instances, 3600,
-             f"{instances} instances started and parked")
-        print(f"fleet: {instances} instances started and parked in {time.monotonic() - began:.0f}s")
-        with ThreadPoolExecutor(2) as pool:   # two users at once come back
-            list(pool.map(lambda port: open_page(browser, port, fleet.password(port)), ports[:active]))
-        # the active ones stay awake while used: measured at once, before their park_after
+             f"{instances} instances parked")
+        print(f"fleet: {instances} instances declared, all parked (never started) after {time.monotonic() - began:.0f}s")
+        for port in ports[:active]:   # the active users come back, one after the other
+            open_page(browser, port, fleet.password(port))
+        time.sleep(15)   # as idle as the single instance measured above
         rows = fleet.rows()
         nodes = sum(row["memory"] or 0 for row in rows.values())
         running = sum(row["observed"] == "running" for row in rows.values())

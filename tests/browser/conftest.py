@@ -75,3 +75,16 @@ def new_page(browser: Browser) -> Iterator:
     yield make
     for context in contexts:
         context.close()
+
+
+def sign_in_to_admin_page(new_page, url: str, key: str, width: int = 1280, locale: str = "en-US",
+                          lang: str | None = None) -> RecordedPage:
+    """The admin page of the `cst serve` at ``url``, signed in with ``key`` (in ``lang`` when given)."""
+    recorded = new_page(width=width, locale=locale)
+    page = recorded.page
+    if lang is not None:
+        page.add_init_script(f"localStorage.setItem('cst-lang', '{lang}')")
+    page.goto(url + "/")
+    page.fill("#key", key)
+    page.press("#key", "Enter")
+    return recorded

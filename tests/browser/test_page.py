@@ -28,6 +28,8 @@ from conftest import (
     start_serve,
 )
 
+from .conftest import sign_in_to_admin_page
+
 KEY = "page-test-admin-key"
 PASSWORD = "daidai-password"
 # two keys of 12.50 and 10.00: the panel must show 22.50
@@ -56,12 +58,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 
 
 def sign_in(new_page, fleet, width: int = 1280, locale: str = "en-US"):
-    recorded = new_page(width=width, locale=locale)
-    page = recorded.page
-    page.goto(fleet.url + "/")
-    page.fill("#key", KEY)
-    page.press("#key", "Enter")
-    expect(page.locator("#live")).to_have_class(re.compile(r"\bon\b"))
+    recorded = sign_in_to_admin_page(new_page, fleet.url, KEY, width, locale)
+    expect(recorded.page.locator("#live")).to_have_class(re.compile(r"\bon\b"))
     return recorded
 
 

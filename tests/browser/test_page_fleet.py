@@ -14,6 +14,8 @@ from playwright.sync_api import Page, expect
 
 from conftest import Project, free_ports, kill_all, serve_settings, standin_file, start_serve, wait_until
 
+from .conftest import sign_in_to_admin_page
+
 KEY = "fleet-page-admin-key"
 STOPPED = 60
 SIZE = re.compile(r"^\d+(\.\d)? (KiB|MiB|GiB)$")  # the page's size(): 182 MiB, 1.4 GiB
@@ -48,12 +50,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
 
 
 def sign_in(new_page, served, width: int = 1280, locale: str = "en-US"):
-    recorded = new_page(width=width, locale=locale)
-    page = recorded.page
-    page.goto(served.url + "/")
-    page.fill("#key", KEY)
-    page.press("#key", "Enter")
-    expect(page.locator("#instances tbody tr")).to_have_count(STOPPED + 3)
+    recorded = sign_in_to_admin_page(new_page, served.url, KEY, width, locale)
+    expect(recorded.page.locator("#instances tbody tr")).to_have_count(STOPPED + 3)
     return recorded
 
 

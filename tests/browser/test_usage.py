@@ -16,6 +16,8 @@ from playwright.sync_api import Page, expect
 
 from conftest import Project, fake_upstream, free_ports, kill_all, standin_file, start_serve, wait_until
 
+from .conftest import sign_in_to_admin_page
+
 KEY = "usage-test-admin-key"
 POOL_KEYS = "sk-good-usage11112222,sk-good-usage33334444"
 expect.set_options(timeout=30_000)  # a busy 2-core machine; every wait ends as soon as it holds
@@ -96,13 +98,8 @@ def fleet(served: Fleet) -> Fleet:
 
 
 def sign_in(new_page, fleet, width: int = 1280, locale: str = "en-US", lang: str = "en"):
-    recorded = new_page(width=width, locale=locale)
-    page = recorded.page
-    page.add_init_script(f"localStorage.setItem('cst-lang', '{lang}')")
-    page.goto(fleet.url + "/")
-    page.fill("#key", KEY)
-    page.press("#key", "Enter")
-    expect(page.locator("#live")).to_have_class(re.compile(r"\bon\b"))
+    recorded = sign_in_to_admin_page(new_page, fleet.url, KEY, width, locale, lang)
+    expect(recorded.page.locator("#live")).to_have_class(re.compile(r"\bon\b"))
     return recorded
 
 
