@@ -274,8 +274,10 @@ def main() -> None:
                 fleet = Fleet([port], f'version: "1.19.0", start_timeout: 300, park_after: 1h, lean: {lean}')
                 try:
                     fleet.start_serve()
-                    wait(lambda: fleet.rows().get(f"st-instance-{port}", {}).get("observed") == "running", 600,
-                         "the instance running")
+                    wait(lambda: fleet.rows().get(f"st-instance-{port}", {}).get("observed") == "parked", 60,
+                         "the instance parked (never started: nobody used it)")
+                    woken = fleet.api_call("POST", f"/api/instances/st-instance-{port}/wake")
+                    assert woken.status_code == 200, woken.text
                     if "door" in only:
                         door_cost(browser, fleet, port, args.runs)
                     if "wake" in only:
