@@ -178,7 +178,7 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
         settings = (f'resync: 1h\napi: {{listen: "127.0.0.1:{api_port}"}}\n'   # passes come from changes only
                     f'proxy: {{listen: "127.0.0.1:{proxy_port}", upstream: "{upstream.url}/v1"}}')
         accounts = "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n"
-        parks = {b: {"park_after": "1h"}}   # behind a front door; parked and woken through the API only
+        parks = {b: {"park_after": "1h"}}   # behind a front door: parked until woken (through the API only)
         project.write(standin_file([(a, "running"), (b, "running"), (c, "stopped")], parks, settings) + accounts)
         project.env["POOL_KEYS"] = POOL_KEY
         served = serve(api_port, admin_key=KEY)
@@ -190,10 +190,14 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
 
         assert httpx.get(served.url + "/metrics", timeout=10).status_code == 401
         wait_until(lambda: http_status(a) == 401 and http_status(b) == 401, timeout=30)
-        wait_until(lambda: by_state(scrape())["running"] == 2)
+        wait_until(lambda: by_state(scrape())["parked"] == 1)
+        assert by_state(scrape()) == {"running": 1, "parked": 1, "stopped": 1, "crashed": 0, "port-taken": 0,
+                                      "errored": 0}
+        assert served.api("POST", f"/api/instances/{ids[b]}/wake").status_code == 200
         first = scrape()
         assert by_state(first) == {"running": 2, "parked": 0, "stopped": 1, "crashed": 0, "port-taken": 0,
                                    "errored": 0}
+        assert value(first, "cst_wake_seconds_count") == 1
         assert [value(first, "cst_instance_restarts_total", instance=ids[p]) for p in (a, b, c)] == [0, 0, 0]
         memory = memory_of(first)
         assert set(memory) == {ids[a], ids[b]} and all(rss > 10_000_000 for rss in memory.values()), memory
@@ -208,14 +212,14 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
 
         assert served.api("POST", f"/api/instances/{ids[b]}/park").status_code == 200
         parked = scrape()
-        assert (value(parked, "cst_parks_total"), value(parked, "cst_wake_seconds_count")) == (1, 0)
+        assert (value(parked, "cst_parks_total"), value(parked, "cst_wake_seconds_count")) == (1, 1)
         assert by_state(parked) == {"running": 1, "parked": 1, "stopped": 1, "crashed": 0, "port-taken": 0,
                                     "errored": 0}
         assert ids[b] not in memory_of(parked)
         assert served.api("POST", f"/api/instances/{ids[b]}/wake").status_code == 200
         woken = scrape()
         assert (value(woken, "cst_parks_total"), value(woken, "cst_wake_seconds_count"),
-                value(woken, "cst_wake_failures_total")) == (1, 1, 0)
+                value(woken, "cst_wake_failures_total")) == (1, 2, 0)
         assert 0 < value(woken, "cst_wake_seconds_sum") < 15
         assert by_state(woken)["running"] == 2
         passes = value(woken, "cst_reconcile_passes_total")

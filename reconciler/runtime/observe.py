@@ -21,8 +21,9 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     observed: dict[str, Observed] = {}
     for record in (state.records() if records is None else records).values():
         if record.pid is None:
-            observed[record.id] = Observed(record.id, record.port, "parked" if record.parked_at else "stopped",
-                                           release=record.release)
+            # a parked one's release: what its data was last used with (a wake onto another takes a snapshot)
+            observed[record.id] = (Observed(record.id, record.port, "parked", release=record.release)
+                                   if record.parked_at else Observed(record.id, record.port, "stopped"))
         elif live_process(record.pid, record.create_time):
             observed[record.id] = Observed(record.id, record.port, "running", record.pid, record.fingerprint,
                                            create_time=record.create_time, release=_release(record.release, record.argv))
@@ -97,5 +98,6 @@ def _release(said: str | None, argv: list[str]) -> str | None:
     install home (``<home>/<version>/node_modules/sillytavern/server.js``); None: unknown."""
     if said is not None:
         return said
-    version = sillytavern.version_of_server(argv[1]) if len(argv) > 1 else None
+    script = next((arg for arg in argv[1:] if not arg.startswith("-")), None)   # after node's own flags
+    version = sillytavern.version_of_server(script) if script else None
     return sillytavern.identity(version) if version else None
