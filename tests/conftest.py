@@ -101,16 +101,22 @@ def git(cwd: Path, *args: str, check: bool = True) -> str:
     return done.stdout.strip()
 
 
+_GIVEN: set[int] = set()   # every port handed out in this session: two calls of one test never share one
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago (bound to port 0, then released)."""
+    """``n`` distinct ports that were free a moment ago (bound to port 0, then released), none given
+    before in this session (a test's ports and those of its `cst serve`'s settings come from two calls)."""
     socks, ports = [], []
     try:
         while len(ports) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-            if s.getsockname()[1] >= 1024:
-                ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port >= 1024 and port not in _GIVEN:
+                ports.append(port)
+                _GIVEN.add(port)
     finally:
         for s in socks:
             s.close()
