@@ -124,8 +124,11 @@ class Parking:
                     log.error("could not park %s: %s", entrance.id, exc)
 
     def _idle(self, entrance: Entrance, now: float) -> bool:
+        if self._in_flight_at_proxy(entrance.id):   # a chat in progress is use, until it ends (to a tick)
+            entrance.last_used = now
+            return False
         return (entrance.idle_for(now) >= entrance.park_after and not entrance.turn.locked()
-                and self._in_flight_at_proxy(entrance.id) == 0 and self.backends.of(entrance.id) is not None)
+                and self.backends.of(entrance.id) is not None)
 
     async def park(self, id_: str, why: str) -> bool:
         """Park the instance now; False when it was not running. Raises OSError (the stop failed,
