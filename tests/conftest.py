@@ -151,10 +151,12 @@ def processes_of(state_dir: Path) -> list[psutil.Process]:
 
 def kill_all(state_dir: Path) -> None:
     for proc in processes_of(state_dir):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # the process itself (in a sandbox, node: its sandbox ends with it), then its group (outside one)
+        for kill in (os.kill, os.killpg):
+            try:
+                kill(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     psutil.wait_procs(processes_of(state_dir), timeout=5)
 
 

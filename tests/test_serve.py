@@ -366,7 +366,9 @@ def test_an_instance_that_stops_answering_its_health_check_is_restarted(project,
     served = serve(api)
     wait_answering(served, a)
     sick = wait_until(lambda: pid_of(served, f"st-instance-{a}"))
-    project.standin_knobs(a, {"sickPid": sick})   # alive, listening, but its health route answers 503
+    started = (project.dir / "user-data" / str(a) / "default-user" / "starts.txt").read_text().split()
+    # alive, listening, but its health route answers 503
+    project.standin_knobs(a, {"sickStart": started[-1]})
     wait_until(lambda: "restarted: not answering its health check (3 in a row: its health route answered "
                        "HTTP 503)" in served.log.read_text(), timeout=30)
     assert pid_of(served, f"st-instance-{a}") not in (None, sick)

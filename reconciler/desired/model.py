@@ -61,6 +61,14 @@ class UserSettings:
 
 
 @dataclass(frozen=True)
+class SandboxSettings:
+    """Whether each instance runs in a sandbox of its own (see runtime/sandbox.py)."""
+
+    enabled: bool = _default("settings", "sillytavern", "sandbox", "enabled")
+    tmp_size: int = parse_size(_default("settings", "sillytavern", "sandbox", "tmp_size"))
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     """How a change of release goes through the fleet (``settings.sillytavern.rollout``)."""
 
@@ -77,6 +85,7 @@ class SillyTavernSettings:
     start_timeout: float = parse_duration(_default("settings", "sillytavern", "start_timeout"))
     stop_timeout: float = parse_duration(_default("settings", "sillytavern", "stop_timeout"))
     users: UserSettings = UserSettings()
+    sandbox: SandboxSettings = SandboxSettings()
     rollout: RolloutSettings = RolloutSettings()
     park_after: float | None = None   # seconds; None: instances are not parked unless they say so
     lean: bool = _default("settings", "sillytavern", "lean")
@@ -279,6 +288,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             start_timeout=parse_duration(st["start_timeout"]),
             stop_timeout=parse_duration(st["stop_timeout"]),
             users=UserSettings(isolate=st["users"]["isolate"], uid_from=st["users"]["uid_from"]),
+            sandbox=SandboxSettings(enabled=st["sandbox"]["enabled"], tmp_size=parse_size(st["sandbox"]["tmp_size"])),
             rollout=RolloutSettings(canary=st["rollout"]["canary"], batch=st["rollout"]["batch"],
                                     pause=parse_duration(st["rollout"]["pause"])),
             park_after=parse_duration(st["park_after"]) if "park_after" in st else None,

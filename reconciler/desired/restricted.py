@@ -31,6 +31,9 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.data_root": s.data_root,
         "settings.sillytavern.server": s.sillytavern.server,
         "settings.sillytavern.version": s.sillytavern.version,
+        # who an instance runs as and what it sees of the machine
+        "settings.sillytavern.users": s.sillytavern.users,
+        "settings.sillytavern.sandbox": s.sillytavern.sandbox,
         "settings.api": s.api,                       # its address, TLS paths, insecure_http, the key's variable
         "settings.proxy.upstream": s.proxy.upstream,
         # where the ledger and the instances' key digests go, with which password

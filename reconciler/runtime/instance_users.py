@@ -181,6 +181,24 @@ def acting_as(user: InstanceUser | None) -> Iterator[None]:
         _libc.setfsgid(old_gid)
 
 
+@contextmanager
+def acting_in(user: InstanceUser | None, folder: Path) -> Iterator[Path]:
+    """``acting_as(user)`` on the files of ``folder``, reached without the search bit on the folders
+    above it (they may be root's alone, as a sandboxed instance's are): ``folder`` is opened as
+    root first, and the block gets a path through that descriptor (``/proc/self/fd/N``, which
+    this process may always follow to its own descriptors). ``folder`` itself unchanged when
+    ``user`` is None. Keep the block free of awaits, as for ``acting_as``."""
+    if user is None:
+        yield folder
+        return
+    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with acting_as(user):
+            yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def write_owned(path: Path, data: bytes, user: InstanceUser | None, mode: int) -> None:
     """Replace ``path`` atomically with a file holding ``data`` with ``mode``, owned by ``user``
     (by CST's own user when None). The folder may be the user's: the temporary file is created

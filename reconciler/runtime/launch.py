@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .instance_users import InstanceUser
+from .sandbox import Sandbox
 
 # environment markers that let a later run recognise its own processes
 ENV_INSTANCE = "CST_INSTANCE_ID"
@@ -13,6 +14,8 @@ ENV_FINGERPRINT = "CST_FINGERPRINT"
 # the release the process was started on ("sillytavern@1.19.0", "server /path/server.js"): what an
 # adopted process runs, when no record says so
 ENV_RELEASE = "CST_RELEASE"
+# "1": the process runs in its sandbox (runtime/sandbox.py); what adoption records of it
+ENV_SANDBOXED = "CST_SANDBOXED"
 # what CST's server plugin reads (see stsource-changed/plugins/cst/): the proxy, and the file with
 # the instance's own proxy key (a path, not the key: the environment of a process is readable in /proc)
 ENV_PROXY_URL = "CST_PROXY_URL"
@@ -46,7 +49,14 @@ class LaunchSpec:
     user: InstanceUser | None = None   # None: it runs as cst's own user
     release: str = ""                  # the runtime's release identity of what argv runs
     backend_port: int | None = None    # behind cst serve's front door: node's loopback port
+    # in a sandbox of its own: argv and env name the paths inside it; data_dir, workdir are the host's
+    sandbox: Sandbox | None = None
 
     @property
     def fronted(self) -> bool:
         return self.backend_port is not None
+
+    @property
+    def copies_key(self) -> bool:
+        """Whether it reads a copy of its proxy key in its workdir (it cannot reach the key folder)."""
+        return self.user is not None or self.sandbox is not None

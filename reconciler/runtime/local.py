@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import json
 import shutil
-import subprocess
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
@@ -20,8 +19,8 @@ import psutil
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
-from . import instance_users, overlay, sillytavern, wiring
-from .base import LaunchImpossible, Observed, Preparation, StartFailed
+from . import instance_users, overlay, sandbox, sillytavern, wiring
+from .base import LaunchImpossible, Observed, Preparation
 from .environment import child_environment
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
@@ -31,21 +30,18 @@ from .launch import (
     ENV_PROXY_KEY_FILE,
     ENV_PROXY_URL,
     ENV_RELEASE,
+    ENV_SANDBOXED,
     ENV_STATE_DIR,
     LEAN_ENV,
     LEAN_NODE_FLAGS,
     LaunchSpec,
 )
-from .logs import open_log, rotate_log, tail
+from .launcher import KEY_COPY, Launcher
+from .logs import tail
 from .observe import observe
 from .processes import free_loopback_port, iso_utc, live_process, terminate, utc_now
 from .snapshots import Snapshots
 from .statedir import Record, StateDir
-
-# what an instance creates (chats, settings, its config.yaml) is its owner's alone
-_INSTANCE_UMASK = 0o077
-# an instance under a user of its own reads its proxy key from this file of its workdir (0400, its own)
-KEY_COPY = "proxy.key"
 
 
 class LocalRuntime:
@@ -59,6 +55,7 @@ class LocalRuntime:
         self.settings = desired.settings
         self.state = StateDir(desired.settings.state_dir)
         self.keys = InstanceKeys(self.state)
+        self.launcher = Launcher(self.settings, self.state, self.keys, self.checks)
 
     # -- resolving desired.yaml into launch specs (reads env and secrets: the edge, not the planner)
 
@@ -96,6 +93,15 @@ class LocalRuntime:
         """The user the instance runs as; None for cst's own (cst is not root, or the file says so)."""
         return instance_users.user_for(self.settings.sillytavern.users, spec.port)
 
+    def sandbox_of(self, spec: InstanceSpec, release: sillytavern.Release) -> sandbox.Sandbox | None:
+        """The sandbox the instance runs in; None when instances run on the host's tree."""
+        chosen = sandbox.mode(self.settings.sillytavern.sandbox)
+        if chosen is sandbox.Mode.OFF:
+            return None
+        user = self.instance_user(spec) if chosen is sandbox.Mode.ROOT else None
+        return sandbox.Sandbox(release.root, self.desired.data_dir(spec.port), self.state.workdir(spec.id),
+                               self.settings.sillytavern.sandbox.tmp_size, user)
+
     def _release(self, spec: InstanceSpec, identity: str | None) -> tuple[sillytavern.Release, str]:
         """The release ``spec`` runs and its identity: the file's, or the one named (a rollback runs
         the release an instance ran before, which the file no longer names)."""
@@ -119,12 +125,16 @@ class LocalRuntime:
             record = self.state.record(spec.id)
             backend_port = record.backend_port if record and record.backend_port else 0
         listen_port, listen_address = (backend_port or 0, "127.0.0.1") if fronted else (spec.port, st.listen_address)
+        release_of, release_identity = self._release(spec, release)
+        boxed = self.sandbox_of(spec, release_of)
+        # the paths node is given: inside its sandbox, the fixed ones there
+        seen_data, seen_workdir = (sandbox.DATA, sandbox.HOME) if boxed else (data_dir, workdir)
 
         def flags(port: object) -> tuple[object, ...]:
             return (
                 "--port", port,
-                "--dataRoot", str(data_dir),
-                "--configPath", str(workdir / "config.yaml"),
+                "--dataRoot", str(seen_data),
+                "--configPath", str(seen_workdir / "config.yaml"),
                 "--listen", "true",
                 "--listenAddressIPv4", listen_address,
                 "--enableIPv6", "false",
@@ -133,25 +143,31 @@ class LocalRuntime:
                 "--browserLaunchEnabled", "false",
             )
 
-        release_of, release_identity = self._release(spec, release)
         node_flags = LEAN_NODE_FLAGS if st.lean else ()
-        argv = (shutil.which("node") or "node", *node_flags, str(release_of.server_js),
-                *(str(flag) for flag in flags(listen_port)))
-        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user)}
+        if boxed:
+            node, server_js = str(sandbox.NODE), boxed.inside(release_of.server_js)
+            seen_package = Path(boxed.inside(release_of.package_dir))
+        else:
+            node, server_js = shutil.which("node") or "node", str(release_of.server_js)
+            seen_package = release_of.package_dir
+        argv = (node, *node_flags, server_js, *(str(flag) for flag in flags(listen_port)))
+        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user, boxed is not None)}
         # everything a restart would change, as the file and the release say it: not the node binary
         # or install folder this process resolved, nor the loopback port a door's node got this time.
         # The user only when it has one of its own, so an instance of a cst that is not root keeps the
-        # fingerprint it had before users existed; the lean profile only when it is on, likewise.
+        # fingerprint it had before users existed; the lean profile and the sandbox only when on, likewise.
         identity: list[object] = [release_identity, flags("front door" if fronted else str(spec.port)),
                                   password, cst_env]
         if user is not None:
             identity.append([user.uid, user.gid])
         if st.lean:
             identity.append(["lean", node_flags, LEAN_ENV])
+        if boxed:
+            identity.append(boxed.identity())
         digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
         env = child_environment({
-            **sillytavern.outside_our_git(release_of.package_dir),
-            **({"HOME": str(workdir)} if user is not None else {}),   # not root's home
+            **sillytavern.outside_our_git(seen_package),
+            **({"HOME": str(seen_workdir)} if user is not None or boxed else {}),   # not root's home
             **(LEAN_ENV if st.lean else {}),
             "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id,
             "SILLYTAVERN_BASICAUTHUSER_PASSWORD": password,
@@ -160,18 +176,22 @@ class LocalRuntime:
             ENV_STATE_DIR: str(self.state.root),
             ENV_FINGERPRINT: digest,
             ENV_RELEASE: release_identity,
+            **({ENV_SANDBOXED: "1"} if boxed else {}),
         })
         probe_host = "127.0.0.1" if listen_address == "0.0.0.0" else listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
                           self.state.log_path(spec.id), password, probe_host, listen_port, digest, user,
-                          release_identity, backend_port if fronted else None)
+                          release_identity, backend_port if fronted else None, boxed)
 
-    def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None) -> dict[str, str]:
-        """Where the instance's plugin finds the proxy and its key: under a user of its own, the
-        copy in its workdir (the state dir's key folder is root's alone); else the key itself."""
+    def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None, boxed: bool) -> dict[str, str]:
+        """Where the instance's plugin finds the proxy and its key: in a sandbox or under a user of its
+        own, the copy in its workdir (the state dir's key folder is root's alone); else the key itself."""
         if not spec.proxy:
             return {}
-        key_file = self.state.workdir(spec.id) / KEY_COPY if user is not None else self.keys.path(spec.id)
+        if boxed:
+            key_file = Path(sandbox.HOME / KEY_COPY)
+        else:
+            key_file = self.state.workdir(spec.id) / KEY_COPY if user is not None else self.keys.path(spec.id)
         return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(key_file)}
 
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
@@ -190,6 +210,9 @@ class LocalRuntime:
         ask for it. A pass prepares before it stops anything, so a release that cannot be had
         leaves every instance as it was."""
         st = self.settings.sillytavern
+        lacking = sandbox.missing_tools(sandbox.mode(st.sandbox))
+        if lacking is not None:   # before anything is stopped: a restart into a sandbox could not start
+            return Preparation("the sandbox", failure=lacking)
         if st.server is not None:
             missing = None if st.server.is_file() else f"settings.sillytavern.server: {st.server} does not exist"
             return Preparation(str(st.server), failure=missing)
@@ -226,7 +249,8 @@ class LocalRuntime:
             started_at=iso_utc(proc.create_time()),
             restarts=previous.restarts if previous else 0,
             release=environ.get(ENV_RELEASE),   # None: started by a cst from before the marker
-            backend_port=_backend_port(proc.cmdline(), port)))
+            backend_port=_backend_port(proc.cmdline(), port),
+            sandboxed=environ.get(ENV_SANDBOXED) == "1"))
 
     def forget_pid(self, id_: str) -> None:
         record = self.state.record(id_)
@@ -234,105 +258,27 @@ class LocalRuntime:
             record.pid = record.create_time = record.parked_at = None
             self.state.save(record)
 
-    def _prepare_folders(self, launch: LaunchSpec, release: sillytavern.Release) -> str:
-        """The instance's data dir and workdir, its own when it has a user of its own (folders from
-        before, root's, are given to it here, links never followed), the key copy it reads, and
-        the way to them; what was done, for its log. Raises StartFailed when its user could not
-        reach a folder, node or server.js, or its uid is not free."""
-        user = launch.user
-        self.state.ensure(searchable=user is not None)
-        if user is None:
-            private_dir(self.settings.data_root)
-        else:
-            instance_users.check_usable(user, launch.port)
-            instance_users.searchable(private_dir(self.settings.data_root, 0o701))
-        private_dir(launch.data_dir)
-        private_dir(launch.workdir)
-        if user is None:
-            return ""
-        given = instance_users.own_tree(launch.data_dir, user) + instance_users.own_tree(launch.workdir, user)
-        needed = [(Path(launch.argv[0]), 5), (release.server_js, 4), (launch.data_dir, 1), (launch.workdir, 1)]
-        if release.has_overlay:   # CST's plugin: its health route is how a start is seen
-            needed.append((release.package_dir / overlay.PLUGIN_ENTRY, 4))
-        for path, need in needed:
-            problem = instance_users.unreachable(user, path, need)
-            if problem:
-                raise StartFailed(f"{launch.id} runs as {user}, but {problem}")
-        return f"runs as {user}" + (f"; {given} files from before given to it" if given else "")
-
     async def start(self, spec: InstanceSpec, count_restart: bool = False, release: str | None = None) -> Record:
         """Start the process (on ``release``, an identity, instead of the file's when given) and wait
         until its port answers with basic auth; raises StartFailed."""
         launch = self.launch_spec(spec, release, free_loopback_port() if spec.park_after is not None else None)
         server, _ = self._release(spec, release)
-        user = launch.user
-        owned = self._prepare_folders(launch, server)
-        with instance_users.acting_as(user):   # what cst writes into the data dir is the instance's
-            sillytavern.prefill_webpack_cache(server, launch.data_dir)
-        wired = self._wire(spec, launch, server)
         previous = self.state.record(launch.id)
-        rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
-        with open_log(launch.log) as log:
-            log.write(f"\n--- cst: starting {launch.id} at {utc_now()}\n".encode())
-            for done in (owned, wired):
-                if done:
-                    log.write(f"--- cst: {done}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(  # noqa: ASYNC220 -- a fork and exec, on the pass's own loop
-                launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                umask=_INSTANCE_UMASK, user=user.uid if user else None, group=user.gid if user else None,
-                extra_groups=[] if user else None)
-        record = Record(
-            id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=proc.pid,
-            create_time=psutil.Process(proc.pid).create_time(), argv=list(launch.argv),
-            fingerprint=launch.fingerprint, started_at=utc_now(),
-            restarts=(previous.restarts if previous else 0) + (1 if count_restart else 0),
-            release=launch.release, backend_port=launch.backend_port)
-        self.state.save(record)  # written at once: a crash from here on still knows the pid
-        try:
-            await self.checks.wait_ready(launch, proc, server.has_overlay,
-                                         self.settings.sillytavern.start_timeout, lambda: self.log_tail(launch.id))
-        except StartFailed:
-            await self._stop(record)
-            raise
-        return record
-
-    def _wire(self, spec: InstanceSpec, launch: LaunchSpec, server: sillytavern.Release) -> str:
-        """The instance's proxy key (minted, or revoked with ``proxy: false``; copied where its own
-        user reads it) and its first-start chat settings; what was done, for the instance's log."""
-        if not spec.proxy:
-            self._drop_key_copy(spec.id)
-            return "proxy: false, proxy key revoked" if self.keys.revoke(spec.id) else ""
-        key = self.keys.ensure(spec.id)
-        if launch.user is not None:
-            self._copy_key(spec.id, key, launch.user)
-        try:
-            with instance_users.acting_as(launch.user):
-                return wiring.wire(launch.data_dir, server.package_dir,
-                                   self.settings.proxy.local_url, key)
-        except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
-            return f"could not wire the chat API to the key pool: {exc}"
-
-    def _copy_key(self, id_: str, key: str, user: instance_users.InstanceUser) -> None:
-        """The instance's own copy of its key, 0400 and its user's, in its workdir. The proxy keeps
-        reading the state dir's key folder: that decides which keys work."""
-        instance_users.write_owned(self.state.workdir(id_) / KEY_COPY, key.encode() + b"\n", user, 0o400)
-
-    def _drop_key_copy(self, id_: str) -> None:
-        (self.state.workdir(id_) / KEY_COPY).unlink(missing_ok=True)
+        restarts = (previous.restarts if previous else 0) + (1 if count_restart else 0)
+        return await self.launcher.launch(launch, server, spec.proxy, restarts)
 
     def rotate_key(self, spec: InstanceSpec) -> str:
         """Give the instance a new proxy key; the old one stops working as soon as the proxy reads
         the key folder. Where the instance stored the old key (its custom endpoint's secret, and
-        the copy its own user reads), the new one goes. Returns the new key."""
+        the copy it reads in a sandbox or under its own user), the new one goes. Returns the new key."""
         old, new = self.keys.rotate(spec.id)
         user = self.instance_user(spec)
-        if user is not None and self.state.workdir(spec.id).is_dir():
-            self._copy_key(spec.id, new, user)
+        copies = user is not None or sandbox.mode(self.settings.sillytavern.sandbox) is not sandbox.Mode.OFF
+        if copies and self.state.workdir(spec.id).is_dir():
+            self.launcher.copy_key(spec.id, new, user)
         if old:
-            with instance_users.acting_as(user):
-                wiring.replace_key(self.desired.data_dir(spec.port), old, new)
+            with instance_users.acting_in(user, self.desired.data_dir(spec.port)) as data_dir:
+                wiring.replace_key(data_dir, old, new)
         return new
 
     async def close(self) -> None:

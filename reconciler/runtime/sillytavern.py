@@ -29,6 +29,7 @@ import psutil
 
 from . import overlay
 from .environment import child_environment
+from .launch import ENV_RELEASE
 from .statedir import LockHeld, StateDir
 
 _READY = ".cst-ready"
@@ -59,6 +60,12 @@ class Release:
     @property
     def package_dir(self) -> Path:
         return self.server_js.parent
+
+    @property
+    def root(self) -> Path:
+        """All a sandbox shows of the release: an npm install's folder (the package and, hoisted
+        beside it in ``node_modules``, its dependencies), or a checkout's own folder."""
+        return self.package_dir.parent.parent if self.prebuilt_webpack is not None else self.package_dir
 
 
 def identity(version: str) -> str:
@@ -257,11 +264,15 @@ def prefill_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
 
 
 def _busy(folder: Path) -> bool:
-    """Whether a live process runs a server.js inside ``folder`` (of any state dir sharing the home)."""
+    """Whether a live process runs a server.js inside ``folder`` (of any state dir sharing the home):
+    by its command line, or, in a sandbox (where the release has another path), by the release its
+    environment names."""
     inside = str(folder) + os.sep
+    release = identity(folder.name)
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(arg.startswith(inside) for arg in proc.info["cmdline"] or ()):
+            if (any(arg.startswith(inside) for arg in proc.info["cmdline"] or ())
+                    or proc.environ().get(ENV_RELEASE) == release):
                 return True
         except (psutil.Error, TypeError):
             continue

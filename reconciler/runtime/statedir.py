@@ -45,6 +45,7 @@ class Record:
     # instance's own port is the door's
     backend_port: int | None = None
     parked_at: str | None = None        # ISO 8601 UTC: parked then (no process; the door holds its port)
+    sandboxed: bool = False             # its process runs in a sandbox (needs no way in through the host's folders)
 
 
 def _well_formed(record: Record, name: str) -> bool:
@@ -60,7 +61,8 @@ def _well_formed(record: Record, name: str) -> bool:
             and type(record.restarts) is int
             and (record.release is None or isinstance(record.release, str))
             and (record.backend_port is None or (type(record.backend_port) is int and 0 < record.backend_port < 65536))
-            and (record.parked_at is None or isinstance(record.parked_at, str)))
+            and (record.parked_at is None or isinstance(record.parked_at, str))
+            and type(record.sandboxed) is bool)
 
 
 class LockHeld(Exception):

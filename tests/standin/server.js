@@ -32,22 +32,25 @@ if (knobs.exitCode !== undefined) {
     console.error(`stand-in: exiting with ${knobs.exitCode} as asked`);
     process.exit(knobs.exitCode);
 }
-// a file that survives restarts, so tests can tell the same data dir came back
+// a file that survives restarts, so tests can tell the same data dir came back: a line per start,
+// an id of its own (not the pid: in a sandbox every instance is pid 2)
+const startId = require('node:crypto').randomUUID();
 const starts = path.join(dataRoot, 'default-user', 'starts.txt');
-fs.appendFileSync(starts, `${process.pid}\n`);
+fs.appendFileSync(starts, `${startId}\n`);
 
 // GET /api/plugins/cst/health with basic auth, before the other routes (without auth it is a 401 as
-// any route). The knob {"sickPid": 1234}, read on each request, makes that process answer 503.
+// any route). The knob {"sickStart": "<a line of starts.txt>"}, read on each request, makes the
+// process of that start answer 503.
 function answerHealth(handler) {
     return (req, res) => {
         if (req.url !== '/api/plugins/cst/health' || req.headers.authorization !== expected) {
             return handler(req, res);
         }
-        const sick = readKnobs().sickPid === process.pid;
+        const sick = readKnobs().sickStart === startId;
         const memory = process.memoryUsage();
         res.writeHead(sick ? 503 : 200, { 'Content-Type': 'application/json' });
         return res.end(JSON.stringify({
-            status: sick ? 'sick' : 'ok', version: 'stand-in', instance: process.env.CST_INSTANCE_ID ?? null,
+            status: sick ? 'sick' : 'ok', version: 'stand-in', instance: process.env.CST_INSTANCE_ID ?? null, start: startId,
             uptime: process.uptime(), memory: { rss: memory.rss, heapTotal: memory.heapTotal,
                 heapUsed: memory.heapUsed, external: memory.external }, dataRoot,
         }));
