@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sillytavern browser servers bench clean
+.PHONY: run test setup node sandbox sillytavern browser servers bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ node:
 	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
 	  { echo "Node.js >= 20 is needed (found $$(node --version))"; exit 1; }
 
-sillytavern: setup
+# as root each instance runs in a sandbox of bubblewrap's (Debian's bubblewrap; setpriv is util-linux's,
+# always there), and `cst st install` builds each release's front end for it: installed first
+SANDBOX_PACKAGES := bubblewrap
+sandbox:
+	@[ "$$(id -u)" != 0 ] || command -v bwrap >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "instances run in bubblewrap's sandbox as root: install bwrap"; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(SANDBOX_PACKAGES) || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends $(SANDBOX_PACKAGES); }; }
+
+sillytavern: setup sandbox
 	$(BIN)/cst st install -f examples/desired.yaml
 	$(BIN)/cst st install -f tests/releases.yaml
 

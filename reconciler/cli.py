@@ -31,7 +31,7 @@ from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import reconcile, standing_halt
 from .engine.results import Report, Result
-from .runtime import overlay, sillytavern
+from .runtime import overlay, sandbox, sillytavern
 from .runtime.base import LaunchImpossible, StartFailed
 from .runtime.local import LocalRuntime
 from .runtime.logfollow import MAX_LINES, last_lines
@@ -412,9 +412,10 @@ def st_install(file: Path) -> None:
     One line per release."""
     desired = load_or_exit(file)
     failed = []
+    sandboxed = sandbox.mode(desired.settings.sillytavern.sandbox) is not sandbox.Mode.OFF
     for version, fields in desired.versions().items():
         try:
-            rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True)
+            rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True, sandboxed=sandboxed)
         except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
             click.echo(f"failed: sillytavern {version} ({', '.join(fields)}): {exc}", err=True)
             failed.append(version)

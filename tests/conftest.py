@@ -28,15 +28,21 @@ import httpx
 import psutil
 import pytest
 
+from reconciler.desired.model import SandboxSettings
+from reconciler.runtime import sandbox
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin" / "server.js"
 AS_ROOT = os.geteuid() == 0
+# whether instances run in a sandbox here (as root, by default: CI's case); see runtime/sandbox.py
+SANDBOXED = sandbox.mode(SandboxSettings()) is not sandbox.Mode.OFF
 
 
-# As root, cst runs each instance under a uid of its own, which must reach the test's folders:
-# pytest keeps them in /tmp/pytest-of-root (0700, tightened again by every pytest session that
-# starts), so the tests run in a folder of this session's own where each folder on the way lets
-# others search it (o+x, never list).
+# As root, cst runs each instance under a uid of its own. In its sandbox (the default) it reaches
+# nothing through the host's folders; the few tests that run instances outside one need their
+# folders searchable by others: pytest keeps them in /tmp/pytest-of-root (0700, tightened again by
+# every pytest session that starts), so the tests run in a folder of this session's own where each
+# folder on the way lets others search it (o+x, never list).
 _SESSIONS = Path(tempfile.gettempdir()) / "cst-pytest-of-root"
 
 
@@ -46,24 +52,10 @@ def _searchable(path: Path) -> None:
         path.chmod(mode | stat.S_IXOTH)
 
 
-def _reachable_by_instances(path: Path) -> None:
-    """The stand-in and the SillyTavern release live in this checkout: an instance's uid must be
-    able to search every folder above them. A checkout under a folder closed to others (say,
-    /root) gets the search bit there (enter by name, never list), said on stderr."""
-    for folder in [*reversed(path.parents), path]:
-        if folder.exists() and not stat.S_IMODE(folder.stat().st_mode) & stat.S_IXOTH:
-            sys.stderr.write(f"conftest: {folder} lets others search it now (o+x), so that instances "
-                             f"under uids of their own reach {path}\n")
-            _searchable(folder)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config) -> None:
     if not AS_ROOT or config.option.basetemp or os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    _reachable_by_instances(ROOT)
-    if os.environ.get("CST_SILLYTAVERN_HOME"):
-        _reachable_by_instances(Path(os.environ["CST_SILLYTAVERN_HOME"]))
     _SESSIONS.mkdir(mode=0o701, exist_ok=True)
     _searchable(_SESSIONS)
     old = sorted((p for p in _SESSIONS.iterdir() if p.name.startswith("run-")), key=lambda p: p.stat().st_mtime)
@@ -209,8 +201,10 @@ def project(tmp_path: Path):
 
 
 def standin_file(ports_states: list[tuple[int, str]], extra_instance: dict | None = None,
-                 settings: str = "") -> str:
-    lines = ["version: 1", "settings:", f"  sillytavern: {{server: {STANDIN}, start_timeout: 15, stop_timeout: 3}}"]
+                 settings: str = "", server: Path = STANDIN, sillytavern: str = "") -> str:
+    """A desired.yaml of stand-in instances; ``sillytavern``: more of its settings (", users: ...")."""
+    lines = ["version: 1", "settings:",
+             f"  sillytavern: {{server: {server}, start_timeout: 15, stop_timeout: 3{sillytavern}}}"]
     lines += [f"  {line}" for line in settings.splitlines() if line.strip()]
     lines.append("instances:" if ports_states else "instances: []")
     for port, state in ports_states:
@@ -219,6 +213,23 @@ def standin_file(ports_states: list[tuple[int, str]], extra_instance: dict | Non
         for key, value in (extra_instance or {}).get(port, {}).items():
             lines.append(f"    {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def in_sandbox(pid: int, uid: int, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``argv`` run inside the sandbox of the instance whose node is ``pid`` (its mount, pid, ipc and
+    uts namespaces), as its uid with no other group: what code of the instance's own could do."""
+    return subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "-i", "-u", "--setuid", str(uid),
+                           "--setgid", str(uid), "--", *argv], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/")
+
+
+def searchable_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the stand-in that a uid other than root's can reach on the host, for the tests
+    of instances outside a sandbox (this checkout may lie in a folder closed to others)."""
+    folder = tmp_path_factory.mktemp("standin")
+    shutil.copy2(STANDIN, folder / "server.js")
+    (folder / "server.js").chmod(0o644)
+    return folder / "server.js"
 
 
 def serve_settings(api_port: int, resync: str = "1s") -> str:

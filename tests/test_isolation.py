@@ -15,16 +15,19 @@ import pytest
 
 from conftest import (
     AS_ROOT,
+    SANDBOXED,
     STANDIN,
     fake_upstream,
     free_ports,
     http_status,
+    in_sandbox,
+    searchable_standin,
     serve_settings,
     standin_file,
     start_serve,
     wait_until,
 )
-from reconciler.runtime import sillytavern
+from reconciler.runtime import sandbox, sillytavern
 
 SECRETS = {"CST_ADMIN_KEY": "secret-admin-key-1", "DAIDAI_PASSWORD": "secret-daidai-2",
            "EXTRA_OPENAI_KEYS": "sk-secret-pool-3", "AWS_SECRET_ACCESS_KEY": "secret-cloud-4"}
@@ -150,8 +153,8 @@ def test_a_mode_tightened_by_the_operator_is_never_loosened(project):
     assert project.cst("apply").returncode == 0
     assert http_status(port) == 401
     for path, mode in tightened.items():
-        # as root the one exception: the data root lets instance users search it (o+x)
-        searched = stat.S_IXOTH if AS_ROOT and path == project.dir / "user-data" else 0
+        # as root outside a sandbox the one exception: the data root lets instance users search it (o+x)
+        searched = stat.S_IXOTH if AS_ROOT and not SANDBOXED and path == project.dir / "user-data" else 0
         assert stat.S_IMODE(path.stat().st_mode) == mode | searched, path
     assert stat.S_IMODE(loosened.stat().st_mode) == 0o700, "a looser mode is tightened"
 
@@ -180,7 +183,7 @@ fetch(process.argv[2] + '/v1/chat/completions', {method: 'POST',
 
 
 @root_only
-def test_an_instance_under_its_own_user_reads_only_what_is_its_own(project, serve):
+def test_an_instance_in_its_sandbox_sees_only_what_is_its_own(project, serve):
     api, proxy, a, b = free_ports(4)
     pool = project.dir / "pool.keys"
     pool.write_text("sk-good-pool-key-1\n")
@@ -199,34 +202,50 @@ def test_an_instance_under_its_own_user_reads_only_what_is_its_own(project, serv
         uid = UID_FROM + a
         assert procs[a].uids() == (uid, uid, uid) and procs[a].gids() == (uid, uid, uid)
         assert procs[b].uids().real == UID_FROM + b
-        assert procs[a].environ()["CST_PROXY_KEY_FILE"] == str(project.state_dir / "run" / ids[a] / "proxy.key")
-
-        # CST's secrets, another instance's data and key, and CST's environment: out of reach
+        assert procs[a].environ()["CST_PROXY_KEY_FILE"] == str(sandbox.HOME / "proxy.key")
         state = project.state_dir
-        theirs = [state / "secrets" / "admin.key", state / "secrets" / f"{ids[b]}.password",
-                  state / "secrets" / "proxy-keys" / ids[b], state / "secrets" / "proxy-keys" / ids[a],
-                  state / "logs" / f"{ids[b]}.log", state / "instances" / f"{ids[b]}.json", pool,
-                  project.dir / "user-data" / str(b) / "default-user" / "starts.txt",
-                  state / "run" / ids[b] / "proxy.key", Path(f"/proc/{served.proc.pid}/environ")]
+
+        def inside(*argv: str) -> subprocess.CompletedProcess:
+            return in_sandbox(procs[a].pid, uid, *argv)
+
+        # CST's secrets and state, another instance's data, root's home: not even there
+        theirs = [state / "secrets" / "admin.key", state / "secrets" / "proxy-keys" / ids[a], pool,
+                  project.dir / "user-data" / str(b) / "default-user" / "starts.txt", state, Path("/root"),
+                  project.dir / "user-data" / str(b), Path(sillytavern.install_home(state))]
         for path in theirs:
-            assert path.exists(), path
+            seen = inside("ls", "-d", str(path))
+            assert seen.returncode != 0 and "No such file or directory" in seen.stderr, (path, seen.stdout)
+        # the processes it sees are its sandbox's own: no other instance's command line or environment
+        listed = inside("sh", "-c", "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done")
+        assert listed.returncode == 0 and "--port" in listed.stdout, listed
+        assert str(b) not in listed.stdout and "cst" not in listed.stdout.replace(str(sandbox.HOME), "")
+        pids = inside("ls", "/proc").stdout.split()
+        assert len([p for p in pids if p.isdigit()]) <= 4, pids   # bwrap's init, node, the shell, ls
+        assert not inside("cat", f"/proc/{served.proc.pid}/environ").stdout
+        # the release read-only, its data read-write, a /tmp of its own
+        assert inside("head", "-c", "30", str(sandbox.RELEASE / "server.js")).stdout.startswith("// A fast stand-in")
+        assert "Read-only file system" in inside("touch", str(sandbox.RELEASE / "mine")).stderr
+        assert inside("sh", "-c", f"echo mine > {sandbox.DATA}/mine.txt && echo mine > /tmp/mine.txt").returncode == 0
+        assert (project.dir / "user-data" / str(a) / "mine.txt").stat().st_uid == uid
+        assert in_sandbox(procs[b].pid, UID_FROM + b, "ls", "/tmp/mine.txt").returncode != 0
+        assert not Path("/tmp/mine.txt").exists()
+        # on the host, everything cst keeps stays closed to its uid too
+        for path in (state / "secrets" / "admin.key", pool, Path(f"/proc/{served.proc.pid}/environ")):
             read = as_user(uid, "cat", str(path))
             assert read.returncode != 0 and "Permission denied" in read.stderr, (path, read.stdout, read.stderr)
         for folder in (state, state / "run", project.dir / "user-data"):
-            listed = as_user(uid, "ls", str(folder))
-            assert listed.returncode != 0, f"{folder} can be searched, never listed"
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder   # no way in through the host
 
-        # its own: the copy of its key, its data
-        own = as_user(uid, "cat", str(state / "run" / ids[a] / "proxy.key"))
+        # its own key copy, its own health route
+        own = inside("cat", str(sandbox.HOME / "proxy.key"))
         assert own.returncode == 0 and own.stdout.strip() == (state / "secrets" / "proxy-keys" / ids[a]).read_text().strip()
-        assert as_user(uid, "cat", str(project.dir / "user-data" / str(a) / "default-user" / "starts.txt")).returncode == 0
         health = httpx.get(f"http://127.0.0.1:{a}/api/plugins/cst/health", timeout=10,
                            auth=(ids[a], project.cst("password", ids[a]).stdout.strip()))
         assert health.status_code == 200 and health.json()["instance"] == ids[a]
 
         # it chats through the pool with its own key, as the plugin would
         def chat() -> str:
-            done = as_user(uid, "node", "-e", CHAT, procs[a].environ()["CST_PROXY_KEY_FILE"], f"http://127.0.0.1:{proxy}")
+            done = inside("node", "-e", CHAT, str(sandbox.HOME / "proxy.key"), f"http://127.0.0.1:{proxy}")
             assert done.returncode == 0, done.stderr
             return done.stdout
         assert chat().startswith("200 "), "the instance's own key works"
@@ -236,7 +255,7 @@ def test_an_instance_under_its_own_user_reads_only_what_is_its_own(project, serv
         old = own.stdout.strip()
         rotated = served.api("POST", f"/api/instances/{ids[a]}/rotate-key")
         assert rotated.status_code == 200, rotated.text
-        new = as_user(uid, "cat", str(state / "run" / ids[a] / "proxy.key")).stdout.strip()
+        new = inside("cat", str(sandbox.HOME / "proxy.key")).stdout.strip()
         assert new.startswith("cst-") and new != old
         wait_until(lambda: chat().startswith("200 "), timeout=10)
         stale = httpx.post(f"http://127.0.0.1:{proxy}/v1/chat/completions", headers={"Authorization": f"Bearer {old}"},
@@ -281,18 +300,20 @@ def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_follo
     assert outside.stat().st_uid == 0, "a link is given, never what it points at"
     assert (project.state_dir / "run" / id_).stat().st_uid == uid
     assert "files from before given to it" in (project.state_dir / "logs" / f"{id_}.log").read_text()
-    assert as_user(uid, "cat", str(chats / "old.jsonl")).stdout == '{"mes": "hello"}\n'
+    pid = project.record(id_)["pid"]
+    assert in_sandbox(pid, uid, "cat", f"{sandbox.DATA}/default-user/chats/old.jsonl").stdout == '{"mes": "hello"}\n'
 
     again = project.cst("apply")
     assert again.stdout.strip().splitlines()[-1] == "ok=1 changed=0 failed=0"
 
 
 @root_only
-def test_a_folder_the_instance_user_cannot_search_is_named(project, tmp_path_factory):
+def test_outside_a_sandbox_a_folder_the_instance_user_cannot_search_is_named(project, tmp_path_factory):
     closed = tmp_path_factory.mktemp("closed")
     closed.chmod(0o700)
     (port,) = free_ports(1)
-    project.write(standin_file([(port, "running")], settings=f"data_root: {closed / 'data'}"))
+    project.write(standin_file([(port, "running")], settings=f"data_root: {closed / 'data'}",
+                               server=searchable_standin(tmp_path_factory), sillytavern=", sandbox: {enabled: false}"))
     applied = project.cst("apply")
     assert applied.returncode == 2
     assert (f"st-instance-{port} runs as uid {UID_FROM + port}, but {closed} (mode 0700, owner uid 0) "

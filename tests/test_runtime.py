@@ -8,7 +8,8 @@ import sys
 
 import psutil
 
-from conftest import AS_ROOT, free_ports, http_status, processes_of, standin_file, wait_until
+from conftest import AS_ROOT, SANDBOXED, free_ports, http_status, processes_of, standin_file, wait_until
+from reconciler.runtime import sandbox
 
 
 def recap(result) -> str:
@@ -263,9 +264,9 @@ def test_each_instance_gets_its_own_proxy_key_and_loads_the_overlay(project):
     assert env["SILLYTAVERN_ENABLESERVERPLUGINS"] == "true"
     assert env["SILLYTAVERN_ENABLESERVERPLUGINSAUTOUPDATE"] == "false"
     # as root the instance runs under a uid of its own and reads a copy of its key (0400, its own)
-    # in its workdir: the key folder is root's alone
+    # in its workdir: the key folder is root's alone; in its sandbox, the workdir is its $HOME
     copy = project.state_dir / "run" / f"st-instance-{a}" / "proxy.key"
-    key_file = copy if AS_ROOT else keys / f"st-instance-{a}"
+    key_file = sandbox.HOME / "proxy.key" if SANDBOXED else copy if AS_ROOT else keys / f"st-instance-{a}"
     assert env["CST_PROXY_KEY_FILE"] == str(key_file) and env["CST_PROXY_URL"] == "http://127.0.0.1:5100"
     if AS_ROOT:
         uid = psutil.Process(project.record(f"st-instance-{a}")["pid"]).uids().real
@@ -310,5 +311,5 @@ def test_readiness_is_the_health_route(project):
     with urllib.request.urlopen(request, timeout=10) as answer:
         health = json.loads(answer.read())
     assert health["status"] == "ok" and health["instance"] == id_
-    assert health["dataRoot"] == str(project.dir / "user-data" / str(a))
+    assert health["dataRoot"] == str(sandbox.DATA if SANDBOXED else project.dir / "user-data" / str(a))
     assert health["memory"]["rss"] > 0 and health["uptime"] >= 0

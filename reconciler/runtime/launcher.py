@@ -102,7 +102,9 @@ class Launcher:
         self.state.ensure(searchable=opens_ways)
         if user is not None:
             instance_users.check_usable(user, launch.port)
-        data_root = private_dir(self.settings.data_root, 0o701)   # tightened at most to 0701: see _close_ways_in
+        # with users of their own, tightened at most to 0701: an instance outside a sandbox may still
+        # need its way in (see _close_ways_in)
+        data_root = private_dir(self.settings.data_root, 0o700 if user is None else 0o701)
         if opens_ways:
             instance_users.searchable(data_root)
         private_dir(launch.data_dir)

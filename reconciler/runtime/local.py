@@ -99,8 +99,10 @@ class LocalRuntime:
         if chosen is sandbox.Mode.OFF:
             return None
         user = self.instance_user(spec) if chosen is sandbox.Mode.ROOT else None
+        front_end = release.sandbox_front_end
         return sandbox.Sandbox(release.root, self.desired.data_dir(spec.port), self.state.workdir(spec.id),
-                               self.settings.sillytavern.sandbox.tmp_size, user)
+                               self.settings.sillytavern.sandbox.tmp_size, user,
+                               (release.package_dir, front_end) if front_end else None)
 
     def _release(self, spec: InstanceSpec, identity: str | None) -> tuple[sillytavern.Release, str]:
         """The release ``spec`` runs and its identity: the file's, or the one named (a rollback runs
@@ -221,7 +223,8 @@ class LocalRuntime:
         versions = self.desired.versions()
         for version, fields in versions.items():
             try:
-                done[version] = await asyncio.to_thread(sillytavern.ready, version, self.settings.state_dir)
+                done[version] = await asyncio.to_thread(sillytavern.ready, version, self.settings.state_dir,
+                                                        sandbox.mode(st.sandbox) is not sandbox.Mode.OFF)
             except sillytavern.Unpublished as exc:   # the file asks for it: say where
                 failed[version] = f"{', '.join(fields)}: {exc}"
             except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:

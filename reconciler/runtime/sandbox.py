@@ -10,9 +10,10 @@ container image of it uses too (``RELEASE``, ``DATA``, ``HOME``, ``NODE``):
 * a private ``/tmp`` of its own, capped (``settings.sillytavern.sandbox.tmp_size``);
 * the few files of ``/etc`` that name resolution and TLS read;
 * its own processes in ``/proc``, nobody else's;
-* an empty ``/.dockerenv``: SillyTavern then believes it runs in a container, as it does in an
-  image of it, and uses the front end prebuilt in its release instead of building one into
-  each data dir (so nothing is copied into a new data dir).
+* its release's front end, built once for the sandbox's paths (``build_front_end``), and an
+  empty ``/.dockerenv``: SillyTavern then believes it runs in a container, as in an image of
+  it, and reads that prebuilt front end instead of building one into each data dir (nothing is
+  copied into a new data dir; a start compiles nothing).
 
 Not ``/root``, the state dir, other data dirs or other processes: wherever the operator keeps
 CST (a clone in root's 0700 home), no folder on the host has to let the instance's uid through.
@@ -104,13 +105,9 @@ def _user_namespaces_fail() -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     try:
-        done = subprocess.run([bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--ro-bind", "/", "/",
-                               "--proc", "/proc", "--dev", "/dev",
-                 # SillyTavern's is-docker test: in a container it reads the front end prebuilt in
-                 # its release (read-only here) rather than compiling one into each data dir
-                 "--ro-bind", "/dev/null", "/.dockerenv", "true"],
+        done = subprocess.run([bwrap, "--unshare-user", *_View().args, "--", "true"],
                               capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except (OSError, subprocess.TimeoutExpired, StartFailed) as exc:
         return f"bwrap could not be run: {exc}"
     return None if done.returncode == 0 else f"no unprivileged user namespaces: {done.stderr.strip()[:200]}"
 
@@ -126,6 +123,66 @@ def missing_tools(chosen: Mode) -> str | None:
             f"util-linux); install them, or set sandbox: {{enabled: false}}")
 
 
+class _View:
+    """bwrap's options for what every sandbox shows: new pid, ipc, uts (and cgroup) namespaces,
+    the system read-only, node at NODE, its own /proc, /dev and /tmp. ``bind`` adds more."""
+
+    def __init__(self, tmp_size: int = 16 << 20) -> None:
+        self.args = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                     "--hostname", "sillytavern", "--new-session",
+                     "--ro-bind", "/usr", "/usr", "--perms", "0755", "--tmpfs", "/usr/local"]
+        self._made = {PurePosixPath("/"), PurePosixPath("/usr"), PurePosixPath("/usr/local")}
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):   # merged /usr: links; else folders
+            top = Path("/") / name
+            if top.is_symlink():
+                self.args.extend(["--symlink", os.readlink(top), str(top)])
+            elif top.is_dir():
+                self.bind("--ro-bind", top, str(top))
+        for path in _ETC:
+            self.bind("--ro-bind-try", Path(path), path)
+        self.bind("--ro-bind", Path(_tool("node")).resolve(), NODE)
+        self.args.extend(["--proc", "/proc", "--dev", "/dev",
+                          "--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"])
+
+    def bind(self, how: str, source: Path, dest: PurePosixPath | str) -> None:
+        """``how`` (--bind, --ro-bind, --ro-bind-try) ``source`` at ``dest``, the folders on the way
+        made 0755 explicitly: bwrap makes them with cst's umask (077), which would shut the
+        instance's uid out of its own mounts."""
+        for folder in reversed(PurePosixPath(dest).parents):
+            if folder not in self._made:
+                self._made.add(folder)
+                self.args.extend(["--perms", "0755", "--dir", str(folder)])
+        self.args.extend([how, str(source), str(dest)])
+
+    def environment(self, env: dict[str, str]) -> None:
+        self.args.append("--clearenv")
+        for name, value in sorted(env.items()):
+            self.args.extend(["--setenv", name, value])
+
+
+def _package_inside(release_root: Path, package_dir: Path) -> PurePosixPath:
+    return RELEASE / package_dir.relative_to(release_root)
+
+
+def build_front_end(release_root: Path, package_dir: Path, target: Path, log_file: IO[bytes]) -> None:
+    """Build SillyTavern's front end (its webpack cache and output) into ``target`` as a sandbox sees
+    the release: webpack's cache names every module by its absolute path, so the one built at the
+    install's own path is void at RELEASE (a start would compile for ~18 s of CPU, every time, as
+    the release is read-only). Run once per release, as SillyTavern's own image build does; raises
+    StartFailed when the build fails."""
+    view = _View()
+    package = _package_inside(release_root, package_dir)
+    view.bind("--ro-bind", release_root, RELEASE)
+    view.bind("--bind", target, package / "dist" / "_webpack")
+    view.environment({"PATH": os.defpath, "HOME": "/tmp", "GIT_CEILING_DIRECTORIES": str(package.parent)})
+    view.args.extend(["--chdir", str(package)])
+    done = subprocess.run([_tool("bwrap"), *view.args, "--", str(NODE), str(package / "docker" / "build-lib.js")],
+                          stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, check=False,
+                          cwd="/", env={"PATH": os.defpath})
+    if done.returncode != 0:
+        raise StartFailed(f"building the front end for the sandbox failed (exit {done.returncode})")
+
+
 @dataclass(frozen=True)
 class Sandbox:
     """One instance's sandbox: what of the host it sees, and as whom it runs there."""
@@ -135,6 +192,9 @@ class Sandbox:
     workdir: Path                 # bound at HOME
     tmp_size: int
     user: InstanceUser | None     # setpriv to this uid (as root); None: the caller's own
+    # the release's front end built for RELEASE (see build_front_end), bound read-only over its
+    # dist/_webpack; None (a checkout of one's own): SillyTavern builds one into the data dir
+    front_end: tuple[Path, Path] | None = None   # (package dir, built front end)
 
     def inside(self, host_path: Path) -> str:
         """Where a file of the release is inside the sandbox."""
@@ -142,47 +202,27 @@ class Sandbox:
 
     def identity(self) -> list[object]:
         """What a restart would change: the layout and what is bound where."""
-        return [LAYOUT, str(self.release_root), str(self.data_dir), str(self.workdir), self.tmp_size]
+        return [LAYOUT, str(self.release_root), str(self.data_dir), str(self.workdir), self.tmp_size,
+                [str(path) for path in self.front_end or ()]]
 
     def options(self, env: dict[str, str], info_fd: int) -> list[str]:
         """bwrap's options, given through ``--args``: they hold node's environment, so never argv."""
-        args = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sillytavern",
-                "--new-session", "--info-fd", str(info_fd),
-                "--ro-bind", "/usr", "/usr", "--perms", "0755", "--tmpfs", "/usr/local"]
-        made: set[PurePosixPath] = {PurePosixPath("/"), PurePosixPath("/usr"), PurePosixPath("/usr/local")}
-
-        def bind(how: str, source: str, dest: PurePosixPath | str) -> None:
-            # the folders on the way made 0755 explicitly: bwrap makes them with cst's umask (077),
-            # which would shut the instance's uid out of its own mounts
-            for folder in reversed(PurePosixPath(dest).parents):
-                if folder not in made:
-                    made.add(folder)
-                    args.extend(["--perms", "0755", "--dir", str(folder)])
-            args.extend([how, source, str(dest)])
-
-        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):   # merged /usr: links; else folders
-            top = Path("/") / name
-            if top.is_symlink():
-                args.extend(["--symlink", os.readlink(top), str(top)])
-            elif top.is_dir():
-                bind("--ro-bind", str(top), str(top))
-        for path in _ETC:
-            bind("--ro-bind-try", path, path)
-        bind("--ro-bind", str(Path(_tool("node")).resolve()), NODE)
+        view = _View(self.tmp_size)
+        view.args.extend(["--info-fd", str(info_fd)])
         if self.user is not None:
-            bind("--ro-bind", str(Path(_tool("setpriv")).resolve()), _SETPRIV)
-        bind("--ro-bind", str(self.release_root), RELEASE)
-        bind("--bind", str(self.data_dir), DATA)
-        bind("--bind", str(self.workdir), HOME)
-        # SillyTavern's is-docker test: in a container it reads the front end prebuilt in its
-        # release (read-only here) rather than compiling one into each data dir
-        bind("--ro-bind", "/dev/null", "/.dockerenv")
-        args.extend(["--proc", "/proc", "--dev", "/dev",
-                     "--perms", "1777", "--size", str(self.tmp_size), "--tmpfs", "/tmp",
-                     "--chdir", str(HOME), "--clearenv"])
-        for name, value in sorted(env.items()):
-            args.extend(["--setenv", name, value])
-        return args
+            view.bind("--ro-bind", Path(_tool("setpriv")).resolve(), _SETPRIV)
+        view.bind("--ro-bind", self.release_root, RELEASE)
+        if self.front_end is not None:
+            package_dir, built = self.front_end
+            view.bind("--ro-bind", built, _package_inside(self.release_root, package_dir) / "dist" / "_webpack")
+            # SillyTavern's is-docker test: "in a container" it reads the front end in its package's
+            # dist/_webpack (the one built for the sandbox) rather than building one into the data dir
+            view.bind("--ro-bind", Path("/dev/null"), "/.dockerenv")
+        view.bind("--bind", self.data_dir, DATA)
+        view.bind("--bind", self.workdir, HOME)
+        view.args.extend(["--chdir", str(HOME)])
+        view.environment(env)
+        return view.args
 
     def command(self, argv: tuple[str, ...]) -> list[str]:
         """What bwrap runs inside (on its command line: paths of the sandbox, no secret)."""

@@ -6,6 +6,7 @@ Layout of an install home (``$CST_SILLYTAVERN_HOME``, else ``<state_dir>/sillyta
     <home>/<version>/node_modules/sillytavern/dist/_webpack/   front-end build, made once here
     <home>/<version>/node_modules/sillytavern/plugins/cst/…     CST's overlay (see ``overlay``)
     <home>/<version>/cst-overlay.json                           what the overlay laid, with sha256s
+    <home>/<version>/front-end-sandbox/                         the front end built for the sandbox's paths
     <home>/<version>/.cst-ready                                 written last: the install is complete
 
 SillyTavern compiles its front-end libraries with webpack on every start and
@@ -27,12 +28,15 @@ from pathlib import Path
 
 import psutil
 
-from . import overlay
+from . import overlay, sandbox
+from .base import StartFailed
 from .environment import child_environment
 from .launch import ENV_RELEASE
 from .statedir import LockHeld, StateDir
 
 _READY = ".cst-ready"
+# the front end built for the sandbox's paths (see sandbox.build_front_end), beside the package
+_SANDBOX_FRONT_END = "front-end-sandbox"
 _PACKAGE = Path("node_modules") / "sillytavern"
 # the folders of an install home that are releases (schemas/desired.schema.json's st_version):
 # anything else there (locks, a folder someone put there) is never removed
@@ -66,6 +70,14 @@ class Release:
         """All a sandbox shows of the release: an npm install's folder (the package and, hoisted
         beside it in ``node_modules``, its dependencies), or a checkout's own folder."""
         return self.package_dir.parent.parent if self.prebuilt_webpack is not None else self.package_dir
+
+    @property
+    def sandbox_front_end(self) -> Path | None:
+        """The front end built for a sandbox's view of the release, once built; None for a checkout."""
+        if self.prebuilt_webpack is None:
+            return None
+        built = self.root / _SANDBOX_FRONT_END
+        return built if (built / _READY).exists() else None
 
 
 def identity(version: str) -> str:
@@ -129,18 +141,22 @@ def release_of(version: str, state_dir: Path) -> Release:
     return Release(package / "server.js", package / "dist" / "_webpack", has_overlay=True)
 
 
-def install(version: str, state_dir: Path, repair: bool = False) -> tuple[Release, str]:
+def install(version: str, state_dir: Path, repair: bool = False, sandboxed: bool = False) -> tuple[Release, str]:
     """Install ``sillytavern@version`` unless present and lay CST's overlay over it unless it holds
     this overlay already (an install made before the overlay existed gets it now). With ``repair``,
-    the overlay is laid again when a laid file was altered or removed. Returns the release and
+    the overlay is laid again when a laid file was altered or removed. ``sandboxed``: instances
+    run in sandboxes, which need the front end built for their view too. Returns the release and
     what was done ("" when nothing was)."""
     root = install_home(state_dir) / version
     rel = release_of(version, state_dir)
 
-    def needed() -> bool:
+    def overlay_needed() -> bool:
         if not (root / _READY).exists() or not overlay.is_current(root):
             return True
         return repair and bool(overlay.problems(root, rel.package_dir))
+
+    def needed() -> bool:
+        return overlay_needed() or (sandboxed and rel.sandbox_front_end is None)
 
     if not needed():
         return rel, ""
@@ -153,10 +169,30 @@ def install(version: str, state_dir: Path, repair: bool = False) -> tuple[Releas
         if not (root / _READY).exists():
             _install_release(version, root, rel)
             done.append("installed from the npm registry")
-        written = overlay.lay(root, rel.package_dir)
-        done.append(f"overlay laid ({len(written)} files written)")
-        (root / _READY).write_text(version + "\n")
+        if overlay_needed():
+            written = overlay.lay(root, rel.package_dir)
+            done.append(f"overlay laid ({len(written)} files written)")
+            (root / _READY).write_text(version + "\n")
+        if sandboxed and rel.sandbox_front_end is None:
+            _build_sandbox_front_end(rel)
+            done.append("front end built for the sandbox")
     return rel, "; ".join(done)
+
+
+def _build_sandbox_front_end(rel: Release) -> None:
+    """Build the front end for the sandbox's paths into a temporary folder, then rename it into place."""
+    built = rel.root / _SANDBOX_FRONT_END
+    building = rel.root / f".{_SANDBOX_FRONT_END}.tmp"
+    shutil.rmtree(building, ignore_errors=True)   # an earlier build cut short
+    building.mkdir(mode=0o755)
+    with open(rel.root / "install.log", "ab") as log:
+        try:
+            sandbox.build_front_end(rel.root, rel.package_dir, building, log)
+        except StartFailed as exc:
+            raise InstallError(f"{exc}; see {rel.root / 'install.log'}") from None
+    (building / _READY).write_text("built for the sandbox\n")
+    shutil.rmtree(built, ignore_errors=True)
+    building.rename(built)
 
 
 def _install_release(version: str, root: Path, rel: Release) -> None:
@@ -227,11 +263,11 @@ def verify(version: str, state_dir: Path) -> list[str]:
     return found + overlay.problems(root, rel.package_dir)
 
 
-def ready(version: str, state_dir: Path) -> str:
+def ready(version: str, state_dir: Path, sandboxed: bool = False) -> str:
     """Install what is missing (never repairing an altered file), then verify; what was done.
 
     Raises InstallError naming each file that fails the check."""
-    rel, done = install(version, state_dir)
+    rel, done = install(version, state_dir, sandboxed=sandboxed)
     overlay.open_folders(rel.package_dir)   # installs laid before instances had users of their own
     make_startup_folders(rel.package_dir)   # and installs made before CST made these
     found = verify(version, state_dir)
