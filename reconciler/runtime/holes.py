@@ -19,7 +19,8 @@ _READ = 1 << 20         # per read where copy_file_range cannot be used (across 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each stretch of data in the first ``size`` bytes of the open file ``fd``;
-    what lies between them (and after the last) is a hole, which reads as zeros."""
+    what lies between them (and after the last) is a hole, which reads as zeros. Moves the file's
+    offset."""
     offset = 0
     while offset < size:
         try:
