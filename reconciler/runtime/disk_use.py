@@ -14,6 +14,7 @@ the API, the page and the metrics, and writes them to ``<state_dir>/disk-use.jso
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -88,6 +89,8 @@ def measure(dirs: dict[str, Path]) -> Measured:
             measured.use[id_] = allocated(path)
         except OSError as exc:
             measured.failed[id_] = exc
+        except RecursionError:   # os.fwalk recurses per level (Python 3.11): an instance can nest folders deeper
+            measured.failed[id_] = OSError(errno.ELOOP, "folders nested too deep to walk", str(path))
     return measured
 
 

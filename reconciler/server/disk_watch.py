@@ -70,7 +70,10 @@ class DiskWatch:
                       exc_info=exc)
         changed, self._use = use != self._use, use
         self.measured_at = datetime.fromtimestamp(measured.at, timezone.utc).isoformat(timespec="seconds")
-        await asyncio.to_thread(save, self.state, use, measured.at)
+        try:
+            await asyncio.to_thread(save, self.state, use, measured.at)
+        except OSError as exc:   # a full disk must not stop the figures that show it (nor cst serve)
+            log.error("could not save the disk use figures for cst status: %s", exc)
         if changed:
             self.changed()
         return min(self.every, RETRY_AFTER) if measured.failed else self.every
