@@ -31,7 +31,7 @@ from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import reconcile, standing_halt
 from .engine.results import Report, Result
-from .runtime import overlay, sandbox, sillytavern
+from .runtime import disk_use, overlay, sandbox, sillytavern
 from .runtime.base import LaunchImpossible, StartFailed
 from .runtime.local import LocalRuntime
 from .runtime.logfollow import MAX_LINES, last_lines
@@ -290,19 +290,23 @@ def _uptime(seconds: float | None) -> str:
 @file_option
 @output_option
 def status(file: Path, output: str) -> None:
-    """Show every instance: desired and observed state, pid, uptime, restarts, data dir; and a
-    rollout that stands halted."""
+    """Show every instance: desired and observed state, pid, uptime, restarts, its data dir and the
+    disk that uses (as a running cst serve last measured it, else walked now); and a rollout that
+    stands halted."""
     desired = load_or_exit(file)
-    rows = instance_rows(desired)
+    use = disk_use.current(desired, StateDir(desired.settings.state_dir))
+    rows = instance_rows(desired, disk=use.get)
     halt = standing_halt(LocalRuntime(desired, readonly=True), desired)
     if halt is not None:
         click.echo(halt.line(), err=output == "json")
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
-    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DATA DIR"),
-                [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"),
-                  _uptime(r["uptime"]), _mib(r["memory"]), str(r["restarts"]), r["dataDir"]) for r in rows])
+    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DISK", "DATA DIR"),
+                [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"), _uptime(r["uptime"]),
+                  _mib(r["memory"]), str(r["restarts"]), _mib(r["disk"]), r["dataDir"]) for r in rows])
+    if rows:
+        click.echo(f"disk used by the data dirs: {_mib(sum(r['disk'] or 0 for r in rows))}")
 
 
 def _mib(size: int | None) -> str:

@@ -107,3 +107,30 @@ async def test_an_error_mid_stream_fails_the_download(tmp_path: Path, monkeypatc
                     assert len(await response.aread()) == 4 + (1 << 20)
     finally:
         await runner.cleanup()
+
+
+def test_a_sparse_file_is_left_out_of_the_zip_and_the_manifest_says_why(project, serve):
+    """Its holes would stream as zeros: a ``truncate -s 1T`` in a data dir would be a terabyte."""
+    api_port, port = free_ports(2)
+    project.write(standin_file([(port, "running")], settings=serve_settings(api_port)))
+    served = serve(api_port)
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    data = project.dir / "user-data" / str(port)
+    with open(data / "huge.bin", "wb") as huge:
+        huge.truncate(1 << 30)
+        huge.write(b"some data at its start")
+    with open(data / "tail.bin", "wb") as tail:   # a few holes: zipped whole, zeros and all
+        tail.write(b"x" * 4096)
+        tail.truncate(4096 + (256 << 10))
+    assert os.stat(data / "huge.bin").st_blocks * 512 < 1 << 20, "the filesystem keeps holes"
+
+    started = time.monotonic()
+    response = served.api("GET", f"/api/instances/st-instance-{port}/backup")
+    assert response.status_code == 200
+    assert len(response.content) < 1 << 20 and time.monotonic() - started < 30, "the holes were not read"
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert archive.read("tail.bin") == b"x" * 4096 + bytes(256 << 10)
+    assert "huge.bin" not in archive.namelist()
+    listed = dict(line.split("\t") for line in archive.read(MANIFEST).decode().splitlines() if "\t" in line)
+    assert listed == {"huge.bin": "a sparse file (1024.0 MiB, 0.0 MiB of it data): its holes would be zipped, "
+                                  "and unzipped, as zeros"}

@@ -272,6 +272,8 @@ def test_an_instance_in_its_sandbox_sees_only_what_is_its_own(project, serve):
 
 @root_only
 def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_followed(project):
+    """Symbolic links are given, never what they point at; a hard link to a file that is not the
+    instance's (root's here) is not given at all: the chown would reach the file itself."""
     (port,) = free_ports(1)
     id_ = f"st-instance-{port}"
 
@@ -289,6 +291,10 @@ def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_follo
     outside = project.dir / "outside.txt"
     outside.write_text("root's own\n")
     os.symlink(outside, chats / "link")
+    roots = project.dir / "roots-secret.txt"
+    roots.write_text("root's alone\n")
+    roots.chmod(0o600)
+    os.link(roots, chats / "hard-link")   # planted: where fs.protected_hardlinks is 0, an instance can
 
     write("")   # the default: a user of its own
     applied = project.cst("apply")
@@ -296,8 +302,11 @@ def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_follo
     uid = UID_FROM + port
     assert psutil.Process(project.record(id_)["pid"]).uids().real == uid
     not_given = [path for path in [data, *data.rglob("*")] if (path.lstat().st_uid, path.lstat().st_gid) != (uid, uid)]
-    assert not not_given, not_given
+    assert not_given == [chats / "hard-link"], not_given
     assert outside.stat().st_uid == 0, "a link is given, never what it points at"
+    assert (roots.stat().st_uid, roots.stat().st_gid, roots.stat().st_mode & 0o777) == (0, 0, 0o600)
+    assert "left 1 file(s) with more than one link" in applied.stderr and "hard-link" in applied.stderr, \
+        applied.stderr
     assert (project.state_dir / "run" / id_).stat().st_uid == uid
     assert "files from before given to it" in (project.state_dir / "logs" / f"{id_}.log").read_text()
     pid = project.record(id_)["pid"]

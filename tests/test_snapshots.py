@@ -155,3 +155,39 @@ def test_keep_zero_is_an_error_with_its_line(project):
     result = project.cst("validate")
     assert result.returncode == 1
     assert f"{project.file}:6: settings.backups.keep: 0 is less than the minimum of 1" in result.stderr + result.stdout
+
+
+def test_a_sparse_file_stays_sparse_in_its_snapshot_and_after_a_restore(tmp_path: Path):
+    """An instance can make a terabyte out of nothing (``truncate -s``): copied byte by byte, root's
+    scheduled snapshots and restores would fill the host's disk with its zeros (issue 25)."""
+    data = tmp_path / "user-data" / "8001"
+    data.mkdir(parents=True)
+    sparse = data / "default-user" / "huge.bin"
+    sparse.parent.mkdir()
+    with open(sparse, "wb") as out:
+        out.truncate(1 << 30)
+        out.seek(512 << 20)
+        out.write(b"data in the middle of the holes")   # one extent of data among the holes
+    os.utime(sparse, (LONG_AGO, LONG_AGO))
+    os.chmod(sparse, 0o640)
+    before = os.stat(sparse)
+    assert before.st_blocks * 512 < 1 << 20, "the filesystem keeps holes (the test means nothing otherwise)"
+    snapshots = Snapshots(StateDir(tmp_path / ".cst"))
+
+    snapshot = snapshots.take("st-instance-8001", data, "manual")
+    copy = os.stat(snapshot.tree / "default-user" / "huge.bin")
+    assert copy.st_size == 1 << 30 and copy.st_blocks <= before.st_blocks + 8, "holes stay holes"
+    assert (copy.st_mode, copy.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    assert snapshot.bytes_total >= 1 << 30 and snapshot.bytes_new < 1 << 20, "only the data was copied"
+
+    sparse.write_bytes(b"replaced")
+    snapshots.put_back("st-instance-8001", snapshot.id, data, tmp_path / ".cst" / "archive")
+    restored = os.stat(sparse)
+    assert restored.st_size == 1 << 30 and restored.st_blocks <= before.st_blocks + 8, "a restore keeps them too"
+    assert (restored.st_mode, restored.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    with open(sparse, "rb") as back:
+        assert back.read(4096) == bytes(4096)
+        back.seek(512 << 20)
+        assert back.read(31) == b"data in the middle of the holes"
+        back.seek((1 << 30) - 4096)
+        assert back.read() == bytes(4096)

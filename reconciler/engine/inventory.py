@@ -9,8 +9,11 @@ from ..runtime.local import LocalRuntime
 from ..runtime.processes import tree_rss
 
 
-def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None) -> list[dict]:
-    """Declared instances in file order, then undeclared ones CST still has a record of."""
+def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = lambda _: None,
+                  disk: Callable[[str], int | None] = lambda _: None) -> list[dict]:
+    """Declared instances in file order, then undeclared ones CST still has a record of; ``disk``
+    gives each one's data dir's disk use as last measured (never walked here: a listing must stay
+    cheap at a thousand instances)."""
     runtime = LocalRuntime(desired, readonly=True)
     records = runtime.state.records()
     observed = runtime.observe(records)
@@ -38,5 +41,6 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
             "parkAfter": spec.park_after if spec else None,
             "restarts": record.restarts if record else 0,
             "dataDir": str(desired.data_dir(port)),
+            "disk": disk(id_),
         })
     return rows

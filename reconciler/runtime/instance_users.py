@@ -140,20 +140,35 @@ def searchable(path: Path) -> None:
 def own_tree(root: Path, user: InstanceUser) -> int:
     """Give ``root`` and everything under it to ``user`` (symlinks themselves, never what they
     point at; by folder descriptors, so a folder swapped for a link mid-walk is not followed).
-    How many entries changed owner."""
-    changed = 0
+    How many entries changed owner.
 
-    def own(name: str, dir_fd: int | None) -> None:
+    A regular file with more than one link that is not already the user's is left as it is, and
+    logged: the other link may be anywhere on the filesystem (a hard link the instance planted to
+    ``/etc/shadow`` or CST's admin key), and chowning it would hand that file to the instance. It
+    runs before the instance starts, so nothing of the user's swaps an entry between the look and
+    the chown."""
+    changed = 0
+    shared: list[str] = []
+
+    def own(name: str, dir_fd: int | None, shown: str) -> None:
         nonlocal changed
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_uid, st.st_gid) != (user.uid, user.gid):
-            os.chown(name, user.uid, user.gid, dir_fd=dir_fd, follow_symlinks=False)
-            changed += 1
+        if (st.st_uid, st.st_gid) == (user.uid, user.gid):
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            shared.append(shown)
+            return
+        os.chown(name, user.uid, user.gid, dir_fd=dir_fd, follow_symlinks=False)
+        changed += 1
 
-    own(str(root), None)
-    for _, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+    own(str(root), None, str(root))
+    for top, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
         for name in (*dirs, *files):
-            own(name, fd)
+            own(name, fd, os.path.join(top, name))
+    if shared:
+        log.warning("%s: left %d file(s) with more than one link to their owner, not given to %s (a hard "
+                    "link may lead anywhere): %s", root, len(shared), user, ", ".join(shared[:5]) +
+                    (", ..." if len(shared) > 5 else ""))
     return changed
 
 

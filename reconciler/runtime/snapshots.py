@@ -3,8 +3,10 @@
 ``<state_dir>/snapshots/<instance id>/<snapshot id>/`` holds ``snapshot.json`` (what it is) and
 ``data/`` (the data dir's tree as it was). A file unchanged since the previous snapshot of the
 same instance (same size, mtime_ns, mode and owner) is a hard link to the previous snapshot's
-copy; anything else is copied. So the first snapshot costs a full copy and each later one only
-what changed (``bench/snapshots.py`` measures both).
+copy; anything else is copied, its holes kept as holes (``holes.copy_keeping_holes``: a sparse
+file an instance made costs no more disk here than in its data dir, and the same goes for a
+restore). So the first snapshot costs a full copy and each later one only what changed
+(``bench/snapshots.py`` measures both).
 
 What goes in: folders, regular files (opened without following a link, by folder descriptors,
 as ``server/backup.py`` reads a data dir for its zip) and symbolic links *as links*: the link's
@@ -40,6 +42,7 @@ from typing import Any, Callable
 
 from ..desired.model import port_of
 from ..files import private_dir
+from .holes import copy_keeping_holes
 from .statedir import StateDir
 
 REASONS = ("scheduled", "rollout", "manual")
@@ -52,7 +55,6 @@ _ID = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z")
 # a file changed within this long before the previous snapshot began may have changed again in the
 # same timestamp tick after it was copied ("racy git"): it is copied again rather than trusted
 _RACY = 2_000_000_000
-_COPY_CHUNK = 1 << 30
 _TMP_PREFIX = ".tmp-"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -71,7 +73,8 @@ class Snapshot:
     reason: str           # "scheduled", "rollout" or "manual"
     files: int            # regular files and links recorded
     bytes_total: int      # their apparent size
-    bytes_new: int        # what this snapshot copied (the rest are hard links to the previous one)
+    bytes_new: int        # the data this snapshot copied (the rest are hard links to the previous
+                          # one, or holes, which are kept as holes)
 
     @property
     def tree(self) -> Path:
@@ -373,45 +376,29 @@ def _file(name: str, dir_fd: int, out: str, relative: str, st: os.stat_result, t
         read_st = os.fstat(fd)
         if not stat.S_ISREG(read_st.st_mode):
             return "not a regular file"
-        size = _copy_fd(fd, out, read_st)
+        written = _copy_fd(fd, out, read_st)
     finally:
         os.close(fd)
     tally.files += 1
-    tally.bytes_total += size
-    tally.bytes_new += size
+    tally.bytes_total += read_st.st_size
+    tally.bytes_new += written
     return None
 
 
 def _copy_fd(fd: int, out: str, st: os.stat_result) -> int:
-    """Copy an open file to a new file ``out`` with its mode, owner and times; the bytes copied."""
+    """Copy an open file of ``st.st_size`` bytes to a new file ``out`` with its mode, owner and
+    times, its holes kept as holes (a ``truncate -s 1T`` file costs its snapshot no disk); the
+    bytes written."""
     target = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    copied = 0
     try:
-        while True:
-            try:   # in the kernel (and a reflink where the filesystem can)
-                n = os.copy_file_range(fd, target, _COPY_CHUNK)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                n = _copy_by_reading(fd, target)
-            if n == 0:
-                break
-            copied += n
+        written = copy_keeping_holes(fd, target, st.st_size)
         if os.geteuid() == 0:
             os.fchown(target, st.st_uid, st.st_gid)
         os.fchmod(target, stat.S_IMODE(st.st_mode))
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
         os.close(target)
-    return copied
-
-
-def _copy_by_reading(fd: int, target: int) -> int:
-    data = os.read(fd, 1 << 20)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(target, view):]
-    return len(data)
+    return written
 
 
 def _copy_link(name: str, dir_fd: int, out: str, st: os.stat_result, tally: _Tally) -> None:

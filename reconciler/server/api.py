@@ -414,6 +414,8 @@ async def status(request: web.Request) -> web.Response:
                    "archiveDir": str(daemon.state.archive_dir),
                    "restartNeeded": list(daemon.restart_needed),
                    "tasks": daemon.health()},
+        # the data dirs' real use (allocated blocks), as last walked: rows carry each one's as "disk"
+        "disk": {"total": daemon.disk.total(), "measuredAt": daemon.disk.measured_at},
         "git": await asyncio.to_thread(daemon.git.document),
     })
 

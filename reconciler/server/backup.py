@@ -7,6 +7,17 @@ blocking (``O_NONBLOCK``: a FIFO is seen for what it is, not waited on). Everyth
 reason in a manifest, the zip's last entry. Times before 1980, which zip cannot store, are
 stored as 1980-01-01.
 
+Sparse files are left out too, named in the manifest with their size and how much of it is data.
+A file's holes use no disk but read as zeros: an instance's ``truncate -s 1T`` would make this
+zip stream a terabyte (deflated, still ~1 GB and hours of a core), and whoever unzips it gets the
+terabyte written out as zeros. Reading holes as zeros up to a cap was the other choice; it was
+not taken because the file would then come back from the zip cut short or not come back at all,
+silently, and SillyTavern never writes a sparse file: one in a data dir was made by hand (or by
+an extension misbehaving), and the manifest saying so is the useful answer. A file with up to
+``SPARSE_HOLES_MAX`` in holes (preallocated tails some filesystems leave) is zipped whole, its
+zeros being cheap; whether a file has holes at all is read from its allocated blocks first, so
+the ordinary file costs no extra system call.
+
 Why the standard library's ``zipfile`` and not zipstream-ng: ``zipfile`` already streams to an
 unseekable writer (sizes go in data descriptors), and every entry here is written from a
 descriptor this module opened and checked itself; zipstream-ng's own path walking opens by
@@ -26,6 +37,8 @@ import zipfile
 from pathlib import Path
 from typing import AsyncIterator
 
+from ..runtime.holes import hole_bytes
+
 MANIFEST = "CST-BACKUP-MANIFEST.txt"
 _CHUNK_QUEUE = 8      # chunks in flight between the zipping thread and the socket
 _READ = 1 << 20
@@ -33,6 +46,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ZIP_LAST = (2107, 12, 31, 23, 59, 58)
 _DONE = object()
 _LINK = "a symbolic link (not followed)"
+SPARSE_HOLES_MAX = 1 << 20   # bytes of holes a zipped file may hold (see the module's docstring)
 
 
 class _QueueWriter:
@@ -89,7 +103,31 @@ def _open_regular(name: str, folder_fd: int) -> tuple[int, os.stat_result]:
         os.close(fd)
         kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
         raise _Skip(f"{kind}, not a regular file")
+    try:
+        sparse = _sparse(fd, info)
+    except OSError:
+        os.close(fd)
+        raise
+    if sparse:
+        os.close(fd)
+        raise _Skip(sparse)
     return fd, info
+
+
+def _sparse(fd: int, info: os.stat_result) -> str | None:
+    """Why the open regular file is left out for its holes, or None when it is zipped."""
+    if info.st_blocks * 512 >= info.st_size:   # as much disk as its size: no hole worth counting
+        return None
+    holes = hole_bytes(fd, info.st_size)
+    os.lseek(fd, 0, os.SEEK_SET)   # counting moved the offset the zip reads from
+    if holes <= SPARSE_HOLES_MAX:
+        return None
+    return (f"a sparse file ({_mib(info.st_size)}, {_mib(info.st_size - holes)} of it data): its holes "
+            f"would be zipped, and unzipped, as zeros")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _unenterable(name: str, folder_fd: int) -> str | None:
@@ -156,7 +194,8 @@ def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: lis
 
 
 def manifest(left_out: list[tuple[str, str]]) -> str:
-    lines = ["Left out of this backup (only regular files are saved; links are never followed):", ""]
+    lines = ["Left out of this backup (only regular files are saved, sparse ones not; links are never followed):",
+             ""]
     lines += [f"{path}\t{reason}" for path, reason in left_out]
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ from ..desired.shared_file import DesiredFile, Snapshot
 from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
 from ..runtime.statedir import StateDir
+from .disk_watch import DiskWatch
 from .events import EventHub
 from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
@@ -48,6 +49,7 @@ class Control(Protocol):
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
     pass_counters: PassCounters     # reconcile passes, for GET /metrics
     parking_counters: ParkingCounters  # parks and wakes, for GET /metrics
+    disk: DiskWatch                 # each data dir's disk use, walked in the background
 
     def accept(self, snapshot: Snapshot) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""

@@ -48,6 +48,7 @@ from .admin_key import admin_key
 from .api import make_app
 from .backups import BackupScheduler
 from .control import NotConverged
+from .disk_watch import DiskWatch
 from .events import EventHub
 from .exit_watch import ExitWatches
 from .fleet_metrics import ParkingCounters, PassCounters
@@ -108,6 +109,7 @@ class Daemon:
         self.events = EventHub(pool=lambda: pool_document(self.proxy))
         self.git = GitFollower(file, lambda: self.desired.settings.git, self.reload,
                                lambda data: self.events.publish("git", data))
+        self.disk = DiskWatch(lambda: self.desired, self.state, self._disk_changed)
 
     # -- the desired state
 
@@ -228,6 +230,8 @@ class Daemon:
         finally:
             self._set_phase(None)
         self.pass_counters.count(report)
+        if any(result.outcome == "changed" for result in report.results):   # a start, a new data dir
+            self.disk.refresh_soon()
         for result in report.results:
             if result.outcome != "ok":
                 log.info("%s", result.line())
@@ -281,6 +285,11 @@ class Daemon:
         self.changed_at = time.monotonic()
         if record is not None and record.pid is not None:
             self._exit_watches.watch([(record.pid, record.id)])
+
+    def _disk_changed(self) -> None:
+        """A walk changed a data dir's figure: listings observe again, and the page hears of it."""
+        self.changed_at = time.monotonic()
+        self.events.publish("disk", {"total": self.disk.total(), "at": self.disk.measured_at})
 
     def _exited(self, pid: int, id_: str) -> None:
         self.changed_at = time.monotonic()
@@ -363,6 +372,7 @@ class Daemon:
             self.backups = BackupScheduler(lambda: self.desired, self.state)   # settings.backups
             self.tasks.keep("backups", self.backups.run)
             self.tasks.keep("parking", self.parking.run)
+            self.tasks.keep("disk-use", self.disk.run)
             try:
                 await self._stop.wait()
                 if self.fatal is None:

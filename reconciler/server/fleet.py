@@ -86,7 +86,7 @@ class Fleet:
 
     def _observe(self) -> list[dict]:
         """Blocking: read the records and look at the processes and ports."""
-        rows = instance_rows(self.desired, self.daemon.supervisor.errored)
+        rows = instance_rows(self.desired, self.daemon.supervisor.errored, self.daemon.disk.of)
         for row in rows:
             row["observed"] = row["status"]
             row["status"] = SEED_STATUS[row["status"]]
@@ -352,6 +352,7 @@ class Fleet:
             raise ApiError(500, "restore_failed", id=id_, reason=str(exc)) from None
         finally:
             self.daemon.changed_at = time.monotonic()   # listings observe again
+            self.daemon.disk.refresh_soon()              # the data put back is measured
         self.daemon.supervisor.forget(id_)
         return {"id": id_, "snapshot": restored.snapshot.id,
                 "replaced": str(restored.replaced) if restored.replaced else None,

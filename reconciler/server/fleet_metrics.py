@@ -1,7 +1,8 @@
 """Prometheus metrics of the fleet: what ``GET /metrics`` of cst serve's API answers.
 
 Read at scrape time, as the proxy's own metrics are (``proxy.metrics``): the instance rows the
-API lists (``Fleet.rows()``: instances by state, restarts, memory), what the daemon counted
+API lists (``Fleet.rows()``: instances by state, restarts, memory, the data dirs' disk use as
+``cst serve`` last walked them), what the daemon counted
 (reconcile passes in ``PassCounters``, parks and wakes in ``ParkingCounters``), and the
 in-process proxy's answer times (``proxy.metrics.latency_families``).
 
@@ -93,15 +94,23 @@ def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
                                    labels=["instance"])
     memory = GaugeMetricFamily("cst_instance_memory_bytes", "Resident memory of an instance's processes",
                                labels=["instance"])
+    disk = GaugeMetricFamily("cst_instance_disk_bytes", "Disk allocated to an instance's data dir (blocks, not "
+                             "apparent sizes; measured every few minutes)", labels=["instance"])
+    disk_total = 0
     for row in rows:
         by_state[row["observed"]] += 1   # CST's own state (the seed's "status" folds several into one)
         restarts.add_metric([row["id"]], row["restarts"])
         if row.get("memory") is not None:
             memory.add_metric([row["id"]], row["memory"])
+        if row.get("disk") is not None:
+            disk.add_metric([row["id"]], row["disk"])
+            disk_total += row["disk"]
     instances = GaugeMetricFamily("cst_instances", "Instances in each state", labels=["state"])
     for state, count in by_state.items():
         instances.add_metric([state], count)
-    yield from (instances, restarts, memory)
+    total = GaugeMetricFamily("cst_instances_disk_bytes", "Disk allocated to all the instances' data dirs",
+                              value=disk_total)
+    yield from (instances, restarts, memory, disk, total)
 
 
 class _Scrape(Collector):

@@ -1,9 +1,10 @@
 """The admin page with many instances (issue 19, "Operating 500"), against a real `cst serve`: 60
 declared `state: stopped` and three running on the stand-in, one of them parking after 2 s idle and
 one after an hour. The summary's counts equal the rows, the search (id or port) and the state filter
-narrow them, memory shows beside the status (and "—" without a process), a parked instance says so
-and is woken by its button, a running one with park_after is parked by its. In English and Chinese
-and at phone width without horizontal scroll; screenshots `fleet-*.png`."""
+narrow them, memory shows beside the status (and "—" without a process), the disk each data dir uses
+under it (and the total in the summary), a parked instance says so and is woken by its button, a
+running one with park_after is parked by its. In English and Chinese and at phone width without
+horizontal scroll; screenshots `fleet-*.png`."""
 from __future__ import annotations
 
 import os
@@ -187,4 +188,39 @@ def test_chinese_and_phone_width(new_page, fleet):
     page.locator("#state-filter").select_option("running")
     no_horizontal_scroll(page)
     phone.screenshot("fleet-360-running")
+    assert recorded.outside_hosts() == [] and phone.outside_hosts() == []
+
+
+def test_disk_use_per_data_dir_and_in_total(new_page, fleet):
+    served, ports = fleet
+    rows = {row["id"]: row for row in served.api("GET", "/api/instances").json()}
+    never_started = ports["stopped"][0]
+    assert rows[f"st-instance-{never_started}"]["disk"] is None, "no data dir yet"
+    recorded = sign_in(new_page, served)
+    page = recorded.page
+    # cst serve walks the data dirs in the background: the rows get their figure when a walk ends
+    for name in ("plain", "awake"):   # started, so they have a data dir ("parks" started parked: none yet)
+        expect(row(page, ports[name]).locator(".c-dataDir .disk")).to_have_text(SIZE)
+    expect(row(page, never_started).locator(".c-dataDir .disk")).to_have_text("—")
+    expect(page.locator("#sum-disk")).to_have_text(SIZE)
+    expect(page.locator("#summary")).to_contain_text("Disk")
+    data_dir = row(page, ports["plain"]).locator(".c-dataDir")
+    expect(data_dir.locator(".path")).to_have_text(rows[f"st-instance-{ports['plain']}"]["dataDir"])
+    expect(data_dir.locator(".disk")).to_have_attribute("title", re.compile("Disk its data dir uses"))
+    page.locator("#state-filter").select_option("running")
+    recorded.screenshot("fleet-disk-en")
+
+    page.select_option("#lang", "zh")
+    expect(page.locator("#summary")).to_contain_text("磁盘")
+    expect(data_dir.locator(".disk")).to_have_attribute("title", re.compile("数据目录占用的磁盘空间"))
+    expect(data_dir).to_have_attribute("data-label", "数据目录")
+    recorded.screenshot("fleet-disk-zh")
+
+    phone = sign_in(new_page, served, width=390, locale="zh-CN")
+    page = phone.page
+    expect(page.locator("#sum-disk")).to_have_text(SIZE)
+    page.locator("#state-filter").select_option("running")
+    expect(row(page, ports["plain"]).locator(".c-dataDir .disk")).to_be_visible()
+    no_horizontal_scroll(page)
+    phone.screenshot("fleet-disk-390")
     assert recorded.outside_hosts() == [] and phone.outside_hosts() == []

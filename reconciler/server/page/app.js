@@ -293,6 +293,8 @@ function onEvent({ event, data }) {
       fillRow(row);
     }
     later(loadInstances);
+  } else if (event === 'disk') {  // a walk of the data dirs changed a figure
+    later(loadInstances);
   } else if (event === 'file') {
     note({ at: new Date().toISOString(), id: '', change: data.valid ? 'file' : 'invalid',
       detail: data.problems.map((p) => p.text).join('; ') });
@@ -358,13 +360,16 @@ const groupOf = (data) => GROUP_OF_OBSERVED[observedOf(data)] ?? 'errored';
 function renderSummary() {
   const counts = Object.fromEntries(GROUPS.map((group) => [group, 0]));
   let memory = null;  // stays null from a server that does not report memory: shown as "—", not 0 B
+  let disk = null;    // likewise, and before cst serve's first walk of the data dirs
   for (const { data } of state.rows.values()) {
     counts[groupOf(data)] += 1;
     if ('memory' in data) memory = (memory ?? 0) + (data.memory ?? 0);
+    if (typeof data.disk === 'number') disk = (disk ?? 0) + data.disk;
   }
   for (const group of GROUPS) setText($(`sum-${group}`), count(counts[group]));
   $('sum-errored').parentElement.classList.toggle('alert', counts.errored > 0);
   setText($('sum-memory'), size(memory));
+  setText($('sum-disk'), size(disk));
 }
 
 function matches(row) {
@@ -404,6 +409,8 @@ function rowTemplate() {
     const cell = (column) => tr.cells[COLUMNS.indexOf(column)];
     cell('id').append(el('span', {}, el('code'), el('a', { class: 'small file-link' })));
     cell('status').append(el('span', { class: 'badge' }), el('span', { class: 'memory' }));
+    // one child: at phone width the cell is a flex line of its label and this, the size under the path
+    cell('dataDir').append(el('span', {}, el('span', { class: 'path' }), el('span', { class: 'disk' })));
     const button = (act, extra = {}) => el('button', { type: 'button', ...extra, dataset: { act, ...extra.dataset } });
     cell('actions').append(el('span', { class: 'actions' },
       button('toggle', { class: 'toggle' }), button('park', { class: 'park' }),
@@ -427,6 +434,7 @@ function makeRow(id) {
   const pick = (selector) => tr.querySelector(selector);
   const row = { id, tr, cells: Object.fromEntries(COLUMNS.map((column, index) => [column, tr.cells[index]])),
     pending: null, flash: null, fileLink: pick('.file-link'), badge: pick('.badge'), memory: pick('.memory'),
+    path: pick('.path'), disk: pick('.disk'),
     toggle: pick('.toggle'), park: pick('.park'), restart: pick('.restart'), more: pick('summary') };
   pick('code').textContent = id;
   row.fileLink.href = `#file/${id}`;
@@ -440,6 +448,7 @@ function labelRow(row) {  // what changes only with the language, but for data-i
   for (const column of COLUMNS) row.cells[column].dataset.label = t(`col.${column}`);  // the phone layout's labels
   row.fileLink.title = t('act.file');
   row.memory.title = t('memory');
+  row.disk.title = t('disk');
 }
 
 const ROW_ACTIONS = {
@@ -483,8 +492,9 @@ function fillRow(row) {
   cells.usage.replaceChildren(usageCell(usage));
   const failure = data.lastFailure;
   cells.failure.textContent = failure ? `${stamp(failure.at)} ${failure.reason}` : data.detail || '—';
-  cells.dataDir.textContent = data.dataDir;
-  cells.dataDir.title = data.dataDir;
+  row.path.textContent = data.dataDir;
+  row.path.title = data.dataDir;
+  row.disk.textContent = size(data.disk);
   const declared = data.desired !== 'absent';
   const busy = Boolean(row.pending);
   row.toggle.textContent = t(data.desired === 'running' ? 'act.stop' : 'act.start');
