@@ -215,6 +215,26 @@ def standin_file(ports_states: list[tuple[int, str]], extra_instance: dict | Non
     return "\n".join(lines) + "\n"
 
 
+def release_home_of_its_own(folder: Path, versions: tuple[str, ...]) -> Path:
+    """An install home in ``folder`` holding ``versions`` of the shared one (``make test`` exports
+    it), as hard links (``cp -al``: a second, no download): a test that removes a release it no
+    longer runs (a rollout does) removes it from its own home, not from the other tests'."""
+    assert "CST_SILLYTAVERN_HOME" in os.environ, "make test exports the shared install home"
+    shared = Path(os.environ["CST_SILLYTAVERN_HOME"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for version in versions:
+        subprocess.run(["cp", "-al", str(shared / version), str(folder / version)], check=True)
+    return folder
+
+
+def front_end_for_the_sandbox(root: Path) -> None:
+    """What `cst st install` adds to a release ``root`` for sandboxes, faked for a fake release (the
+    stand-in needs no front end): the folder it binds over the package's dist/_webpack, built."""
+    (root / "node_modules" / "sillytavern" / "dist" / "_webpack").mkdir(parents=True, exist_ok=True)
+    (root / "front-end-sandbox").mkdir(exist_ok=True)
+    (root / "front-end-sandbox" / ".cst-ready").write_text("faked for the stand-in\n")
+
+
 def in_sandbox(pid: int, uid: int, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``argv`` run inside the sandbox of the instance whose node is ``pid`` (its mount, pid, ipc and
     uts namespaces), as its uid with no other group: what code of the instance's own could do."""

@@ -121,6 +121,9 @@ def test_an_admin_key_that_is_not_utf8_is_a_401_not_a_500(project, serve):
     ("sillytavern: {server: ", "sillytavern: {server: /tmp/evil.js, x: ", "settings.sillytavern.server"),
     ("proxy: {listen: ", "proxy: {upstream: 'https://attacker.example/v1', listen: ", "settings.proxy.upstream"),
     ("settings:\n", "settings:\n  data_root: /etc\n", "settings.data_root"),
+    # what an instance sees of the machine, and as whom it runs
+    ("stop_timeout: 3}", "stop_timeout: 3, sandbox: {enabled: false}}", "settings.sillytavern.sandbox"),
+    ("stop_timeout: 3}", "stop_timeout: 3, users: {isolate: false}}", "settings.sillytavern.users"),
 ])
 def test_the_api_cannot_change_what_runs_or_is_read(project, serve, old, new, field):
     (api,) = free_ports(1)

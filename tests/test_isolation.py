@@ -2,6 +2,8 @@
 by other local users, and no mode an operator tightened ever loosened."""
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import stat
@@ -27,6 +29,7 @@ from conftest import (
     start_serve,
     wait_until,
 )
+from reconciler.desired.model import SandboxSettings
 from reconciler.runtime import sandbox, sillytavern
 
 SECRETS = {"CST_ADMIN_KEY": "secret-admin-key-1", "DAIDAI_PASSWORD": "secret-daidai-2",
@@ -327,3 +330,81 @@ def test_outside_a_sandbox_a_folder_the_instance_user_cannot_search_is_named(pro
     assert applied.returncode == 2
     assert (f"st-instance-{port} runs as uid {UID_FROM + port}, but {closed} (mode 0700, owner uid 0) "
             f"does not let others search it") in applied.stdout, applied.stdout
+
+
+@root_only
+def test_the_ways_in_of_the_design_before_the_sandbox_are_closed(project, tmp_path_factory):
+    """Instances outside a sandbox needed the search bit on the state dir, its run/ and the data
+    root; once every instance runs in a sandbox, those bits are taken back."""
+    (a,) = free_ports(1)
+    server = searchable_standin(tmp_path_factory)
+    folders = (project.state_dir, project.state_dir / "run", project.dir / "user-data")
+
+    def write(sandboxed: bool) -> None:
+        project.write(standin_file([(a, "running")], server=server,
+                                   sillytavern="" if sandboxed else ", sandbox: {enabled: false}"))
+
+    write(False)
+    assert project.cst("apply").returncode == 0
+    assert not project.record(f"st-instance-{a}")["sandboxed"]
+    assert all(stat.S_IMODE(folder.stat().st_mode) & stat.S_IXOTH for folder in folders), "opened for a"
+    write(True)
+    moved = project.cst("apply")
+    assert f"changed: st-instance-{a} (restarted: settings changed)" in moved.stdout, moved.stdout
+    assert project.record(f"st-instance-{a}")["sandboxed"]
+    assert [stat.S_IMODE(folder.stat().st_mode) for folder in folders] == [0o700] * 3
+    assert http_status(a) == 401
+
+
+@root_only
+def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factory):
+    """cst run by an ordinary user: bwrap makes an unprivileged user namespace (where the kernel
+    allows one, as here), so the same sandbox holds the instance, as that user. The sandbox is
+    entered from a child of this test that dropped root (this interpreter lives under /root, which
+    another uid cannot run), with the runtime's own code: mode() and Sandbox.spawn."""
+    uid = 65534   # nobody
+    folder = tmp_path_factory.mktemp("not-root")
+    data, work = folder / "data", folder / "work"
+    for made in (data, work):
+        made.mkdir()
+        os.chown(made, uid, uid)
+    server = searchable_standin(tmp_path_factory)
+    (port,) = free_ports(1)
+    box = sandbox.Sandbox(server.parent, data, work, 16 << 20, None)
+    argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA),
+            "--listen", "true", "--listenAddressIPv4", "127.0.0.1")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "SILLYTAVERN_BASICAUTHUSER_USERNAME": "user",
+           "SILLYTAVERN_BASICAUTHUSER_PASSWORD": "secret"}
+    import concurrent.futures.thread  # noqa: F401 -- asyncio.to_thread's, loaded while /root's stdlib can be read
+    said_read, said_write = os.pipe()
+    child = os.fork()
+    if child == 0:   # the child: an ordinary user from here on
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            chosen = sandbox.mode(SandboxSettings())
+            with open(os.devnull, "wb") as log:
+                _, node = asyncio.run(box.spawn(argv, env, log, 0o077))
+            os.write(said_write, json.dumps({"mode": chosen.value, "node": node}).encode())
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test through the pipe
+            os.write(said_write, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(0)
+    os.close(said_write)
+    os.waitpid(child, 0)
+    with os.fdopen(said_read) as said_file:
+        said = json.loads(said_file.read())
+    assert "error" not in said, said
+    node = psutil.Process(said["node"])
+    try:
+        assert said["mode"] == sandbox.Mode.USER_NAMESPACE.value
+        assert node.uids().real == uid and node.cmdline()[1] == box.inside(server)
+        for ns in ("user", "pid", "mnt"):
+            assert os.readlink(f"/proc/{node.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        seen = Path(f"/proc/{node.pid}/root")
+        assert (seen / "opt" / "sillytavern" / "server.js").is_file() and not (seen / "root").exists()
+        wait_until(lambda: http_status(port) == 401, timeout=15)
+        assert (data / "default-user" / "starts.txt").stat().st_uid == uid
+    finally:
+        node.kill()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, front_end_for_the_sandbox
 from reconciler.runtime import overlay, sillytavern
 
 
@@ -23,6 +23,7 @@ def fake_install(home: Path, version: str = "1.19.0", installed: str | None = No
     (package / "plugins" / "package.json").write_text('{"name": "sillytavern-plugins", "type": "commonjs"}\n')
     (package / "package.json").write_text(json.dumps({"name": "sillytavern", "version": installed or version}))
     (package / "server.js").write_text("// stands in for the release\n")
+    front_end_for_the_sandbox(root)
     (root / ".cst-ready").write_text(version + "\n")
     return root
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import STANDIN, free_ports, wait_until
+from conftest import SANDBOXED, STANDIN, free_ports, front_end_for_the_sandbox, wait_until
 from reconciler.desired.model import parse
 from reconciler.desired.problems import InvalidDesiredState
 from reconciler.desired.restricted import restricted_changes
-from reconciler.runtime import overlay, sillytavern
+from reconciler.runtime import overlay, sandbox, sillytavern
 from reconciler.runtime.launch import ENV_RELEASE
 from reconciler.runtime.local import LocalRuntime
 from reconciler.runtime.statedir import Record, StateDir
@@ -96,7 +96,11 @@ def test_release_for_each_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert [runtime.release_identity(s) for s in (a, b, c)] == ["sillytavern@1.18.0", "sillytavern@1.19.0",
                                                                   "sillytavern@1.19.0"]
     launch = runtime.launch_spec(a)
-    assert str(runtime.release_for(a).server_js) in launch.argv
+    if launch.sandbox is None:
+        assert str(runtime.release_for(a).server_js) in launch.argv
+    else:   # the release bound at the sandbox's fixed path, node given that path
+        assert launch.sandbox.release_root == tmp_path / "home" / "1.18.0"
+        assert str(sandbox.RELEASE / "node_modules" / "sillytavern" / "server.js") in launch.argv
     assert dict(launch.env)[ENV_RELEASE] == "sillytavern@1.18.0" == launch.release
 
     own = model(PINNED.replace('{version: "1.19.0"}', "{server: ../st/server.js}").replace(
@@ -171,6 +175,7 @@ def fake_release(home: Path, version: str) -> Path:
     (package / "plugins" / "package.json").write_text('{"name": "sillytavern-plugins", "type": "commonjs"}\n')
     (package / "package.json").write_text(json.dumps({"name": "sillytavern", "version": version}))
     shutil.copy(STANDIN, package / "server.js")
+    front_end_for_the_sandbox(root)
     (root / ".cst-ready").write_text(version + "\n")
     return root
 
@@ -191,7 +196,7 @@ def test_prepare_names_the_version_and_the_field_it_cannot_have(tmp_path: Path,
     again = asyncio.run(LocalRuntime(desired).prepare())
     assert (again.subject, again.done, again.failure) == ("sillytavern 1.19.0, 1.18.0", "", None)
 
-    def unpublished(version: str, state_dir: Path) -> str:
+    def unpublished(version: str, state_dir: Path, sandboxed: bool) -> str:
         if version == "1.99.0":
             raise sillytavern.Unpublished("sillytavern 1.99.0 is not published on the npm registry (ETARGET)")
         return ""
@@ -262,8 +267,13 @@ def test_remove_unused_keeps_what_is_used_busy_or_not_a_release(tmp_path: Path,
 
 # -- real releases from the npm registry
 
-def _cmdline_server(project, id_: str) -> str:
-    return next(arg for arg in psutil.Process(project.record(id_)["pid"]).cmdline()[1:] if not arg.startswith("-"))
+def runs(project, id_: str, server_js: Path) -> bool:
+    """Whether the instance's node runs ``server_js`` (in a sandbox, seen through its root from the
+    host's side: the same file, not only the same name)."""
+    node = psutil.Process(project.record(id_)["pid"])
+    script = next(arg for arg in node.cmdline()[1:] if not arg.startswith("-"))
+    ran = os.stat(f"/proc/{node.pid}/root{script}") if SANDBOXED else os.stat(script)
+    return (ran.st_dev, ran.st_ino) == (server_js.stat().st_dev, server_js.stat().st_ino)
 
 
 @pytest.mark.sillytavern
@@ -281,8 +291,8 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
     first = project.cst("apply", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     ids = {a: f"st-instance-{a}", b: f"st-instance-{b}"}
-    assert _cmdline_server(project, ids[a]) == str(home / "1.18.0" / "node_modules" / "sillytavern" / "server.js")
-    assert _cmdline_server(project, ids[b]) == str(home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
+    assert runs(project, ids[a], home / "1.18.0" / "node_modules" / "sillytavern" / "server.js")
+    assert runs(project, ids[b], home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
     assert project.record(ids[a])["release"] == "sillytavern@1.18.0"
     pid_a, pid_b = project.record(ids[a])["pid"], project.record(ids[b])["pid"]
 
@@ -303,7 +313,7 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
     assert f"changed: {ids[a]} (upgraded: sillytavern@1.18.0 -> sillytavern@1.19.0 (snapshot " in moved.stdout, \
         moved.stdout + moved.stderr
     assert f"ok: {ids[b]}" in moved.stdout
-    assert _cmdline_server(project, ids[a]) == str(home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
+    assert runs(project, ids[a], home / "1.19.0" / "node_modules" / "sillytavern" / "server.js")
     assert project.record(ids[a])["release"] == "sillytavern@1.19.0"
 
 
@@ -312,7 +322,7 @@ def test_real_releases_side_by_side(project) -> None:
     """1.18.0 for one instance, 1.19.0 (the fleet's) for another: both installed into the shared
     home with CST's overlay, both start on their own server.js and answer CST's health route
     with their own credentials. (Moving an instance to 1.19.0 is a rollout: tests/test_rollouts.py,
-    which also removes 1.18.0 once nothing runs it, so it comes after this test.)"""
+    which also removes 1.18.0 once nothing runs it, from a home of its own.)"""
     import httpx
 
     from reconciler.runtime.launch import HEALTH_PATH
@@ -338,7 +348,7 @@ def test_real_releases_side_by_side(project) -> None:
         id_ = ids[port]
         password = project.cst("password", id_).stdout.strip()
         server_js = home / version / "node_modules" / "sillytavern" / "server.js"
-        assert _cmdline_server(project, id_) == str(server_js)
+        assert runs(project, id_, server_js)
         assert project.record(id_)["release"] == f"sillytavern@{version}"
         health = httpx.get(f"http://127.0.0.1:{port}{HEALTH_PATH}", auth=(id_, password), timeout=10)
         assert health.status_code == 200, health.text

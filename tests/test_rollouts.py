@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STANDIN, Project, free_ports, http_status, serve_settings, wait_until
+from conftest import STANDIN, Project, free_ports, http_status, release_home_of_its_own, serve_settings, wait_until
 from reconciler.desired.model import RolloutSettings
 from reconciler.engine.plan import Action, Kind, Target, plan
 from reconciler.engine.rollout import Halt, batches, stands
@@ -165,6 +165,8 @@ def test_real_1_18_to_1_19_one_at_a_time_with_every_chat_intact(project: Project
                       f'  sillytavern: {{version: "{version}", start_timeout: 180, rollout: {{pause: 1s}}}}\n'
                       'instances:\n' + "".join(f"  - port: {p}\n" for p in ports))
 
+    # a home of its own: the rollout removes 1.18.0 from it at the end, which the other tests still run
+    project.env["CST_SILLYTAVERN_HOME"] = str(release_home_of_its_own(project.dir / "home", ("1.18.0", "1.19.0")))
     fleet("1.18.0")
     install = project.cst("st", "install", timeout=900)
     assert install.returncode == 0, install.stdout + install.stderr
@@ -187,4 +189,5 @@ def test_real_1_18_to_1_19_one_at_a_time_with_every_chat_intact(project: Project
     wait_until(lambda: all(http_status(p) == 401 for p in ports), timeout=30)
     # the release no instance uses any more is removed once the rollout completed
     assert "changed: sillytavern 1.18.0 (removed: no instance runs it any more)" in moved.stdout, moved.stdout
-    assert not (sillytavern.install_home(project.state_dir) / "1.18.0").exists()
+    assert not (Path(project.env["CST_SILLYTAVERN_HOME"]) / "1.18.0").exists()
+    assert (sillytavern.install_home(project.state_dir) / "1.18.0").is_dir(), "the shared home keeps it"

@@ -1,8 +1,7 @@
 """Each instance in a sandbox of its own, with the real SillyTavern release (marker: sillytavern).
 
-The releases come from a home of each test's own whose files are hard links to the shared
-install's (``cp -al``: a second, no download): a rollout here removes the release it left, as it
-should, without taking it from the other tests.
+The releases come from a home of each test's own (``release_home_of_its_own``): a rollout here
+removes the release it left, as it should, without taking it from the other tests.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from conftest import (
     git,
     in_sandbox,
     kill_all,
+    release_home_of_its_own,
     start_serve,
     wait_until,
 )
@@ -36,16 +36,6 @@ pytestmark = [pytest.mark.sillytavern,
               pytest.mark.skipif(not AS_ROOT, reason="the sandbox with a uid per instance is root's (CI runs as root)")]
 UID_FROM = 2_000_000_000
 POOL_KEY = "sk-sandbox-pool-key"
-
-
-def private_home(folder: Path, versions: tuple[str, ...]) -> Path:
-    """An install home in ``folder`` holding ``versions``, hard links to the shared install's files."""
-    assert "CST_SILLYTAVERN_HOME" in os.environ, "make test exports the shared install home"
-    shared = Path(os.environ["CST_SILLYTAVERN_HOME"])
-    folder.mkdir(parents=True, exist_ok=True)
-    for version in versions:
-        subprocess.run(["cp", "-al", str(shared / version), str(folder / version)], check=True)
-    return folder
 
 
 def project_in(folder: Path, home: Path) -> Project:
@@ -66,7 +56,7 @@ def test_a_clone_in_roots_closed_home_answers_its_first_visit(closed_home: Path)
     release in the clone's .cache), then the first visit, which wakes the parked instance."""
     clone = closed_home / "cst"
     git(ROOT, "clone", "--quiet", str(ROOT), str(clone))
-    home = private_home(clone / ".cache" / "sillytavern", ("1.19.0",))
+    home = release_home_of_its_own(clone / ".cache" / "sillytavern", ("1.19.0",))
     a, b, api, proxy = free_ports(4)
     example = (clone / "examples" / "desired.yaml").read_text()
     for old, new in (("8001", a), ("8002", b), ("3000", api), ("5100", proxy)):
@@ -96,7 +86,7 @@ def test_a_clone_in_roots_closed_home_answers_its_first_visit(closed_home: Path)
 def fleet(closed_home: Path) -> Iterator[tuple[Project, int, int, int, object]]:
     """Two real instances in their sandboxes under cst serve, in a closed home, with a key pool in
     front of a fake upstream: ``a`` on 1.18.0 (to be rolled out), ``b`` parked after 2 s."""
-    home = private_home(closed_home / "sillytavern", ("1.18.0", "1.19.0"))
+    home = release_home_of_its_own(closed_home / "sillytavern", ("1.18.0", "1.19.0"))
     with fake_upstream() as upstream:
         project = project_in(closed_home / "fleet", home)
         project.dir.mkdir()

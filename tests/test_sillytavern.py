@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from conftest import SANDBOXED, free_ports, http_status, wait_until
-from reconciler.runtime import sillytavern
+from reconciler.runtime import sandbox, sillytavern
 
 pytestmark = pytest.mark.sillytavern
 
@@ -154,7 +154,7 @@ def test_the_overlay_in_the_real_release(project, tmp_path):
     assert health.status_code == 200, health.text
     body = health.json()
     assert body["version"] == "1.19.0" and body["instance"] == id_ and body["status"] == "ok"
-    assert body["dataRoot"] == str(project.dir / "user-data" / str(a))
+    assert body["dataRoot"] == str(sandbox.DATA if SANDBOXED else project.dir / "user-data" / str(a))
     assert body["memory"]["rss"] > 50 * 2**20 and body["uptime"] > 0
     # the relay answers even with no proxy running, and says so
     pool = httpx.get(f"http://127.0.0.1:{a}/api/plugins/cst/pool", auth=(id_, password)).json()

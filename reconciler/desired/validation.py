@@ -91,7 +91,7 @@ _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout
               ("settings", "api", "timeout"), ("settings", "usage", "retention"), ("settings", "git", "every"),
               ("settings", "sillytavern", "rollout", "pause"), ("settings", "backups", "every"),
               ("settings", "sillytavern", "park_after"))
-_SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"))
+_SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"), ("settings", "sillytavern", "sandbox", "tmp_size"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
           ("settings", "usage", "store_password_file"))

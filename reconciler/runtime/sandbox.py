@@ -201,9 +201,10 @@ class Sandbox:
         return str(RELEASE / host_path.relative_to(self.release_root))
 
     def identity(self) -> list[object]:
-        """What a restart would change: the layout and what is bound where."""
-        return [LAYOUT, str(self.release_root), str(self.data_dir), str(self.workdir), self.tmp_size,
-                [str(path) for path in self.front_end or ()]]
+        """What a restart would change, as the file says it: the layout, the folders of the instance
+        bound and the cap of /tmp. Not where this shell found the release (the release's identity
+        is in the fingerprint already), so `cst apply` from CI agrees with the daemon."""
+        return [LAYOUT, str(self.data_dir), str(self.workdir), self.tmp_size]
 
     def options(self, env: dict[str, str], info_fd: int) -> list[str]:
         """bwrap's options, given through ``--args``: they hold node's environment, so never argv."""

@@ -31,7 +31,6 @@ import psutil
 from . import overlay, sandbox
 from .base import StartFailed
 from .environment import child_environment
-from .launch import ENV_RELEASE
 from .statedir import LockHeld, StateDir
 
 _READY = ".cst-ready"
@@ -301,17 +300,19 @@ def prefill_webpack_cache(rel: Release, data_dir: Path) -> Path | None:
 
 def _busy(folder: Path) -> bool:
     """Whether a live process runs a server.js inside ``folder`` (of any state dir sharing the home):
-    by its command line, or, in a sandbox (where the release has another path), by the release its
-    environment names."""
+    by its command line, or, in a sandbox (where the release is bound at another path), by the
+    folder its sandbox shows there (the same inode: not another home's copy of the same version)."""
     inside = str(folder) + os.sep
-    release = identity(folder.name)
+    here = os.stat(folder)
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if (any(arg.startswith(inside) for arg in proc.info["cmdline"] or ())
-                    or proc.environ().get(ENV_RELEASE) == release):
+            if any(arg.startswith(inside) for arg in proc.info["cmdline"] or ()):
                 return True
-        except (psutil.Error, TypeError):
+            shown = os.stat(f"/proc/{proc.pid}/root{sandbox.RELEASE}")
+        except (psutil.Error, TypeError, OSError):
             continue
+        if (shown.st_dev, shown.st_ino) == (here.st_dev, here.st_ino):
+            return True
     return False
 
 

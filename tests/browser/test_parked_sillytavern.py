@@ -89,8 +89,14 @@ def test_a_parked_instance_wakes_for_its_user_with_their_chat(parked_project, ne
     page.click("#send_but")
     page.locator('#chat .mes[is_user="false"] .mes_text', has_text="w0 w1 w2 w3 w4").last.wait_for(timeout=60_000)
     data_dir = project.dir / "user-data" / str(port)
-    chat = wait_until(lambda: next((p for p in data_dir.rglob("*.jsonl") if MESSAGE in p.read_text()), None),
+    # the chat saved with its answer (SillyTavern saves it again once the answer has streamed in)
+    chat = wait_until(lambda: next((p for p in data_dir.rglob("*.jsonl")
+                                    if MESSAGE in p.read_text() and "w0 w1 w2 w3 w4" in p.read_text()), None),
                       timeout=30)
+    # the page saves its settings (the persona just named among them) 1 s after a change, and never
+    # when the tab closes first: saved now, and answered, as a user's tab left open a second would
+    with page.expect_response(lambda answer: answer.url.endswith("/api/settings/save") and answer.ok):
+        page.evaluate("async () => (await import('/script.js')).saveSettings()")
     recorded.context.close()
 
     # parked: no process, the port held by cst serve

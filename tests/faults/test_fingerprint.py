@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 
-from conftest import STANDIN, free_ports, http_status, serve_settings, wait_until
+from conftest import STANDIN, free_ports, front_end_for_the_sandbox, http_status, serve_settings, wait_until
 from reconciler.runtime import overlay
 
 
@@ -20,6 +20,7 @@ def release_home(root, *versions: str):
         shutil.copy(STANDIN, package / "server.js")
         (package / "package.json").write_text(json.dumps({"name": "sillytavern", "version": version}))
         overlay.lay(root / version, package)
+        front_end_for_the_sandbox(root / version)
         (root / version / ".cst-ready").write_text(version + "\n")
     return root
 

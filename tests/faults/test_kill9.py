@@ -2,7 +2,9 @@
 runs twice, none is orphaned, and the records match the processes."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import subprocess
 
@@ -86,16 +88,24 @@ def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(pro
     project.standin_knobs(port, {"startDelayMs": 3000})
     project.write(standin_file([(port, "running")], settings=serve_settings(api, "1s")))
     launch = LocalRuntime(load(project.file)).launch_spec(load(project.file).instances[0])
-    launch.workdir.mkdir(parents=True)
-    orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=dict(launch.env), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for folder in (launch.workdir, launch.data_dir):   # as the launcher prepares them: the instance's own
+        folder.mkdir(parents=True, exist_ok=True)
+        if launch.user is not None:
+            os.chown(folder, launch.user.uid, launch.user.gid)
+    if launch.sandbox is None:
+        orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=dict(launch.env), start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        node = orphan.pid
+    else:   # spawned as the runtime spawns it, into its sandbox: the record names node, not bwrap
+        with open(os.devnull, "wb") as devnull:
+            orphan, node = asyncio.run(launch.sandbox.spawn(launch.argv, dict(launch.env), devnull, 0o077))
     try:
         applied = project.cst("apply")
         assert applied.returncode == 0, applied.stdout + applied.stderr
         assert f"ok: st-instance-{port} (adopted)" in applied.stdout
         wait_until(lambda: http_status(port) == 401, timeout=30)
         assert_one_process_per_instance_and_records_match(project, [port])
-        assert json.loads((project.state_dir / "instances" / f"st-instance-{port}.json").read_text())["pid"] == orphan.pid
+        assert json.loads((project.state_dir / "instances" / f"st-instance-{port}.json").read_text())["pid"] == node
     finally:
-        orphan.kill()
+        os.kill(node, signal.SIGKILL)   # in a sandbox, its init and bwrap follow
         orphan.wait()
