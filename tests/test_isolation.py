@@ -408,3 +408,35 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
         assert (data / "default-user" / "starts.txt").stat().st_uid == uid
     finally:
         node.kill()
+
+
+@root_only
+def test_a_sandbox_whose_start_is_abandoned_leaves_nothing_running(tmp_path_factory, monkeypatch):
+    """The start fails (or is cancelled) after bwrap made the sandbox but before node is known: no
+    record will ever name it, so the whole sandbox is ended, not only the outer bwrap."""
+    folder = tmp_path_factory.mktemp("abandoned")
+    (folder / "data").mkdir()
+    (folder / "work").mkdir()
+    server = searchable_standin(tmp_path_factory)
+    box = sandbox.Sandbox(server.parent, folder / "data", folder / "work", 16 << 20, None)
+    inits: list[int] = []
+
+    def fails(init: int, proc: subprocess.Popen) -> int:
+        inits.append(init)
+        wait_until(lambda: psutil.Process(init).children(), timeout=10)   # node is there
+        raise sandbox.StartFailed("abandoned by the test")
+
+    monkeypatch.setattr(sandbox, "_node_pid", fails)
+    (port,) = free_ports(1)
+    argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA))
+    with open(os.devnull, "wb") as log, pytest.raises(sandbox.StartFailed):
+        asyncio.run(box.spawn(argv, {"PATH": "/usr/bin"}, log, 0o077))
+    assert inits
+
+    def running() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if f"--port {port}" in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        return found
+    wait_until(lambda: not running(), timeout=10)   # SIGKILLed: gone within moments

@@ -37,6 +37,7 @@ ever taken for the instance.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import json
@@ -44,6 +45,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -249,12 +251,12 @@ class Sandbox:
         finally:
             os.close(args)
             os.close(info_write)
+        init: int | None = None
         try:
             init = await asyncio.to_thread(_init_pid, info_read, proc)
             return proc, await asyncio.to_thread(_node_pid, init, proc)
-        except StartFailed:
-            proc.kill()   # the outer bwrap: with no node there is nothing inside to stop cleanly
-            proc.wait()
+        except BaseException:   # no record will name node (a failure, or the start cancelled): end it all
+            _abandon(proc, init)
             raise
         finally:
             os.close(info_read)
@@ -265,6 +267,16 @@ def _tool(name: str) -> str:
     if found is None:
         raise StartFailed(f"{name} is not installed (needed to start sandboxed instances)")
     return found
+
+
+def _abandon(proc: subprocess.Popen, init: int | None) -> None:
+    """SIGKILL a sandbox that never got its record: its init first (the kernel then ends every
+    process of its pid namespace; killing bwrap alone would orphan them), then the outer bwrap."""
+    if init is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _init_pid(info: int, proc: subprocess.Popen) -> int:
