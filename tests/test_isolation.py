@@ -232,6 +232,10 @@ def test_an_instance_in_its_sandbox_sees_only_what_is_its_own(project, serve):
         assert (project.dir / "user-data" / str(a) / "mine.txt").stat().st_uid == uid
         assert in_sandbox(procs[b].pid, UID_FROM + b, "ls", "/tmp/mine.txt").returncode != 0
         assert not Path("/tmp/mine.txt").exists()
+        tmp = inside("df", "-k", "--output=size", "/tmp").stdout.split()
+        assert tmp[-1] == str(64 * 1024), tmp   # capped at sandbox.tmp_size's default, 64 MiB
+        full = inside("sh", "-c", "head -c 80M /dev/zero > /tmp/big")
+        assert full.returncode != 0 and "No space left" in full.stderr, full
         # on the host, everything cst keeps stays closed to its uid too
         for path in (state / "secrets" / "admin.key", pool, Path(f"/proc/{served.proc.pid}/environ")):
             read = as_user(uid, "cat", str(path))
