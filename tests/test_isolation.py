@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -444,3 +445,23 @@ def test_a_sandbox_whose_start_is_abandoned_leaves_nothing_running(tmp_path_fact
                 found.append(proc)
         return found
     wait_until(lambda: not running(), timeout=10)   # SIGKILLed: gone within moments
+
+
+@root_only
+def test_without_bwrap_a_pass_stops_nothing_and_names_the_package(project, tmp_path_factory):
+    (port,) = free_ports(1)
+    id_ = f"st-instance-{port}"
+    project.write(standin_file([(port, "running")]))
+    assert project.cst("apply").returncode == 0
+    pid = project.record(id_)["pid"]
+    # a change that restarts it (what the sandbox shows), applied where bwrap is not installed
+    project.write(standin_file([(port, "running")], sillytavern=", sandbox: {tmp_size: 32MiB}"))
+    bare = tmp_path_factory.mktemp("bin")
+    for tool in ("node", "setpriv"):
+        os.symlink(shutil.which(tool), bare / tool)
+    refused = project.cst("apply", env={"PATH": str(bare)})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "settings.sillytavern.sandbox: bwrap not found (Debian's packages bubblewrap" in refused.stdout, refused.stdout
+    assert project.record(id_)["pid"] == pid and psutil.pid_exists(pid), "nothing stopped"
+    moved = project.cst("apply")
+    assert f"changed: {id_} (restarted: settings changed)" in moved.stdout, moved.stdout
