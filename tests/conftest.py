@@ -227,6 +227,28 @@ def release_home_of_its_own(folder: Path, versions: tuple[str, ...]) -> Path:
     return folder
 
 
+def nest(folder: Path, levels: int) -> None:
+    """``levels`` folders one inside the other in ``folder`` (each named ``d``), made by descriptor:
+    deeper than a path can name, as an instance can make them in its data dir."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(levels):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+
+
+def unnest(folder: Path) -> None:
+    """Remove what ``nest`` made, one level at a time (shutil.rmtree, pytest's cleanup, recurses)."""
+    while (folder / "d").exists():
+        if (folder / "d" / "d").exists():
+            os.rename(folder / "d" / "d", folder / "next")
+        os.rmdir(folder / "d")
+        if (folder / "next").exists():
+            os.rename(folder / "next", folder / "d")
+
+
 def front_end_for_the_sandbox(root: Path) -> None:
     """What `cst st install` adds to a release ``root`` for sandboxes, faked for a fake release (the
     stand-in needs no front end): the folder it binds over the package's dist/_webpack, built."""

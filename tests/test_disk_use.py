@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import eventually, free_ports, http_status, serve_settings, standin_file, wait_until
+from conftest import eventually, free_ports, http_status, nest, serve_settings, standin_file, unnest, wait_until
 from reconciler.desired.model import load
 from reconciler.runtime import disk_use
 from reconciler.runtime.disk_use import allocated
@@ -50,22 +50,11 @@ def test_disk_use_counts_blocks_each_inode_once_and_never_follows_a_link(tmp_pat
     # others' go on (an instance must not be able to stop cst serve's walks)
     deep = tmp_path / "deep"
     deep.mkdir()
-    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(1200):
-        os.mkdir("d", dir_fd=fd)
-        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = inner
-    os.close(fd)
+    nest(deep, 1200)
     both = disk_use.measure({"deep": deep, "data": data})
     assert both.use["data"] == measured
     assert "deep" in both.failed or both.use["deep"], "a figure, or a failure said as such"
-    while (deep / "d").exists():   # one level at a time: shutil.rmtree (pytest's cleanup) recurses too
-        if (deep / "d" / "d").exists():
-            os.rename(deep / "d" / "d", deep / "next")
-        os.rmdir(deep / "d")
-        if (deep / "next").exists():
-            os.rename(deep / "next", deep / "d")
+    unnest(deep)
 
 
 async def test_the_watch_walks_again_after_a_change_and_every_period_and_retries_a_failed_walk(

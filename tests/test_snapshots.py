@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
+from conftest import free_ports, http_status, nest, serve_settings, standin_file, wait_until
 from reconciler.desired.model import load
 from reconciler.runtime.snapshots import Snapshots
 from reconciler.runtime.statedir import StateDir
@@ -191,3 +191,30 @@ def test_a_sparse_file_stays_sparse_in_its_snapshot_and_after_a_restore(tmp_path
         assert back.read(31) == b"data in the middle of the holes"
         back.seek((1 << 30) - 4096)
         assert back.read() == bytes(4096)
+
+
+def test_a_data_dir_nested_too_deep_is_an_error_of_its_own_not_a_crash(tmp_path: Path):
+    """Folders nested deeper than Python 3.11's os.fwalk can recurse: a snapshot of it and the
+    start that gives it to its user are OSErrors (what the backup task, a rollout and a pass
+    handle as that instance's failure), never a RecursionError; the half-taken snapshot is removed
+    all the same, and so is such a tree (read-only folders too)."""
+    import errno
+
+    import pytest
+
+    from reconciler.runtime import instance_users, tree_walk
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chat.jsonl").write_text("{}\n")
+    nest(data, 1200)
+    snapshots = Snapshots(StateDir(tmp_path / "state"))
+    with pytest.raises(OSError) as taken:
+        snapshots.take("st-instance-8001", data, "scheduled")
+    assert taken.value.errno == errno.ELOOP and str(data) in str(taken.value)
+    assert os.listdir(snapshots.folder("st-instance-8001")) == [], "no half snapshot left behind"
+    with pytest.raises(OSError) as owned:
+        instance_users.own_tree(data, instance_users.InstanceUser(2_000_008_001, 2_000_008_001))
+    assert owned.value.errno == errno.ELOOP
+    (data / "d").chmod(0o500)
+    tree_walk.remove(data)
+    assert not data.exists()

@@ -14,7 +14,6 @@ the API, the page and the metrics, and writes them to ``<state_dir>/disk-use.jso
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..desired.model import DesiredState
 from ..files import atomic_write
+from . import tree_walk
 from .statedir import StateDir
 
 CACHE = "disk-use.json"
@@ -49,7 +49,7 @@ def allocated(root: Path) -> int | None:
         if not isinstance(exc, FileNotFoundError):
             raise exc
 
-    for _, dirs, files, top_fd in os.fwalk(root, follow_symlinks=False, onerror=failed):
+    for _, dirs, files, top_fd in tree_walk.fwalk(root, onerror=failed):
         for name in (*dirs, *files):
             try:
                 st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
@@ -87,10 +87,8 @@ def measure(dirs: dict[str, Path]) -> Measured:
     for id_, path in dirs.items():
         try:
             measured.use[id_] = allocated(path)
-        except OSError as exc:
+        except OSError as exc:   # nested too deep among them (tree_walk)
             measured.failed[id_] = exc
-        except RecursionError:   # os.fwalk recurses per level (Python 3.11): an instance can nest folders deeper
-            measured.failed[id_] = OSError(errno.ELOOP, "folders nested too deep to walk", str(path))
     return measured
 
 

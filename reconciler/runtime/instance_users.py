@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..desired.model import UserSettings
+from . import tree_walk
 from .base import StartFailed
 
 log = logging.getLogger("cst.runtime")
@@ -162,7 +163,7 @@ def own_tree(root: Path, user: InstanceUser) -> int:
         changed += 1
 
     own(str(root), None, str(root))
-    for top, dirs, files, fd in os.fwalk(root, follow_symlinks=False):
+    for top, dirs, files, fd in tree_walk.fwalk(root):
         for name in (*dirs, *files):
             own(name, fd, os.path.join(top, name))
     if shared:

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from ..desired.model import port_of
 from ..files import private_dir
+from . import tree_walk
 from .holes import copy_keeping_holes
 from .statedir import StateDir
 
@@ -309,7 +310,7 @@ def _copy_tree(source: Path, target: Path, tally: _Tally, left_out: list[list[st
         relative = os.path.relpath(str(exc.filename), source)
         left_out.append([relative + "/", f"not readable ({exc.strerror})"])
 
-    for top, dirs, files, top_fd in os.fwalk(source, follow_symlinks=False, onerror=unreadable):
+    for top, dirs, files, top_fd in tree_walk.fwalk(source, onerror=unreadable):
         relative_top = os.path.relpath(top, source)
         relative_top = "" if relative_top == "." else relative_top
         out_top = os.path.join(target, relative_top)
@@ -465,11 +466,7 @@ def _swap_in(staging: Path, data_dir: Path) -> Path | None:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a snapshot's folder (ours), including read-only folders copied from a data dir."""
-    def writable_and_again(function: Callable[..., Any], failed: str, _exc: Any) -> None:
-        parent = os.path.dirname(failed)
-        os.chmod(parent, 0o700)
-        function(failed)
-
+    """Remove a snapshot's folder (ours), including read-only folders copied from a data dir, at
+    whatever depth the data dir had."""
     if os.path.lexists(path):
-        shutil.rmtree(path, onerror=writable_and_again)
+        tree_walk.remove(path)

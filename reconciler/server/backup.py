@@ -37,6 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import AsyncIterator
 
+from ..runtime import tree_walk
 from ..runtime.holes import hole_bytes
 
 MANIFEST = "CST-BACKUP-MANIFEST.txt"
@@ -163,7 +164,7 @@ def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: lis
             def unreadable(exc: OSError) -> None:  # a folder that went away or changed mid-walk
                 left_out.append((f"{exc.filename}/", _reason(exc)))
 
-            for folder, dirs, files, folder_fd in os.fwalk(root, onerror=unreadable, follow_symlinks=False):
+            for folder, dirs, files, folder_fd in tree_walk.fwalk(root, onerror=unreadable):
                 here = Path(folder).relative_to(root)
                 for name in list(dirs):
                     reason = _unenterable(name, folder_fd)
