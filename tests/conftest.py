@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -29,7 +30,7 @@ import psutil
 import pytest
 
 from reconciler.desired.model import SandboxSettings
-from reconciler.runtime import sandbox
+from reconciler.runtime import sandbox, tree_walk
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin" / "server.js"
@@ -62,7 +63,8 @@ def pytest_configure(config) -> None:
     for stale in old[:-3]:   # as pytest, the last three sessions' folders are kept
         pid = stale.name.split("-")[-1]
         if not (pid.isdigit() and psutil.pid_exists(int(pid))):
-            shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):   # a data dir a test nested deep included (rmtree recurses)
+                tree_walk.remove(stale)
     config.option.basetemp = str(_SESSIONS / f"run-{int(time.time())}-{os.getpid()}")
 
 
