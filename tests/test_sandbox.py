@@ -5,6 +5,7 @@ removes the release it left, as it should, without taking it from the other test
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_a_clone_in_roots_closed_home_answers_its_first_visit(closed_home: Path)
         node = psutil.Process(project.record(id_)["pid"])
         assert node.uids().real == UID_FROM + a and project.record(id_)["sandboxed"]
         assert node.cmdline()[node.cmdline().index("--dataRoot") + 1] == str(sandbox.DATA)
+        # wired to the pool on its first start: the release's defaults were read through root's way in
+        assert wired(project, a)
         # nothing on the way to the clone had to be opened for it
         assert closed_home.stat().st_mode & 0o777 == 0o700
         for folder in (project.state_dir, project.state_dir / "run", project.dir / "user-data"):
@@ -112,6 +115,14 @@ def fleet(closed_home: Path) -> Iterator[tuple[Project, int, int, int, object]]:
             kill_all(project.state_dir.resolve())
 
 
+def wired(project: Project, port: int) -> bool:
+    """Whether CST pointed the instance's chat API at the pool on its first start."""
+    settings = json.loads((project.dir / "user-data" / str(port) / "default-user" / "settings.json").read_text())
+    log = (project.state_dir / "logs" / f"st-instance-{port}.log").read_text()
+    return (settings["oai_settings"]["chat_completion_source"] == "custom"
+            and "--- cst: chat completion wired to the key pool at" in log)
+
+
 def health(port: int, id_: str, password: str) -> dict:
     """The instance's health route, once it answers (a start takes seconds)."""
     def answer() -> httpx.Response | None:
@@ -138,6 +149,7 @@ def test_real_instances_in_their_sandboxes(fleet) -> None:
     ids = {a: f"st-instance-{a}", b: f"st-instance-{b}"}
     passwords = {p: project.cst("password", ids[p]).stdout.strip() for p in (a, b)}
     assert health(a, ids[a], passwords[a])["version"] == "1.18.0"
+    assert wired(project, a)
     node = psutil.Process(project.record(ids[a])["pid"])
     uid = UID_FROM + a
 

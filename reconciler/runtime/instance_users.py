@@ -198,21 +198,25 @@ def acting_as(user: InstanceUser | None) -> Iterator[None]:
 
 
 @contextmanager
-def acting_in(user: InstanceUser | None, folder: Path) -> Iterator[Path]:
-    """``acting_as(user)`` on the files of ``folder``, reached without the search bit on the folders
-    above it (they may be root's alone, as a sandboxed instance's are): ``folder`` is opened as
-    root first, and the block gets a path through that descriptor (``/proc/self/fd/N``, which
-    this process may always follow to its own descriptors). ``folder`` itself unchanged when
-    ``user`` is None. Keep the block free of awaits, as for ``acting_as``."""
+def acting_in(user: InstanceUser | None, *folders: Path) -> Iterator[tuple[Path, ...]]:
+    """``acting_as(user)`` on the files of ``folders``, reached without the search bit on the
+    folders above them (they may be root's alone: a sandboxed instance's data dir, a release in
+    root's home): each is opened as root first, and the block gets a path through that descriptor
+    (``/proc/self/fd/N``, which this process may always follow to its own descriptors), in the same
+    order. The folders themselves, unchanged, when ``user`` is None. Keep the block free of awaits,
+    as for ``acting_as``."""
     if user is None:
-        yield folder
+        yield folders
         return
-    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fds: list[int] = []
     try:
+        for folder in folders:
+            fds.append(os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
         with acting_as(user):
-            yield Path(f"/proc/self/fd/{fd}")
+            yield tuple(Path(f"/proc/self/fd/{fd}") for fd in fds)
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def write_owned(path: Path, data: bytes, user: InstanceUser | None, mode: int) -> None:

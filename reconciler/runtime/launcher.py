@@ -51,7 +51,7 @@ class Launcher:
         has a proxy key (else any it had is revoked). Raises StartFailed (the process stopped again)."""
         notes = [self._prepare_folders(launch, release)]
         if launch.sandbox is None:   # a sandbox shows SillyTavern the front end prebuilt in its release
-            with instance_users.acting_in(launch.user, launch.data_dir) as data_dir:   # the instance's, as it writes
+            with instance_users.acting_in(launch.user, launch.data_dir) as (data_dir,):   # the instance's, as it writes
                 sillytavern.prefill_webpack_cache(release, data_dir)
         notes.append(self._wire(launch, release, proxy))
         rotate_log(launch.log, self.settings.logs.max_size, self.settings.logs.keep)
@@ -148,8 +148,10 @@ class Launcher:
         if launch.copies_key:
             self.copy_key(launch.id, key, launch.user)
         try:
-            with instance_users.acting_in(launch.user, launch.data_dir) as data_dir:
-                return wiring.wire(data_dir, release.package_dir, self.settings.proxy.local_url, key)
+            # the release's defaults read through root's descriptor too: the release may lie in a folder
+            # closed to the instance's uid (a clone in root's home), which its sandbox needs no way into
+            with instance_users.acting_in(launch.user, launch.data_dir, release.package_dir) as (data_dir, package):
+                return wiring.wire(data_dir, package, self.settings.proxy.local_url, key)
         except (OSError, ValueError) as exc:   # the instance still starts; the log says why it is not wired
             return f"could not wire the chat API to the key pool: {exc}"
 

@@ -280,7 +280,7 @@ class LocalRuntime:
         if copies and self.state.workdir(spec.id).is_dir():
             self.launcher.copy_key(spec.id, new, user)
         if old:
-            with instance_users.acting_in(user, self.desired.data_dir(spec.port)) as data_dir:
+            with instance_users.acting_in(user, self.desired.data_dir(spec.port)) as (data_dir,):
                 wiring.replace_key(data_dir, old, new)
         return new
 
