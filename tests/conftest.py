@@ -259,6 +259,13 @@ def front_end_for_the_sandbox(root: Path) -> None:
     (root / "front-end-sandbox" / ".cst-ready").write_text("faked for the stand-in\n")
 
 
+def capabilities(pid: int) -> dict[str, int]:
+    """The effective, permitted and bounding capability sets of process ``pid``, as numbers."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {line.split(":")[0]: int(line.split()[1], 16) for line in status
+            if line.startswith(("CapEff:", "CapPrm:", "CapBnd:"))}
+
+
 def in_sandbox(pid: int, uid: int, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``argv`` run inside the sandbox of the instance whose node is ``pid`` (its mount, pid, ipc and
     uts namespaces), as its uid with no other group: what code of the instance's own could do."""

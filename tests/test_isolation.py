@@ -20,6 +20,7 @@ from conftest import (
     AS_ROOT,
     SANDBOXED,
     STANDIN,
+    capabilities,
     fake_upstream,
     free_ports,
     http_status,
@@ -206,6 +207,7 @@ def test_an_instance_in_its_sandbox_sees_only_what_is_its_own(project, serve):
         uid = UID_FROM + a
         assert procs[a].uids() == (uid, uid, uid) and procs[a].gids() == (uid, uid, uid)
         assert procs[b].uids().real == UID_FROM + b
+        assert capabilities(procs[a].pid) == {"CapEff": 0, "CapPrm": 0, "CapBnd": 0}
         assert procs[a].environ()["CST_PROXY_KEY_FILE"] == str(sandbox.HOME / "proxy.key")
         state = project.state_dir
 
@@ -292,6 +294,8 @@ def test_data_from_before_users_is_given_to_the_instance_and_links_are_not_follo
     write(", users: {isolate: false}")   # as cst ran every instance before: under its own user
     assert project.cst("apply").returncode == 0
     assert psutil.Process(project.record(id_)["pid"]).uids().real == 0
+    if SANDBOXED:   # uid 0 in its sandbox, but none of root's powers
+        assert capabilities(project.record(id_)["pid"]) == {"CapEff": 0, "CapPrm": 0, "CapBnd": 0}
     data = project.dir / "user-data" / str(port)
     chats = data / "default-user" / "chats"
     chats.mkdir(parents=True)
@@ -375,7 +379,7 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
         os.chown(made, uid, uid)
     server = searchable_standin(tmp_path_factory)
     (port,) = free_ports(1)
-    box = sandbox.Sandbox(server.parent, data, work, 16 << 20, None)
+    box = sandbox.Sandbox(server.parent, data, work, 16 << 20, None, privileged=False)
     argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA),
             "--listen", "true", "--listenAddressIPv4", "127.0.0.1")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "SILLYTAVERN_BASICAUTHUSER_USERNAME": "user",
@@ -423,7 +427,7 @@ def test_a_sandbox_whose_start_is_abandoned_leaves_nothing_running(tmp_path_fact
     (folder / "data").mkdir()
     (folder / "work").mkdir()
     server = searchable_standin(tmp_path_factory)
-    box = sandbox.Sandbox(server.parent, folder / "data", folder / "work", 16 << 20, None)
+    box = sandbox.Sandbox(server.parent, folder / "data", folder / "work", 16 << 20, None, privileged=True)
     inits: list[int] = []
 
     def fails(init: int, proc: subprocess.Popen) -> int:

@@ -98,10 +98,11 @@ class LocalRuntime:
         chosen = sandbox.mode(self.settings.sillytavern.sandbox)
         if chosen is sandbox.Mode.OFF:
             return None
-        user = self.instance_user(spec) if chosen is sandbox.Mode.ROOT else None
+        privileged = chosen is sandbox.Mode.ROOT
+        user = self.instance_user(spec) if privileged else None
         front_end = release.sandbox_front_end
         return sandbox.Sandbox(release.root, self.desired.data_dir(spec.port), self.state.workdir(spec.id),
-                               self.settings.sillytavern.sandbox.tmp_size, user,
+                               self.settings.sillytavern.sandbox.tmp_size, user, privileged,
                                (release.package_dir, front_end) if front_end else None)
 
     def _release(self, spec: InstanceSpec, identity: str | None) -> tuple[sillytavern.Release, str]:

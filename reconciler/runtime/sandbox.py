@@ -194,6 +194,9 @@ class Sandbox:
     workdir: Path                 # bound at HOME
     tmp_size: int
     user: InstanceUser | None     # setpriv to this uid (as root); None: the caller's own
+    # bwrap runs as root (Mode.ROOT): what it starts must give up root's capabilities, with or
+    # without a uid of its own (users.isolate: false keeps uid 0, never its powers)
+    privileged: bool
     # the release's front end built for RELEASE (see build_front_end), bound read-only over its
     # dist/_webpack; None (a checkout of one's own): SillyTavern builds one into the data dir
     front_end: tuple[Path, Path] | None = None   # (package dir, built front end)
@@ -212,7 +215,7 @@ class Sandbox:
         """bwrap's options, given through ``--args``: they hold node's environment, so never argv."""
         view = _View(self.tmp_size)
         view.args.extend(["--info-fd", str(info_fd)])
-        if self.user is not None:
+        if self.privileged:
             view.bind("--ro-bind", Path(_tool("setpriv")).resolve(), _SETPRIV)
         view.bind("--ro-bind", self.release_root, RELEASE)
         if self.front_end is not None:
@@ -229,10 +232,11 @@ class Sandbox:
 
     def command(self, argv: tuple[str, ...]) -> list[str]:
         """What bwrap runs inside (on its command line: paths of the sandbox, no secret)."""
-        if self.user is None:
+        if not self.privileged:   # an unprivileged user namespace: nothing to give up
             return list(argv)
-        return [str(_SETPRIV), "--reuid", str(self.user.uid), "--regid", str(self.user.gid), "--clear-groups",
-                "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
+        user = (["--reuid", str(self.user.uid), "--regid", str(self.user.gid), "--clear-groups"]
+                if self.user is not None else [])
+        return [str(_SETPRIV), *user, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
 
     async def spawn(self, argv: tuple[str, ...], env: dict[str, str], log_file: IO[bytes],
                     umask: int) -> tuple[subprocess.Popen, int]:
