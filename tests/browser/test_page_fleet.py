@@ -216,11 +216,11 @@ def test_disk_use_per_data_dir_and_in_total(new_page, fleet):
     expect(data_dir).to_have_attribute("data-label", "数据目录")
     recorded.screenshot("fleet-disk-zh")
 
-    phone = sign_in(new_page, served, width=390, locale="zh-CN")
+    phone = sign_in(new_page, served, width=360, locale="zh-CN")
     page = phone.page
     expect(page.locator("#sum-disk")).to_have_text(SIZE)
     page.locator("#state-filter").select_option("running")
     expect(row(page, ports["plain"]).locator(".c-dataDir .disk")).to_be_visible()
     no_horizontal_scroll(page)
-    phone.screenshot("fleet-disk-390")
+    phone.screenshot("fleet-disk-360")
     assert recorded.outside_hosts() == [] and phone.outside_hosts() == []
