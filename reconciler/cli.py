@@ -416,7 +416,7 @@ def st_install(file: Path) -> None:
     One line per release."""
     desired = load_or_exit(file)
     failed = []
-    sandboxed = sandbox.mode(desired.settings.sillytavern.sandbox) is not sandbox.Mode.OFF
+    sandboxed = sandbox.applies(desired.settings.sillytavern.sandbox)
     for version, fields in desired.versions().items():
         try:
             rel, done = sillytavern.install(version, desired.settings.state_dir, repair=True, sandboxed=sandboxed)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin" / "server.js"
 AS_ROOT = os.geteuid() == 0
 # whether instances run in a sandbox here (as root, by default: CI's case); see runtime/sandbox.py
-SANDBOXED = sandbox.mode(SandboxSettings()) is not sandbox.Mode.OFF
+SANDBOXED = sandbox.applies(SandboxSettings())
 
 
 # As root, cst runs each instance under a uid of its own. In its sandbox (the default) it reaches
@@ -272,6 +272,26 @@ def in_sandbox(pid: int, uid: int, *argv: str, timeout: float = 60) -> subproces
     return subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "-i", "-u", "--setuid", str(uid),
                            "--setgid", str(uid), "--", *argv], capture_output=True, text=True, timeout=timeout,
                           env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/")
+
+
+UID_FROM = 2_000_000_000   # settings.sillytavern.users.uid_from's default (the schema's)
+
+# what an instance's plugin does with its key: read the file CST_PROXY_KEY_FILE names, call the proxy
+_CHAT = """
+const key = require('node:fs').readFileSync(process.argv[1], 'utf8').trim();
+fetch(process.argv[2] + '/v1/chat/completions', {method: 'POST',
+    headers: {Authorization: 'Bearer ' + key, 'Content-Type': 'application/json'},
+    body: JSON.stringify({model: 'gpt-fake', messages: [{role: 'user', content: 'hello'}]})})
+  .then(async r => console.log(r.status, (await r.text()).slice(0, 200)));
+"""
+
+
+def chat_from_inside(pid: int, uid: int, proxy_port: int) -> str:
+    """A chat sent from inside the sandbox of the instance whose node is ``pid``, with the copy of its
+    key it reads: the answer's status and the start of its body ("200 {...}")."""
+    done = in_sandbox(pid, uid, "node", "-e", _CHAT, str(sandbox.HOME / "proxy.key"), f"http://127.0.0.1:{proxy_port}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def searchable_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:

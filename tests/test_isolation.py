@@ -20,7 +20,9 @@ from conftest import (
     AS_ROOT,
     SANDBOXED,
     STANDIN,
+    UID_FROM,
     capabilities,
+    chat_from_inside,
     fake_upstream,
     free_ports,
     http_status,
@@ -168,7 +170,6 @@ def test_a_mode_tightened_by_the_operator_is_never_loosened(project):
 
 root_only = pytest.mark.skipif(not AS_ROOT, reason="instances get users of their own only when cst runs as "
                                "root (CI does); under another user they share cst's, as before")
-UID_FROM = 2_000_000_000   # settings.sillytavern.users.uid_from's default (the schema's)
 
 
 def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess:
@@ -177,14 +178,6 @@ def as_user(uid: int, *argv: str) -> subprocess.CompletedProcess:
                           timeout=60, cwd="/", env={"PATH": os.environ["PATH"]})
 
 
-# what the instance's plugin does with its key: read the file CST_PROXY_KEY_FILE names, call the proxy
-CHAT = """
-const key = require('node:fs').readFileSync(process.argv[1], 'utf8').trim();
-fetch(process.argv[2] + '/v1/chat/completions', {method: 'POST',
-    headers: {Authorization: 'Bearer ' + key, 'Content-Type': 'application/json'},
-    body: JSON.stringify({model: 'gpt-fake', messages: [{role: 'user', content: 'hello'}]})})
-  .then(async r => console.log(r.status, (await r.text()).slice(0, 200)));
-"""
 
 
 @root_only
@@ -255,9 +248,7 @@ def test_an_instance_in_its_sandbox_sees_only_what_is_its_own(project, serve):
 
         # it chats through the pool with its own key, as the plugin would
         def chat() -> str:
-            done = inside("node", "-e", CHAT, str(sandbox.HOME / "proxy.key"), f"http://127.0.0.1:{proxy}")
-            assert done.returncode == 0, done.stderr
-            return done.stdout
+            return chat_from_inside(procs[a].pid, uid, proxy)
         assert chat().startswith("200 "), "the instance's own key works"
         assert upstream.keys_seen("/v1/chat/completions")[-1] == "sk-good-pool-key-1"
 

@@ -18,7 +18,9 @@ import pytest
 from conftest import (
     AS_ROOT,
     ROOT,
+    UID_FROM,
     Project,
+    chat_from_inside,
     fake_upstream,
     free_ports,
     git,
@@ -35,7 +37,6 @@ from reconciler.runtime.statedir import StateDir
 
 pytestmark = [pytest.mark.sillytavern,
               pytest.mark.skipif(not AS_ROOT, reason="the sandbox with a uid per instance is root's (CI runs as root)")]
-UID_FROM = 2_000_000_000
 POOL_KEY = "sk-sandbox-pool-key"
 
 
@@ -134,14 +135,6 @@ def health(port: int, id_: str, password: str) -> dict:
     return wait_until(answer, timeout=300).json()
 
 
-# what a SillyTavern page's chat does, from inside the instance: its key (the copy it reads) to the pool
-CHAT = """
-const key = require('node:fs').readFileSync(process.argv[1], 'utf8').trim();
-fetch(process.argv[2] + '/v1/chat/completions', {method: 'POST',
-    headers: {Authorization: 'Bearer ' + key, 'Content-Type': 'application/json'},
-    body: JSON.stringify({model: 'gpt-fake', messages: [{role: 'user', content: 'hello'}]})})
-  .then(async r => console.log(r.status));
-"""
 
 
 def test_real_instances_in_their_sandboxes(fleet) -> None:
@@ -171,15 +164,14 @@ def test_real_instances_in_their_sandboxes(fleet) -> None:
 
     # it chats through the pool with its own key
     def chat() -> str:
-        done = inside("node", "-e", CHAT, str(sandbox.HOME / "proxy.key"), f"http://127.0.0.1:{proxy}")
-        return done.stdout.strip() or done.stderr
-    assert chat() == "200"
+        return chat_from_inside(node.pid, uid, proxy)
+    assert chat().startswith("200 ")
 
     # its key rotated: the copy it reads follows, the chat goes on with the new key
     old_key = inside("cat", str(sandbox.HOME / "proxy.key")).stdout.strip()
     assert served.api("POST", f"/api/instances/{ids[a]}/rotate-key").status_code == 200
     assert inside("cat", str(sandbox.HOME / "proxy.key")).stdout.strip() not in ("", old_key)
-    wait_until(lambda: chat() == "200", timeout=15)
+    wait_until(lambda: chat().startswith("200 "), timeout=15)
 
     # rolled out from 1.18.0 to 1.19.0, a snapshot of its data first, still in its sandbox
     project.write(project.file.read_text().replace(', sillytavern_version: "1.18.0"', ""))

@@ -31,6 +31,12 @@ LEAN_NODE_FLAGS = ("--max-old-space-size=256",)
 LEAN_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
+def reads_key_copy(user: InstanceUser | None, sandboxed: bool) -> bool:
+    """Whether an instance reads a copy of its proxy key in its workdir rather than the state dir's
+    key folder: under a uid of its own the folder is root's alone, and a sandbox does not show it."""
+    return user is not None or sandboxed
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything needed to start one instance. Holds its password: never print or log it."""
@@ -58,5 +64,4 @@ class LaunchSpec:
 
     @property
     def copies_key(self) -> bool:
-        """Whether it reads a copy of its proxy key in its workdir (it cannot reach the key folder)."""
-        return self.user is not None or self.sandbox is not None
+        return reads_key_copy(self.user, self.sandbox is not None)

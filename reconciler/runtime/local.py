@@ -35,6 +35,7 @@ from .launch import (
     LEAN_ENV,
     LEAN_NODE_FLAGS,
     LaunchSpec,
+    reads_key_copy,
 )
 from .launcher import KEY_COPY, Launcher
 from .logs import tail
@@ -191,10 +192,10 @@ class LocalRuntime:
         own, the copy in its workdir (the state dir's key folder is root's alone); else the key itself."""
         if not spec.proxy:
             return {}
-        if boxed:
-            key_file = Path(sandbox.HOME / KEY_COPY)
+        if not reads_key_copy(user, boxed):
+            key_file = self.keys.path(spec.id)
         else:
-            key_file = self.state.workdir(spec.id) / KEY_COPY if user is not None else self.keys.path(spec.id)
+            key_file = Path(sandbox.HOME if boxed else self.state.workdir(spec.id)) / KEY_COPY
         return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(key_file)}
 
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
@@ -213,7 +214,8 @@ class LocalRuntime:
         ask for it. A pass prepares before it stops anything, so a release that cannot be had
         leaves every instance as it was."""
         st = self.settings.sillytavern
-        lacking = sandbox.missing_tools(sandbox.mode(st.sandbox))
+        chosen = sandbox.mode(st.sandbox)
+        lacking = sandbox.missing_tools(chosen)
         if lacking is not None:   # before anything is stopped: a restart into a sandbox could not start
             return Preparation("the sandbox", failure=lacking)
         if st.server is not None:
@@ -225,7 +227,7 @@ class LocalRuntime:
         for version, fields in versions.items():
             try:
                 done[version] = await asyncio.to_thread(sillytavern.ready, version, self.settings.state_dir,
-                                                        sandbox.mode(st.sandbox) is not sandbox.Mode.OFF)
+                                                        chosen is not sandbox.Mode.OFF)
             except sillytavern.Unpublished as exc:   # the file asks for it: say where
                 failed[version] = f"{', '.join(fields)}: {exc}"
             except (sillytavern.InstallError, overlay.OverlayError, OSError) as exc:
@@ -277,8 +279,7 @@ class LocalRuntime:
         the copy it reads in a sandbox or under its own user), the new one goes. Returns the new key."""
         old, new = self.keys.rotate(spec.id)
         user = self.instance_user(spec)
-        copies = user is not None or sandbox.mode(self.settings.sillytavern.sandbox) is not sandbox.Mode.OFF
-        if copies and self.state.workdir(spec.id).is_dir():
+        if reads_key_copy(user, sandbox.applies(self.settings.sillytavern.sandbox)) and self.state.workdir(spec.id).is_dir():
             self.launcher.copy_key(spec.id, new, user)
         if old:
             with instance_users.acting_in(user, self.desired.data_dir(spec.port)) as (data_dir,):

@@ -100,6 +100,11 @@ def mode(settings: SandboxSettings) -> Mode:
     return Mode.OFF
 
 
+def applies(settings: SandboxSettings) -> bool:
+    """Whether instances run in sandboxes here (in either mode)."""
+    return mode(settings) is not Mode.OFF
+
+
 @functools.cache
 def _user_namespaces_fail() -> str | None:
     """Why bwrap cannot make an unprivileged sandbox here, or None when it can (tried once)."""
