@@ -138,19 +138,19 @@ def apply(file: Path, check: bool, diff: bool, wait: float, remote: str | None, 
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         click.echo(report.recap_line())
-    _say_without_front_door(desired)
+    _say_without_gate(desired)
     if report.count("failed") or report.halt:
         raise Failed(f"{report.count('failed')} failed (see above)" if report.count("failed") else
                      "the rollout stands halted (see above); it goes on when the file asks for another release")
 
 
-def _say_without_front_door(desired: DesiredState) -> None:
-    """Instances with park_after answer on their ports through cst serve's front door only."""
-    fronted = [spec.id for spec in desired.instances if spec.park_after is not None and spec.state == "running"]
-    if fronted and not StateDir(desired.settings.state_dir).held("daemon"):
-        shown = ", ".join(fronted[:5]) + (f" and {len(fronted) - 5} more" if len(fronted) > 5 else "")
-        click.echo(f"warning: park_after is set for {shown}: their ports are served by cst serve's front door, "
-                   f"and no cst serve runs on {desired.settings.state_dir}", err=True)
+def _say_without_gate(desired: DesiredState) -> None:
+    """Instances with park_after are parked and woken by cst serve only (the edge serves the rest)."""
+    parking = [spec.id for spec in desired.instances if spec.park_after is not None and spec.state == "running"]
+    if parking and not StateDir(desired.settings.state_dir).held("daemon"):
+        shown = ", ".join(parking[:5]) + (f" and {len(parking) - 5} more" if len(parking) > 5 else "")
+        click.echo(f"warning: park_after is set for {shown}: cst serve parks and wakes them, and no cst serve "
+                   f"runs on {desired.settings.state_dir} (a parked one answers 503 until it does)", err=True)
 
 
 def _day_option(name: str, dest: str, help_: str):

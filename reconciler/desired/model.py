@@ -184,6 +184,26 @@ class UsageSettings:
 
 
 @dataclass(frozen=True)
+class EdgeSettings:
+    """The one entrance (``settings.edge``): nginx at ``listen`` with TLS, instance ``<id>`` at
+    ``<id>.<domain>`` and at its own ``hosts``."""
+
+    listen: Listen
+    domain: str
+    tls: TlsSettings
+    redirect_http: Listen | None = None
+    ports: bool = _default("settings", "edge", "ports")   # each instance's own port kept too
+
+    def url_of(self, spec: "InstanceSpec") -> str:
+        port = "" if self.listen.port == 443 else f":{self.listen.port}"
+        return f"https://{self.names_of(spec)[0]}{port}"
+
+    def names_of(self, spec: "InstanceSpec") -> tuple[str, ...]:
+        """The host names ``spec`` answers at: ``<id>.<domain>`` first, then its own."""
+        return (f"{spec.id}.{self.domain}", *spec.hosts)
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: Path
     data_root: Path
@@ -196,6 +216,7 @@ class Settings:
     usage: UsageSettings = UsageSettings()
     git: GitSettings | None = None     # None: the file is not followed from a remote
     backups: BackupSettings | None = None   # None: no scheduled snapshots
+    edge: EdgeSettings | None = None        # None: instances are reached on their own ports only
 
 
 @dataclass(frozen=True)
@@ -226,6 +247,7 @@ class InstanceSpec:
     sillytavern_version: str | None = None
     # seconds without use before it is parked (its own, else settings.sillytavern.park_after); None: never
     park_after: float | None = None
+    hosts: tuple[str, ...] = ()        # its names at the edge besides <id>.<domain>
 
     @property
     def id(self) -> str:
@@ -245,6 +267,11 @@ class DesiredState:
 
     def data_dir(self, port: int) -> Path:
         return self.settings.data_root / str(port)
+
+    def behind_edge(self, spec: InstanceSpec) -> bool:
+        """Whether ``spec`` is reached through the edge (nginx checks its credentials, cst serve
+        wakes it): every instance with ``settings.edge``, else those that park when idle."""
+        return self.settings.edge is not None or spec.park_after is not None
 
     def version_of(self, spec: InstanceSpec) -> str:
         """The npm release of SillyTavern ``spec`` runs: its own, else the fleet's. (With
@@ -322,6 +349,12 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
     if git is not None:
         settings = replace(settings, git=GitSettings(git["remote"], git["branch"], parse_duration(git["every"]),
                                                      git["push"]))
+    edge = raw.get("edge")
+    if edge is not None:
+        settings = replace(settings, edge=EdgeSettings(
+            Listen.parse(edge["listen"]), edge["domain"],
+            TlsSettings(_path(base, edge["tls"]["cert"]), _path(base, edge["tls"]["key"])),
+            Listen.parse(edge["redirect_http"]) if "redirect_http" in edge else None, edge["ports"]))
     backups = raw.get("backups")
     if backups is not None:
         settings = replace(settings, backups=BackupSettings(parse_duration(backups["every"]), backups["keep"]))
@@ -346,7 +379,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
                      proxy=i["proxy"], sillytavern_version=i.get("sillytavern_version"),
                      park_after=_park_after(i.get("park_after"), settings.sillytavern.park_after),
                      budget=NO_LIMIT if not i["proxy"] else Budget.from_data(i["budget"]) if "budget" in i
-                     else fleet_budget)
+                     else fleet_budget, hosts=tuple(i["hosts"]))
         for i in data["instances"]
     )
     return DesiredState(path=path.resolve(), settings=settings, accounts=accounts, instances=instances,

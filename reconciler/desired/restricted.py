@@ -42,6 +42,7 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.usage.store_password_file": s.usage.store_password_file,
         "settings.git": s.git,                       # where the file is followed from and pushed to
         "settings.backups": s.backups,               # a lower keep deletes snapshots for good
+        "settings.edge": s.edge,                     # what faces the internet: names, TLS files, ports
     }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from .problems import InvalidDesiredState, Problem, YamlPath, shown
+from .problems import InvalidDesiredState, Problem, YamlPath, format_path, shown
 from .safe_yaml import MAX_BYTES, Located, too_big
 from .schema import schema, schema_default, schema_problems, with_defaults
 
@@ -94,9 +94,11 @@ _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout
 _SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"), ("settings", "sillytavern", "sandbox", "tmp_size"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
-          ("settings", "usage", "store_password_file"))
+          ("settings", "usage", "store_password_file"), ("settings", "edge", "tls", "cert"),
+          ("settings", "edge", "tls", "key"))
 _URLS = (("settings", "proxy", "upstream"),)
-_LISTENS = (("settings", "api", "listen"), ("settings", "proxy", "listen"))
+_LISTENS = (("settings", "api", "listen"), ("settings", "proxy", "listen"), ("settings", "edge", "listen"),
+            ("settings", "edge", "redirect_http"))
 
 
 def _at(data: Any, path: YamlPath) -> Any:
@@ -261,6 +263,7 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
                               "cannot be used with settings.sillytavern.server (your own checkout runs every "
                               "instance); remove one of them")
 
+    yield from _edge_problems(doc, settings, instances if isinstance(instances, list) else [])
     yield from _usage_problems(doc, settings)
     proxies = _mapping(settings.get("api")).get("trusted_proxies")
     for i, proxy in enumerate(proxies if isinstance(proxies, list) else []):
@@ -296,6 +299,49 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
             yield from _exactly_one(doc, ("accounts", i), account, "password_env", "password_file")
         else:
             yield from _exactly_one(doc, ("accounts", i), account, "keys_env", "keys_file")
+
+
+def _edge_problems(doc: Located, settings: dict, instances: list[Any]) -> Iterator[Problem]:
+    """Host names claimed once each; nothing that would go round the edge or share its ports."""
+    edge = settings.get("edge")
+    if not isinstance(edge, dict):
+        for i, instance in enumerate(instances):
+            if _mapping(instance).get("hosts"):
+                yield doc.problem(("instances", i, "hosts"), "host names need settings.edge (the entrance that "
+                                  "serves them)")
+        return
+    domain = edge.get("domain")
+    api_host = _listen_of(settings, "api").rsplit(":", 1)[0].strip("[]").lower()
+    claimed: dict[str, str] = {api_host: "settings.api.listen"}
+    for i, instance in enumerate(instances):
+        instance = _mapping(instance)
+        port = instance.get("port")
+        own: list[tuple[YamlPath, str]] = []
+        if isinstance(port, int) and isinstance(domain, str):
+            own.append((("instances", i, "port"), f"st-instance-{port}.{domain}"))
+        hosts = instance.get("hosts")
+        own += [(("instances", i, "hosts", j), name) for j, name in enumerate(hosts if isinstance(hosts, list) else [])
+                if isinstance(name, str)]
+        for path, name in own:
+            first = claimed.setdefault(name.lower(), format_path(path))
+            if not first.startswith(f"instances[{i}]"):
+                yield doc.problem(path, f"{name!r} is already claimed by {first}")
+    ports = _mapping(settings.get("sillytavern")).get("listen_address", "127.0.0.1")
+    if edge.get("ports", True) and isinstance(ports, str) and not is_loopback_host(ports):
+        yield doc.problem(("settings", "sillytavern", "listen_address"),
+                          f"{ports!r} would let anyone reach the instances' ports in plain HTTP around settings.edge: "
+                          "keep it on loopback (127.0.0.1), or set settings.edge.ports: false")
+    taken = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
+    for i, instance in enumerate(instances):
+        port = _mapping(instance).get("port")
+        if isinstance(port, int) and edge.get("ports", True):
+            taken.setdefault(port, f"instances[{i}].port")
+    for field in ("listen", "redirect_http"):
+        listen = edge.get(field)
+        if isinstance(listen, str) and listen_problem(listen) is None:
+            holder = taken.setdefault(_listen_port(listen), f"settings.edge.{field}")
+            if holder != f"settings.edge.{field}":
+                yield doc.problem(("settings", "edge", field), f"port {_listen_port(listen)} is already taken by {holder}")
 
 
 def _usage_problems(doc: Located, settings: dict) -> Iterator[Problem]:

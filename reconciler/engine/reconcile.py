@@ -93,6 +93,8 @@ async def reconcile(desired: DesiredState, check: bool = False,
                 actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
             elif ready.done:
                 emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
+        phase("updating the edge")
+        await _follow_edge(runtime, emit, quiet=True)   # ports leaving the edge are free for their nodes
         phase("acting")
         limit = asyncio.Semaphore(desired.settings.concurrency)
         specs = {spec.id: spec for spec in desired.instances}
@@ -126,8 +128,26 @@ async def reconcile(desired: DesiredState, check: bool = False,
         await asyncio.gather(*(run_group(g) for g in groups))
         if upgrades:   # after the rest: an instance found running without a record is adopted first
             await run_rollout(upgrades)
+        phase("updating the edge")
+        await _follow_edge(runtime, emit, quiet=False)   # and ports their nodes left are the edge's
         report.halt = halt.as_dict() if halt else None
     return report
+
+
+async def _follow_edge(runtime: Runtime, emit: Callable[[Result], None], quiet: bool) -> None:
+    """The edge's routes as the file says; a failure is reported and the pass goes on (the edge
+    keeps its previous routes). ``quiet``: a port still held is not worth a word yet."""
+    try:
+        change = await asyncio.to_thread(runtime.follow_edge)
+    except OSError as exc:
+        emit(Result("edge", "failed", str(exc), happened=Happened.EDGE_FAILED))
+        return
+    detail, waiting = change.detail, change.waiting
+    if waiting and not quiet:
+        detail = "; ".join(filter(None, [detail, "ports still in use by another process, taken at the next pass: "
+                                         + ", ".join(map(str, waiting))]))
+    if detail:
+        emit(Result("edge", "changed", detail, happened=Happened.EDGE_CHANGED))
 
 
 _STARTS = (Kind.START, Kind.RESTART, Kind.UPGRADE)

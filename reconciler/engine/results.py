@@ -31,6 +31,8 @@ class Happened(str, Enum):
     UPGRADED = "upgraded"           # now on the release the file asks for, after a snapshot
     ROLLED_BACK = "rolled-back"     # the new release failed: back on the old one, its data as it was
     ROLLBACK_FAILED = "rollback-failed"
+    EDGE_CHANGED = "edge-changed"   # nginx started, reloaded or stopped (id: "edge")
+    EDGE_FAILED = "edge-failed"     # nginx refused its configuration: the previous one stays in force
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,14 @@ class Preparation:
     failed_releases: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class EdgeChange:
+    """What following the edge did, for the pass's report; ``detail`` is empty when nothing changed."""
+
+    detail: str = ""
+    waiting: tuple[int, ...] = ()    # ports not taken yet: something else still listens there
+
+
 class StartFailed(Exception):
     """An instance was started but did not come up; the runtime has stopped it again."""
 
@@ -101,6 +109,9 @@ class Runtime(RolloutRuntime, Protocol):
 
     async def park(self, id_: str) -> None:
         """Stop the instance's process, if it has one, and remember it as parked (park_after)."""
+
+    def follow_edge(self) -> EdgeChange:
+        """Make the edge route what the file puts behind it. Raises OSError (nginx refused it)."""
 
     async def remove_unused_releases(self) -> list[str]:
         """Remove installed releases nothing uses any more (a rollout completed); the versions removed."""

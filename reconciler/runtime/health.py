@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import aiohttp
 
 from .base import StartFailed
 from .launch import HEALTH_PATH, LaunchSpec
+from .listener import Address
 
 POLL = 0.05            # readiness polling: a localhost connect, cheap
 ATTEMPT_TIMEOUT = 5.0  # one readiness request
@@ -26,29 +28,32 @@ class HealthChecks:
     """The health checks made from one event loop, over one session; ``close`` it on that loop."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[Path | None, aiohttp.ClientSession] = {}   # by socket; None: TCP
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _client(self, address: Address) -> aiohttp.ClientSession:
+        session = self._sessions.get(address.socket)
+        if session is None or session.closed:
             # no keep-alive: checks are seconds apart, and a connection kept to a process that was
             # restarted meanwhile would fail the next check for nothing
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-        return self._session
+            connector = (aiohttp.UnixConnector(str(address.socket), force_close=True) if address.socket is not None
+                         else aiohttp.TCPConnector(force_close=True))
+            session = self._sessions[address.socket] = aiohttp.ClientSession(connector=connector)
+        return session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def wait_ready(self, launch: LaunchSpec, proc: subprocess.Popen, has_overlay: bool,
                          start_timeout: float, log_tail: Callable[[], str]) -> None:
         """Return once the started process answers its health route with its credentials; raises
         StartFailed when it exits first, refuses them, or stays silent for ``start_timeout``."""
-        url = f"http://{launch.probe_host}:{launch.probe_port}{HEALTH_PATH}"
+        url = launch.address.url + HEALTH_PATH
         auth = _credentials(launch)
         deadline = time.monotonic() + start_timeout
         timeout = aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT)
-        session = self._client()
+        session = self._client(launch.address)
         while True:
             if proc.poll() is not None:
                 raise StartFailed(f"exited with code {proc.returncode} before answering; "
@@ -66,21 +71,21 @@ class HealthChecks:
                                                    allow_redirects=False, timeout=timeout) as page:
                                 if page.status == 200:
                                     return
-                        raise StartFailed(f"port {launch.probe_port} answers but refuses the instance's "
+                        raise StartFailed(f"its {launch.address} answers but refuses the instance's "
                                           f"credentials or has no health route ({HEALTH_PATH}: "
                                           f"HTTP {authed.status})")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
             if time.monotonic() >= deadline:
-                raise StartFailed(f"port {launch.probe_port} did not answer within {start_timeout:g}s; "
+                raise StartFailed(f"its {launch.address} did not answer within {start_timeout:g}s; "
                                   f"last log lines:\n{log_tail()}")
             await asyncio.sleep(POLL)
 
     async def probe(self, launch: LaunchSpec, has_overlay: bool) -> str | None:
         """The liveness probe: None when the running instance answers its health route, else why not."""
-        url = f"http://{launch.probe_host}:{launch.probe_port}{HEALTH_PATH}"
+        url = launch.address.url + HEALTH_PATH
         try:
-            async with self._client().get(url, headers=_credentials(launch),
+            async with self._client(launch.address).get(url, headers=_credentials(launch),
                                           allow_redirects=False,
                                           timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as answer:
                 if answer.status == 200 or (answer.status == 404 and not has_overlay):
@@ -96,12 +101,12 @@ class HealthChecks:
         """None when the instance answers its health route and its front page (SillyTavern's own
         page, with the instance's credentials) throughout ``seconds``; else the first failure."""
         deadline = time.monotonic() + seconds
-        page = f"http://{launch.probe_host}:{launch.probe_port}/"
+        page = launch.address.url + "/"
         while True:
             failure = await self.probe(launch, has_overlay)
             if failure is None:
                 try:
-                    async with self._client().get(page, headers=_credentials(launch), allow_redirects=False,
+                    async with self._client(launch.address).get(page, headers=_credentials(launch), allow_redirects=False,
                                                   timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as answer:
                         await answer.read()
                         if answer.status != 200:

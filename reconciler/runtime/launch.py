@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .instance_users import InstanceUser
+from .listener import Address
 from .sandbox import Sandbox
 
 # environment markers that let a later run recognise its own processes
@@ -16,6 +17,8 @@ ENV_FINGERPRINT = "CST_FINGERPRINT"
 ENV_RELEASE = "CST_RELEASE"
 # "1": the process runs in its sandbox (runtime/sandbox.py); what adoption records of it
 ENV_SANDBOXED = "CST_SANDBOXED"
+# "1": node answers on its socket behind the edge (runtime/edge.py), not on its own port
+ENV_BEHIND_EDGE = "CST_BEHIND_EDGE"
 # what CST's server plugin reads (see stsource-changed/plugins/cst/): the proxy, and the file with
 # the instance's own proxy key (a path, not the key: the environment of a process is readable in /proc)
 ENV_PROXY_URL = "CST_PROXY_URL"
@@ -49,18 +52,16 @@ class LaunchSpec:
     workdir: Path
     log: Path
     password: str
-    probe_host: str
-    probe_port: int                    # where node answers: its own port, or its loopback port behind the door
+    address: Address                   # where node answers: its socket behind the edge, or its own port
     fingerprint: str
     user: InstanceUser | None = None   # None: it runs as cst's own user
     release: str = ""                  # the runtime's release identity of what argv runs
-    backend_port: int | None = None    # behind cst serve's front door: node's loopback port
     # in a sandbox of its own: argv and env name the paths inside it; data_dir, workdir are the host's
     sandbox: Sandbox | None = None
 
     @property
-    def fronted(self) -> bool:
-        return self.backend_port is not None
+    def behind_edge(self) -> bool:
+        return self.address.socket is not None
 
     @property
     def copies_key(self) -> bool:

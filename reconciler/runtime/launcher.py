@@ -23,11 +23,12 @@ import psutil
 
 from ..desired.model import Settings
 from ..files import private_dir
-from . import instance_users, overlay, sillytavern, wiring
+from . import edge, instance_users, overlay, sillytavern, wiring
 from .base import StartFailed
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
 from .launch import LaunchSpec
+from .listener import ENV_LISTEN_FD, open_listener
 from .logs import open_log, rotate_log, tail
 from .processes import live_process, terminate, utc_now
 from .statedir import Record, StateDir
@@ -61,12 +62,17 @@ class Launcher:
                 if note:
                     log.write(f"--- cst: {note}\n".encode())
             log.flush()
-            proc, pid = await self._spawn(launch, log)
+            try:
+                listener = open_listener(launch.address, edge.worker_gid() if launch.behind_edge else None)
+            except OSError as exc:
+                raise StartFailed(f"cannot listen on its {launch.address}: {exc.strerror or exc}") from None
+            with listener:   # node's from here on: this process keeps no copy
+                proc, pid = await self._spawn(launch, log, listener.fileno())
         record = Record(
             id=launch.id, port=launch.port, data_dir=str(launch.data_dir), pid=pid,
             create_time=psutil.Process(pid).create_time(), argv=list(launch.argv),
             fingerprint=launch.fingerprint, started_at=utc_now(), restarts=restarts,
-            release=launch.release, backend_port=launch.backend_port, sandboxed=launch.sandbox is not None)
+            release=launch.release, behind_edge=launch.behind_edge, sandboxed=launch.sandbox is not None)
         self.state.save(record)  # written at once: a crash from here on still knows the pid
         try:
             await self.checks.wait_ready(launch, proc, release.has_overlay, self.settings.sillytavern.start_timeout,
@@ -78,13 +84,14 @@ class Launcher:
             raise
         return record
 
-    async def _spawn(self, launch: LaunchSpec, log: BinaryIO) -> tuple[subprocess.Popen, int]:
-        """The process that exits when the instance does, and node's pid."""
+    async def _spawn(self, launch: LaunchSpec, log: BinaryIO, listener: int) -> tuple[subprocess.Popen, int]:
+        """The process that exits when the instance does, and node's pid; node inherits ``listener``."""
+        env = {**dict(launch.env), ENV_LISTEN_FD: str(listener)}
         if launch.sandbox is not None:
-            return await launch.sandbox.spawn(launch.argv, dict(launch.env), log, _INSTANCE_UMASK)
+            return await launch.sandbox.spawn(launch.argv, env, log, _INSTANCE_UMASK, listener)
         user = launch.user
         proc = subprocess.Popen(  # noqa: ASYNC220 -- a fork and exec, on the pass's own loop
-            launch.argv, cwd=launch.workdir, env=dict(launch.env), stdin=subprocess.DEVNULL,
+            launch.argv, cwd=launch.workdir, env=env, stdin=subprocess.DEVNULL, pass_fds=(listener,),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
             umask=_INSTANCE_UMASK, user=user.uid if user else None, group=user.gid if user else None,
             extra_groups=[] if user else None)
@@ -128,7 +135,9 @@ class Launcher:
     def _close_ways_in(self, starting: str) -> None:
         """Take back the search bit (``o+x``) that instances outside a sandbox needed on the state dir,
         its ``run`` folder and the data root, once no such instance runs any more."""
-        folders = [self.state.root, self.state.root / "run", self.settings.data_root]
+        folders = [self.state.root / "run", self.settings.data_root]
+        if not edge.Paths(self.state.root).root.exists():   # the edge's workers enter it by name
+            folders.append(self.state.root)
         opened = [folder for folder in folders if os.stat(folder).st_mode & stat.S_IXOTH]
         if not opened:
             return

@@ -19,12 +19,13 @@ import psutil
 from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
-from . import instance_users, overlay, sandbox, sillytavern, wiring
-from .base import LaunchImpossible, Observed, Preparation
+from . import edge, instance_users, overlay, sandbox, sillytavern, wiring
+from .base import EdgeChange, LaunchImpossible, Observed, Preparation
 from .environment import child_environment
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
 from .launch import (
+    ENV_BEHIND_EDGE,
     ENV_FINGERPRINT,
     ENV_INSTANCE,
     ENV_PROXY_KEY_FILE,
@@ -38,9 +39,10 @@ from .launch import (
     reads_key_copy,
 )
 from .launcher import KEY_COPY, Launcher
+from .listener import LISTENS, PRELOAD, Address
 from .logs import tail
 from .observe import observe
-from .processes import free_loopback_port, iso_utc, live_process, terminate, utc_now
+from .processes import iso_utc, live_process, terminate, utc_now
 from .snapshots import Snapshots
 from .statedir import Record, StateDir
 
@@ -113,54 +115,52 @@ class LocalRuntime:
             return self.release_for(spec), self.release_identity(spec)
         return sillytavern.release_of_identity(identity, self.settings.state_dir), identity
 
-    def launch_spec(self, spec: InstanceSpec, release: str | None = None, backend_port: int | None = None) -> LaunchSpec:
+    def launch_spec(self, spec: InstanceSpec, release: str | None = None) -> LaunchSpec:
         """What starting ``spec`` takes; on ``release`` (an identity) instead of the file's when given.
 
-        An instance with ``park_after`` is behind cst serve's front door: node listens on a
-        loopback port of its own (``backend_port`` for a start; else the one its record names,
-        where it answers now) and the door holds the instance's port."""
+        Behind the edge (``DesiredState.behind_edge``) node answers on a Unix socket of the edge's
+        folder and the edge holds the instance's port; otherwise on its own port. Either way CST
+        opens the address and hands it to node (``listener``)."""
         st = self.settings.sillytavern
         data_dir = self.desired.data_dir(spec.port)
         workdir = self.state.workdir(spec.id)
         password = self.password(spec)
         user = self.instance_user(spec)
-        fronted = spec.park_after is not None
-        if fronted and backend_port is None:
-            record = self.state.record(spec.id)
-            backend_port = record.backend_port if record and record.backend_port else 0
-        listen_port, listen_address = (backend_port or 0, "127.0.0.1") if fronted else (spec.port, st.listen_address)
+        behind_edge = self.desired.behind_edge(spec)
+        address = (Address(socket=edge.Paths(self.state.root).socket(spec.id)) if behind_edge
+                   else Address(host=st.listen_address, port=spec.port))
         release_of, release_identity = self._release(spec, release)
         boxed = self.sandbox_of(spec, release_of)
         # the paths node is given: inside its sandbox, the fixed ones there
         seen_data, seen_workdir = (sandbox.DATA, sandbox.HOME) if boxed else (data_dir, workdir)
-
-        def flags(port: object) -> tuple[object, ...]:
-            return (
-                "--port", port,
-                "--dataRoot", str(seen_data),
-                "--configPath", str(seen_workdir / "config.yaml"),
-                "--listen", "true",
-                "--listenAddressIPv4", listen_address,
-                "--enableIPv6", "false",
-                "--whitelist", "false",
-                "--basicAuthMode", "true",
-                "--browserLaunchEnabled", "false",
-            )
-
+        flags = (
+            "--port", str(spec.port),   # SillyTavern's own idea of its port: it listens where CST hands it
+            "--dataRoot", str(seen_data),
+            "--configPath", str(seen_workdir / "config.yaml"),
+            "--listen", "true",
+            "--listenAddressIPv4", st.listen_address,
+            "--enableIPv6", "false",
+            "--whitelist", "false",
+            "--basicAuthMode", "true",
+            "--browserLaunchEnabled", "false",
+        )
         node_flags = LEAN_NODE_FLAGS if st.lean else ()
         if boxed:
             node, server_js = str(sandbox.NODE), boxed.inside(release_of.server_js)
             seen_package = Path(boxed.inside(release_of.package_dir))
+            preload = str(sandbox.PRELOAD)
         else:
             node, server_js = shutil.which("node") or "node", str(release_of.server_js)
             seen_package = release_of.package_dir
-        argv = (node, *node_flags, server_js, *(str(flag) for flag in flags(listen_port)))
-        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user, boxed is not None)}
+            preload = str(PRELOAD)
+        argv = (node, *node_flags, "--require", preload, server_js, *flags)
+        cst_env = {**overlay.environ_flags(), **self._proxy_env(spec, user, boxed is not None),
+                   **self._host_guard(spec)}
         # everything a restart would change, as the file and the release say it: not the node binary
-        # or install folder this process resolved, nor the loopback port a door's node got this time.
-        # The user only when it has one of its own, so an instance of a cst that is not root keeps the
-        # fingerprint it had before users existed; the lean profile and the sandbox only when on, likewise.
-        identity: list[object] = [release_identity, flags("front door" if fronted else str(spec.port)),
+        # or install folder this process resolved. The user only when it has one of its own, so an
+        # instance of a cst that is not root keeps the fingerprint it had before users existed; the
+        # lean profile and the sandbox only when on, likewise.
+        identity: list[object] = [release_identity, flags, LISTENS, "behind the edge" if behind_edge else str(address),
                                   password, cst_env]
         if user is not None:
             identity.append([user.uid, user.gid])
@@ -181,11 +181,19 @@ class LocalRuntime:
             ENV_FINGERPRINT: digest,
             ENV_RELEASE: release_identity,
             **({ENV_SANDBOXED: "1"} if boxed else {}),
+            **({ENV_BEHIND_EDGE: "1"} if behind_edge else {}),
         })
-        probe_host = "127.0.0.1" if listen_address == "0.0.0.0" else listen_address
         return LaunchSpec(spec.id, spec.port, argv, tuple(sorted(env.items())), data_dir, workdir,
-                          self.state.log_path(spec.id), password, probe_host, listen_port, digest, user,
-                          release_identity, backend_port if fronted else None, boxed)
+                          self.state.log_path(spec.id), password, address, digest, user, release_identity, boxed)
+
+    def _host_guard(self, spec: InstanceSpec) -> dict[str, str]:
+        """SillyTavern's own DNS-rebinding guard (``hostWhitelist``, 1.13.4+), on with the instance's
+        host names at the edge; addresses and localhost stay allowed (SillyTavern always allows them)."""
+        edge_settings = self.settings.edge
+        if edge_settings is None:
+            return {}
+        return {"SILLYTAVERN_HOSTWHITELIST_ENABLED": "true", "SILLYTAVERN_HOSTWHITELIST_SCAN": "false",
+                "SILLYTAVERN_HOSTWHITELIST_HOSTS": json.dumps(list(edge_settings.names_of(spec)))}
 
     def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None, boxed: bool) -> dict[str, str]:
         """Where the instance's plugin finds the proxy and its key: in a sandbox or under a user of its
@@ -197,6 +205,10 @@ class LocalRuntime:
         else:
             key_file = Path(sandbox.HOME if boxed else self.state.workdir(spec.id)) / KEY_COPY
         return {ENV_PROXY_URL: self.settings.proxy.local_url, ENV_PROXY_KEY_FILE: str(key_file)}
+
+    def follow_edge(self) -> EdgeChange:
+        """Make the edge (nginx) route what the file puts behind it; raises EdgeFailed."""
+        return edge.Edge(self.desired).follow(edge.routes(self.desired, self.password))
 
     def launch_fingerprint(self, spec: InstanceSpec) -> str:
         return self.launch_spec(spec).fingerprint
@@ -255,7 +267,7 @@ class LocalRuntime:
             started_at=iso_utc(proc.create_time()),
             restarts=previous.restarts if previous else 0,
             release=environ.get(ENV_RELEASE),   # None: started by a cst from before the marker
-            backend_port=_backend_port(proc.cmdline(), port),
+            behind_edge=environ.get(ENV_BEHIND_EDGE) == "1",
             sandboxed=environ.get(ENV_SANDBOXED) == "1"))
 
     def forget_pid(self, id_: str) -> None:
@@ -267,7 +279,7 @@ class LocalRuntime:
     async def start(self, spec: InstanceSpec, count_restart: bool = False, release: str | None = None) -> Record:
         """Start the process (on ``release``, an identity, instead of the file's when given) and wait
         until its port answers with basic auth; raises StartFailed."""
-        launch = self.launch_spec(spec, release, free_loopback_port() if spec.park_after is not None else None)
+        launch = self.launch_spec(spec, release)
         server, _ = self._release(spec, release)
         previous = self.state.record(launch.id)
         restarts = (previous.restarts if previous else 0) + (1 if count_restart else 0)
@@ -400,14 +412,6 @@ class LocalRuntime:
             if record.pid is not None and version:
                 in_use.add(version)
         return await asyncio.to_thread(sillytavern.remove_unused, self.settings.state_dir, in_use)
-
-
-def _backend_port(argv: list[str], port: int) -> int | None:
-    """The loopback port an adopted node behind the front door listens on (its --port, when that is
-    not the instance's own); None for one on its own port."""
-    flag = argv.index("--port") if "--port" in argv else -1
-    value = argv[flag + 1] if 0 <= flag < len(argv) - 1 else ""
-    return int(value) if value.isascii() and value.isdigit() and int(value) != port else None
 
 
 def _subject(versions: Iterable[str]) -> str:

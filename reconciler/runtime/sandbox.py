@@ -57,6 +57,7 @@ import psutil
 from ..desired.model import SandboxSettings
 from .base import StartFailed
 from .instance_users import InstanceUser
+from .listener import PRELOAD as HOST_PRELOAD
 
 log = logging.getLogger("cst.runtime")
 
@@ -66,6 +67,7 @@ DATA = PurePosixPath("/data")                 # the instance's data dir (--dataR
 HOME = PurePosixPath("/home/sillytavern")     # its workdir: config.yaml, proxy.key; $HOME
 NODE = PurePosixPath("/usr/local/bin/node")
 _SETPRIV = PurePosixPath("/usr/local/bin/setpriv")
+PRELOAD = PurePosixPath("/usr/local/lib/cst/listen_preload.cjs")   # node's --require (see listener.py)
 # what of /etc a node process reads to resolve names and check certificates
 _ETC = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf",
         "/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/localtime")
@@ -223,6 +225,7 @@ class Sandbox:
         if self.privileged:
             view.bind("--ro-bind", Path(_tool("setpriv")).resolve(), _SETPRIV)
         view.bind("--ro-bind", self.release_root, RELEASE)
+        view.bind("--ro-bind", HOST_PRELOAD, PRELOAD)
         if self.front_end is not None:
             package_dir, built = self.front_end
             view.bind("--ro-bind", built, _package_inside(self.release_root, package_dir) / "dist" / "_webpack")
@@ -244,10 +247,10 @@ class Sandbox:
         return [str(_SETPRIV), *user, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
 
     async def spawn(self, argv: tuple[str, ...], env: dict[str, str], log_file: IO[bytes],
-                    umask: int) -> tuple[subprocess.Popen, int]:
+                    umask: int, listener: int) -> tuple[subprocess.Popen, int]:
         """Start ``argv`` (paths as seen inside) in the sandbox; the outer bwrap and node's pid on
-        the host (found in a thread: the loop goes on meanwhile). Raises StartFailed when the
-        sandbox does not come up."""
+        the host (found in a thread: the loop goes on meanwhile); node inherits ``listener``.
+        Raises StartFailed when the sandbox does not come up."""
         info_read, info_write = os.pipe()
         args = os.memfd_create("cst-sandbox-args")
         try:
@@ -256,7 +259,7 @@ class Sandbox:
             proc = subprocess.Popen(  # noqa: ASYNC220 -- a fork and exec, on the pass's own loop
                 [_tool("bwrap"), "--args", str(args), "--", *self.command(argv)], cwd="/", env={"PATH": os.defpath},
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True, pass_fds=(args, info_write), umask=umask)
+                close_fds=True, pass_fds=(args, info_write, listener), umask=umask)
         finally:
             os.close(args)
             os.close(info_write)

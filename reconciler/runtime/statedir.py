@@ -41,10 +41,8 @@ class Record:
     # ("sillytavern@1.19.0"); None: unknown (a record written before CST kept it, or an
     # adopted process started without the marker)
     release: str | None = None
-    # behind cst serve's front door (park_after set): the loopback port node listens on; the
-    # instance's own port is the door's
-    backend_port: int | None = None
-    parked_at: str | None = None        # ISO 8601 UTC: parked then (no process; the door holds its port)
+    behind_edge: bool = False           # node answers on its socket behind the edge (runtime/edge.py)
+    parked_at: str | None = None        # ISO 8601 UTC: parked then (no process; the edge keeps its routes)
     sandboxed: bool = False             # its process runs in a sandbox (needs no way in through the host's folders)
 
 
@@ -60,7 +58,7 @@ def _well_formed(record: Record, name: str) -> bool:
             and (record.started_at is None or isinstance(record.started_at, str))
             and type(record.restarts) is int
             and (record.release is None or isinstance(record.release, str))
-            and (record.backend_port is None or (type(record.backend_port) is int and 0 < record.backend_port < 65536))
+            and type(record.behind_edge) is bool
             and (record.parked_at is None or isinstance(record.parked_at, str))
             and type(record.sandboxed) is bool)
 

@@ -31,7 +31,7 @@ from ..runtime.restore import restore_snapshot
 from ..runtime.snapshots import SnapshotNotFound, Snapshots
 from ..runtime.statedir import LockHeld
 from .control import Control
-from .front_door import WakeFailed
+from .gate import WakeFailed
 from .parking import Parking
 
 # the seed (PM2) called a running instance "online"; a parked one answers (its first request wakes

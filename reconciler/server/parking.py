@@ -1,13 +1,15 @@
 """Parking idle instances and waking them on their first request (``park_after``).
 
-An instance with ``park_after`` sits behind cst serve's front door (``front_door``). Idle means,
-for ``park_after``: no request through its door in flight or ended since, and no chat request of
-its proxy key in flight at the key-pool proxy. CST's own probes go to node directly and do not
-count. Parking stops the process as a stop does (SIGTERM; SillyTavern has saved before it
-answers) and records it as parked: nothing is archived, the door keeps its port, and a pass
-finds it ``parked``, which is as good as running (``engine.plan``). Its first request with the
-instance's credentials wakes it: started on the file's release and settings of that moment.
-A wake that fails answers 503 and counts as a failed start for the supervisor's backoff.
+An instance with ``park_after`` is behind the edge (``runtime/edge.py``). Idle means, for
+``park_after``: no request through the edge or the gate in flight or ended since, and no chat
+request of its proxy key in flight at the key-pool proxy. CST's own probes go to node directly
+and do not count. Parking stops the process as a stop does (SIGTERM; SillyTavern has saved
+before it answers) and records it as parked: nothing is archived, the edge keeps its routes,
+and a pass finds it ``parked``, which is as good as running (``engine.plan``). Its first request
+with the instance's credentials reaches the gate (``gate.py``), which wakes it: started on the
+file's release and settings of that moment. A wake that fails answers 503 and counts as a
+failed start for the supervisor's backoff; one that waited too long for the state dir (a pass
+at work) answers 503 and counts as nothing.
 
 Parks and wakes take the state dir's lock, as a pass does, and run on a loop of their own in a
 worker thread: stopping, starting (folders, the webpack cache) and snapshots block.
@@ -18,21 +20,24 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from ..desired.model import DesiredState
 from ..engine.results import Happened, Result
 from ..engine.supervision import Supervisor
+from ..runtime import edge
 from ..runtime.base import LaunchImpossible, StartFailed
 from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime
 from ..runtime.processes import utc_now
 from ..runtime.statedir import LockHeld, Record, StateDir
 from ..tasks import LoopThread
+from .edge_use import EdgeUse, in_flight_at_edge
 from .events import EventHub
 from .fleet_metrics import ParkingCounters
-from .front_door import Entrance, FrontDoor, WakeFailed
+from .gate import Entrance, Gate, WakeFailed
 
 log = logging.getLogger("cst.parking")
 
@@ -44,36 +49,30 @@ class _Seen:
     """A record as last read, and the file identity it was read at."""
 
     stamp: tuple[int, int]   # (inode, mtime ns): records are replaced by a rename, never edited
-    backend: int | None      # where node answers; None: no process
+    running: bool            # it names a process
 
 
-class Backends:
-    """Where each instance's node answers, from its record, read again only when the record file
+class Processes:
+    """Whether each instance has a process, from its record, read again only when the record file
     changed (a stat per request, not a JSON read): a restart by a pass or a `cst apply` shows at once."""
 
     def __init__(self, state: StateDir):
         self._state = state
         self._seen: dict[str, _Seen] = {}
 
-    def of(self, id_: str) -> int | None:
+    def running(self, id_: str) -> bool:
         path = self._state.record_path(id_)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._seen.pop(id_, None)
-            return None
+            return False
         stamp = (st.st_ino, st.st_mtime_ns)
         seen = self._seen.get(id_)
         if seen is None or seen.stamp != stamp:
             record = self._state.record(id_)
-            seen = self._seen[id_] = _Seen(stamp, _backend(record))
-        return seen.backend
-
-
-def _backend(record: Record | None) -> int | None:
-    if record is None or record.pid is None:
-        return None
-    return record.backend_port
+            seen = self._seen[id_] = _Seen(stamp, record is not None and record.pid is not None)
+        return seen.running
 
 
 class Parking:
@@ -89,23 +88,30 @@ class Parking:
         self._counters = counters
         self._in_flight_at_proxy = in_flight_at_proxy
         self._on_changed = on_changed
-        self.backends = Backends(state)
-        self.door = FrontDoor(self.backends.of, self._wake_at_door)
+        self.processes = Processes(state)
+        paths = edge.Paths(state.root)
+        self._paths = paths
+        group = edge.worker_gid()
+        self.gate = Gate(paths.gate, paths.socket, self.processes.running, self._wake_at_gate, group)
+        self.use = EdgeUse(paths.use, group)
+        self._at_edge: Counter[str] = Counter()   # requests in flight at the edge, by socket path
         self._worker = LoopThread("cst-parking")
         self._checks = HealthChecks()   # the worker loop's
 
     async def start(self) -> None:
-        await self.door.start()
+        await asyncio.to_thread(edge.prepare_folders, self._paths)
+        await self.gate.start()
+        await self.use.start()
         self._worker.start()
 
     async def close(self) -> None:
         await self._worker.close(cleanup=self._checks.close)
-        await self.door.close()
+        self.use.close()
+        await self.gate.close()
 
     async def follow(self, desired: DesiredState) -> None:
-        """Hold the ports of the instances the file wants running with park_after, and no others."""
-        entrances = await asyncio.to_thread(_entrances, desired)
-        await self.door.follow(entrances)
+        """Know the instances the file wants running with park_after, and no others."""
+        self.gate.follow(await asyncio.to_thread(_entrances, desired))
 
     # -- parking
 
@@ -113,8 +119,10 @@ class Parking:
         """Park each instance idle for its park_after; for ever (a background task)."""
         while True:
             await asyncio.sleep(TICK)
+            if self.gate.entrances:
+                self._at_edge = await asyncio.to_thread(in_flight_at_edge)
             now = time.monotonic()
-            for entrance in self.door.entrances:
+            for entrance in list(self.gate.entrances.values()):
                 if not self._idle(entrance, now):
                     continue
                 try:
@@ -124,20 +132,22 @@ class Parking:
                     log.error("could not park %s: %s", entrance.id, exc)
 
     def _idle(self, entrance: Entrance, now: float) -> bool:
-        if self._in_flight_at_proxy(entrance.id):   # a chat in progress is use, until it ends (to a tick)
+        # a request at the edge or a chat at the pool in progress is use, until it ends (to a tick)
+        if self._at_edge[str(self._paths.socket(entrance.id))] or self._in_flight_at_proxy(entrance.id):
             entrance.last_used = now
             return False
-        return (entrance.idle_for(now) >= entrance.park_after and not entrance.turn.locked()
-                and self.backends.of(entrance.id) is not None)
+        entrance.last_used = max(entrance.last_used, self.use.ended.get(entrance.id, 0.0))
+        return (not entrance.in_flight and now - entrance.last_used >= entrance.park_after
+                and not entrance.turn.locked() and self.processes.running(entrance.id))
 
     async def park(self, id_: str, why: str) -> bool:
         """Park the instance now; False when it was not running. Raises OSError (the stop failed,
         the state dir is busy)."""
-        entrance = self.door.entrance(id_)
+        entrance = self.gate.entrance(id_)
         if entrance is None:
-            raise OSError(f"{id_} has no front door (park_after is not set, or it is not running)")
+            raise OSError(f"{id_} does not park (park_after is not set, or it is not running)")
         async with entrance.turn:
-            if self.backends.of(id_) is None:
+            if not self.processes.running(id_):
                 return False
             await self._worker.run(self._park(id_))
             entrance.last_used = time.monotonic()
@@ -156,16 +166,16 @@ class Parking:
 
     async def wake(self, id_: str) -> bool:
         """Wake the instance now (the API's wake); False when it was running. Raises WakeFailed."""
-        entrance = self.door.entrance(id_)
+        entrance = self.gate.entrance(id_)
         if entrance is None:
-            raise WakeFailed(f"{id_} has no front door (park_after is not set, or it is not running)")
+            raise WakeFailed(f"{id_} does not park (park_after is not set, or it is not running)")
         async with entrance.turn:
-            if self.backends.of(id_) is not None:
+            if self.processes.running(id_):
                 return False
-            await self._wake_at_door(entrance)
+            await self._wake_at_gate(entrance)
         return True
 
-    async def _wake_at_door(self, entrance: Entrance) -> None:
+    async def _wake_at_gate(self, entrance: Entrance) -> None:
         id_ = entrance.id
         held = self._supervisor.errored(id_)
         if held:   # its starts are backing off: the door does not start it sooner than a pass would
@@ -173,7 +183,10 @@ class Parking:
         began = time.monotonic()
         try:
             record = await self._worker.run(self._wake(id_))
-        except (StartFailed, OSError, LockHeld) as exc:
+        except LockHeld:   # a pass or a `cst apply` at work: not the instance's failure
+            log.warning("waking %s waited too long for the state dir; the next request tries again", id_)
+            raise WakeFailed("CST is busy applying a change", retry_after=5) from None
+        except (StartFailed, OSError) as exc:
             # its own first words ("exited with code 3 before answering"), not the log lines after them
             reason = (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
             log.error("waking %s failed: %s", id_, exc)
@@ -201,16 +214,15 @@ class Parking:
 
 
 def _entrances(desired: DesiredState) -> list[Entrance]:
-    """Blocking (reads the instances' passwords): a door for each instance wanted running with park_after."""
+    """Blocking (reads the instances' passwords): an entrance for each instance wanted running with park_after."""
     runtime = LocalRuntime(desired)   # a new instance's password is generated here or by the pass: the same
-    host = desired.settings.sillytavern.listen_address
-    doors = []
+    entrances = []
     for spec in desired.instances:
         if spec.state != "running" or spec.park_after is None:
             continue
         try:
             password = runtime.password(spec)
-        except LaunchImpossible:   # its variable is unset: the pass says so; no door meanwhile
+        except LaunchImpossible:   # its variable is unset: the pass says so; no entrance meanwhile
             continue
-        doors.append(Entrance(spec.id, host, spec.port, f"{spec.id}:{password}", spec.park_after))
-    return doors
+        entrances.append(Entrance(spec.id, f"{spec.id}:{password}", spec.park_after))
+    return entrances
