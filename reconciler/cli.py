@@ -302,9 +302,10 @@ def status(file: Path, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
-    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DISK", "DATA DIR"),
+    _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DISK", "DATA DIR", "URL"),
                 [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"), _uptime(r["uptime"]),
-                  _mib(r["memory"]), str(r["restarts"]), _mib(r["disk"]), r["dataDir"]) for r in rows])
+                  _mib(r["memory"]), str(r["restarts"]), _mib(r["disk"]), r["dataDir"], r["url"] or "-")
+                 for r in rows])
     if rows:
         click.echo(f"disk used by the data dirs: {_mib(sum(r['disk'] or 0 for r in rows))}")
 

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from reconciler.desired.model import SandboxSettings
-from reconciler.runtime import sandbox, tree_walk
+from reconciler.runtime import edge, sandbox, tree_walk
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "standin" / "server.js"
@@ -143,7 +143,19 @@ def processes_of(state_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def stop_edge(state_dir: Path) -> None:
+    """The state dir's nginx (it outlives every cst, as it must) killed by its pid, and its sockets' folder removed."""
+    paths = edge.Paths(state_dir)
+    master = edge.master_pid(paths)
+    if master is not None:
+        os.killpg(master, signal.SIGKILL)   # its own session and group: the master and its workers
+        wait_until(lambda: not psutil.pid_exists(master) or psutil.Process(master).status() == psutil.STATUS_ZOMBIE,
+                   timeout=10)
+    shutil.rmtree(paths.run, ignore_errors=True)
+
+
 def kill_all(state_dir: Path) -> None:
+    stop_edge(state_dir)
     for proc in processes_of(state_dir):
         # the process itself (in a sandbox, node: its sandbox ends with it), then its group (outside one)
         for kill in (os.kill, os.killpg):

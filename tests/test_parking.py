@@ -3,8 +3,9 @@
 One `cst serve` with four instances, each with ``park_after: 2s``: while a 60 s chat stream of one
 instance's proxy key runs at the key pool (and keeps that instance awake), the others are parked,
 refused without credentials, woken by ten requests at once, kept awake by a slow answer through
-their door, and fail to wake into a 503 and the crash backoff. Then a `cst serve` restart keeps a
-parked instance parked with its port held, and ``state: stopped`` frees the port.
+the edge, and fail to wake into a 503 and the crash backoff. Then, with `cst serve` stopped, the
+edge still holds every port and answers a parked instance's users 503 with ``Retry-After``; a new
+`cst serve` finds it parked, and ``state: stopped`` frees the port.
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
             assert [starts(project, p) for p in (a, b, c, d)] == [[]] * 4
 
             # b: a chat of its proxy key in flight at the pool keeps it awake past park_after
-            assert served.api("POST", f"/api/instances/st-instance-{b}/wake").json()["observed"] == "running"
+            woke_b = served.api("POST", f"/api/instances/st-instance-{b}/wake")
+            assert woke_b.json().get("observed") == "running", woke_b.text
             pid_b, woken_b, starts_b = observed(served, b)["pid"], len(events.events), starts(project, b)
             key = (project.state_dir / "secrets" / "proxy-keys" / f"st-instance-{b}").read_text().strip()
             stream = ChatStream(proxy, key)
@@ -173,17 +175,20 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
         finally:
             events.close()
 
-        # a cst serve restart keeps a parked instance parked, its port held again
+        # cst serve away: the edge still holds every port; a parked instance answers 503 with
+        # Retry-After (never a refused connection) and is not woken; a running one goes on answering
         served.stop()
-        wait_until(lambda: port_is_free("127.0.0.1", a), timeout=10)
-        alone = project.cst("apply")   # without cst serve nothing holds the ports: said, and nothing woken
+        assert accepts(a) and not port_is_free("127.0.0.1", a)
+        asleep = httpx.get(f"http://127.0.0.1:{a}/", auth=auth, timeout=10)
+        assert asleep.status_code == 503 and int(asleep.headers["Retry-After"]) >= 1
+        assert httpx.get(f"http://127.0.0.1:{a}/", timeout=10).status_code == 401
+        alone = project.cst("apply")   # without cst serve nothing parks or wakes: said, and nothing woken
         assert alone.returncode == 0 and "no cst serve runs" in alone.stderr, alone.stderr
         assert len(starts(project, a)) == 1
         served = serve(api)
-        wait_until(lambda: accepts(a), timeout=10)
         assert observed(served, a)["observed"] == "parked" and len(starts(project, a)) == 1
 
-        # the API parks and wakes by hand; state: stopped frees the port
+        # the API parks and wakes by hand; state: stopped frees the port (the edge lets it go)
         assert served.api("POST", f"/api/instances/st-instance-{a}/wake").json()["observed"] == "running"
         assert len(starts(project, a)) == 2
         assert served.api("POST", f"/api/instances/st-instance-{a}/park").json()["observed"] == "parked"

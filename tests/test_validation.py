@@ -50,7 +50,7 @@ def test_example_file_is_valid():
      instances:
        - port: 8001
          colour: blue
-     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: budget, max_memory, park_after, password_env, port, proxy, sillytavern_version, state)"),
+     """, "desired.yaml:4: instances[0].colour: unknown key (expected one of: budget, hosts, max_memory, park_after, password_env, port, proxy, sillytavern_version, state)"),
     ("""\
      version: 1
      instances:

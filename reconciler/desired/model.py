@@ -268,6 +268,16 @@ class DesiredState:
     def data_dir(self, port: int) -> Path:
         return self.settings.data_root / str(port)
 
+    def url_of(self, spec: InstanceSpec) -> str | None:
+        """Where a user opens ``spec``: its name at the edge, else its own port (None when that
+        listens on every address: which name reaches this machine is the operator's to say)."""
+        if self.settings.edge is not None:
+            return self.settings.edge.url_of(spec)
+        host = self.settings.sillytavern.listen_address
+        if host in ("0.0.0.0", "::"):
+            return None
+        return f"http://{'[' + host + ']' if ':' in host else host}:{spec.port}"
+
     def behind_edge(self, spec: InstanceSpec) -> bool:
         """Whether ``spec`` is reached through the edge (nginx checks its credentials, cst serve
         wakes it): every instance with ``settings.edge``, else those that park when idle."""

@@ -31,6 +31,7 @@ def instance_rows(desired: DesiredState, errored: Callable[[str], str | None] = 
         rows.append({
             "id": id_,
             "port": port,
+            "url": desired.url_of(spec) if spec else None,
             "desired": spec.state if spec else "absent",
             "status": status,
             "detail": held or (seen.holder if seen and seen.holder else ""),

@@ -28,9 +28,9 @@ import pwd
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,6 @@ from ..desired.model import DesiredState, InstanceSpec, Listen
 from ..files import atomic_write, private_dir
 from . import edge_config
 from .base import EdgeChange, LaunchImpossible
-from .instance_users import searchable
 from .processes import port_is_free
 
 log = logging.getLogger("cst.edge")
@@ -54,16 +53,18 @@ class EdgeFailed(OSError):
     """nginx refused its configuration or could not start; the message is nginx's own."""
 
 
-@dataclass(frozen=True)
 class Paths:
-    root: Path    # <state_dir>/edge
+    """The edge's files: its configuration, pid and log in ``<state_dir>/edge``; the sockets in a
+    short folder of their own (``/run/cst/<digest of the state dir>`` as root), as a socket's path
+    must fit in 107 bytes and a state dir may lie deep."""
 
     def __init__(self, state_root: Path):
-        object.__setattr__(self, "root", state_root / "edge")
+        self.root = state_root / "edge"
+        self.run = _run_root() / hashlib.sha256(str(state_root).encode()).hexdigest()[:12]
 
     @property
     def sockets(self) -> Path:
-        return self.root / "sockets"
+        return self.run / "sockets"
 
     def socket(self, id_: str) -> Path:
         return self.sockets / f"{id_}.sock"
@@ -82,15 +83,28 @@ class Paths:
 
     @property
     def gate(self) -> Path:
-        return self.root / "gate.sock"
+        return self.run / "gate.sock"
 
     @property
     def use(self) -> Path:
-        return self.root / "use.sock"
+        return self.run / "use.sock"
+
+    @property
+    def nobody(self) -> Path:
+        return self.run / "nobody"
 
     @property
     def applied(self) -> Path:
         return self.root / "applied.json"    # what the running nginx was last given
+
+
+def _run_root() -> Path:
+    """Where the sockets of every state dir live: root's ``/run/cst``; else the user's runtime
+    folder (``$XDG_RUNTIME_DIR``), or ``/tmp/cst-<uid>``."""
+    if os.geteuid() == 0:
+        return Path("/run/cst")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "cst" if runtime else Path(f"/tmp/cst-{os.geteuid()}")
 
 
 def worker_gid() -> int | None:
@@ -117,20 +131,26 @@ def _worker_account() -> pwd.struct_passwd:
 
 
 def prepare_folders(paths: Paths) -> None:
-    """The edge's folder: root's, its workers' group may enter it and its sockets folder (``0710``)."""
+    """The edge's folders: the configuration's, root's alone; the sockets' (and nginx's temporary
+    files'), which its workers' group may enter (``0710``) and nobody else."""
+    private_dir(paths.root)
     gid = worker_gid()
-    if gid is not None:   # its workers enter the state dir by name (o+x), and nothing else of it
-        searchable(paths.root.parent)
-    for folder in (paths.root, paths.sockets):
+    parent = paths.run.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, mode=0o711 if gid is not None else 0o700)
+    st = parent.lstat()
+    if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o022:
+        raise EdgeFailed(f"{parent} is not this user's alone: the edge's sockets cannot live there")
+    for folder in (paths.run, paths.sockets):
         private_dir(folder, 0o710 if gid is not None else 0o700)
         if gid is not None:
             os.chown(folder, 0, gid)
             os.chmod(folder, 0o710)
-    if not (paths.root / "nobody").exists():
-        atomic_write(paths.root / "nobody", b"", mode=0o640)
+    private_dir(paths.run / "tmp")   # nginx makes its folders in it, its workers'
+    if not paths.nobody.exists():
+        atomic_write(paths.nobody, b"", mode=0o640)
     if gid is not None:
-        os.chown(paths.root / "nobody", 0, gid)
-    private_dir(paths.root / "tmp")
+        os.chown(paths.nobody, 0, gid)
 
 
 def routes(desired: DesiredState, password_of: Callable[[InstanceSpec], str]) -> list[edge_config.Route]:
@@ -152,6 +172,17 @@ def routes(desired: DesiredState, password_of: Callable[[InstanceSpec], str]) ->
     return found
 
 
+def master_pid(paths: Paths) -> int | None:
+    """The master's pid when nginx runs for this state dir (its pid file, checked against its
+    command line), else None."""
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+        cmdline = psutil.Process(pid).cmdline()
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return pid if str(paths.config) in cmdline else None
+
+
 class Edge:
     """The nginx of one state dir."""
 
@@ -160,14 +191,7 @@ class Edge:
         self.paths = Paths(desired.settings.state_dir)
 
     def running_pid(self) -> int | None:
-        """The master's pid when nginx runs for this state dir (its pid file, checked against its
-        command line), else None."""
-        try:
-            pid = int(self.paths.pid_file.read_text().strip())
-            cmdline = psutil.Process(pid).cmdline()
-        except (OSError, ValueError, psutil.Error):
-            return None
-        return pid if str(self.paths.config) in cmdline else None
+        return master_pid(self.paths)
 
     def follow(self, wanted: list[edge_config.Route]) -> EdgeChange:
         """Make the running nginx serve ``wanted``: started, reloaded, or stopped when nothing is
@@ -211,7 +235,7 @@ class Edge:
         return edge_config.Entrance(edge.listen, edge.tls.cert, edge.tls.key, edge.redirect_http)
 
     def _layout(self) -> edge_config.Layout:
-        return edge_config.Layout(self.paths.root, self.paths.gate, self.paths.use, self.paths.root / "nobody",
+        return edge_config.Layout(self.paths.run / "tmp", self.paths.gate, self.paths.use, self.paths.nobody,
                                   WORKER_USER if os.geteuid() == 0 else None)
 
     def _stamp(self, text: str, entrance: edge_config.Entrance | None) -> str:

@@ -56,7 +56,7 @@ class Route:
 class Layout:
     """Where the edge's files are, and who its workers run as."""
 
-    folder: Path
+    temp: Path                   # nginx's temporary files (its workers')
     gate: Path                   # cst serve's gate (a Unix socket)
     use: Path                    # cst serve's use socket (Unix datagrams)
     nobody: Path                 # an empty user file: every credential nginx checks against it fails
@@ -89,11 +89,11 @@ def render(routes: list[Route], layout: Layout, entrance: Entrance | None,
         "  server_tokens off;",
         "  access_log off;",
         "  default_type application/octet-stream;",
-        "  client_body_temp_path tmp/body;",
-        "  proxy_temp_path tmp/proxy;",
-        "  fastcgi_temp_path tmp/fastcgi;",
-        "  uwsgi_temp_path tmp/uwsgi;",
-        "  scgi_temp_path tmp/scgi;",
+        f"  client_body_temp_path {layout.temp / 'body'};",
+        f"  proxy_temp_path {layout.temp / 'proxy'};",
+        f"  fastcgi_temp_path {layout.temp / 'fastcgi'};",
+        f"  uwsgi_temp_path {layout.temp / 'uwsgi'};",
+        f"  scgi_temp_path {layout.temp / 'scgi'};",
         f"  client_header_timeout {HEADER_TIMEOUT};",
         f"  client_body_timeout {BODY_TIMEOUT};",
         f"  keepalive_timeout {IDLE_TIMEOUT};",

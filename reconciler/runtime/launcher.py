@@ -63,6 +63,8 @@ class Launcher:
                     log.write(f"--- cst: {note}\n".encode())
             log.flush()
             try:
+                if launch.behind_edge:
+                    edge.prepare_folders(edge.Paths(self.state.root))
                 listener = open_listener(launch.address, edge.worker_gid() if launch.behind_edge else None)
             except OSError as exc:
                 raise StartFailed(f"cannot listen on its {launch.address}: {exc.strerror or exc}") from None
@@ -135,9 +137,7 @@ class Launcher:
     def _close_ways_in(self, starting: str) -> None:
         """Take back the search bit (``o+x``) that instances outside a sandbox needed on the state dir,
         its ``run`` folder and the data root, once no such instance runs any more."""
-        folders = [self.state.root / "run", self.settings.data_root]
-        if not edge.Paths(self.state.root).root.exists():   # the edge's workers enter it by name
-            folders.append(self.state.root)
+        folders = [self.state.root, self.state.root / "run", self.settings.data_root]
         opened = [folder for folder in folders if os.stat(folder).st_mode & stat.S_IXOTH]
         if not opened:
             return

@@ -407,7 +407,8 @@ function rowTemplate() {
   if (!rowTemplates.has(lang())) {
     const tr = el('tr', {}, ...COLUMNS.map((column) => el('td', { class: `c-${column}` })));
     const cell = (column) => tr.cells[COLUMNS.indexOf(column)];
-    cell('id').append(el('span', {}, el('code'), el('a', { class: 'small file-link' })));
+    cell('id').append(el('span', {}, el('code'), el('a', { class: 'small url', target: '_blank', rel: 'noopener' }),
+      el('a', { class: 'small file-link' })));
     cell('status').append(el('span', { class: 'badge' }), el('span', { class: 'memory' }));
     // one child: at phone width the cell is a flex line of its label and this, the size under the path
     cell('dataDir').append(el('span', {}, el('span', { class: 'path' }), el('span', { class: 'disk' })));
@@ -433,7 +434,7 @@ function makeRow(id) {
   tr.dataset.id = id;
   const pick = (selector) => tr.querySelector(selector);
   const row = { id, tr, cells: Object.fromEntries(COLUMNS.map((column, index) => [column, tr.cells[index]])),
-    pending: null, flash: null, fileLink: pick('.file-link'), badge: pick('.badge'), memory: pick('.memory'),
+    pending: null, flash: null, url: pick('.url'), fileLink: pick('.file-link'), badge: pick('.badge'), memory: pick('.memory'),
     path: pick('.path'), disk: pick('.disk'),
     toggle: pick('.toggle'), park: pick('.park'), restart: pick('.restart'), more: pick('summary') };
   pick('code').textContent = id;
@@ -482,6 +483,9 @@ function fillRow(row) {
   if (drawnFrom === row.drawnFrom) return;
   row.drawnFrom = drawnFrom;
   cells.port.textContent = data.port;
+  setText(row.url, data.url ? data.url.replace(/^https?:\/\//, '') : '');
+  if (data.url) row.url.href = data.url;
+  else row.url.removeAttribute('href');
   cells.desired.textContent = t(`desired.${data.desired}`);
   row.badge.textContent = t(`status.${status}`);
   row.badge.className = `badge s-${status}`;
