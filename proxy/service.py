@@ -1,7 +1,7 @@
 """ProxyService: the proxy as a start/apply/stop component.
 
-``cst serve`` and ``cst proxy`` build one from a DesiredState and call
-``apply()`` on every valid change of desired.yaml. ``apply`` changes things in
+``cst proxy`` (alone, or as the process ``cst serve`` starts) builds one from a DesiredState and
+calls ``apply()`` on every valid change of desired.yaml. ``apply`` changes things in
 place: accounts through the AccountManager, forwarding settings by swapping the
 forwarder's config (a request in flight keeps the config it started with), the
 listening address by binding the new one before closing the old one.

@@ -89,6 +89,20 @@ class StateDir:
     def log_path(self, id_: str) -> Path:
         return self.root / "logs" / f"{id_}.log"
 
+    # the key-pool proxy cst serve runs as a process of its own (server/pool_process.py), in the
+    # proxy's folder (0700, beside its ledger and key cache) but its log, which is with the others
+    @property
+    def pool_record_path(self) -> Path:
+        return self.root / "proxy" / "process.json"
+
+    @property
+    def pool_control_path(self) -> Path:
+        return self.root / "proxy" / "control.sock"
+
+    @property
+    def pool_log_path(self) -> Path:
+        return self.root / "logs" / "proxy.log"
+
     def secret_path(self, name: str) -> Path:
         return self.root / "secrets" / name
 

@@ -217,9 +217,11 @@ async def create_instance(request: web.Request) -> web.Response:
     return _json(await request.app[FLEET].create(body, _client(request)), status=201)
 
 
-def _with_usage(request: web.Request, row: dict) -> dict:
-    """A row (shared by listings up to a second old) with the instance's use as of now."""
-    return {**row, **usage.instance_fields(request.app[DAEMON].proxy, row["id"])}
+async def _with_usage(request: web.Request, rows: list[dict]) -> list[dict]:
+    """Rows (shared by listings up to a second old) with each instance's use as of now (one call to
+    the proxy for them all)."""
+    fields = await usage.instance_fields(request.app[DAEMON].proxy, [row["id"] for row in rows])
+    return [{**row, **fields[row["id"]]} for row in rows]
 
 
 async def list_instances(request: web.Request) -> web.Response:
@@ -228,11 +230,12 @@ async def list_instances(request: web.Request) -> web.Response:
     except OSError:
         log.exception("listing instances")
         raise ApiError(500, "list_failed") from None
-    return _json([_with_usage(request, row) for row in rows])
+    return _json(await _with_usage(request, rows))
 
 
 async def get_instance(request: web.Request) -> web.Response:
-    return _json(_with_usage(request, await request.app[FLEET].row(request.match_info["id"])))
+    (row,) = await _with_usage(request, [await request.app[FLEET].row(request.match_info["id"])])
+    return _json(row)
 
 
 async def stop_instance(request: web.Request) -> web.Response:
@@ -423,8 +426,9 @@ async def status(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     rows = await request.app[FLEET].rows()
+    latency = await daemon.proxy.latency() if daemon.proxy is not None else None
     response = web.Response(body=fleet_metrics.exposition(rows, daemon.parking_counters, daemon.pass_counters,
-                                                          daemon.proxy))
+                                                          latency))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST   # with its version parameter, which content_type= refuses
     return response
 
@@ -472,7 +476,7 @@ async def instance_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def pool(request: web.Request) -> web.Response:
-    return _json(pool_document(request.app[DAEMON].proxy))
+    return _json(await pool_document(request.app[DAEMON].proxy))
 
 
 async def get_usage(request: web.Request) -> web.Response:

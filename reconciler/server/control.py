@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proxy.service import ProxyService
-
 from ..desired.model import DesiredState
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..engine.reconcile import Report
@@ -19,6 +17,7 @@ from .events import EventHub
 from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .parking import Parking
+from .pool_process import PoolProcess
 
 
 class NotConverged(Exception):
@@ -43,7 +42,7 @@ class Control(Protocol):
     last_pass_at: str | None
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
-    proxy: ProxyService | None      # the in-process key-pool proxy, once started
+    proxy: PoolProcess | None       # the key-pool proxy's process (asked on its control socket), once started
     parking: Parking | None         # the front doors of instances with park_after, once started
     git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale

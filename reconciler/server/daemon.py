@@ -7,11 +7,15 @@ a caller that needs its change applied waits for a pass that started after it,
 for at most ``settings.api.timeout``, and is then told what is still pending.
 An invalid file is reported and ignored: the last valid desired state stays in force.
 
-The event loop of this process also runs the key-pool proxy, so nothing that blocks runs on
-it: passes run on a loop of their own in a worker thread (``LoopThread``), file reads and
-validation in threads. Every long-lived task (the reconcile loop, the file watcher, the proxy
-follower) is kept by ``BackgroundTasks``: a failure is logged with its traceback and the task
-restarted with backoff; one that keeps failing makes ``cst serve`` exit non-zero.
+The key-pool proxy runs as a process of its own (``pool_process``), started or adopted here and
+left running when cst serve stops, so chats in flight outlive a restart; it follows the file
+itself, and what the API needs of it is asked on its control socket.
+
+Nothing that blocks runs on this process's loop: passes run on a loop of their own in a worker
+thread (``LoopThread``), file reads and validation in threads. Every long-lived task (the reconcile
+loop, the file watcher, the proxy's supervision) is kept by ``BackgroundTasks``: a failure is logged
+with its traceback and the task restarted with backoff; one that keeps failing makes ``cst serve``
+exit non-zero.
 """
 from __future__ import annotations
 
@@ -26,11 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.service import ProxyService
-
 from ..desired.model import DesiredState
 from ..desired.restart_settings import keep_restart_settings
-from ..desired.secret_source import SecretUnavailable
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..desired.watch import changes_of
 from ..engine.plan import Action
@@ -55,11 +56,11 @@ from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .keypool import pool_document
 from .parking import Parking
+from .pool_process import PoolProcess, PoolStartFailed
 
 log = logging.getLogger("cst.serve")
 
 PASS_LOCK_WAIT = 120.0    # a pass waits this long for a `cst apply` holding the state dir
-PROXY_RETRY_CAP = 60.0    # the proxy follower retries a failed apply (a taken port) up to this often
 
 
 class DaemonError(Exception):
@@ -92,10 +93,8 @@ class Daemon:
         self._done = asyncio.Condition()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self.proxy: Any = None                   # the key-pool proxy, when it runs in this process
+        self.proxy: PoolProcess | None = None     # the key-pool proxy's process, once started or adopted
         self.parking: Parking | None = None      # the front doors of instances with park_after, once started
-        self._proxy_applied: DesiredState | None = None
-        self._proxy_wanted = asyncio.Event()
         self._exit_watches = ExitWatches(self._exited)
         self._checks = HealthChecks()          # liveness, on this loop
         self._pass_checks = HealthChecks()     # readiness after starts, on the worker's loop
@@ -132,7 +131,6 @@ class Daemon:
         self.desired = desired
         self.enforced_sha256 = snapshot.sha256
         self.supervisor.desired = desired
-        self._proxy_wanted.set()
         self._wake.set()
 
     async def reload(self) -> None:
@@ -246,11 +244,10 @@ class Daemon:
         return report
 
     async def proxy_keys_changed(self) -> None:
-        if self.proxy is not None:
-            try:
-                await self.proxy.reload_instance_keys()
-            except OSError as exc:
-                log.error("could not read the instances' proxy keys: %s", exc)
+        # the proxy also follows the key folder itself: this makes a change count before the answer
+        if self.proxy is not None and not await self.proxy.reload_keys():
+            log.error("could not make the key-pool proxy read the instances' proxy keys now; it reads them "
+                      "as it sees their folder change")
 
     async def _liveness_loop(self) -> None:
         """Every ``resync``, ask each running instance's health route; the supervisor restarts one
@@ -275,6 +272,7 @@ class Daemon:
         self.supervisor.learn(report.observed, report.results)
         for spec in desired.instances:
             rotate_log(self.state.log_path(spec.id), desired.settings.logs.max_size, desired.settings.logs.keep)
+        rotate_log(self.state.pool_log_path, desired.settings.logs.max_size, desired.settings.logs.keep)
         running = [(record.pid, record.id) for record in self.state.records().values()
                    if record.pid is not None and record.pid not in self._exit_watches
                    and live_process(record.pid, record.create_time) is not None]
@@ -300,25 +298,6 @@ class Daemon:
         async for _ in changes_of(self.file.path, self._stop):
             await self.reload()
 
-    async def _follow_proxy(self) -> None:
-        """Keep the proxy's accounts and settings equal to the enforced desired state."""
-        failures = 0
-        while True:  # until cancelled
-            self._proxy_wanted.clear()
-            wanted = self.desired
-            if self._proxy_applied is wanted:
-                await self._proxy_wanted.wait()
-                continue
-            try:
-                await self.proxy.apply(wanted)
-            except OSError as exc:  # e.g. the new listen address is taken: try again later
-                failures += 1
-                delay = min(2.0 ** failures, PROXY_RETRY_CAP)
-                log.error("key-pool proxy: could not apply desired.yaml (%s); trying again in %.0fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._proxy_applied, failures = wanted, 0
-
     def _give_up(self, name: str, why: str) -> None:
         self.fatal = why
         self._stop.set()
@@ -331,33 +310,37 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         async with self.state.alock("daemon", timeout=0):
+            # the proxy first: once the API answers, so does the pool
+            proxy = self.proxy = PoolProcess(self.state, self.file.path, lambda: self.desired)
+            try:
+                await proxy.start()   # adopts the proxy a previous cst serve left running
+            except PoolStartFailed as exc:
+                await proxy.close()
+                self.proxy = None
+                raise DaemonError(str(exc)) from None
+            except BaseException:   # cancelled or a defect: a proxy this start began is not left behind
+                await proxy.stop_started()
+                await proxy.close()
+                raise
             app = make_app(self, admin_key(self.desired, self.state))
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
             listen = self.desired.settings.api.listen
-            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ssl_context)
             try:
-                await site.start()
-            except OSError as exc:
+                await runner.setup()
+                site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ssl_context)
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
+                self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events,
+                                       self.parking_counters, proxy.in_flight, self._parked_or_woken)
+                await self.parking.start()
+                await self.parking.follow(self.desired)
+            except BaseException:   # nothing of a failed start is left behind, a proxy it began included
+                await proxy.stop_started()
+                await proxy.close()
                 await runner.cleanup()
-                raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
-            self.proxy = ProxyService(self.desired, publishes_keys=True)
-            try:
-                await self.proxy.start()
-            except OSError as exc:
-                self.proxy = None
-                await runner.cleanup()
-                raise DaemonError(f"cannot start the key-pool proxy on {self.desired.settings.proxy.listen} "
-                                  f"(settings.proxy.listen): {exc.strerror or exc}") from None
-            except SecretUnavailable as exc:
-                self.proxy = None
-                await runner.cleanup()
-                raise DaemonError(f"cannot start the key-pool proxy: settings.usage.store's password: {exc}") from None
-            self._proxy_applied = self.desired
-            self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events, self.parking_counters,
-                                   self.proxy.in_flight_of, self._parked_or_woken)
-            await self.parking.start()
-            await self.parking.follow(self.desired)
+                raise
             scheme = "https" if ssl_context else "http"
             print(f"cst serve: API on {scheme}://{listen}, key-pool proxy on http://{self.desired.settings.proxy.listen}/v1, "
                   f"watching {self.file.path}", flush=True)
@@ -366,7 +349,7 @@ class Daemon:
             self._wake.set()  # first pass at once: adopt what runs, start what is missing
             self.tasks.keep("reconcile-loop", self._reconcile_loop)
             self.tasks.keep("file-watcher", self._watch)
-            self.tasks.keep("proxy-follower", self._follow_proxy)
+            self.tasks.keep("key-pool-proxy", proxy.supervise)
             self.tasks.keep("liveness", self._liveness_loop)
             self.tasks.keep("git-follower", self.git.follow)
             self.backups = BackupScheduler(lambda: self.desired, self.state)   # settings.backups
@@ -382,7 +365,7 @@ class Daemon:
                 if not await self._worker.close(cleanup=self._pass_checks.close):
                     log.warning("a reconcile pass is stuck in a blocking call; exiting without waiting for it")
                 await self.parking.close()
-                await self.proxy.stop()
+                await proxy.close()   # the proxy keeps running, with its chats; the next cst serve adopts it
                 self._exit_watches.close()
                 await self._checks.close()
                 await runner.cleanup()

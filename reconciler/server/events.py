@@ -21,6 +21,7 @@ the page reads it with ``fetch()``, which can send that header, because the brow
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
@@ -28,7 +29,7 @@ import secrets
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
@@ -92,7 +93,7 @@ def changes(result: Result, pid: int | None) -> list[tuple[str, str]]:
 
 
 class EventHub:
-    def __init__(self, pool: Callable[[], dict[str, Any]]):
+    def __init__(self, pool: Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]):
         self.run = secrets.token_hex(4)   # ids from an earlier cst serve never match this one's
         self._seq = 0
         self._recent: deque[Event] = deque(maxlen=KEEP)
@@ -191,6 +192,8 @@ class EventHub:
         while True:
             try:
                 document = self._pool()
+                if inspect.isawaitable(document):   # the daemon's asks the proxy process
+                    document = await document
                 encoded = json.dumps(document, sort_keys=True)
                 if encoded != last:
                     self.publish("pool", document)

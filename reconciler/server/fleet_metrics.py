@@ -4,7 +4,8 @@ Read at scrape time, as the proxy's own metrics are (``proxy.metrics``): the ins
 API lists (``Fleet.rows()``: instances by state, restarts, memory, the data dirs' disk use as
 ``cst serve`` last walked them), what the daemon counted
 (reconcile passes in ``PassCounters``, parks and wakes in ``ParkingCounters``), and the
-in-process proxy's answer times (``proxy.metrics.latency_families``).
+proxy process's answer times (``proxy.metrics.latency_families``, in the text format its control
+socket answers, appended as it is: its families are none of these).
 
 The park/wake code (``parking.Parking``) reports to ``ParkingCounters``, the daemon's
 ``parking_counters``, on the daemon's event loop (where scrapes read them):
@@ -24,8 +25,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from proxy.histogram import Histogram
-from proxy.metrics import latency_families
-from proxy.service import ProxyService
 
 from ..engine.results import Report
 
@@ -116,20 +115,18 @@ def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
 class _Scrape(Collector):
     """One scrape's figures: the rows observed for it and the daemon's counters as they are now."""
 
-    def __init__(self, rows: list[dict], parking: ParkingCounters, passes: PassCounters,
-                 proxy: ProxyService | None):
-        self.rows, self.parking, self.passes, self.proxy = rows, parking, passes, proxy
+    def __init__(self, rows: list[dict], parking: ParkingCounters, passes: PassCounters):
+        self.rows, self.parking, self.passes = rows, parking, passes
 
     def collect(self) -> Iterator[Metric]:
         yield from instance_families(self.rows)
         yield from self.passes.families()
         yield from self.parking.families()
-        if self.proxy is not None and self.proxy.state is not None:
-            yield from latency_families(self.proxy.state)
 
 
-def exposition(rows: list[dict], parking: ParkingCounters, passes: PassCounters, proxy: ProxyService | None) -> bytes:
-    """The metrics in Prometheus' text format (``prometheus_client.CONTENT_TYPE_LATEST``)."""
+def exposition(rows: list[dict], parking: ParkingCounters, passes: PassCounters, proxy: bytes | None) -> bytes:
+    """The metrics in Prometheus' text format (``prometheus_client.CONTENT_TYPE_LATEST``); ``proxy``:
+    the proxy's answer-time families in that format (None while it does not answer)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Scrape(rows, parking, passes, proxy))
-    return generate_latest(registry)
+    registry.register(_Scrape(rows, parking, passes))
+    return generate_latest(registry) + (proxy or b"")

@@ -8,7 +8,6 @@
     {"watch_start": "always"}  the file watcher raises as soon as it starts, every time
     {"adopt": [1]}             LocalRuntime.adopt raises psutil.NoSuchProcess on its 1st call
                                (the process exited at that very moment)
-    {"proxy_apply": [1]}       ProxyService.apply raises RuntimeError on its 1st call
     {"write": {"name": "desired.yaml", "errno": 28}}
                                writing a file of that name fails with that errno (28 ENOSPC, 30 EROFS)
 """
@@ -39,7 +38,6 @@ def _hits(name: str):
 
 
 def _inject() -> None:
-    from proxy.service import ProxyService
     from reconciler import files
     from reconciler.runtime.local import LocalRuntime
     from reconciler.server import daemon
@@ -77,15 +75,6 @@ def _inject() -> None:
                     yield change
             return changes()
         daemon.changes_of = changes_of
-
-    if "proxy_apply" in FAULTS:
-        original_apply, fires = ProxyService.apply, _hits("proxy_apply")
-
-        async def apply(self, desired):
-            if fires():
-                raise RuntimeError("injected fault in the proxy's apply")
-            return await original_apply(self, desired)
-        ProxyService.apply = apply
 
     if "write" in FAULTS:
         target, code = FAULTS["write"]["name"], FAULTS["write"]["errno"]

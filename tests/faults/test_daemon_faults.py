@@ -152,24 +152,6 @@ def test_a_blocking_pass_does_not_block_the_api_or_the_proxy(project, serve):
     assert "observing" in status(served)["reconcile"]["now"]
 
 
-def test_a_failing_proxy_apply_is_logged_and_retried(project, serve):
-    api, proxy = free_ports(2)
-    settings = (f'resync: 1s\napi: {{listen: "127.0.0.1:{api}"}}\n'
-                f'proxy: {{listen: "127.0.0.1:{proxy}", client_keys_env: CLIENT_KEYS}}')
-    base = standin_file([], settings=settings)
-    project.write(base)
-    project.env["MORE_KEYS"] = "sk-more-aaaaaaaaaaaa"
-    project.env["CLIENT_KEYS"] = "client-key-1"
-    served = serve(api, **faulty(project, {"proxy_apply": [1]}))
-    project.write(base + "accounts:\n  - {name: more, provider: static, keys_env: MORE_KEYS}\n")
-    wait_until(lambda: "more" in httpx.get(f"http://127.0.0.1:{proxy}/status",
-                                          headers={"Authorization": "Bearer client-key-1"}).json()["accounts"],
-               timeout=20)
-    log = served.log.read_text()
-    assert "background task proxy-follower failed" in log and "RuntimeError: injected fault in the proxy's apply" in log
-    assert status(served)["daemon"]["tasks"]["proxy-follower"]["totalFailures"] == 1
-
-
 def test_a_stop_signal_the_moment_serve_is_up_ends_it_at_once(project):
     """SIGTERM as the first pass is being woken: on Python 3.11 asyncio.wait_for swallowed the
     cancellation that landed then, and cst serve never exited. Several tries, since it is a race."""

@@ -30,7 +30,8 @@ def started(project, ports: list[int]) -> int:
 def assert_one_process_per_instance_and_records_match(project, ports: list[int]) -> None:
     by_instance: dict[str, list[int]] = {}
     for proc in processes_of(project.state_dir.resolve()):
-        by_instance.setdefault(proc.environ()["CST_INSTANCE_ID"], []).append(proc.pid)
+        if "CST_INSTANCE_ID" in proc.environ():   # not the key-pool proxy, which cst serve leaves running too
+            by_instance.setdefault(proc.environ()["CST_INSTANCE_ID"], []).append(proc.pid)
     assert set(by_instance) == {f"st-instance-{p}" for p in ports}, "no orphans, none missing"
     for id_, pids in by_instance.items():
         assert len(pids) == 1, f"{id_} runs {len(pids)} times: {pids}"
