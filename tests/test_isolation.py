@@ -34,7 +34,7 @@ from conftest import (
     wait_until,
 )
 from reconciler.desired.model import SandboxSettings
-from reconciler.runtime import sandbox, sillytavern
+from reconciler.runtime import listener, sandbox, sillytavern
 
 SECRETS = {"CST_ADMIN_KEY": "secret-admin-key-1", "DAIDAI_PASSWORD": "secret-daidai-2",
            "EXTRA_OPENAI_KEYS": "sk-secret-pool-3", "AWS_SECRET_ACCESS_KEY": "secret-cloud-4"}
@@ -357,7 +357,7 @@ def test_the_ways_in_of_the_design_before_the_sandbox_are_closed(project, tmp_pa
 
 
 @root_only
-def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factory):
+def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factory, monkeypatch):
     """cst run by an ordinary user: bwrap makes an unprivileged user namespace (where the kernel
     allows one, as here), so the same sandbox holds the instance, as that user. The sandbox is
     entered from a child of this test that dropped root (this interpreter lives under /root, which
@@ -371,8 +371,11 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
     server = searchable_standin(tmp_path_factory)
     (port,) = free_ports(1)
     box = sandbox.Sandbox(server.parent, data, work, 16 << 20, None, privileged=False)
-    argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA),
-            "--listen", "true", "--listenAddressIPv4", "127.0.0.1")
+    # CST's preload, where the ordinary user can read it (this checkout may lie under /root)
+    shutil.copy2(listener.PRELOAD, server.parent / listener.PRELOAD.name)
+    monkeypatch.setattr(sandbox, "HOST_PRELOAD", server.parent / listener.PRELOAD.name)
+    argv = (str(sandbox.NODE), "--require", str(sandbox.PRELOAD), box.inside(server), "--port", str(port),
+            "--dataRoot", str(sandbox.DATA), "--listen", "true", "--listenAddressIPv4", "127.0.0.1")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "SILLYTAVERN_BASICAUTHUSER_USERNAME": "user",
            "SILLYTAVERN_BASICAUTHUSER_PASSWORD": "secret"}
     import concurrent.futures.thread  # noqa: F401 -- asyncio.to_thread's, loaded while /root's stdlib can be read
@@ -384,8 +387,9 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
             os.setgid(uid)
             os.setuid(uid)
             chosen = sandbox.mode(SandboxSettings())
-            with open(os.devnull, "wb") as log:
-                _, node = asyncio.run(box.spawn(argv, env, log, 0o077))
+            with open(os.devnull, "wb") as log, listener.open_listener(listener.Address(port=port)) as bound:
+                env[listener.ENV_LISTEN_FD] = str(bound.fileno())
+                _, node = asyncio.run(box.spawn(argv, env, log, 0o077, bound.fileno()))
             os.write(said_write, json.dumps({"mode": chosen.value, "node": node}).encode())
         except BaseException as exc:  # noqa: BLE001 -- reported to the test through the pipe
             os.write(said_write, json.dumps({"error": repr(exc)}).encode())
@@ -399,7 +403,7 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
     node = psutil.Process(said["node"])
     try:
         assert said["mode"] == sandbox.Mode.USER_NAMESPACE.value
-        assert node.uids().real == uid and node.cmdline()[1] == box.inside(server)
+        assert node.uids().real == uid and node.cmdline()[3] == box.inside(server)
         for ns in ("user", "pid", "mnt"):
             assert os.readlink(f"/proc/{node.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
         seen = Path(f"/proc/{node.pid}/root")
@@ -429,8 +433,9 @@ def test_a_sandbox_whose_start_is_abandoned_leaves_nothing_running(tmp_path_fact
     monkeypatch.setattr(sandbox, "_node_pid", fails)
     (port,) = free_ports(1)
     argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA))
-    with open(os.devnull, "wb") as log, pytest.raises(sandbox.StartFailed):
-        asyncio.run(box.spawn(argv, {"PATH": "/usr/bin"}, log, 0o077))
+    with open(os.devnull, "wb") as log, pytest.raises(sandbox.StartFailed), \
+            listener.open_listener(listener.Address(port=port)) as bound:
+        asyncio.run(box.spawn(argv, {"PATH": "/usr/bin"}, log, 0o077, bound.fileno()))
     assert inits
 
     def running() -> list[psutil.Process]:

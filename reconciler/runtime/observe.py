@@ -6,6 +6,8 @@ id and state dir.
 """
 from __future__ import annotations
 
+import os
+
 import psutil
 
 from ..desired.model import DesiredState
@@ -32,11 +34,13 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
                                            release=_release(record.release, record.argv))
 
     host = desired.settings.sillytavern.listen_address
-    # an instance behind the front door: cst serve holds its port, and node listens elsewhere
+    # an instance behind the edge: nginx holds its port, and node answers on its socket
     unsure = {i.port: i.id for i in desired.instances
-              if getattr(observed.get(i.id), "status", None) not in ("running", "parked") and i.park_after is None}
+              if getattr(observed.get(i.id), "status", None) not in ("running", "parked") and not desired.behind_edge(i)}
     busy = {port for port in unsure if not port_is_free(host, port)}
     holders = listeners(busy) if busy else {}
+    # this process opened it for a node it is starting (a pass beside a listing in cst serve)
+    busy -= {port for port, pid in holders.items() if pid == os.getpid()}
     for port in busy:
         id_, pid = unsure[port], holders.get(port)
         ours = _our_process(state, pid, id_)

@@ -67,7 +67,7 @@ DATA = PurePosixPath("/data")                 # the instance's data dir (--dataR
 HOME = PurePosixPath("/home/sillytavern")     # its workdir: config.yaml, proxy.key; $HOME
 NODE = PurePosixPath("/usr/local/bin/node")
 _SETPRIV = PurePosixPath("/usr/local/bin/setpriv")
-PRELOAD = PurePosixPath("/usr/local/lib/cst/listen_preload.cjs")   # node's --require (see listener.py)
+PRELOAD = PurePosixPath("/usr/local/lib/node/listen_preload.cjs")   # node's --require (see listener.py)
 # what of /etc a node process reads to resolve names and check certificates
 _ETC = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf",
         "/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/localtime")

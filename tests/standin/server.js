@@ -5,7 +5,8 @@
 // Knobs for failure tests come from <dataRoot>/standin.json, never from CST's own code:
 //   {"startDelayMs": 500, "exitCode": 3, "ignoreSigterm": true}
 // GET /standin/say?line=TEXT (with basic auth) writes TEXT to its log (stdout), for log tests;
-// GET /standin/stream?seconds=N answers slowly, a line every 200 ms for N seconds.
+// GET /standin/stream?seconds=N answers slowly, a line every 200 ms for N seconds;
+// GET /standin/cookie?domain=D sets a cookie for domain D.
 'use strict';
 const fs = require('node:fs');
 const http = require('node:http');
@@ -74,6 +75,10 @@ const server = http.createServer(answerHealth((req, res) => {
             }
         }, 200);
         return req.on('close', () => clearInterval(tick));
+    }
+    if (url.pathname === '/standin/cookie') {   // a cookie for the parent domain (?domain=st.test)
+        res.writeHead(204, { 'Set-Cookie': `tossed=1; Domain=${url.searchParams.get('domain')}; Path=/` });
+        return res.end();
     }
     if (url.pathname === '/standin/say') {
         console.log(url.searchParams.get('line') || '');
