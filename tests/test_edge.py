@@ -36,7 +36,10 @@ POOL_KEY = "sk-good-edge-0000000001"
 
 
 def password(project, port: int) -> str:
-    return (project.state_dir / "secrets" / f"st-instance-{port}.password").read_text().strip()
+    """The instance's password, once its first pass generated it."""
+    path = project.state_dir / "secrets" / f"st-instance-{port}.password"
+    wait_until(path.exists, timeout=30)
+    return path.read_text().strip()
 
 
 def starts(project, port: int) -> list[str]:
@@ -49,12 +52,21 @@ class Edge:
 
     def __init__(self, port: int, ca: Path):
         self.port = port
-        self.client = httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=30)
+        # a connection per request: each says its own name in its TLS handshake
+        self.client = httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=30,
+                                   limits=httpx.Limits(max_keepalive_connections=0))
 
     def get(self, name: str, path: str = "/", auth: tuple[str, str] | None = None, **headers: str) -> httpx.Response:
         return self.client.get(f"https://127.0.0.1:{self.port}{path}", auth=auth,
                                headers={"Host": f"{name}:{self.port}", **headers},
                                extensions={"sni_hostname": name})
+
+    def answers(self, name: str, auth: tuple[str, str]) -> bool:
+        """Whether the instance at ``name`` answers 200 (the edge may not listen yet)."""
+        try:
+            return self.get(name, auth=auth).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 @pytest.fixture
@@ -89,7 +101,7 @@ def test_host_names_credentials_and_limits_at_the_edge(project, serve, certifica
         at = Edge(edge_port, ca)
         name_a, name_b = f"st-instance-{a}.{DOMAIN}", f"st-instance-{b}.{DOMAIN}"
         auth_a, auth_b = (f"st-instance-{a}", password(project, a)), (f"st-instance-{b}", password(project, b))
-        wait_until(lambda: at.get(name_a, auth=auth_a).status_code == 200, timeout=30)
+        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
 
         # each name reaches its instance over TLS; its own port too, through the same checks
         assert f"stand-in SillyTavern on {a}" in at.get(name_a, auth=auth_a).text
@@ -158,7 +170,7 @@ def test_a_restart_of_cst_serve_is_invisible_to_users(project, certificate):
         at = Edge(edge_port, ca)
         name_a, name_b = f"st-instance-{a}.{DOMAIN}", f"st-instance-{b}.{DOMAIN}"
         auth_a, auth_b = (f"st-instance-{a}", password(project, a)), (f"st-instance-{b}", password(project, b))
-        wait_until(lambda: at.get(name_a, auth=auth_a).status_code == 200, timeout=30)
+        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
         wait_until(lambda: served.api("GET", f"/api/instances/st-instance-{b}").json()["observed"] == "parked",
                    timeout=15)
         nginx = edge.master_pid(edge.Paths(project.state_dir.resolve()))
@@ -215,7 +227,7 @@ def test_idle_and_dripping_connections_do_not_keep_users_out(project, serve, cer
         served = serve(api)
         at = Edge(edge_port, ca)
         name_a, auth_a = f"st-instance-{a}.{DOMAIN}", (f"st-instance-{a}", password(project, a))
-        wait_until(lambda: at.get(name_a, auth=auth_a).status_code == 200, timeout=30)
+        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
 
         idle = [socket.create_connection(("127.0.0.1", edge_port)) for _ in range(2000)]
         drips = [socket.create_connection(("127.0.0.1", a)) for _ in range(500)]
