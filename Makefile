@@ -78,6 +78,7 @@ bench: sillytavern servers
 	$(BIN)/python bench/snapshots.py --runs 5
 	$(BIN)/python bench/disk_use.py --dir /var/tmp
 	$(BIN)/python bench/density.py --runs 3 --wakes 20 --instances 100
+	$(BIN)/python bench/edge.py --runs 5
 	$(BIN)/python bench/page500.py --runs 5
 	$(BIN)/python bench/sandbox.py --runs 10
 

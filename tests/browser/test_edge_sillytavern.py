@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from conftest import Project, fake_upstream, free_ports, kill_all, start_serve, wait_until
 
-from .conftest import CHROMIUM, CHROMIUM_ARGS, ARTIFACTS
+from .conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.sillytavern
 
