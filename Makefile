@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sandbox sillytavern browser servers bench clean
+.PHONY: run test setup node sandbox edge sillytavern browser servers bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,16 @@ sandbox:
 	  apt-get install -y -q --no-install-recommends $(SANDBOX_PACKAGES) || \
 	  { apt-get update -q && apt-get install -y -q --no-install-recommends $(SANDBOX_PACKAGES); }; }
 
-sillytavern: setup sandbox
+# the edge in front of the instances is Debian's nginx (nginx-light)
+EDGE_PACKAGES := nginx-light
+edge:
+	@test -x /usr/sbin/nginx || { \
+	  command -v apt-get >/dev/null || { echo "the edge in front of the instances is nginx: install it"; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(EDGE_PACKAGES) || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(EDGE_PACKAGES); }; }
+
+sillytavern: setup sandbox edge
 	$(BIN)/cst st install -f examples/desired.yaml
 	$(BIN)/cst st install -f tests/releases.yaml
 

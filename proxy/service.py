@@ -306,10 +306,6 @@ class ProxyService:
     def _instance_keys(self) -> InstanceKeys:
         return InstanceKeys(StateDir(self.desired.settings.state_dir))
 
-    def in_flight_of(self, caller: str) -> int:
-        """The caller's requests being forwarded now (an instance's chat in progress keeps it awake)."""
-        return self.state.in_flight_by_caller.get(caller, 0) if self.state is not None else 0
-
     async def reload_instance_keys(self) -> None:
         """Read the instances' proxy keys again: a key minted, rotated or revoked counts from now."""
         assert self.state is not None

@@ -28,7 +28,7 @@ import psutil
 import pytest
 import trustme
 
-from conftest import fake_upstream, free_ports, standin_file, start_serve, wait_until
+from conftest import fake_upstream, free_ports, standin_file, wait_until
 from reconciler.runtime import edge
 
 DOMAIN = "st.test"
@@ -157,7 +157,7 @@ def test_host_names_credentials_and_limits_at_the_edge(project, serve, certifica
         assert at.get(name_a, auth=(auth_a[0], "guess"), **{"X-Forwarded-For": "10.0.0.7"}).status_code == 401
 
 
-def test_a_restart_of_cst_serve_is_invisible_to_users(project, certificate):
+def test_a_restart_of_cst_serve_is_invisible_to_users(project, serve, certificate):
     """SIGTERM to cst serve and a new one, while a page is asked for again and again through the
     edge and a chat streams at the pool: every request answered, the stream whole, and the edge
     and the pool the same processes before and after."""
@@ -166,7 +166,7 @@ def test_a_restart_of_cst_serve_is_invisible_to_users(project, certificate):
     with fake_upstream(chunks=150, slow_gap=0.1) as upstream:
         project.env["POOL_KEYS"] = POOL_KEY
         project.write(edge_file(api, proxy, edge_port, cert, key, a, b, upstream.url))
-        served = start_serve(project, api)
+        served = serve(api)
         at = Edge(edge_port, ca)
         name_a, name_b = f"st-instance-{a}.{DOMAIN}", f"st-instance-{b}.{DOMAIN}"
         auth_a, auth_b = (f"st-instance-{a}", password(project, a)), (f"st-instance-{b}", password(project, b))
@@ -203,14 +203,13 @@ def test_a_restart_of_cst_serve_is_invisible_to_users(project, certificate):
             away = at.get(name_b, auth=auth_b)
             assert away.status_code == 503 and int(away.headers["Retry-After"]) >= 1
             wait_until(lambda: len(answers) >= during + 10, timeout=30)   # pages go on meanwhile
-            served = start_serve(project, api)
+            served = serve(api)
             wait_until(lambda: at.get(name_b, auth=auth_b).status_code == 200, timeout=30)
             streamer.join(timeout=60)
             assert not streamer.is_alive()
         finally:
             stop.set()
             loader.join(timeout=30)
-            served.stop()
         assert len(chunks) >= 150, f"the stream was cut after {len(chunks)} pieces"
         assert answers and set(answers) == {200}, f"{len(answers)} requests: {sorted(set(answers))}"
         assert edge.master_pid(edge.Paths(project.state_dir.resolve())) == nginx

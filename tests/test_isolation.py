@@ -434,7 +434,7 @@ def test_a_sandbox_whose_start_is_abandoned_leaves_nothing_running(tmp_path_fact
     (port,) = free_ports(1)
     argv = (str(sandbox.NODE), box.inside(server), "--port", str(port), "--dataRoot", str(sandbox.DATA))
     with open(os.devnull, "wb") as log, pytest.raises(sandbox.StartFailed), \
-            listener.open_listener(listener.Address(port=port)) as bound:
+            listener.open_listener(listener.Address(port=0)) as bound:   # handed down, not used
         asyncio.run(box.spawn(argv, {"PATH": "/usr/bin"}, log, 0o077, bound.fileno()))
     assert inits
 

@@ -271,7 +271,8 @@ def runs(project, id_: str, server_js: Path) -> bool:
     """Whether the instance's node runs ``server_js`` (in a sandbox, seen through its root from the
     host's side: the same file, not only the same name)."""
     node = psutil.Process(project.record(id_)["pid"])
-    script = next(arg for arg in node.cmdline()[1:] if not arg.startswith("-"))
+    argv = node.cmdline()
+    script = argv[argv.index("--require") + 2]   # node [its flags] --require <CST's preload> <server.js> ...
     ran = os.stat(f"/proc/{node.pid}/root{script}") if SANDBOXED else os.stat(script)
     return (ran.st_dev, ran.st_ino) == (server_js.stat().st_dev, server_js.stat().st_ino)
 

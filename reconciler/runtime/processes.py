@@ -44,13 +44,6 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_loopback_port() -> int:
-    """A port free on 127.0.0.1 now (the kernel's choice), for a node behind the front door."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def tree_rss(pids: set[int]) -> dict[int, int]:
     """The resident memory of each of ``pids`` with all its descendants, in bytes, from one scan of
     the process table (asking each pid for its children would scan it once per pid)."""

@@ -143,7 +143,7 @@ def test_an_instance_from_creation_to_deletion(new_page, fleet):
     expect(page.locator("#dialog-secret-value")).to_have_value("")  # shown once (cleared on the close event)
     badge = row(page, id_).locator(".c-status .badge")
     expect(badge).to_have_text("running")  # without a reload
-    expect(row(page, id_).locator(".c-id a")).to_have_text(re.compile(r"desired\.yaml:\d+"))
+    expect(row(page, id_).locator(".c-id a.file-link")).to_have_text(re.compile(r"desired\.yaml:\d+"))
 
     box = row(page, id_).bounding_box()
     row(page, id_).get_by_role("button", name="Stop", exact=True).click()
@@ -282,7 +282,7 @@ def test_the_desired_file_view_and_an_instance_lines(new_page, fleet):
     port, id_ = create_in_api(fleet)
     recorded = sign_in(new_page, fleet)
     page = recorded.page
-    row(page, id_).locator(".c-id a").click()
+    row(page, id_).locator(".c-id a.file-link").click()
     expect(page.locator("#view-file")).to_be_visible()
     expect(page.locator("#file-valid")).to_have_text("valid")
     span = fleet.api("GET", "/api/desired").json()["instances"][id_]

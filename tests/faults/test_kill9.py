@@ -83,6 +83,7 @@ def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(pro
     """The narrowest window: the process is spawned, the cst that spawned it is killed before the
     record is written, and the process does not listen yet. It is found by its environment."""
     from reconciler.desired.model import load
+    from reconciler.runtime import listener
     from reconciler.runtime.local import LocalRuntime
 
     api, port = free_ports(2)
@@ -93,13 +94,17 @@ def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(pro
         folder.mkdir(parents=True, exist_ok=True)
         if launch.user is not None:
             os.chown(folder, launch.user.uid, launch.user.gid)
-    if launch.sandbox is None:
-        orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=dict(launch.env), start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        node = orphan.pid
-    else:   # spawned as the runtime spawns it, into its sandbox: the record names node, not bwrap
-        with open(os.devnull, "wb") as devnull:
-            orphan, node = asyncio.run(launch.sandbox.spawn(launch.argv, dict(launch.env), devnull, 0o077))
+    # spawned as the runtime spawns it: on the address CST opened for it (into its sandbox, where
+    # the record names node, not bwrap)
+    with listener.open_listener(launch.address) as bound:
+        env = {**dict(launch.env), listener.ENV_LISTEN_FD: str(bound.fileno())}
+        if launch.sandbox is None:
+            orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(bound.fileno(),))
+            node = orphan.pid
+        else:
+            with open(os.devnull, "wb") as devnull:
+                orphan, node = asyncio.run(launch.sandbox.spawn(launch.argv, env, devnull, 0o077, bound.fileno()))
     try:
         applied = project.cst("apply")
         assert applied.returncode == 0, applied.stdout + applied.stderr
