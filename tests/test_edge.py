@@ -11,6 +11,7 @@ the edge closes them. Then an attacker under another uid cannot take an instance
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -108,6 +109,21 @@ def test_host_names_credentials_and_limits_at_the_edge(project, serve, certifica
         assert f"stand-in SillyTavern on {a}" in at.get("alice.example.org", auth=auth_a).text
         assert httpx.get(f"http://127.0.0.1:{a}/", auth=auth_a, timeout=10).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{a}/", timeout=10).status_code == 401
+        # an absolute-form target and Expect: 100-continue are answered as HTTP says (the edge's parser)
+        login = base64.b64encode(f"{auth_a[0]}:{auth_a[1]}".encode()).decode()
+        with socket.create_connection(("127.0.0.1", a), timeout=10) as raw:
+            raw.sendall(f"GET http://127.0.0.1:{a}/ HTTP/1.1\r\nHost: 127.0.0.1:{a}\r\nAuthorization: Basic {login}\r\n"
+                        "Connection: close\r\n\r\n".encode())
+            assert raw.recv(64).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", a), timeout=10) as raw:
+            raw.sendall(f"POST /standin/say HTTP/1.1\r\nHost: 127.0.0.1:{a}\r\nAuthorization: Basic {login}\r\n"
+                        "Expect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n".encode())
+            said = raw.recv(25)
+            assert said.startswith(b"HTTP/1.1 100 Continue")   # before the body is sent
+            raw.sendall(b"hello")
+            while chunk := raw.recv(4096):
+                said += chunk
+            assert b"\r\n\r\nHTTP/1.1 204" in said
         # a name nobody declared reaches no instance: no certificate, no answer
         with pytest.raises(httpx.ConnectError):
             at.get(f"nobody.{DOMAIN}")
