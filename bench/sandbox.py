@@ -6,7 +6,7 @@ in turns (with, without, with, ...) so the machine's noise falls on both:
 1. start: ``cst apply`` taking the instance from stopped to answering its health route (the
    command's whole run, Python's start included on both sides), p50 and p99 of --runs;
 2. wake: under ``cst serve`` with ``park_after``, the instance parked through the API, then the
-   first byte of a request through its door, p50 and p99 of --runs;
+   first byte of a request through the edge, p50 and p99 of --runs;
 3. memory of the idle instance, its page fetched, 15 s after: RSS of node's tree (what
    ``max_memory`` and the rows count), and of the sandbox's own processes (bwrap and its init),
    medians of 3.
@@ -64,7 +64,7 @@ def starts(fleets: dict[str, tuple[Fleet, int]], runs: int) -> dict[str, list[fl
 
 def wakes(fleets: dict[str, tuple[Fleet, int]], runs: int) -> dict[str, list[float]]:
     took: dict[str, list[float]] = {mode: [] for mode in fleets}
-    for fleet, _ in fleets.values():   # behind cst serve's door, parked until asked
+    for fleet, _ in fleets.values():   # behind the edge, parked until asked
         fleet.file.write_text(fleet.file.read_text().replace("start_timeout: 300", "start_timeout: 300, park_after: 1h"))
         fleet.start_serve()
     for fleet, port in fleets.values():

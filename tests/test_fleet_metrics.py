@@ -178,7 +178,7 @@ def test_metrics_of_a_served_fleet_follow_what_happens_to_it(project, serve) -> 
         settings = (f'resync: 1h\napi: {{listen: "127.0.0.1:{api_port}"}}\n'   # passes come from changes only
                     f'proxy: {{listen: "127.0.0.1:{proxy_port}", upstream: "{upstream.url}/v1"}}')
         accounts = "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n"
-        parks = {b: {"park_after": "1h"}}   # behind a front door: parked until woken (through the API only)
+        parks = {b: {"park_after": "1h"}}   # parking: parked until woken (through the API only)
         project.write(standin_file([(a, "running"), (b, "running"), (c, "stopped")], parks, settings) + accounts)
         project.env["POOL_KEYS"] = POOL_KEY
         served = serve(api_port, admin_key=KEY)

@@ -112,7 +112,7 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
             assert not port_is_free("127.0.0.1", a) and accepts(a)
             started = starts(project, a)
 
-            # without the credentials: a 401 from the door, and nothing wakes
+            # without the credentials: a 401 from the edge, and nothing wakes
             bare = httpx.get(f"http://127.0.0.1:{a}/", timeout=10)
             assert bare.status_code == 401 and bare.headers["WWW-Authenticate"].startswith("Basic")
             wrong = httpx.get(f"http://127.0.0.1:{a}/", auth=(f"st-instance-{a}", "not-it"), timeout=10)
@@ -131,7 +131,7 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
             assert woken["data"]["detail"].startswith("in ")
             assert observed(served, a)["observed"] == "running"
 
-            # c: an answer still streaming through its door keeps it awake past park_after
+            # c: an answer still streaming through the edge keeps it awake past park_after
             served.api("POST", f"/api/instances/st-instance-{c}/wake")
             pid_c = observed(served, c)["pid"]
             seen_before = len(events.events)
@@ -161,7 +161,7 @@ def test_idle_instances_park_and_wake_on_their_first_request(project, serve):
             assert project.status()[f"st-instance-{a}"]["status"] == "parked"
             applied = project.cst("apply")
             assert applied.returncode == 0 and f"ok: st-instance-{a} (parked)" in applied.stdout, applied.stdout
-            assert "front door" not in applied.stderr   # cst serve runs: it holds the ports
+            assert "no cst serve runs" not in applied.stderr   # cst serve runs: it wakes them
             assert len(starts(project, a)) == 1 and observed(served, a)["observed"] == "parked"
 
             # b stayed awake for its whole stream, the same process throughout; then it parks

@@ -99,7 +99,7 @@ PARKING_CASES = [
     ("parked, stopped wanted: forgotten", "stopped", True, PARKED, [Kind.FORGET_PID]),
     ("crashed with park_after: restarted (backoff applies)", "running", True,
      Observed(A, 8001, "crashed", pid=100, fingerprint="fp1"), [Kind.START]),
-    ("running with park_after: left alone (the door parks it)", "running", True, running(), [Kind.OK]),
+    ("running with park_after: left alone (cst serve parks it)", "running", True, running(), [Kind.OK]),
 ]
 
 

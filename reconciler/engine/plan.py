@@ -24,7 +24,7 @@ class Target:
     fingerprint: str = ""           # digest of everything a restart would change
     release: str = ""               # the release it should run ("sillytavern@1.19.0"), as Observed.release says it
     problem: str | None = None      # e.g. its password variable is unset: cannot start
-    parks: bool = False             # park_after is set: parked is as good as running (cst serve's door wakes it)
+    parks: bool = False             # park_after is set: parked is as good as running (cst serve wakes it)
 
 
 class Kind(str, Enum):

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from ..desired.model import InstanceSpec
 
-# parked: no process, on purpose; cst serve's front door holds its port and wakes it on use
+# parked: no process, on purpose; the edge keeps its routes and cst serve wakes it on use
 ObservedStatus = Literal["running", "parked", "stopped", "crashed", "port-taken"]
 
 

@@ -318,7 +318,7 @@ class LocalRuntime:
 
     async def park(self, id_: str) -> None:
         """Stop the instance's process as a stop does (SIGTERM: SillyTavern saves before it exits)
-        and remember it as parked: nothing is archived, and cst serve's front door keeps its port."""
+        and remember it as parked: nothing is archived, and the edge keeps its routes."""
         record = self.state.record(id_)
         if record is None:   # never started: parked from the first
             spec = self.desired.instance(id_)
@@ -332,7 +332,7 @@ class LocalRuntime:
         self.state.save(record)
 
     async def wake(self, spec: InstanceSpec) -> Record:
-        """Start a parked (or stopped) instance for a request at its door; a live process is left
+        """Start a parked (or stopped) instance for a request at the edge; a live process is left
         as it is. Its data was last used by another release when the file changed it meanwhile: a
         snapshot first, as a rollout takes one. Raises StartFailed."""
         record = self.state.record(spec.id)

@@ -180,7 +180,7 @@ class StateDir:
 
     def secret(self, name: str, generate: Callable[[], str] = lambda: str(uuid.uuid4())) -> str:
         """The secret kept under ``name``, generated on first use (a UUID, as the seed's passwords).
-        Two callers at once (a pass and the front door) get the same one."""
+        Two callers at once (a pass and a wake) get the same one."""
         value = self.read_secret(name)
         if value is not None:
             return value

@@ -43,7 +43,7 @@ class Control(Protocol):
     last_pass_ms: float | None
     events: EventHub                # what changed, for GET /api/events
     proxy: PoolProcess | None       # the key-pool proxy's process (asked on its control socket), once started
-    parking: Parking | None         # the front doors of instances with park_after, once started
+    parking: Parking | None         # parks and wakes instances with park_after (the gate), once started
     git: GitFollower                # the file's commits and the branch it follows
     changed_at: float               # monotonic time of the last pass or instance exit: older listings are stale
     pass_counters: PassCounters     # reconcile passes, for GET /metrics

@@ -94,7 +94,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self.proxy: PoolProcess | None = None     # the key-pool proxy's process, once started or adopted
-        self.parking: Parking | None = None      # the front doors of instances with park_after, once started
+        self.parking: Parking | None = None      # parks and wakes instances with park_after (the gate), once started
         self._exit_watches = ExitWatches(self._exited)
         self._checks = HealthChecks()          # liveness, on this loop
         self._pass_checks = HealthChecks()     # readiness after starts, on the worker's loop
@@ -214,7 +214,7 @@ class Daemon:
         desired = self.desired
         started = time.monotonic()
         self._set_phase("starting a pass")
-        if self.parking is not None:   # the ports of instances no longer behind a door are free for node
+        if self.parking is not None:   # the gate knows the instances that park now
             await self.parking.follow(desired)
         try:
             report, running = await self._worker.run(self._pass_in_worker(desired))
@@ -235,8 +235,6 @@ class Daemon:
                 log.info("%s", result.line())
         await self.proxy_keys_changed()   # a started instance's key works, a removed one's does not
         self._exit_watches.watch(running)
-        if self.parking is not None:   # a node restarted behind its door has left the instance's port
-            await self.parking.follow(desired)
         self.last_pass_at = utc_now()
         self.last_pass_ms = round((time.monotonic() - started) * 1000, 1)
         self.changed_at = time.monotonic()

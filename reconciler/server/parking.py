@@ -178,7 +178,7 @@ class Parking:
     async def _wake_at_gate(self, entrance: Entrance) -> None:
         id_ = entrance.id
         held = self._supervisor.errored(id_)
-        if held:   # its starts are backing off: the door does not start it sooner than a pass would
+        if held:   # its starts are backing off: the gate does not start it sooner than a pass would
             raise WakeFailed(held, retry_after=max(1, round(self._supervisor.retry_in(id_))))
         began = time.monotonic()
         try:
