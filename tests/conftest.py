@@ -117,13 +117,14 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def http_status(port: int, auth: tuple[str, str] | None = None) -> int:
-    """HTTP status of GET / on a local port (with basic auth if given); 0 when nothing answers."""
+def http_status(port: int, auth: tuple[str, str] | None = None, timeout: float = 10) -> int:
+    """HTTP status of GET / on a local port (with basic auth if given); 0 when nothing answers
+    within ``timeout``."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/")
     if auth:
         request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
