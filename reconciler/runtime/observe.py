@@ -54,7 +54,7 @@ def observe(desired: DesiredState, state: StateDir, records: dict[str, Record] |
     # the same, and starting another beside it would run the instance twice
     starting = {i.id for i in desired.instances if i.state == "running"
                 and ((i.port in unsure and i.port not in busy)
-                     or (i.park_after is not None and getattr(observed.get(i.id), "status", None) != "running"))}
+                     or (desired.behind_edge(i) and getattr(observed.get(i.id), "status", None) != "running"))}
     spawned: dict[str, Observed] = {}
     for seen in _spawned_without_record(desired, state, starting) if starting else []:
         spawned.setdefault(seen.id, seen)

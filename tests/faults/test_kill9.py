@@ -9,6 +9,7 @@ import signal
 import subprocess
 
 import psutil
+import pytest
 
 from conftest import CST, free_ports, http_status, processes_of, serve_settings, standin_file, wait_until
 
@@ -79,16 +80,26 @@ def test_kill_9_of_apply_while_it_starts_instances(project):
 
 
 
-def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(project):
+@pytest.mark.parametrize("behind_edge", [False, True], ids=["own-port", "behind-the-edge"])
+def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(project, behind_edge, tmp_path):
     """The narrowest window: the process is spawned, the cst that spawned it is killed before the
-    record is written, and the process does not listen yet. It is found by its environment."""
+    record is written, and the process does not listen yet. It is found by its environment, on its
+    own port or behind the edge (where no port of its own would tell)."""
     from reconciler.desired.model import load
-    from reconciler.runtime import listener
+    from reconciler.runtime import edge, listener
     from reconciler.runtime.local import LocalRuntime
 
-    api, port = free_ports(2)
+    api, port, edge_port = free_ports(3)
     project.standin_knobs(port, {"startDelayMs": 3000})
-    project.write(standin_file([(port, "running")], settings=serve_settings(api, "1s")))
+    settings = serve_settings(api, "1s")
+    if behind_edge:   # every instance behind the edge, parked or not: settings.edge
+        import trustme
+        issued = trustme.CA().issue_cert("*.st.test")
+        issued.private_key_pem.write_to_path(str(tmp_path / "edge.key"))
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / "edge.pem"))
+        settings += (f'\nedge: {{listen: "127.0.0.1:{edge_port}", domain: st.test, '
+                     f'tls: {{cert: {tmp_path / "edge.pem"}, key: {tmp_path / "edge.key"}}}}}')
+    project.write(standin_file([(port, "running")], settings=settings))
     launch = LocalRuntime(load(project.file)).launch_spec(load(project.file).instances[0])
     for folder in (launch.workdir, launch.data_dir):   # as the launcher prepares them: the instance's own
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +107,9 @@ def test_a_process_spawned_just_before_the_kill_has_no_record_and_is_adopted(pro
             os.chown(folder, launch.user.uid, launch.user.gid)
     # spawned as the runtime spawns it: on the address CST opened for it (into its sandbox, where
     # the record names node, not bwrap)
-    with listener.open_listener(launch.address) as bound:
+    if behind_edge:
+        edge.prepare_folders(edge.Paths(project.state_dir.resolve()))
+    with listener.open_listener(launch.address, edge.worker_gid() if behind_edge else None) as bound:
         env = {**dict(launch.env), listener.ENV_LISTEN_FD: str(bound.fileno())}
         if launch.sandbox is None:
             orphan = subprocess.Popen(launch.argv, cwd=launch.workdir, env=env, start_new_session=True,
