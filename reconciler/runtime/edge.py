@@ -31,6 +31,7 @@ import signal
 import stat
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -208,8 +209,7 @@ class Edge:
         held = self._held() if pid is not None else set()
         waiting = tuple(sorted(r.port.port for r in wanted if r.port is not None and r.port.port not in held
                                and not port_is_free(r.port.host, r.port.port)))
-        routes_now = [r if r.port is None or r.port.port not in waiting else
-                      edge_config.Route(r.id, r.names, None, r.login, r.socket) for r in wanted]
+        routes_now = [r if r.port is None or r.port.port not in waiting else replace(r, port=None) for r in wanted]
         text = edge_config.render(routes_now, self._layout(), entrance, self.desired.settings.api.trusted_proxies,
                                   resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         stamp = self._stamp(text, entrance)
