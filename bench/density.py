@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -106,6 +107,7 @@ class Fleet:
         if self.serve is not None:
             self.serve.terminate()
             self.serve.wait(30)
+        self._stop_edge()
         for proc in psutil.process_iter(["environ"]):
             try:
                 if (proc.info["environ"] or {}).get("CST_STATE_DIR") == str(self.dir / ".cst"):
@@ -113,6 +115,22 @@ class Fleet:
             except psutil.Error:
                 continue
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+    def _stop_edge(self) -> None:
+        """The edge's nginx outlives cst serve by design: stopped here by its pid (a tree from before the
+        edge has none)."""
+        try:
+            from reconciler.runtime import edge
+        except ModuleNotFoundError as exc:
+            if exc.name != "reconciler.runtime.edge":
+                raise
+            return
+        paths = edge.Paths((self.dir / ".cst").resolve())
+        master = edge.master_pid(paths)
+        if master is not None:
+            os.killpg(master, signal.SIGKILL)
+        shutil.rmtree(paths.run, ignore_errors=True)
 
 
 def wait(predicate, timeout: float, what: str) -> None:
