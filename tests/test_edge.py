@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,7 @@ import psutil
 import pytest
 import trustme
 
-from conftest import fake_upstream, free_ports, standin_file, wait_until
+from conftest import Project, fake_upstream, free_ports, standin_file, wait_until
 from reconciler.runtime import edge
 
 DOMAIN = "st.test"
@@ -81,28 +82,47 @@ def certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
     return cert, key, ca_file
 
 
-def edge_file(api: int, proxy: int, edge_port: int, cert: Path, key: Path, a: int, b: int, upstream: str,
-              trusted: str = "[]") -> str:
-    return standin_file(
-        [(a, "running"), (b, "running")],
-        settings=(f'resync: 1s\napi: {{listen: "127.0.0.1:{api}", trusted_proxies: {trusted}}}\n'
-                  f'proxy: {{listen: "127.0.0.1:{proxy}", upstream: "{upstream}/v1"}}\n'
-                  f'edge: {{listen: "127.0.0.1:{edge_port}", domain: {DOMAIN}, tls: {{cert: {cert}, key: {key}}}}}'),
-        extra_instance={a: {"hosts": "[alice.example.org]"}, b: {"park_after": "2s"}}) + \
-        "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n"
+@dataclass
+class EdgeFleet:
+    """Instances a (also at alice.example.org) and b (``park_after: 2s``) behind an edge on loopback,
+    a key pool on a fake upstream beside them; ``ready`` once cst serve runs."""
+
+    project: Project
+    certificate: tuple[Path, Path, Path]
+    upstream: str
+
+    def __post_init__(self) -> None:
+        self.api, self.proxy, self.edge_port, self.a, self.b = free_ports(5)
+        self.name_a, self.name_b = f"st-instance-{self.a}.{DOMAIN}", f"st-instance-{self.b}.{DOMAIN}"
+        self.at = Edge(self.edge_port, self.certificate[2])
+        self.project.env["POOL_KEYS"] = POOL_KEY
+        self.write()
+
+    def write(self, trusted: str = "[]") -> None:
+        cert, key, _ = self.certificate
+        self.project.write(standin_file(
+            [(self.a, "running"), (self.b, "running")],
+            settings=(f'resync: 1s\napi: {{listen: "127.0.0.1:{self.api}", trusted_proxies: {trusted}}}\n'
+                      f'proxy: {{listen: "127.0.0.1:{self.proxy}", upstream: "{self.upstream}/v1"}}\n'
+                      f'edge: {{listen: "127.0.0.1:{self.edge_port}", domain: {DOMAIN}, '
+                      f'tls: {{cert: {cert}, key: {key}}}}}'),
+            extra_instance={self.a: {"hosts": "[alice.example.org]"}, self.b: {"park_after": "2s"}}) +
+            "accounts:\n  - {name: main, provider: static, keys_env: POOL_KEYS}\n")
+
+    def ready(self) -> None:
+        """The instances' credentials (made by the first pass), and a answering through the edge."""
+        self.auth_a = (f"st-instance-{self.a}", password(self.project, self.a))
+        self.auth_b = (f"st-instance-{self.b}", password(self.project, self.b))
+        wait_until(lambda: self.at.answers(self.name_a, self.auth_a), timeout=30)
 
 
 def test_host_names_credentials_and_limits_at_the_edge(project, serve, certificate):
-    cert, key, ca = certificate
-    api, proxy, edge_port, a, b = free_ports(5)
     with fake_upstream() as upstream:
-        project.env["POOL_KEYS"] = POOL_KEY
-        project.write(edge_file(api, proxy, edge_port, cert, key, a, b, upstream.url))
-        served = serve(api)
-        at = Edge(edge_port, ca)
-        name_a, name_b = f"st-instance-{a}.{DOMAIN}", f"st-instance-{b}.{DOMAIN}"
-        auth_a, auth_b = (f"st-instance-{a}", password(project, a)), (f"st-instance-{b}", password(project, b))
-        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
+        fleet = EdgeFleet(project, certificate, upstream.url)
+        served = serve(fleet.api)
+        fleet.ready()
+        at, a, b, edge_port = fleet.at, fleet.a, fleet.b, fleet.edge_port
+        name_a, name_b, auth_a, auth_b = fleet.name_a, fleet.name_b, fleet.auth_a, fleet.auth_b
 
         # each name reaches its instance over TLS; its own port too, through the same checks
         assert f"stand-in SillyTavern on {a}" in at.get(name_a, auth=auth_a).text
@@ -164,7 +184,7 @@ def test_host_names_credentials_and_limits_at_the_edge(project, serve, certifica
         # X-Forwarded-For is believed only from a trusted proxy: here loopback is not one, so the
         # header changes nothing; once it is, each client behind it has a limit of its own
         assert at.get(name_a, auth=(auth_a[0], "guess"), **{"X-Forwarded-For": "10.0.0.9"}).status_code == 429
-        project.write(edge_file(api, proxy, edge_port, cert, key, a, b, upstream.url, trusted='["127.0.0.1"]'))
+        fleet.write(trusted='["127.0.0.1"]')
         wait_until(lambda: at.get(name_a, auth=(auth_a[0], "guess"), **{"X-Forwarded-For": "10.0.0.9"}).status_code
                    == 401, timeout=15)
         limited = [at.get(name_a, auth=(auth_a[0], "guess"), **{"X-Forwarded-For": "10.0.0.8"}).status_code
@@ -177,16 +197,12 @@ def test_a_restart_of_cst_serve_is_invisible_to_users(project, serve, certificat
     """SIGTERM to cst serve and a new one, while a page is asked for again and again through the
     edge and a chat streams at the pool: every request answered, the stream whole, and the edge
     and the pool the same processes before and after."""
-    cert, key, ca = certificate
-    api, proxy, edge_port, a, b = free_ports(5)
     with fake_upstream(chunks=150, slow_gap=0.1) as upstream:
-        project.env["POOL_KEYS"] = POOL_KEY
-        project.write(edge_file(api, proxy, edge_port, cert, key, a, b, upstream.url))
+        fleet = EdgeFleet(project, certificate, upstream.url)
+        api, proxy, a, b = fleet.api, fleet.proxy, fleet.a, fleet.b
         served = serve(api)
-        at = Edge(edge_port, ca)
-        name_a, name_b = f"st-instance-{a}.{DOMAIN}", f"st-instance-{b}.{DOMAIN}"
-        auth_a, auth_b = (f"st-instance-{a}", password(project, a)), (f"st-instance-{b}", password(project, b))
-        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
+        fleet.ready()
+        at, name_a, name_b, auth_a, auth_b = fleet.at, fleet.name_a, fleet.name_b, fleet.auth_a, fleet.auth_b
         wait_until(lambda: served.api("GET", f"/api/instances/st-instance-{b}").json()["observed"] == "parked",
                    timeout=15)
         nginx = edge.master_pid(edge.Paths(project.state_dir.resolve()))
@@ -234,15 +250,12 @@ def test_a_restart_of_cst_serve_is_invisible_to_users(project, serve, certificat
 def test_idle_and_dripping_connections_do_not_keep_users_out(project, serve, certificate):
     """2,000 connections that send nothing and 500 that drip a header a byte at a time: a user's
     page still loads through the edge, the API and the pool still answer, and the edge closes them."""
-    cert, key, ca = certificate
-    api, proxy, edge_port, a, b = free_ports(5)
     with fake_upstream() as upstream:
-        project.env["POOL_KEYS"] = POOL_KEY
-        project.write(edge_file(api, proxy, edge_port, cert, key, a, b, upstream.url))
-        served = serve(api)
-        at = Edge(edge_port, ca)
-        name_a, auth_a = f"st-instance-{a}.{DOMAIN}", (f"st-instance-{a}", password(project, a))
-        wait_until(lambda: at.answers(name_a, auth_a), timeout=30)
+        fleet = EdgeFleet(project, certificate, upstream.url)
+        served = serve(fleet.api)
+        fleet.ready()
+        at, a, proxy, edge_port = fleet.at, fleet.a, fleet.proxy, fleet.edge_port
+        name_a, auth_a = fleet.name_a, fleet.auth_a
 
         idle = [socket.create_connection(("127.0.0.1", edge_port)) for _ in range(2000)]
         drips = [socket.create_connection(("127.0.0.1", a)) for _ in range(500)]

@@ -130,7 +130,7 @@ def test_a_chat_in_flight_outlives_a_restart_of_serve_which_adopts_the_same_prox
             while not watching.is_set():
                 if not answers(proxy):
                     down.append(time.monotonic())
-                time.sleep(0.1)
+                watching.wait(0.1)   # the sampling period, ended at once when the watch stops
         watcher = threading.Thread(target=watch_port, daemon=True)
         watcher.start()
         chat = SlowChat(proxy)

@@ -191,14 +191,11 @@ class Edge:
         self.desired = desired
         self.paths = Paths(desired.settings.state_dir)
 
-    def running_pid(self) -> int | None:
-        return master_pid(self.paths)
-
     def follow(self, wanted: list[edge_config.Route]) -> EdgeChange:
         """Make the running nginx serve ``wanted``: started, reloaded, or stopped when nothing is
         behind the edge. A port still held by someone else (a node about to restart behind the
         edge) is left out until the next pass. Raises EdgeFailed with nginx's own words."""
-        pid = self.running_pid()
+        pid = master_pid(self.paths)
         entrance = self._entrance()
         if not wanted and entrance is None:
             if pid is not None:
@@ -282,7 +279,7 @@ class Edge:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise EdgeFailed(f"nginx exited with code {proc.returncode}: {_said(_since(self.paths.error_log, offset))}")
-            if self.running_pid() == proc.pid and _workers(proc.pid):
+            if master_pid(self.paths) == proc.pid and _workers(proc.pid):
                 return proc.pid
             time.sleep(0.02)
         proc.kill()
