@@ -141,16 +141,22 @@ def wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def open_page(browser, port: int, password: str) -> list[str]:
-    """Load SillyTavern's page as its user, run a tokenizer in it; the URLs of the GETs it made."""
-    context = browser.new_context(http_credentials={"username": f"st-instance-{port}", "password": password})
+def load_page(context, url: str):
+    """SillyTavern's page at ``url``, loaded in ``context`` until it is ready (its greeting or its
+    chat box shown); the page, and the URLs of the GETs it made (filled in as it goes on)."""
     page = context.new_page()
     gets: list[str] = []
     page.on("request", lambda r: gets.append(r.url) if r.method == "GET" else None)
-    page.goto(f"http://127.0.0.1:{port}/", timeout=300_000)
+    page.goto(url, timeout=300_000)
+    page.locator(".popup-button-ok:visible").or_(page.locator("#send_textarea")).first.wait_for(timeout=120_000)
+    return page, gets
+
+
+def open_page(browser, port: int, password: str) -> list[str]:
+    """Load SillyTavern's page as its user, run a tokenizer in it; the URLs of the GETs it made."""
+    context = browser.new_context(http_credentials={"username": f"st-instance-{port}", "password": password})
+    page, gets = load_page(context, f"http://127.0.0.1:{port}/")
     greeting = page.locator(".popup-button-ok:visible")
-    ready = page.locator("#send_textarea")
-    greeting.or_(ready).first.wait_for(timeout=120_000)
     if greeting.count():
         greeting.first.click()
     counted = page.evaluate("""async () => {

@@ -52,7 +52,7 @@ from playwright.sync_api import sync_playwright
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE), str(HERE / "proxy")]
-from density import CHROMIUM, Fleet, free_ports, wait  # noqa: E402  (bench/density.py)
+from density import CHROMIUM, Fleet, free_ports, load_page, wait  # noqa: E402  (bench/density.py)
 
 import bench as proxy_bench  # noqa: E402  (bench/proxy/bench.py: the keep-alive client)
 from reconciler.runtime.edge import NGINX, WORKER_USER, Paths, master_pid  # noqa: E402
@@ -212,13 +212,7 @@ def page_urls(setup: Setup) -> list[str]:
             f"--ignore-certificate-errors-spki-list={setup.pin}"])
         try:
             context = browser.new_context(extra_http_headers={"Authorization": setup.authorization})
-            page = context.new_page()
-            gets: list[str] = []
-            page.on("request", lambda r: gets.append(r.url) if r.method == "GET" else None)
-            page.goto(f"https://{setup.name}:{setup.edge_port}/", timeout=300_000)
-            greeting = page.locator(".popup-button-ok:visible")
-            ready = page.locator("#send_textarea")
-            greeting.or_(ready).first.wait_for(timeout=120_000)
+            page, gets = load_page(context, f"https://{setup.name}:{setup.edge_port}/")
             page.wait_for_load_state("networkidle")
             context.close()
         finally:
