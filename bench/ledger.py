@@ -26,12 +26,14 @@ sys.path.insert(0, str(ROOT))
 from proxy.budget import Reservation, UsageBook, charge  # noqa: E402
 from proxy.calendar import Calendar  # noqa: E402
 from proxy.ledger import LedgerWriter, Row, SqliteStore  # noqa: E402
+from proxy.metering import MeteringPolicy  # noqa: E402
 from proxy.request_body import inspect  # noqa: E402
-from reconciler.desired.model import Budget  # noqa: E402
+from reconciler.desired.model import Budget, MeteringSettings  # noqa: E402
 
 BODY = json.dumps({"model": "gpt-fake", "messages": [{"role": "user", "content": "Hello, how are you?"}],
                    "max_tokens": 300}).encode()
 CALLER = "st-instance-8001"
+POLICY = MeteringPolicy(MeteringSettings())
 
 
 class NullWriter:
@@ -51,7 +53,7 @@ def bookkeeping(n: int) -> float:
     book.budgets = {CALLER: Budget(tokens_per_day=10**12, tokens_per_month=10**12, requests_per_minute=10**6)}
     start = time.process_time()
     for _ in range(n):
-        facts = inspect("/v1/chat/completions", "POST", BODY)
+        facts = inspect("/v1/chat/completions", "POST", BODY, POLICY)
         reservation = book.admit(CALLER, facts)
         assert isinstance(reservation, Reservation)
         prompt, completion, estimated = charge(facts, (12, 30), True, 0)

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol
 from reconciler.desired.model import NO_LIMIT, Budget
 
 from .calendar import Calendar
-from .ledger import DayTotal, LedgerWriter, Row, Standing, StoreUnavailable, Tally
+from .ledger import DayTotal, LedgerWriter, Row, Standing, StoreUnavailable, Tally, clean_text
+from .metering import Metering
 from .request_body import RequestFacts, estimate_tokens
 
 MINUTE = 60.0
@@ -138,6 +139,14 @@ def grant(budget: Budget, want: int, used: Used) -> int:
     return want
 
 
+def bounded(facts: RequestFacts, budget: Budget, tokens: int) -> RequestFacts:
+    """``facts`` as a request holding ``tokens`` of ``budget`` is sent: under a limit of tokens, its
+    answers may not generate more than it holds (the README states the bound)."""
+    if budget.tokens_per_day is None and budget.tokens_per_month is None:
+        return facts
+    return facts.within(tokens)
+
+
 class SharedBudgets(Protocol):
     """A store that decides budgets for several proxy replicas at once (``shared.SharedStore``)."""
 
@@ -157,6 +166,9 @@ class SharedBudgets(Protocol):
         """Hold up to ``want`` tokens for ``caller`` atomically in the store: (tokens held, or None when
         a limit is used up; what the store counted). Raises ``StoreUnavailable``."""
 
+    def release(self, rid: str) -> None:
+        """The request ``rid`` reserved with has ended."""
+
 
 def _left(allowed: int | None, used: int) -> int | None:
     return None if allowed is None else max(allowed - used, 0)
@@ -164,13 +176,17 @@ def _left(allowed: int | None, used: int) -> int | None:
 
 def charge(facts: RequestFacts, meter_usage: tuple[int, int] | None, accepted: bool,
            text_bytes: int) -> tuple[int, int, bool]:
-    """(prompt, completion, estimated) to bill: the upstream's figures when it reported them; else,
-    once an upstream took the request (2xx), an estimate of the prompt and of what was relayed;
-    else nothing (it answered an error, or never answered)."""
-    if meter_usage is not None:
-        return meter_usage[0], meter_usage[1], False
-    if facts.billable and accepted:
-        return facts.prompt_estimate, estimate_tokens(text_bytes), True
+    """(prompt, completion, estimated) to bill. On a path metered in tokens: the upstream's figures
+    when it reported them; else, once an upstream took the request (2xx), an estimate of the
+    prompt and of what was relayed. On a path charged per request: that charge, once an upstream
+    took it, marked as estimated. Else nothing (it answered an error, or never answered)."""
+    if facts.metering is Metering.TOKENS:
+        if meter_usage is not None:
+            return meter_usage[0], meter_usage[1], False
+        if accepted:
+            return facts.prompt_estimate, estimate_tokens(text_bytes), True
+    elif facts.metering is Metering.PER_REQUEST and accepted:
+        return facts.charge, 0, True
     return 0, 0, False
 
 
@@ -226,7 +242,7 @@ class UsageBook:
         """Decide on this process's own counts (the only ones, unless a store is shared)."""
         now = self.clock()
         day, month = self.calendar.window(now)
-        budget = self.budgets.get(caller) if facts.billable else None
+        budget = self.budgets.get(caller) if facts.metering is not Metering.FREE else None
         if budget is None:
             return Reservation(caller, facts, 0, now, day, month, self._rid())
         account = self._account(caller, day, month)
@@ -238,13 +254,13 @@ class UsageBook:
         if budget.requests_per_minute is not None:
             account.recent.append(now)
         account.reserved += tokens
-        return Reservation(caller, facts, tokens, now, day, month, self._rid())
+        return Reservation(caller, bounded(facts, budget, tokens), tokens, now, day, month, self._rid())
 
     async def admit_shared(self, caller: str, facts: RequestFacts) -> Reservation | Refusal:
         """Decide in the shared store, where every replica's requests count; while it cannot be
         reached, on this process's counts if on_store_down is open (else ``StoreUnavailable``)."""
         shared = self.shared
-        budget = self.budgets.get(caller) if facts.billable else None
+        budget = self.budgets.get(caller) if facts.metering is not Metering.FREE else None
         if budget is None or shared is None or not shared.up:
             if shared is not None and not shared.serving:
                 raise StoreUnavailable("the store is down")
@@ -264,15 +280,17 @@ class UsageBook:
             return refused
         account = self._account(caller, day, month)
         account.reserved += tokens
-        return Reservation(caller, facts, tokens, now, day, month, rid)
+        return Reservation(caller, bounded(facts, budget, tokens), tokens, now, day, month, rid)
 
     def settle(self, reservation: Reservation, status: int, prompt: int, completion: int, estimated: bool,
                key: str) -> Row:
         """The request has ended: its reservation becomes what it cost, and a row of the ledger."""
         now = self.clock()
         facts = reservation.facts
-        row = Row(reservation.caller, facts.model, facts.path, status, prompt, completion, estimated,
-                  reservation.started, now, key, reservation.day, reservation.rid)
+        if self.shared is not None:
+            self.shared.release(reservation.rid)
+        row = Row(reservation.caller, clean_text(facts.model), clean_text(facts.path), status, prompt, completion,
+                  estimated, reservation.started, now, key, reservation.day, reservation.rid)
         account = self._account(reservation.caller, *self.calendar.window(now))
         account.reserved = max(account.reserved - reservation.tokens, 0)
         if account.day == reservation.day:
@@ -290,6 +308,11 @@ class UsageBook:
         return self.settle(nothing, status, 0, 0, False, "")
 
     # -- what people read -------------------------------------------------------------------
+
+    def reserved(self, caller: str) -> int:
+        """Tokens held by this process's requests of ``caller`` in flight."""
+        account = self._accounts.get(caller)
+        return account.reserved if account is not None else 0
 
     def window(self) -> dict[str, Any]:
         now = self.clock()

@@ -12,12 +12,14 @@ daily totals stay, so billing exports and budgets do not depend on the rows.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
@@ -25,6 +27,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
 log = logging.getLogger("cst.proxy.ledger")
 
 FLUSH_DELAY = 0.05      # a row is on disk at most this long (plus the write) after its request ended
+MAX_TEXT = 200          # characters of a row's model or path kept
+MAX_TOKENS = 10_000_000   # a row's figure of tokens at most (see usage.MAX_REPORTED_TOKENS)
 PRUNE_EVERY = 3600.0
 MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be written
 REPLAY_BATCH = 5000       # spooled rows written to the store a transaction
@@ -50,6 +54,28 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
 
 
 RowValues = tuple[object, ...]   # a Row's fields in order, as the writer queues them
+
+_CONTROLS = dict.fromkeys([*range(0x20), 0x7F], "\ufffd")   # NUL among them: PostgreSQL refuses it in text
+
+
+def clean_text(value: str, limit: int = MAX_TEXT) -> str:
+    """``value`` as every store takes it: no control characters (NUL above all), no lone
+    surrogates, at most ``limit`` characters. A string that is printable ASCII costs one check."""
+    if not (value.isascii() and value.isprintable()):
+        value = value.translate(_CONTROLS).encode("utf-8", "replace").decode("utf-8")
+    return value[:limit]
+
+
+def _clamped(value: object) -> int:
+    number = int(value) if isinstance(value, (int, float)) and value == value else 0   # NaN: 0
+    return min(max(number, 0), MAX_TOKENS)
+
+
+def sanitised(row: RowValues) -> RowValues:
+    """A row read back from a spool (written by any version) as every store takes it."""
+    caller, model, path, status, prompt, completion, *rest = row
+    return (clean_text(str(caller)), clean_text(str(model)), clean_text(str(path)), status, _clamped(prompt),
+            _clamped(completion), *rest)
 
 
 @dataclass
@@ -135,11 +161,20 @@ class StoreUnavailable(Exception):
     """A store across the network cannot be reached now; the message names it and says why."""
 
 
+class RowsRefused(Exception):
+    """A store refused a batch for what it holds (a value it cannot take), not for being away:
+    writing it again as it is would fail for ever."""
+
+
 class LedgerStore(Protocol):
     """Where rows and daily totals are kept. Methods block: call them off the event loop."""
 
     def write(self, rows: Sequence[RowValues]) -> None:
-        """Rows (as Row's fields, in order) and their daily totals, in one transaction."""
+        """Rows (as Row's fields, in order) and their daily totals, in one transaction. Raises
+        ``RowsRefused`` when a row holds what the store cannot take."""
+
+    def end_holds(self, rids: Sequence[str]) -> None:
+        """End the budget holds of requests whose rows will never be written (set aside)."""
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
         """Per caller: the totals of ``day`` and ``month`` (``YYYY-MM``), and the requests since ``since``."""
@@ -172,6 +207,16 @@ _SCHEMA = (
     # version 2: rows carry their request's id (no index: only a spool's rows are read back by it)
     """
     ALTER TABLE requests ADD COLUMN rid TEXT NOT NULL DEFAULT '';
+    """,
+    # version 3: figures an upstream claimed beyond belief (2^71 tokens) as a row holds at most,
+    # daily totals at most that a request (figures past 2^63 never made it to the file)
+    f"""
+    UPDATE requests SET prompt_tokens = min(prompt_tokens, {MAX_TOKENS}),
+                        completion_tokens = min(completion_tokens, {MAX_TOKENS})
+    WHERE prompt_tokens > {MAX_TOKENS} OR completion_tokens > {MAX_TOKENS};
+    UPDATE daily SET prompt_tokens = min(prompt_tokens, {MAX_TOKENS} * requests),
+                     completion_tokens = min(completion_tokens, {MAX_TOKENS} * requests)
+    WHERE prompt_tokens > {MAX_TOKENS} * requests OR completion_tokens > {MAX_TOKENS} * requests;
     """,
 )
 
@@ -242,9 +287,14 @@ class SqliteStore:
                 last = self._db.execute("SELECT last_insert_rowid()").fetchone()[0]
                 self._db.execute(_ADD_DAYS, (last - len(rows),))
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 self._db.execute("ROLLBACK")
+                if isinstance(exc, (OverflowError, sqlite3.DataError, sqlite3.IntegrityError)):
+                    raise RowsRefused(f"{self.path}: {exc}") from exc
                 raise
+
+    def end_holds(self, rids: Sequence[str]) -> None:
+        pass   # one process decides on its own counts: nothing is held in the file
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
         with self._lock:
@@ -312,12 +362,18 @@ class LedgerWriter:
     take is logged with its traceback and tried again; with a ``spool`` (a local SQLite file, for a
     shared store across the network) it is kept there meanwhile, so that a proxy stopped or killed
     while the store is away loses nothing, and written to the store once it answers: rows carry
-    their request's id, and the store takes each id once."""
+    their request's id, and the store takes each id once.
+
+    A row the store refuses for what it holds (not for being away) is found by halving its batch,
+    appended to ``set_aside`` (JSON lines, 0600) for the operator, counted, and its budget hold
+    ended: it never blocks the rows behind it."""
 
     def __init__(self, store: LedgerStore, retention: float, clock: Callable[[], float] = time.time,
-                 spool: "SqliteStore | None" = None):
+                 spool: "SqliteStore | None" = None, set_aside: Path | None = None):
         self.store = store
         self.spool = spool
+        self.set_aside_path = set_aside
+        self.set_aside = 0         # rows the store refused, kept in set_aside_path
         self.retention = retention
         self._clock = clock
         self._queue: queue.SimpleQueue[RowValues | None] = queue.SimpleQueue()
@@ -344,7 +400,7 @@ class LedgerWriter:
 
     def status(self) -> dict[str, int]:
         return {"written": self.written, "failures": self.failures, "unwritten": len(self._backlog),
-                "spooled": self.spooled}
+                "spooled": self.spooled, "set_aside": self.set_aside}
 
     def _take(self, wait: float | None) -> bool:
         """Move what is queued into the backlog, waiting up to ``wait`` for a first item;
@@ -392,9 +448,7 @@ class LedgerWriter:
                 if self.spooled and time.monotonic() >= retry_at:
                     wrote = self._replay()
                 if self._backlog:
-                    self.store.write(self._backlog)
-                    self.written += len(self._backlog)
-                    self._backlog = []
+                    self._write(self._backlog, self._backlog_done)
                     wrote = True
             except Exception as exc:
                 self.failures += 1
@@ -423,6 +477,43 @@ class LedgerWriter:
                 except Exception:
                     log.exception("pruning the ledger failed; trying again in an hour")
 
+    def _backlog_done(self, count: int) -> None:
+        del self._backlog[:count]
+
+    def _write(self, rows: list[RowValues], done: Callable[[int], None]) -> None:
+        """Write ``rows`` in order; ``done(n)`` after each n of them left (written or set aside), so
+        that what is left is known when the store fails for another reason (which is raised)."""
+        parts: deque[list[RowValues]] = deque([rows[:]])
+        while parts:
+            part = parts.popleft()
+            try:
+                self.store.write(part)
+                self.written += len(part)
+            except RowsRefused as exc:
+                if len(part) > 1:
+                    half = len(part) // 2
+                    parts.extendleft((part[half:], part[:half]))
+                    continue
+                self._put_aside(part[0], exc)
+            done(len(part))
+
+    def _put_aside(self, row: RowValues, why: RowsRefused) -> None:
+        self.set_aside += 1
+        log.error("the ledger store refused a row (%s); it is set aside%s and the rows behind it go on",
+                  why, f" in {self.set_aside_path}" if self.set_aside_path else "")
+        if self.set_aside_path is not None:
+            try:
+                self.set_aside_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.set_aside_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "a", encoding="utf-8") as out:
+                    out.write(json.dumps({"row": dict(zip(Row._fields, row, strict=True)), "refused": str(why)}) + "\n")
+            except OSError:
+                log.exception("could not keep the refused row in %s", self.set_aside_path)
+        try:
+            self.store.end_holds([str(row[-1])])
+        except Exception as exc:   # its replica's sweep ends it later
+            log.warning("could not end the hold of a refused row now: %s", exc)
+
     def _keep_backlog(self) -> None:
         """The store refused the backlog: into the spool if there is one, else held in memory."""
         if self.spool is not None and self._backlog:
@@ -449,8 +540,8 @@ class LedgerWriter:
             if not rows:
                 self.spooled = 0
                 return True
-            self.store.write(rows)
+            # rows any version spooled, cleaned as this one writes them (a NUL once stalled the spool)
+            self._write([sanitised(row) for row in rows], lambda _: None)
             self.spool.forget(last)
             self.spooled = max(self.spooled - len(rows), 0)
-            self.written += len(rows)
             log.info("wrote %d ledger rows from the spool to the store (%d left)", len(rows), self.spooled)

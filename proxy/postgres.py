@@ -21,7 +21,17 @@ import psycopg
 from reconciler.desired.model import UsageSettings
 from reconciler.desired.secret_source import read_secret
 
-from .ledger import DayTotal, RowValues, Standing, StoreUnavailable, daily_query, day_totals, standings
+from .ledger import (
+    MAX_TOKENS,
+    DayTotal,
+    RowsRefused,
+    RowValues,
+    Standing,
+    StoreUnavailable,
+    daily_query,
+    day_totals,
+    standings,
+)
 
 log = logging.getLogger("cst.proxy.postgres")
 
@@ -221,10 +231,38 @@ def migrate(db: psycopg.Connection) -> int:
                 raise RuntimeError(f"the store's schema is version {version}, newer than this cst knows "
                                    f"({len(_MIGRATIONS)}): upgrade cst")
             if version == len(_MIGRATIONS):
+                _repair(db)
                 return version
             db.execute(_MIGRATIONS[version])
             db.execute("INSERT INTO cst_schema VALUES (%s)", (version + 1,))
             log.info("the usage store's schema is now version %d", version + 1)
+
+
+# Repairs of what older versions let in, each run once (named in cst_repairs). They change no
+# table's shape, so replicas of the version before run beside these during a rolling upgrade (a
+# new schema version would stop them: a replica refuses a schema newer than it knows).
+_REPAIRS = {
+    # an upstream's figure beyond belief, as a row holds at most (see ledger.MAX_TOKENS)
+    "clamp-tokens": f"""
+        UPDATE cst_requests SET prompt_tokens = least(prompt_tokens, {MAX_TOKENS}),
+                                completion_tokens = least(completion_tokens, {MAX_TOKENS})
+        WHERE prompt_tokens > {MAX_TOKENS} OR completion_tokens > {MAX_TOKENS};
+        UPDATE cst_daily SET prompt_tokens = least(prompt_tokens, {MAX_TOKENS} * requests),
+                             completion_tokens = least(completion_tokens, {MAX_TOKENS} * requests)
+        WHERE prompt_tokens > {MAX_TOKENS} * requests OR completion_tokens > {MAX_TOKENS} * requests;
+    """,
+}
+
+
+def _repair(db: psycopg.Connection) -> None:
+    """Run the repairs this store has not had, under the migration lock already held."""
+    db.execute("CREATE TABLE IF NOT EXISTS cst_repairs (name text PRIMARY KEY)")
+    done = {row[0] for row in db.execute("SELECT name FROM cst_repairs")}
+    for name, statements in _REPAIRS.items():
+        if name not in done:
+            db.execute(statements)
+            db.execute("INSERT INTO cst_repairs VALUES (%s)", (name,))
+            log.info("the usage store had its repair %s", name)
 
 
 class PostgresStore:
@@ -268,6 +306,8 @@ class PostgresStore:
                 if self._db is not None:
                     self._db.close()   # opened afresh by the next call
                 raise StoreUnavailable(f"{shown(self._conninfo)}: {str(exc).strip()}") from exc
+            except psycopg.DataError as exc:   # a value the store cannot take (NUL in text, out of range)
+                raise RowsRefused(f"{shown(self._conninfo)}: {str(exc).strip()}") from exc
 
     def write(self, rows: Sequence[RowValues]) -> None:
         """The rows and their daily totals, and the end of their holds, in one transaction."""
@@ -275,6 +315,9 @@ class PostgresStore:
             return
         columns = [list(column) for column in zip(*rows, strict=True)]
         self._run(_WRITE, columns, then=("SELECT cst_end_holds(%s, NULL)", (columns[-1],)))
+
+    def end_holds(self, rids: Sequence[str]) -> None:
+        self._run("SELECT cst_end_holds(%s, NULL)", (list(rids),))
 
     def standing(self, day: str, month: str, since: float) -> dict[str, Standing]:
         totals = self._run("SELECT day, caller, requests, errors, prompt_tokens, completion_tokens, estimated"

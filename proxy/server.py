@@ -8,41 +8,46 @@ and ``usage``); an instance calling ``/status`` sees its own counts only.
 Limits, answered in OpenAI's error shape: a body over ``settings.proxy.max_body`` is a 413
 (refused before it is read when its Content-Length says so); past
 ``settings.proxy.max_concurrent`` forwarded requests in flight, a 503 with Retry-After.
-A forwarded path is normalised (dot segments resolved, empty ones dropped) and refused
-when it would leave ``/v1/`` or hides a dot segment behind an escaped separator (``..%2F``),
-so no pool key goes to a path the proxy does not serve.
+A forwarded path is normalised (dot segments resolved, empty and trailing ones dropped, escapes
+of unreserved characters decoded, others written one way) and refused when it would leave ``/v1/``
+or hides a dot segment behind an escaped separator (``..%2F``), so no pool key goes to a path the
+proxy does not serve. The normalised path is both what is metered (see ``metering``) and what
+goes upstream.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .budget import Refusal, Reservation, SharedBudgets, StoreUnavailable, charge
 from .forward import openai_error
+from .metering import Refused
 from .metrics import registry_for
-from .request_body import inspect
+from .request_body import Unreadable, inspect
 from .state import ProxyState
 from .usage import Meter
 
-_NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these is already in normal form
+_NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these (nor a trailing /) is already in normal form
 _DOTS = {".", ".."}
+_SEGMENT_SAFE = "!$&'()*+,;=:@"   # RFC 3986 pchar besides the unreserved ones, which quote() keeps too
 
 
-def normalised_path(raw_path: str) -> str | None:
-    """``raw_path`` (with its query) with dot segments resolved and empty segments dropped,
-    or None when it leaves /v1/, or a segment decodes to NUL or hides a dot segment behind an
-    escaped separator (``..%2F``)."""
+def normalised_path(raw_path: str) -> tuple[str, str] | None:
+    """(the path, the path with its query) of ``raw_path`` in normal form: dot segments resolved,
+    empty segments dropped, each segment decoded and encoded again one way; or None when it
+    leaves /v1/, or a segment decodes to NUL or hides a dot segment behind an escaped separator
+    (``..%2F``)."""
     path, sep, query = raw_path.partition("?")
-    if not any(mark in path for mark in _NOT_PLAIN):
-        return raw_path if path.startswith("/v1/") and len(path) > 4 else None
+    if not path.endswith("/") and not any(mark in path for mark in _NOT_PLAIN):
+        return (path, raw_path) if path.startswith("/v1/") else None
     segments: list[str] = []
     for segment in path.split("/")[1:]:
-        decoded = unquote(segment)
+        decoded = unquote(segment, errors="strict") if "%" in segment else segment
         if decoded in ("", "."):
             continue
         if decoded == "..":
@@ -52,10 +57,11 @@ def normalised_path(raw_path: str) -> str | None:
         elif "\0" in decoded or _DOTS & set(decoded.replace("\\", "/").split("/")):
             return None  # an escaped separator is fine (a model named org/name), an escaped ../ is not
         else:
-            segments.append(segment)
+            segments.append(quote(decoded, safe=_SEGMENT_SAFE))
     if len(segments) < 2 or segments[0] != "v1":
         return None
-    return "/" + "/".join(segments) + sep + query
+    normal = "/" + "/".join(segments)
+    return normal, normal + sep + query
 
 
 
@@ -81,6 +87,20 @@ def _over_budget(refusal: Refusal, now: float) -> web.Response:
     return response
 
 
+def _refused_path(refused: Refused, path: str) -> web.Response:
+    if refused is Refused.DEFERRED:
+        message = (f"{path} is not served: its cost comes after the answer, where no budget can hold it "
+                   "(settings.proxy.metering.deferred: refuse)")
+    else:
+        message = f"{path} is not served here (settings.proxy.metering.paths refuses it)"
+    return openai_error(403, message, "invalid_request_error", refused.value)
+
+
+def _unreadable(unreadable: Unreadable, path: str) -> web.Response:
+    return openai_error(400, f"the body of a request to {path} must be a JSON object", "invalid_request_error",
+                        unreadable.value)
+
+
 def _store_down(shared: SharedBudgets) -> web.Response:
     response = openai_error(503, f"the usage store {shared.url} cannot be reached, and the proxy serves no request "
                             "it cannot account for (settings.usage.on_store_down: closed); retry shortly",
@@ -94,10 +114,14 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
     caller = _caller(state, request)
     if caller is None:
         return _denied()
-    target = normalised_path(request.raw_path)
-    if target is None:
+    try:
+        normal = normalised_path(request.raw_path)
+    except UnicodeDecodeError:   # an escape that is not UTF-8
+        normal = None
+    if normal is None:
         return openai_error(400, "the path must stay inside /v1/ (no '..' above it, no escaped '/')",
                             "invalid_request_error", "invalid_path")
+    path, target = normal
     if target != request.raw_path:
         request = request.clone(rel_url=target)
     if request.content_length is not None and request.content_length > state.max_body:
@@ -114,7 +138,11 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
             body = await request.read() if request.body_exists else b""
         except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
             return _too_large(state)
-        facts = inspect(request.path, request.method, body)
+        facts = inspect(path, request.method, body, state.metering)
+        if isinstance(facts, Refused):
+            return _refused_path(facts, path)
+        if isinstance(facts, Unreadable):
+            return _unreadable(facts, path)
         book = state.usage
         if book.shared is None:
             admitted = book.admit(caller, facts)
@@ -248,7 +276,8 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
         return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=state.max_body)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        if request.raw_path.startswith("/v1/"):  # raw: relayed as the client encoded it, once normalised
+        raw_path = request.raw_path   # relayed as the client encoded it, once normalised
+        if raw_path.startswith("/v1/") or raw_path.startswith("//"):
             return await forward(state, request)
         path = request.path
         handler = observe.get(path)

@@ -32,6 +32,7 @@ from .calendar import Calendar
 from .callers import Callers
 from .forward import ForwardConfig, Forwarder
 from .ledger import LedgerStore, LedgerWriter, SqliteStore, Standing, StoreUnavailable
+from .metering import MeteringPolicy
 from .pool import Key, KeyPool
 from .postgres import PostgresStore, connection_settings
 from .server import build_server
@@ -60,6 +61,11 @@ def spool_path(state_dir: Path, listen: Listen) -> Path:
     """Where rows wait while a shared store is away: one file per replica (by its address, so that
     a replica started again replays what it left)."""
     return state_dir / "proxy" / f"spool-{listen.host}-{listen.port}.sqlite3"
+
+
+def set_aside_path(state_dir: Path) -> Path:
+    """Where rows a store refused are kept for the operator (JSON lines)."""
+    return state_dir / "proxy" / "ledger-set-aside.jsonl"
 
 
 def open_store(usage: UsageSettings, state_dir: Path, application: str, readonly: bool = False) -> LedgerStore | None:
@@ -161,7 +167,8 @@ class ProxyService:
         callers = Callers(_client_keys(settings.proxy), anonymous=settings.proxy.anonymous)
         usage = await self._open_usage(self.desired)
         self.state = ProxyState(pool, forwarder, accounts, callers, usage,
-                                max_body=settings.proxy.max_body, max_concurrent=settings.proxy.max_concurrent)
+                                max_body=settings.proxy.max_body, max_concurrent=settings.proxy.max_concurrent,
+                                metering=MeteringPolicy(settings.proxy.metering))
         if settings.usage.store:
             await self._share(usage)
         accounts.update(self.desired.accounts)
@@ -188,7 +195,8 @@ class ProxyService:
         if settings.usage.store:
             listen = self._listen_override or settings.proxy.listen
             spool = await asyncio.to_thread(SqliteStore, spool_path(settings.state_dir, listen))
-        book = UsageBook(Calendar(settings.usage.timezone), LedgerWriter(store, settings.usage.retention, spool=spool))
+        writer = LedgerWriter(store, settings.usage.retention, spool=spool, set_aside=set_aside_path(settings.state_dir))
+        book = UsageBook(Calendar(settings.usage.timezone), writer)
         book.budgets = budgets(desired)
         await self._load_usage(book)
         return book
@@ -288,6 +296,8 @@ class ProxyService:
         state.pool.failure_threshold = new.failure_threshold
         state.callers.set_client_keys(_client_keys(new), new.anonymous)
         state.max_body, state.max_concurrent = new.max_body, new.max_concurrent
+        if new.metering != old.metering:
+            state.metering = MeteringPolicy(new.metering)
         state.usage.budgets = budgets(desired)
         assert state.usage.ledger is not None
         state.usage.ledger.retention = desired.settings.usage.retention

@@ -41,6 +41,8 @@ BEAT = 5.0                           # seconds between a replica's heartbeats
 FORGET_REPLICA = 600                 # seconds after its last beat: its row is removed
 RECONNECT_CAP = 5.0                  # longest wait between two attempts to reach the store
 RESERVE_TIMEOUT = 5.0                # connecting for longer than this counts as the store being away
+STALE_HOLD = 60.0                    # seconds after which a hold of this replica's that no request
+                                     # in flight owns is ended by its beat (nothing should leave one)
 
 
 class _Ask(NamedTuple):
@@ -90,6 +92,8 @@ class SharedStore:
         self._listening: asyncio.Task[None] | None = None
         self._asking: list[tuple[_Ask, asyncio.Future[tuple[int | None, Used]]]] = []
         self._deciding: asyncio.Task[None] | None = None   # the batch on its way, if one is
+        self._live: set[str] = set()   # ids of this replica's requests that may hold tokens now
+        self._tasks: set[asyncio.Task[None]] = set()   # background work, referenced until it ends
         self._connected = asyncio.Event()
 
     @property
@@ -111,6 +115,7 @@ class SharedStore:
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._drop_connection()
 
     async def _drop_connection(self) -> None:
@@ -144,9 +149,31 @@ class SharedStore:
         answer: asyncio.Future[tuple[int | None, Used]] = asyncio.get_running_loop().create_future()
         self._asking.append((_Ask(caller, rid, want, now, day, month, budget.tokens_per_day, budget.tokens_per_month,
                                   budget.requests_per_minute), answer))
+        self._live.add(rid)
         if self._deciding is None:
             self._deciding = asyncio.get_running_loop().create_task(self._decide())
-        return await answer
+        try:
+            decided = await answer
+        except asyncio.CancelledError:
+            # cancelled after its batch granted it, before it resumed: nobody will settle that hold
+            if answer.done() and not answer.cancelled() and answer.exception() is None and answer.result()[0]:
+                self._background(self._end_holds([rid]), f"ending the hold of {rid}")
+            self._live.discard(rid)
+            raise
+        except BaseException:
+            self._live.discard(rid)
+            raise
+        if decided[0] is None:
+            self._live.discard(rid)
+        return decided
+
+    def release(self, rid: str) -> None:
+        """The request ``rid`` has ended: its hold ends with its row (or with this replica's sweep)."""
+        self._live.discard(rid)
+
+    async def _end_holds(self, rids: list[str]) -> None:
+        async with self._connection() as db:
+            await db.execute("SELECT cst_end_holds(%s, NULL)", (rids,))
 
     async def _decide(self) -> None:
         try:
@@ -265,7 +292,9 @@ class SharedStore:
                 await work
             except Exception as exc:   # the listener's next connect reads the tables afresh
                 log.warning("%s in the usage store %s failed: %s", what, self.url, exc)
-        asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)   # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
     # -- listening and beating ----------------------------------------------------------------
 
@@ -319,6 +348,11 @@ class SharedStore:
                          " DO UPDATE SET seen = excluded.seen", (self.replica, socket.gethostname()))
         # the holds of a replica that stopped beating stop counting
         await db.execute("SELECT cst_end_holds('{}', make_interval(secs => %s))", (REPLICA_ALIVE,))
+        # and this replica's own that no request in flight owns, however its request ended without
+        # its row (nothing known does: this is the net under the others)
+        await db.execute("SELECT cst_end_holds(array(SELECT h.id FROM cst_holds h WHERE h.replica = %s"
+                         " AND h.started < %s AND NOT (h.id = ANY(%s))), NULL)",
+                         (self.replica, time.time() - STALE_HOLD, list(self._live)))
         await db.execute("DELETE FROM cst_replicas WHERE seen < clock_timestamp() - make_interval(secs => %s)",
                          (FORGET_REPLICA,))
         await db.execute("DELETE FROM cst_key_health WHERE until < %s", (time.time() - REPLICA_ALIVE,))

@@ -10,6 +10,7 @@ from .budget import UsageBook
 from .callers import Callers
 from .forward import Forwarder
 from .histogram import Histogram
+from .metering import MeteringPolicy
 from .pool import KeyPool
 
 # from an answer the proxy makes itself (milliseconds) or a model list, through a short completion,
@@ -30,6 +31,7 @@ class ProxyState:
     usage: UsageBook                     # what each caller used, its budget, the ledger
     max_body: int                        # settings.proxy.max_body
     max_concurrent: int                  # settings.proxy.max_concurrent
+    metering: MeteringPolicy             # settings.proxy.metering: what each path costs
     in_flight: int = 0                   # forwarded requests running now
     in_flight_by_caller: dict[str, int] = field(default_factory=dict)   # the same, per caller (parking asks)
     started: float = field(default_factory=time.monotonic)

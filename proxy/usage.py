@@ -4,7 +4,8 @@ needs (how much text was relayed).
 Tokens come from the ``usage`` object of the answers: the JSON body of a whole answer, or the
 event of a stream that carries it (OpenAI sends it last when asked with
 ``stream_options.include_usage``, which the proxy adds; gateways of the one-api family always
-do). The forwarder hands every relayed piece to a ``Meter``; the meter looks for the bytes
+do; the Responses API's ``response.completed`` event carries its ``usage``). Figures are
+clamped to ``MAX_REPORTED_TOKENS``. The forwarder hands every relayed piece to a ``Meter``; the meter looks for the bytes
 ``"usage"`` and decodes only the object after them, so an answer is never parsed whole and a
 stream never buffered. A compressed answer (an upstream that ignored ``Accept-Encoding:
 identity``) is inflated for the meter only; the client gets the bytes as they came.
@@ -20,17 +21,31 @@ _DECODER = json.JSONDecoder()
 _MAX_PENDING = 64 * 1024   # a usage object split over stream pieces is small; past this, give up
 _BLANK = b" \t\r\n"
 _MAX_INFLATED = 16 << 20   # a compressed answer is inflated this far for the meter, no further
-# the generated text of a stream's events, for an estimate when no usage arrives
-_TEXT = re.compile(rb'"(?:content|text|reasoning_content)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# the generated text of a stream's events, for an estimate when no usage arrives (a Responses
+# stream's text comes as string deltas; a chat stream's delta is an object, not matched)
+_TEXT = re.compile(rb'"(?:content|text|reasoning_content|delta)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+# The most one request is believed to cost, per figure: beyond any model's context and output. An
+# upstream's figure above it (a bug, or a lie) is billed as this, so one answer cannot spend a
+# budget for good nor overflow a store's integers.
+MAX_REPORTED_TOKENS = 10_000_000
+
+
+def _figure(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:   # NaN too
+        return 0
+    return MAX_REPORTED_TOKENS if value >= MAX_REPORTED_TOKENS else int(value)
 
 
 def _tokens(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) of a usage object: chat and completions name them prompt_tokens and
+    completion_tokens, the Responses API input_tokens and output_tokens."""
     if not isinstance(usage, dict):
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    prompt = prompt if isinstance(prompt, int) and prompt >= 0 else 0
-    completion = completion if isinstance(completion, int) and completion >= 0 else 0
-    return prompt, completion
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return _figure(prompt), _figure(completion)
 
 
 class _Incomplete(Exception):

@@ -110,6 +110,23 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class MeteringSettings:
+    """What a request costs where its answer reports no tokens, and what is refused
+    (``settings.proxy.metering``)."""
+
+    per_request: int = _default("settings", "proxy", "metering", "per_request")
+    # (glob, tokens charged, or None: refused), in the file's order
+    paths: tuple[tuple[str, int | None], ...] = ()
+    allow_deferred: bool = _default("settings", "proxy", "metering", "deferred") == "allow"
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "MeteringSettings":
+        return cls(data["per_request"],
+                   tuple((glob, None if charge == "refuse" else charge) for glob, charge in data["paths"].items()),
+                   data["deferred"] == "allow")
+
+
+@dataclass(frozen=True)
 class ProxySettings:
     listen: Listen = Listen.parse(_default("settings", "proxy", "listen"))
     upstream: str = _default("settings", "proxy", "upstream")
@@ -120,6 +137,7 @@ class ProxySettings:
     max_body: int = parse_size(_default("settings", "proxy", "max_body"))
     max_concurrent: int = _default("settings", "proxy", "max_concurrent")
     anonymous: bool = _default("settings", "proxy", "anonymous")
+    metering: MeteringSettings = MeteringSettings()
 
     @property
     def local_url(self) -> str:
@@ -349,6 +367,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
             max_body=parse_size(proxy["max_body"]),
             max_concurrent=proxy["max_concurrent"],
             anonymous=proxy["anonymous"],
+            metering=MeteringSettings.from_data(proxy["metering"]),
         ),
         usage=UsageSettings(timezone=usage.get("timezone"), retention=parse_duration(usage["retention"]),
                             store=usage.get("store"), store_password_env=usage.get("store_password_env"),

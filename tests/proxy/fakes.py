@@ -13,7 +13,14 @@ exactly what each one will do:
     sk-cut-*    starts a stream and drops the connection half-way
     sk-drop-*   answers 200 and drops the connection before the first byte of the body
 
-A request for model ``slow-stream`` streams slowly whatever the key.
+A request for model ``slow-stream`` streams slowly whatever the key. Model ``huge-usage`` claims
+2^71 prompt and 2^64 completion tokens (an upstream's bug); model ``verbose`` (whole answers
+only) generates all it is allowed: ``max_tokens`` (or ``max_completion_tokens``) per choice, else
+100,000, reported in its usage.
+
+``/v1/responses`` answers as OpenAI's Responses API: ``usage`` with ``input_tokens`` and
+``output_tokens`` (one a chunk, at most ``max_output_tokens``), and as a stream, text deltas
+ending with a ``response.completed`` event that carries it.
 
 Answers carry ``usage`` (3 prompt tokens, one completion token per chunk). A stream ends with a
 usage event (``"choices": []``) as DaiDai's one-api style gateway sends it whether asked or not;
@@ -111,6 +118,7 @@ class FakeUpstream(_Server):
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/embeddings", self.embeddings)
+        self.app.router.add_post("/v1/responses", self.responses)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_route("*", "/v1/{tail:.*}", self.echo)
 
@@ -157,6 +165,13 @@ class FakeUpstream(_Server):
             return response
         if model == "missing-model":
             return _error(404, f"The model `{model}` does not exist", "invalid_request_error", "model_not_found")
+        if model in ("huge-usage", "verbose"):
+            limit = data.get("max_tokens") or data.get("max_completion_tokens") or 100_000
+            usage = ({"prompt_tokens": 2 ** 71, "completion_tokens": 2 ** 64} if model == "huge-usage" else
+                     {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": limit * data.get("n", 1)})
+            return web.json_response({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
+                                                   "finish_reason": "length"}], "usage": usage})
         words = [f"w{i} " for i in range(self.chunks)]
         if not data.get("stream"):
             text = "".join(words) + f"[{key[-4:]}]"
@@ -187,6 +202,32 @@ class FakeUpstream(_Server):
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
             raise
+        await response.write_eof()
+        return response
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        key, failure, body = await self._gate(request)
+        if failure is not None:
+            return failure
+        data = json.loads(body)
+        words = [f"w{i} " for i in range(min(self.chunks, data.get("max_output_tokens") or self.chunks))]
+        usage = {"input_tokens": PROMPT_TOKENS, "output_tokens": len(words),
+                 "total_tokens": PROMPT_TOKENS + len(words), "output_tokens_details": {"reasoning_tokens": 0}}
+        done = {"id": "resp_fake", "object": "response", "status": "completed", "model": data.get("model"),
+                "output": [{"type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": "".join(words)}]}], "usage": usage}
+        if not data.get("stream"):
+            return web.json_response(done)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def event(name: str, payload: dict[str, Any]) -> None:
+            await response.write(f"event: {name}\ndata: {json.dumps({'type': name, **payload})}\n\n".encode())
+
+        await event("response.created", {"response": {**done, "status": "in_progress", "usage": None}})
+        for word in words:
+            await event("response.output_text.delta", {"delta": word})
+        await event("response.completed", {"response": done})
         await response.write_eof()
         return response
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import openai
 import pytest
 from fakes import FakeDaiDai, FakeUpstream
+from postgres_cluster import PostgresCluster
 
+from conftest import free_ports
 from proxy.service import ProxyService, free_port
 from reconciler.desired.model import load
 
@@ -22,6 +24,23 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     server = await FakeUpstream().start()
     yield server  # type: ignore[misc]
     await server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server of the module's own (Debian's), removed with its files at the end."""
+    server = PostgresCluster(free_ports(1)[0])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def store_url(cluster: PostgresCluster) -> str:
+    """A database of its own for each test."""
+    return cluster.url(cluster.new_database())
 
 
 @pytest.fixture
@@ -89,7 +108,8 @@ def static_account(name: str, env_name: str) -> str:
     return f"- {{name: {name}, provider: static, keys_env: {env_name}}}"
 
 
-__all__ = ["desired_text", "static_account", "MakeProxy", "upstream", "daidai", "make_proxy", "env"]
+__all__ = ["desired_text", "static_account", "MakeProxy", "upstream", "daidai", "make_proxy", "env", "cluster",
+           "store_url"]
 
 
 def sdk(service: ProxyService, api_key: str = "client-key-ignored") -> openai.AsyncOpenAI:

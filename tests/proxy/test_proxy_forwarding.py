@@ -113,10 +113,12 @@ async def test_stream_chunks_arrive_as_the_upstream_sends_them(make_proxy: MakeP
 
 
 async def test_every_other_v1_path_is_passed_through(make_proxy: MakeProxy, upstream: FakeUpstream, env) -> None:
+    """A path the proxy does not know goes upstream as it came (charged per request: see
+    test_proxy_metering)."""
     env("KEYS", GOOD)
     proxy = await make_proxy(static_account("main", "KEYS"))
     async with aiohttp.ClientSession() as http:
-        async with http.put(proxy.url + "/v1/files/abc%2Fdef?purpose=fine-tune&x=1", data=b"\x00raw\xffbytes",
+        async with http.put(proxy.url + "/v1/custom/abc%2Fdef?purpose=fine-tune&x=1", data=b"\x00raw\xffbytes",
                             headers={"Authorization": "Bearer client", "X-Custom": "kept",
                                      "Connection": "keep-alive, X-Hop", "X-Hop": "dropped",
                                      "Content-Type": "application/octet-stream"}) as resp:
@@ -130,7 +132,7 @@ async def test_every_other_v1_path_is_passed_through(make_proxy: MakeProxy, upst
     assert echo["headers"]["Content-Type"] == "application/octet-stream"
     seen = upstream.seen[-1]
     assert seen.body == b"\x00raw\xffbytes" and seen.key == GOOD
-    assert seen.path == "/v1/files/abc/def"
+    assert seen.path == "/v1/custom/abc/def"
 
 
 async def test_no_key_answers_503_openai_style(make_proxy: MakeProxy, upstream: FakeUpstream, env) -> None:
@@ -296,7 +298,7 @@ async def test_unknown_routes_methods_and_big_bodies(make_proxy: MakeProxy, upst
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
         async with http.post(proxy.url + "/health") as resp:
             assert resp.status == 405
-        async with http.post(proxy.url + "/v1/uploads", data=big) as resp:
+        async with http.post(proxy.url + "/v1/images/edits", data=big) as resp:
             assert resp.status == 200
             assert len((await resp.json())["body"]) == len(big)
     assert upstream.seen[-1].body == big and upstream.seen[-1].key == GOOD

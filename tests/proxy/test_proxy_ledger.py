@@ -23,15 +23,17 @@ from conftest import eventually, wait_until
 from proxy.budget import Limit, Refusal, Reservation, UsageBook
 from proxy.calendar import Calendar
 from proxy.ledger import _SCHEMA, COLUMNS, LedgerWriter, Row, SqliteStore
+from proxy.metering import MeteringPolicy
 from proxy.request_body import inspect
 from proxy.service import ledger_path
-from reconciler.desired.model import Budget
+from reconciler.desired.model import Budget, MeteringSettings
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 GOOD = "sk-good-aaaaaaaaaaaa1111"
 HI = [{"role": "user", "content": "hi"}]
 ME = "st-instance-8001"
+POLICY = MeteringPolicy(MeteringSettings())
 
 
 class RawUpstream:
@@ -143,7 +145,7 @@ async def test_when_the_last_instance_key_is_revoked_everyone_gets_401(make_prox
 
 def _facts(max_tokens: int, stream: bool = False):
     body = json.dumps({"model": "gpt-fake", "messages": HI, "max_tokens": max_tokens, "stream": stream}).encode()
-    return inspect("/v1/chat/completions", "POST", body)
+    return inspect("/v1/chat/completions", "POST", body, POLICY)
 
 
 async def test_requests_pass_until_the_day_s_budget_is_used_then_429_with_the_reset(
@@ -188,7 +190,7 @@ async def test_fifty_concurrent_requests_against_a_budget_for_five_admit_at_most
     env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams 0.2 s apart: all 50 are in flight together
     key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure(ME)
     body = {"model": "gpt-fake", "messages": HI, "max_tokens": 16, "stream": True}
-    reservation = inspect("/v1/chat/completions", "POST", json.dumps(body).encode()).reservation
+    reservation = inspect("/v1/chat/completions", "POST", json.dumps(body).encode(), POLICY).reservation
     budget = 5 * reservation
     proxy = await make_proxy(static_account("main", "KEYS"), closed=True,
                              extra=f"instances:\n  - port: 8001\n    budget: {{tokens_per_day: {budget}}}\n")
@@ -378,7 +380,8 @@ def test_a_store_that_fails_keeps_the_rows_says_so_and_writes_them_once_it_can(t
     writer.append(Row(ME, "m", "/v1/chat/completions", 200, 1, 1, False, now, now, "", "2026-11-30", "r1"))
     wait_until(lambda: writer.failures == 1)
     writer.append(Row(ME, "m", "/v1/chat/completions", 200, 2, 2, False, now, now, "", "2026-11-30", "r2"))
-    wait_until(lambda: writer.status() == {"written": 2, "failures": 1, "unwritten": 0, "spooled": 0}, timeout=10)
+    wait_until(lambda: writer.status() == {"written": 2, "failures": 1, "unwritten": 0, "spooled": 0, "set_aside": 0},
+               timeout=10)
     writer.close()
     assert "No space left on device" in caplog.text and "keeping them" in caplog.text
     reopened = SqliteStore(tmp_path / "ledger.sqlite3")

@@ -25,7 +25,7 @@ import pytest
 import trustme
 from fakes import FakeUpstream
 from postgres_cluster import PASSWORD, PostgresCluster
-from proxy_fixtures import upstream  # noqa: F401  (a fixture)
+from proxy_fixtures import cluster, store_url, upstream  # noqa: F401  (fixtures)
 
 from conftest import eventually, fake_upstream, free_ports, http_status, standin_file, wait_until
 from proxy.ledger import Row, StoreUnavailable
@@ -41,22 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ME = "st-instance-8001"
 PASSWORD_ENV = "CST_TEST_STORE_PASSWORD"
 KEYS_ENV = "CST_TEST_POOL_KEYS"
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PostgresCluster]:
-    server = PostgresCluster(free_ports(1)[0])
-    try:
-        server.start()
-        yield server
-    finally:
-        server.remove()
-
-
-@pytest.fixture
-def store_url(cluster: PostgresCluster) -> str:
-    """A database of its own for each test."""
-    return cluster.url(cluster.new_database())
 
 
 def write_desired(path: Path, upstream_url: str, store: str, state_dir: str = ".cst", budget: str = "",
