@@ -82,6 +82,17 @@ class PoolCollector(Collector):
                     left.add_metric([caller, name], document["left"][name])
         yield from (limit, left, used)
 
+        ledger = state.usage.ledger
+        if ledger is not None:
+            written = ledger.status()
+            yield CounterMetricFamily("cst_proxy_ledger_rows_written", "Ledger rows written to the store",
+                                      value=written["written"])
+            yield CounterMetricFamily("cst_proxy_ledger_rows_set_aside", "Ledger rows the store refused for what "
+                                      "they hold, kept in <state_dir>/proxy/ledger-set-aside.jsonl",
+                                      value=written["set_aside"])
+            yield GaugeMetricFamily("cst_proxy_ledger_rows_waiting", "Ledger rows not yet in the store (queued "
+                                    "or spooled while it is away)", value=written["unwritten"] + written["spooled"])
+
         errors = GaugeMetricFamily("cst_proxy_account_error", "1 when the last refresh of an account failed",
                                    labels=["account", "provider"])
         for name, status in state.accounts.status().items():

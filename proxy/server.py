@@ -242,6 +242,8 @@ def status_document(state: ProxyState, caller: str | None = None) -> dict[str, A
         document["usage"] = {"window": state.usage.window(), **state.usage.caller_document(caller)}
     else:
         document["usage"] = state.usage.document()
+        ledger = state.usage.ledger
+        document["usage"]["ledger"] = ledger.status() if ledger is not None else None
     return document
 
 
