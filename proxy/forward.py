@@ -21,9 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aiohttp import web
-from multidict import CIMultiDict
-
+from .front import Answer, Headers, Request, Stream
 from .pool import Key, KeyPool, Outcome
 from .request_body import RequestFacts
 from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamNotSent, UpstreamResponse, UpstreamTimeout
@@ -71,9 +69,9 @@ class ForwardStats:
     not_resent: int = 0     # requests that failed after they were written, and so were not sent again
 
 
-def openai_error(status: int, message: str, type_: str, code: str) -> web.Response:
-    body = json.dumps({"error": {"message": message, "type": type_, "code": code}})
-    return web.Response(status=status, text=body, content_type="application/json")
+def openai_error(status: int, message: str, type_: str, code: str, headers: Headers | None = None) -> Answer:
+    body = json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+    return Answer(status, body, [("Content-Type", "application/json"), *(headers or [])])
 
 
 def _sse_error(message: str) -> bytes:
@@ -109,7 +107,7 @@ def classify(status: int) -> Outcome:
     return Outcome.NEUTRAL  # 400, 404, 422...: the request's fault, not the key's
 
 
-def request_head(request: web.BaseRequest, origin: Origin) -> bytes:
+def request_head(request: Request, origin: Origin) -> bytes:
     """Request line, Host and the client's end-to-end headers; Authorization and
     Content-Length are added per attempt."""
     # raw_path keeps the path and query exactly as the client encoded them; strip "/v1".
@@ -128,15 +126,15 @@ def request_head(request: web.BaseRequest, origin: Origin) -> bytes:
     return b"".join(parts)
 
 
-def _small(request: web.BaseRequest, resp: UpstreamResponse) -> bool:
+def _small(request: Request, resp: UpstreamResponse) -> bool:
     """A small answer of known length (a completion, a model list): read whole, one write to the client."""
     length = resp.content_length
     return (length is not None and length <= SMALL_BODY and request.method != "HEAD"
             and not (resp.header("Content-Type") or "").startswith("text/event-stream"))
 
 
-def response_headers(resp: UpstreamResponse) -> CIMultiDict[str]:
-    return CIMultiDict([(k, v) for k, v in resp.headers if k.lower() not in DROP_RESPONSE])
+def response_headers(resp: UpstreamResponse) -> Headers:
+    return [(k, v) for k, v in resp.headers if k.lower() not in DROP_RESPONSE]
 
 
 class Forwarder:
@@ -146,14 +144,14 @@ class Forwarder:
         self.config = config
         self.stats = ForwardStats()
 
-    async def handle(self, request: web.BaseRequest, facts: RequestFacts, meter: Meter) -> web.StreamResponse:
+    async def handle(self, request: Request, facts: RequestFacts, meter: Meter) -> Answer | Stream:
         """Forward ``request`` with ``facts.body``; ``meter`` sees the answer's pieces (for its cost)."""
         config = self.config  # one consistent config for the whole request, even if apply() swaps it
         body = facts.body
         head = request_head(request, config.origin)
         length = b"Content-Length: %d\r\n\r\n" % len(body) if body or request.method in BODY_METHODS else b"\r\n"
         tried: set[Key] = set()
-        last_error: tuple[int, str, CIMultiDict[str], bytes] | None = None
+        last_error: tuple[int, str, Headers, bytes] | None = None
         unreachable: str | None = None
 
         for attempt in range(config.max_attempts):
@@ -200,8 +198,7 @@ class Forwarder:
                     resp.finish()
                     if metered:
                         metered.body(first)
-                    return web.Response(status=resp.status, reason=resp.reason, body=first,
-                                        headers=response_headers(resp))
+                    return Answer(resp.status, first, response_headers(resp), resp.reason)
                 strip = UsageEventFilter() if facts.usage_added else None
                 return await self._stream(request, resp, key, first, metered, strip)
             # 429 or 5xx: the upstream says it did not do it. Keep the answer in case no other key does better.
@@ -218,7 +215,7 @@ class Forwarder:
         if last_error is not None:
             status, reason, headers, err_body = last_error
             self.stats.responses[status] += 1
-            return web.Response(status=status, reason=reason, body=err_body, headers=headers)
+            return Answer(status, err_body, headers, reason)
         if unreachable is not None:
             self.stats.responses[502] += 1
             return openai_error(502, f"the upstream could not be reached ({unreachable})",
@@ -227,7 +224,7 @@ class Forwarder:
         self.stats.responses[503] += 1
         return openai_error(503, "no API key is available in the pool", "server_error", "no_available_key")
 
-    def _not_resent(self, exc: UpstreamError) -> web.Response:
+    def _not_resent(self, exc: UpstreamError) -> Answer:
         """The answer to a request that reached the upstream and then failed: never sent again."""
         self.stats.not_resent += 1
         if isinstance(exc, UpstreamTimeout):
@@ -249,16 +246,14 @@ class Forwarder:
         else:
             log.debug("key %s (%s): %s; trying another key", key.masked, key.account, reason)
 
-    async def _stream(self, request: web.BaseRequest, resp: UpstreamResponse, key: Key,
-                      first: bytes, meter: Meter | None, strip: "UsageEventFilter | None") -> web.StreamResponse:
+    async def _stream(self, request: Request, resp: UpstreamResponse, key: Key,
+                      first: bytes, meter: Meter | None, strip: "UsageEventFilter | None") -> Stream:
         """Relay an answer piece by piece, starting with the ``first`` piece already read."""
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp))
-        if resp.content_length is not None:
-            out.content_length = resp.content_length
+        out = Stream(request, resp.status, response_headers(resp), resp.reason, resp.content_length)
         events = resp.content_length is None and (resp.header("Content-Type") or "").startswith("text/event-stream")
         chunk = first
         try:
-            await out.prepare(request)
+            await out.prepare()
             while chunk:
                 if meter:
                     meter.piece(chunk)
@@ -280,9 +275,9 @@ class Forwarder:
                         # a last event that says so, then a clean end: OpenAI's SDKs raise it as an error
                         await out.write(_sse_error(f"the upstream's answer broke off ({exc})"))
                         await out.write_eof()
-                    elif request.transport is not None:
+                    else:
                         # cut the client off without a clean end, so it cannot take this for a whole answer
-                        request.transport.close()
+                        request.abort()
                     return out
         except ConnectionResetError:
             # The client hung up and a write failed: dropping the upstream connection cancels

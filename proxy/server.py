@@ -21,11 +21,11 @@ import time
 from typing import Any
 from urllib.parse import quote, unquote
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .budget import Refusal, Reservation, SharedBudgets, StoreUnavailable, charge
 from .forward import openai_error
+from .front import Answer, Front, Request, Stream, json_answer
 from .metering import Refused
 from .metrics import registry_for
 from .request_body import Unreadable, inspect
@@ -65,29 +65,26 @@ def normalised_path(raw_path: str) -> tuple[str, str] | None:
 
 
 
-def _caller(state: ProxyState, request: web.BaseRequest) -> str | None:
-    return state.callers.identify(request.headers.get("Authorization", ""))
+def _caller(state: ProxyState, request: Request) -> str | None:
+    return state.callers.identify(request.authorization)
 
 
-def _denied() -> web.Response:
-    response = openai_error(401, "a valid proxy key is required (Authorization: Bearer ...)",
-                            "invalid_request_error", "invalid_api_key")
-    response.headers["WWW-Authenticate"] = "Bearer"
-    return response
+def _denied() -> Answer:
+    return openai_error(401, "a valid proxy key is required (Authorization: Bearer ...)",
+                        "invalid_request_error", "invalid_api_key", [("WWW-Authenticate", "Bearer")])
 
 
-def _too_large(state: ProxyState) -> web.Response:
+def _too_large(state: ProxyState) -> Answer:
     return openai_error(413, f"the request body is larger than the proxy's limit of {state.max_body} bytes",
                         "invalid_request_error", "request_too_large")
 
 
-def _over_budget(refusal: Refusal, now: float) -> web.Response:
-    response = openai_error(429, refusal.message(), "insufficient_quota", "budget_exceeded")
-    response.headers["Retry-After"] = str(refusal.retry_after(now))
-    return response
+def _over_budget(refusal: Refusal, now: float) -> Answer:
+    return openai_error(429, refusal.message(), "insufficient_quota", "budget_exceeded",
+                        [("Retry-After", str(refusal.retry_after(now)))])
 
 
-def _refused_path(refused: Refused, path: str) -> web.Response:
+def _refused_path(refused: Refused, path: str) -> Answer:
     if refused is Refused.DEFERRED:
         message = (f"{path} is not served: its cost comes after the answer, where no budget can hold it "
                    "(settings.proxy.metering.deferred: refuse)")
@@ -96,20 +93,18 @@ def _refused_path(refused: Refused, path: str) -> web.Response:
     return openai_error(403, message, "invalid_request_error", refused.value)
 
 
-def _unreadable(unreadable: Unreadable, path: str) -> web.Response:
+def _unreadable(unreadable: Unreadable, path: str) -> Answer:
     return openai_error(400, f"the body of a request to {path} must be a JSON object", "invalid_request_error",
                         unreadable.value)
 
 
-def _store_down(shared: SharedBudgets) -> web.Response:
-    response = openai_error(503, f"the usage store {shared.url} cannot be reached, and the proxy serves no request "
-                            "it cannot account for (settings.usage.on_store_down: closed); retry shortly",
-                            "server_error", "store_unavailable")
-    response.headers["Retry-After"] = "5"
-    return response
+def _store_down(shared: SharedBudgets) -> Answer:
+    return openai_error(503, f"the usage store {shared.url} cannot be reached, and the proxy serves no request "
+                        "it cannot account for (settings.usage.on_store_down: closed); retry shortly",
+                        "server_error", "store_unavailable", [("Retry-After", "5")])
 
 
-async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResponse:
+async def forward(state: ProxyState, request: Request) -> Answer | Stream:
     arrived = time.monotonic()
     caller = _caller(state, request)
     if caller is None:
@@ -121,24 +116,16 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
     if normal is None:
         return openai_error(400, "the path must stay inside /v1/ (no '..' above it, no escaped '/')",
                             "invalid_request_error", "invalid_path")
-    path, target = normal
-    if target != request.raw_path:
-        request = request.clone(rel_url=target)
-    if request.content_length is not None and request.content_length > state.max_body:
+    path, request.raw_path = normal
+    if len(request.body) > state.max_body:   # the front reads up to the limit it had when the body came
         return _too_large(state)
     if state.in_flight >= state.max_concurrent:
-        response = openai_error(503, f"the proxy is serving its limit of {state.max_concurrent} requests; "
-                                "retry shortly", "server_error", "overloaded")
-        response.headers["Retry-After"] = "1"
-        return response
+        return openai_error(503, f"the proxy is serving its limit of {state.max_concurrent} requests; "
+                            "retry shortly", "server_error", "overloaded", [("Retry-After", "1")])
     state.in_flight += 1
     state.in_flight_by_caller[caller] = state.in_flight_by_caller.get(caller, 0) + 1
     try:
-        try:
-            body = await request.read() if request.body_exists else b""
-        except web.HTTPRequestEntityTooLarge:  # a chunked body that grew past the limit
-            return _too_large(state)
-        facts = inspect(path, request.method, body, state.metering)
+        facts = inspect(path, request.method, request.body, state.metering)
         if isinstance(facts, Refused):
             return _refused_path(facts, path)
         if isinstance(facts, Unreadable):
@@ -163,16 +150,16 @@ async def forward(state: ProxyState, request: web.BaseRequest) -> web.StreamResp
             state.in_flight_by_caller[caller] -= 1
 
 
-async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reservation: Reservation,
-                            arrived: float) -> web.StreamResponse:
+async def _forward_admitted(state: ProxyState, request: Request, reservation: Reservation,
+                            arrived: float) -> Answer | Stream:
     """Forward a request its budget admitted, settle what it cost however it ends, and time its
     answer from ``arrived`` (monotonic)."""
     meter = Meter()
     status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
     try:
-        response = await state.forwarder.handle(request, reservation.facts, meter)
-        status = 502 if meter.broken else response.status
-        return response
+        answer = await state.forwarder.handle(request, reservation.facts, meter)
+        status = 502 if meter.broken else answer.status
+        return answer
     except asyncio.CancelledError:
         status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
         raise
@@ -187,12 +174,12 @@ async def _forward_admitted(state: ProxyState, request: web.BaseRequest, reserva
             state.first_byte_seconds.observe(first_piece - arrived)
 
 
-async def health(state: ProxyState, request: web.BaseRequest) -> web.Response:
+async def health(state: ProxyState, request: Request) -> Answer:
     total, available = state.pool.counts()
     ledger = state.usage.ledger
     shared = state.usage.shared
     closed = shared is not None and not shared.serving
-    return web.json_response({
+    return json_answer({
         "status": "store_down" if closed else "ok" if available else ("degraded" if total else "no_keys"),
         "keys": {"total": total, "available": available, "unavailable": total - available},
         "ledger": ledger.status() if ledger is not None else None,
@@ -247,26 +234,21 @@ def status_document(state: ProxyState, caller: str | None = None) -> dict[str, A
     return document
 
 
-async def status(state: ProxyState, request: web.BaseRequest) -> web.Response:
+async def status(state: ProxyState, request: Request) -> Answer:
     caller = _caller(state, request)
     if caller is None:
         return _denied()
-    return web.json_response(status_document(state, caller))
+    return json_answer(status_document(state, caller))
 
 
-async def metrics(state: ProxyState, registry: CollectorRegistry, request: web.BaseRequest) -> web.Response:
+async def metrics(state: ProxyState, registry: CollectorRegistry, request: Request) -> Answer:
     if _caller(state, request) is None:
         return _denied()
-    response = web.Response(body=generate_latest(registry))
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
+    return Answer(200, generate_latest(registry), [("Content-Type", CONTENT_TYPE_LATEST)])
 
 
-def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
-    """aiohttp's low-level server with a four-way dispatch instead of an Application: the
-    router and app machinery cost measurable CPU on every forwarded request, and four
-    fixed routes do not need them."""
-    loop = asyncio.get_running_loop()
+def build_front(state: ProxyState) -> Front:
+    """The HTTP front (see ``front``) with a four-way dispatch: /v1 relayed, three routes to observe."""
     registry = registry_for(state)
     observe = {
         "/health": health,
@@ -274,10 +256,7 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
         "/metrics": lambda state, request: metrics(state, registry, request),
     }
 
-    def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=state.max_body)
-
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+    async def dispatch(request: Request) -> Answer | Stream:
         raw_path = request.raw_path   # relayed as the client encoded it, once normalised
         if raw_path.startswith("/v1/") or raw_path.startswith("//"):
             return await forward(state, request)
@@ -290,4 +269,4 @@ def build_server(state: ProxyState, **kwargs: Any) -> web.Server:
                                 "method_not_allowed")
         return await handler(state, request)
 
-    return web.Server(dispatch, request_factory=make_request, **kwargs)
+    return Front(dispatch, state.max_body)

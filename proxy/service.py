@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Mapping
 
 import aiohttp
-from aiohttp import web
 
 from reconciler.desired.model import Budget, DesiredState, Listen, ProxySettings, UsageSettings
 from reconciler.desired.watch import changes_in
@@ -31,11 +30,12 @@ from .budget import MINUTE, UsageBook
 from .calendar import Calendar
 from .callers import Callers
 from .forward import ForwardConfig, Forwarder
+from .front import Front
 from .ledger import LedgerStore, LedgerWriter, SqliteStore, Standing, StoreUnavailable
 from .metering import MeteringPolicy
 from .pool import Key, KeyPool
 from .postgres import PostgresStore, connection_settings
-from .server import build_server
+from .server import build_front
 from .shared import KeyVerdict, SharedStore
 from .state import ProxyState
 from .upstream import UpstreamClient
@@ -136,8 +136,8 @@ class ProxyService:
         self._refreshing: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._upstream: UpstreamClient | None = None
-        self._runner: web.ServerRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._front: Front | None = None
+        self._site: asyncio.base_events.Server | None = None   # the listening socket(s) of the front
         self._listen: Listen | None = None
         self.state: ProxyState | None = None
         self._applying = asyncio.Lock()  # one apply at a time: binding a new address awaits
@@ -146,8 +146,8 @@ class ProxyService:
     @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
-        assert self._runner is not None
-        return int(self._runner.addresses[0][1])
+        assert self._site is not None
+        return int(self._site.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -173,12 +173,10 @@ class ProxyService:
             await self._share(usage)
         accounts.update(self.desired.accounts)
         await self.reload_instance_keys()
-        # handler_cancellation: a client that hangs up cancels its handler, and with it the
-        # upstream request, instead of letting it run until the next write fails.
-        server = build_server(self.state, handler_cancellation=True, access_log=None)
-        self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE)
+        # a client that hangs up cancels its handler, and with it the upstream request, instead
+        # of letting it run until the next write fails (see front)
+        self._front = build_front(self.state)
         try:
-            await self._runner.setup()
             await self._bind(self._listen_override or settings.proxy.listen)
         except BaseException:
             await self.stop()  # e.g. the port is taken: leave nothing running behind
@@ -257,20 +255,20 @@ class ProxyService:
                 log.exception("reading the current use from the usage store failed")
 
     async def _bind(self, listen: Listen) -> None:
-        assert self._runner is not None
-        site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        front = self._front
+        assert front is not None
         try:
-            await site.start()
+            site = await front.listen(listen.host, listen.port)
         except OSError:
             if self._site is None:
                 raise
             # Same port on an overlapping address (127.0.0.1 -> 0.0.0.0): free it first.
-            await self._site.stop()
+            await front.unlisten(self._site)
             self._site = None
-            await site.start()
+            site = await front.listen(listen.host, listen.port)
         old, self._site, self._listen = self._site, site, listen
         if old is not None:
-            await old.stop()
+            await front.unlisten(old)
 
     async def apply(self, desired: DesiredState) -> None:
         """Make the running proxy match ``desired`` (already validated)."""
@@ -296,6 +294,8 @@ class ProxyService:
         state.pool.failure_threshold = new.failure_threshold
         state.callers.set_client_keys(_client_keys(new), new.anonymous)
         state.max_body, state.max_concurrent = new.max_body, new.max_concurrent
+        if self._front is not None:
+            self._front.max_body = new.max_body
         if new.metering != old.metering:
             state.metering = MeteringPolicy(new.metering)
         state.usage.budgets = budgets(desired)
@@ -352,10 +352,10 @@ class ProxyService:
 
     async def stop(self) -> None:
         await self._stop_following()
-        if self._runner is not None:
+        if self._front is not None:
             # first: no new request, and those in flight end (and settle) within the grace
-            await self._runner.cleanup()
-            self._runner = self._site = None
+            await self._front.close(SHUTDOWN_GRACE)
+            self._front = self._site = None
         if self._refreshing is not None:
             self._refreshing.cancel()
             await asyncio.gather(self._refreshing, return_exceptions=True)
