@@ -13,6 +13,7 @@ cst serve (its state dir, the ledger's store) as it started with, as cst serve d
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -128,6 +129,10 @@ def proxy_command(file: Path, listen: str | None, control: Path | None, log_leve
         if problems:
             raise click.BadParameter("; ".join(problems), param_hint="--listen")
         address = Listen.parse(listen)
+    # What the imports made lives as long as the process: out of the collector's sight, a full
+    # collection walks only what requests leave behind (measured: the collector's share of a
+    # request's CPU, 6.5 us, mostly full collections over the imported modules' objects)
+    gc.freeze()
     try:
         # a faster event loop: ~20 % less CPU per proxied request
         uvloop.run(run(file, desired, listen=address, control=control))

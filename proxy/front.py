@@ -143,8 +143,8 @@ Handler = Callable[[Request], Awaitable["Answer | Stream"]]
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("server", "transport", "parser", "url", "headers", "authorization", "body", "head_bytes",
-                 "in_body", "length", "waiting", "task", "keep", "answered", "paused_writing", "paused_reading",
+    __slots__ = ("server", "transport", "parser", "url", "headers", "authorization", "body", "body_size", "head_bytes", "head_size",
+                 "in_body", "length", "expect", "waiting", "task", "keep", "answered", "paused_writing", "paused_reading",
                  "_drained", "idle_since", "refused")
 
     def __init__(self, server: "Front"):
@@ -159,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self.idle_since = time.monotonic()
         self.refused = False      # an answer that ends the connection was sent: read nothing more
+        self.head_bytes = 0       # bytes received since the request being read began (its head unparsed)
         self._new()
 
     def _new(self) -> None:
@@ -166,9 +167,11 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.authorization = ""
         self.body: list[bytes] = []
-        self.head_bytes = 0
+        self.body_size = 0
+        self.head_size = 0    # bytes of this request's line and headers, as parsed
         self.in_body = False
         self.length: int | None = None
+        self.expect = False   # Expect: 100-continue
 
     # -- the transport -----------------------------------------------------------------------
 
@@ -224,30 +227,49 @@ class _Connection(asyncio.Protocol):
 
     # -- llhttp's callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        self.head_bytes = 0
+
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD:
+            self._head_too_large()
+
+    def _head_too_large(self) -> None:
+        self._refuse(431, "the request's head is too large")
+        raise httptools.HttpParserError("refused")   # stop parsing this connection
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if len(name) == 13 and name.lower() == b"authorization":
+        size = len(name)
+        self.head_size += size + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            self._head_too_large()
+        if size == 13 and name.lower() == b"authorization":
             self.authorization = value.decode("latin-1")
+        elif size == 14 and name.lower() == b"content-length":
+            self.length = int(value)   # llhttp has checked it: digits, one value
+        elif size == 6 and name.lower() == b"expect":
+            self.expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         self.in_body = True
-        # llhttp has checked it: digits only, one value
-        length = next((int(v) for n, v in self.headers if len(n) == 14 and n.lower() == b"content-length"), None)
-        self.length = length
+        if self.parser.should_upgrade():
+            self._refuse(400, "upgrades are not served here")
+            raise httptools.HttpParserError("refused")
+        length = self.length
         if length is not None and length > self.server.max_body:
             self._refuse(413, f"the request body is larger than the proxy's limit of {self.server.max_body} bytes",
                          "request_too_large")
             raise httptools.HttpParserError("refused")   # stop parsing this connection
-        if any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in self.headers) \
-                and self.transport is not None:
+        if self.expect and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
-        if len(self.body) > 1 and sum(map(len, self.body)) > self.server.max_body:
+        self.body_size += len(body)
+        if self.body_size > self.server.max_body:
             self._refuse(413, f"the request body is larger than the proxy's limit of {self.server.max_body} bytes",
                          "request_too_large")
             raise httptools.HttpParserError("refused")

@@ -104,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.trusted_for = IDLE_TIMEOUT
         self._waiter: asyncio.Future[None] | None = None
+        self._quiet: select.poll | None = None   # polls the socket for a close or stray bytes
         self._new_answer()
         self.expecting = False      # a request is out and its answer is not complete
 
@@ -127,6 +128,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
+        if self.fd >= 0:
+            self._quiet = select.poll()   # made once: cheaper than a peek that raises when nothing is pending
+            self._quiet.register(self.fd, select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if not self.head_done:
@@ -234,11 +238,9 @@ class _Connection(asyncio.Protocol):
         """True when this idle connection can carry a request: the upstream has not closed it
         and sent nothing since its last answer (a non-blocking peek at the socket). False
         means the upstream never saw a request on it, so it can be dropped at no risk."""
-        if self.closed or self.broken or self.fd < 0:
+        if self.closed or self.broken or self._quiet is None:
             return False
-        quiet = select.poll()  # cheaper than a peek that raises when nothing is pending
-        quiet.register(self.fd, select.POLLIN)
-        if not quiet.poll(0):
+        if not self._quiet.poll(0):
             return True  # nothing pending: open and quiet
         probe = socket.socket(fileno=self.fd)
         try:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from typing import Any
+
+import msgspec
 
 _NEEDLE = b'"usage"'
 _DECODER = json.JSONDecoder()
@@ -46,6 +49,13 @@ def _tokens(usage: object) -> tuple[int, int] | None:
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
     return _figure(prompt), _figure(completion)
+
+
+class _Answer(msgspec.Struct):
+    usage: Any = None   # the rest of a whole answer is skipped unbuilt
+
+
+_ANSWER = msgspec.json.Decoder(_Answer).decode
 
 
 class _Incomplete(Exception):
@@ -122,7 +132,10 @@ class Meter:
         data = self._plain(data)
         at = data.rfind(_NEEDLE)
         if at >= 0:
-            self.usage = _decode_after(data, at, whole=True) or self.usage
+            try:   # a JSON object: its own top-level usage
+                self.usage = _tokens(_ANSWER(data).usage) or self.usage
+            except (msgspec.DecodeError, msgspec.ValidationError):   # anything else: the last usage in it
+                self.usage = _decode_after(data, at, whole=True) or self.usage
         if self.usage is None:
             self.text_bytes += sum(len(m) for m in _TEXT.findall(data))
 
