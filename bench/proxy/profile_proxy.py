@@ -1,6 +1,6 @@
 """Profile: where CST's proxy spends its CPU per relayed request, under bench.py's load.
 
-    .venv/bin/python bench/proxy/profile.py [--modes anonymous,budget] [--seconds 15] [--name before]
+    .venv/bin/python bench/proxy/profile_proxy.py [--modes anonymous,budget] [--seconds 15] [--name before]
 
 For each mode (bench.py's ``anonymous``, ``budget``, ``large``) the proxy is started, like bench.py's, by a
 small wrapper around ``proxy.cli`` that times the garbage collector (``gc.callbacks``) or runs
@@ -123,7 +123,9 @@ FRAME_RULES: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pattern)) fo
     ("caller key lookup (proxy/callers.py, sha256)", r"\(proxy/callers\.py"),
     ("usage meter (proxy/usage.py)", r"\(proxy/usage\.py"),
     ("key pool (proxy/pool.py)", r"\(proxy/pool\.py"),
-    ("upstream client (proxy/upstream.py, httptools)", r"\(proxy/upstream\.py|\(httptools/"),
+    # httptools' frames fall to the frame above them: the front's parser, or the upstream client's
+    ("upstream client (proxy/upstream.py, httptools)", r"\(proxy/upstream\.py"),
+    ("the front (proxy/front.py, httptools)", r"\(proxy/front\.py"),
     ("response writing (aiohttp web_response, http_writer)",
      r"\(aiohttp/(web_response|http_writer)\.py|\(_http_writer\.c|^RequestHandler\.finish_response "),
     ("request parsing (aiohttp's parser, BaseRequest, body read)",
