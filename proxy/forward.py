@@ -38,7 +38,7 @@ DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP | {"host", "authorizatio
                                                             "accept-encoding"})
 # Answers come unencoded, so the meter reads their usage (the client's Accept-Encoding is dropped).
 IDENTITY = b"Accept-Encoding: identity\r\n"
-DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+DROP_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP | {"content-length"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # An error body kept to relay when no other key works; error bodies are small.
 MAX_ERROR_BODY = 64 * 1024
@@ -130,11 +130,13 @@ def _small(request: Request, resp: UpstreamResponse) -> bool:
     """A small answer of known length (a completion, a model list): read whole, one write to the client."""
     length = resp.content_length
     return (length is not None and length <= SMALL_BODY and request.method != "HEAD"
-            and not (resp.header("Content-Type") or "").startswith("text/event-stream"))
+            and not resp.content_type.startswith("text/event-stream"))
 
 
-def response_headers(resp: UpstreamResponse) -> Headers:
-    return [(k, v) for k, v in resp.headers if k.lower() not in DROP_RESPONSE]
+def response_headers(resp: UpstreamResponse) -> bytes:
+    """The answer's end-to-end header lines, as they came."""
+    return b"".join(b"%b: %b\r\n" % (name, value) for name, value in resp.raw_headers
+                    if name.lower() not in DROP_RESPONSE)
 
 
 class Forwarder:
@@ -151,7 +153,7 @@ class Forwarder:
         head = request_head(request, config.origin)
         length = b"Content-Length: %d\r\n\r\n" % len(body) if body or request.method in BODY_METHODS else b"\r\n"
         tried: set[Key] = set()
-        last_error: tuple[int, str, Headers, bytes] | None = None
+        last_error: tuple[int, str, bytes, bytes] | None = None
         unreachable: str | None = None
 
         for attempt in range(config.max_attempts):
@@ -208,7 +210,7 @@ class Forwarder:
                 err_body = b""
             resp.finish()  # keeps the connection when the error body was read to its end
             last_error = (resp.status, resp.reason, response_headers(resp), err_body)
-            retry_after = retry_after_seconds(resp.header("Retry-After")) if resp.status == 429 else None
+            retry_after = retry_after_seconds(resp.retry_after) if resp.status == 429 else None
             self._log(self.pool.report(key, outcome, f"HTTP {resp.status}", retry_after), key,
                       f"upstream answered {resp.status}")
 
@@ -250,7 +252,7 @@ class Forwarder:
                       first: bytes, meter: Meter | None, strip: "UsageEventFilter | None") -> Stream:
         """Relay an answer piece by piece, starting with the ``first`` piece already read."""
         out = Stream(request, resp.status, response_headers(resp), resp.reason, resp.content_length)
-        events = resp.content_length is None and (resp.header("Content-Type") or "").startswith("text/event-stream")
+        events = resp.content_length is None and resp.content_type.startswith("text/event-stream")
         chunk = first
         try:
             await out.prepare()

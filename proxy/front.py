@@ -13,7 +13,8 @@ What a request gets:
   grows past it too. ``Expect: 100-continue`` is answered when the body may come.
 * Heads are limited (``MAX_HEAD`` bytes); what llhttp refuses (bad framing, a negative or
   conflicting Content-Length, an upgrade) is a 400 and the connection closes.
-* Requests on one connection are answered in order; a client may pipeline a few
+* Each connection has one task, which answers its requests in order and waits for the next
+  between them (a task a request cost ~4 µs more); a client may pipeline a few
   (``MAX_PIPELINED``) before reading stops until the answers catch up.
 * A client that hangs up cancels its request's handler (its upstream request ends with it).
 * An answer is a whole ``Answer`` (head and body in one write) or a ``Stream`` the handler writes
@@ -29,7 +30,7 @@ import logging
 import time
 from collections import deque
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import httptools
 
@@ -42,6 +43,8 @@ SWEEP_EVERY = 10.0
 HIGH_WATER = 1 << 20          # a stream's writer waits while this much is unsent to a slow client
 
 Headers = list[tuple[str, str]]
+# an answer's headers: name-value pairs, or header lines as they came from the upstream (relayed as is)
+AnyHeaders = Headers | bytes
 
 
 def _reason(status: int) -> str:
@@ -56,7 +59,7 @@ class Answer(NamedTuple):
 
     status: int
     body: bytes = b""
-    headers: Headers = []
+    headers: AnyHeaders = []
     reason: str = ""
 
 
@@ -64,14 +67,19 @@ def json_answer(document: Any, status: int = 200, headers: Headers | None = None
     return Answer(status, json.dumps(document).encode(), [("Content-Type", "application/json"), *(headers or [])])
 
 
-def _head(status: int, reason: str, headers: Iterable[tuple[str, str]], framing: str, keep_alive: bool) -> bytes:
+def _head(status: int, reason: str, headers: AnyHeaders, framing: str, keep_alive: bool) -> bytes:
     lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    if not isinstance(headers, bytes):
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
     lines.append(framing)
     if not keep_alive:
         lines.append("Connection: close\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode("latin-1", "replace")
+    text = "".join(lines).encode("latin-1", "replace")
+    if isinstance(headers, bytes):   # after the status line
+        at = text.index(b"\r\n") + 2
+        return text[:at] + headers + text[at:]
+    return text
 
 
 class Request:
@@ -108,7 +116,7 @@ class Stream:
 
     __slots__ = ("_request", "_head", "_chunked", "prepared", "_connection", "status")
 
-    def __init__(self, request: Request, status: int, headers: Headers, reason: str = "",
+    def __init__(self, request: Request, status: int, headers: AnyHeaders, reason: str = "",
                  content_length: int | None = None):
         self.status = status
         self._request = request
@@ -144,21 +152,24 @@ Handler = Callable[[Request], Awaitable["Answer | Stream"]]
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("server", "transport", "parser", "url", "headers", "authorization", "body", "body_size", "head_bytes", "head_size",
-                 "in_body", "length", "expect", "waiting", "task", "keep", "answered", "paused_writing", "paused_reading",
-                 "_drained", "idle_since", "refused")
+                 "in_body", "length", "expect", "waiting", "task", "busy", "next_request", "keep", "answered", "paused_writing", "paused_reading",
+                 "_drained", "idle_since", "refused", "refusal")
 
     def __init__(self, server: "Front"):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.waiting: deque[Request] = deque()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None      # answers this connection's requests
+        self.busy = False                                 # it is answering one now
+        self.next_request: asyncio.Future[Request] | None = None   # what it waits on between requests
         self.keep = True
         self.answered = False     # the answer's head went out (a stream's)
         self.paused_writing = self.paused_reading = False
         self._drained: asyncio.Future[None] | None = None
         self.idle_since = time.monotonic()
         self.refused = False      # an answer that ends the connection was sent: read nothing more
+        self.refusal = b""        # that answer, while it waits for the one being made
         self.head_bytes = 0       # bytes received since the request being read began (its head unparsed)
         self._new()
 
@@ -280,8 +291,14 @@ class _Connection(asyncio.Protocol):
         request = Request(parser.get_method().decode("latin-1"), self.url.decode("latin-1"), self.headers,
                           self.authorization, body, self.length, parser.should_keep_alive(), self)
         self._new()
+        waiter = self.next_request
         if self.task is None:
+            self.busy = True
             self.task = self.server.loop.create_task(self._answer(request))
+        elif waiter is not None:
+            self.next_request = None
+            self.busy = True
+            waiter.set_result(request)
         else:
             self.waiting.append(request)
             if len(self.waiting) >= MAX_PIPELINED and not self.paused_reading and self.transport is not None:
@@ -312,13 +329,20 @@ class _Connection(asyncio.Protocol):
                 keep = request.keep_alive and self.keep and answer.prepared
             if not keep or self.transport is None:
                 if self.transport is not None:
+                    if self.refusal:
+                        self.write(self.refusal)
                     self.transport.close()
                 return
             self.idle_since = time.monotonic()
-            if not self.waiting:
-                self.task = None
-                return
-            request = self.waiting.popleft()
+            if self.waiting:
+                request = self.waiting.popleft()
+            else:
+                self.busy = False
+                self.next_request = self.server.loop.create_future()
+                try:
+                    request = await self.next_request
+                except asyncio.CancelledError:
+                    return   # the connection ended, or the server stops
             if self.paused_reading and len(self.waiting) < MAX_PIPELINED // 2 and self.transport is not None:
                 self.paused_reading = False
                 self.transport.resume_reading()
@@ -330,19 +354,13 @@ class _Connection(asyncio.Protocol):
             return
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
         head = _head(status, "", [("Content-Type", "application/json")], f"Content-Length: {len(body)}\r\n", False)
-        if self.task is None:
+        if not self.busy:
             self.transport.write(head + body)
             self.transport.close()
-        else:   # answers still owed on this connection go first; then this one, then the end
+        else:   # the answer being made goes first; then this one, then the end
             self.waiting.clear()
             self.keep = False
-            task = self.task
-
-            def after(_: Any) -> None:
-                if self.transport is not None:
-                    self.transport.write(head + body)
-                    self.transport.close()
-            task.add_done_callback(after)
+            self.refusal = head + body
 
 
 class Front:
@@ -375,7 +393,7 @@ class Front:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.monotonic()
             for connection in list(self.connections):
-                if connection.task is None and now - connection.idle_since > IDLE_TIMEOUT \
+                if not connection.busy and now - connection.idle_since > IDLE_TIMEOUT \
                         and connection.transport is not None:
                     connection.transport.close()
 
@@ -386,10 +404,10 @@ class Front:
             server.close()
         self.servers.clear()
         self._sweeping.cancel()
-        running = [c.task for c in self.connections if c.task is not None]
+        running = [c.task for c in self.connections if c.busy and c.task is not None]
         for connection in list(self.connections):
             connection.keep = False
-            if connection.task is None and connection.transport is not None:
+            if not connection.busy and connection.transport is not None:
                 connection.transport.close()
         if running:
             await asyncio.wait(running, timeout=grace)

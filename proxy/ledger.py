@@ -95,7 +95,7 @@ class Tally:
 
     def add(self, row: Row) -> None:
         self.requests += 1
-        self.errors += row.failed
+        self.errors += row.status >= 400   # Row.failed, without a property call on every request
         self.prompt_tokens += row.prompt_tokens
         self.completion_tokens += row.completion_tokens
         self.estimated += row.estimated

@@ -97,7 +97,7 @@ class Key:
         return self.balance is None or self.balance > 0
 
     def available(self, now: float) -> bool:
-        return not self.quarantined and self.cooldown_until <= now and self.funded
+        return not self.quarantined and self.cooldown_until <= now and (self.balance is None or self.balance > 0)
 
 
 def _usable(value: str) -> bool:
@@ -207,6 +207,9 @@ class KeyPool:
                retry_after: float | None = None) -> bool:
         """Learn from one attempt. True when this took the key out of the rotation (worth a log line)."""
         now = self.clock()
+        if outcome is Outcome.SUCCESS:   # the common case: it cannot take a key out
+            self._learn(key, outcome, now, error, retry_after)
+            return False
         was_available = key.available(now)
         self._learn(key, outcome, now, error, retry_after)
         return was_available and not key.available(now)

@@ -49,9 +49,9 @@ class _TopLevel(msgspec.Struct):
     stream_options: Any = msgspec.UNSET   # null and absent differ: a later null would undo an added one
     n: Any = None
     best_of: Any = None
-    max_tokens: Any = None
-    max_completion_tokens: Any = None
-    max_output_tokens: Any = None
+    max_tokens: Any = msgspec.UNSET   # present (even null) or not: a limit is then rewritten, not added
+    max_completion_tokens: Any = msgspec.UNSET
+    max_output_tokens: Any = msgspec.UNSET
     background: Any = None
 
 
@@ -74,6 +74,7 @@ class RequestFacts(NamedTuple):   # a tuple: built on every request, at a fracti
     prompt_estimate: int      # tokens
     completion_limit: int     # tokens each answer may generate, as sent upstream (0: no completion)
     limited: bool             # the body sets that limit (else the upstream's default applies)
+    limit_in_body: bool       # a field that limits it is at the body's top level, whatever its value
     body: bytes               # what goes upstream
     usage_added: bool         # the proxy asked for the stream's usage: its usage-only event is not relayed
 
@@ -92,18 +93,23 @@ class RequestFacts(NamedTuple):   # a tuple: built on every request, at a fracti
                 self.limited and tokens >= self.reservation):
             return self
         limit = max((tokens - self.prompt_estimate) // self.choices, 1)
-        data = json.loads(self.body)
         fields = _LIMIT_FIELDS.get(self.path, ("max_tokens",))
-        for name in [name for name in fields if name in data] or fields[:1]:
-            data[name] = limit
-        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-        return self._replace(completion_limit=limit, limited=True, body=body)
+        if not self.limit_in_body:   # added first, as the stream's usage is: no JSON to rebuild
+            start = len(self.body) - len(self.body.lstrip(_BLANK))
+            added = b'"%b":%d,' % (fields[0].encode(), limit)
+            body = self.body[:start + 1] + added + self.body[start + 1:]
+        else:
+            data = json.loads(self.body)
+            for name in [name for name in fields if name in data]:
+                data[name] = limit
+            body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        return self._replace(completion_limit=limit, limited=True, limit_in_body=True, body=body)
 
 
 def _count(value: Any) -> int | None:
     """A count as an upstream would take it (an int, a float rounded up, a numeric string), or
     None when it is absent or no count at all."""
-    if isinstance(value, bool) or value is None:
+    if value is None or value is msgspec.UNSET or isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
@@ -142,7 +148,7 @@ def inspect(path: str, method: str, body: bytes, policy: MeteringPolicy) -> Requ
     if cost.refused is not None:
         return cost.refused
     if cost.metering is not Metering.TOKENS:
-        return RequestFacts(path, "", cost.metering, cost.charge, False, 1, 0, 0, False, body, False)
+        return RequestFacts(path, "", cost.metering, cost.charge, False, 1, 0, 0, False, False, body, False)
     try:
         top = _DECODE(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -162,8 +168,10 @@ def inspect(path: str, method: str, body: bytes, policy: MeteringPolicy) -> Requ
     choices = min(max(_count(top.n) or 1, _count(top.best_of) or 1), MAX_CHOICES)
     asked = None if path == "/v1/embeddings" else _asked_limit(path, top)
     limit = 0 if path == "/v1/embeddings" else asked if asked is not None else DEFAULT_COMPLETION_RESERVE
+    in_body = (top.max_output_tokens is not msgspec.UNSET if path == "/v1/responses" else
+               top.max_tokens is not msgspec.UNSET or top.max_completion_tokens is not msgspec.UNSET)
     return RequestFacts(path, model, Metering.TOKENS, 0, stream, choices, estimate_tokens(len(body)), limit,
-                        asked is not None, body, usage_added)
+                        asked is not None, in_body, body, usage_added)
 
 
 def _asked_limit(path: str, top: _TopLevel) -> int | None:
@@ -176,4 +184,4 @@ def _asked_limit(path: str, top: _TopLevel) -> int | None:
 
 def _charged(path: str, top: _TopLevel, body: bytes, cost: PathCost) -> RequestFacts:
     model = top.model if isinstance(top.model, str) else ""
-    return RequestFacts(path, model, Metering.PER_REQUEST, cost.charge, False, 1, 0, 0, False, body, False)
+    return RequestFacts(path, model, Metering.PER_REQUEST, cost.charge, False, 1, 0, 0, False, False, body, False)

@@ -17,6 +17,7 @@ goes upstream.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 from urllib.parse import quote, unquote
@@ -32,7 +33,7 @@ from .request_body import Unreadable, inspect
 from .state import ProxyState
 from .usage import Meter
 
-_NOT_PLAIN = ("//", "/.", "%", "\\")  # a path without these (nor a trailing /) is already in normal form
+_NOT_PLAIN = re.compile(r"//|/\.|%|\\|/$")  # a path without these is already in normal form
 _DOTS = {".", ".."}
 _SEGMENT_SAFE = "!$&'()*+,;=:@"   # RFC 3986 pchar besides the unreserved ones, which quote() keeps too
 
@@ -43,7 +44,7 @@ def normalised_path(raw_path: str) -> tuple[str, str] | None:
     leaves /v1/, or a segment decodes to NUL or hides a dot segment behind an escaped separator
     (``..%2F``)."""
     path, sep, query = raw_path.partition("?")
-    if not path.endswith("/") and not any(mark in path for mark in _NOT_PLAIN):
+    if not _NOT_PLAIN.search(path):
         return (path, raw_path) if path.startswith("/v1/") else None
     segments: list[str] = []
     for segment in path.split("/")[1:]:
@@ -155,7 +156,7 @@ async def _forward_admitted(state: ProxyState, request: Request, reservation: Re
     """Forward a request its budget admitted, settle what it cost however it ends, and time its
     answer from ``arrived`` (monotonic)."""
     meter = Meter()
-    status = 500   # unless it answers: an unexpected failure, which aiohttp answers with a 500
+    status = 500   # unless it answers: an unexpected failure, which the front answers with a 500
     try:
         answer = await state.forwarder.handle(request, reservation.facts, meter)
         status = 502 if meter.broken else answer.status

@@ -66,6 +66,7 @@ class Origin:
     port: int
     base_path: str  # "/v1", no trailing slash
     host_header: bytes
+    address: str    # scheme://host:port: the key of its idle connections (a str caches its hash)
 
     @classmethod
     def parse(cls, url: str) -> "Origin":
@@ -77,7 +78,7 @@ class Origin:
         shown = f"[{host}]" if ":" in host else host
         value = shown if default else f"{shown}:{port}"
         host_header = value.encode("ascii") if value.isascii() else value.encode("idna")
-        return cls(parts.scheme, host, port, parts.path.rstrip("/"), host_header)
+        return cls(parts.scheme, host, port, parts.path.rstrip("/"), host_header, f"{parts.scheme}://{shown}:{port}")
 
     @property
     def tls(self) -> bool:
@@ -278,7 +279,8 @@ def _keep_alive_timeout(value: str) -> float | None:
 
 
 class UpstreamResponse:
-    __slots__ = ("status", "reason", "headers", "content_length", "content_encoding", "_conn", "_client", "_origin",
+    __slots__ = ("status", "reason", "raw_headers", "content_length", "content_encoding", "content_type",
+                 "retry_after", "_conn", "_client", "_origin",
                  "_timeout", "_no_body", "_keep_alive", "_finished")
 
     def __init__(self, conn: _Connection, client: "UpstreamClient", origin: Origin, timeout: float, method: str):
@@ -288,20 +290,26 @@ class UpstreamResponse:
         self._timeout = timeout
         self.status = conn.status
         self.reason = conn.reason.decode("latin-1")
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.raw_headers]
+        self.raw_headers = conn.raw_headers   # as they came: relayed as bytes, decoded only where read
         chunked = False
         self.content_length: int | None = None
         self.content_encoding: str | None = None
-        for name, value in self.headers:  # llhttp has checked both already
+        self.content_type = ""
+        self.retry_after: str | None = None
+        for name, value in self.raw_headers:  # llhttp has checked framing already
             lower = name.lower()
-            if lower == "content-length":
+            if lower == b"content-length":
                 self.content_length = int(value)
-            elif lower == "content-encoding":
-                self.content_encoding = value
-            elif lower == "transfer-encoding":
-                chunked = value.rsplit(",", 1)[-1].strip().lower() == "chunked"
-            elif lower == "keep-alive":
-                hint = _keep_alive_timeout(value)
+            elif lower == b"content-type":
+                self.content_type = value.decode("latin-1")
+            elif lower == b"content-encoding":
+                self.content_encoding = value.decode("latin-1")
+            elif lower == b"transfer-encoding":
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lower == b"retry-after":
+                self.retry_after = value.decode("latin-1")
+            elif lower == b"keep-alive":
+                hint = _keep_alive_timeout(value.decode("latin-1"))
                 if hint is not None:
                     conn.trusted_for = max(0.0, min(IDLE_TIMEOUT, hint - 1.0))
         # HEAD: llhttp cannot be told that no body follows, so the answer ends with its head
@@ -314,13 +322,6 @@ class UpstreamResponse:
         conn.until_close = not chunked and self.content_length is None and not conn.complete
         self._keep_alive = conn.keep_alive and not self._no_body and not conn.until_close
         self._finished = False
-
-    def header(self, name: str) -> str | None:
-        lower = name.lower()
-        for k, v in self.headers:
-            if k.lower() == lower:
-                return v
-        return None
 
     async def read_some(self) -> bytes:
         """The next piece of the body as soon as it is there; b"" at the end."""
@@ -367,7 +368,7 @@ class UpstreamResponse:
 
 class UpstreamClient:
     def __init__(self) -> None:
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: dict[str, list[_Connection]] = {}   # by Origin.address
         self._ssl: ssl.SSLContext | None = None
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -377,7 +378,7 @@ class UpstreamClient:
 
     def _get(self, origin: Origin) -> _Connection | None:
         """An idle connection the upstream provably has not given up on, or None."""
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.address)
         now = time.monotonic()
         while idle:
             conn = idle.pop()
@@ -387,7 +388,7 @@ class UpstreamClient:
         return None
 
     def _put(self, origin: Origin, conn: _Connection) -> None:
-        idle = self._idle.setdefault(origin, [])
+        idle = self._idle.setdefault(origin.address, [])
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
             conn.close()
             return

@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 import pytest
 
+from conftest import eventually
 from proxy.front import MAX_HEAD, Answer, Front, Request, Stream
 
 
@@ -116,16 +117,9 @@ async def test_a_client_that_hangs_up_cancels_its_handler(front) -> None:
     _, port, seen = front
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-    for _ in range(100):
-        if seen.requests:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: seen.requests)
     writer.close()
-    for _ in range(100):
-        if seen.cancelled:
-            break
-        await asyncio.sleep(0.01)
-    assert seen.cancelled == 1
+    await eventually(lambda: seen.cancelled == 1)
 
 
 async def test_a_stream_is_chunked_and_a_failure_after_its_head_cuts_the_connection(front) -> None:
@@ -142,13 +136,24 @@ async def test_closing_lets_a_request_in_flight_finish_within_the_grace(front) -
     server, port, seen = front
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-    for _ in range(100):
-        if seen.requests:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: seen.requests)
     closing = asyncio.create_task(server.close(5.0))
     seen.release.set()
     answer = await asyncio.wait_for(reader.read(), 5)
     await closing
     assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"/slow ") and b"Connection: close" in answer
     writer.close()
+
+
+async def test_a_bad_request_pipelined_behind_one_being_answered_is_refused_after_it(front) -> None:
+    server, port, seen = front
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: seen.requests)
+    writer.write(b"GARBAGE\r\n\r\n")
+    await eventually(lambda: any(c.refused for c in server.connections))   # while /slow is being answered
+    seen.release.set()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    first, second = answer.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK") and first.endswith(b"/slow ") and second.startswith(b"400 ")

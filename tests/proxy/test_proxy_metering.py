@@ -443,3 +443,17 @@ def test_a_local_admission_near_the_end_lowers_the_limit() -> None:
     assert isinstance(held, Reservation) and held.tokens == 500
     sent = json.loads(held.facts.body)
     assert sent["max_output_tokens"] == 500 - facts.prompt_estimate and held.facts.limited
+
+
+@pytest.mark.parametrize("fields, sent", [
+    ({}, {"max_tokens": 90}),                                                  # none: one added
+    ({"max_tokens": None}, {"max_tokens": 90}),                                # null: replaced
+    ({"max_tokens": 500, "max_completion_tokens": 800}, {"max_tokens": 90, "max_completion_tokens": 90}),
+    ({"max_tokens": 50}, {"max_tokens": 50}),                                  # it fits: sent as it came
+])
+def test_the_limit_a_request_is_sent_with_under_a_budget(fields: dict[str, Any], sent: dict[str, Any]) -> None:
+    facts = inspect("/v1/chat/completions", "POST", json.dumps({"model": "m", "messages": HI, **fields}).encode(),
+                    POLICY)
+    assert isinstance(facts, RequestFacts)
+    body = json.loads(facts.within(facts.prompt_estimate + 90).body)
+    assert {name: body[name] for name in sent} == sent and body["messages"] == HI
