@@ -95,15 +95,20 @@ class RequestFacts(NamedTuple):   # a tuple: built on every request, at a fracti
         limit = max((tokens - self.prompt_estimate) // self.choices, 1)
         fields = _LIMIT_FIELDS.get(self.path, ("max_tokens",))
         if not self.limit_in_body:   # added first, as the stream's usage is: no JSON to rebuild
-            start = len(self.body) - len(self.body.lstrip(_BLANK))
-            added = b'"%b":%d,' % (fields[0].encode(), limit)
-            body = self.body[:start + 1] + added + self.body[start + 1:]
+            body = _first(self.body, b'"%b":%d,' % (fields[0].encode(), limit))
         else:
             data = json.loads(self.body)
             for name in [name for name in fields if name in data]:
                 data[name] = limit
             body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-        return self._replace(completion_limit=limit, limited=True, limit_in_body=True, body=body)
+        return RequestFacts(self.path, self.model, self.metering, self.charge, self.stream, self.choices,
+                            self.prompt_estimate, limit, True, True, body, self.usage_added)
+
+
+def _first(body: bytes, field: bytes) -> bytes:
+    """``body`` (a JSON object) with ``field`` (``"name":value,``) added as its first member."""
+    start = 0 if body[:1] == b"{" else len(body) - len(body.lstrip(_BLANK))
+    return body[:start + 1] + field + body[start + 1:]
 
 
 def _count(value: Any) -> int | None:
@@ -135,8 +140,7 @@ def _with_usage(body: bytes, top: _TopLevel) -> bytes | None:
     if isinstance(options, dict) and options.get("include_usage") is True:
         return None
     if options is msgspec.UNSET:   # not at the top level: added first, where a later field of the same name cannot be
-        start = len(body) - len(body.lstrip(_BLANK))
-        return body[:start + 1] + _INJECT + body[start + 1:]
+        return _first(body, _INJECT)
     data = json.loads(body)
     data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
