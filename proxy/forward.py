@@ -288,7 +288,7 @@ class Forwarder:
             resp.close()
             return out
         except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client goes away (handler_cancellation=True).
+            # the front cancels the handler when the client goes away
             self.stats.client_disconnects += 1
             resp.close()
             raise

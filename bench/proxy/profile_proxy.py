@@ -132,7 +132,8 @@ FRAME_RULES: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(pattern)) fo
      r"\(aiohttp/(http_parser|streams|web_request|helpers)\.py|\(_http_parser\.c|\(_find_header\.c|"
      r"^RequestHandler\.data_received |\((multidict|yarl)/|\(_multidict\.c|^build_server\.<locals>\.make_request "),
     ("our forward() (proxy/server.py, proxy/forward.py)", r"\(proxy/(server|forward|state)\.py"),
-    ("aiohttp's request task and handler (web_protocol, asyncio)", r"\(aiohttp/|\(_asynciomodule\.c|\(asyncio/"),
+    ("tasks and futures (asyncio; aiohttp's server before proxy/front.py)",
+     r"\(aiohttp/|\(_asynciomodule\.c|\(asyncio/"),
     ("event loop (uvloop, libuv)", r"\((loop|core|stream|linux|loop-watcher|timer|heap-inl|queue)\.[ch]:|\(uvloop/"),
 )]
 
