@@ -339,7 +339,6 @@ async def idle_memory(setup: Setup, count: int) -> tuple[tuple[int, int], tuple[
         conns.extend(batch)
     if time.monotonic() - began > 60:
         raise SystemExit("opening the idle connections took longer than nginx keeps them")
-    await asyncio.sleep(2)
     held = nginx_memory(master)
     # still open: each gets another answer on the connection it kept
     statuses = await asyncio.gather(*(conn.request(raw) for conn in conns[:50]))

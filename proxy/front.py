@@ -85,17 +85,15 @@ def _head(status: int, reason: str, headers: AnyHeaders, framing: str, keep_aliv
 class Request:
     """One request, its body read whole."""
 
-    __slots__ = ("method", "raw_path", "raw_headers", "authorization", "body", "content_length", "keep_alive",
-                 "_connection")
+    __slots__ = ("method", "raw_path", "raw_headers", "authorization", "body", "keep_alive", "_connection")
 
     def __init__(self, method: str, raw_path: str, raw_headers: list[tuple[bytes, bytes]], authorization: str,
-                 body: bytes, content_length: int | None, keep_alive: bool, connection: "_Connection"):
+                 body: bytes, keep_alive: bool, connection: "_Connection"):
         self.method = method
         self.raw_path = raw_path           # path and query as the client encoded them
         self.raw_headers = raw_headers     # (name, value) as they came
         self.authorization = authorization
         self.body = body
-        self.content_length = content_length
         self.keep_alive = keep_alive
         self._connection = connection
 
@@ -114,12 +112,11 @@ class Request:
 class Stream:
     """An answer written piece by piece: chunked, or with the Content-Length given."""
 
-    __slots__ = ("_request", "_head", "_chunked", "prepared", "_connection", "status")
+    __slots__ = ("_head", "_chunked", "prepared", "_connection", "status")
 
     def __init__(self, request: Request, status: int, headers: AnyHeaders, reason: str = "",
                  content_length: int | None = None):
         self.status = status
-        self._request = request
         self._connection = request._connection
         self._chunked = content_length is None
         framing = "Transfer-Encoding: chunked\r\n" if self._chunked else f"Content-Length: {content_length}\r\n"
@@ -289,7 +286,7 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         request = Request(parser.get_method().decode("latin-1"), self.url.decode("latin-1"), self.headers,
-                          self.authorization, body, self.length, parser.should_keep_alive(), self)
+                          self.authorization, body, parser.should_keep_alive(), self)
         self._new()
         waiter = self.next_request
         if self.task is None:

@@ -58,6 +58,21 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
 
 RowValues = tuple[object, ...]   # a Row's fields in order, as the writer queues them
 
+def clamp_statements(requests: str, daily: str) -> str:
+    """SQL (SQLite's and PostgreSQL's alike) that brings the figures of a store's ``requests`` and
+    ``daily`` tables within ``MAX_TOKENS`` a request: what older versions let an upstream write."""
+    def capped(column: str, cap: str) -> str:
+        return f"{column} = CASE WHEN {column} > {cap} THEN {cap} ELSE {column} END"
+
+    row, day = str(MAX_TOKENS), f"{MAX_TOKENS} * requests"
+    return f"""
+    UPDATE {requests} SET {capped("prompt_tokens", row)}, {capped("completion_tokens", row)}
+    WHERE prompt_tokens > {row} OR completion_tokens > {row};
+    UPDATE {daily} SET {capped("prompt_tokens", day)}, {capped("completion_tokens", day)}
+    WHERE prompt_tokens > {day} OR completion_tokens > {day};
+    """
+
+
 _CONTROLS = dict.fromkeys([*range(0x20), 0x7F], "\ufffd")   # NUL among them: PostgreSQL refuses it in text
 
 
@@ -213,14 +228,7 @@ _SCHEMA = (
     """,
     # version 3: figures an upstream claimed beyond belief (2^71 tokens) as a row holds at most,
     # daily totals at most that a request (figures past 2^63 never made it to the file)
-    f"""
-    UPDATE requests SET prompt_tokens = min(prompt_tokens, {MAX_TOKENS}),
-                        completion_tokens = min(completion_tokens, {MAX_TOKENS})
-    WHERE prompt_tokens > {MAX_TOKENS} OR completion_tokens > {MAX_TOKENS};
-    UPDATE daily SET prompt_tokens = min(prompt_tokens, {MAX_TOKENS} * requests),
-                     completion_tokens = min(completion_tokens, {MAX_TOKENS} * requests)
-    WHERE prompt_tokens > {MAX_TOKENS} * requests OR completion_tokens > {MAX_TOKENS} * requests;
-    """,
+    clamp_statements("requests", "daily"),
 )
 
 ROWS_PER_INSERT = 64   # 768 parameters a statement; the rest of a batch one row a statement

@@ -22,12 +22,12 @@ from reconciler.desired.model import UsageSettings
 from reconciler.desired.secret_source import read_secret
 
 from .ledger import (
-    MAX_TOKENS,
     DayTotal,
     RowsRefused,
     RowValues,
     Standing,
     StoreUnavailable,
+    clamp_statements,
     daily_query,
     day_totals,
     standings,
@@ -243,14 +243,7 @@ def migrate(db: psycopg.Connection) -> int:
 # new schema version would stop them: a replica refuses a schema newer than it knows).
 _REPAIRS = {
     # an upstream's figure beyond belief, as a row holds at most (see ledger.MAX_TOKENS)
-    "clamp-tokens": f"""
-        UPDATE cst_requests SET prompt_tokens = least(prompt_tokens, {MAX_TOKENS}),
-                                completion_tokens = least(completion_tokens, {MAX_TOKENS})
-        WHERE prompt_tokens > {MAX_TOKENS} OR completion_tokens > {MAX_TOKENS};
-        UPDATE cst_daily SET prompt_tokens = least(prompt_tokens, {MAX_TOKENS} * requests),
-                             completion_tokens = least(completion_tokens, {MAX_TOKENS} * requests)
-        WHERE prompt_tokens > {MAX_TOKENS} * requests OR completion_tokens > {MAX_TOKENS} * requests;
-    """,
+    "clamp-tokens": clamp_statements("cst_requests", "cst_daily"),
 }
 
 

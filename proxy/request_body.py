@@ -100,9 +100,14 @@ class RequestFacts(NamedTuple):   # a tuple: built on every request, at a fracti
             data = json.loads(self.body)
             for name in [name for name in fields if name in data]:
                 data[name] = limit
-            body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+            body = _dumped(data)
         return RequestFacts(self.path, self.model, self.metering, self.charge, self.stream, self.choices,
                             self.prompt_estimate, limit, True, True, body, self.usage_added)
+
+
+def _dumped(data: dict[str, Any]) -> bytes:
+    """A body edited as JSON, as compact as a client would send it."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _first(body: bytes, field: bytes) -> bytes:
@@ -143,7 +148,7 @@ def _with_usage(body: bytes, top: _TopLevel) -> bytes | None:
         return _first(body, _INJECT)
     data = json.loads(body)
     data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumped(data)
 
 
 def inspect(path: str, method: str, body: bytes, policy: MeteringPolicy) -> RequestFacts | Refused | Unreadable:
