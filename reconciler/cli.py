@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import ssl
 import sys
 from datetime import datetime
@@ -23,15 +24,21 @@ from proxy.ledger import StoreUnavailable
 from proxy.pool import mask
 from proxy.service import read_usage
 
-from .desired.model import DesiredState, TlsSettings, load, port_of
+from .desired.model import DesiredState, TlsSettings, load, parse, port_of
 from .desired.problems import InvalidDesiredState
+from .desired.safe_yaml import Located, read_text
 from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
 from .engine.reconcile import reconcile, standing_halt
 from .engine.results import Report, Result
-from .runtime import disk_use, overlay, sandbox, sillytavern
+from .files import atomic_write
+from .kubernetes import names as kubernetes_names
+from .kubernetes import output as render_output
+from .kubernetes import render as kubernetes
+from .kubernetes import secrets as kubernetes_secrets
+from .runtime import disk_use, overlay, sandbox, sillytavern, wiring
 from .runtime.base import LaunchImpossible, StartFailed
 from .runtime.local import LocalRuntime
 from .runtime.logfollow import MAX_LINES, last_lines
@@ -542,6 +549,105 @@ def restore(file: Path, instance_id: str, snapshot_id: str, wait: float) -> None
     kept = f"; the data it replaced is kept in {restored.replaced}" if restored.replaced else ""
     state = "running again" if restored.running else "stopped, as the file says"
     click.echo(f"changed: {instance_id} has its data of snapshot {restored.snapshot.id} again ({state}){kept}")
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The instance's data dir (its --dataRoot).")
+@click.option("--package", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A folder holding the release's default/content/settings.json.")
+@click.option("--proxy-url", required=True, metavar="URL", help="Where the instance reaches the key pool.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file holding the instance's proxy key.")
+def wire(data_dir: Path, package: Path, proxy_url: str, key_file: Path) -> None:
+    """Point a new instance's chat API at the key pool, once (what a start does on one machine; in a
+    cluster, an instance's init step)."""
+    try:
+        key = key_file.read_text(encoding="utf-8").strip()
+        done = wiring.wire(data_dir, package, proxy_url, key)
+    except (OSError, ValueError) as exc:
+        raise Failed(f"wiring {data_dir} to the key pool: {exc}") from None
+    click.echo(f"changed: {done}" if done else f"ok: {data_dir} needs no wiring")
+
+
+@cli.group()
+def render() -> None:
+    """desired.yaml for another engine: Kubernetes."""
+
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _for_cluster(file: Path, namespace: str | None) -> tuple[DesiredState, dict[str, Any]]:
+    """The file, valid for a cluster too (located problems otherwise), and its document as written."""
+    if namespace is not None and not _NAMESPACE.match(namespace):
+        raise Invalid(f"--namespace {namespace!r} is not a Kubernetes name (lower-case letters, digits, '-')")
+    try:
+        text = read_text(file)
+        desired = parse(text, file)
+    except InvalidDesiredState as exc:
+        raise FileInvalid(exc) from None
+    document = Located(text, str(file))
+    found = [document.problem(path, message) for path, message in kubernetes.problems(desired)]
+    if found:
+        raise FileInvalid(InvalidDesiredState(found))
+    for warning in desired.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return desired, document.data
+
+
+@render.command("kubernetes")
+@file_option
+@click.option("-o", "--output", "folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write one file per object into this folder, replacing what an earlier render wrote there; "
+                   "default: one YAML stream on stdout.")
+@click.option("--namespace", default=None, help="The namespace of every object (default: settings.kubernetes.namespace).")
+def render_kubernetes(file: Path, folder: Path | None, namespace: str | None) -> None:
+    """Render the file as Kubernetes objects for kubectl apply, Argo CD or Flux: the same file gives the
+    same bytes. Secrets are named, never written (see `cst render kubernetes-secrets`)."""
+    desired, document = _for_cluster(file, namespace)
+    rendering = kubernetes.render(desired, document, namespace)
+    for note in rendering.notes:
+        click.echo(f"note: {note.value}", err=True)
+    if folder is None:
+        click.echo(render_output.stream(rendering.objects, file.name), nl=False)
+        return
+    try:
+        render_output.write_folder(rendering.objects, folder, file.name)
+    except render_output.OutputRefused as exc:
+        raise Invalid(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"writing {folder}: {exc}") from None
+    click.echo(f"{folder}: {len(rendering.objects)} objects", err=True)
+
+
+@render.command("kubernetes-secrets")
+@file_option
+@click.option("-o", "--output", "target", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              required=True, help="The file (written 0600) for `kubectl apply -f`; - for stdout.")
+@click.option("--namespace", default=None, help="The namespace of every Secret (default: settings.kubernetes.namespace).")
+def render_kubernetes_secrets(file: Path, target: Path, namespace: str | None) -> None:
+    """Write the Secrets the render names: instances' passwords and proxy keys (minted here as on one
+    machine, kept in the state dir), the pool's variables and files, the edge's certificate."""
+    desired, _ = _for_cluster(file, namespace)
+    try:
+        made = kubernetes_secrets.make(desired, namespace or desired.settings.kubernetes.namespace)
+    except LaunchImpossible as exc:
+        raise Invalid(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"reading what the Secrets hold: {exc}") from None
+    for name in made.missing:
+        click.echo(f"warning: {name} is not set here: the Secret {kubernetes_names.POOL_ENV_SECRET} lacks it",
+                   err=True)
+    text = render_output.stream(made.objects, file.name)
+    if str(target) == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        atomic_write(target, text.encode(), mode=0o600)
+    except OSError as exc:
+        raise Failed(f"writing {target}: {exc}") from None
+    click.echo(f"{target}: {len(made.objects)} Secrets (0600: it holds every instance's password)", err=True)
 
 
 cli.add_command(proxy_command)

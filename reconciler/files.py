@@ -30,7 +30,7 @@ def private_dir(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2); False where the system cannot."""
     if _renameat2 is None:
         return False
@@ -100,7 +100,7 @@ def swap(path: Path, data: bytes, mode: int) -> bytes | None:
     exchange is unavailable, the content is read just before a plain rename (a short window)."""
     tmp = _temp_beside(path, data, mode)
     try:
-        if _exchange(tmp, path):
+        if exchange(tmp, path):
             displaced = tmp.read_bytes()
             tmp.unlink()
         else:
@@ -125,7 +125,7 @@ def conditional_replace(path: Path, data: bytes, expected: bytes, mode: int) -> 
     tmp = _temp_beside(path, data, mode)
     try:
         ours = tmp.stat().st_ino
-        if not _exchange(tmp, path):
+        if not exchange(tmp, path):
             try:
                 current = path.read_bytes()
             except FileNotFoundError:
@@ -155,7 +155,7 @@ def _put_back(held: Path, path: Path, ours: int) -> None:
     done), or a save newer still (put that back instead, and look again)."""
     superseded = {held.stat().st_ino}
     while True:
-        _exchange(held, path)
+        exchange(held, path)
         back = held.stat().st_ino
         if back == ours or back in superseded:
             held.unlink()

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "reconciler" / "server" / "page"
 # each layer may import the ones after it in this list, never one before it
-LAYERS = ["reconciler.cli", "reconciler.server", "proxy", "reconciler.engine", "reconciler.runtime",
+LAYERS = ["reconciler.cli", "reconciler.kubernetes", "reconciler.server", "proxy", "reconciler.engine", "reconciler.runtime",
           "reconciler.desired", "reconciler.files", "reconciler.tasks"]
 
 

@@ -59,6 +59,10 @@ class UserSettings:
     isolate: bool = _default("settings", "sillytavern", "users", "isolate")
     uid_from: int = _default("settings", "sillytavern", "users", "uid_from")
 
+    def uid_of(self, port: int) -> int:
+        """The uid (and gid) of the instance on ``port``, when instances run as users of their own."""
+        return self.uid_from + port
+
 
 @dataclass(frozen=True)
 class SandboxSettings:
@@ -222,6 +226,38 @@ class EdgeSettings:
 
 
 @dataclass(frozen=True)
+class KubernetesSettings:
+    """What only a cluster has (``settings.kubernetes``): read by ``cst render kubernetes`` alone."""
+
+    namespace: str = _default("settings", "kubernetes", "namespace")
+    fleet: str = _default("settings", "kubernetes", "fleet")           # the cst/fleet label's value
+    sillytavern_image: str = _default("settings", "kubernetes", "images", "sillytavern")
+    cst_image: str = _default("settings", "kubernetes", "images", "cst")
+    pull_policy: str = _default("settings", "kubernetes", "images", "pull_policy")
+    storage_class: str | None = None   # None: the cluster's default class
+    volume_size: int = parse_size(_default("settings", "kubernetes", "storage", "size"))
+    memory_request: int = parse_size(_default("settings", "kubernetes", "memory_request"))
+    ingress_class: str = _default("settings", "kubernetes", "ingress", "class")
+    ingress_namespace: str = _default("settings", "kubernetes", "ingress", "namespace")
+    tls_secret: str = _default("settings", "kubernetes", "ingress", "tls_secret")
+    cert_manager_issuer: str | None = None
+    pool_replicas: int = _default("settings", "kubernetes", "pool", "replicas")
+    interceptor: str = _default("settings", "kubernetes", "parking", "interceptor")
+    interceptor_port: int = _default("settings", "kubernetes", "parking", "interceptor_port")
+    interceptor_namespace: str = _default("settings", "kubernetes", "parking", "namespace")
+    internal_networks: tuple[str, ...] = tuple(_default("settings", "kubernetes", "internal_networks"))
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "KubernetesSettings":
+        images, storage, ingress, parking = data["images"], data["storage"], data["ingress"], data["parking"]
+        return cls(data["namespace"], data["fleet"], images["sillytavern"], images["cst"], images["pull_policy"],
+                   storage.get("class"), parse_size(storage["size"]), parse_size(data["memory_request"]),
+                   ingress["class"], ingress["namespace"], ingress["tls_secret"], ingress.get("cert_manager_issuer"),
+                   data["pool"]["replicas"], parking["interceptor"], parking["interceptor_port"],
+                   parking["namespace"], tuple(data["internal_networks"]))
+
+
+@dataclass(frozen=True)
 class Settings:
     state_dir: Path
     data_root: Path
@@ -235,6 +271,7 @@ class Settings:
     git: GitSettings | None = None     # None: the file is not followed from a remote
     backups: BackupSettings | None = None   # None: no scheduled snapshots
     edge: EdgeSettings | None = None        # None: instances are reached on their own ports only
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
 
 @dataclass(frozen=True)
@@ -373,6 +410,7 @@ def from_data(data: dict[str, Any], path: Path, warnings: tuple[Problem, ...] = 
                             store=usage.get("store"), store_password_env=usage.get("store_password_env"),
                             store_password_file=_optional_path(base, usage.get("store_password_file")),
                             on_store_down=usage["on_store_down"]),
+        kubernetes=KubernetesSettings.from_data(raw["kubernetes"]),
     )
     git = raw.get("git")
     if git is not None:

@@ -43,6 +43,7 @@ def _settings(state: DesiredState) -> dict[str, Any]:
         "settings.git": s.git,                       # where the file is followed from and pushed to
         "settings.backups": s.backups,               # a lower keep deletes snapshots for good
         "settings.edge": s.edge,                     # what faces the internet: names, TLS files, ports
+        "settings.kubernetes": s.kubernetes,         # which images a cluster runs, what may reach what
     }
 
 

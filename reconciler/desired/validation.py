@@ -91,7 +91,8 @@ _DURATIONS = (("settings", "resync"), ("settings", "sillytavern", "start_timeout
               ("settings", "api", "timeout"), ("settings", "usage", "retention"), ("settings", "git", "every"),
               ("settings", "sillytavern", "rollout", "pause"), ("settings", "backups", "every"),
               ("settings", "sillytavern", "park_after"))
-_SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"), ("settings", "sillytavern", "sandbox", "tmp_size"))
+_SIZES = (("settings", "logs", "max_size"), ("settings", "proxy", "max_body"), ("settings", "sillytavern", "sandbox", "tmp_size"),
+          ("settings", "kubernetes", "storage", "size"), ("settings", "kubernetes", "memory_request"))
 _PATHS = (("settings", "state_dir"), ("settings", "data_root"), ("settings", "sillytavern", "server"),
           ("settings", "api", "tls", "cert"), ("settings", "api", "tls", "key"),
           ("settings", "usage", "store_password_file"), ("settings", "edge", "tls", "cert"),
@@ -200,6 +201,13 @@ def _value_problems(doc: Located) -> Iterator[Problem]:
             problem = _host_problem(value.rsplit(":", 1)[0])
             if problem:
                 yield doc.problem(path, problem)
+    networks = _at(data, ("settings", "kubernetes", "internal_networks"))
+    for i, value in enumerate(networks if isinstance(networks, list) else []):
+        if isinstance(value, str):
+            try:
+                ipaddress.ip_network(value)
+            except ValueError as exc:
+                yield doc.problem(("settings", "kubernetes", "internal_networks", i), f"not a network: {exc}")
 
 
 def proxy_listen_problems(listen: str, anonymous: bool, client_keys: bool) -> list[tuple[str, str]]:

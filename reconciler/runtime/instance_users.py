@@ -64,7 +64,7 @@ def user_for(users: UserSettings, port: int) -> InstanceUser | None:
                    else "cst does not run as root")
             log.info("instances run as cst's own user (%s): each can read the state dir and the others' data", why)
         return None
-    uid = users.uid_from + port
+    uid = users.uid_of(port)
     return InstanceUser(uid, uid)
 
 

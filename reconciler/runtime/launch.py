@@ -1,6 +1,7 @@
 """What starting an instance takes (``LaunchSpec``) and the markers its process carries."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,13 @@ HEALTH_PATH = "/api/plugins/cst/health"   # the overlay's health route: readines
 # of 3.2). Not --jitless: tiktoken's WebAssembly needs the JIT.
 LEAN_NODE_FLAGS = ("--max-old-space-size=256",)
 LEAN_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def host_guard(names: tuple[str, ...]) -> dict[str, str]:
+    """SillyTavern's own DNS-rebinding guard (``hostWhitelist``, 1.13.4+), on with the instance's
+    host names; addresses and localhost stay allowed (SillyTavern always allows them)."""
+    return {"SILLYTAVERN_HOSTWHITELIST_ENABLED": "true", "SILLYTAVERN_HOSTWHITELIST_SCAN": "false",
+            "SILLYTAVERN_HOSTWHITELIST_HOSTS": json.dumps(list(names))}
 
 
 def reads_key_copy(user: InstanceUser | None, sandboxed: bool) -> bool:

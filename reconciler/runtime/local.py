@@ -36,6 +36,7 @@ from .launch import (
     LEAN_ENV,
     LEAN_NODE_FLAGS,
     LaunchSpec,
+    host_guard,
     reads_key_copy,
 )
 from .launcher import KEY_COPY, Launcher
@@ -187,13 +188,9 @@ class LocalRuntime:
                           self.state.log_path(spec.id), password, address, digest, user, release_identity, boxed)
 
     def _host_guard(self, spec: InstanceSpec) -> dict[str, str]:
-        """SillyTavern's own DNS-rebinding guard (``hostWhitelist``, 1.13.4+), on with the instance's
-        host names at the edge; addresses and localhost stay allowed (SillyTavern always allows them)."""
+        """SillyTavern's DNS-rebinding guard, on with the instance's host names at the edge."""
         edge_settings = self.settings.edge
-        if edge_settings is None:
-            return {}
-        return {"SILLYTAVERN_HOSTWHITELIST_ENABLED": "true", "SILLYTAVERN_HOSTWHITELIST_SCAN": "false",
-                "SILLYTAVERN_HOSTWHITELIST_HOSTS": json.dumps(list(edge_settings.names_of(spec)))}
+        return {} if edge_settings is None else host_guard(edge_settings.names_of(spec))
 
     def _proxy_env(self, spec: InstanceSpec, user: instance_users.InstanceUser | None, boxed: bool) -> dict[str, str]:
         """Where the instance's plugin finds the proxy and its key: in a sandbox or under a user of its

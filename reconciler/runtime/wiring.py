@@ -23,6 +23,7 @@ from ..files import atomic_write
 MARKER = "cst-wiring.json"
 _USER = "default-user"       # the only user when SillyTavern's user accounts are off, as CST runs it
 _SECRET = "api_key_custom"   # SillyTavern's secret name for the custom OpenAI-compatible endpoint
+DEFAULTS = Path("default") / "content" / "settings.json"   # in a release's package: what a new user gets
 
 
 def _endpoint(proxy_url: str) -> str:
@@ -44,7 +45,7 @@ def wire(data_dir: Path, package_dir: Path, proxy_url: str, key: str) -> str:
         return _follow(marker, user / "settings.json", proxy_url)
     if (user / "settings.json").exists():
         return ""   # started before CST wired instances: its settings are the user's
-    defaults = package_dir / "default" / "content" / "settings.json"
+    defaults = package_dir / DEFAULTS
     if not defaults.exists():
         return ""   # not a SillyTavern whose settings CST knows (a custom server)
     settings = _read(defaults)
