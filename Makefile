@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sandbox edge sillytavern browser servers bench clean
+.PHONY: run test setup node sandbox edge sillytavern browser servers images image-tools bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,11 +67,25 @@ servers:
 	  $(SUDO) apt-get install -y -q --no-install-recommends $(SERVER_PACKAGES) || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(SERVER_PACKAGES); }; }
 
+# the container images as OCI layouts (images/README.md): built from Debian's packages, the npm
+# registry and PyPI with no container engine; the tests check them with Debian's skopeo and run them
+# in bubblewrap (the sandbox target's)
+images: sillytavern
+	$(BIN)/python images/build.py -f examples/desired.yaml -o build/images
+
+IMAGE_PACKAGES := skopeo
+image-tools: sandbox
+	@command -v skopeo >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "the image tests read the layouts with skopeo: install it"; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(IMAGE_PACKAGES) || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(IMAGE_PACKAGES); }; }
+
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
 # the linters first: they take seconds, and their configuration is in pyproject.toml
-test: sillytavern browser servers
+test: sillytavern browser servers image-tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ from proxy.ledger import StoreUnavailable
 from proxy.pool import mask
 from proxy.service import read_usage
 
+from . import __version__
 from .desired.model import DesiredState, TlsSettings, load, parse, port_of
 from .desired.problems import InvalidDesiredState
 from .desired.safe_yaml import Located, read_text
@@ -101,6 +102,7 @@ def load_or_exit(path: Path) -> DesiredState:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="cst", message="%(prog)s %(version)s")
 def cli() -> None:
     """CST: a fleet of SillyTavern servers and one API-key pool, from one desired-state file."""
 

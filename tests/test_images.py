@@ -1,0 +1,259 @@
+"""The container images (images/build.py), proven without a container engine (marker: images).
+
+Both images are built once into this module's folder; their layers are unpacked, in order, into a
+root filesystem that bubblewrap shows as ``/``, read-only, with ``/data`` and ``/home/sillytavern``
+(the SillyTavern image) or a state folder (the CST image) bound writable, and each process runs as
+a uid of its own with no groups and no way to regain privileges: what a pod with
+``readOnlyRootFilesystem``, volumes and ``runAsUser`` shows it. The network is the host's (loopback).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from conftest import AS_ROOT, ROOT, free_ports, wait_until
+from reconciler import __version__
+from reconciler.desired.model import load
+from reconciler.runtime import sandbox
+from reconciler.runtime.launch import HEALTH_PATH
+
+pytestmark = [pytest.mark.images, pytest.mark.sillytavern,
+              pytest.mark.skipif(not AS_ROOT, reason="a uid of the pod's own is set up as root (CI runs as root)")]
+DESIRED = ROOT / "examples" / "desired.yaml"
+RELEASE = next(iter(load(DESIRED).versions()))
+POD_UID = 2_000_008_001   # any uid: the images name no user of their own
+START = 90.0              # SillyTavern's start, its front end not compiled: a few seconds
+
+
+def build(out: Path, *only: str) -> dict[str, str]:
+    """Run images/build.py; each image it made ("sillytavern:1.19.0") and its manifest's digest."""
+    done = subprocess.run([sys.executable, str(ROOT / "images" / "build.py"), "-f", str(DESIRED), "-o", str(out),
+                           *(("--only", *only) if only else ())],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return {line.split()[0]: line.split()[2] for line in done.stdout.splitlines()}
+
+
+@dataclass(frozen=True)
+class Image:
+    layout: Path
+    tag: str
+    config: dict
+    layers: list[Path]
+
+    @classmethod
+    def read(cls, layout: Path, tag: str) -> Image:
+        def blob(digest: str) -> Path:
+            return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+        index = json.loads((layout / "index.json").read_text())
+        entry = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        manifest = json.loads(blob(entry["digest"]).read_text())
+        config = json.loads(blob(manifest["config"]["digest"]).read_text())["config"]
+        return cls(layout, tag, config, [blob(layer["digest"]) for layer in manifest["layers"]])
+
+    def unpack(self, into: Path) -> Path:
+        """The root filesystem: each layer over the ones before (as root: owners and modes as stored)."""
+        into.mkdir()
+        for layer in self.layers:
+            subprocess.run(["tar", "-xf", str(layer), "-C", str(into)], check=True)
+        return into
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for item in self.config["Env"])
+
+
+def pod(rootfs: Path, binds: dict[str, Path], env: dict[str, str], workdir: str) -> list[str]:
+    """The argv that runs a command in ``rootfs`` as a pod would: the image read-only, ``binds``
+    writable, a /tmp of its own, ``POD_UID`` with no groups and no privileges to regain."""
+    view = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+            "--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for inside, host in binds.items():
+        view += ["--bind", str(host), inside]
+    view += ["--chdir", workdir, "--clearenv"]
+    for name, value in sorted(env.items()):
+        view += ["--setenv", name, value]
+    return ["setpriv", f"--reuid={POD_UID}", f"--regid={POD_UID}", "--clear-groups", "--no-new-privs",
+            "--", "bwrap", *view, "--"]
+
+
+def volume(folder: Path) -> Path:
+    """A folder the pod's uid owns, as a volume with its fsGroup would be."""
+    folder.mkdir()
+    os.chown(folder, POD_UID, POD_UID)
+    return folder
+
+
+@dataclass
+class Built:
+    out: Path
+    digests: dict[str, str]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    missing = [tool for tool in ("bwrap", "setpriv", "skopeo", "apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    assert not missing, f"{', '.join(missing)} missing: `make test` installs them (Makefile: images-test)"
+    out = tmp_path_factory.mktemp("images")
+    started = time.monotonic()
+    digests = build(out)
+    return Built(out, digests, time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def sillytavern_image(built: Built) -> Image:
+    return Image.read(built.out / "sillytavern", RELEASE)
+
+
+@pytest.fixture(scope="module")
+def cst_image(built: Built) -> Image:
+    return Image.read(built.out / "cst", __version__)
+
+
+@contextmanager
+def running(argv: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """``argv`` started with its output in ``log``; at the end its command (bwrap's child, the
+    process the pod's runtime would signal) is sent SIGTERM by pid, then the sandbox is waited for."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        try:
+            # bwrap (outer) → its init, pid 1 inside → the command, pid 2 inside
+            command = psutil.Process(proc.pid).children(recursive=True)[-1:]
+        except psutil.Error:
+            command = []
+        for child in command:
+            child.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:   # --die-with-parent: the sandbox goes with the outer bwrap
+            proc.kill()
+            proc.wait()
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def test_skopeo_reads_both_layouts(built: Built) -> None:
+    for name, tag in (("sillytavern", RELEASE), ("cst", __version__)):
+        said = subprocess.run(["skopeo", "inspect", f"oci:{built.out / name}:{tag}"],
+                              capture_output=True, text=True, check=True)
+        inspected = json.loads(said.stdout)
+        assert inspected["Digest"] == built.digests[f"{name}:{tag}"]
+        assert inspected["Labels"]["cst.version"] == __version__
+    assert json.loads(said.stdout)["Os"] == "linux"
+
+
+def test_the_same_inputs_give_the_same_digest(built: Built, tmp_path: Path) -> None:
+    """The SillyTavern image again (the CST image's pip step costs too long to repeat here)."""
+    again = build(tmp_path, "sillytavern")
+    assert again[f"sillytavern:{RELEASE}"] == built.digests[f"sillytavern:{RELEASE}"]
+
+
+def test_sillytavern_starts_from_its_image_as_a_pod_would(sillytavern_image: Image, tmp_path: Path) -> None:
+    image = sillytavern_image
+    assert image.config["Entrypoint"] == [str(sandbox.NODE)]
+    rootfs = image.unpack(tmp_path / "rootfs")
+    data, home = volume(tmp_path / "data"), volume(tmp_path / "home")
+    (port,) = free_ports(1)
+    auth = ("st-image", "a-password")
+    env = {**image.env, "SILLYTAVERN_BASICAUTHUSER_USERNAME": auth[0], "SILLYTAVERN_BASICAUTHUSER_PASSWORD": auth[1]}
+    server_js = sandbox.RELEASE / "node_modules" / "sillytavern" / "server.js"
+    args = [str(server_js), "--port", str(port), "--dataRoot", str(sandbox.DATA),
+            "--configPath", str(sandbox.HOME / "config.yaml"), "--listen", "true",
+            "--listenAddressIPv4", "127.0.0.1", "--enableIPv6", "false", "--whitelist", "false",
+            "--basicAuthMode", "true", "--browserLaunchEnabled", "false"]
+    argv = pod(rootfs, {str(sandbox.DATA): data, str(sandbox.HOME): home}, env, image.config["WorkingDir"])
+    log = tmp_path / "sillytavern.log"
+    started = time.monotonic()
+    with running([*argv, *image.config["Entrypoint"], *args], log) as proc:
+        health = f"http://127.0.0.1:{port}{HEALTH_PATH}"
+        wait_until(lambda: get(health, auth)[0] == 200 or proc.poll() is not None, timeout=START, interval=0.1)
+        assert proc.poll() is None, log.read_text()
+        took = time.monotonic() - started
+        assert get(health)[0] == 401   # basic auth is on
+        said = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())   # webpack's colours
+        # the prebuilt front end was read, not compiled again: nothing in the data dir, and webpack
+        # found its cache (a compile takes ~18 s of CPU, and could not write into the read-only package)
+        assert not (data / "_webpack").exists()
+        compiled = re.search(r"compiled successfully in (\d+) ms", said)
+        assert compiled and int(compiled[1]) < 5000, said
+        assert took < 30, f"{took:.1f} s to answer: {said}"
+    assert (home / "config.yaml").exists()   # written by the pod's uid into its volume
+    assert (home / "config.yaml").stat().st_uid == POD_UID
+
+
+def test_cst_runs_from_its_image(cst_image: Image, tmp_path: Path) -> None:
+    image = cst_image
+    rootfs = image.unpack(tmp_path / "rootfs")
+    state, config = volume(tmp_path / "state"), tmp_path / "config"
+    config.mkdir()
+    (port,) = free_ports(1)
+    (config / "desired.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        settings:
+          state_dir: /var/lib/cst
+          proxy: {listen: "127.0.0.1:5100", upstream: "http://127.0.0.1:9/v1"}
+          usage: {timezone: Asia/Shanghai}
+        accounts:
+          - {name: pool, provider: static, keys_env: POOL_KEYS}
+        instances: []
+        """))
+    env = {**image.env, "POOL_KEYS": "sk-image-test-key"}
+    # the image's mount points: the desired file's folder (CST_FILE) and the state volume
+    in_pod = pod(rootfs, {"/var/lib/cst": state, "/etc/cst": config}, env, "/")
+    cst = image.config["Entrypoint"]
+
+    def run(*argv: str) -> str:
+        done = subprocess.run([*in_pod, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert run(*cst, "--version").strip() == f"cst {__version__}"
+    assert "valid (0 instances, 1 accounts)" in run(*cst, "validate")
+    # the certificates and time zones Debian's maintainer scripts would have set up
+    checks = ("import ssl, zoneinfo; print(ssl.create_default_context().cert_store_stats()['x509_ca'],"
+              " zoneinfo.ZoneInfo('Asia/Shanghai').key)")
+    certificates, zone = run("/usr/bin/python3", "-c", checks).split()
+    assert int(certificates) > 100 and zone == "Asia/Shanghai"
+
+    log = tmp_path / "proxy.log"
+    with running([*in_pod, *cst, "proxy", "--listen", f"127.0.0.1:{port}"],
+                 log) as proc:
+        wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, log.read_text()
+        status, body = get(f"http://127.0.0.1:{port}/health")
+        health = json.loads(body)
+        assert (status, health["status"], health["keys"]["total"]) == (200, "ok", 1), health
+    assert (state / "proxy").is_dir()   # its ledger, written by the pod's uid
