@@ -257,3 +257,113 @@ def test_cst_runs_from_its_image(cst_image: Image, tmp_path: Path) -> None:
         health = json.loads(body)
         assert (status, health["status"], health["keys"]["total"]) == (200, "ok", 1), health
     assert (state / "proxy").is_dir()   # its ledger, written by the pod's uid
+
+
+def _secret_volume(folder: Path, files: dict[str, str]) -> Path:
+    """A folder laid out as the kubelet lays a Secret's volume: the files in a dated folder, ``..data``
+    pointing at it, and each name a link through ``..data``."""
+    dated = folder / "..2026_12_06_00_00_00.000000000"
+    dated.mkdir(parents=True)
+    for name, value in files.items():
+        (dated / name).write_text(value)
+        (folder / name).symlink_to(f"..data/{name}")
+    (folder / "..data").symlink_to(dated.name)
+    for path in (folder, dated, *dated.iterdir()):
+        os.chmod(path, 0o755 if path.is_dir() else 0o444)
+    return folder
+
+
+def _with_port(args: list[str], port: int) -> list[str]:
+    """A rendered container's arguments with its port in the pod (the Service's target) moved to a free
+    one of this machine, listening on loopback: bubblewrap shares the host's network."""
+    swapped = {"--port": str(port), "--listen": f"127.0.0.1:{port}", "--listenAddressIPv4": "127.0.0.1"}
+    return [swapped.get(args[i - 1], arg) if i else arg for i, arg in enumerate(args)]
+
+
+def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_image: Image, tmp_path: Path) -> None:
+    """The objects `cst render kubernetes` makes, run from the images with the volumes they name: the
+    instance's two init steps wire its new data dir, it starts with its rendered command, environment
+    and mounts, and the pool (its ConfigMap's file, its Secrets' layout) takes the instance's key."""
+    import yaml
+    from click.testing import CliRunner
+
+    from reconciler.cli import cli
+    from reconciler.kubernetes import render as kubernetes
+
+    desired = tmp_path / "desired.yaml"
+    desired.write_text(textwrap.dedent(f"""\
+        version: 1
+        settings:
+          sillytavern: {{version: "{RELEASE}"}}
+          proxy: {{upstream: "http://127.0.0.1:9/v1"}}
+        accounts:
+          - {{name: pool, provider: static, keys_env: POOL_KEYS}}
+        instances:
+          - {{port: 8001}}
+        """))
+    rendered = CliRunner().invoke(cli, ["render", "kubernetes", "-f", str(desired)], catch_exceptions=False)
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(rendered.stdout) if o}
+    pod_spec = objects[("StatefulSet", "st-instance-8001")]["spec"]["template"]["spec"]
+    st_root = sillytavern_image.unpack(tmp_path / "st-rootfs")
+    cst_root = cst_image.unpack(tmp_path / "cst-rootfs")
+    roots = {sillytavern_image.tag: st_root, cst_image.tag: cst_root}
+    key, password = "cst-rendered-pod-key", "rendered-pod-password"
+    volumes = {"data": volume(tmp_path / "data"), "home": volume(tmp_path / "home"),
+               "defaults": volume(tmp_path / "defaults"),
+               "proxy-key": _secret_volume(tmp_path / "proxy-key", {kubernetes.PROXY_KEY_KEY: key})}
+
+    def container_argv(container: dict) -> tuple[list[str], dict[str, str]]:
+        root = roots[container["image"].rsplit(":", 1)[1]]
+        binds = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", []) if m["name"] != "tmp"}
+        for path in binds:   # as a container runtime makes its mount points, before the root goes read-only
+            (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        env = {e["name"]: e.get("value", password) for e in container.get("env", [])}
+        image = sillytavern_image if root is st_root else cst_image
+        return pod(root, binds, {**image.env, **env}, container.get("workingDir", "/")), env
+
+    for init in pod_spec["initContainers"]:
+        argv, _ = container_argv(init)
+        done = subprocess.run([*argv, *init["command"]], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (init["name"], done.stdout, done.stderr)
+    settings = json.loads((volumes["data"] / "default-user" / "settings.json").read_text())
+    assert settings["oai_settings"]["custom_url"] == "http://cst-pool:5100/v1"
+    assert key in (volumes["data"] / "default-user" / "secrets.json").read_text()
+
+    (port, pool_port) = free_ports(2)
+    container = pod_spec["containers"][0]
+    argv, env = container_argv(container)
+    assert env["SILLYTAVERN_BASICAUTHUSER_USERNAME"] == "st-instance-8001"
+    with running([*argv, *container["command"], *_with_port(container["args"], port)], tmp_path / "st.log") as proc:
+        health = f"http://127.0.0.1:{port}{HEALTH_PATH}"
+        wait_until(lambda: get(health, ("st-instance-8001", password))[0] == 200 or proc.poll() is not None,
+                   timeout=START, interval=0.1)
+        assert proc.poll() is None, (tmp_path / "st.log").read_text()
+
+    pool = objects[("Deployment", "cst-pool")] if ("Deployment", "cst-pool") in objects \
+        else objects[("StatefulSet", "cst-pool")]
+    proxy = pool["spec"]["template"]["spec"]["containers"][0]
+    config = tmp_path / "pool-config"
+    config.mkdir()
+    (config / "desired.yaml").write_text(objects[("ConfigMap", "cst-pool")]["data"]["desired.yaml"])
+    state = volume(tmp_path / "pool-state")
+    keys = _secret_volume(tmp_path / "instance-keys", {"st-instance-8001": key})
+    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+    binds = {"/etc/cst": config, mounts["state"]: state, mounts["instance-keys"]: keys}
+    for path in binds:
+        (cst_root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    in_pod = pod(cst_root, binds, {**cst_image.env, "POOL_KEYS": "sk-pool", "CST_CLIENT_KEYS": "cst-client"}, "/")
+    with running([*in_pod, *_with_port(proxy["command"], pool_port)], tmp_path / "pool.log") as proc:
+        base = f"http://127.0.0.1:{pool_port}"
+        wait_until(lambda: get(f"{base}/health")[0] == 200 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, (tmp_path / "pool.log").read_text()
+
+        def models(bearer: str) -> int:
+            request = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {bearer}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert models("cst-not-a-key") == 401
+        assert models(key) != 401   # the instance's key, read from its Secret's layout (the upstream is away)
