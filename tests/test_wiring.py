@@ -107,3 +107,21 @@ def test_a_rotated_key_replaces_the_old_one_wherever_it_is_stored(tmp_path: Path
     assert after["api_key_openai"][0]["value"] == "cst-NEW"
     assert mode(path) == "0o600"
     assert wiring.replace_key(tmp_path / "nothing-here", "cst-OLD", "cst-NEW") == 0
+
+
+def test_a_key_rotated_where_no_start_replaced_it_is_replaced_at_the_next(tmp_path: Path) -> None:
+    """A cluster's instance: its key changes in its Secret, and its init step (`cst wire`) finds the
+    old key by the marker's digest; a key the user stored themselves stays."""
+    data, package = tmp_path / "data", package_with_defaults(tmp_path)
+    wiring.wire(data, package, "http://127.0.0.1:5100", "cst-OLD")
+    secrets_path = data / "default-user" / "secrets.json"
+    secrets = json.loads(secrets_path.read_text())
+    secrets["api_key_openai"] = [{"id": "mine", "value": "sk-the-users-own", "active": True}]
+    secrets_path.write_text(json.dumps(secrets))
+    assert "cst-OLD" not in (data / wiring.MARKER).read_text()   # a digest, not the key
+    assert wiring.wire(data, package, "http://127.0.0.1:5100", "cst-NEW") == "proxy key rotated: replaced in 1 place(s)"
+    stored = json.loads(secrets_path.read_text())
+    assert stored["api_key_custom"][0]["value"] == "cst-NEW"
+    assert stored["api_key_openai"][0]["value"] == "sk-the-users-own"
+    assert mode(secrets_path) == "0o600"
+    assert wiring.wire(data, package, "http://127.0.0.1:5100", "cst-NEW") == ""

@@ -290,7 +290,7 @@ class LocalRuntime:
         user = self.instance_user(spec)
         if reads_key_copy(user, sandbox.applies(self.settings.sillytavern.sandbox)) and self.state.workdir(spec.id).is_dir():
             self.launcher.copy_key(spec.id, new, user)
-        if old:
+        if old and self.desired.data_dir(spec.port).is_dir():   # an instance never started stored nothing
             with instance_users.acting_in(user, self.desired.data_dir(spec.port)) as (data_dir,):
                 wiring.replace_key(data_dir, old, new)
         return new

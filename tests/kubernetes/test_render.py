@@ -336,3 +336,33 @@ def test_wire_points_a_new_data_dir_at_the_pool(tmp_path: Path) -> None:
     assert settings["oai_settings"]["custom_url"] == "http://cst-pool:5100/v1"
     assert "cst-KEY" in (tmp_path / "data" / "default-user" / "secrets.json").read_text()
     assert _run(*args).stdout.startswith("ok: ")   # once: a later start changes nothing
+
+
+def test_a_key_rotated_here_reaches_the_cluster_instance(tmp_path: Path) -> None:
+    """`cst rotate-key` for an instance that runs in a cluster (no data dir here), the Secrets made
+    again, and its init step replacing the old key in its data dir at the next start."""
+    path = _everything(tmp_path)
+    first = tmp_path / "first.yaml"
+    assert _run("render", "kubernetes-secrets", "-f", str(path), "-o", str(first)).exit_code == 0
+    rotated = _run("rotate-key", "-f", str(path), "st-instance-8002")
+    assert rotated.exit_code == 0, rotated.output
+    second = tmp_path / "second.yaml"
+    assert _run("render", "kubernetes-secrets", "-f", str(path), "-o", str(second)).exit_code == 0
+
+    def key(file: Path) -> str:
+        secret = next(o for o in _objects(file.read_text()) if o["metadata"]["name"] == "st-instance-8002")
+        return base64.b64decode(secret["data"]["proxy-key"]).decode()
+
+    old, new = key(first), key(second)
+    assert old != new
+    package = tmp_path / "package"
+    (package / "default" / "content").mkdir(parents=True)
+    (package / "default" / "content" / "settings.json").write_text("{}")
+    data = tmp_path / "pod-data"
+    for value, said in ((old, "changed: chat completion wired"), (new, "changed: proxy key rotated")):
+        (tmp_path / "key").write_text(value)
+        wired = _run("wire", "--data-dir", str(data), "--package", str(package), "--proxy-url", "http://cst-pool:5100",
+                     "--key-file", str(tmp_path / "key"))
+        assert wired.stdout.startswith(said), wired.output
+    assert new in (data / "default-user" / "secrets.json").read_text()
+    assert old not in (data / "default-user" / "secrets.json").read_text()
