@@ -366,3 +366,22 @@ def test_a_key_rotated_here_reaches_the_cluster_instance(tmp_path: Path) -> None
         assert wired.stdout.startswith(said), wired.output
     assert new in (data / "default-user" / "secrets.json").read_text()
     assert old not in (data / "default-user" / "secrets.json").read_text()
+
+
+def test_cert_manager_and_parking_without_an_edge(tmp_path: Path) -> None:
+    issued = _everything(tmp_path / "issued", EVERYTHING.replace("    pool: {replicas: 3}\n",
+                                                                 "    pool: {replicas: 3}\n"
+                                                                 "    ingress: {cert_manager_issuer: letsencrypt}\n"))
+    _, objects = _render(issued)
+    ingress = _by(objects, "Ingress", "st-instance-8002")
+    assert ingress["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt"}
+    assert ingress["spec"]["tls"][0]["secretName"] == "st-instance-8002-tls"
+    made = _run("render", "kubernetes-secrets", "-f", str(issued), "-o", "-")
+    assert "cst-edge-tls" not in {o["metadata"]["name"] for o in _objects(made.stdout)}   # cert-manager's to make
+    # the example parks st-instance-8001 but has no edge: nothing could wake it, so it stays awake
+    result = _run("render", "kubernetes", "-f", str(ROOT / "examples" / "desired.yaml"))
+    example = _objects(result.stdout)
+    assert _by(example, "StatefulSet", "st-instance-8001")["spec"]["replicas"] == 1
+    assert not [o for o in example if o["kind"] in ("HTTPScaledObject", "Ingress")]
+    assert "note: instances with park_after stay awake" in result.stderr
+    assert "note: no settings.edge: no Ingress" in result.stderr
