@@ -105,8 +105,6 @@ def render(desired: DesiredState, document: dict[str, Any], namespace: str | Non
     return Rendering(tuple(objects), tuple(notes))
 
 
-
-
 def _quantity(size: int) -> str:
     """Bytes as Kubernetes writes them: Mi when whole, else plain bytes."""
     return f"{size >> 20}Mi" if size % (1 << 20) == 0 else str(size)
@@ -137,17 +135,15 @@ class _Renderer:
 
     # -- shared shapes
 
-    def _labels(self, role: str, instance: str | None = None) -> dict[str, str]:
-        labels = {**MANAGED, FLEET_LABEL: self.k8s.fleet, ROLE_LABEL: role}
-        if instance is not None:
-            labels[INSTANCE_LABEL] = instance
-        return labels
-
     def _selector(self, role: str, instance: str | None = None) -> dict[str, str]:
+        """The labels that pick out a role's pods (an instance's, with its id)."""
         labels = {FLEET_LABEL: self.k8s.fleet, ROLE_LABEL: role}
         if instance is not None:
             labels[INSTANCE_LABEL] = instance
         return labels
+
+    def _labels(self, role: str, instance: str | None = None) -> dict[str, str]:
+        return {**MANAGED, **self._selector(role, instance)}
 
     def _meta(self, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None) -> Manifest:
         meta: Manifest = {"name": name, "namespace": self.namespace, "labels": labels}
