@@ -385,3 +385,23 @@ def test_cert_manager_and_parking_without_an_edge(tmp_path: Path) -> None:
     assert not [o for o in example if o["kind"] in ("HTTPScaledObject", "Ingress")]
     assert "note: instances with park_after stay awake" in result.stderr
     assert "note: no settings.edge: no Ingress" in result.stderr
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(tmp_path: Path) -> None:
+    """What `pod-security.kubernetes.io/enforce=restricted` checks, on every pod the render makes."""
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+    _, objects = _render(_everything(tmp_path))
+    _, example = _render(ROOT / "examples" / "desired.yaml")
+    pods = [o["spec"]["template"]["spec"] for o in objects + example if o["kind"] in ("StatefulSet", "Deployment")]
+    assert len(pods) == 4 + 1 + 2 + 1
+    for pod in pods:
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert context["runAsNonRoot"] is True and context["readOnlyRootFilesystem"] is True
+        for volume in pod["volumes"]:
+            assert set(volume) - {"name"} <= allowed_volumes, volume
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
