@@ -58,6 +58,13 @@ SILLYTAVERN_PORT = 8000            # inside each instance's pod; its Service ans
 PROXY_KEY_DIR = "/run/cst"         # the instance's own proxy key, from its Secret
 DEFAULTS_DIR = "/run/cst-defaults"  # the release's default settings, handed from one init step to the next
 KEDA_API = "http.keda.sh/v1alpha1"
+# Behind the ingress every request comes from the controller's address: SillyTavern's own limiter of
+# wrong passwords (5 a minute per address) would shut every user out after one guesser's five. It
+# counts by X-Real-IP instead, which ingress-nginx sets to the client's address; X-Forwarded-For,
+# whose first entry a client writes itself, is not read. Only the controller reaches an instance
+# (the NetworkPolicy), so nobody else can set the header.
+BEHIND_INGRESS = {"SILLYTAVERN_RATELIMITING_PREFERREALIPHEADER": "true",
+                  "SILLYTAVERN_FORWARDEDHEADERS_XFORWARDEDFOR": "false"}
 
 
 class Note(enum.Enum):
@@ -191,6 +198,7 @@ class _Renderer:
             env.update(launch.LEAN_ENV)
         if self.settings.edge is not None:
             env.update(launch.host_guard(self.settings.edge.names_of(spec)))
+            env.update(BEHIND_INGRESS)
         volumes: list[Manifest] = [
             {"name": "home", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"sizeLimit": _quantity(st.sandbox.tmp_size)}},
@@ -280,12 +288,12 @@ class _Renderer:
         annotations: dict[str, str] = {}
         if self.k8s.cert_manager_issuer is not None:
             annotations["cert-manager.io/cluster-issuer"] = self.k8s.cert_manager_issuer
-        if self._parks(spec):
-            # credentials checked before the interceptor wakes anyone (ingress-nginx's basic auth, from
-            # the instance's Secret); other controllers ignore these, and any request then wakes it
-            annotations.update({"nginx.ingress.kubernetes.io/auth-type": "basic",
-                                "nginx.ingress.kubernetes.io/auth-secret": spec.id,
-                                "nginx.ingress.kubernetes.io/auth-realm": spec.id})
+        # credentials checked at the edge, as on one machine (ingress-nginx's basic auth, from the
+        # instance's Secret): a guess never reaches SillyTavern, and a parked instance is never woken
+        # by one. Other controllers ignore these; SillyTavern still checks every request.
+        annotations.update({"nginx.ingress.kubernetes.io/auth-type": "basic",
+                            "nginx.ingress.kubernetes.io/auth-secret": spec.id,
+                            "nginx.ingress.kubernetes.io/auth-realm": spec.id})
         secret = tls_secret_of(spec.id) if self.k8s.cert_manager_issuer is not None else self.k8s.tls_secret
         rules = [{"host": name, "http": {"paths": [{"path": "/", "pathType": "Prefix",
                                                     "backend": {"service": backend}}]}} for name in names]

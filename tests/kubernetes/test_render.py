@@ -192,6 +192,10 @@ def test_instances_become_what_the_file_says(tmp_path: Path) -> None:
     assert [rule["host"] for rule in ingress["spec"]["rules"]] == scaler["hosts"]
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "st-instance-8001-wake"
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/auth-secret"] == "st-instance-8001"
+    # SillyTavern's own limiter counts each client behind the ingress, by the header the controller sets
+    env_values = {e["name"]: e.get("value") for e in container["env"]}
+    assert env_values["SILLYTAVERN_RATELIMITING_PREFERREALIPHEADER"] == "true"
+    assert env_values["SILLYTAVERN_FORWARDEDHEADERS_XFORWARDEDFOR"] == "false"
     assert ingress["spec"]["tls"] == [{"hosts": scaler["hosts"], "secretName": "cst-edge-tls"}]
     # the password and the key are references, never values
     env = {e["name"]: e for e in container["env"]}
@@ -374,7 +378,7 @@ def test_cert_manager_and_parking_without_an_edge(tmp_path: Path) -> None:
                                                                  "    ingress: {cert_manager_issuer: letsencrypt}\n"))
     _, objects = _render(issued)
     ingress = _by(objects, "Ingress", "st-instance-8002")
-    assert ingress["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt"}
+    assert ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt"
     assert ingress["spec"]["tls"][0]["secretName"] == "st-instance-8002-tls"
     made = _run("render", "kubernetes-secrets", "-f", str(issued), "-o", "-")
     assert "cst-edge-tls" not in {o["metadata"]["name"] for o in _objects(made.stdout)}   # cert-manager's to make
