@@ -129,6 +129,17 @@ def cst_image(built: Built) -> Image:
     return Image.read(built.out / "cst", __version__)
 
 
+@pytest.fixture(scope="module")
+def sillytavern_root(sillytavern_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SillyTavern image unpacked once (shown read-only to every pod of this module)."""
+    return sillytavern_image.unpack(tmp_path_factory.mktemp("sillytavern") / "rootfs")
+
+
+@pytest.fixture(scope="module")
+def cst_root(cst_image: Image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cst_image.unpack(tmp_path_factory.mktemp("cst") / "rootfs")
+
+
 @contextmanager
 def running(argv: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """``argv`` started with its output in ``log``; at the end its command (bwrap's child, the
@@ -181,45 +192,11 @@ def test_the_same_inputs_give_the_same_digest(built: Built, tmp_path: Path) -> N
     assert again[f"sillytavern:{RELEASE}"] == built.digests[f"sillytavern:{RELEASE}"]
 
 
-def test_sillytavern_starts_from_its_image_as_a_pod_would(sillytavern_image: Image, tmp_path: Path) -> None:
-    image = sillytavern_image
-    assert image.config["Entrypoint"] == [str(sandbox.NODE)]
-    rootfs = image.unpack(tmp_path / "rootfs")
-    data, home = volume(tmp_path / "data"), volume(tmp_path / "home")
-    (port,) = free_ports(1)
-    auth = ("st-image", "a-password")
-    env = {**image.env, "SILLYTAVERN_BASICAUTHUSER_USERNAME": auth[0], "SILLYTAVERN_BASICAUTHUSER_PASSWORD": auth[1]}
-    server_js = sandbox.RELEASE / "node_modules" / "sillytavern" / "server.js"
-    args = [str(server_js), "--port", str(port), "--dataRoot", str(sandbox.DATA),
-            "--configPath", str(sandbox.HOME / "config.yaml"), "--listen", "true",
-            "--listenAddressIPv4", "127.0.0.1", "--enableIPv6", "false", "--whitelist", "false",
-            "--basicAuthMode", "true", "--browserLaunchEnabled", "false"]
-    argv = pod(rootfs, {str(sandbox.DATA): data, str(sandbox.HOME): home}, env, image.config["WorkingDir"])
-    log = tmp_path / "sillytavern.log"
-    started = time.monotonic()
-    with running([*argv, *image.config["Entrypoint"], *args], log) as proc:
-        health = f"http://127.0.0.1:{port}{HEALTH_PATH}"
-        wait_until(lambda: get(health, auth)[0] == 200 or proc.poll() is not None, timeout=START, interval=0.1)
-        assert proc.poll() is None, log.read_text()
-        took = time.monotonic() - started
-        assert get(health)[0] == 401   # basic auth is on
-        said = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())   # webpack's colours
-        # the prebuilt front end was read, not compiled again: nothing in the data dir, and webpack
-        # found its cache (a compile takes ~18 s of CPU, and could not write into the read-only package)
-        assert not (data / "_webpack").exists()
-        compiled = re.search(r"compiled successfully in (\d+) ms", said)
-        assert compiled and int(compiled[1]) < 5000, said
-        assert took < 30, f"{took:.1f} s to answer: {said}"
-    assert (home / "config.yaml").exists()   # written by the pod's uid into its volume
-    assert (home / "config.yaml").stat().st_uid == POD_UID
-
-
-def test_cst_runs_from_its_image(cst_image: Image, tmp_path: Path) -> None:
-    image = cst_image
-    rootfs = image.unpack(tmp_path / "rootfs")
+def test_cst_runs_from_its_image(cst_image: Image, cst_root: Path, tmp_path: Path) -> None:
+    """Its entrypoint, its certificates and time zones; `cst proxy` runs in the rendered pods' test."""
+    image, rootfs = cst_image, cst_root
     state, config = volume(tmp_path / "state"), tmp_path / "config"
     config.mkdir()
-    (port,) = free_ports(1)
     (config / "desired.yaml").write_text(textwrap.dedent("""\
         version: 1
         settings:
@@ -248,15 +225,6 @@ def test_cst_runs_from_its_image(cst_image: Image, tmp_path: Path) -> None:
     certificates, zone = run("/usr/bin/python3", "-c", checks).split()
     assert int(certificates) > 100 and zone == "Asia/Shanghai"
 
-    log = tmp_path / "proxy.log"
-    with running([*in_pod, *cst, "proxy", "--listen", f"127.0.0.1:{port}"],
-                 log) as proc:
-        wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200 or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, log.read_text()
-        status, body = get(f"http://127.0.0.1:{port}/health")
-        health = json.loads(body)
-        assert (status, health["status"], health["keys"]["total"]) == (200, "ok", 1), health
-    assert (state / "proxy").is_dir()   # its ledger, written by the pod's uid
 
 
 def _secret_volume(folder: Path, files: dict[str, str]) -> Path:
@@ -280,7 +248,8 @@ def _with_port(args: list[str], port: int) -> list[str]:
     return [swapped.get(args[i - 1], arg) if i else arg for i, arg in enumerate(args)]
 
 
-def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_image: Image, tmp_path: Path) -> None:
+def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_image: Image, sillytavern_root: Path,
+                                                cst_root: Path, tmp_path: Path) -> None:
     """The objects `cst render kubernetes` makes, run from the images with the volumes they name: the
     instance's two init steps wire its new data dir, it starts with its rendered command, environment
     and mounts, and the pool (its ConfigMap's file, its Secrets' layout) takes the instance's key."""
@@ -304,8 +273,7 @@ def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_ima
     rendered = CliRunner().invoke(cli, ["render", "kubernetes", "-f", str(desired)], catch_exceptions=False)
     objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(rendered.stdout) if o}
     pod_spec = objects[("StatefulSet", "st-instance-8001")]["spec"]["template"]["spec"]
-    st_root = sillytavern_image.unpack(tmp_path / "st-rootfs")
-    cst_root = cst_image.unpack(tmp_path / "cst-rootfs")
+    st_root = sillytavern_root
     roots = {sillytavern_image.tag: st_root, cst_image.tag: cst_root}
     key, password = "cst-rendered-pod-key", "rendered-pod-password"
     volumes = {"data": volume(tmp_path / "data"), "home": volume(tmp_path / "home"),
@@ -333,11 +301,24 @@ def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_ima
     container = pod_spec["containers"][0]
     argv, env = container_argv(container)
     assert env["SILLYTAVERN_BASICAUTHUSER_USERNAME"] == "st-instance-8001"
-    with running([*argv, *container["command"], *_with_port(container["args"], port)], tmp_path / "st.log") as proc:
+    assert container["command"][0] == sillytavern_image.config["Entrypoint"][0] == str(sandbox.NODE)
+    log = tmp_path / "st.log"
+    started = time.monotonic()
+    with running([*argv, *container["command"], *_with_port(container["args"], port)], log) as proc:
         health = f"http://127.0.0.1:{port}{HEALTH_PATH}"
         wait_until(lambda: get(health, ("st-instance-8001", password))[0] == 200 or proc.poll() is not None,
                    timeout=START, interval=0.1)
-        assert proc.poll() is None, (tmp_path / "st.log").read_text()
+        assert proc.poll() is None, log.read_text()
+        took = time.monotonic() - started
+        assert get(health)[0] == 401   # basic auth is on
+        said = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())   # webpack's colours
+        # the prebuilt front end was read, not compiled again: nothing in the data dir, and webpack
+        # found its cache (a compile takes ~18 s of CPU, and could not write into the read-only package)
+        assert not (volumes["data"] / "_webpack").exists()
+        compiled = re.search(r"compiled successfully in (\d+) ms", said)
+        assert compiled and int(compiled[1]) < 5000, said
+        assert took < 30, f"{took:.1f} s to answer: {said}"
+    assert (volumes["home"] / "config.yaml").stat().st_uid == POD_UID   # written by the pod's uid in its volume
 
     pool = objects[("Deployment", "cst-pool")] if ("Deployment", "cst-pool") in objects \
         else objects[("StatefulSet", "cst-pool")]
@@ -365,5 +346,8 @@ def test_the_rendered_pods_run_from_the_images(sillytavern_image: Image, cst_ima
             except urllib.error.HTTPError as exc:
                 return exc.code
 
+        status, body = get(f"{base}/health")
+        assert (status, json.loads(body)["status"]) == (200, "ok")
         assert models("cst-not-a-key") == 401
         assert models(key) != 401   # the instance's key, read from its Secret's layout (the upstream is away)
+    assert (state / "proxy").is_dir()   # its ledger, written by the pod's uid
