@@ -22,6 +22,7 @@ Secrets are named, never rendered: ``secrets.py`` makes them from the state dir.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -359,8 +360,9 @@ class _Renderer:
         selector = self._selector("pool")
         uid = self.settings.sillytavern.users.uid_from   # no instance's: their ports are 1024 and up
         sqlite = self.settings.usage.store is None
+        text = pool_file(self.document)
         config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": self._meta(POOL, labels),
-                  "data": {"desired.yaml": pool_file(self.document)}}
+                  "data": {"desired.yaml": text}}
         keys = [{"secret": {"name": spec.id, "optional": True,
                             "items": [{"key": PROXY_KEY_KEY, "path": spec.id}]}}
                 for spec in self.desired.instances if spec.proxy]
@@ -389,7 +391,10 @@ class _Renderer:
             "readinessProbe": {"httpGet": {"path": "/health", "port": "proxy"}, "periodSeconds": 5},
             "livenessProbe": {"tcpSocket": {"port": "proxy"}, "periodSeconds": 10},
         }
-        pod = {"metadata": {"labels": labels},
+        # a file mounted by subPath is never updated in a running pod: a change of it (a budget, an
+        # account) changes this annotation instead, and the pods are replaced with the new file
+        pod = {"metadata": {"labels": labels,
+                            "annotations": {"cst/pool-file-sha256": hashlib.sha256(text.encode()).hexdigest()}},
                "spec": {"automountServiceAccountToken": False, "enableServiceLinks": False,
                         "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
                                             "seccompProfile": {"type": "RuntimeDefault"}},

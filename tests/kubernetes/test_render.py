@@ -250,6 +250,13 @@ def test_the_pool_reads_the_same_file_moved_into_its_pod(tmp_path: Path) -> None
     keys = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "instance-keys")
     assert [s["secret"]["name"] for s in keys["projected"]["sources"]] == \
         ["st-instance-8001", "st-instance-8002", "st-instance-8003"]   # 8004 has no key
+    # a change of the pool's file replaces its pods (a subPath mount is never updated in place)
+    path = tmp_path / "desired.yaml"
+    path.write_text(EVERYTHING.replace("tokens_per_day: 5000", "tokens_per_day: 6000"))
+    _, changed = _render(path)
+    annotation = "cst/pool-file-sha256"
+    assert _by(changed, "Deployment", "cst-pool")["spec"]["template"]["metadata"]["annotations"][annotation] != \
+        deployment["spec"]["template"]["metadata"]["annotations"][annotation]
     # the default ledger: one replica, on a claim of its own
     _, example = _render(ROOT / "examples" / "desired.yaml")
     pool = _by(example, "StatefulSet", "cst-pool")
