@@ -4,8 +4,10 @@ the background by ``cst serve`` (never by a listing) and shown in the API rows, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,6 +17,7 @@ from reconciler.desired.model import load
 from reconciler.runtime import disk_use
 from reconciler.runtime.disk_use import allocated
 from reconciler.runtime.statedir import StateDir
+from reconciler.server import disk_watch
 from reconciler.server.disk_watch import DiskWatch
 
 MIB = 1 << 20
@@ -103,6 +106,36 @@ async def test_the_watch_walks_again_after_a_change_and_every_period_and_retries
     finally:
         running.cancel()
     assert changes[-1] == watch.total()
+
+
+async def test_a_figure_is_seen_only_once_saved_and_a_cancelled_walk_changes_nothing(tmp_path: Path, monkeypatch):
+    """Whoever reads a figure from the watch (the rows, the page's event) finds it in the file `cst
+    status` reads too; a walk cancelled while it saves (cst serve stopping) leaves no figure behind
+    that nobody was told of."""
+    (port,) = free_ports(1)
+    (tmp_path / "desired.yaml").write_text(standin_file([(port, "running")]))
+    desired = load(tmp_path / "desired.yaml")
+    state = StateDir(desired.settings.state_dir)
+    desired.data_dir(port).mkdir(parents=True)
+    changes: list[int] = []
+    watch = DiskWatch(lambda: desired, state, changed=lambda: changes.append(watch.total()), every=60)
+    saving, release = threading.Event(), threading.Event()
+    real = disk_watch.save
+
+    def slow_save(*args):
+        saving.set()
+        release.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(disk_watch, "save", slow_save)
+    walking = asyncio.create_task(watch.walk())
+    await eventually(saving.is_set, timeout=10)
+    assert watch.of(f"st-instance-{port}") is None and changes == [], "not before it is saved"
+    walking.cancel()
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await walking
+    assert watch.of(f"st-instance-{port}") is None and changes == [] and watch.measured_at is None
 
 
 def test_disk_use_is_in_the_rows_the_status_and_the_metrics_and_follows_a_write(project, serve):

@@ -68,12 +68,15 @@ class DiskWatch:
         for id_, exc in measured.failed.items():
             log.error("could not measure the disk use of %s (%s); trying again in %.0fs", id_, dirs[id_], RETRY_AFTER,
                       exc_info=exc)
-        changed, self._use = use != self._use, use
-        self.measured_at = datetime.fromtimestamp(measured.at, timezone.utc).isoformat(timespec="seconds")
         try:
             await asyncio.to_thread(save, self.state, use, measured.at)
         except OSError as exc:   # a full disk must not stop the figures that show it (nor cst serve)
             log.error("could not save the disk use figures for cst status: %s", exc)
+        # the figures, their time and the notice of them at once, with no await between, once the
+        # file cst status reads is written: a figure seen here is saved there, and a walk cancelled
+        # in between changes nothing
+        changed, self._use = use != self._use, use
+        self.measured_at = datetime.fromtimestamp(measured.at, timezone.utc).isoformat(timespec="seconds")
         if changed:
             self.changed()
         return min(self.every, RETRY_AFTER) if measured.failed else self.every
