@@ -97,7 +97,7 @@ class Key:
         return self.balance is None or self.balance > 0
 
     def available(self, now: float) -> bool:
-        return not self.quarantined and self.cooldown_until <= now and (self.balance is None or self.balance > 0)
+        return not self.quarantined and self.cooldown_until <= now and self.funded
 
 
 def _usable(value: str) -> bool:

@@ -28,6 +28,7 @@ from . import __version__
 from .desired.model import DesiredState, TlsSettings, load, parse, port_of
 from .desired.problems import InvalidDesiredState
 from .desired.safe_yaml import Located, read_text
+from .desired.schema import schema
 from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import is_loopback_host
@@ -577,12 +578,9 @@ def render() -> None:
     """desired.yaml for another engine: Kubernetes."""
 
 
-_NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
 def _for_cluster(file: Path, namespace: str | None) -> tuple[DesiredState, dict[str, Any]]:
     """The file, valid for a cluster too (located problems otherwise), and its document as written."""
-    if namespace is not None and not _NAMESPACE.match(namespace):
+    if namespace is not None and not re.match(schema()["$defs"]["dns_label"]["pattern"], namespace):
         raise Invalid(f"--namespace {namespace!r} is not a Kubernetes name (lower-case letters, digits, '-')")
     try:
         text = read_text(file)

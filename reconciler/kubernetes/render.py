@@ -108,9 +108,14 @@ def render(desired: DesiredState, document: dict[str, Any], namespace: str | Non
     notes = [Note.NO_EDGE] if desired.settings.edge is None else []
     if desired.settings.usage.store is None:
         notes.append(Note.SQLITE_POOL)
-    if any(spec.park_after is not None and spec.state == "running" for spec in desired.instances):
+    if any(_idles(spec) for spec in desired.instances):
         notes.append(Note.PARKING if desired.settings.edge is not None else Note.AWAKE)
     return Rendering(tuple(objects), tuple(notes))
+
+
+def _idles(spec: InstanceSpec) -> bool:
+    """Whether ``spec`` would park when idle: it has ``park_after`` and runs."""
+    return spec.park_after is not None and spec.state == "running"
 
 
 def _quantity(size: int) -> str:
@@ -139,7 +144,7 @@ class _Renderer:
 
     def _parks(self, spec: InstanceSpec) -> bool:
         """Whether ``spec`` scales to zero when idle: it parks, runs, and has names at the edge that wake it."""
-        return spec.park_after is not None and spec.state == "running" and self.settings.edge is not None
+        return _idles(spec) and self.settings.edge is not None
 
     # -- shared shapes
 
@@ -189,10 +194,7 @@ class _Renderer:
         version = self.desired.version_of(spec)
         image = self._image(self.k8s.sillytavern_image, version)
         package = sandbox.RELEASE / "node_modules" / "sillytavern"
-        flags = ["--port", str(SILLYTAVERN_PORT), "--dataRoot", str(sandbox.DATA),
-                 "--configPath", str(sandbox.HOME / "config.yaml"), "--listen", "true",
-                 "--listenAddressIPv4", "0.0.0.0", "--enableIPv6", "false", "--whitelist", "false",
-                 "--basicAuthMode", "true", "--browserLaunchEnabled", "false"]
+        flags = launch.server_flags(SILLYTAVERN_PORT, str(sandbox.DATA), str(sandbox.HOME / "config.yaml"), "0.0.0.0")
         st = self.settings.sillytavern
         env = {**overlay.environ_flags(), "HOME": str(sandbox.HOME), "SILLYTAVERN_BASICAUTHUSER_USERNAME": spec.id}
         if st.lean:
@@ -226,7 +228,7 @@ class _Renderer:
         container = {
             "name": "sillytavern", "image": image, "imagePullPolicy": self.k8s.pull_policy,
             "command": [str(sandbox.NODE), *(launch.LEAN_NODE_FLAGS if st.lean else ()), str(package / "server.js")],
-            "args": flags, "workingDir": str(sandbox.HOME),
+            "args": list(flags), "workingDir": str(sandbox.HOME),
             "env": [*_env(env), password],
             "ports": [{"name": "http", "containerPort": SILLYTAVERN_PORT}],
             "resources": memory, "securityContext": _non_root(uid), "volumeMounts": mounts,

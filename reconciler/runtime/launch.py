@@ -35,6 +35,15 @@ LEAN_NODE_FLAGS = ("--max-old-space-size=256",)
 LEAN_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
+def server_flags(port: int, data: str, config: str, listen_address: str) -> tuple[str, ...]:
+    """SillyTavern's command-line flags as CST runs it: its port, data root and config file, listening
+    beyond localhost with basic auth on and its own IP whitelist and browser launch off. Part of an
+    instance's launch fingerprint: a change restarts every instance once."""
+    return ("--port", str(port), "--dataRoot", data, "--configPath", config, "--listen", "true",
+            "--listenAddressIPv4", listen_address, "--enableIPv6", "false", "--whitelist", "false",
+            "--basicAuthMode", "true", "--browserLaunchEnabled", "false")
+
+
 def host_guard(names: tuple[str, ...]) -> dict[str, str]:
     """SillyTavern's own DNS-rebinding guard (``hostWhitelist``, 1.13.4+), on with the instance's
     host names; addresses and localhost stay allowed (SillyTavern always allows them)."""

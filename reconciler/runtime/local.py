@@ -38,6 +38,7 @@ from .launch import (
     LaunchSpec,
     host_guard,
     reads_key_copy,
+    server_flags,
 )
 from .launcher import KEY_COPY, Launcher
 from .listener import LISTENS, PRELOAD, Address
@@ -134,17 +135,8 @@ class LocalRuntime:
         boxed = self.sandbox_of(spec, release_of)
         # the paths node is given: inside its sandbox, the fixed ones there
         seen_data, seen_workdir = (sandbox.DATA, sandbox.HOME) if boxed else (data_dir, workdir)
-        flags = (
-            "--port", str(spec.port),   # SillyTavern's own idea of its port: it listens where CST hands it
-            "--dataRoot", str(seen_data),
-            "--configPath", str(seen_workdir / "config.yaml"),
-            "--listen", "true",
-            "--listenAddressIPv4", st.listen_address,
-            "--enableIPv6", "false",
-            "--whitelist", "false",
-            "--basicAuthMode", "true",
-            "--browserLaunchEnabled", "false",
-        )
+        # SillyTavern's own idea of its port: it listens where CST hands it
+        flags = server_flags(spec.port, str(seen_data), str(seen_workdir / "config.yaml"), st.listen_address)
         node_flags = LEAN_NODE_FLAGS if st.lean else ()
         if boxed:
             node, server_js = str(sandbox.NODE), boxed.inside(release_of.server_js)
