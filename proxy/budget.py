@@ -231,7 +231,7 @@ class UsageBook:
         account = self._accounts.get(caller)
         if account is None:
             account = self._accounts[caller] = _Account(day, month)
-        else:
+        elif account.day != day or account.month != month:
             account.roll(day, month)
         return account
 
@@ -292,7 +292,8 @@ class UsageBook:
         row = Row(reservation.caller, clean_text(facts.model), clean_text(facts.path), status, prompt, completion,
                   estimated, reservation.started, now, key, reservation.day, reservation.rid)
         account = self._account(reservation.caller, *self.calendar.window(now))
-        account.reserved = max(account.reserved - reservation.tokens, 0)
+        if reservation.tokens:
+            account.reserved = max(account.reserved - reservation.tokens, 0)
         if account.day == reservation.day:
             account.today.add(row)
         if account.month == reservation.month:

@@ -24,21 +24,24 @@ from dataclasses import dataclass, field
 from .front import Answer, Headers, Request, Stream
 from .pool import Key, KeyPool, Outcome
 from .request_body import RequestFacts
-from .upstream import Origin, UpstreamClient, UpstreamError, UpstreamNotSent, UpstreamResponse, UpstreamTimeout
+from .upstream import (
+    HOP_BY_HOP,
+    Origin,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamNotSent,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from .usage import Meter
 
 log = logging.getLogger("cst.proxy.forward")
 
-# RFC 9110 hop-by-hop headers, plus the ones the proxy sets itself.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-})
+# Hop-by-hop headers, plus the ones the proxy sets itself.
 DROP_REQUEST = frozenset(h.encode() for h in HOP_BY_HOP | {"host", "authorization", "content-length", "expect",
                                                             "accept-encoding"})
 # Answers come unencoded, so the meter reads their usage (the client's Accept-Encoding is dropped).
 IDENTITY = b"Accept-Encoding: identity\r\n"
-DROP_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP | {"content-length"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # An error body kept to relay when no other key works; error bodies are small.
 MAX_ERROR_BODY = 64 * 1024
@@ -107,22 +110,25 @@ def classify(status: int) -> Outcome:
     return Outcome.NEUTRAL  # 400, 404, 422...: the request's fault, not the key's
 
 
-def request_head(request: Request, origin: Origin) -> bytes:
-    """Request line, Host and the client's end-to-end headers; Authorization and
-    Content-Length are added per attempt."""
+def request_head(request: Request, origin: Origin, drop: frozenset[bytes] = DROP_REQUEST) -> bytes:
+    """Request line, Host and the client's end-to-end headers (those not in ``drop``);
+    Authorization and Content-Length are added per attempt."""
     # raw_path keeps the path and query exactly as the client encoded them; strip "/v1".
     target = origin.base_path + request.raw_path[3:] or "/"
-    parts = [f"{request.method} {target} HTTP/1.1\r\nHost: ".encode("latin-1"), origin.host_header, b"\r\n"]
-    raw = request.raw_headers
-    parts.append(IDENTITY)
-    listed: frozenset[bytes] = frozenset()
-    for name, value in raw:
-        if name.lower() == b"connection":  # headers named in Connection are hop-by-hop too
-            listed = frozenset(t.strip().lower() for t in value.split(b","))
-    for name, value in raw:
+    parts = [f"{request.method} {target} HTTP/1.1\r\nHost: ".encode("latin-1"), origin.host_header, b"\r\n",
+             IDENTITY]
+    connection = None
+    for name, value in request.raw_headers:
         lower = name.lower()
-        if lower not in DROP_REQUEST and lower not in listed:
+        if lower in drop:
+            if lower == b"connection":
+                connection = value
+        else:
             parts += (name, b": ", value, b"\r\n")
+    if connection is not None:   # the headers it names are hop-by-hop too (rarely any but keep-alive)
+        listed = {token.strip().lower() for token in connection.split(b",")} - drop
+        if listed:
+            return request_head(request, origin, drop | listed)
     return b"".join(parts)
 
 
@@ -131,12 +137,6 @@ def _small(request: Request, resp: UpstreamResponse) -> bool:
     length = resp.content_length
     return (length is not None and length <= SMALL_BODY and request.method != "HEAD"
             and not resp.content_type.startswith("text/event-stream"))
-
-
-def response_headers(resp: UpstreamResponse) -> bytes:
-    """The answer's end-to-end header lines, as they came."""
-    return b"".join(b"%b: %b\r\n" % (name, value) for name, value in resp.raw_headers
-                    if name.lower() not in DROP_RESPONSE)
 
 
 class Forwarder:
@@ -164,9 +164,8 @@ class Forwarder:
                 self.stats.retries += 1
             tried.add(key)
             meter.key = key.masked
-            auth = b"Authorization: Bearer " + key.value.encode("ascii") + b"\r\n"
             try:
-                resp = await self.client.request(config.origin, request.method, head + auth + length, body,
+                resp = await self.client.request(config.origin, request.method, head + key.authorization + length, body,
                                                  config.timeout)
             except UpstreamNotSent as exc:
                 unreachable = str(exc)   # nothing left this machine: another key may try
@@ -180,7 +179,8 @@ class Forwarder:
             outcome = classify(resp.status)
             if outcome is Outcome.SUCCESS or outcome is Outcome.NEUTRAL:
                 meter.accepted = outcome is Outcome.SUCCESS
-                meter.encoded(resp.content_encoding)
+                if resp.content_encoding:
+                    meter.encoded(resp.content_encoding)
                 small = _small(request, resp)
                 try:
                     first = await (resp.read() if small else resp.read_some())
@@ -200,7 +200,7 @@ class Forwarder:
                     resp.finish()
                     if metered:
                         metered.body(first)
-                    return Answer(resp.status, first, response_headers(resp), resp.reason)
+                    return Answer(resp.status, first, resp.end_to_end, resp.reason)
                 strip = UsageEventFilter() if facts.usage_added else None
                 return await self._stream(request, resp, key, first, metered, strip)
             # 429 or 5xx: the upstream says it did not do it. Keep the answer in case no other key does better.
@@ -209,7 +209,7 @@ class Forwarder:
             except UpstreamError:
                 err_body = b""
             resp.finish()  # keeps the connection when the error body was read to its end
-            last_error = (resp.status, resp.reason, response_headers(resp), err_body)
+            last_error = (resp.status, resp.reason, resp.end_to_end, err_body)
             retry_after = retry_after_seconds(resp.retry_after) if resp.status == 429 else None
             self._log(self.pool.report(key, outcome, f"HTTP {resp.status}", retry_after), key,
                       f"upstream answered {resp.status}")
@@ -251,7 +251,7 @@ class Forwarder:
     async def _stream(self, request: Request, resp: UpstreamResponse, key: Key,
                       first: bytes, meter: Meter | None, strip: "UsageEventFilter | None") -> Stream:
         """Relay an answer piece by piece, starting with the ``first`` piece already read."""
-        out = Stream(request, resp.status, response_headers(resp), resp.reason, resp.content_length)
+        out = Stream(request, resp.status, resp.end_to_end, resp.reason, resp.content_length)
         events = resp.content_length is None and resp.content_type.startswith("text/event-stream")
         chunk = first
         try:

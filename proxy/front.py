@@ -67,19 +67,11 @@ def json_answer(document: Any, status: int = 200, headers: Headers | None = None
     return Answer(status, json.dumps(document).encode(), [("Content-Type", "application/json"), *(headers or [])])
 
 
-def _head(status: int, reason: str, headers: AnyHeaders, framing: str, keep_alive: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
+def _head(status: int, reason: str, headers: AnyHeaders, framing: bytes, keep_alive: bool) -> bytes:
+    line = b"HTTP/1.1 %d %b\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
     if not isinstance(headers, bytes):
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-    lines.append(framing)
-    if not keep_alive:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    text = "".join(lines).encode("latin-1", "replace")
-    if isinstance(headers, bytes):   # after the status line
-        at = text.index(b"\r\n") + 2
-        return text[:at] + headers + text[at:]
-    return text
+        headers = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("latin-1", "replace")
+    return line + headers + framing + (b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
 
 
 class Request:
@@ -119,7 +111,7 @@ class Stream:
         self.status = status
         self._connection = request._connection
         self._chunked = content_length is None
-        framing = "Transfer-Encoding: chunked\r\n" if self._chunked else f"Content-Length: {content_length}\r\n"
+        framing = b"Transfer-Encoding: chunked\r\n" if content_length is None else b"Content-Length: %d\r\n" % content_length
         self._head = _head(status, reason, headers, framing, request.keep_alive)
         self.prepared = False
 
@@ -321,7 +313,7 @@ class _Connection(asyncio.Protocol):
             if isinstance(answer, Answer):
                 keep = request.keep_alive and self.keep
                 self.write(_head(answer.status, answer.reason, answer.headers,
-                                 f"Content-Length: {len(answer.body)}\r\n", keep) + answer.body)
+                                 b"Content-Length: %d\r\n" % len(answer.body), keep) + answer.body)
             else:
                 keep = request.keep_alive and self.keep and answer.prepared
             if not keep or self.transport is None:
@@ -350,7 +342,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
-        head = _head(status, "", [("Content-Type", "application/json")], f"Content-Length: {len(body)}\r\n", False)
+        head = _head(status, "", [("Content-Type", "application/json")], b"Content-Length: %d\r\n" % len(body), False)
         if not self.busy:
             self.transport.write(head + body)
             self.transport.close()

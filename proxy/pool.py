@@ -87,10 +87,13 @@ class Key:
     last_failure_at: float = field(default=-1e18)
     masked: str = ""
     digest: str = ""   # SHA-256 of the value: how replicas name a key to each other
+    authorization: bytes = b""   # the header line that carries it upstream
 
     def __post_init__(self) -> None:
         self.masked = mask(self.value)
         self.digest = hashlib.sha256(self.value.encode()).hexdigest()
+        # the pool only holds printable ASCII keys (_usable); anything else fails its first request
+        self.authorization = b"Authorization: Bearer " + self.value.encode("ascii", "replace") + b"\r\n"
 
     @property
     def funded(self) -> bool:

@@ -174,7 +174,8 @@ def inspect(path: str, method: str, body: bytes, policy: MeteringPolicy) -> Requ
         edited = _with_usage(body, top)
         if edited is not None:
             body, usage_added = edited, True
-    choices = min(max(_count(top.n) or 1, _count(top.best_of) or 1), MAX_CHOICES)
+    choices = 1 if top.n is None and top.best_of is None else \
+        min(max(_count(top.n) or 1, _count(top.best_of) or 1), MAX_CHOICES)
     asked = None if path == "/v1/embeddings" else _asked_limit(path, top)
     limit = 0 if path == "/v1/embeddings" else asked if asked is not None else DEFAULT_COMPLETION_RESERVE
     in_body = (top.max_output_tokens is not msgspec.UNSET if path == "/v1/responses" else
@@ -187,6 +188,8 @@ def _asked_limit(path: str, top: _TopLevel) -> int | None:
     """The most tokens the client lets each answer generate, if it says."""
     if path == "/v1/responses":
         return _count(top.max_output_tokens)
+    if top.max_completion_tokens is msgspec.UNSET and top.max_tokens is msgspec.UNSET:
+        return None   # most requests: neither field
     found = [value for value in (_count(top.max_completion_tokens), _count(top.max_tokens)) if value is not None]
     return max(found) if found else None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, Awaitable
 from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -142,7 +142,18 @@ async def forward(state: ProxyState, request: Request) -> Answer | Stream:
         if isinstance(admitted, Refusal):
             state.usage.refused(caller, facts, 429)
             return _over_budget(admitted, state.usage.clock())
-        return await _forward_admitted(state, request, admitted, arrived)
+        # forwarded: what it cost is settled however it ends
+        meter = Meter()
+        status = 500   # unless it answers: an unexpected failure, which the front answers with a 500
+        try:
+            answer = await state.forwarder.handle(request, admitted.facts, meter)
+            status = 502 if meter.broken else answer.status
+            return answer
+        except asyncio.CancelledError:
+            status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
+            raise
+        finally:
+            _settle(state, admitted, meter, status, arrived)
     finally:
         state.in_flight -= 1
         if state.in_flight_by_caller[caller] == 1:
@@ -151,28 +162,17 @@ async def forward(state: ProxyState, request: Request) -> Answer | Stream:
             state.in_flight_by_caller[caller] -= 1
 
 
-async def _forward_admitted(state: ProxyState, request: Request, reservation: Reservation,
-                            arrived: float) -> Answer | Stream:
-    """Forward a request its budget admitted, settle what it cost however it ends, and time its
-    answer from ``arrived`` (monotonic)."""
-    meter = Meter()
-    status = 500   # unless it answers: an unexpected failure, which the front answers with a 500
-    try:
-        answer = await state.forwarder.handle(request, reservation.facts, meter)
-        status = 502 if meter.broken else answer.status
-        return answer
-    except asyncio.CancelledError:
-        status = 0   # the client hung up (SillyTavern's stop button): counted, but not as an error
-        raise
-    finally:
-        prompt, completion, estimated = charge(reservation.facts, meter.usage, meter.accepted, meter.text_bytes)
-        state.usage.settle(reservation, status, prompt, completion, estimated, meter.key)
-        if status:   # not a request cancelled because its client hung up: it got no answer to time
-            ended = time.monotonic()
-            state.answer_seconds.observe(ended - arrived)
-            # an answer with no piece from the upstream (the proxy's own error) is sent whole at its end
-            first_piece = meter.first_piece_at if meter.first_piece_at is not None else ended
-            state.first_byte_seconds.observe(first_piece - arrived)
+def _settle(state: ProxyState, reservation: Reservation, meter: Meter, status: int, arrived: float) -> None:
+    """Bill a forwarded request that ended with ``status`` (0: its client hung up) what ``meter``
+    saw, and time its answer from ``arrived`` (monotonic)."""
+    prompt, completion, estimated = charge(reservation.facts, meter.usage, meter.accepted, meter.text_bytes)
+    state.usage.settle(reservation, status, prompt, completion, estimated, meter.key)
+    if status:   # not a request cancelled because its client hung up: it got no answer to time
+        ended = time.monotonic()
+        state.answer_seconds.observe(ended - arrived)
+        # an answer with no piece from the upstream (the proxy's own error) is sent whole at its end
+        first_piece = meter.first_piece_at if meter.first_piece_at is not None else ended
+        state.first_byte_seconds.observe(first_piece - arrived)
 
 
 async def health(state: ProxyState, request: Request) -> Answer:
@@ -248,6 +248,10 @@ async def metrics(state: ProxyState, registry: CollectorRegistry, request: Reque
     return Answer(200, generate_latest(registry), [("Content-Type", CONTENT_TYPE_LATEST)])
 
 
+async def _answered(answer: Answer) -> Answer:
+    return answer
+
+
 def build_front(state: ProxyState) -> Front:
     """The HTTP front (see ``front``) with a four-way dispatch: /v1 relayed, three routes to observe."""
     registry = registry_for(state)
@@ -257,17 +261,18 @@ def build_front(state: ProxyState) -> Front:
         "/metrics": lambda state, request: metrics(state, registry, request),
     }
 
-    async def dispatch(request: Request) -> Answer | Stream:
+    def dispatch(request: Request) -> Awaitable[Answer | Stream]:
+        # not a coroutine itself: the handler's coroutine is awaited by the front, one level less
         raw_path = request.raw_path   # relayed as the client encoded it, once normalised
         if raw_path.startswith("/v1/") or raw_path.startswith("//"):
-            return await forward(state, request)
+            return forward(state, request)
         path = request.path
         handler = observe.get(path)
         if handler is None:
-            return openai_error(404, f"no route for {path}", "invalid_request_error", "not_found")
+            return _answered(openai_error(404, f"no route for {path}", "invalid_request_error", "not_found"))
         if request.method not in ("GET", "HEAD"):
-            return openai_error(405, f"{request.method} is not allowed on {path}", "invalid_request_error",
-                                "method_not_allowed")
-        return await handler(state, request)
+            return _answered(openai_error(405, f"{request.method} is not allowed on {path}",
+                                          "invalid_request_error", "method_not_allowed"))
+        return handler(state, request)
 
     return Front(dispatch, state.max_body)

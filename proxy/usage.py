@@ -36,6 +36,8 @@ MAX_REPORTED_TOKENS = 10_000_000
 
 
 def _figure(value: object) -> int:
+    if type(value) is int and 0 <= value < MAX_REPORTED_TOKENS:   # as upstreams send it
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:   # NaN too
         return 0
     return MAX_REPORTED_TOKENS if value >= MAX_REPORTED_TOKENS else int(value)
@@ -129,7 +131,8 @@ class Meter:
 
     def body(self, data: bytes) -> None:
         """A whole answer."""
-        data = self._plain(data)
+        if self._inflate is not None:
+            data = self._plain(data)
         at = data.rfind(_NEEDLE)
         if at >= 0:
             try:   # a JSON object: its own top-level usage

@@ -102,7 +102,7 @@ async def test_content_length_read_until_close_and_no_body() -> None:
     client = UpstreamClient()
     async with RawServer(handler) as server:
         resp = await client.request(server.origin, "POST", HEAD, b"{}", timeout=2)
-        assert (resp.status, resp.reason, dict(resp.raw_headers)[b"X-A"], resp.content_length) == (201, "Created", b"1", 4)
+        assert (resp.status, resp.reason, resp.content_length) == (201, "Created", 4) and b"X-A: 1\r\n" in resp.end_to_end
         assert await resp.read() == b"body"
         resp.finish()
 
