@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Protocol
 from reconciler.desired.model import NO_LIMIT, Budget
 
 from .calendar import Calendar
-from .ledger import DayTotal, LedgerWriter, Row, Standing, StoreUnavailable, Tally, clean_text
+from .ledger import DayTotal, LedgerWriter, Standing, StoreUnavailable, Tally, clean_text
 from .metering import Metering
 from .request_body import RequestFacts, estimate_tokens
 
@@ -283,30 +283,30 @@ class UsageBook:
         return Reservation(caller, bounded(facts, budget, tokens), tokens, now, day, month, rid)
 
     def settle(self, reservation: Reservation, status: int, prompt: int, completion: int, estimated: bool,
-               key: str) -> Row:
+               key: str) -> None:
         """The request has ended: its reservation becomes what it cost, and a row of the ledger."""
         now = self.clock()
         facts = reservation.facts
         if self.shared is not None:
             self.shared.release(reservation.rid)
-        row = Row(reservation.caller, clean_text(facts.model), clean_text(facts.path), status, prompt, completion,
-                  estimated, reservation.started, now, key, reservation.day, reservation.rid)
         account = self._account(reservation.caller, *self.calendar.window(now))
         if reservation.tokens:
             account.reserved = max(account.reserved - reservation.tokens, 0)
+        failed = status >= 400
         if account.day == reservation.day:
-            account.today.add(row)
+            account.today.add(failed, prompt, completion, estimated)
         if account.month == reservation.month:
-            account.this_month.add(row)
-        if self.ledger is not None:
-            self.ledger.append(row)
-        return row
+            account.this_month.add(failed, prompt, completion, estimated)
+        if self.ledger is not None:   # a Row's fields as a plain tuple (see LedgerWriter.append)
+            self.ledger.append((reservation.caller, clean_text(facts.model), clean_text(facts.path), status, prompt,
+                                completion, estimated, reservation.started, now, key, reservation.day,
+                                reservation.rid))
 
-    def refused(self, caller: str, facts: RequestFacts, status: int) -> Row:
+    def refused(self, caller: str, facts: RequestFacts, status: int) -> None:
         """A request answered without going upstream (over budget): a row, no tokens."""
         now = self.clock()
         nothing = Reservation(caller, facts, 0, now, *self.calendar.window(now), self._rid())
-        return self.settle(nothing, status, 0, 0, False, "")
+        self.settle(nothing, status, 0, 0, False, "")
 
     # -- what people read -------------------------------------------------------------------
 

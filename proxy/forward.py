@@ -165,7 +165,9 @@ class Forwarder:
             tried.add(key)
             meter.key = key.masked
             try:
-                resp = await self.client.request(config.origin, request.method, head + key.authorization + length, body,
+                # the whole request in one piece: one copy, one send
+                resp = await self.client.request(config.origin, request.method,
+                                                 b"".join((head, key.authorization, length, body)), None,
                                                  config.timeout)
             except UpstreamNotSent as exc:
                 unreachable = str(exc)   # nothing left this machine: another key may try

@@ -108,12 +108,13 @@ class Tally:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, row: Row) -> None:
+    def add(self, failed: bool, prompt_tokens: int, completion_tokens: int, estimated: bool) -> None:
+        """One request's figures (a Row's, given apart: settlement counts before it builds the row)."""
         self.requests += 1
-        self.errors += row.status >= 400   # Row.failed, without a property call on every request
-        self.prompt_tokens += row.prompt_tokens
-        self.completion_tokens += row.completion_tokens
-        self.estimated += row.estimated
+        self.errors += failed
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.estimated += estimated
 
     def merge(self, other: "Tally") -> None:
         for f in fields(self):
@@ -397,7 +398,7 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._run_forever, name="cst-ledger", daemon=True)
         self._thread.start()
 
-    def append(self, row: Row) -> None:
+    def append(self, row: RowValues) -> None:
         """Queue ``row``: on an event loop, into the batch handed over ``FLUSH_DELAY`` after its
         first row; elsewhere (a script, a test), at once."""
         # kept as a plain tuple: the collector stops tracking a tuple of strings and numbers at its

@@ -125,7 +125,7 @@ class _Deadlines:
     def _tick(self) -> None:
         try:
             now = time.monotonic()
-            for conn in [c for c in self.waiting if c.deadline <= now]:
+            for conn in [c for c in self.waiting if c.deadline <= now or c._waiter is None]:
                 conn.expire()
         finally:   # whatever happened, the waits left keep their timer
             if self.waiting:
@@ -284,26 +284,25 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
+            self.deadlines.waiting.discard(self)
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait(self, timeout: float) -> None:
-        """Wait until more data or EOF arrives; UpstreamTimeout after ``timeout`` of silence
-        (up to ``TICK`` more)."""
+    def wait(self, timeout: float) -> asyncio.Future[None]:
+        """A future done when more data or EOF arrives; UpstreamTimeout after ``timeout`` of
+        silence (up to ``TICK`` more). A future, not a coroutine: one frame less a wait. Whoever
+        stops waiting early (a cancelled request) closes the connection, which ends the wait."""
         waiter = self.loop.create_future()
         self._waiter = waiter
         self.deadline = time.monotonic() + timeout
-        deadlines = self.deadlines
-        deadlines.add(self)
-        try:
-            await waiter
-        finally:
-            deadlines.waiting.discard(self)
-            self._waiter = None
+        self.deadlines.add(self)
+        return waiter
 
     def expire(self) -> None:
         """The wait under way has timed out."""
         waiter = self._waiter
+        self._waiter = None
+        self.deadlines.waiting.discard(self)
         if waiter is not None and not waiter.done():
             waiter.set_exception(UpstreamTimeout("no answer from the upstream in time"))
 
@@ -340,6 +339,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+        self._wake()
 
 
 def _keep_alive_timeout(value: str) -> float | None:
