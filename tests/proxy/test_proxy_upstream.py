@@ -247,6 +247,58 @@ async def test_timeouts_broken_answers_and_refused_connections() -> None:
     await client.close()
 
 
+async def _until(condition: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_waits_share_one_timer_that_ends_each_at_its_own_deadline() -> None:
+    """Waits carry deadlines that one timer checks: each times out no sooner than its own timeout
+    of silence, bytes that keep coming keep a wait alive however long the answer, a cancelled
+    request leaves nothing waiting, and the timer stops once nothing waits."""
+    async def handler(reader, writer):
+        request = await server.read_request(reader)
+        if b"hang" in request:
+            await asyncio.sleep(10)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):   # 0.9 s in all, never 0.3 s of silence
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.15)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    client = UpstreamClient()
+    hang = b"POST /hang HTTP/1.1\r\n\r\n"
+
+    async def timed_out_after(timeout: float) -> float:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout):
+            await client.request(server.origin, "POST", hang, None, timeout=timeout)
+        return time.monotonic() - started
+
+    async with RawServer(handler) as server:
+        short, long = await asyncio.gather(timed_out_after(0.2), timed_out_after(0.6))
+        assert short >= 0.2 and long >= 0.6 and short < long
+
+        resp = await client.request(server.origin, "POST", HEAD, b"{}", timeout=0.3)
+        assert await resp.read() == b"x" * 6   # slow, but never silent for its timeout
+        resp.finish()
+
+        cancelled = asyncio.ensure_future(client.request(server.origin, "POST", hang, None, timeout=30))
+        deadlines = client._deadlines
+        assert deadlines is not None
+        await _until(lambda: len(deadlines.waiting) == 1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert not deadlines.waiting
+        await _until(lambda: not deadlines._ticking)
+    await client.close()
+
+
 def test_origin_parsing() -> None:
     o = Origin.parse("https://api.daidaibird.top/v1/")
     assert (o.host, o.port, o.base_path, o.host_header, o.tls) == ("api.daidaibird.top", 443, "/v1",
