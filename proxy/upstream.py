@@ -26,6 +26,7 @@ than the upstream's ``Keep-Alive: timeout`` says, less a second.
 from __future__ import annotations
 
 import asyncio
+import enum
 import select
 import socket
 import ssl
@@ -51,14 +52,27 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-# An answer's headers this client reads (by the attribute they go to) or does not relay (None);
-# any other is relayed as it came (UpstreamResponse.end_to_end).
-_ANSWER_HEADERS: dict[bytes, str | None] = {
+
+
+class _Read(enum.Enum):
+    """An answer's header this client reads."""
+
+    LENGTH = enum.auto()
+    FRAMING = enum.auto()       # Transfer-Encoding
+    KEEP_ALIVE = enum.auto()    # its timeout hint
+    TYPE = enum.auto()
+    ENCODING = enum.auto()
+    RETRY_AFTER = enum.auto()
+
+
+# The headers of an answer that this client reads, or does not relay (None): any other is relayed
+# as it came (UpstreamResponse.end_to_end), and so are the ones read that are not hop-by-hop.
+_ANSWER_HEADERS: dict[bytes, _Read | None] = {
     **dict.fromkeys((name.encode() for name in HOP_BY_HOP), None),
-    b"content-length": "content_length", b"transfer-encoding": "chunked", b"keep-alive": "keep_alive_hint",
-    b"content-type": "content_type", b"content-encoding": "content_encoding", b"retry-after": "retry_after",
+    b"content-length": _Read.LENGTH, b"transfer-encoding": _Read.FRAMING, b"keep-alive": _Read.KEEP_ALIVE,
+    b"content-type": _Read.TYPE, b"content-encoding": _Read.ENCODING, b"retry-after": _Read.RETRY_AFTER,
 }
-_RELAYED_TOO = frozenset({b"content-type", b"content-encoding", b"retry-after"})
+_RELAYED_TOO = frozenset({_Read.TYPE, _Read.ENCODING, _Read.RETRY_AFTER})
 
 
 class UpstreamError(Exception):
@@ -239,18 +253,22 @@ class _Connection(asyncio.Protocol):
             self.end_to_end += (name, b": ", value, b"\r\n")
             return
         read = _ANSWER_HEADERS[lower]
-        if lower in _RELAYED_TOO:
+        if read in _RELAYED_TOO:
             self.end_to_end += (name, b": ", value, b"\r\n")
-        if read == "content_length":
+        if read is _Read.LENGTH:
             self.content_length = int(value)
-        elif read == "chunked":
+        elif read is _Read.FRAMING:
             self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif read == "keep_alive_hint":
+        elif read is _Read.KEEP_ALIVE:
             hint = _keep_alive_timeout(value.decode("latin-1"))
             if hint is not None:
                 self.trusted_for = max(0.0, min(IDLE_TIMEOUT, hint - 1.0))
-        elif read is not None:
-            setattr(self, read, value.decode("latin-1"))
+        elif read is _Read.TYPE:
+            self.content_type = value.decode("latin-1")
+        elif read is _Read.ENCODING:
+            self.content_encoding = value.decode("latin-1")
+        elif read is _Read.RETRY_AFTER:
+            self.retry_after = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
