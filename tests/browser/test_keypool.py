@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import httpx
 import psutil
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from conftest import ROOT, Project, free_ports, kill_all, start_serve, wait_until
 from proxy.pool import mask
@@ -151,6 +152,27 @@ def open_sillytavern(new_page, fleet: Fleet, port: int, **options) -> Any:
     return recorded
 
 
+def open_pool_panel(page: Any) -> Any:
+    """The extensions drawer open, then the pool's own drawer in it, each checked open before the
+    next step. SillyTavern opens a drawer at the end of an animation and closes open drawers on a
+    click that lands outside them, so a click is repeated only while its drawer is still closed
+    (once, a fresh run ended with the panel filled in and its drawer shut)."""
+    drawer = page.locator("#rm_extensions_block.openDrawer")
+    content = page.locator("#cst_keypool .inline-drawer-content")
+    for _ in range(3):
+        if not drawer.is_visible():
+            page.click("#extensions-settings-button .drawer-toggle")
+            drawer.wait_for(timeout=30_000)
+        if not content.is_visible():
+            page.click("#cst_keypool .inline-drawer-toggle")
+        try:
+            content.wait_for(state="visible", timeout=5_000)
+            return page.locator("#cst_keypool")
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError("the pool's panel never opened")
+
+
 def test_a_new_user_chats_through_the_pool_from_the_chat_box(fleet: Fleet, new_page) -> None:
     a = fleet.ports[0]
     recorded = open_sillytavern(new_page, fleet, a)
@@ -179,9 +201,7 @@ def test_the_panel_shows_the_platform_balance_and_this_instance_s_use(fleet: Fle
     a = fleet.ports[0]
     recorded = open_sillytavern(new_page, fleet, a, width=width, locale=locale)
     page = recorded.page
-    page.click("#extensions-settings-button .drawer-toggle")
-    page.click("#cst_keypool .inline-drawer-toggle")
-    panel = page.locator("#cst_keypool")
+    panel = open_pool_panel(page)
     panel.locator('[data-cst="balance"]', has_text=BALANCE).wait_for(timeout=30_000)
     chinese = locale.startswith("zh")
     assert panel.locator("b").first.inner_text() == ("CST 密钥池" if chinese else "CST key pool")
@@ -233,9 +253,7 @@ def test_the_panel_says_when_the_budget_is_used_up(fleet: Fleet, new_page, local
     assert usage["left"]["tokens_per_day"] == 0
     recorded = open_sillytavern(new_page, fleet, b, width=width, locale=locale)
     page = recorded.page
-    page.click("#extensions-settings-button .drawer-toggle")
-    page.click("#cst_keypool .inline-drawer-toggle")
-    panel = page.locator("#cst_keypool")
+    panel = open_pool_panel(page)
     spent = panel.locator('[data-cst="spent"]')
     spent.wait_for(state="visible", timeout=30_000)
     resets = usage["window"]["resets"]["day"][:16].replace("T", " ")
