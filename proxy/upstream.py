@@ -32,6 +32,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -125,8 +126,9 @@ class _Deadlines:
     """The connections waiting for their upstream, and one timer that ends the waits past their
     deadline every ``TICK`` while any is waiting."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]):
         self.loop = loop
+        self.clock = clock   # monotonic seconds; injectable, so tests move time instead of sleeping
         self.waiting: set[_Connection] = set()
         self._ticking = False
 
@@ -136,11 +138,15 @@ class _Deadlines:
             self._ticking = True
             self.loop.call_later(TICK, self._tick)
 
+    def expire_overdue(self) -> None:
+        """End the waits whose deadline has passed (and forget any nobody waits on any more)."""
+        now = self.clock()
+        for conn in [c for c in self.waiting if c.deadline <= now or c._waiter is None]:
+            conn.expire()
+
     def _tick(self) -> None:
         try:
-            now = time.monotonic()
-            for conn in [c for c in self.waiting if c.deadline <= now or c._waiter is None]:
-                conn.expire()
+            self.expire_overdue()
         finally:   # whatever happened, the waits left keep their timer
             if self.waiting:
                 self.loop.call_later(TICK, self._tick)
@@ -312,7 +318,7 @@ class _Connection(asyncio.Protocol):
         stops waiting early (a cancelled request) closes the connection, which ends the wait."""
         waiter = self.loop.create_future()
         self._waiter = waiter
-        self.deadline = time.monotonic() + timeout
+        self.deadline = self.deadlines.clock() + timeout
         self.deadlines.add(self)
         return waiter
 
@@ -445,7 +451,8 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock   # what the waits' deadlines are read on
         self._idle: dict[str, list[_Connection]] = {}   # by Origin.address
         self._ssl: ssl.SSLContext | None = None
         self._deadlines: _Deadlines | None = None
@@ -478,7 +485,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         deadlines = self._deadlines
         if deadlines is None or deadlines.loop is not loop:
-            deadlines = self._deadlines = _Deadlines(loop)
+            deadlines = self._deadlines = _Deadlines(loop, self._clock)
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(loop, origin.tls, deadlines), origin.host, origin.port,

@@ -9,6 +9,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
+from conftest import eventually
 from proxy.upstream import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -247,55 +248,81 @@ async def test_timeouts_broken_answers_and_refused_connections() -> None:
     await client.close()
 
 
-async def _until(condition: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0.01)
+class MovedClock:
+    """Monotonic time a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-async def test_waits_share_one_timer_that_ends_each_at_its_own_deadline() -> None:
-    """Waits carry deadlines that one timer checks: each times out no sooner than its own timeout
-    of silence, bytes that keep coming keep a wait alive however long the answer, a cancelled
-    request leaves nothing waiting, and the timer stops once nothing waits."""
+async def test_waits_end_at_their_own_deadline_of_silence_on_one_timer() -> None:
+    """Waits carry deadlines that one timer checks: a wait ends no sooner than its own timeout of
+    silence, bytes that keep coming keep an answer alive however long it takes in all, a cancelled
+    request leaves nothing waiting, and the timer stops once nothing waits. Time is moved by hand."""
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+    never = asyncio.Event()
+
     async def handler(reader, writer):
         request = await server.read_request(reader)
         if b"hang" in request:
-            await asyncio.sleep(10)
+            await never.wait()
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for _ in range(6):   # 0.9 s in all, never 0.3 s of silence
-            writer.write(b"1\r\nx\r\n")
+        await writer.drain()
+        while chunk := await chunks.get():
+            writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             await writer.drain()
-            await asyncio.sleep(0.15)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    client = UpstreamClient()
+    clock = MovedClock()
+    client = UpstreamClient(clock=clock)
     hang = b"POST /hang HTTP/1.1\r\n\r\n"
-
-    async def timed_out_after(timeout: float) -> float:
-        started = time.monotonic()
-        with pytest.raises(UpstreamTimeout):
-            await client.request(server.origin, "POST", hang, None, timeout=timeout)
-        return time.monotonic() - started
-
     async with RawServer(handler) as server:
-        short, long = await asyncio.gather(timed_out_after(0.2), timed_out_after(0.6))
-        assert short >= 0.2 and long >= 0.6 and short < long
+        # two waits, 5 s and 8 s: each ends when its own silence has lasted that long
+        short = asyncio.ensure_future(client.request(server.origin, "POST", hang, None, timeout=5))
+        long = asyncio.ensure_future(client.request(server.origin, "POST", hang, None, timeout=8))
+        await eventually(lambda: client._deadlines is not None and len(client._deadlines.waiting) == 2)
+        deadlines = client._deadlines
+        assert deadlines is not None
+        clock.now += 4.9
+        deadlines.expire_overdue()
+        assert len(deadlines.waiting) == 2, "neither has been silent for its timeout yet"
+        clock.now += 0.2
+        deadlines.expire_overdue()
+        assert len(deadlines.waiting) == 1
+        with pytest.raises(UpstreamTimeout):
+            await short
+        assert not long.done()
+        clock.now += 3.0
+        deadlines.expire_overdue()
+        with pytest.raises(UpstreamTimeout):
+            await long
 
-        resp = await client.request(server.origin, "POST", HEAD, b"{}", timeout=0.3)
-        assert await resp.read() == b"x" * 6   # slow, but never silent for its timeout
+        # an answer 24 s long in all, never 5 s silent: it completes
+        resp = await client.request(server.origin, "POST", HEAD, b"{}", timeout=5)
+        for _ in range(6):
+            piece = asyncio.ensure_future(resp.read_some())
+            await eventually(lambda: len(deadlines.waiting) == 1)
+            clock.now += 4.0
+            deadlines.expire_overdue()
+            assert len(deadlines.waiting) == 1, "4 s of silence is not 5"
+            chunks.put_nowait(b"x")
+            assert await piece == b"x"
+        chunks.put_nowait(b"")
+        assert await resp.read() == b""
         resp.finish()
 
         cancelled = asyncio.ensure_future(client.request(server.origin, "POST", hang, None, timeout=30))
-        deadlines = client._deadlines
-        assert deadlines is not None
-        await _until(lambda: len(deadlines.waiting) == 1)
+        await eventually(lambda: len(deadlines.waiting) == 1)
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         assert not deadlines.waiting
-        await _until(lambda: not deadlines._ticking)
+        await eventually(lambda: not deadlines._ticking)
+        never.set()
     await client.close()
 
 
