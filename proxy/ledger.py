@@ -37,7 +37,10 @@ MAX_BACKLOG = 1_000_000   # rows kept in memory while the store cannot be writte
 REPLAY_BATCH = 5000       # spooled rows written to the store a transaction
 
 
-class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's parameter row as it is
+class Row(NamedTuple):
+    """A ledger row's fields, in the order every store takes them. The request path hands a plain
+    tuple in this order to the writer (a NamedTuple a request cost more); this names the fields."""
+
     caller: str
     model: str
     path: str
@@ -50,10 +53,6 @@ class Row(NamedTuple):   # a tuple: one is built per request, and it is SQLite's
     key: str                    # the pool key, masked ("" when none was used)
     day: str                    # the window the row counts in (YYYY-MM-DD in the declared zone)
     rid: str                    # unique per request: a row replayed from a spool is written once
-
-    @property
-    def failed(self) -> bool:
-        return self.status >= 400
 
 
 RowValues = tuple[object, ...]   # a Row's fields in order, as the writer queues them
@@ -109,7 +108,7 @@ class Tally:
         return self.prompt_tokens + self.completion_tokens
 
     def add(self, failed: bool, prompt_tokens: int, completion_tokens: int, estimated: bool) -> None:
-        """One request's figures (a Row's, given apart: settlement counts before it builds the row)."""
+        """One request's figures."""
         self.requests += 1
         self.errors += failed
         self.prompt_tokens += prompt_tokens
@@ -233,8 +232,7 @@ _SCHEMA = (
 )
 
 ROWS_PER_INSERT = 64   # 768 parameters a statement; the rest of a batch one row a statement
-COLUMNS = ("caller", "model", "path", "status", "prompt_tokens", "completion_tokens", "estimated", "started",
-           "ended", "key", "day", "rid")   # Row's fields, in order
+COLUMNS = Row._fields
 _INSERT_ONE = (f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_MANY = _INSERT_ONE + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (ROWS_PER_INSERT - 1)
 
