@@ -102,7 +102,28 @@ def load_or_exit(path: Path) -> DesiredState:
     return desired
 
 
-@click.group()
+class _Commands(click.Group):
+    """cst's commands, with click's usage errors (an unknown option, a bad argument) exiting
+    ``EXIT_INVALID`` as every other wrong input does, where click would exit 2: 2 means that an
+    action failed (the README's table of exit codes)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_INVALID
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:   # a subcommand's arguments, or a BadParameter raised in its body
+            exc.exit_code = EXIT_INVALID
+            raise
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="cst", message="%(prog)s %(version)s")
 def cli() -> None:
     """CST: a fleet of SillyTavern servers and one API-key pool, from one desired-state file."""
@@ -181,7 +202,7 @@ def usage(file: Path, output: str, first: datetime | None, last: datetime | None
     try:
         book, store = read_usage(desired)
     except (SecretUnavailable, StoreUnavailable) as exc:
-        raise click.ClickException(f"cannot read the usage store: {exc}") from None
+        raise Failed(f"cannot read the usage store: {exc}") from None
     try:
         if first is None and last is None and caller is None:
             _show_windows(book.document(i.id for i in desired.instances), output)
@@ -194,7 +215,7 @@ def usage(file: Path, output: str, first: datetime | None, last: datetime | None
         totals = store.daily(first_day, last_day, caller) if store is not None else []
         _show_days(daily_document(window, totals, first_day, last_day), output)
     except StoreUnavailable as exc:
-        raise click.ClickException(f"cannot read the usage store: {exc}") from None
+        raise Failed(f"cannot read the usage store: {exc}") from None
     finally:
         if store is not None:
             store.close()
@@ -205,7 +226,7 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
     env = desired.settings.api.admin_key_env
     key = os.environ.get(env)
     if not key:
-        raise click.ClickException(f"{env} (settings.api.admin_key_env) is not set: the remote host's admin key "
+        raise Invalid(f"{env} (settings.api.admin_key_env) is not set: the remote host's admin key "
                                    "comes from it")
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--remote")
@@ -224,10 +245,10 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
     try:
         status, body = asyncio.run(ask())
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        raise Failed(f"cannot reach {url}: {exc or type(exc).__name__}") from None
     if status != 200:
         reason = body.get("error") or body.get("message") or f"HTTP {status}"
-        raise click.ClickException(f"{url} answered {status}: {reason}")
+        raise Failed(f"{url} answered {status}: {reason}")
     if output == "json":
         click.echo(json.dumps(body, indent=2))
     else:

@@ -257,12 +257,12 @@ def test_a_plan_shows_what_a_candidate_would_change_and_changes_nothing(project:
 
     wrong = subprocess.run([*CST, "apply", "--check", "--remote", served.url, "-f", str(candidate)],
                            capture_output=True, text=True, env={**project.env, "CST_ADMIN_KEY": "wrong"}, timeout=60)
-    assert wrong.returncode == 1 and "answered 401" in wrong.stderr
+    assert wrong.returncode == 2 and "answered 401" in wrong.stderr   # the action failed
     bad = api(served, "POST", "/api/plan", content=b"version: 1\ninstances: [{port: 80}]\n")
     assert bad.status_code == 400 and "instances[0].port" in bad.text
     no_check = subprocess.run([*CST, "apply", "--remote", served.url, "-f", str(candidate)],
                               capture_output=True, text=True, env=project.env, timeout=60)
-    assert no_check.returncode == 2 and "--check" in no_check.stderr
+    assert no_check.returncode == 1 and "--check" in no_check.stderr   # invalid input
     assert project.file.read_text() == before
     assert json.loads(api(served, "GET", "/api/desired").text)["git"]["clean"]
 

@@ -190,7 +190,7 @@ def test_cst_logs_prints_the_last_lines_and_follows(fleet):
     assert "stand-in SillyTavern is listening" in run(id_, "-n", "50").stdout
     unknown = run("st-instance-1999")
     assert unknown.returncode == 1 and "st-instance-1999 is not declared" in unknown.stderr
-    assert run("nonsense").returncode == 2
+    assert run("nonsense").returncode == 1   # invalid input (README: exit codes)
 
     follower = subprocess.Popen(logs(id_, "-n", "1", "-f"), cwd=project.dir, env=project.env, stdout=subprocess.PIPE,
                                 text=True)

@@ -234,7 +234,7 @@ def test_invalid_file_changes_nothing(project):
 
 def test_password_command_rejects_bad_ids(project):
     project.write(standin_file([]))
-    assert project.cst("password", "../../etc/passwd").returncode == 2
+    assert project.cst("password", "../../etc/passwd").returncode == 1   # invalid input (README: exit codes)
     assert project.cst("password", "st-instance-9999").returncode == 1
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import psutil
 
 from ..desired.model import DesiredState, InstanceSpec
-from ..runtime.base import LaunchImpossible, Observed, Runtime, StartFailed
+from ..runtime.base import LaunchImpossible, Observed, ReleaseId, Runtime, StartFailed
 from ..runtime.local import LocalRuntime
 from ..runtime.processes import utc_now
 from .plan import Action, Kind, Target, plan
@@ -117,7 +117,7 @@ async def reconcile(desired: DesiredState, check: bool = False,
             if halted is not None:
                 halt = halted
                 runtime.record_rollout_halt(halted.as_dict())
-            elif all(a.release.startswith("sillytavern@") for a in upgrades):
+            elif all(ReleaseId.parse(a.release).version is not None for a in upgrades):   # npm releases only
                 for version in await runtime.remove_unused_releases():
                     emit(Result(f"sillytavern {version}", "changed", "removed: no instance runs it any more",
                                 happened=Happened.RELEASE_REMOVED))
@@ -195,9 +195,8 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
     before = seen.status if seen else "absent"
     happens = _HAPPENS[action.kind]
 
-    def failed(happened: Happened, detail: str, cause: object = "") -> Result:
-        first = str(cause).split(";")[0].splitlines()
-        return Result(action.id, "failed", detail, before, happened=happened, cause=first[0] if first else "")
+    def failed(happened: Happened, detail: str, cause: str = "") -> Result:
+        return Result(action.id, "failed", detail, before, happened=happened, cause=cause)
 
     try:
         if action.kind in (Kind.FAIL, Kind.BACK_OFF):
@@ -234,7 +233,7 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
             again = Happened.RESTARTED if before == "crashed" else happens   # "restarted: process had exited"
             return Result(action.id, "changed", action.reason, before, "running", happened=again)
     except StartFailed as exc:
-        return failed(Happened.START_FAILED, f"did not start: {exc}", exc)
+        return failed(Happened.START_FAILED, f"did not start: {exc}", exc.cause)
     except OSError as exc:
         return failed(Happened.ACTION_FAILED, f"{action.kind.value}: {exc}")
     except psutil.Error as exc:

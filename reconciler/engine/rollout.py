@@ -107,7 +107,7 @@ async def _upgrade(runtime: RolloutRuntime, turn: _Turn, pause: float) -> Result
         await runtime.start(spec, count_restart=True)
         why = await runtime.stays_healthy(spec, pause)
     except StartFailed as exc:
-        why = str(exc).split(";")[0].splitlines()[0]
+        why = exc.cause
     except OSError as exc:
         why = str(exc)
     if why is None:

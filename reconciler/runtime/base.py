@@ -18,6 +18,32 @@ ObservedStatus = Literal["running", "parked", "stopped", "crashed", "port-taken"
 
 
 @dataclass(frozen=True)
+class ReleaseId:
+    """What an instance runs: an npm release of SillyTavern (``version``), or a checkout of one's
+    own (``server``, the path of its server.js as the file names it). Records, halts and an
+    instance's environment keep it as text, ``str()`` of it ("sillytavern@1.19.0", "server
+    /path/server.js"); ``parse`` reads that back, so the format is known here and nowhere else."""
+
+    version: str | None = None
+    server: str | None = None
+
+    _NPM = "sillytavern@"
+    _SERVER = "server "
+
+    def __str__(self) -> str:
+        return f"{self._NPM}{self.version}" if self.version is not None else f"{self._SERVER}{self.server}"
+
+    @classmethod
+    def parse(cls, text: str) -> ReleaseId:
+        """The release ``text`` names; ValueError when it names none."""
+        if text.startswith(cls._NPM) and len(text) > len(cls._NPM):
+            return cls(version=text.removeprefix(cls._NPM))
+        if text.startswith(cls._SERVER) and len(text) > len(cls._SERVER):
+            return cls(server=text.removeprefix(cls._SERVER))
+        raise ValueError(f"not a release identity: {text!r}")
+
+
+@dataclass(frozen=True)
 class Observed:
     """An instance as found: by its record in the state dir, or by the process on its port."""
 
@@ -57,7 +83,23 @@ class EdgeChange:
 
 
 class StartFailed(Exception):
-    """An instance was started but did not come up; the runtime has stopped it again."""
+    """An instance was started but did not come up; the runtime has stopped it again.
+
+    Code reads the fields, never the message: ``cause`` is the failure in its own words, one line
+    ("exited with code 3 before answering"); ``log_tail`` the instance's last log lines when they
+    tell more. ``str()`` is both, for people and logs."""
+
+    def __init__(self, cause: str, log_tail: str = ""):
+        self.cause, self.log_tail = cause, log_tail
+        super().__init__(f"{cause}; last log lines:\n{log_tail}" if log_tail else cause)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """A failure in a line, for a result's ``cause`` and a status page: a StartFailed's own
+    ``cause``, else the exception's message (its type's name when it has none)."""
+    if isinstance(exc, StartFailed):
+        return exc.cause
+    return str(exc) or type(exc).__name__
 
 
 class LaunchImpossible(Exception):

@@ -56,8 +56,7 @@ class HealthChecks:
         session = self._client(launch.address)
         while True:
             if proc.poll() is not None:
-                raise StartFailed(f"exited with code {proc.returncode} before answering; "
-                                  f"last log lines:\n{log_tail()}")
+                raise StartFailed(f"exited with code {proc.returncode} before answering", log_tail())
             try:
                 async with session.get(url, allow_redirects=False, timeout=timeout) as anon:
                     anonymous = anon.status
@@ -77,8 +76,7 @@ class HealthChecks:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
             if time.monotonic() >= deadline:
-                raise StartFailed(f"its {launch.address} did not answer within {start_timeout:g}s; "
-                                  f"last log lines:\n{log_tail()}")
+                raise StartFailed(f"its {launch.address} did not answer within {start_timeout:g}s", log_tail())
             await asyncio.sleep(POLL)
 
     async def probe(self, launch: LaunchSpec, has_overlay: bool) -> str | None:

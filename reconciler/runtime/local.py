@@ -20,7 +20,7 @@ from ..desired.model import DesiredState, InstanceSpec
 from ..desired.secret_source import SecretUnavailable, read_secret
 from ..files import private_dir
 from . import edge, instance_users, overlay, sandbox, sillytavern, wiring
-from .base import EdgeChange, LaunchImpossible, Observed, Preparation
+from .base import EdgeChange, LaunchImpossible, Observed, Preparation, ReleaseId
 from .environment import child_environment
 from .health import HealthChecks
 from .instance_keys import InstanceKeys
@@ -92,7 +92,9 @@ class LocalRuntime:
         daemon about what runs. Part of the fingerprint, in the process's environment
         (``ENV_RELEASE``) and in its record: what a rollout compares."""
         st = self.settings.sillytavern
-        return f"server {st.server}" if st.server is not None else sillytavern.identity(self.desired.version_of(spec))
+        if st.server is not None:
+            return str(ReleaseId(server=str(st.server)))
+        return sillytavern.identity(self.desired.version_of(spec))
 
     def instance_user(self, spec: InstanceSpec) -> instance_users.InstanceUser | None:
         """The user the instance runs as; None for cst's own (cst is not root, or the file says so)."""
@@ -397,10 +399,18 @@ class LocalRuntime:
         in_use = {self.desired.version_of(spec) for spec in self.desired.instances}
         in_use.add(self.settings.sillytavern.version)
         for record in self.state.records().values():
-            version = (record.release or "").removeprefix("sillytavern@")
+            version = _npm_version(record.release)
             if record.pid is not None and version:
                 in_use.add(version)
         return await asyncio.to_thread(sillytavern.remove_unused, self.settings.state_dir, in_use)
+
+
+def _npm_version(release: str | None) -> str | None:
+    """The npm version a recorded release names; None for a checkout, or nothing recorded."""
+    try:
+        return ReleaseId.parse(release).version if release else None
+    except ValueError:
+        return None
 
 
 def _subject(versions: Iterable[str]) -> str:

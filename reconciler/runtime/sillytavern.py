@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from . import overlay, sandbox
-from .base import StartFailed
+from .base import ReleaseId, StartFailed
 from .environment import child_environment
 from .statedir import LockHeld, StateDir
 
@@ -81,17 +81,15 @@ class Release:
 
 def identity(version: str) -> str:
     """The npm release ``version`` as the runtime names what an instance runs ("sillytavern@1.19.0")."""
-    return f"sillytavern@{version}"
+    return str(ReleaseId(version=version))
 
 
 def release_of_identity(identity: str, state_dir: Path) -> Release:
-    """The release an identity names: "sillytavern@1.18.0" (the npm release) or "server PATH" (a
-    checkout of one's own)."""
-    if identity.startswith("sillytavern@"):
-        return release_of(identity.removeprefix("sillytavern@"), state_dir)
-    if identity.startswith("server "):
-        return Release(Path(identity.removeprefix("server ")), None)
-    raise ValueError(f"not a release identity: {identity!r}")
+    """The release an identity (``ReleaseId``'s text) names; ValueError when it names none."""
+    named = ReleaseId.parse(identity)
+    if named.version is not None:
+        return release_of(named.version, state_dir)
+    return Release(Path(str(named.server)), None)
 
 
 def version_of_server(server_js: str) -> str | None:

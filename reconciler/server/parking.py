@@ -28,7 +28,7 @@ from ..desired.model import DesiredState
 from ..engine.results import Happened, Result
 from ..engine.supervision import Supervisor
 from ..runtime import edge
-from ..runtime.base import LaunchImpossible, StartFailed
+from ..runtime.base import LaunchImpossible, StartFailed, failure_cause
 from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime
 from ..runtime.processes import utc_now
@@ -187,8 +187,7 @@ class Parking:
             log.warning("waking %s waited too long for the state dir; the next request tries again", id_)
             raise WakeFailed("CST is busy applying a change", retry_after=5) from None
         except (StartFailed, OSError) as exc:
-            # its own first words ("exited with code 3 before answering"), not the log lines after them
-            reason = (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0]
+            reason = failure_cause(exc)   # "exited with code 3 before answering": the log lines are in the log
             log.error("waking %s failed: %s", id_, exc)
             self._counters.wake_failed()
             self._supervisor.learn({}, [Result(id_, "failed", f"did not start: {exc}", happened=Happened.START_FAILED,
