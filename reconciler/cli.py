@@ -33,7 +33,7 @@ from .desired.secret_source import SecretUnavailable
 from .desired.shared_file import DesiredFile
 from .desired.validation import is_loopback_host
 from .engine.inventory import instance_rows
-from .engine.reconcile import reconcile, standing_halt
+from .engine.reconcile import reconcile_once, standing_halt
 from .engine.results import Report, Result
 from .files import atomic_write
 from .kubernetes import names as kubernetes_names
@@ -49,6 +49,7 @@ from .runtime.restore import restore_snapshot
 from .runtime.snapshots import SnapshotNotFound, Snapshots
 from .runtime.statedir import LockHeld, StateDir
 from .server.daemon import Daemon, DaemonError, tls_context
+from .server.documents import row_document
 
 EXIT_INVALID = 1
 EXIT_FAILED = 2
@@ -112,15 +113,20 @@ class _Commands(click.Group):
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:
-            exc.exit_code = EXIT_INVALID
-            raise
+            raise _as_invalid(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:   # a subcommand's arguments, or a BadParameter raised in its body
-            exc.exit_code = EXIT_INVALID
-            raise
+            raise _as_invalid(exc) from None
+
+
+def _as_invalid(exc: click.UsageError) -> click.UsageError:
+    # click exits with the raised instance's exit_code: set on the instance, it keeps the error's
+    # own wording and usage hint (click declares exit_code a class variable, hence the ignore)
+    exc.exit_code = EXIT_INVALID  # type: ignore[misc]
+    return exc
 
 
 @click.group(cls=_Commands)
@@ -162,7 +168,8 @@ def apply(file: Path, check: bool, diff: bool, wait: float, remote: str | None, 
                 click.echo(line)
 
     try:
-        report: Report = asyncio.run(reconcile(desired, check=check, on_result=show, lock_timeout=wait))
+        report: Report = asyncio.run(reconcile_once(LocalRuntime(desired, readonly=check), desired, check=check,
+                                                    on_result=show, lock_timeout=wait))
     except LockHeld as exc:
         raise Failed(str(exc)) from None
     if output == "json":
@@ -326,19 +333,20 @@ def status(file: Path, output: str) -> None:
     stands halted."""
     desired = load_or_exit(file)
     use = disk_use.current(desired, StateDir(desired.settings.state_dir))
-    rows = instance_rows(desired, disk=use.get)
-    halt = standing_halt(LocalRuntime(desired, readonly=True), desired)
+    runtime = LocalRuntime(desired, readonly=True)
+    rows = instance_rows(runtime, desired, disk=use.get)
+    halt = standing_halt(runtime, desired)
     if halt is not None:
         click.echo(halt.line(), err=output == "json")
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps([row_document(row) for row in rows], indent=2))
         return
     _echo_table(("ID", "PORT", "DESIRED", "STATUS", "PID", "UPTIME", "MEMORY", "RESTARTS", "DISK", "DATA DIR", "URL"),
-                [(r["id"], str(r["port"]), r["desired"], r["status"], str(r["pid"] or "-"), _uptime(r["uptime"]),
-                  _mib(r["memory"]), str(r["restarts"]), _mib(r["disk"]), r["dataDir"], r["url"] or "-")
+                [(r.id, str(r.port), r.desired, r.status, str(r.pid or "-"), _uptime(r.uptime),
+                  _mib(r.memory), str(r.restarts), _mib(r.disk), str(r.data_dir), r.url or "-")
                  for r in rows])
     if rows:
-        click.echo(f"disk used by the data dirs: {_mib(sum(r['disk'] or 0 for r in rows))}")
+        click.echo(f"disk used by the data dirs: {_mib(sum(r.disk or 0 for r in rows))}")
 
 
 def _mib(size: int | None) -> str:

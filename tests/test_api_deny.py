@@ -20,8 +20,8 @@ from reconciler.server import api
 from reconciler.server.daemon import Daemon
 
 KEY = "deny-admin-key"
-MISSING = {"error": "Missing admin key (header X-ST-Admin-Key)"}
-INVALID = {"error": "Invalid admin key"}
+MISSING = {"error": "Missing admin key (header X-ST-Admin-Key)", "code": "missing_admin_key"}
+INVALID = {"error": "Invalid admin key", "code": "invalid_admin_key"}
 # what the page loads before anyone has typed a key: its HTML, then page/app.js and its imports
 PAGE_FILES = ("style.css", "app.js", "api.js", "i18n.js", "usage.js")
 
@@ -113,15 +113,15 @@ async def test_the_page_loads_without_a_key(client: TestClient) -> None:
     assert health.status == 200 and (await health.json())["status"] == "ok"
     # a file the page does not have is the page's 404, key or not; nothing is read from disk
     for missing in ("/page/nothing.js", "/page/", "/page/a/b", "/page/..%2Fapi.py"):
-        assert await _answer(client, "GET", missing) == (404, {"error": "Not found"}), missing
+        assert await _answer(client, "GET", missing) == (404, {"error": "Not found", "code": "not_route"}), missing
 
 
 async def test_unknown_paths_tell_nothing_without_the_key_and_wrong_keys_there_are_limited(client: TestClient) -> None:
     for method, path in (("GET", "/nothing"), ("GET", "/api/nothing"), ("POST", "/"), ("DELETE", "/health"),
                          ("GET", "/api/instances/a/b/c"), ("GET", "/health/")):
         assert await _answer(client, method, path) == (401, MISSING), (method, path)
-    assert await _answer(client, "GET", "/nothing", KEY) == (404, {"error": "Not found"})
-    assert await _answer(client, "POST", "/", KEY) == (405, {"error": "Method not allowed"})
+    assert await _answer(client, "GET", "/nothing", KEY) == (404, {"error": "Not found", "code": "not_route"})
+    assert await _answer(client, "POST", "/", KEY) == (405, {"error": "Method not allowed", "code": "method"})
     # guesses at unknown paths count like any other: a burst, then 429 for every protected route
     statuses = [(await _answer(client, "GET", f"/guess-{n}", f"wrong-{n}"))[0] for n in range(30)]
     assert statuses[0] == 401 and statuses[-1] == 429 and statuses.count(401) <= 11, statuses

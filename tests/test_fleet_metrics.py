@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from conftest import fake_upstream, free_ports, http_status, standin_file, wait_until
 from proxy.histogram import Histogram
 from reconciler.desired.shared_file import DesiredFile
+from reconciler.engine.inventory import InstanceRow
 from reconciler.engine.results import Report, Result
 from reconciler.runtime.base import ObservedStatus
 from reconciler.server import api
@@ -117,16 +118,19 @@ def test_pass_counters_tell_failed_passes_from_failed_results() -> None:
     assert value(scraped, "cst_reconcile_results_failed_total") == 2
 
 
+def row(port: int, status: str, restarts: int = 0, memory: int | None = None) -> InstanceRow:
+    return InstanceRow(id=f"st-instance-{port}", port=port, url=None, desired="running", status=status, detail="",
+                       pid=None, started_at=None, uptime=None, memory=memory, park_after=None, restarts=restarts,
+                       data_dir=Path(f"/data/{port}"), disk=None)
+
+
 def test_instance_rows_give_states_restarts_and_the_memory_rows_report() -> None:
-    rows = [{"id": "st-instance-8001", "observed": "running", "restarts": 3, "memory": 180_000_000},
-            {"id": "st-instance-8002", "observed": "running", "restarts": 0, "memory": None},
-            {"id": "st-instance-8003", "observed": "parked", "restarts": 0, "memory": None},
-            {"id": "st-instance-8004", "observed": "crashed", "restarts": 1, "memory": None},
-            {"id": "st-instance-8005", "observed": "errored", "restarts": 5, "memory": None}]
+    rows = [row(8001, "running", restarts=3, memory=180_000_000), row(8002, "running"), row(8003, "parked"),
+            row(8004, "crashed", restarts=1), row(8005, "errored", restarts=5)]
     scraped = samples(text_of(list(instance_families(rows))))
     assert by_state(scraped) == {"running": 2, "parked": 1, "stopped": 0, "crashed": 1, "port-taken": 0,
                                  "errored": 1}
-    assert [value(scraped, "cst_instance_restarts_total", instance=row["id"]) for row in rows] == [3, 0, 0, 1, 5]
+    assert [value(scraped, "cst_instance_restarts_total", instance=row.id) for row in rows] == [3, 0, 0, 1, 5]
     assert memory_of(scraped) == {"st-instance-8001": 180_000_000}   # none for an instance whose memory is not known
 
 
@@ -157,7 +161,8 @@ async def test_metrics_take_the_admin_key_as_header_or_bearer_token_and_wrong_on
         assert by_state(samples(await answer.text())) == dict.fromkeys(INSTANCE_STATES, 0)
     for headers in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer "}):
         answer = await client.get("/metrics?lang=en", headers=headers)
-        assert (answer.status, await answer.json()) == (401, {"error": "Missing admin key (header X-ST-Admin-Key)"})
+        assert (answer.status, await answer.json()) == (401, {"error": "Missing admin key (header X-ST-Admin-Key)",
+                                                                   "code": "missing_admin_key"})
     # the bearer form is this route's only: elsewhere it is no key at all
     answer = await client.get("/api/status?lang=en", headers={"Authorization": f"Bearer {KEY}"})
     assert answer.status == 401

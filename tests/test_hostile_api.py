@@ -76,7 +76,7 @@ def test_bad_input_is_a_4xx_with_an_error_and_changes_nothing(project, serve):
                              {"Content-Type": "application/json"}))
     check("3 MiB desired", *raw(api, "PUT", "/api/desired", b"#" * (3 << 20), {"If-Match": "x"}))
     status, body = raw(api, "POST", "/api/instances?lang=en", b'{"port": "x"}', {"Content-Type": "application/json"})
-    assert body == {"error": "Invalid port x: it must be an integer from 1024 to 65535"}
+    assert body == {"error": "Invalid port x: it must be an integer from 1024 to 65535", "code": "invalid_port"}
 
     assert snapshot(project, served) == before, "the file and every instance are unchanged"
     assert len(seen) > 100
@@ -113,7 +113,7 @@ def test_an_admin_key_that_is_not_utf8_is_a_401_not_a_500(project, serve):
     project.write(standin_file([], settings=serve_settings(api)))
     served = serve(api)
     status, body = raw(api, "GET", "/api/instances?lang=en", key=b"\xff\xfe\x80")
-    assert (status, body) == (401, {"error": "Invalid admin key"})
+    assert (status, body) == (401, {"error": "Invalid admin key", "code": "invalid_admin_key"})
     assert "Traceback" not in served.log.read_text()
 
 

@@ -66,14 +66,15 @@ def test_the_page_is_served_with_its_policy(fleet):
     assert again.status_code == 304 and again.content == b""
     for missing in ("/page/nothing.js", "/page/..%2Fapi.py", "/page/"):
         answer = httpx.get(served.url + missing + "?lang=en")
-        assert (answer.status_code, answer.json()) == (404, {"error": "Not found"}), missing
+        assert (answer.status_code, answer.json()) == (404, {"error": "Not found", "code": "not_route"}), missing
 
 
 def test_events_tell_what_happens_and_a_reconnect_gets_what_it_missed(fleet):
     served, port = fleet
     id_ = f"st-instance-{port}"
     missing = httpx.get(served.url + "/api/events?lang=en")
-    assert (missing.status_code, missing.json()) == (401, {"error": "Missing admin key (header X-ST-Admin-Key)"})
+    assert (missing.status_code, missing.json()) == (401, {"error": "Missing admin key (header X-ST-Admin-Key)",
+                                                                  "code": "missing_admin_key"})
     reader = EventReader(served)
     try:
         assert reader.response.headers["content-type"].startswith("text/event-stream")
@@ -159,17 +160,18 @@ def test_logs_over_http(fleet):
         say(served, port, later)  # written after the stream was opened
         assert next(lines) == later
 
-    for query, english, chinese in (
-            ("tail=-1", "tail must be a whole number from 0 to 10000, not -1", "tail 必须是 0 到 10000 之间的整数，而不是 -1"),
-            ("tail=10001", "tail must be a whole number from 0 to 10000, not 10001", None),
-            ("follow=maybe", "follow must be 1 or 0, not maybe", "follow 必须是 1 或 0，而不是 maybe")):
+    for query, code, english, chinese in (
+            ("tail=-1", "bad_tail", "tail must be a whole number from 0 to 10000, not -1",
+             "tail 必须是 0 到 10000 之间的整数，而不是 -1"),
+            ("tail=10001", "bad_tail", "tail must be a whole number from 0 to 10000, not 10001", None),
+            ("follow=maybe", "bad_follow", "follow must be 1 or 0, not maybe", "follow 必须是 1 或 0，而不是 maybe")):
         answer = served.api("GET", f"/api/instances/{id_}/logs?{query}&lang=en")
-        assert (answer.status_code, answer.json()) == (400, {"error": english})
+        assert (answer.status_code, answer.json()) == (400, {"error": english, "code": code})
         if chinese:
             assert served.api("GET", f"/api/instances/{id_}/logs?{query}",
-                              headers={"Accept-Language": "zh-CN"}).json() == {"error": chinese}
+                              headers={"Accept-Language": "zh-CN"}).json() == {"error": chinese, "code": code}
     missing = served.api("GET", "/api/instances/st-instance-1/logs?lang=en")
-    assert (missing.status_code, missing.json()) == (404, {"error": "Instance st-instance-1 not found"})
+    assert (missing.status_code, missing.json()) == (404, {"error": "Instance st-instance-1 not found", "code": "not_found"})
 
 
 def test_cst_logs_prints_the_last_lines_and_follows(fleet):

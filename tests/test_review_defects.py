@@ -224,7 +224,7 @@ async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, mon
                         lambda self, spec: threads.append(threading.current_thread()) or real(self, spec))
     checks = HealthChecks()
     try:
-        answers = await liveness.check(desired, report, checks)
+        answers = await liveness.check(LocalRuntime(desired, readonly=True, checks=checks), desired, report)
     finally:
         await checks.close()
     assert answers[seen.id] and "could not be reached" in answers[seen.id]   # nobody listens there

@@ -37,13 +37,13 @@ def test_auth_is_required_and_messages_follow_the_language(project, serve):
     served = serve(api)
     assert httpx.get(served.url + "/health").json()["status"] == "ok"
     missing = httpx.get(served.url + "/api/instances")
-    assert missing.status_code == 401 and missing.json() == {"error": "缺少管理员密钥"}
+    assert missing.status_code == 401 and missing.json() == {"error": "缺少管理员密钥", "code": "missing_admin_key"}
     wrong = httpx.get(served.url + "/api/instances?lang=en", headers={"X-ST-Admin-Key": "nope"})
-    assert wrong.status_code == 401 and wrong.json() == {"error": "Invalid admin key"}
+    assert wrong.status_code == 401 and wrong.json() == {"error": "Invalid admin key", "code": "invalid_admin_key"}
     english = served.api("GET", "/api/instances/st-instance-1", headers={"Accept-Language": "en-GB,en;q=0.9"})
-    assert english.status_code == 404 and english.json() == {"error": "Instance st-instance-1 not found"}
+    assert english.status_code == 404 and english.json() == {"error": "Instance st-instance-1 not found", "code": "not_found"}
     chinese = served.api("GET", "/api/instances/st-instance-1?lang=zh", headers={"Accept-Language": "en"})
-    assert chinese.json() == {"error": "实例不存在：st-instance-1"}
+    assert chinese.json() == {"error": "实例不存在：st-instance-1", "code": "not_found"}
     assert served.api("GET", "/api/nothing").status_code == 404
 
 
@@ -52,23 +52,24 @@ def test_create_validation(project, serve):
     project.write(fleet_file(api, [(a, "running")]))
     served = serve(api)
     before = project.file.read_text()
-    cases = [({}, 400, "Missing port"), ({"port": None}, 400, "Missing port"),
-             ({"port": 80}, 400, "Invalid port 80: it must be an integer from 1024 to 65535"),
-             ({"port": "x"}, 400, "Invalid port x: it must be an integer from 1024 to 65535"),
-             ({"port": True}, 400, "Invalid port True: it must be an integer from 1024 to 65535"),
-             ({"port": a}, 400, f"Port {a} is already used by st-instance-{a}"),
-             ({"port": api}, 400, f"Port {api} is already taken by settings.api.listen")]
-    for body, status, error in cases:
+    cases = [({}, 400, "missing_port", "Missing port"), ({"port": None}, 400, "missing_port", "Missing port"),
+             ({"port": 80}, 400, "invalid_port", "Invalid port 80: it must be an integer from 1024 to 65535"),
+             ({"port": "x"}, 400, "invalid_port", "Invalid port x: it must be an integer from 1024 to 65535"),
+             ({"port": True}, 400, "invalid_port", "Invalid port True: it must be an integer from 1024 to 65535"),
+             ({"port": a}, 400, "port_declared", f"Port {a} is already used by st-instance-{a}"),
+             ({"port": api}, 400, "reserved_port", f"Port {api} is already taken by settings.api.listen")]
+    for body, status, code, error in cases:   # a client tells the four kinds of 400 apart by the code
         response = served.api("POST", "/api/instances?lang=en", json=body)
-        assert (response.status_code, response.json()) == (status, {"error": error}), body
+        assert (response.status_code, response.json()) == (status, {"error": error, "code": code}), body
     garbage = served.api("POST", "/api/instances?lang=en", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert garbage.status_code == 400 and garbage.json() == {"error": "The request body must be a JSON object"}
+    assert garbage.status_code == 400 and garbage.json() == {"error": "The request body must be a JSON object", "code": "bad_body"}
     squatter = psutil.Popen(["python3", "-m", "http.server", str(b), "--bind", "127.0.0.1"],
                             stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
     try:
         wait_until(lambda: http_status(b) == 200)
         taken = served.api("POST", "/api/instances?lang=en", json={"port": b})
-        assert (taken.status_code, taken.json()) == (400, {"error": f"Port {b} is already in use by another process"})
+        assert (taken.status_code, taken.json()) == (400, {"error": f"Port {b} is already in use by another process",
+                                                                "code": "port_in_use"})
     finally:
         squatter.kill()
         squatter.wait()
@@ -346,7 +347,8 @@ def test_rotating_and_deleting_take_a_key_away_at_once(project, serve):
                     "message": f"st-instance-{a} has a new proxy key; the old one no longer works"}
     assert proxy_status(proxy, key_a) == 401 and proxy_status(proxy, new) == 502
     off = served.api("POST", f"/api/instances/st-instance-{c}/rotate-key?lang=en")
-    assert off.status_code == 409 and off.json() == {"error": f"st-instance-{c} has proxy: false, so it has no proxy key"}
+    assert off.status_code == 409 and off.json() == {"error": f"st-instance-{c} has proxy: false, so it has no proxy key",
+                                                      "code": "proxy_off"}
     assert served.api("POST", "/api/instances/st-instance-1/rotate-key").status_code == 404
 
     deleted = served.api("DELETE", f"/api/instances/st-instance-{a}")

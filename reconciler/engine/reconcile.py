@@ -18,7 +18,6 @@ import psutil
 
 from ..desired.model import DesiredState, InstanceSpec
 from ..runtime.base import LaunchImpossible, Observed, ReleaseId, Runtime, StartFailed
-from ..runtime.local import LocalRuntime
 from ..runtime.processes import utc_now
 from .plan import Action, Kind, Target, plan
 from .results import Happened, Report, Result
@@ -43,22 +42,16 @@ def targets(desired: DesiredState, runtime: Runtime) -> list[Target]:
     return out
 
 
-async def reconcile(desired: DesiredState, check: bool = False,
+async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False,
                     on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0,
-                    hints: Hints | None = None, runtime: Runtime | None = None,
-                    on_phase: Callable[[str], None] | None = None,
+                    hints: Hints | None = None, on_phase: Callable[[str], None] | None = None,
                     on_action: Callable[[Action], None] | None = None) -> Report:
-    """Make reality match ``desired`` (or, with ``check``, only say what that would take).
+    """Make reality match ``desired`` (or, with ``check``, only say what that would take) through
+    ``runtime``, made for it by the caller (read-only for a check).
 
     ``on_phase`` hears what the pass is doing ("waiting for the state dir lock", "observing"...),
     ``on_action`` each action as it begins and ``on_result`` each result: the daemon tells a
     caller that waits too long what is still pending."""
-    if runtime is None:
-        local = LocalRuntime(desired, readonly=check)
-        try:
-            return await reconcile(desired, check, on_result, lock_timeout, hints, local, on_phase, on_action)
-        finally:
-            await local.close()
     report = Report(check=check)
     phase = on_phase or (lambda _: None)
 
@@ -132,6 +125,15 @@ async def reconcile(desired: DesiredState, check: bool = False,
         await _follow_edge(runtime, emit, quiet=False)   # and ports their nodes left are the edge's
         report.halt = halt.as_dict() if halt else None
     return report
+
+
+async def reconcile_once(runtime: Runtime, desired: DesiredState, check: bool = False,
+                         on_result: Callable[[Result], None] | None = None, lock_timeout: float = 60.0) -> Report:
+    """One pass on a runtime made for it alone (``cst apply``, a plan), closed after it."""
+    try:
+        return await reconcile(runtime, desired, check, on_result, lock_timeout)
+    finally:
+        await runtime.close()
 
 
 async def _follow_edge(runtime: Runtime, emit: Callable[[Result], None], quiet: bool) -> None:

@@ -9,9 +9,14 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..desired.model import InstanceSpec
+from ..desired.model import DesiredState, InstanceSpec
+
+if TYPE_CHECKING:   # these import this module
+    from .health import HealthChecks
+    from .snapshots import Snapshot
+    from .statedir import Record
 
 # parked: no process, on purpose; the edge keeps its routes and cst serve wakes it on use
 ObservedStatus = Literal["running", "parked", "stopped", "crashed", "port-taken"]
@@ -134,8 +139,12 @@ class Runtime(RolloutRuntime, Protocol):
     def release_identity(self, spec: InstanceSpec) -> str:
         """What release the file says ``spec`` runs ("sillytavern@1.19.0"): ``Observed.release``'s terms."""
 
-    def observe(self) -> dict[str, Observed]:
-        """Every instance this runtime knows of, plus whoever holds a declared port."""
+    def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
+        """Every instance this runtime knows of, plus whoever holds a declared port; ``records``:
+        the records just read by ``records()``, so both tell of the same moment."""
+
+    def records(self) -> dict[str, Record]:
+        """What this runtime remembers of each instance (its process, start time, restarts)."""
 
     def lock(self, timeout: float) -> AbstractAsyncContextManager[None]:
         """Exclusive use of this runtime's instances, across processes."""
@@ -166,3 +175,34 @@ class Runtime(RolloutRuntime, Protocol):
 
     async def archive(self, id_: str) -> Path | None:
         """Stop the instance and move its data into the archive; where it went, or None."""
+
+    async def wake(self, spec: InstanceSpec) -> Record:
+        """Start a parked instance (a live one is left as it is); raises StartFailed."""
+
+    async def probe(self, spec: InstanceSpec) -> str | None:
+        """The liveness probe of a running instance: None when it answers its health route, else why not."""
+
+    def password(self, spec: InstanceSpec) -> str:
+        """The instance's basic-auth password (generated once when the file names no variable for
+        it); raises LaunchImpossible when the variable it names is unset."""
+
+    def set_password(self, id_: str, password: str) -> None:
+        """Give the instance a new generated password; its next start uses it."""
+
+    def rotate_key(self, spec: InstanceSpec) -> str:
+        """Give the instance a new proxy key; the new key."""
+
+    def find_snapshot(self, id_: str, snapshot_id: str) -> Snapshot:
+        """The instance's snapshot of that id; raises SnapshotNotFound."""
+
+    async def close(self) -> None:
+        """Let go of what acting took (on the loop it acted on)."""
+
+
+class RuntimeFactory(Protocol):
+    """Where the daemon and the commands get a runtime for a desired state: ``LocalRuntime``, or a
+    fake in tests. ``readonly``: look, generate nothing; ``checks``: the health checks of the loop
+    the runtime will act on, when its caller keeps them for longer than one use."""
+
+    def __call__(self, desired: DesiredState, *, readonly: bool = False,
+                 checks: HealthChecks | None = None) -> Runtime: ...

@@ -45,7 +45,7 @@ from .listener import LISTENS, PRELOAD, Address
 from .logs import tail
 from .observe import observe
 from .processes import iso_utc, live_process, terminate, utc_now
-from .snapshots import Snapshots
+from .snapshots import Snapshot, Snapshots
 from .statedir import Record, StateDir
 
 
@@ -244,6 +244,19 @@ class LocalRuntime:
 
     def observe(self, records: dict[str, Record] | None = None) -> dict[str, Observed]:
         return observe(self.desired, self.state, records)
+
+    def records(self) -> dict[str, Record]:
+        return self.state.records()
+
+    def find_snapshot(self, id_: str, snapshot_id: str) -> Snapshot:
+        return Snapshots(self.state).get(id_, snapshot_id)
+
+    def set_password(self, id_: str, password: str) -> None:
+        self.state.write_secret(f"{id_}.password", password)
+
+    async def probe(self, spec: InstanceSpec) -> str | None:
+        launch, release = await asyncio.to_thread(lambda: (self.launch_spec(spec), self.release_for(spec)))
+        return await self.checks.probe(launch, release.has_overlay)
 
     # -- acting
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..desired.model import InstanceSpec
-from .local import LocalRuntime
-from .snapshots import Snapshot, Snapshots
+from .base import Runtime
+from .snapshots import Snapshot
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,14 @@ class Restored:
     running: bool           # started again (desired.yaml says it runs)
 
 
-async def restore_snapshot(runtime: LocalRuntime, spec: InstanceSpec, snapshot_id: str,
+async def restore_snapshot(runtime: Runtime, spec: InstanceSpec, snapshot_id: str,
                            lock_timeout: float) -> Restored:
     """Raises SnapshotNotFound (nothing stopped), LockHeld (nothing stopped), StartFailed (the
     snapshot is in place but the instance did not come up), or OSError."""
     try:
-        snapshot = Snapshots(runtime.state).get(spec.id, snapshot_id)   # before anything is stopped
+        snapshot = runtime.find_snapshot(spec.id, snapshot_id)   # before anything is stopped
         async with runtime.lock(lock_timeout):
-            record = runtime.state.record(spec.id)
+            record = runtime.records().get(spec.id)
             if record is not None:
                 await runtime.stop(spec.id)
             replaced = await runtime.put_back(spec.id, snapshot.id)

@@ -11,7 +11,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from .fleet import ApiError
+from .errors import ErrorKind, FleetError
 
 TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 HEADERS = {
@@ -34,7 +34,7 @@ class Page:
 
     def respond(self, request: web.Request, name: str) -> web.Response:
         if name not in self.files:
-            raise ApiError(404, "not_route")
+            raise FleetError(ErrorKind.NOT_FOUND, "not_route")
         body, content_type, etag = self.files[name]
         headers = {**HEADERS, "ETag": etag}
         if request.headers.get("If-None-Match") == etag:

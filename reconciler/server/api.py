@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,12 +27,14 @@ from ..desired.model import IPNetwork, instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.schema import SCHEMAS
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
-from ..engine.reconcile import reconcile
-from . import fleet_metrics, logstream, responses, usage
+from ..engine.inventory import InstanceRow
+from ..engine.reconcile import reconcile_once
+from . import documents, fleet_metrics, logstream, responses, usage
 from .admin_page import Page
 from .backup import MANIFEST, zip_stream
 from .control import Control, NotConverged
-from .fleet import ApiError, Fleet, change_note
+from .errors import ErrorKind, FleetError
+from .fleet import Fleet, change_note
 from .keypool import pool_document
 from .messages import language, message
 from .ratelimit import FailureLimiter
@@ -59,24 +61,33 @@ def _lang(request: web.Request) -> str:
     return language(request.query, request.headers.get("Accept-Language"))
 
 
-def _error(request: web.Request, status: int, key: str, **params) -> web.Response:
-    return _json({"error": message(key, _lang(request), **params)}, status=status)
+# the one place a service failure becomes HTTP
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.BAD_REQUEST: 400, ErrorKind.FORBIDDEN: 403, ErrorKind.NOT_FOUND: 404, ErrorKind.CONFLICT: 409,
+    ErrorKind.STALE: 412, ErrorKind.UNSUPPORTED_BODY: 415, ErrorKind.PRECONDITION_REQUIRED: 428,
+    ErrorKind.FAILED: 500, ErrorKind.UNAVAILABLE: 503, ErrorKind.BUSY: 504,
+}
+
+
+def _error(request: web.Request, status: int, code: str, **params: object) -> web.Response:
+    """The seed's ``{"error": <message>}`` in the caller's language, with the stable ``code`` beside it."""
+    return _json({"error": message(code, _lang(request), **params), "code": code}, status=status)
 
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return _error(request, exc.status, exc.key, **exc.params)
+    except FleetError as exc:
+        return _error(request, STATUS[exc.kind], exc.code, **exc.params)
     except NotConverged as exc:  # the change is in the file; the caller is not kept waiting for ever
         return _error(request, 504, "not_applied", seconds=f"{exc.waited:g}", pending=exc.pending)
     except web.HTTPNotFound:
         return _error(request, 404, "not_route")
     except web.HTTPMethodNotAllowed:
         return _error(request, 405, "method")
-    except web.HTTPException as exc:
-        return _json({"error": exc.reason}, status=exc.status)
+    except web.HTTPException as exc:   # aiohttp's own (a body over the limit): its reason, in English
+        return _json({"error": exc.reason, "code": f"http_{exc.status}"}, status=exc.status)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         if responses.started(request):
@@ -185,14 +196,14 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _json_body(request: web.Request) -> object:
     content_type = request.content_type
     if content_type != "application/json" and not content_type.endswith("+json"):
-        raise ApiError(415, "bad_content_type", content_type=content_type[:60])
+        raise FleetError(ErrorKind.UNSUPPORTED_BODY, "bad_content_type", content_type=content_type[:60])
     try:
         return await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_body") from None
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_body") from None
 
 
-def _done(request: web.Request, result: dict) -> web.Response:
+def _done(request: web.Request, result: dict[str, Any]) -> web.Response:
     key = result.pop("message_key", None)
     if key:
         result["message"] = message(key, _lang(request), **result)
@@ -214,14 +225,16 @@ async def health(request: web.Request) -> web.Response:
 
 async def create_instance(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _json(await request.app[FLEET].create(body, _client(request)), status=201)
+    return _json(documents.created_document(await request.app[FLEET].create(body, _client(request))), status=201)
 
 
-async def _with_usage(request: web.Request, rows: list[dict]) -> list[dict]:
-    """Rows (shared by listings up to a second old) with each instance's use as of now (one call to
-    the proxy for them all)."""
-    fields = await usage.instance_fields(request.app[DAEMON].proxy, [row["id"] for row in rows])
-    return [{**row, **fields[row["id"]]} for row in rows]
+async def _with_usage(request: web.Request, rows: list[InstanceRow]) -> list[dict[str, Any]]:
+    """Rows (shared by listings up to a second old) as the API shows them, with each instance's
+    use as of now (one call to the proxy for them all)."""
+    daemon = request.app[DAEMON]
+    fields = await usage.instance_fields(daemon.proxy, [row.id for row in rows])
+    return [{**documents.instance_document(row, daemon.events.last_failure.get(row.id)), **fields[row.id]}
+            for row in rows]
 
 
 async def list_instances(request: web.Request) -> web.Response:
@@ -229,7 +242,7 @@ async def list_instances(request: web.Request) -> web.Response:
         rows = await request.app[FLEET].rows()
     except OSError:
         log.exception("listing instances")
-        raise ApiError(500, "list_failed") from None
+        raise FleetError(ErrorKind.FAILED, "list_failed") from None
     return _json(await _with_usage(request, rows))
 
 
@@ -239,44 +252,51 @@ async def get_instance(request: web.Request) -> web.Response:
 
 
 async def stop_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "stopped", _client(request)))
+    changed = await request.app[FLEET].set_state(request.match_info["id"], "stopped", _client(request))
+    return _done(request, documents.changed_document(changed))
 
 
 async def start_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].set_state(request.match_info["id"], "running", _client(request)))
+    changed = await request.app[FLEET].set_state(request.match_info["id"], "running", _client(request))
+    return _done(request, documents.changed_document(changed))
 
 
 async def restart_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].restart(request.match_info["id"]))
+    return _done(request, documents.changed_document(await request.app[FLEET].restart(request.match_info["id"])))
 
 
 async def park_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].park(request.match_info["id"]))
+    return _done(request, documents.changed_document(await request.app[FLEET].park(request.match_info["id"]),
+                                                     observed=True))
 
 
 async def wake_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].wake(request.match_info["id"]))
+    return _done(request, documents.changed_document(await request.app[FLEET].wake(request.match_info["id"]),
+                                                     observed=True))
 
 
 async def reset_password(request: web.Request) -> web.Response:
-    return _json(await request.app[FLEET].reset_password(request.match_info["id"]))
+    return _json(documents.password_document(await request.app[FLEET].reset_password(request.match_info["id"])))
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].rotate_key(request.match_info["id"]))
+    id_ = request.match_info["id"]
+    return _done(request, documents.key_document(id_, await request.app[FLEET].rotate_key(id_)))
 
 
 async def delete_instance(request: web.Request) -> web.Response:
-    return _done(request, await request.app[FLEET].delete(request.match_info["id"], _client(request)))
+    return _done(request, documents.deleted_document(await request.app[FLEET].delete(request.match_info["id"],
+                                                                                     _client(request))))
 
 
 async def list_backups(request: web.Request) -> web.Response:
-    return _json(await request.app[FLEET].backups(request.match_info["id"]))
+    return _json([snapshot.document() for snapshot in await request.app[FLEET].backups(request.match_info["id"])])
 
 
 async def restore_backup(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _done(request, await request.app[FLEET].restore(request.match_info["id"], body))
+    id_ = request.match_info["id"]
+    return _done(request, documents.restored_document(id_, await request.app[FLEET].restore(id_, body)))
 
 
 async def backup(request: web.Request) -> web.StreamResponse:
@@ -350,7 +370,7 @@ async def _file_text(request: web.Request) -> str:
     except (UnicodeDecodeError, ValueError):
         text = None
     if text is None:
-        raise ApiError(400, "bad_body")
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_body")
     return text
 
 
@@ -358,22 +378,22 @@ async def put_desired(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     header = request.headers.get("If-Match", "").strip()
     if not header:
-        raise ApiError(428, "if_match_required")
+        raise FleetError(ErrorKind.PRECONDITION_REQUIRED, "if_match_required")
     text = await _file_text(request)
     try:
         snapshot = await daemon.file.replace(text, if_match(header), guard=refuse_restricted, base=daemon.desired,
                                              note=change_note(f"replace desired.yaml (PUT, If-Match {header[:12]}…)",
                                                               _client(request)))
     except RestrictedChange as exc:
-        raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
+        raise FleetError(ErrorKind.FORBIDDEN, "restricted", fields=", ".join(exc.fields)) from None
     except StaleVersion as exc:
-        raise ApiError(412, "stale", sha256=exc.current) from None
+        raise FleetError(ErrorKind.STALE, "stale", sha256=exc.current) from None
     except ChangeRefused as exc:
-        raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
+        raise FleetError(ErrorKind.BAD_REQUEST, "change_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
     except CurrentFileInvalid as exc:
-        raise ApiError(409, "file_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
+        raise FleetError(ErrorKind.CONFLICT, "file_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
     except OSError as exc:  # disk full, read-only: the old file is untouched
-        raise ApiError(500, "write_failed", reason=exc.strerror or str(exc)) from None
+        raise FleetError(ErrorKind.FAILED, "write_failed", reason=exc.strerror or str(exc)) from None
     daemon.accept(snapshot)
     report = await daemon.converge()
     return _json({"sha256": snapshot.sha256, "valid": True, "recap": report.recap,
@@ -387,9 +407,10 @@ async def plan(request: web.Request) -> web.Response:
     text = await _file_text(request)
     candidate = await asyncio.to_thread(daemon.file.interpret, text)
     if candidate.desired is None:
-        raise ApiError(400, "change_invalid", problems="; ".join(str(p) for p in candidate.problems))
+        raise FleetError(ErrorKind.BAD_REQUEST, "change_invalid", problems="; ".join(str(p) for p in candidate.problems))
     # check mode only observes and plans (blocking work, so in a thread with a loop of its own)
-    report = await asyncio.to_thread(asyncio.run, reconcile(candidate.desired, check=True))
+    report = await asyncio.to_thread(asyncio.run, reconcile_once(daemon.runtime(candidate.desired, readonly=True),
+                                                                 candidate.desired, check=True))
     return _json({"text": report.text(diff=True), "recap": report.recap,
                   "results": [asdict(r) for r in report.results], "sha256": candidate.sha256})
 

@@ -11,6 +11,7 @@ from ..desired.model import DesiredState
 from ..desired.shared_file import DesiredFile, Snapshot
 from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
+from ..runtime.base import RuntimeFactory
 from ..runtime.statedir import StateDir
 from .disk_watch import DiskWatch
 from .events import EventHub
@@ -34,6 +35,7 @@ class Control(Protocol):
     desired: DesiredState           # the last valid desired state: what is enforced
     enforced_sha256: str
     restart_needed: tuple[str, ...]  # settings the file changed that wait for a restart (see restart_settings)
+    runtime: RuntimeFactory          # the one place the server's runtimes come from
     supervisor: Supervisor
     state: StateDir
     pid: int

@@ -38,6 +38,7 @@ from ..engine.plan import Action
 from ..engine.reconcile import reconcile
 from ..engine.results import Report, Result
 from ..engine.supervision import Supervisor
+from ..runtime.base import RuntimeFactory
 from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime
 from ..runtime.logs import rotate_log
@@ -68,10 +69,12 @@ class DaemonError(Exception):
 
 
 class Daemon:
-    def __init__(self, file: DesiredFile, snapshot: Snapshot):
+    def __init__(self, file: DesiredFile, snapshot: Snapshot, runtime: RuntimeFactory = LocalRuntime):
+        """``runtime``: where every runtime this daemon and its API use comes from (a fake in tests)."""
         if snapshot.desired is None:
             raise DaemonError("\n".join(str(p) for p in snapshot.problems))
         self.file = file
+        self.runtime = runtime
         self.snapshot = snapshot                 # the file as last read (may be invalid)
         self.desired: DesiredState = snapshot.desired  # the last valid desired state: what is enforced
         self.started_with = self.desired          # its settings that need a restart stay in force
@@ -253,7 +256,7 @@ class Daemon:
         while True:  # until cancelled
             await asyncio.sleep(self.desired.settings.resync)
             try:
-                if self.supervisor.learn_health(await liveness.check(self.desired, self.last_report, self._checks)):
+                if self.supervisor.learn_health(await liveness.check(self.runtime(self.desired, readonly=True, checks=self._checks), self.desired, self.last_report)):
                     self._wake.set()
             except Exception:  # logged with its traceback; one bad round must not stop the checks
                 log.exception("liveness check failed")
@@ -261,8 +264,8 @@ class Daemon:
     async def _pass_in_worker(self, desired: DesiredState) -> tuple[Report, list[tuple[int, str]]]:
         """One pass, on the worker thread's loop: everything here may block."""
         report = await reconcile(
-            desired, lock_timeout=PASS_LOCK_WAIT, hints=self.supervisor.hints,
-            runtime=LocalRuntime(desired, checks=self._pass_checks),
+            self.runtime(desired, checks=self._pass_checks), desired, lock_timeout=PASS_LOCK_WAIT,
+            hints=self.supervisor.hints,
             on_phase=lambda phase: self._from_worker(self._set_phase, phase),
             on_action=lambda action: self._from_worker(self._action_began, action),
             on_result=lambda result: self._from_worker(self._result_came, result))
@@ -330,7 +333,7 @@ class Daemon:
                     await site.start()
                 except OSError as exc:
                     raise DaemonError(f"cannot listen on {listen} (settings.api.listen): {exc.strerror}") from None
-                self.parking = Parking(lambda: self.desired, self.state, self.supervisor, self.events,
+                self.parking = Parking(lambda: self.desired, self.runtime, self.state, self.supervisor, self.events,
                                        self.parking_counters, proxy.in_flight, self._parked_or_woken)
                 await self.parking.start()
                 await self.parking.follow(self.desired)

@@ -1,8 +1,10 @@
 """The seed's operations (create, list, stop, start, restart, reset password, delete, backup),
 done the CST way: each one edits desired.yaml, then waits for a reconcile pass to make it so.
 
-Handlers in ``api`` only translate HTTP to these calls; errors are ``ApiError`` with a
-message key from ``messages``. Every answer carries the status observed after the pass, not
+Handlers in ``api`` only translate HTTP to these calls and shape what they return (values, not
+the wire format: ``documents``); failures are ``FleetError``s (a kind and a code, the key of a
+message in ``messages``), which ``api`` alone turns into HTTP. Runtimes come from the daemon's
+factory (``Control.runtime``), so this logic runs against a fake one in tests. Every answer carries the status observed after the pass, not
 the one asked for; a change the reconciler could not finish in time is a 504 naming what is
 pending. Observing processes is blocking work: it runs in a thread, and listings are served
 from an observation at most ``LISTING_MAX_AGE`` old (newer than the last pass or exit), which
@@ -13,38 +15,59 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from proxy.pool import mask
+from typing import Any, Callable
 
 from ..desired import edits
 from ..desired.model import DesiredState, InstanceSpec, instance_id, parse, port_of
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
-from ..engine.inventory import instance_rows
+from ..engine.inventory import InstanceRow, instance_rows
 from ..engine.results import Result
 from ..runtime.base import StartFailed
-from ..runtime.local import LocalRuntime
 from ..runtime.processes import port_is_free
-from ..runtime.restore import restore_snapshot
+from ..runtime.restore import Restored, restore_snapshot
+from ..runtime.snapshots import Snapshot as DataSnapshot
 from ..runtime.snapshots import SnapshotNotFound, Snapshots
 from ..runtime.statedir import LockHeld
 from .control import Control
+from .errors import ErrorKind, FleetError
 from .gate import WakeFailed
 from .parking import Parking
 
-# the seed (PM2) called a running instance "online"; a parked one answers (its first request wakes
-# it), so it is online to the seed's clients too, and ``observed`` says "parked"
-SEED_STATUS = {"running": "online", "parked": "online", "stopped": "stopped", "crashed": "errored",
-               "port-taken": "errored", "errored": "errored"}
 LISTING_MAX_AGE = 1.0   # seconds a listing may be served again without a new observation
+# what a change that wants an instance running or stopped accepts to see after its pass: a parked
+# instance answers (its first request wakes it), so it is as good as running
+UP = frozenset({"running", "parked"})
+DOWN = frozenset({"stopped"})
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, key: str, **params: Any):
-        self.status, self.key, self.params = status, key, params
-        super().__init__(key)
+@dataclass(frozen=True)
+class Changed:
+    """A change made: the instance as observed after its pass, and what was done (``message_key``:
+    "started", "parked"... in ``messages``)."""
+
+    row: InstanceRow
+    message_key: str
+
+
+@dataclass(frozen=True)
+class Deleted:
+    id: str
+    archive: str | None   # where its data went; None when it had none
+
+
+@dataclass(frozen=True)
+class Created:
+    row: InstanceRow
+    password: str
+
+
+@dataclass(frozen=True)
+class PasswordReset:
+    id: str
+    password: str
 
 
 def change_note(what: str, client: str) -> str:
@@ -58,25 +81,25 @@ def _problems(exc: Exception) -> str:
 
 def parse_port(body: Any) -> int:
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_body")
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_body")
     if "port" not in body or body["port"] in (None, ""):
-        raise ApiError(400, "missing_port")
+        raise FleetError(ErrorKind.BAD_REQUEST, "missing_port")
     raw = body["port"]
     # the seed's clients send a number; a string of digits is accepted as the seed's parseInt did
     digits = isinstance(raw, str) and raw.isascii() and raw.isdigit()  # not full-width or other scripts' digits
     if isinstance(raw, bool) or not (isinstance(raw, int) or digits):
-        raise ApiError(400, "invalid_port", port=str(raw)[:20])
+        raise FleetError(ErrorKind.BAD_REQUEST, "invalid_port", port=str(raw)[:20])
     port = int(raw)
     if not 1024 <= port <= 65535:
-        raise ApiError(400, "invalid_port", port=port)
+        raise FleetError(ErrorKind.BAD_REQUEST, "invalid_port", port=port)
     return port
 
 
 class Fleet:
     def __init__(self, daemon: Control):
         self.daemon = daemon
-        self._listing: tuple[float, list[dict]] | None = None                  # (observed at, rows)
-        self._observing: tuple[float, asyncio.Future[list[dict]]] | None = None  # one under way
+        self._listing: tuple[float, list[InstanceRow]] | None = None                  # (observed at, rows)
+        self._observing: tuple[float, asyncio.Future[list[InstanceRow]]] | None = None  # one under way
 
     @property
     def desired(self) -> DesiredState:
@@ -84,16 +107,13 @@ class Fleet:
 
     # -- reading
 
-    def _observe(self) -> list[dict]:
+    def _observe(self) -> list[InstanceRow]:
         """Blocking: read the records and look at the processes and ports."""
-        rows = instance_rows(self.desired, self.daemon.supervisor.errored, self.daemon.disk.of)
-        for row in rows:
-            row["observed"] = row["status"]
-            row["status"] = SEED_STATUS[row["status"]]
-            row["lastFailure"] = self.daemon.events.last_failure.get(row["id"])
-        return rows
+        desired = self.desired
+        return instance_rows(self.daemon.runtime(desired, readonly=True), desired, self.daemon.supervisor.errored,
+                             self.daemon.disk.of)
 
-    async def rows(self, since: float | None = None) -> list[dict]:
+    async def rows(self, since: float | None = None) -> list[InstanceRow]:
         """Every instance's row, from an observation that began at ``since`` (monotonic) or later;
         by default a recent one, newer than the last pass and the last exit seen."""
         if since is None:
@@ -110,33 +130,33 @@ class Fleet:
             self._listing = (began, rows)
         return rows
 
-    async def row(self, id_: str, since: float | None = None) -> dict:
+    async def row(self, id_: str, since: float | None = None) -> InstanceRow:
         """The instance's row: declared ones and undeclared ones CST still has a record of."""
         if port_of(id_) is not None:
             for row in await self.rows(since):
-                if row["id"] == id_:
+                if row.id == id_:
                     return row
-        raise ApiError(404, "not_found", id=id_[:40])
+        raise FleetError(ErrorKind.NOT_FOUND, "not_found", id=id_[:40])
 
     def _known(self, id_: str) -> int:
         """The port of an instance that is declared or still has a record; 404 for anything else."""
         port = port_of(id_)
         if port is None or (self.desired.instance(id_) is None and self.daemon.state.record(id_) is None):
-            raise ApiError(404, "not_found", id=id_[:40])
+            raise FleetError(ErrorKind.NOT_FOUND, "not_found", id=id_[:40])
         return port
 
     def _declared(self, id_: str) -> InstanceSpec:
         """A declared instance; 404 for anything else."""
         spec = self.desired.instance(id_) if port_of(id_) is not None else None
         if spec is None:
-            raise ApiError(404, "not_found", id=id_[:40])
+            raise FleetError(ErrorKind.NOT_FOUND, "not_found", id=id_[:40])
         return spec
 
     def data_dir(self, id_: str) -> Path:
         port = self._known(id_)
         path = self.desired.data_dir(port)
         if not path.is_dir():
-            raise ApiError(404, "no_data", id=id_)
+            raise FleetError(ErrorKind.NOT_FOUND, "no_data", id=id_)
         return path
 
     def log_path(self, id_: str) -> Path:
@@ -157,24 +177,24 @@ class Fleet:
         for port in range(start, min(start + 200, 65536)):
             if port not in taken and port_is_free(host, port):
                 return port
-        raise ApiError(409, "no_free_port", start=start)
+        raise FleetError(ErrorKind.CONFLICT, "no_free_port", start=start)
 
     # -- changing (each: edit the file, then converge)
 
-    async def _edit(self, edit, failure_key: str, note: str) -> Snapshot:
+    async def _edit(self, edit: Callable[[str], str], failure_key: str, note: str) -> Snapshot:
         """``note``: what the change was and who asked, for the file's history (a git commit)."""
         try:
             snapshot = await self.daemon.file.change(edit, guard=refuse_restricted, note=note)
         except RestrictedChange as exc:
-            raise ApiError(403, "restricted", fields=", ".join(exc.fields)) from None
+            raise FleetError(ErrorKind.FORBIDDEN, "restricted", fields=", ".join(exc.fields)) from None
         except CurrentFileInvalid as exc:
-            raise ApiError(409, "file_invalid", problems=_problems(exc)) from None
+            raise FleetError(ErrorKind.CONFLICT, "file_invalid", problems=_problems(exc)) from None
         except ChangeRefused as exc:
-            raise ApiError(400, "change_invalid", problems=_problems(exc)) from None
+            raise FleetError(ErrorKind.BAD_REQUEST, "change_invalid", problems=_problems(exc)) from None
         except edits.EditError as exc:
-            raise ApiError(409, failure_key, reason=str(exc)) from None
+            raise FleetError(ErrorKind.CONFLICT, failure_key, reason=str(exc)) from None
         except OSError as exc:  # disk full, read-only: the old file is untouched
-            raise ApiError(500, "write_failed", reason=exc.strerror or str(exc)) from None
+            raise FleetError(ErrorKind.FAILED, "write_failed", reason=exc.strerror or str(exc)) from None
         self.daemon.accept(snapshot)
         return snapshot
 
@@ -188,35 +208,36 @@ class Fleet:
         result = report.result(id_)
         if result is None:
             if report.failure is not None:
-                raise ApiError(500, failure_key, reason=report.failure)
+                raise FleetError(ErrorKind.FAILED, failure_key, reason=report.failure)
         elif result.outcome == "failed":
-            raise ApiError(500, failure_key, reason=result.detail)
+            raise FleetError(ErrorKind.FAILED, failure_key, reason=result.detail)
         return result, ended
 
-    async def _observed(self, id_: str, ended: float, expected: str, failure_key: str) -> dict:
-        """The instance's row observed after the pass; a failure unless its status is ``expected``
-        (it may have exited at once after starting, or been stopped by someone else meanwhile)."""
+    async def _observed(self, id_: str, ended: float, expected: frozenset[str], failure_key: str) -> InstanceRow:
+        """The instance's row observed after the pass; a failure unless its status is one of
+        ``expected`` (it may have exited at once after starting, or been stopped by someone else
+        meanwhile)."""
         row = await self.row(id_, since=ended)
-        if row["status"] != expected:
-            detail = f": {row['detail']}" if row["detail"] else ""
-            raise ApiError(500, failure_key, reason=f"{id_} is {row['status']} now{detail}")
+        if row.status not in expected:
+            detail = f": {row.detail}" if row.detail else ""
+            raise FleetError(ErrorKind.FAILED, failure_key, reason=f"{id_} is {row.status} now{detail}")
         return row
 
-    async def create(self, body: Any, client: str) -> dict:
+    async def create(self, body: Any, client: str) -> Created:
         port = parse_port(body)
         id_ = instance_id(port)
 
         def add(text: str) -> str:
             if parse(text, self.daemon.file.path).instance(id_) is not None:
-                raise ApiError(400, "port_declared", port=port, id=id_)
+                raise FleetError(ErrorKind.BAD_REQUEST, "port_declared", port=port, id=id_)
             return edits.add_instance(text, port, "running")
 
         if self.desired.instance(id_) is not None:
-            raise ApiError(400, "port_declared", port=port, id=id_)
+            raise FleetError(ErrorKind.BAD_REQUEST, "port_declared", port=port, id=id_)
         if port in self._reserved():
-            raise ApiError(400, "reserved_port", port=port, setting=self._reserved()[port])
+            raise FleetError(ErrorKind.BAD_REQUEST, "reserved_port", port=port, setting=self._reserved()[port])
         if not port_is_free(self.desired.settings.sillytavern.listen_address, port):
-            raise ApiError(400, "port_in_use", port=port)
+            raise FleetError(ErrorKind.BAD_REQUEST, "port_in_use", port=port)
         snapshot = await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
         # the instance as created: a DELETE that lands while this call waits must not leave it without one
         desired = snapshot.desired
@@ -224,13 +245,11 @@ class Fleet:
         assert desired is not None and spec is not None, "a create that was written declares its instance"
         self.daemon.supervisor.forget(id_)
         _, ended = await self._converge(id_, "create_failed")
-        row = await self._observed(id_, ended, SEED_STATUS["running"], "create_failed")
-        password = await asyncio.to_thread(LocalRuntime(desired).password, spec)
-        # the seed's create answer says "running" where its listing says "online"
-        return {"id": id_, "port": port, "dataDir": row["dataDir"], "status": "running",
-                "startTime": row["startTime"], "password": password}
+        row = await self._observed(id_, ended, UP, "create_failed")
+        password = await asyncio.to_thread(self.daemon.runtime(desired).password, spec)
+        return Created(row, password)
 
-    async def set_state(self, id_: str, state: str, client: str) -> dict:
+    async def set_state(self, id_: str, state: str, client: str) -> Changed:
         spec = self._declared(id_)
         port = spec.port
         failure_key = "stop_failed" if state == "stopped" else "start_failed"
@@ -240,46 +259,47 @@ class Fleet:
                              change_note(f"{verb} {id_}", client))
         self.daemon.supervisor.forget(id_)
         _, ended = await self._converge(id_, failure_key)
-        row = await self._observed(id_, ended, SEED_STATUS[state], failure_key)
-        return {"id": id_, "status": row["status"], "message_key": "started" if state == "running" else "stopped"}
+        row = await self._observed(id_, ended, UP if state == "running" else DOWN, failure_key)
+        return Changed(row, "started" if state == "running" else "stopped")
 
-    async def restart(self, id_: str) -> dict:
+    async def restart(self, id_: str) -> Changed:
         if self._declared(id_).state != "running":
-            raise ApiError(409, "restart_failed", reason=f"{id_} is stopped in desired.yaml; start it instead")
+            raise FleetError(ErrorKind.CONFLICT, "restart_failed", reason=f"{id_} is stopped in desired.yaml; start it instead")
         self.daemon.supervisor.forget(id_)
         self.daemon.supervisor.request_restart(id_, "asked through the API")
         _, ended = await self._converge(id_, "restart_failed")
-        row = await self._observed(id_, ended, SEED_STATUS["running"], "restart_failed")
-        return {"id": id_, "status": row["status"], "message_key": "restarted"}
+        row = await self._observed(id_, ended, UP, "restart_failed")
+        return Changed(row, "restarted")
 
-    async def reset_password(self, id_: str) -> dict:
+    async def reset_password(self, id_: str) -> PasswordReset:
         spec = self._declared(id_)
         if spec.password_env:
-            raise ApiError(409, "password_from_env", id=id_, env=spec.password_env)
+            raise FleetError(ErrorKind.CONFLICT, "password_from_env", id=id_, env=spec.password_env)
         password = str(uuid.uuid4())
         try:
-            await asyncio.to_thread(LocalRuntime(self.desired).state.write_secret, f"{id_}.password", password)
+            await asyncio.to_thread(self.daemon.runtime(self.desired).set_password, id_, password)
         except OSError as exc:
-            raise ApiError(500, "restart_failed", reason=exc.strerror or str(exc)) from None
+            raise FleetError(ErrorKind.FAILED, "restart_failed", reason=exc.strerror or str(exc)) from None
         # the launch fingerprint includes the password: the next pass restarts the instance with it
         await self._converge(id_, "restart_failed")
-        return {"id": id_, "password": password}
+        return PasswordReset(id_, password)
 
-    async def rotate_key(self, id_: str) -> dict:
+    async def rotate_key(self, id_: str) -> str:
+        """The instance's new proxy key."""
         spec = self._declared(id_)
         if not spec.proxy:
-            raise ApiError(409, "proxy_off", id=id_)
-        runtime = LocalRuntime(self.desired)
+            raise FleetError(ErrorKind.CONFLICT, "proxy_off", id=id_)
+        runtime = self.daemon.runtime(self.desired)
         waited = self.desired.settings.api.timeout
         try:
             async with runtime.lock(waited):   # not while a pass starts the instance with the old key
                 key = await asyncio.to_thread(runtime.rotate_key, spec)
         except LockHeld as exc:
-            raise ApiError(504, "state_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
+            raise FleetError(ErrorKind.BUSY, "state_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
         await self.daemon.proxy_keys_changed()
-        return {"id": id_, "key": mask(key), "message_key": "key_rotated"}
+        return key
 
-    async def delete(self, id_: str, client: str) -> dict:
+    async def delete(self, id_: str, client: str) -> Deleted:
         port = self._known(id_)
         if self.desired.instance(id_) is not None:
             await self._edit(lambda text: edits.remove_instance(text, port), "delete_failed",
@@ -287,7 +307,7 @@ class Fleet:
         result, _ = await self._converge(id_, "delete_failed")
         self.daemon.supervisor.forget(id_)
         archive = result.archive if result else ""
-        return {"id": id_, "archive": archive or None, "message_key": "deleted" if archive else "deleted_no_data"}
+        return Deleted(id_, archive or None)
 
     # -- parking (park_after): by hand
 
@@ -295,66 +315,61 @@ class Fleet:
         spec = self._declared(id_)
         parking = self.daemon.parking
         if spec.park_after is None or spec.state != "running" or parking is None:
-            raise ApiError(409, "park_unavailable", id=id_)
+            raise FleetError(ErrorKind.CONFLICT, "park_unavailable", id=id_)
         return spec, parking
 
-    async def park(self, id_: str) -> dict:
+    async def park(self, id_: str) -> Changed:
         """Park a running instance now, however recently it was used."""
         _, parking = self._parking(id_)
         try:
             await parking.park(id_, "asked through the API")
         except LockHeld as exc:
-            raise ApiError(504, "park_busy", id=id_, seconds=f"{self.desired.settings.api.timeout:g}",
+            raise FleetError(ErrorKind.BUSY, "park_busy", id=id_, seconds=f"{self.desired.settings.api.timeout:g}",
                            holder=exc.holder) from None
         except OSError as exc:
-            raise ApiError(500, "park_failed", id=id_, reason=str(exc)) from None
+            raise FleetError(ErrorKind.FAILED, "park_failed", id=id_, reason=str(exc)) from None
         row = await self.row(id_, since=time.monotonic())
-        if row["observed"] != "parked":
-            raise ApiError(409, "park_unavailable", id=id_)
-        return {"id": id_, "status": row["status"], "observed": row["observed"], "message_key": "parked"}
+        if row.status != "parked":
+            raise FleetError(ErrorKind.CONFLICT, "park_unavailable", id=id_)
+        return Changed(row, "parked")
 
-    async def wake(self, id_: str) -> dict:
+    async def wake(self, id_: str) -> Changed:
         """Wake a parked instance now, without waiting for its first request."""
         _, parking = self._parking(id_)
         try:
             await parking.wake(id_)
         except WakeFailed as exc:
-            raise ApiError(503, "wake_failed", id=id_, reason=str(exc)) from None
-        row = await self.row(id_, since=time.monotonic())
-        return {"id": id_, "status": row["status"], "observed": row["observed"], "message_key": "woken"}
+            raise FleetError(ErrorKind.UNAVAILABLE, "wake_failed", id=id_, reason=str(exc)) from None
+        return Changed(await self.row(id_, since=time.monotonic()), "woken")
 
     # -- snapshots (settings.backups, rollouts) and restoring one
 
-    async def backups(self, id_: str) -> list[dict]:
+    async def backups(self, id_: str) -> list[DataSnapshot]:
         """The instance's snapshots, oldest first."""
         self._known(id_)
-        snapshots = await asyncio.to_thread(Snapshots(self.daemon.state).list, id_)
-        return [snapshot.document() for snapshot in snapshots]
+        return await asyncio.to_thread(Snapshots(self.daemon.state).list, id_)
 
-    async def restore(self, id_: str, body: Any) -> dict:
+    async def restore(self, id_: str, body: Any) -> Restored:
         """Put a snapshot back in place of the instance's data dir (the replaced one is archived)."""
         spec = self._declared(id_)
         if not isinstance(body, dict):
-            raise ApiError(400, "bad_body")
+            raise FleetError(ErrorKind.BAD_REQUEST, "bad_body")
         snapshot_id = body.get("snapshot")
         if not isinstance(snapshot_id, str) or not snapshot_id:
-            raise ApiError(400, "missing_snapshot")
+            raise FleetError(ErrorKind.BAD_REQUEST, "missing_snapshot")
         waited = self.desired.settings.api.timeout
         # its own loop in a thread: stopping, copying a data dir and starting all block
         try:
             restored = await asyncio.to_thread(asyncio.run, restore_snapshot(
-                LocalRuntime(self.desired), spec, snapshot_id, lock_timeout=waited))
+                self.daemon.runtime(self.desired), spec, snapshot_id, lock_timeout=waited))
         except SnapshotNotFound:
-            raise ApiError(404, "no_snapshot", id=id_, snapshot=snapshot_id[:40]) from None
+            raise FleetError(ErrorKind.NOT_FOUND, "no_snapshot", id=id_, snapshot=snapshot_id[:40]) from None
         except LockHeld as exc:
-            raise ApiError(504, "restore_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
+            raise FleetError(ErrorKind.BUSY, "restore_busy", id=id_, seconds=f"{waited:g}", holder=exc.holder) from None
         except (StartFailed, OSError) as exc:
-            raise ApiError(500, "restore_failed", id=id_, reason=str(exc)) from None
+            raise FleetError(ErrorKind.FAILED, "restore_failed", id=id_, reason=str(exc)) from None
         finally:
             self.daemon.changed_at = time.monotonic()   # listings observe again
             self.daemon.disk.refresh_soon()              # the data put back is measured
         self.daemon.supervisor.forget(id_)
-        return {"id": id_, "snapshot": restored.snapshot.id,
-                "replaced": str(restored.replaced) if restored.replaced else None,
-                "status": SEED_STATUS["running" if restored.running else "stopped"],
-                "message_key": "restored" if restored.replaced else "restored_no_data"}
+        return restored

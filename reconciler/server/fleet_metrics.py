@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from proxy.histogram import Histogram
 
+from ..engine.inventory import InstanceRow
 from ..engine.results import Report
 
 # every state is exposed, at 0 when no instance is in it, so a query need not tell "none" from "absent"
@@ -86,7 +87,7 @@ class PassCounters:
         ]
 
 
-def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
+def instance_families(rows: Iterable[InstanceRow]) -> Iterator[Metric]:
     by_state = dict.fromkeys(INSTANCE_STATES, 0)
     restarts = CounterMetricFamily("cst_instance_restarts", "Times CST started an instance again after it ran "
                                    "(a restart, a crash repaired, an upgrade), as its record counts them",
@@ -97,13 +98,13 @@ def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
                              "apparent sizes; measured every few minutes)", labels=["instance"])
     disk_total = 0
     for row in rows:
-        by_state[row["observed"]] += 1   # CST's own state (the seed's "status" folds several into one)
-        restarts.add_metric([row["id"]], row["restarts"])
-        if row.get("memory") is not None:
-            memory.add_metric([row["id"]], row["memory"])
-        if row.get("disk") is not None:
-            disk.add_metric([row["id"]], row["disk"])
-            disk_total += row["disk"]
+        by_state[row.status] += 1   # CST's own state (the seed's "status" folds several into one)
+        restarts.add_metric([row.id], row.restarts)
+        if row.memory is not None:
+            memory.add_metric([row.id], row.memory)
+        if row.disk is not None:
+            disk.add_metric([row.id], row.disk)
+            disk_total += row.disk
     instances = GaugeMetricFamily("cst_instances", "Instances in each state", labels=["state"])
     for state, count in by_state.items():
         instances.add_metric([state], count)
@@ -115,7 +116,7 @@ def instance_families(rows: Iterable[dict]) -> Iterator[Metric]:
 class _Scrape(Collector):
     """One scrape's figures: the rows observed for it and the daemon's counters as they are now."""
 
-    def __init__(self, rows: list[dict], parking: ParkingCounters, passes: PassCounters):
+    def __init__(self, rows: list[InstanceRow], parking: ParkingCounters, passes: PassCounters):
         self.rows, self.parking, self.passes = rows, parking, passes
 
     def collect(self) -> Iterator[Metric]:
@@ -124,7 +125,7 @@ class _Scrape(Collector):
         yield from self.parking.families()
 
 
-def exposition(rows: list[dict], parking: ParkingCounters, passes: PassCounters, proxy: bytes | None) -> bytes:
+def exposition(rows: list[InstanceRow], parking: ParkingCounters, passes: PassCounters, proxy: bytes | None) -> bytes:
     """The metrics in Prometheus' text format (``prometheus_client.CONTENT_TYPE_LATEST``); ``proxy``:
     the proxy's answer-time families in that format (None while it does not answer)."""
     registry = CollectorRegistry(auto_describe=False)

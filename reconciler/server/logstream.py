@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..runtime.logfollow import MAX_LINES, follow, last_lines
 from . import responses
-from .fleet import ApiError
+from .errors import ErrorKind, FleetError
 
 DEFAULT_TAIL = 100
 TRUE, FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
@@ -21,10 +21,10 @@ TRUE, FALSE = ("1", "true", "yes"), ("", "0", "false", "no")
 def _options(request: web.Request) -> tuple[int, bool]:
     tail = request.query.get("tail", str(DEFAULT_TAIL))
     if not tail.isdigit() or int(tail) > MAX_LINES:  # isdigit: no sign, no spaces
-        raise ApiError(400, "bad_tail", tail=tail[:20], max=MAX_LINES)
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_tail", tail=tail[:20], max=MAX_LINES)
     flag = request.query.get("follow", "").lower()
     if flag not in TRUE + FALSE:
-        raise ApiError(400, "bad_follow", follow=flag[:20])
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_follow", follow=flag[:20])
     return int(tail), flag in TRUE
 
 

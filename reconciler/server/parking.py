@@ -28,9 +28,8 @@ from ..desired.model import DesiredState
 from ..engine.results import Happened, Result
 from ..engine.supervision import Supervisor
 from ..runtime import edge
-from ..runtime.base import LaunchImpossible, StartFailed, failure_cause
+from ..runtime.base import LaunchImpossible, Runtime, RuntimeFactory, StartFailed, failure_cause
 from ..runtime.health import HealthChecks
-from ..runtime.local import LocalRuntime
 from ..runtime.processes import utc_now
 from ..runtime.statedir import LockHeld, Record, StateDir
 from ..tasks import LoopThread
@@ -76,12 +75,14 @@ class Processes:
 
 
 class Parking:
-    def __init__(self, desired: Callable[[], DesiredState], state: StateDir, supervisor: Supervisor,
+    def __init__(self, desired: Callable[[], DesiredState], runtime: RuntimeFactory, state: StateDir,
+                 supervisor: Supervisor,
                  events: EventHub, counters: ParkingCounters, in_flight_at_proxy: Callable[[str], int],
                  on_changed: Callable[[Record | None], None]):
         """``in_flight_at_proxy(id)``: the instance's chat requests at the key-pool proxy now;
         ``on_changed(record)``: an instance was parked (None) or woken (its new record)."""
         self._desired = desired
+        self._runtime = runtime
         self._state = state
         self._supervisor = supervisor
         self._events = events
@@ -111,7 +112,7 @@ class Parking:
 
     async def follow(self, desired: DesiredState) -> None:
         """Know the instances the file wants running with park_after, and no others."""
-        self.gate.follow(await asyncio.to_thread(_entrances, desired))
+        self.gate.follow(await asyncio.to_thread(_entrances, self._runtime(desired), desired))
 
     # -- parking
 
@@ -158,8 +159,9 @@ class Parking:
         return True
 
     async def _park(self, id_: str) -> None:
-        runtime = LocalRuntime(self._desired(), checks=self._checks)
-        async with runtime.lock(runtime.settings.api.timeout):
+        desired = self._desired()
+        runtime = self._runtime(desired, checks=self._checks)
+        async with runtime.lock(desired.settings.api.timeout):
             await runtime.park(id_)
 
     # -- waking
@@ -207,14 +209,15 @@ class Parking:
         spec = desired.instance(id_)
         if spec is None or spec.state != "running":
             raise OSError(f"{id_} is not declared running any more")
-        runtime = LocalRuntime(desired, checks=self._checks)
+        runtime = self._runtime(desired, checks=self._checks)
         async with runtime.lock(desired.settings.api.timeout):
             return await runtime.wake(spec)
 
 
-def _entrances(desired: DesiredState) -> list[Entrance]:
-    """Blocking (reads the instances' passwords): an entrance for each instance wanted running with park_after."""
-    runtime = LocalRuntime(desired)   # a new instance's password is generated here or by the pass: the same
+def _entrances(runtime: Runtime, desired: DesiredState) -> list[Entrance]:
+    """Blocking (reads the instances' passwords): an entrance for each instance wanted running with
+    park_after. ``runtime`` is not read-only: a new instance's password is generated here or by the
+    pass, the same either way."""
     entrances = []
     for spec in desired.instances:
         if spec.state != "running" or spec.park_after is None:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from proxy.callers import ANONYMOUS, CLIENT
 
 from ..desired.model import DesiredState, port_of
-from .fleet import ApiError
+from .errors import ErrorKind, FleetError
 from .pool_process import PoolProcess
 
 MAX_SPAN_DAYS = 3660   # ten years of daily totals in one answer is plenty
@@ -40,7 +40,7 @@ def _day(query: Mapping[str, str], field: str, default: str) -> date:
             raise ValueError
         return date.fromisoformat(value)
     except ValueError:
-        raise ApiError(400, "bad_day", field=field, value=repr(value[:40])) from None
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_day", field=field, value=repr(value[:40])) from None
 
 
 async def usage(proxy: PoolProcess | None, desired: DesiredState, query: Mapping[str, str]) -> dict[str, Any]:
@@ -48,21 +48,21 @@ async def usage(proxy: PoolProcess | None, desired: DesiredState, query: Mapping
     ``to`` or ``instance`` in ``query``, daily totals of that range instead."""
     daily = bool({"from", "to", "instance"} & set(query))
     if proxy is None:
-        raise ApiError(503, "no_proxy")
+        raise FleetError(ErrorKind.UNAVAILABLE, "no_proxy")
     document = await proxy.usage([] if daily else [i.id for i in desired.instances])
     if document is None:
-        raise ApiError(503, "no_proxy")
+        raise FleetError(ErrorKind.UNAVAILABLE, "no_proxy")
     if not daily:
         return document
     window = document["window"]
     first = _day(query, "from", window["month"] + "-01")
     last = _day(query, "to", window["day"])
     if first > last or (last - first).days >= MAX_SPAN_DAYS:
-        raise ApiError(400, "bad_range", first=first.isoformat(), last=last.isoformat(), days=MAX_SPAN_DAYS)
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_range", first=first.isoformat(), last=last.isoformat(), days=MAX_SPAN_DAYS)
     caller = query.get("instance")
     if caller is not None and caller not in (CLIENT, ANONYMOUS) and port_of(caller) is None:
-        raise ApiError(400, "bad_caller", value=repr(caller[:40]))
+        raise FleetError(ErrorKind.BAD_REQUEST, "bad_caller", value=repr(caller[:40]))
     totals = await proxy.daily(first.isoformat(), last.isoformat(), caller)
     if totals is None:
-        raise ApiError(503, "no_proxy")
+        raise FleetError(ErrorKind.UNAVAILABLE, "no_proxy")
     return totals

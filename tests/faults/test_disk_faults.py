@@ -24,7 +24,8 @@ def refused_everywhere(served, file: Path, port: int, reason: str) -> None:
     (new_port,) = free_ports(1)
     create = served.api("POST", "/api/instances?lang=en", json={"port": new_port})
     assert create.status_code == 500, create.text
-    assert create.json() == {"error": f"Could not write desired.yaml ({reason}); nothing was changed"}
+    assert create.json() == {"error": f"Could not write desired.yaml ({reason}); nothing was changed",
+                             "code": "write_failed"}
     stop = served.api("POST", f"/api/instances/st-instance-{port}/stop?lang=en")
     assert stop.status_code == 500 and reason in stop.json()["error"]
     put = served.api("PUT", "/api/desired?lang=en", content=before.replace(b"instances:", b"# edited\ninstances:"),
