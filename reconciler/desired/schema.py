@@ -18,7 +18,8 @@ SCHEMAS = "reconciler.schemas"  # the top-level schemas/ folder, shipped inside 
 
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(resources.files(SCHEMAS).joinpath("desired.schema.json").read_text(encoding="utf-8"))
+    text = resources.files(SCHEMAS).joinpath("desired.schema.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
     return loaded
 
 
@@ -74,7 +75,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     # the value checked and the schema's own value, both JSON (jsonschema leaves them unset only
     # on an error built by hand, never on one iter_errors yields)
     value: Any = error.instance
-    expected: Any = error.validator_value
+    declared: Any = error.validator_value
     kind = error.validator
     quoted = shown.repr(value)
     if kind == "additionalProperties":
@@ -85,14 +86,14 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required key '{missing}'"
     if kind == "type":
-        types = expected if isinstance(expected, list) else [expected]
+        types = declared if isinstance(declared, list) else [declared]
         expected = " or ".join(_YAML_TYPE_NAMES.get(t, str(t)) for t in types)
         return path, f"expected {expected}, got {yaml_type(value)} {quoted}"
     if kind == "enum":
-        choices = ", ".join(str(c) for c in expected)
+        choices = ", ".join(str(c) for c in declared)
         return path, f"{quoted} is not one of: {choices}"
     if kind == "const":
-        return path, f"{quoted} is not supported (expected {expected!r})"
+        return path, f"{quoted} is not supported (expected {declared!r})"
     if kind in ("minimum", "maximum") and path and path[-1] == "port":
         return path, f"{quoted} is outside 1024-65535"
     if kind == "pattern" and path and str(path[-1]).endswith("_env"):
@@ -100,9 +101,9 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     if kind == "pattern" and path and path[-1] == "listen":
         return path, f"{quoted} is not host:port (like 127.0.0.1:3000)"
     if kind == "pattern":
-        return path, f"{quoted} is not valid here (expected to match {expected})"
+        return path, f"{quoted} is not valid here (expected to match {declared})"
     if kind == "format":
-        return path, f"{quoted} is not a valid {expected} address"
+        return path, f"{quoted} is not a valid {declared} address"
     if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{quoted} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync",
