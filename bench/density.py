@@ -85,7 +85,8 @@ class Fleet:
     def start_serve(self) -> None:
         self.serve = subprocess.Popen([*CST, "serve", "-f", str(self.file)], cwd=ROOT,
                                       env={**os.environ, "CST_ADMIN_KEY": ADMIN_KEY},
-                                      stdout=open(self.dir / "serve.log", "wb"), stderr=subprocess.STDOUT)
+                                      stdout=open(self.dir / "serve.log", "wb"),  # noqa: SIM115 -- serve's stdout
+                                      stderr=subprocess.STDOUT)
 
     def api_call(self, method: str, path: str) -> httpx.Response:
         return httpx.request(method, f"http://127.0.0.1:{self.api}{path}", headers={"X-ST-Admin-Key": ADMIN_KEY},

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reconciler.runtime.disk_use import measure  # noqa: E402
-from reconciler.runtime.snapshots import Snapshots  # noqa: E402
-from reconciler.runtime.statedir import StateDir  # noqa: E402
+from reconciler.runtime.disk_use import measure
+from reconciler.runtime.snapshots import Snapshots
+from reconciler.runtime.statedir import StateDir
 
 
 def data_dirs(root: Path, dirs: int, files: int) -> dict[str, Path]:

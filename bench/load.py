@@ -89,7 +89,7 @@ class Serve:
             env["PYTHONPATH"] = str(code)
         if pin:  # cst serve on CPU 0; the node it starts goes to CPU 1
             env["PATH"] = f"{node_on_cpu1(self.folder)}{os.pathsep}{env['PATH']}"
-        self.log = open(self.folder / "serve.log", "wb")
+        self.log = open(self.folder / "serve.log", "wb")  # noqa: SIM115 -- serve's stdout while it runs, closed after
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler", "serve", "-f", "desired.yaml"],
                                      cwd=self.folder, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if pin else None)
@@ -372,7 +372,8 @@ def bench_streams(seconds: float, clients: int = 1000) -> None:
     env = {**os.environ, "BENCH_KEYS": ",".join(keys)}
     proxy = subprocess.Popen([sys.executable, "-m", "proxy.cli", "-f", str(folder / "desired.yaml"),
                               "--log-level", "warning"], cwd=ROOT, env=env,
-                             stdout=open(folder / "proxy.log", "wb"), stderr=subprocess.STDOUT)
+                             stdout=open(folder / "proxy.log", "wb"),  # noqa: SIM115 -- the proxy's stdout for its life
+                             stderr=subprocess.STDOUT)
     rss: list[tuple[float, float]] = []
     try:
         wait(lambda: answers(port), timeout=30)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reconciler.runtime.snapshots import Snapshots  # noqa: E402
-from reconciler.runtime.statedir import StateDir  # noqa: E402
+from reconciler.runtime.snapshots import Snapshots
+from reconciler.runtime.statedir import StateDir
 
 INSTANCE = "st-instance-8001"
 CHARACTERS = 40

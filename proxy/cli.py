@@ -13,6 +13,7 @@ cst serve (its state dir, the ledger's store) as it started with, as cst serve d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -79,10 +80,8 @@ async def run(path: Path, desired: DesiredState, stop: asyncio.Event | None = No
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
     service = ProxyService(desired, listen=listen, publishes_keys=control is not None)
     try:
         await service.start()

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from reconciler.files import private_dir
 
-from .budget import daily_document
+from .budget import UsageBook, daily_document
 from .metrics import latency_families
 from .server import status_document
 from .service import ProxyService
@@ -118,7 +118,7 @@ class ControlServer:
     async def _pool(self, request: web.Request) -> web.Response:
         return web.json_response(pool_document(self.service))
 
-    def _book(self):
+    def _book(self) -> UsageBook:
         assert self.service.state is not None
         return self.service.state.usage
 

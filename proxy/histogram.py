@@ -37,5 +37,6 @@ class Histogram:
         cumulative = 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            # prometheus_client leaves floatToGoString unannotated (it returns the bound as a str)
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)

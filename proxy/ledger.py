@@ -325,7 +325,9 @@ class SqliteStore:
         """The id of the first row that ended at ``t`` or later. Rows are appended as their requests
         end, so ids follow ``ended``: a binary search over ids finds it without an index on time
         (an index would double the cost of every insert)."""
-        low, high = self._db.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) + 1 FROM requests").fetchone()
+        bounds: tuple[int, int] = self._db.execute(
+            "SELECT coalesce(min(id), 0), coalesce(max(id), 0) + 1 FROM requests").fetchone()
+        low, high = bounds
         while low < high:
             middle = (low + high) // 2
             found = self._db.execute("SELECT ended FROM requests WHERE id >= ? ORDER BY id LIMIT 1",

@@ -32,7 +32,7 @@ class PoolCollector(Collector):
         failures = CounterMetricFamily("cst_proxy_key_failures", "Failed upstream attempts of a key", labels=labels)
         balance = GaugeMetricFamily("cst_proxy_key_balance", "Balance of a key as the platform reported it", labels=labels)
         available = GaugeMetricFamily("cst_proxy_key_available", "1 when the key can be chosen now", labels=labels)
-        for key in pool.keys():
+        for key in pool.keys():  # noqa: SIM118 -- the KeyPool's list of keys, not a dict's
             lv = [key.account, key.masked]
             requests.add_metric(lv, key.requests)
             failures.add_metric(lv, key.total_failures)

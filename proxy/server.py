@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .budget import Refusal, Reservation, SharedBudgets, StoreUnavailable, charge
+from .budget import Refusal, Reservation, SharedBudgets, charge
 from .forward import openai_error
 from .front import Answer, Front, Request, Stream, json_answer
+from .ledger import StoreUnavailable
 from .metering import Refused
 from .metrics import registry_for
 from .request_body import Unreadable, inspect
@@ -255,7 +256,7 @@ async def _answered(answer: Answer) -> Answer:
 def build_front(state: ProxyState) -> Front:
     """The HTTP front (see ``front``) with a four-way dispatch: /v1 relayed, three routes to observe."""
     registry = registry_for(state)
-    observe = {
+    observe: dict[str, Callable[[ProxyState, Request], Awaitable[Answer]]] = {
         "/health": health,
         "/status": status,
         "/metrics": lambda state, request: metrics(state, registry, request),

@@ -141,7 +141,7 @@ class ProxyService:
         self._listen: Listen | None = None
         self.state: ProxyState | None = None
         self._applying = asyncio.Lock()  # one apply at a time: binding a new address awaits
-        self._following: tuple[asyncio.Task, asyncio.Event] | None = None   # the instance key folder
+        self._following: tuple[asyncio.Task[None], asyncio.Event] | None = None   # the instance key folder
 
     @property
     def port(self) -> int:
@@ -377,4 +377,5 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for tests and the benchmark)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]   # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
+        return port

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -182,10 +183,8 @@ def cpu_seconds(pid: int) -> float:
 def cpu_snapshot(pids: Iterable[int]) -> dict[int, float]:
     found = {}
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError, IndexError):   # gone meanwhile (a PostgreSQL backend)
             found[pid] = cpu_seconds(pid)
-        except (OSError, IndexError):   # gone meanwhile (a PostgreSQL backend)
-            pass
     return found
 
 
@@ -507,10 +506,8 @@ http {{
             self.proc.kill()
             self.proc.wait(5)
         for pid in workers:   # a worker left behind by a master that did not stop it
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def raise_open_files(need: int) -> str:
@@ -623,6 +620,95 @@ def report(groups: dict[str, list[Target]], args: argparse.Namespace, bodies: di
                   f"{h.rss_mid_kb / 1024:>15.1f}{h.per_stream_kb:>11.1f}{x:>8}")
 
 
+async def start_mode(mode: Mode, up_port: int, tmp: Path, store_url: str | None, store_password: str,
+                     store_pids: Callable[[], list[int]] | None, streams: int) -> Target:
+    """CST's proxy started in ``mode``, as a target."""
+    proc, port = await start_cst(up_port, tmp / mode.name, budget=mode.budget, anonymous=mode.anonymous,
+                                 store=store_url if mode.postgres else None, store_password=store_password,
+                                 max_concurrent=3 * streams + 64)
+    return Target(mode.name, "large" if mode.large else "small", port, None if mode.anonymous else CALLER_KEY,
+                  lambda pid=proc.pid: [pid], store_pids if mode.postgres else None,
+                  streams=not mode.large, proc=proc)
+
+
+def start_floors(up_port: int, floors: list[subprocess.Popen[bytes]], groups: dict[str, list[Target]]) -> None:
+    """floor_relay.py, with and without a task per request, added to the small group."""
+    for name, extra in (("floor", []), ("floor+task", ["--task"])):
+        port = free_port()
+        floor = spawn([sys.executable, str(Path(__file__).with_name("floor_relay.py")), str(up_port), str(port),
+                       *extra])
+        floors.append(floor)
+        assert floor.stdout is not None and floor.stdout.readline().strip() == b"ready"
+        groups["small"].append(Target(name, "small", port, CALLER_KEY, lambda pid=floor.pid: [pid],
+                                      streams=False, ttfb_too=False))
+
+
+async def start_baseline(args: argparse.Namespace, up_port: int, tmp: Path) -> Target:
+    """The other checkout's proxy (--baseline), as a target."""
+    anonymous = args.baseline_mode == "anonymous"
+    proc, port = await start_cst(up_port, tmp / "baseline", args.baseline,
+                                 budget=not (anonymous or args.baseline_without_budgets), anonymous=anonymous)
+    return Target("baseline", "small", port, None if anonymous else CALLER_KEY, lambda pid=proc.pid: [pid],
+                  streams=False, proc=proc)
+
+
+def stop_relays(started: list[Target], nginxes: list[Nginx], floors: list[subprocess.Popen[bytes]],
+                logs: dict[str, str]) -> None:
+    """Stop every relay started; the logs of CST's proxies and nginx's go in ``logs``, by target."""
+    for t in started:
+        if t.proc is not None:
+            logs[t.name] = stop(t.proc)
+    for n in nginxes:
+        n.stop()
+        logs["nginx"] = n.log()
+    for floor in floors:
+        stop(floor)
+
+
+async def measure_group(run: int, group: str, targets: list[Target], body: bytes, up_port: int, concurrency: int,
+                        seconds: float) -> None:
+    """One run's measurements of one group: throughput, then each target paired with the direct one."""
+    turn = run % len(targets)
+    order = targets[turn:] + targets[:turn]   # the order rotates from run to run,
+    for t in order if run % 2 == 0 else order[::-1]:   # and every other run goes backwards
+        await measure_round(t, body, concurrency, seconds)
+    direct = targets[0]
+    n = 1000 if group == "small" else 300
+    for t in targets[1:]:
+        d, p, added = await paired_raw(up_port, direct.raw(body), t.port, t.raw(body), n, first_byte=False)
+        t.p50_1.append(p)
+        t.direct_1.append(d)
+        t.added_1.append(added)
+        direct.p50_1.append(d)
+        if group == "small" and t.ttfb_too:
+            d, p, _ = await paired_raw(up_port, direct.raw(STREAM_BODY), t.port, t.raw(STREAM_BODY), 300,
+                                       first_byte=True)
+            t.ttfb.append(p)
+            t.ttfb_direct.append(d)
+
+
+def run_figures(groups: dict[str, list[Target]]) -> list[str]:
+    """The last run's rate and CPU per request of every target, against nginx's."""
+    line = []
+    for group, targets in groups.items():
+        nginx_cpu = targets[1].cpu[-1]
+        for t in targets:
+            x = f" {t.cpu[-1] / nginx_cpu:.1f}x" if t.name != "direct" and nginx_cpu else ""
+            line.append(f"{t.name}{'(100KB)' if group == 'large' else ''} {t.rate[-1]:.0f}/s "
+                        f"{t.cpu[-1] * 1e6:.0f}us{x}")
+    return line
+
+
+async def hold_streams(groups: dict[str, list[Target]], streams: int, gap: float, chunks: int) -> None:
+    """``streams`` slow streams held at once through each target that takes them."""
+    for targets in groups.values():
+        for t in targets:
+            if t.streams:
+                t.held = await many_streams(t.port, streams, gap, chunks, t.key, t.pids)
+                print(f"{streams} streams through {t.name}: {t.held.started} started, {t.held.flowing} "
+                      f"flowing, {t.held.per_stream_kb:.1f} KB each", flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
@@ -673,29 +759,13 @@ async def main() -> None:
             store_url, store_password = cluster.url(cluster.new_database()), PASSWORD
             store_pids = lambda: [cluster.proc.pid, *children(cluster.proc.pid)]   # noqa: E731
         for mode in modes:
-            proc, port = await start_cst(up_port, tmp / mode.name, budget=mode.budget, anonymous=mode.anonymous,
-                                         store=store_url if mode.postgres else None, store_password=store_password,
-                                         max_concurrent=3 * args.streams + 64)
-            target = Target(mode.name, "large" if mode.large else "small", port, None if mode.anonymous else CALLER_KEY,
-                            lambda pid=proc.pid: [pid], store_pids if mode.postgres else None,
-                            streams=not mode.large, proc=proc)
+            target = await start_mode(mode, up_port, tmp, store_url, store_password, store_pids, args.streams)
             started.append(target)
             groups[target.group].append(target)
         if args.floor:
-            for name, extra in (("floor", []), ("floor+task", ["--task"])):
-                port = free_port()
-                floor = spawn([sys.executable, str(Path(__file__).with_name("floor_relay.py")), str(up_port), str(port),
-                               *extra])
-                floors.append(floor)
-                assert floor.stdout is not None and floor.stdout.readline().strip() == b"ready"
-                groups["small"].append(Target(name, "small", port, CALLER_KEY, lambda pid=floor.pid: [pid],
-                                              streams=False, ttfb_too=False))
+            start_floors(up_port, floors, groups)
         if args.baseline:
-            anonymous = args.baseline_mode == "anonymous"
-            proc, port = await start_cst(up_port, tmp / "baseline", args.baseline,
-                                         budget=not (anonymous or args.baseline_without_budgets), anonymous=anonymous)
-            target = Target("baseline", "small", port, None if anonymous else CALLER_KEY, lambda pid=proc.pid: [pid],
-                            streams=False, proc=proc)
+            target = await start_baseline(args, up_port, tmp)
             started.append(target)
             groups["small"].append(target)
 
@@ -712,52 +782,16 @@ async def main() -> None:
         for run in range(args.runs):
             busy0, ours0, wall0 = machine_busy(), cpu_snapshot(ours()), time.monotonic()
             for group, targets in groups.items():
-                body = bodies[group]
-                turn = run % len(targets)
-                order = targets[turn:] + targets[:turn]   # the order rotates from run to run,
-                for t in order if run % 2 == 0 else order[::-1]:   # and every other run goes backwards
-                    await measure_round(t, body, args.concurrency, args.seconds)
-                direct = targets[0]
-                n = 1000 if group == "small" else 300
-                for t in targets[1:]:
-                    d, p, added = await paired_raw(up_port, direct.raw(body), t.port, t.raw(body), n, first_byte=False)
-                    t.p50_1.append(p)
-                    t.direct_1.append(d)
-                    t.added_1.append(added)
-                    direct.p50_1.append(d)
-                    if group == "small" and t.ttfb_too:
-                        d, p, _ = await paired_raw(up_port, direct.raw(STREAM_BODY), t.port, t.raw(STREAM_BODY), 300,
-                                                   first_byte=True)
-                        t.ttfb.append(p)
-                        t.ttfb_direct.append(d)
+                await measure_group(run, group, targets, bodies[group], up_port, args.concurrency, args.seconds)
             wall = time.monotonic() - wall0
             others = (machine_busy() - busy0 - cpu_spent(ours0, cpu_snapshot(ours()))) / (wall * (os.cpu_count() or 1))
-            line = []
-            for group, targets in groups.items():
-                nginx_cpu = targets[1].cpu[-1]
-                for t in targets:
-                    x = f" {t.cpu[-1] / nginx_cpu:.1f}x" if t.name != "direct" and nginx_cpu else ""
-                    line.append(f"{t.name}{'(100KB)' if group == 'large' else ''} {t.rate[-1]:.0f}/s "
-                                f"{t.cpu[-1] * 1e6:.0f}us{x}")
             print(f"run {run + 1} (other processes used {max(others, 0) * 100:.0f}% of the machine): "
-                  + "; ".join(line), flush=True)
+                  + "; ".join(run_figures(groups)), flush=True)
 
         if args.streams:
-            for targets in groups.values():
-                for t in targets:
-                    if t.streams:
-                        t.held = await many_streams(t.port, args.streams, gap, chunks, t.key, t.pids)
-                        print(f"{args.streams} streams through {t.name}: {t.held.started} started, {t.held.flowing} "
-                              f"flowing, {t.held.per_stream_kb:.1f} KB each", flush=True)
+            await hold_streams(groups, args.streams, gap, chunks)
     finally:
-        for t in started:
-            if t.proc is not None:
-                logs[t.name] = stop(t.proc)
-        for n in nginxes:
-            n.stop()
-            logs["nginx"] = n.log()
-        for floor in floors:
-            stop(floor)
+        stop_relays(started, nginxes, floors, logs)
         stop(upstream)
         if cluster is not None:
             cluster.remove()

@@ -52,7 +52,8 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
+                # types-PyYAML leaves the pure-Python Parser.peek_event unannotated
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
                 raise Refused(mark.line + 1, (), f"nested more than {MAX_DEPTH} levels deep")
             return super().compose_node(parent, index)
         finally:

@@ -6,7 +6,7 @@ import copy
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jsonschema
 
@@ -18,7 +18,9 @@ SCHEMAS = "reconciler.schemas"  # the top-level schemas/ folder, shipped inside 
 
 @lru_cache(maxsize=1)
 def schema() -> dict[str, Any]:
-    return json.loads(resources.files(SCHEMAS).joinpath("desired.schema.json").read_text(encoding="utf-8"))
+    text = resources.files(SCHEMAS).joinpath("desired.schema.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
 
 
 def _resolved(node: dict[str, Any]) -> dict[str, Any]:
@@ -70,25 +72,28 @@ _YAML_TYPE_NAMES = {"object": "a mapping", "array": "a list", "integer": "an int
 
 def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     path: YamlPath = tuple(error.absolute_path)
-    value = error.instance
+    # the value checked and the schema's own value, both JSON (jsonschema leaves them unset only
+    # on an error built by hand, never on one iter_errors yields)
+    value: Any = error.instance
+    declared: Any = error.validator_value
     kind = error.validator
     quoted = shown.repr(value)
     if kind == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
+        allowed = sorted(error.schema.get("properties", {}) if isinstance(error.schema, Mapping) else {})
         extra = sorted(set(value) - set(allowed), key=str)
         return (*path, extra[0]), f"unknown key (expected one of: {', '.join(allowed)})"
     if kind == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return path, f"missing required key '{missing}'"
     if kind == "type":
-        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        types = declared if isinstance(declared, list) else [declared]
         expected = " or ".join(_YAML_TYPE_NAMES.get(t, str(t)) for t in types)
         return path, f"expected {expected}, got {yaml_type(value)} {quoted}"
     if kind == "enum":
-        choices = ", ".join(str(c) for c in error.validator_value)
+        choices = ", ".join(str(c) for c in declared)
         return path, f"{quoted} is not one of: {choices}"
     if kind == "const":
-        return path, f"{quoted} is not supported (expected {error.validator_value!r})"
+        return path, f"{quoted} is not supported (expected {declared!r})"
     if kind in ("minimum", "maximum") and path and path[-1] == "port":
         return path, f"{quoted} is outside 1024-65535"
     if kind == "pattern" and path and str(path[-1]).endswith("_env"):
@@ -96,9 +101,9 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
     if kind == "pattern" and path and path[-1] == "listen":
         return path, f"{quoted} is not host:port (like 127.0.0.1:3000)"
     if kind == "pattern":
-        return path, f"{quoted} is not valid here (expected to match {error.validator_value})"
+        return path, f"{quoted} is not valid here (expected to match {declared})"
     if kind == "format":
-        return path, f"{quoted} is not a valid {error.validator_value} address"
+        return path, f"{quoted} is not a valid {declared} address"
     if kind == "oneOf" and path and path[-1] in ("max_memory", "max_size", "max_body"):
         return path, f"{quoted} is not a size (bytes, or like 512MiB, 1.5GiB)"
     if kind == "oneOf" and path and path[-1] in ("refresh", "start_timeout", "stop_timeout", "timeout", "resync",
@@ -112,7 +117,8 @@ def _is_integer(_checker: Any, value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_Validator = jsonschema.validators.extend(
+# types-jsonschema leaves extend() unannotated; the class it makes is a Validator
+_Validator: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 

@@ -74,15 +74,18 @@ def _is_loopback(listen: str) -> bool:
     return is_loopback_host(listen.rsplit(":", 1)[0])
 
 
-def _mapping(value: Any) -> dict:
+def _mapping(value: Any) -> dict[Any, Any]:   # a YAML mapping: its keys may be numbers too
     return value if isinstance(value, dict) else {}
 
 
-def _listen_of(settings: dict, section: str) -> str:
-    default = schema_default("settings", section, "listen")
+def _listen_of(settings: dict[str, Any], section: str) -> str:
+    default: str = schema_default("settings", section, "listen")
     listen = _mapping(settings.get(section)).get("listen", default)
-    port = listen.rsplit(":", 1)[1] if isinstance(listen, str) and ":" in listen else ""
-    return listen if port.isascii() and port.isdigit() else default
+    if isinstance(listen, str) and ":" in listen:
+        port = listen.rsplit(":", 1)[1]
+        if port.isascii() and port.isdigit():
+            return listen
+    return default
 
 
 _BAD_BRANCH = re.compile(r"\.\.|//|@\{|/\.|[/.]$|\.lock$")
@@ -108,7 +111,7 @@ def _at(data: Any, path: YamlPath) -> Any:
     return data
 
 
-def _each(data: dict, fields: tuple[YamlPath, ...], list_key: str,
+def _each(data: dict[str, Any], fields: tuple[YamlPath, ...], list_key: str,
           item_fields: tuple[str, ...]) -> Iterator[tuple[YamlPath, Any]]:
     """(path, value) of every given field that is present, including those of each list item."""
     for path in fields:
@@ -238,40 +241,21 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
     """Rules across fields. They run beside the schema, so they skip values of the wrong shape."""
     data = doc.data
     settings = _mapping(data.get("settings"))
-    for section in ("api", "proxy"):
-        listen = _listen_of(settings, section)
-        if not 1 <= _listen_port(listen) <= 65535:
-            yield doc.problem(("settings", section, "listen"), f"port in {listen!r} is outside 1-65535")
-    proxy = _mapping(settings.get("proxy"))
-    for field, problem in proxy_listen_problems(_listen_of(settings, "proxy"), proxy.get("anonymous") is True,
-                                                bool(proxy.get("client_keys_env"))):
-        yield doc.problem(("settings", "proxy", field), problem)
-
-    reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
-    first_use: dict[int, int] = {}
     instances = data.get("instances")
-    for i, instance in enumerate(instances if isinstance(instances, list) else []):
-        port = _mapping(instance).get("port")
-        if not isinstance(port, int) or isinstance(port, bool):
-            continue
-        if port in first_use:
-            yield doc.problem(("instances", i, "port"),
-                              f"{port} is used twice (first at instances[{first_use[port]}])")
-        else:
-            first_use[port] = i
-        if port in reserved:
-            yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
+    instances = instances if isinstance(instances, list) else []
+    yield from _listen_rules(doc, settings)
+    yield from _port_rules(doc, settings, instances)
 
     # a checkout of one's own (settings.sillytavern.server) runs every instance: a release named
     # for one instance would be silently ignored, so the two together are refused
     server = _mapping(settings.get("sillytavern")).get("server")
-    for i, instance in enumerate(instances if isinstance(instances, list) else []):
+    for i, instance in enumerate(instances):
         if server is not None and "sillytavern_version" in _mapping(instance):
             yield doc.problem(("instances", i, "sillytavern_version"),
                               "cannot be used with settings.sillytavern.server (your own checkout runs every "
                               "instance); remove one of them")
 
-    yield from _edge_problems(doc, settings, instances if isinstance(instances, list) else [])
+    yield from _edge_problems(doc, settings, instances)
     yield from _usage_problems(doc, settings)
     proxies = _mapping(settings.get("api")).get("trusted_proxies")
     for i, proxy in enumerate(proxies if isinstance(proxies, list) else []):
@@ -285,11 +269,43 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
     if isinstance(branch, str) and _BAD_BRANCH.search(branch):
         yield doc.problem(("settings", "git", "branch"), f"{shown.repr(branch)} is not a branch name git accepts "
                           "(no '..', '//', '@{', and no '/', '.' or '.lock' at the end)")
+    yield from _account_rules(doc, data.get("accounts"))
 
+
+def _listen_rules(doc: Located, settings: dict[str, Any]) -> Iterator[Problem]:
+    """The API's and the proxy's own listen addresses."""
+    for section in ("api", "proxy"):
+        listen = _listen_of(settings, section)
+        if not 1 <= _listen_port(listen) <= 65535:
+            yield doc.problem(("settings", section, "listen"), f"port in {listen!r} is outside 1-65535")
+    proxy = _mapping(settings.get("proxy"))
+    for field, problem in proxy_listen_problems(_listen_of(settings, "proxy"), proxy.get("anonymous") is True,
+                                                bool(proxy.get("client_keys_env"))):
+        yield doc.problem(("settings", "proxy", field), problem)
+
+
+def _port_rules(doc: Located, settings: dict[str, Any], instances: list[Any]) -> Iterator[Problem]:
+    """Each instance's port used once, and by none of the API and the proxy."""
+    reserved = {_listen_port(_listen_of(settings, s)): f"settings.{s}.listen" for s in ("api", "proxy")}
+    first_use: dict[int, int] = {}
+    for i, instance in enumerate(instances):
+        port = _mapping(instance).get("port")
+        if not isinstance(port, int) or isinstance(port, bool):
+            continue
+        if port in first_use:
+            yield doc.problem(("instances", i, "port"),
+                              f"{port} is used twice (first at instances[{first_use[port]}])")
+        else:
+            first_use[port] = i
+        if port in reserved:
+            yield doc.problem(("instances", i, "port"), f"{port} is already taken by {reserved[port]}")
+
+
+def _account_rules(doc: Located, accounts: Any) -> Iterator[Problem]:
+    """Account names used once; each provider's own settings, and exactly one source of its secret."""
     names: dict[str, int] = {}
-    accounts = data.get("accounts")
-    for i, account in enumerate(accounts if isinstance(accounts, list) else []):
-        account = _mapping(account)
+    for i, item in enumerate(accounts if isinstance(accounts, list) else []):
+        account = _mapping(item)
         name = account.get("name")
         if isinstance(name, str) and name in names:
             yield doc.problem(("accounts", i, "name"), f"{name!r} is used twice (first at accounts[{names[name]}])")
@@ -309,7 +325,7 @@ def _rule_problems(doc: Located) -> Iterator[Problem]:
             yield from _exactly_one(doc, ("accounts", i), account, "keys_env", "keys_file")
 
 
-def _edge_problems(doc: Located, settings: dict, instances: list[Any]) -> Iterator[Problem]:
+def _edge_problems(doc: Located, settings: dict[str, Any], instances: list[Any]) -> Iterator[Problem]:
     """Host names claimed once each; nothing that would go round the edge or share its ports."""
     edge = settings.get("edge")
     if not isinstance(edge, dict):
@@ -352,7 +368,7 @@ def _edge_problems(doc: Located, settings: dict, instances: list[Any]) -> Iterat
                 yield doc.problem(("settings", "edge", field), f"port {_listen_port(listen)} is already taken by {holder}")
 
 
-def _usage_problems(doc: Located, settings: dict) -> Iterator[Problem]:
+def _usage_problems(doc: Located, settings: dict[str, Any]) -> Iterator[Problem]:
     """The ledger's settings: a time zone that exists, a retention of at least a day, and no budget on
     an instance that does not use the pool."""
     usage = _mapping(settings.get("usage"))
@@ -448,7 +464,7 @@ def _warnings(doc: Located) -> Iterator[Problem]:
                               "keys cross the network in clear (use https)")
 
 
-def _exactly_one(doc: Located, path: YamlPath, item: dict, a: str, b: str) -> Iterator[Problem]:
+def _exactly_one(doc: Located, path: YamlPath, item: dict[str, Any], a: str, b: str) -> Iterator[Problem]:
     if a in item and b in item:
         yield doc.problem((*path, b), f"give either {a} or {b}, not both")
     elif a not in item and b not in item:
@@ -478,4 +494,5 @@ def check(text: str, file: str = "desired.yaml", warnings: list[Problem] | None 
         raise InvalidDesiredState(problems)
     if warnings is not None:
         warnings.extend(_warnings(doc))
-    return with_defaults(doc.data, schema())
+    filled: dict[str, Any] = with_defaults(doc.data, schema())   # the document, a mapping (checked above)
+    return filled

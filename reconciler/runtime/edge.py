@@ -33,7 +33,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 
@@ -247,7 +247,7 @@ class Edge:
                 digest.update(f"{path}:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}".encode())
         return digest.hexdigest()
 
-    def _applied(self) -> dict:
+    def _applied(self) -> dict[str, Any]:
         try:
             applied = json.loads(self.paths.applied.read_text())
         except (OSError, ValueError):

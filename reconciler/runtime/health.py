@@ -45,7 +45,7 @@ class HealthChecks:
         for session in sessions:
             await session.close()
 
-    async def wait_ready(self, launch: LaunchSpec, proc: subprocess.Popen, has_overlay: bool,
+    async def wait_ready(self, launch: LaunchSpec, proc: subprocess.Popen[bytes], has_overlay: bool,
                          start_timeout: float, log_tail: Callable[[], str]) -> None:
         """Return once the started process answers its health route with its credentials; raises
         StartFailed when it exits first, refuses them, or stays silent for ``start_timeout``."""

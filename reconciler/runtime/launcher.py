@@ -86,7 +86,7 @@ class Launcher:
             raise
         return record
 
-    async def _spawn(self, launch: LaunchSpec, log: BinaryIO, listener: int) -> tuple[subprocess.Popen, int]:
+    async def _spawn(self, launch: LaunchSpec, log: BinaryIO, listener: int) -> tuple[subprocess.Popen[bytes], int]:
         """The process that exits when the instance does, and node's pid; node inherits ``listener``."""
         env = {**dict(launch.env), ENV_LISTEN_FD: str(listener)}
         if launch.sandbox is not None:

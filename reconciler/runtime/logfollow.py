@@ -56,7 +56,7 @@ def _tail(log: BinaryIO, end: int, n: int, data: bytes) -> tuple[bytes, bool]:
 
 def _start(path: Path, n: int) -> tuple[bytes, int, int | None, Identity | None]:
     try:
-        log = open(path, "rb")
+        log = open(path, "rb")  # noqa: SIM115 -- closed by the with below; only open's FileNotFoundError is caught
     except FileNotFoundError:
         return b"", 0, None, None
     with log:
@@ -100,7 +100,7 @@ def _step(path: Path, inode: int | None, offset: int, seen: Identity | None
     file: ``seen`` moves on only once those copies are read, so a follower that fell behind
     reads them all, in order, a chunk at a time."""
     try:
-        log = open(path, "rb")
+        log = open(path, "rb")  # noqa: SIM115 -- closed by the with below; only open's FileNotFoundError is caught
     except FileNotFoundError:
         return b"", None, 0, None, False  # not written yet, or moved away: wait for the next one
     with log:

@@ -39,7 +39,8 @@ _said_fallback = False
 
 def open_log(path: Path) -> BinaryIO:
     """``path`` opened for appending, created owner-only (an existing log is tightened, never loosened)."""
-    log_file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE), "ab")
+    # returned open: the caller writes the log through it (an instance's stdout) and closes it
+    log_file = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE), "ab")  # noqa: SIM115
     tighten(path, LOG_MODE)
     return log_file
 

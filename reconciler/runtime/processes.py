@@ -7,6 +7,7 @@ that check, so it can never reach a process that took over the pid meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -70,9 +71,9 @@ def listeners(ports: set[int]) -> dict[int, int | None]:
     """pid listening on each of ``ports`` (None when the kernel will not say)."""
     found: dict[int, int | None] = {}
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports:
-            if found.get(conn.laddr.port) is None:
-                found[conn.laddr.port] = conn.pid
+        if (conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports
+                and found.get(conn.laddr.port) is None):
+            found[conn.laddr.port] = conn.pid
     return found
 
 
@@ -104,10 +105,8 @@ def live_process(pid: int | None, create_time: float | None) -> psutil.Process |
 
 def _reap(pid: int) -> None:
     """Collect an exited child of ours so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _pidfd(pid: int, create_time: float) -> int | None:
@@ -131,10 +130,8 @@ def _signal(pidfd: int, pid: int, sig: signal.Signals) -> bool:
         signal.pidfd_send_signal(pidfd, sig)
     except ProcessLookupError:
         return False
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
     return True
 
 

@@ -247,7 +247,7 @@ class Sandbox:
         return [str(_SETPRIV), *user, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
 
     async def spawn(self, argv: tuple[str, ...], env: dict[str, str], log_file: IO[bytes],
-                    umask: int, listener: int) -> tuple[subprocess.Popen, int]:
+                    umask: int, listener: int) -> tuple[subprocess.Popen[bytes], int]:
         """Start ``argv`` (paths as seen inside) in the sandbox; the outer bwrap and node's pid on
         the host (found in a thread: the loop goes on meanwhile); node inherits ``listener``.
         Raises StartFailed when the sandbox does not come up."""
@@ -281,7 +281,7 @@ def _tool(name: str) -> str:
     return found
 
 
-def _abandon(proc: subprocess.Popen, init: int | None) -> None:
+def _abandon(proc: subprocess.Popen[bytes], init: int | None) -> None:
     """SIGKILL a sandbox that never got its record: its init first (the kernel then ends every
     process of its pid namespace; killing bwrap alone would orphan them), then the outer bwrap."""
     if init is not None:
@@ -291,7 +291,7 @@ def _abandon(proc: subprocess.Popen, init: int | None) -> None:
     proc.wait()
 
 
-def _init_pid(info: int, proc: subprocess.Popen) -> int:
+def _init_pid(info: int, proc: subprocess.Popen[bytes]) -> int:
     """The host pid of the sandbox's init, from bwrap's ``--info-fd`` (a JSON document)."""
     said = b""
     deadline = time.monotonic() + _FIND_NODE
@@ -310,7 +310,7 @@ def _init_pid(info: int, proc: subprocess.Popen) -> int:
     raise StartFailed(f"the sandbox did not start (bwrap exited with {proc.poll()}); see the instance's log")
 
 
-def _node_pid(init: int, proc: subprocess.Popen) -> int:
+def _node_pid(init: int, proc: subprocess.Popen[bytes]) -> int:
     """The host pid of node: the one child of the sandbox's init, once it has forked it."""
     deadline = time.monotonic() + _FIND_NODE
     while time.monotonic() < deadline:

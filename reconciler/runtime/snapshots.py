@@ -35,6 +35,7 @@ import secrets
 import shutil
 import stat
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -117,7 +118,7 @@ class Snapshots:
         _check_instance(instance_id)
         return self.root / instance_id
 
-    def _lock(self, instance_id: str):  # noqa: ANN202 -- the state dir's lock context manager
+    def _lock(self, instance_id: str) -> AbstractContextManager[None]:   # the state dir's lock
         private_dir(self.root)
         return self.state.lock(f"snapshots/{instance_id}", timeout=self.lock_wait)
 

@@ -17,7 +17,7 @@ import uuid
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ..desired.model import port_of
 from ..files import atomic_write, create_once, private_dir, tighten
@@ -153,7 +153,7 @@ class StateDir:
     def rollout_halt_path(self) -> Path:
         return self.root / "rollout-halt.json"
 
-    def rollout_halt(self) -> dict | None:
+    def rollout_halt(self) -> dict[str, Any] | None:
         try:
             halt = json.loads(self.rollout_halt_path.read_text())
         except FileNotFoundError:
@@ -162,7 +162,7 @@ class StateDir:
             return None
         return halt if isinstance(halt, dict) else None
 
-    def record_rollout_halt(self, halt: dict | None) -> None:
+    def record_rollout_halt(self, halt: dict[str, Any] | None) -> None:
         if halt is None:
             self.rollout_halt_path.unlink(missing_ok=True)
         else:
