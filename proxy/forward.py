@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .front import Answer, Headers, Request, Stream
-from .pool import Key, KeyPool, Outcome
+from .pool import AttemptOutcome, Key, KeyPool
 from .request_body import RequestFacts
 from .upstream import (
     HOP_BY_HOP,
@@ -98,16 +98,16 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def classify(status: int) -> Outcome:
+def classify(status: int) -> AttemptOutcome:
     if status < 400:
-        return Outcome.SUCCESS
+        return AttemptOutcome.SUCCESS
     if status == 429:
-        return Outcome.RATE_LIMITED
+        return AttemptOutcome.RATE_LIMITED
     if status in (401, 402, 403):  # 402: the key ran out of credit; the next refresh says more
-        return Outcome.UNAUTHORIZED
+        return AttemptOutcome.UNAUTHORIZED
     if status >= 500:
-        return Outcome.FAILURE
-    return Outcome.NEUTRAL  # 400, 404, 422...: the request's fault, not the key's
+        return AttemptOutcome.FAILURE
+    return AttemptOutcome.NEUTRAL  # 400, 404, 422...: the request's fault, not the key's
 
 
 def request_head(request: Request, origin: Origin, drop: frozenset[bytes] = DROP_REQUEST) -> bytes:
@@ -171,16 +171,16 @@ class Forwarder:
                                                  config.timeout)
             except UpstreamNotSent as exc:
                 unreachable = str(exc)   # nothing left this machine: another key may try
-                self._log(self.pool.report(key, Outcome.FAILURE, unreachable), key, unreachable)
+                self._log(self.pool.report(key, AttemptOutcome.FAILURE, unreachable), key, unreachable)
                 continue
             except UpstreamError as exc:
                 # written, then silence or a reset: the upstream may have processed (and billed) it
                 reason = "timeout" if isinstance(exc, UpstreamTimeout) else str(exc)
-                self._log(self.pool.report(key, Outcome.FAILURE, reason), key, reason)
+                self._log(self.pool.report(key, AttemptOutcome.FAILURE, reason), key, reason)
                 return self._not_resent(exc)
             outcome = classify(resp.status)
-            if outcome is Outcome.SUCCESS or outcome is Outcome.NEUTRAL:
-                meter.accepted = outcome is Outcome.SUCCESS
+            if outcome is AttemptOutcome.SUCCESS or outcome is AttemptOutcome.NEUTRAL:
+                meter.accepted = outcome is AttemptOutcome.SUCCESS
                 if resp.content_encoding:
                     meter.encoded(resp.content_encoding)
                 small = _small(request, resp)
@@ -189,7 +189,7 @@ class Forwarder:
                 except UpstreamError as exc:
                     resp.close()
                     meter.broken = True
-                    self._log(self.pool.report(key, Outcome.FAILURE, str(exc)), key, str(exc))
+                    self._log(self.pool.report(key, AttemptOutcome.FAILURE, str(exc)), key, str(exc))
                     return self._not_resent(exc)
                 except BaseException:
                     resp.close()
@@ -197,7 +197,7 @@ class Forwarder:
                 meter.first_piece_at = time.monotonic()
                 self.pool.report(key, outcome)
                 self.stats.responses[resp.status] += 1
-                metered = meter if outcome is Outcome.SUCCESS else None
+                metered = meter if outcome is AttemptOutcome.SUCCESS else None
                 if small:
                     resp.finish()
                     if metered:

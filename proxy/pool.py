@@ -53,7 +53,7 @@ def mask(key: str) -> str:
     return f"{key[:5]}…{key[-4:]}"
 
 
-class Outcome(enum.Enum):
+class AttemptOutcome(enum.Enum):
     SUCCESS = "success"
     RATE_LIMITED = "rate_limited"  # 429
     UNAUTHORIZED = "unauthorized"  # 401/403
@@ -206,37 +206,37 @@ class KeyPool:
 
     # -- learning --------------------------------------------------------------------
 
-    def report(self, key: Key, outcome: Outcome, error: str | None = None,
+    def report(self, key: Key, outcome: AttemptOutcome, error: str | None = None,
                retry_after: float | None = None) -> bool:
         """Learn from one attempt. True when this took the key out of the rotation (worth a log line)."""
         now = self.clock()
-        if outcome is Outcome.SUCCESS:   # the common case: it cannot take a key out
+        if outcome is AttemptOutcome.SUCCESS:   # the common case: it cannot take a key out
             self._learn(key, outcome, now, error, retry_after)
             return False
         was_available = key.available(now)
         self._learn(key, outcome, now, error, retry_after)
         return was_available and not key.available(now)
 
-    def _learn(self, key: Key, outcome: Outcome, now: float, error: str | None, retry_after: float | None) -> None:
-        if outcome is Outcome.SUCCESS:
+    def _learn(self, key: Key, outcome: AttemptOutcome, now: float, error: str | None, retry_after: float | None) -> None:
+        if outcome is AttemptOutcome.SUCCESS:
             key.failures = 0
             key.streak = 0
             key.cooldown_until = 0.0
             key.rate_limited = False
             self._last_success_at = now
             return
-        if outcome is Outcome.NEUTRAL:
+        if outcome is AttemptOutcome.NEUTRAL:
             return
         key.total_failures += 1
         key.last_error = error or outcome.value
-        if outcome is Outcome.RATE_LIMITED:
+        if outcome is AttemptOutcome.RATE_LIMITED:
             wait = DEFAULT_RETRY_AFTER if retry_after is None else min(max(retry_after, 0.0), MAX_RETRY_AFTER)
             if now + wait > key.cooldown_until:
                 key.cooldown_until, key.rate_limited = now + wait, True
                 if self.on_verdict is not None:
                     self.on_verdict(key, False, key.cooldown_until)
             return
-        if outcome is Outcome.UNAUTHORIZED:
+        if outcome is AttemptOutcome.UNAUTHORIZED:
             if not key.quarantined and self.on_verdict is not None:
                 self.on_verdict(key, True, now)
             key.quarantined = True

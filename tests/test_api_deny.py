@@ -1,5 +1,5 @@
 """Deny by default (issue 17): every route of the admin API needs ``X-ST-Admin-Key`` but the few in
-``api.PUBLIC_ROUTES``, decided by the route the router matched; a route added later is protected
+``security.PUBLIC_ROUTES``, decided by the route the router matched; a route added later is protected
 without anyone remembering to, and a path no route matches tells nothing without the key.
 
 The real app (``make_app`` on a real, unstarted ``Daemon``) served in this process on a free port."""
@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from reconciler.desired.schema import SCHEMAS
 from reconciler.desired.shared_file import DesiredFile
-from reconciler.server import api
+from reconciler.server import api, security
 from reconciler.server.daemon import Daemon
 
 KEY = "deny-admin-key"
@@ -58,19 +58,19 @@ async def _answer(client: TestClient, method: str, path: str, key: str | None = 
 
 
 def test_the_public_routes_are_liveness_and_the_page_and_the_contract_says_so(app: web.Application) -> None:
-    assert api.PUBLIC_ROUTES == {("GET", "/health"), ("GET", "/"), ("GET", "/page/{name}")}
+    assert security.PUBLIC_ROUTES == {("GET", "/health"), ("GET", "/"), ("GET", "/page/{name}")}
     document = app[api.OPENAPI]   # the OpenAPI document the server serves
     keyless = {(method.upper(), path) for path, operations in document["paths"].items()
                for method, operation in operations.items() if operation.get("security") == []}
-    assert keyless == api.PUBLIC_ROUTES
+    assert keyless == security.PUBLIC_ROUTES
 
 
 async def test_every_route_but_the_public_ones_answers_401_without_the_key(app: web.Application,
                                                                            client: TestClient) -> None:
     routes = [route for route in app.router.routes() if route.resource is not None]
     public = [route for route in routes if (route.method if route.method != "HEAD" else "GET",
-                                            route.resource.canonical) in api.PUBLIC_ROUTES]
-    assert {(route.method, route.resource.canonical) for route in public} >= api.PUBLIC_ROUTES
+                                            route.resource.canonical) in security.PUBLIC_ROUTES]
+    assert {(route.method, route.resource.canonical) for route in public} >= security.PUBLIC_ROUTES
     protected = [route for route in routes if route not in public]
     assert len(protected) >= 20, "make_app's routes were enumerated"
     for route in protected:

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
 from reconciler.desired.shared_file import DesiredFile
+from reconciler.runtime.data_zip import MANIFEST
 from reconciler.server import api
-from reconciler.server.backup import MANIFEST
 from reconciler.server.daemon import Daemon
 
 # root reads every file whatever its mode: without these capabilities a 000 file is unreadable to it too

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from conftest import CST, Project, free_ports, git, http_status, kill_all, standin_file, start_serve, wait_until
-from reconciler.server.git_repo import GitRepo, Kind
+from reconciler.server.git_repo import GitOutcomeKind, GitRepo
 
 KEY = "git-test-admin-key"
 
@@ -278,7 +278,7 @@ def test_a_commit_holds_what_cst_wrote_not_a_save_that_landed_after_it(tmp_path:
     ours = "version: 1\ninstances: [{port: 8001}]\n"
     path.write_text(ours + "# someone saved right after CST\n")   # between CST's write and its commit
     outcome = repo.commit("version: 1\n", ours, "create st-instance-8001 (port 8001)")
-    assert outcome.kind is Kind.COMMITTED
+    assert outcome.kind is GitOutcomeKind.COMMITTED
     assert git(tmp_path, "show", "HEAD:desired.yaml") + "\n" == ours
     assert git(tmp_path, "status", "--porcelain") == "M desired.yaml"   # their line: in the work tree only
     assert git(tmp_path, "diff", "--cached") == ""                      # the index follows the commit

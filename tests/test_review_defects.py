@@ -16,8 +16,8 @@ from reconciler.desired.model import load
 from reconciler.desired.problems import InvalidDesiredState
 from reconciler.desired.validation import MAX_PROBLEMS
 from reconciler.runtime.statedir import StateDir
-from reconciler.server.api import client_address
 from reconciler.server.events import EventHub
+from reconciler.server.security import client_address
 
 KEY = "review-admin-key"
 

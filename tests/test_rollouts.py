@@ -12,7 +12,7 @@ import pytest
 
 from conftest import STANDIN, Project, free_ports, http_status, release_home_of_its_own, serve_settings, wait_until
 from reconciler.desired.model import RolloutSettings
-from reconciler.engine.plan import Action, Kind, Target, plan
+from reconciler.engine.plan import Action, ActionKind, Target, plan
 from reconciler.engine.rollout import Halt, batches, stands
 from reconciler.runtime import sillytavern
 from reconciler.runtime.base import Observed
@@ -46,13 +46,13 @@ def test_the_planner_upgrades_a_running_instance_on_another_release_and_holds_wh
     observed = {a: Observed(a, 8001, "running", 10, "fp1", release="sillytavern@1.18.0"),
                 b: Observed(b, 8002, "stopped", release="sillytavern@1.18.0")}
     actions = plan(targets, observed)
-    assert [(x.kind, x.release) for x in actions] == [(Kind.UPGRADE, "sillytavern@1.19.0"),
-                                                     (Kind.START, "sillytavern@1.19.0")]
+    assert [(x.kind, x.release) for x in actions] == [(ActionKind.UPGRADE, "sillytavern@1.19.0"),
+                                                     (ActionKind.START, "sillytavern@1.19.0")]
     held = plan(targets, observed, halted="rollout halted at st-instance-8003: boom, rolled back")
-    assert held[0] == Action(Kind.OK, a, 8001, "on sillytavern@1.18.0: rollout halted at st-instance-8003: boom, "
+    assert held[0] == Action(ActionKind.OK, a, 8001, "on sillytavern@1.18.0: rollout halted at st-instance-8003: boom, "
                                                "rolled back")
     same = {a: Observed(a, 8001, "running", 10, "fp1", release="sillytavern@1.19.0")}
-    assert plan(targets[:1], same)[0].kind == Kind.RESTART, "the same release: a plain restart"
+    assert plan(targets[:1], same)[0].kind == ActionKind.RESTART, "the same release: a plain restart"
 
 
 def _fleet(project: Project, ports: list[int], server: Path, api_port: int, pause: str = "1s") -> None:

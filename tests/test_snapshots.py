@@ -12,7 +12,7 @@ from conftest import free_ports, http_status, nest, serve_settings, standin_file
 from reconciler.desired.model import load
 from reconciler.runtime.snapshots import Snapshots
 from reconciler.runtime.statedir import StateDir
-from reconciler.server.backups import BackupScheduler
+from reconciler.server.snapshot_schedule import BackupScheduler
 
 LONG_AGO = time.time() - 3600   # files SillyTavern saved a while ago (a file changed seconds before a
                                 # snapshot is copied again the next time, as git treats "racy" files)

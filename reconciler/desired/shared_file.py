@@ -47,7 +47,7 @@ def sha256(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class FileReading:
     """The file's content at one moment, and what it means (or why it means nothing)."""
 
     text: str
@@ -102,39 +102,39 @@ class DesiredFile:
         self._lock = asyncio.Lock()
         self.recorder: Recorder | None = None
 
-    def read(self) -> Snapshot:
+    def read(self) -> FileReading:
         """The file now (blocking: file I/O and validation)."""
         try:
             text = read_text(self.path)
         except InvalidDesiredState as exc:  # unreadable, not a file, too big, not UTF-8
-            return Snapshot("", sha256(""), None, tuple(exc.problems))
+            return FileReading("", sha256(""), None, tuple(exc.problems))
         return self.interpret(text)
 
-    async def aread(self) -> Snapshot:
+    async def aread(self) -> FileReading:
         """``read`` in a worker thread."""
         return await asyncio.to_thread(self.read)
 
-    async def read_in_turn(self) -> Snapshot:
+    async def read_in_turn(self) -> FileReading:
         """``aread`` in turn with this process's own changes, so that a reading taken before a change
-        is never handed over after it: a caller that uses the snapshot without awaiting anything
+        is never handed over after it: a caller that uses the reading without awaiting anything
         first (``change`` callers do the same) sees this process's readings and writes in order."""
         async with self._lock:
             return await self.aread()
 
-    def interpret(self, text: str) -> Snapshot:
+    def interpret(self, text: str) -> FileReading:
         try:
-            return Snapshot(text, sha256(text), parse(text, self.path))
+            return FileReading(text, sha256(text), parse(text, self.path))
         except InvalidDesiredState as exc:
-            return Snapshot(text, sha256(text), None, tuple(exc.problems))
+            return FileReading(text, sha256(text), None, tuple(exc.problems))
 
-    async def settled_read(self) -> Snapshot:
+    async def settled_read(self) -> FileReading:
         """Read, giving an editor that is half-way through writing the file a moment to finish."""
         for _ in range(_SETTLE_TRIES):
-            snapshot = await self.aread()
-            if snapshot.valid:
-                return snapshot
+            reading = await self.aread()
+            if reading.valid:
+                return reading
             await asyncio.sleep(_SETTLE_PAUSE)
-        return snapshot
+        return reading
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -142,11 +142,11 @@ class DesiredFile:
         async with self._lock, _writers_turn(self.path.parent):
             yield
 
-    async def _record(self, before: Snapshot, after: Snapshot, note: str | None) -> None:
+    async def _record(self, before: FileReading, after: FileReading, note: str | None) -> None:
         if note is not None and self.recorder is not None:
             await asyncio.to_thread(self.recorder, before.text, after.text, note)
 
-    async def change(self, edit: Callable[[str], str], guard: Guard | None = None, note: str | None = None) -> Snapshot:
+    async def change(self, edit: Callable[[str], str], guard: Guard | None = None, note: str | None = None) -> FileReading:
         """Apply ``edit`` to the current text and write the result if it is valid (and ``guard``
         lets it through).
 
@@ -162,7 +162,7 @@ class DesiredFile:
             await self._record(base, new, note)
             return new
 
-    def _change(self, edit: Callable[[str], str], current: Snapshot, guard: Guard | None) -> tuple[Snapshot, Snapshot]:
+    def _change(self, edit: Callable[[str], str], current: FileReading, guard: Guard | None) -> tuple[FileReading, FileReading]:
         """``change`` once the current version is read (blocking: validation, fsync, rename): the
         version the change was built on, and the new one."""
         new = self._checked(edit(current.text), current, guard)
@@ -183,7 +183,7 @@ class DesiredFile:
                 raise
 
     async def replace(self, text: str, if_match: frozenset[str] | None, guard: Guard | None = None,
-                      note: str | None = None, base: DesiredState | None = None) -> Snapshot:
+                      note: str | None = None, base: DesiredState | None = None) -> FileReading:
         """Replace the whole file, only if it is still a version whose sha256 is in ``if_match``
         (None: any version, as long as the file exists). ``guard`` compares the change with the
         file's version, or with ``base`` (the last valid state) when the file is invalid now: a
@@ -200,18 +200,18 @@ class DesiredFile:
             await self._record(current, new, note)
             return new
 
-    def _foreign(self, data: bytes) -> Snapshot:
+    def _foreign(self, data: bytes) -> FileReading:
         """A version someone else saved, to build on; CurrentFileInvalid when it cannot be."""
         try:
-            snapshot = self.interpret(decode(data, str(self.path)))
+            reading = self.interpret(decode(data, str(self.path)))
         except InvalidDesiredState as exc:  # too big, not UTF-8
             raise CurrentFileInvalid(list(exc.problems)) from None
-        if not snapshot.valid:
-            raise CurrentFileInvalid(list(snapshot.problems))
-        return snapshot
+        if not reading.valid:
+            raise CurrentFileInvalid(list(reading.problems))
+        return reading
 
-    def _checked(self, text: str, current: Snapshot, guard: Guard | None,
-                 base: DesiredState | None = None) -> Snapshot:
+    def _checked(self, text: str, current: FileReading, guard: Guard | None,
+                 base: DesiredState | None = None) -> FileReading:
         new = self.interpret(text)
         if new.desired is None:
             raise ChangeRefused(list(new.problems))

@@ -27,7 +27,7 @@ class Target:
     parks: bool = False             # park_after is set: parked is as good as running (cst serve wakes it)
 
 
-class Kind(str, Enum):
+class ActionKind(str, Enum):
     OK = "ok"                       # nothing to do
     ADOPT = "adopt"                 # running already: write its record, leave the process alone
     FORGET_PID = "forget-pid"       # record says running, process is gone, and stopped is wanted
@@ -44,12 +44,12 @@ class Kind(str, Enum):
     FAIL = "fail"                   # cannot be done; reason says why
 
 
-CHANGES = {Kind.START, Kind.RESTART, Kind.UPGRADE, Kind.STOP, Kind.PARK, Kind.REMOVE}
+CHANGES = {ActionKind.START, ActionKind.RESTART, ActionKind.UPGRADE, ActionKind.STOP, ActionKind.PARK, ActionKind.REMOVE}
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: Kind
+    kind: ActionKind
     id: str
     port: int
     reason: str = ""
@@ -62,48 +62,48 @@ class Action:
 
 def _for_declared(target: Target, seen: Observed | None, hold: str | None, restart: str | None,
                   halted: str | None) -> list[Action]:
-    def act(kind: Kind, reason: str = "") -> list[Action]:
+    def act(kind: ActionKind, reason: str = "") -> list[Action]:
         return [Action(kind, target.id, target.port, reason)]
 
     status = seen.status if seen else "stopped"
-    adopted = [Action(Kind.ADOPT, target.id, target.port, "adopted")] if seen and seen.adopted else []
+    adopted = [Action(ActionKind.ADOPT, target.id, target.port, "adopted")] if seen and seen.adopted else []
 
     if target.state == "stopped":
         if status == "running":
-            return act(Kind.STOP, "stopped")
+            return act(ActionKind.STOP, "stopped")
         if status in ("crashed", "parked"):
-            return act(Kind.FORGET_PID, "not running")
-        return act(Kind.OK)
+            return act(ActionKind.FORGET_PID, "not running")
+        return act(ActionKind.OK)
 
     if status == "parked":   # woken by its first request, on the file's release and settings then
-        return act(Kind.OK, "parked") if target.parks else act(Kind.START, "started: park_after is off")
+        return act(ActionKind.OK, "parked") if target.parks else act(ActionKind.START, "started: park_after is off")
 
     # running is wanted
     if seen is not None and seen.status == "port-taken":
-        return act(Kind.FAIL, f"port {target.port} is held by another process ({seen.holder})")
+        return act(ActionKind.FAIL, f"port {target.port} is held by another process ({seen.holder})")
     if target.problem:
-        return act(Kind.FAIL, target.problem)
+        return act(ActionKind.FAIL, target.problem)
     if seen is not None and seen.status == "running":
         if seen.release and target.release and seen.release != target.release:
             if halted:   # the rollout stopped: instances not reached stay on their release until the file changes
-                return adopted + act(Kind.OK, f"on {seen.release}: {halted}")
-            return adopted + [Action(Kind.UPGRADE, target.id, target.port,
+                return adopted + act(ActionKind.OK, f"on {seen.release}: {halted}")
+            return adopted + [Action(ActionKind.UPGRADE, target.id, target.port,
                                      f"upgraded: {seen.release} -> {target.release}", target.release)]
         if seen.fingerprint != target.fingerprint:
-            return adopted + act(Kind.RESTART, "restarted: settings changed")
+            return adopted + act(ActionKind.RESTART, "restarted: settings changed")
         if restart:
-            return adopted + act(Kind.RESTART, f"restarted: {restart}")
-        return adopted or act(Kind.OK)
+            return adopted + act(ActionKind.RESTART, f"restarted: {restart}")
+        return adopted or act(ActionKind.OK)
     if hold:
-        return act(Kind.BACK_OFF, hold)
+        return act(ActionKind.BACK_OFF, hold)
     if target.parks and status == "stopped":
-        return act(Kind.PARK, "parked: not in use")
+        return act(ActionKind.PARK, "parked: not in use")
     # its data was last used by another release: a snapshot first (release set), as in a rollout
     moving = seen.release if seen and seen.release and target.release and seen.release != target.release else None
     release = target.release if moving else ""
     if status == "crashed":
-        return [Action(Kind.START, target.id, target.port, "restarted: process had exited", release)]
-    return [Action(Kind.START, target.id, target.port, f"started (was on {moving})" if moving else "started",
+        return [Action(ActionKind.START, target.id, target.port, "restarted: process had exited", release)]
+    return [Action(ActionKind.START, target.id, target.port, f"started (was on {moving})" if moving else "started",
                    release)]
 
 
@@ -124,5 +124,5 @@ def plan(targets: Sequence[Target], observed: Mapping[str, Observed],
                                      halted))
     for id_, seen in sorted(observed.items()):
         if id_ not in declared and seen.status != "port-taken":
-            actions.append(Action(Kind.REMOVE, id_, seen.port, "removed: data archived"))
+            actions.append(Action(ActionKind.REMOVE, id_, seen.port, "removed: data archived"))
     return actions

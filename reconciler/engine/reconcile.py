@@ -19,7 +19,7 @@ import psutil
 from ..desired.model import DesiredState, InstanceSpec
 from ..runtime.base import LaunchImpossible, Observed, ReleaseId, Runtime, StartFailed
 from ..runtime.processes import utc_now
-from .plan import Action, Kind, Target, plan
+from .plan import Action, ActionKind, Target, plan
 from .results import Happened, Report, Result
 from .rollout import Halt, roll_out, stands
 
@@ -83,7 +83,7 @@ async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False
             if ready.failure:
                 emit(Result(ready.subject, "failed", ready.failure, happened=Happened.RELEASE_FAILED))
                 reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
-                actions = [Action(Kind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
+                actions = [Action(ActionKind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
             elif ready.done:
                 emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
         phase("updating the edge")
@@ -115,8 +115,8 @@ async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False
                     emit(Result(f"sillytavern {version}", "changed", "removed: no instance runs it any more",
                                 happened=Happened.RELEASE_REMOVED))
 
-        upgrades = [a for a in actions if a.kind == Kind.UPGRADE]
-        others = [a for a in actions if a.kind != Kind.UPGRADE]
+        upgrades = [a for a in actions if a.kind == ActionKind.UPGRADE]
+        others = [a for a in actions if a.kind != ActionKind.UPGRADE]
         groups = [list(g) for _, g in groupby(others, key=lambda a: a.id)]
         await asyncio.gather(*(run_group(g) for g in groups))
         if upgrades:   # after the rest: an instance found running without a record is adopted first
@@ -152,7 +152,7 @@ async def _follow_edge(runtime: Runtime, emit: Callable[[Result], None], quiet: 
         emit(Result("edge", "changed", detail, happened=Happened.EDGE_CHANGED))
 
 
-_STARTS = (Kind.START, Kind.RESTART, Kind.UPGRADE)
+_STARTS = (ActionKind.START, ActionKind.RESTART, ActionKind.UPGRADE)
 
 
 def standing_halt(runtime: Runtime, desired: DesiredState) -> Halt | None:
@@ -173,18 +173,18 @@ def _standing_halt(runtime: Runtime, wanted: list[Target], drop_stale: bool) -> 
     return None
 
 
-_HAPPENS = {Kind.OK: Happened.UNCHANGED, Kind.ADOPT: Happened.ADOPTED, Kind.FORGET_PID: Happened.FORGOTTEN,
-            Kind.START: Happened.STARTED, Kind.RESTART: Happened.RESTARTED, Kind.UPGRADE: Happened.UPGRADED,
-            Kind.STOP: Happened.STOPPED, Kind.PARK: Happened.PARKED,
-            Kind.REMOVE: Happened.REMOVED, Kind.BACK_OFF: Happened.HELD, Kind.FAIL: Happened.IMPOSSIBLE}
-_AFTER = {Kind.START: "running", Kind.RESTART: "running", Kind.UPGRADE: "running", Kind.STOP: "stopped",
-          Kind.PARK: "parked", Kind.REMOVE: "absent"}
+_HAPPENS = {ActionKind.OK: Happened.UNCHANGED, ActionKind.ADOPT: Happened.ADOPTED, ActionKind.FORGET_PID: Happened.FORGOTTEN,
+            ActionKind.START: Happened.STARTED, ActionKind.RESTART: Happened.RESTARTED, ActionKind.UPGRADE: Happened.UPGRADED,
+            ActionKind.STOP: Happened.STOPPED, ActionKind.PARK: Happened.PARKED,
+            ActionKind.REMOVE: Happened.REMOVED, ActionKind.BACK_OFF: Happened.HELD, ActionKind.FAIL: Happened.IMPOSSIBLE}
+_AFTER = {ActionKind.START: "running", ActionKind.RESTART: "running", ActionKind.UPGRADE: "running", ActionKind.STOP: "stopped",
+          ActionKind.PARK: "parked", ActionKind.REMOVE: "absent"}
 
 
 def _would(action: Action, seen: Observed | None) -> Result:
     before = seen.status if seen else "absent"
     happens = _HAPPENS[action.kind]
-    if action.kind in (Kind.FAIL, Kind.BACK_OFF):
+    if action.kind in (ActionKind.FAIL, ActionKind.BACK_OFF):
         return Result(action.id, "failed", action.reason, before, happened=happens)
     if action.changes:
         return Result(action.id, "changed", f"would be {happens.value}", before, _AFTER[action.kind],
@@ -201,34 +201,34 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
         return Result(action.id, "failed", detail, before, happened=happened, cause=cause)
 
     try:
-        if action.kind in (Kind.FAIL, Kind.BACK_OFF):
+        if action.kind in (ActionKind.FAIL, ActionKind.BACK_OFF):
             return failed(happens, action.reason)
-        if action.kind == Kind.OK:
+        if action.kind == ActionKind.OK:
             return Result(action.id, "ok", action.reason, before, before, happened=happens)
-        if action.kind == Kind.ADOPT:
+        if action.kind == ActionKind.ADOPT:
             assert seen is not None and seen.pid is not None, "the planner adopts only a process it saw"
             runtime.adopt(action.id, action.port, seen.pid)
             return Result(action.id, "ok", action.reason, before, "running", happened=happens)
-        if action.kind == Kind.FORGET_PID:
+        if action.kind == ActionKind.FORGET_PID:
             runtime.forget_pid(action.id)
             return Result(action.id, "ok", "", before, "stopped", happened=happens)
-        if action.kind == Kind.STOP:
+        if action.kind == ActionKind.STOP:
             await runtime.stop(action.id)
             return Result(action.id, "changed", action.reason, before, "stopped", happened=happens)
-        if action.kind == Kind.PARK:
+        if action.kind == ActionKind.PARK:
             await runtime.park(action.id)
             return Result(action.id, "changed", action.reason, before, "parked", happened=happens)
-        if action.kind == Kind.REMOVE:
+        if action.kind == ActionKind.REMOVE:
             archived = await runtime.archive(action.id)
             where = f"data archived in {archived}" if archived else "it had no data dir"
             return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""),
                           happened=happens)
         assert spec is not None, "the planner starts only declared instances"
-        if action.kind == Kind.RESTART:
+        if action.kind == ActionKind.RESTART:
             await runtime.stop(action.id)
             await runtime.start(spec, count_restart=True)
             return Result(action.id, "changed", action.reason, before, "running", happened=happens)
-        if action.kind == Kind.START:
+        if action.kind == ActionKind.START:
             if action.release:   # its data was last used by another release: keep a copy first
                 await runtime.snapshot(action.id, "rollout")
             await runtime.start(spec, count_restart=before == "crashed")

@@ -1,65 +1,51 @@
 """The REST API: the seed's (ChainSillyTavern) contract, plus the desired file and status.
 
-Handlers only translate HTTP into ``Fleet`` calls and back; the middlewares do
-authentication (constant-time comparison of ``X-ST-Admin-Key``, wrong keys limited per
-client address) and turn every error into ``{"error": "..."}`` in the caller's language,
-with no traceback. Every route needs the key but those in ``PUBLIC_ROUTES`` (deny by default).
+Handlers only translate HTTP into ``Fleet`` calls and back (``documents`` shapes what they
+return); ``security`` authenticates every route but its public ones, and the ``errors``
+middleware here is the one place a failure becomes HTTP: ``{"error": "...", "code": "..."}`` in
+the caller's language, with no traceback.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..desired.edits import instance_lines
-from ..desired.model import IPNetwork, instance_id
+from ..desired.model import instance_id
 from ..desired.restricted import RestrictedChange, refuse_restricted
 from ..desired.schema import SCHEMAS
 from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, StaleVersion
 from ..engine.inventory import InstanceRow
 from ..engine.reconcile import reconcile_once
+from ..runtime.data_zip import MANIFEST, zip_stream
 from . import documents, fleet_metrics, logstream, responses, usage
 from .admin_page import Page
-from .backup import MANIFEST, zip_stream
 from .control import Control, NotConverged
 from .errors import ErrorKind, FleetError
 from .fleet import Fleet, change_note
 from .keypool import pool_document
-from .messages import language, message
+from .messages import message
 from .ratelimit import FailureLimiter
+from .responses import Handler, error_answer, json_answer, language_of
+from .security import ADMIN_KEY, LIMITER, TRUSTED_PROXIES, auth, caller
 
 log = logging.getLogger("cst.api")
 DAEMON = web.AppKey("daemon", Control)
 FLEET = web.AppKey("fleet", Fleet)
-ADMIN_KEY = web.AppKey("admin_key", str)
-LIMITER = web.AppKey("limiter", FailureLimiter)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
 PAGE = web.AppKey("page", Page)
 STREAMS = web.AppKey("streams", set[asyncio.Task])  # the tasks serving open streams
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _json(data: object, status: int = 200) -> web.Response:
-    # Chinese messages as characters, not \u escapes
-    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
-
-
-def _lang(request: web.Request) -> str:
-    return language(request.query, request.headers.get("Accept-Language"))
-
 
 # the one place a service failure becomes HTTP
 STATUS: dict[ErrorKind, int] = {
@@ -69,128 +55,25 @@ STATUS: dict[ErrorKind, int] = {
 }
 
 
-def _error(request: web.Request, status: int, code: str, **params: object) -> web.Response:
-    """The seed's ``{"error": <message>}`` in the caller's language, with the stable ``code`` beside it."""
-    return _json({"error": message(code, _lang(request), **params), "code": code}, status=status)
-
-
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except FleetError as exc:
-        return _error(request, STATUS[exc.kind], exc.code, **exc.params)
+        return error_answer(request, STATUS[exc.kind], exc.code, **exc.params)
     except NotConverged as exc:  # the change is in the file; the caller is not kept waiting for ever
-        return _error(request, 504, "not_applied", seconds=f"{exc.waited:g}", pending=exc.pending)
+        return error_answer(request, 504, "not_applied", seconds=f"{exc.waited:g}", pending=exc.pending)
     except web.HTTPNotFound:
-        return _error(request, 404, "not_route")
+        return error_answer(request, 404, "not_route")
     except web.HTTPMethodNotAllowed:
-        return _error(request, 405, "method")
+        return error_answer(request, 405, "method")
     except web.HTTPException as exc:   # aiohttp's own (a body over the limit): its reason, in English
-        return _json({"error": exc.reason, "code": f"http_{exc.status}"}, status=exc.status)
+        return json_answer({"error": exc.reason, "code": f"http_{exc.status}"}, status=exc.status)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         if responses.started(request):
             raise   # its answer is under way: aiohttp ends the connection instead of answering twice
-        return _error(request, 500, "internal")
-
-
-def key_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison of a header value with a key. aiohttp keeps header bytes that
-    are not UTF-8 as surrogates; they are compared as the bytes that arrived (and never match)."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
-
-
-def client_address(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str | None:
-    """Who is calling: the peer, or, when the peer is a trusted reverse proxy, the nearest address
-    in ``X-Forwarded-For`` that is not one (each proxy appends the address it heard from, so the
-    addresses before a trusted proxy's are the client's word and believed no further)."""
-    address = request.remote
-    if not trusted or not _trusted(address, trusted):
-        return address
-    for hop in reversed(",".join(request.headers.getall("X-Forwarded-For", [])).split(",")):
-        hop = hop.strip()
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break   # not an address: nothing before it can be believed either
-        address = hop
-        if not _trusted(hop, trusted):
-            break
-    return address
-
-
-def _trusted(address: str | None, trusted: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address or "")
-    except ValueError:
-        return False
-    return any(ip in network for network in trusted)
-
-
-def _caller(request: web.Request) -> str | None:
-    return client_address(request, request.app[DAEMON].desired.settings.api.trusted_proxies)
-
-
-# The only routes answered without the admin key, as (method, route pattern): liveness, and the
-# admin page with its static files (it holds no secret and asks for the key once loaded). Every
-# other route needs the key, one added later too, and so does a path no route matches (a 404 or
-# 405 tells nothing without it). HEAD follows its GET.
-PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
-    ("GET", "/health"),
-    ("GET", "/"),
-    ("GET", "/page/{name}"),
-})
-
-
-# Routes that also take the admin key as ``Authorization: Bearer <key>``: what Prometheus and other
-# scrapers send (bearer_token_file, authorization.credentials_file), where a header of another name
-# needs a recent Prometheus. Compared, and limited when wrong, as X-ST-Admin-Key is.
-BEARER_ROUTES: frozenset[tuple[str, str]] = frozenset({("GET", "/metrics")})
-
-
-def matched_route(request: web.Request) -> tuple[str, str] | None:
-    """(method, route pattern) of the route the router matched (HEAD as its GET), never the
-    path's spelling; None when no route matched (a 404 or 405)."""
-    route = request.match_info.route
-    if route.resource is None:
-        return None
-    return ("GET" if route.method == "HEAD" else route.method, route.resource.canonical)
-
-
-def is_public(request: web.Request) -> bool:
-    """Whether the route ``request`` matched is one of ``PUBLIC_ROUTES``."""
-    return matched_route(request) in PUBLIC_ROUTES
-
-
-def _bearer_key(request: web.Request) -> str | None:
-    """The token of ``Authorization: Bearer <token>`` on a route of ``BEARER_ROUTES``."""
-    if matched_route(request) not in BEARER_ROUTES:
-        return None
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None   # the scheme is case-insensitive (RFC 9110)
-
-
-@web.middleware
-async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if is_public(request):
-        return await handler(request)
-    limiter = request.app[LIMITER]
-    caller = _caller(request)
-    wait = limiter.retry_after(caller)
-    if wait:
-        if limiter.first_refusal(caller):
-            log.warning("too many wrong admin keys from %s: refusing it for now", caller)
-        response = _error(request, 429, "too_many_failures", seconds=wait)
-        response.headers["Retry-After"] = str(wait)
-        return response
-    given = request.headers.get("X-ST-Admin-Key") or _bearer_key(request)
-    if not given:  # not a guess: not counted
-        return _error(request, 401, "missing_admin_key")
-    if not key_matches(given, request.app[ADMIN_KEY]):
-        limiter.failed(caller)
-        return _error(request, 401, "invalid_admin_key")
-    return await handler(request)
+        return error_answer(request, 500, "internal")
 
 
 async def _json_body(request: web.Request) -> object:
@@ -206,26 +89,26 @@ async def _json_body(request: web.Request) -> object:
 def _done(request: web.Request, result: dict[str, Any]) -> web.Response:
     key = result.pop("message_key", None)
     if key:
-        result["message"] = message(key, _lang(request), **result)
-    return _json(result)
+        result["message"] = message(key, language_of(request), **result)
+    return json_answer(result)
 
 
 # -- the seed's endpoints
 
 async def health(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    return _json({
+    return json_answer({
         "status": "ok",
         "version": __version__,
         "instances": len(daemon.desired.instances),
-        "desiredValid": daemon.snapshot.valid,
+        "desiredValid": daemon.reading.valid,
         "uptime": round(time.monotonic() - request.app[STARTED], 1),
     })
 
 
 async def create_instance(request: web.Request) -> web.Response:
     body = await _json_body(request)
-    return _json(documents.created_document(await request.app[FLEET].create(body, _client(request))), status=201)
+    return json_answer(documents.created_document(await request.app[FLEET].create(body, _client(request))), status=201)
 
 
 async def _with_usage(request: web.Request, rows: list[InstanceRow]) -> list[dict[str, Any]]:
@@ -243,12 +126,12 @@ async def list_instances(request: web.Request) -> web.Response:
     except OSError:
         log.exception("listing instances")
         raise FleetError(ErrorKind.FAILED, "list_failed") from None
-    return _json(await _with_usage(request, rows))
+    return json_answer(await _with_usage(request, rows))
 
 
 async def get_instance(request: web.Request) -> web.Response:
     (row,) = await _with_usage(request, [await request.app[FLEET].row(request.match_info["id"])])
-    return _json(row)
+    return json_answer(row)
 
 
 async def stop_instance(request: web.Request) -> web.Response:
@@ -276,7 +159,7 @@ async def wake_instance(request: web.Request) -> web.Response:
 
 
 async def reset_password(request: web.Request) -> web.Response:
-    return _json(documents.password_document(await request.app[FLEET].reset_password(request.match_info["id"])))
+    return json_answer(documents.password_document(await request.app[FLEET].reset_password(request.match_info["id"])))
 
 
 async def rotate_key(request: web.Request) -> web.Response:
@@ -290,7 +173,7 @@ async def delete_instance(request: web.Request) -> web.Response:
 
 
 async def list_backups(request: web.Request) -> web.Response:
-    return _json([snapshot.document() for snapshot in await request.app[FLEET].backups(request.match_info["id"])])
+    return json_answer([snapshot.document() for snapshot in await request.app[FLEET].backups(request.match_info["id"])])
 
 
 async def restore_backup(request: web.Request) -> web.Response:
@@ -341,20 +224,20 @@ def if_match(header: str) -> frozenset[str] | None:
 
 def _client(request: web.Request) -> str:
     """Who asked, as a change's history names them: the client's address."""
-    return _caller(request) or "an unknown address"
+    return caller(request) or "an unknown address"
 
 
 async def get_desired(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    snapshot = await daemon.file.aread()
-    return _json({
-        "path": str(daemon.file.path), "text": snapshot.text, "sha256": snapshot.sha256,
-        "valid": snapshot.valid, "problems": [str(p) for p in snapshot.problems],
-        "warnings": [str(w) for w in snapshot.desired.warnings] if snapshot.desired is not None else [],
+    reading = await daemon.file.aread()
+    return json_answer({
+        "path": str(daemon.file.path), "text": reading.text, "sha256": reading.sha256,
+        "valid": reading.valid, "problems": [str(p) for p in reading.problems],
+        "warnings": [str(w) for w in reading.desired.warnings] if reading.desired is not None else [],
         # a valid file only (the loader's limits held for it), and off the loop that relays chats
         "instances": {instance_id(port): {"from": first, "to": last}
-                      for port, (first, last) in (await asyncio.to_thread(instance_lines, snapshot.text)
-                                                  if snapshot.valid else {}).items()},
+                      for port, (first, last) in (await asyncio.to_thread(instance_lines, reading.text)
+                                                  if reading.valid else {}).items()},
         "git": await asyncio.to_thread(daemon.git.document)})
 
 
@@ -381,7 +264,7 @@ async def put_desired(request: web.Request) -> web.Response:
         raise FleetError(ErrorKind.PRECONDITION_REQUIRED, "if_match_required")
     text = await _file_text(request)
     try:
-        snapshot = await daemon.file.replace(text, if_match(header), guard=refuse_restricted, base=daemon.desired,
+        reading = await daemon.file.replace(text, if_match(header), guard=refuse_restricted, base=daemon.desired,
                                              note=change_note(f"replace desired.yaml (PUT, If-Match {header[:12]}…)",
                                                               _client(request)))
     except RestrictedChange as exc:
@@ -394,9 +277,9 @@ async def put_desired(request: web.Request) -> web.Response:
         raise FleetError(ErrorKind.CONFLICT, "file_invalid", problems="; ".join(str(p) for p in exc.problems)) from None
     except OSError as exc:  # disk full, read-only: the old file is untouched
         raise FleetError(ErrorKind.FAILED, "write_failed", reason=exc.strerror or str(exc)) from None
-    daemon.accept(snapshot)
+    daemon.accept(reading)
     report = await daemon.converge()
-    return _json({"sha256": snapshot.sha256, "valid": True, "recap": report.recap,
+    return json_answer({"sha256": reading.sha256, "valid": True, "recap": report.recap,
                   "failed": [r.line() for r in report.results if r.outcome == "failed"]})
 
 
@@ -411,18 +294,18 @@ async def plan(request: web.Request) -> web.Response:
     # check mode only observes and plans (blocking work, so in a thread with a loop of its own)
     report = await asyncio.to_thread(asyncio.run, reconcile_once(daemon.runtime(candidate.desired, readonly=True),
                                                                  candidate.desired, check=True))
-    return _json({"text": report.text(diff=True), "recap": report.recap,
+    return json_answer({"text": report.text(diff=True), "recap": report.recap,
                   "results": [asdict(r) for r in report.results], "sha256": candidate.sha256})
 
 
 async def status(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    snapshot, report = daemon.snapshot, daemon.last_report
-    return _json({
+    reading, report = daemon.reading, daemon.last_report
+    return json_answer({
         "file": {
-            "path": str(daemon.file.path), "sha256": snapshot.sha256, "valid": snapshot.valid,
+            "path": str(daemon.file.path), "sha256": reading.sha256, "valid": reading.valid,
             "problems": [{"file": p.file, "line": p.line, "path": p.path, "message": p.message, "text": str(p)}
-                         for p in snapshot.problems],
+                         for p in reading.problems],
             "warnings": [str(w) for w in daemon.desired.warnings],  # of the version in force
             "enforcedSha256": daemon.enforced_sha256,  # the last valid version, the one in force
         },
@@ -455,7 +338,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return _json(request.app[OPENAPI])
+    return json_answer(request.app[OPENAPI])
 
 
 # -- the admin page, and what it reads beyond the seed's endpoints
@@ -497,16 +380,16 @@ async def instance_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def pool(request: web.Request) -> web.Response:
-    return _json(await pool_document(request.app[DAEMON].proxy))
+    return json_answer(await pool_document(request.app[DAEMON].proxy))
 
 
 async def get_usage(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    return _json(await usage.usage(daemon.proxy, daemon.desired, request.query))
+    return json_answer(await usage.usage(daemon.proxy, daemon.desired, request.query))
 
 
 async def free_port(request: web.Request) -> web.Response:
-    return _json({"port": request.app[FLEET].free_port()})
+    return json_answer({"port": request.app[FLEET].free_port()})
 
 
 def make_app(daemon: Control, admin_key: str) -> web.Application:
@@ -515,6 +398,7 @@ def make_app(daemon: Control, admin_key: str) -> web.Application:
     app[FLEET] = Fleet(daemon)
     app[ADMIN_KEY] = admin_key
     app[LIMITER] = FailureLimiter()
+    app[TRUSTED_PROXIES] = lambda: daemon.desired.settings.api.trusted_proxies   # as the file says now
     app[STARTED] = time.monotonic()
     app[OPENAPI] = json.loads(resources.files(SCHEMAS).joinpath("openapi.json").read_text(encoding="utf-8"))
     app.router.add_get("/health", health)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..desired.model import DesiredState
-from ..desired.shared_file import DesiredFile, Snapshot
+from ..desired.shared_file import DesiredFile, FileReading
 from ..engine.reconcile import Report
 from ..engine.supervision import Supervisor
 from ..runtime.base import RuntimeFactory
@@ -31,7 +31,7 @@ class NotConverged(Exception):
 
 class Control(Protocol):
     file: DesiredFile               # desired.yaml, shared with people and git
-    snapshot: Snapshot              # the file as last read (may be invalid)
+    reading: FileReading              # the file as last read (may be invalid)
     desired: DesiredState           # the last valid desired state: what is enforced
     enforced_sha256: str
     restart_needed: tuple[str, ...]  # settings the file changed that wait for a restart (see restart_settings)
@@ -52,7 +52,7 @@ class Control(Protocol):
     parking_counters: ParkingCounters  # parks and wakes, for GET /metrics
     disk: DiskWatch                 # each data dir's disk use, walked in the background
 
-    def accept(self, snapshot: Snapshot) -> None:
+    def accept(self, reading: FileReading) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""
 
     async def converge(self) -> Report:

@@ -32,13 +32,14 @@ from aiohttp import web
 
 from ..desired.model import DesiredState
 from ..desired.restart_settings import keep_restart_settings
-from ..desired.shared_file import DesiredFile, Snapshot
+from ..desired.shared_file import DesiredFile, FileReading
 from ..desired.watch import changes_of
 from ..engine.plan import Action
 from ..engine.reconcile import reconcile
 from ..engine.results import Report, Result
 from ..engine.supervision import Supervisor
 from ..runtime.base import RuntimeFactory
+from ..runtime.exit_watch import ExitWatches
 from ..runtime.health import HealthChecks
 from ..runtime.local import LocalRuntime
 from ..runtime.logs import rotate_log
@@ -48,16 +49,15 @@ from ..tasks import BackgroundTasks, LoopThread
 from . import liveness
 from .admin_key import admin_key
 from .api import make_app
-from .backups import BackupScheduler
 from .control import NotConverged
 from .disk_watch import DiskWatch
 from .events import EventHub
-from .exit_watch import ExitWatches
 from .fleet_metrics import ParkingCounters, PassCounters
 from .git_follow import GitFollower
 from .keypool import pool_document
 from .parking import Parking
 from .pool_process import PoolProcess, PoolStartFailed
+from .snapshot_schedule import BackupScheduler
 
 log = logging.getLogger("cst.serve")
 
@@ -69,17 +69,17 @@ class DaemonError(Exception):
 
 
 class Daemon:
-    def __init__(self, file: DesiredFile, snapshot: Snapshot, runtime: RuntimeFactory = LocalRuntime):
+    def __init__(self, file: DesiredFile, reading: FileReading, runtime: RuntimeFactory = LocalRuntime):
         """``runtime``: where every runtime this daemon and its API use comes from (a fake in tests)."""
-        if snapshot.desired is None:
-            raise DaemonError("\n".join(str(p) for p in snapshot.problems))
+        if reading.desired is None:
+            raise DaemonError("\n".join(str(p) for p in reading.problems))
         self.file = file
         self.runtime = runtime
-        self.snapshot = snapshot                 # the file as last read (may be invalid)
-        self.desired: DesiredState = snapshot.desired  # the last valid desired state: what is enforced
+        self.reading = reading                 # the file as last read (may be invalid)
+        self.desired: DesiredState = reading.desired  # the last valid desired state: what is enforced
         self.started_with = self.desired          # its settings that need a restart stay in force
         self.restart_needed: tuple[str, ...] = ()  # those the file has changed since
-        self.enforced_sha256 = snapshot.sha256
+        self.enforced_sha256 = reading.sha256
         self.pid = os.getpid()
         self.state = StateDir(self.desired.settings.state_dir)
         self.supervisor = Supervisor(self.desired)
@@ -115,24 +115,24 @@ class Daemon:
 
     # -- the desired state
 
-    def accept(self, snapshot: Snapshot) -> None:
+    def accept(self, reading: FileReading) -> None:
         """Take a new reading of the file: enforce it if valid, report it if not."""
-        previous = self.snapshot
-        self.snapshot = snapshot
-        self.events.file_read(previous, snapshot)
-        if snapshot.desired is None:
-            for problem in snapshot.problems:
+        previous = self.reading
+        self.reading = reading
+        self.events.file_read(previous, reading)
+        if reading.desired is None:
+            for problem in reading.problems:
                 log.error("desired.yaml is invalid, keeping the last valid state: %s", problem)
             return
-        if snapshot.sha256 == previous.sha256 and previous.valid:
+        if reading.sha256 == previous.sha256 and previous.valid:
             return
-        desired, restart_needed = keep_restart_settings(snapshot.desired, self.started_with)
+        desired, restart_needed = keep_restart_settings(reading.desired, self.started_with)
         for name in set(restart_needed) - set(self.restart_needed):
             log.warning("%s changed: it takes effect when cst serve restarts; until then the "
                         "value it started with stays in force", name)
         self.restart_needed = restart_needed
         self.desired = desired
-        self.enforced_sha256 = snapshot.sha256
+        self.enforced_sha256 = reading.sha256
         self.supervisor.desired = desired
         self._wake.set()
 

@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from ..desired.shared_file import Snapshot
+from ..desired.shared_file import FileReading
 from ..engine.results import Happened, Report, Result
 from . import responses
 
@@ -134,11 +134,11 @@ class EventHub:
 
     # -- what the daemon reports
 
-    def file_read(self, previous: Snapshot, snapshot: Snapshot) -> None:
-        if (snapshot.sha256, snapshot.valid) == (previous.sha256, previous.valid):
+    def file_read(self, previous: FileReading, reading: FileReading) -> None:
+        if (reading.sha256, reading.valid) == (previous.sha256, previous.valid):
             return
-        self.publish("file", {"sha256": snapshot.sha256, "valid": snapshot.valid,
-                              "problems": [{"line": p.line, "text": str(p)} for p in snapshot.problems]})
+        self.publish("file", {"sha256": reading.sha256, "valid": reading.valid,
+                              "problems": [{"line": p.line, "text": str(p)} for p in reading.problems]})
 
     def passed(self, report: Report, at: str, duration_ms: float) -> None:
         published = False

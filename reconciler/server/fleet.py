@@ -22,14 +22,13 @@ from typing import Any, Callable
 from ..desired import edits
 from ..desired.model import DesiredState, InstanceSpec, instance_id, parse, port_of
 from ..desired.restricted import RestrictedChange, refuse_restricted
-from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, Snapshot
+from ..desired.shared_file import ChangeRefused, CurrentFileInvalid, FileReading
 from ..engine.inventory import InstanceRow, instance_rows
 from ..engine.results import Result
 from ..runtime.base import StartFailed
 from ..runtime.processes import port_is_free
 from ..runtime.restore import Restored, restore_snapshot
-from ..runtime.snapshots import Snapshot as DataSnapshot
-from ..runtime.snapshots import SnapshotNotFound, Snapshots
+from ..runtime.snapshots import Snapshot, SnapshotNotFound, Snapshots
 from ..runtime.statedir import LockHeld
 from .control import Control
 from .errors import ErrorKind, FleetError
@@ -181,10 +180,10 @@ class Fleet:
 
     # -- changing (each: edit the file, then converge)
 
-    async def _edit(self, edit: Callable[[str], str], failure_key: str, note: str) -> Snapshot:
+    async def _edit(self, edit: Callable[[str], str], failure_key: str, note: str) -> FileReading:
         """``note``: what the change was and who asked, for the file's history (a git commit)."""
         try:
-            snapshot = await self.daemon.file.change(edit, guard=refuse_restricted, note=note)
+            reading = await self.daemon.file.change(edit, guard=refuse_restricted, note=note)
         except RestrictedChange as exc:
             raise FleetError(ErrorKind.FORBIDDEN, "restricted", fields=", ".join(exc.fields)) from None
         except CurrentFileInvalid as exc:
@@ -195,8 +194,8 @@ class Fleet:
             raise FleetError(ErrorKind.CONFLICT, failure_key, reason=str(exc)) from None
         except OSError as exc:  # disk full, read-only: the old file is untouched
             raise FleetError(ErrorKind.FAILED, "write_failed", reason=exc.strerror or str(exc)) from None
-        self.daemon.accept(snapshot)
-        return snapshot
+        self.daemon.accept(reading)
+        return reading
 
     async def _converge(self, id_: str, failure_key: str) -> tuple[Result | None, float]:
         """Wait for a pass that applies the change; its result for ``id_`` and when it ended.
@@ -238,9 +237,9 @@ class Fleet:
             raise FleetError(ErrorKind.BAD_REQUEST, "reserved_port", port=port, setting=self._reserved()[port])
         if not port_is_free(self.desired.settings.sillytavern.listen_address, port):
             raise FleetError(ErrorKind.BAD_REQUEST, "port_in_use", port=port)
-        snapshot = await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
+        reading = await self._edit(add, "create_failed", change_note(f"create {id_} (port {port})", client))
         # the instance as created: a DELETE that lands while this call waits must not leave it without one
-        desired = snapshot.desired
+        desired = reading.desired
         spec = desired.instance(id_) if desired is not None else None
         assert desired is not None and spec is not None, "a create that was written declares its instance"
         self.daemon.supervisor.forget(id_)
@@ -344,7 +343,7 @@ class Fleet:
 
     # -- snapshots (settings.backups, rollouts) and restoring one
 
-    async def backups(self, id_: str) -> list[DataSnapshot]:
+    async def backups(self, id_: str) -> list[Snapshot]:
         """The instance's snapshots, oldest first."""
         self._known(id_)
         return await asyncio.to_thread(Snapshots(self.daemon.state).list, id_)

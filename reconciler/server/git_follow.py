@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 
 from ..desired.model import GitSettings
 from ..desired.shared_file import DesiredFile
-from .git_repo import EMPTY, GitError, GitRepo, Kind, Outcome
+from .git_repo import EMPTY, GitError, GitOutcome, GitOutcomeKind, GitRepo
 
 log = logging.getLogger("cst.git")
 
@@ -58,9 +58,9 @@ class GitFollower:
         try:
             outcome = self.repo.commit(before, after, note)
         except (GitError, OSError) as exc:   # the edit is written; it must not fail for want of a commit
-            outcome = Outcome(Kind.FAILED, f"committing {self.repo.relative} failed: {exc}")
+            outcome = GitOutcome(GitOutcomeKind.FAILED, f"committing {self.repo.relative} failed: {exc}")
         last = self.last_commit = {**outcome.document(), "at": _now()}
-        if outcome.kind is Kind.COMMITTED:
+        if outcome.kind is GitOutcomeKind.COMMITTED:
             log.info("committed %s: %s (%s)", self.repo.relative, note.splitlines()[0], outcome.message[:10])
             settings = self._settings()
             if settings is not None and settings.push:
@@ -79,53 +79,53 @@ class GitFollower:
                 await self._pause(IDLE)
                 continue
             if self.repo is None:
-                self._record([Outcome(Kind.BAD_STATE, f"{self.file.path} is not tracked in a git work tree: "
+                self._record([GitOutcome(GitOutcomeKind.BAD_STATE, f"{self.file.path} is not tracked in a git work tree: "
                                                       "settings.git has nothing to follow (git add and commit it)")])
                 await self._pause(settings.every)
                 continue
             try:
                 outcomes = await self._round(self.repo, settings)
             except (GitError, OSError) as exc:   # the repository broke under CST: said, tried again
-                outcomes = [Outcome(Kind.FAILED, f"following the branch failed: {exc}")]
+                outcomes = [GitOutcome(GitOutcomeKind.FAILED, f"following the branch failed: {exc}")]
             self._record(outcomes)
-            if any(o.kind is Kind.MERGED for o in outcomes):
+            if any(o.kind is GitOutcomeKind.MERGED for o in outcomes):
                 await self._merged()
             await self._pause(settings.every)
 
-    async def _round(self, repo: GitRepo, settings: GitSettings) -> list[Outcome]:
+    async def _round(self, repo: GitRepo, settings: GitSettings) -> list[GitOutcome]:
         """Fetch, merge, push: what happened, in order, up to the first problem. Only the merge
         holds the file's writers' turn (a fetch or a push may wait on the network)."""
         fetched = await asyncio.to_thread(repo.fetch, settings)
-        if fetched.kind is not Kind.FETCHED:
+        if fetched.kind is not GitOutcomeKind.FETCHED:
             return [fetched]
         async with self.file.turn():   # no edit of CST's lands in the middle of a merge
             merged = await asyncio.to_thread(repo.merge, settings, fetched.message)
         outcomes = [merged]
         if settings.push and not merged.kind.problem:
             outcomes.append(await asyncio.to_thread(repo.push, settings, fetched.message))
-        return [o for o in outcomes if o.kind is not Kind.UNCHANGED] or [Outcome(Kind.UNCHANGED)]
+        return [o for o in outcomes if o.kind is not GitOutcomeKind.UNCHANGED] or [GitOutcome(GitOutcomeKind.UNCHANGED)]
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    def _record(self, outcomes: list[Outcome]) -> None:
+    def _record(self, outcomes: list[GitOutcome]) -> None:
         problems = [o for o in outcomes if o.kind.problem]
         previous = (self.last_sync or {}).get("problem")
         problem = problems[-1].document() if problems else None
         self.last_sync = {"at": _now(), "outcomes": [o.document() for o in outcomes], "problem": problem}
         for outcome in outcomes:
-            if outcome.kind is Kind.MERGED:
+            if outcome.kind is GitOutcomeKind.MERGED:
                 log.info("merged the followed branch into the work tree (now %s)", outcome.message[:10])
-            elif outcome.kind is Kind.PUSHED:
+            elif outcome.kind is GitOutcomeKind.PUSHED:
                 log.info("pushed CST's commits (now %s)", outcome.message[:10])
         if problem is not None and problem != previous:
             log.error("following the branch: %s", problem["message"])
         elif problem is None and previous is not None:
             log.info("following the branch works again")
         # an event when something happened or the problem changed, not every round a problem stands
-        if problem != previous or any(o.kind in (Kind.MERGED, Kind.PUSHED) for o in outcomes):
+        if problem != previous or any(o.kind in (GitOutcomeKind.MERGED, GitOutcomeKind.PUSHED) for o in outcomes):
             self._announce({"sync": self.last_sync})
 
     # -- what the API shows ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class GitFollower:
             "remote": settings.remote, "branch": settings.branch, "every": settings.every, "push": settings.push}
         # CST's last edit that could not be committed stops mattering once the file is committed
         # again (the operator committed or discarded what stood in the way)
-        stale = document["clean"] and self.last_commit is not None and self.last_commit["kind"] != Kind.COMMITTED.value
+        stale = document["clean"] and self.last_commit is not None and self.last_commit["kind"] != GitOutcomeKind.COMMITTED.value
         document["lastCommit"] = None if stale else self.last_commit
         document["lastSync"] = self.last_sync
         return document

@@ -5,7 +5,7 @@ kept out of its environment and never a prompt) and blocks: the daemon calls it 
 thread, in turn with its own writes of the file (``DesiredFile.turn``), so that a merge and an
 API edit never interleave.
 
-Outcomes are typed (``Kind``): the daemon, the API and the page decide on the kind, and show
+Outcomes are typed (``GitOutcomeKind``): the daemon, the API and the page decide on the kind, and show
 the message.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ _GIT_ENV = ("SSH_AUTH_SOCK", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG_GLOBAL", 
             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 
 
-class Kind(enum.Enum):
+class GitOutcomeKind(enum.Enum):
     COMMITTED = "committed"
     FOREIGN_CHANGES = "foreign_changes"     # the file held someone else's uncommitted lines: not committed
     UNCHANGED = "unchanged"                 # nothing to do
@@ -47,13 +47,13 @@ class Kind(enum.Enum):
 
     @property
     def problem(self) -> bool:
-        return self in (Kind.FOREIGN_CHANGES, Kind.BAD_STATE, Kind.FETCH_FAILED, Kind.CONFLICT, Kind.PUSH_REFUSED,
-                        Kind.FAILED)
+        return self in (GitOutcomeKind.FOREIGN_CHANGES, GitOutcomeKind.BAD_STATE, GitOutcomeKind.FETCH_FAILED, GitOutcomeKind.CONFLICT, GitOutcomeKind.PUSH_REFUSED,
+                        GitOutcomeKind.FAILED)
 
 
 @dataclass(frozen=True)
-class Outcome:
-    kind: Kind
+class GitOutcome:
+    kind: GitOutcomeKind
     message: str = ""
 
     def document(self) -> dict[str, str]:
@@ -159,7 +159,7 @@ class GitRepo:
 
     # -- CST's edits as commits ----------------------------------------------------------------------
 
-    def commit(self, before: str, after: str, message: str) -> Outcome:
+    def commit(self, before: str, after: str, message: str) -> GitOutcome:
         """Commit ``after`` (the file as CST just wrote it) with ``message``, unless the file held
         changes that were not committed before CST's edit (``before`` is what CST built on): those
         lines are someone else's, and are not committed under CST's name.
@@ -168,9 +168,9 @@ class GitRepo:
         that lands after CST's write stays in the work tree, uncommitted, as it should."""
         problem = self.state_problem()
         if problem is not None:
-            return Outcome(Kind.BAD_STATE, f"{problem}; CST's change to {self.relative} is written, not committed")
+            return GitOutcome(GitOutcomeKind.BAD_STATE, f"{problem}; CST's change to {self.relative} is written, not committed")
         if self.committed_text() != before:
-            return Outcome(Kind.FOREIGN_CHANGES,
+            return GitOutcome(GitOutcomeKind.FOREIGN_CHANGES,
                            f"{self.relative} had changes that were not committed before CST's edit: CST's change "
                            "is written but not committed (commit or discard those changes, and CST's next edit "
                            "is committed again)")
@@ -191,67 +191,67 @@ class GitRepo:
             # only if HEAD is still the parent: a commit made meanwhile is never overwritten
             self.run("update-ref", "-m", f"cst: {message.splitlines()[0]}", "HEAD", commit, parent)
         except GitError as exc:
-            return Outcome(Kind.FAILED, f"committing {self.relative} failed: {_last_line(exc.output)}")
+            return GitOutcome(GitOutcomeKind.FAILED, f"committing {self.relative} failed: {_last_line(exc.output)}")
         try:   # the index follows, so that git status compares the work tree with the new commit
             self.run("update-index", "--cacheinfo", f"{mode},{blob},{self.relative}")
         except GitError as exc:
             log.warning("committed %s, but updating git's index failed (git status may show it as changed "
                         "until `git reset -- %s`): %s", commit[:10], self.relative, _last_line(exc.output))
-        return Outcome(Kind.COMMITTED, commit)
+        return GitOutcome(GitOutcomeKind.COMMITTED, commit)
 
     # -- following a branch ----------------------------------------------------------------------------
 
-    def fetch(self, settings: GitSettings) -> Outcome:
+    def fetch(self, settings: GitSettings) -> GitOutcome:
         """Fetch the branch (network: no turn of the file's writers is held): FETCHED with the
         commit it points at, or why not."""
         problem = self.state_problem()
         if problem is not None:
-            return Outcome(Kind.BAD_STATE, problem)
+            return GitOutcome(GitOutcomeKind.BAD_STATE, problem)
         remote, branch = settings.remote, settings.branch
         try:
             self.run("fetch", "--quiet", "--no-tags", remote, f"refs/heads/{branch}")
-            return Outcome(Kind.FETCHED, self.run("rev-parse", "FETCH_HEAD").strip())
+            return GitOutcome(GitOutcomeKind.FETCHED, self.run("rev-parse", "FETCH_HEAD").strip())
         except GitError as exc:
-            return Outcome(Kind.FETCH_FAILED, f"fetching {branch} from {remote} failed: {_last_line(exc.output)}")
+            return GitOutcome(GitOutcomeKind.FETCH_FAILED, f"fetching {branch} from {remote} failed: {_last_line(exc.output)}")
 
-    def merge(self, settings: GitSettings, fetched: str) -> Outcome:
+    def merge(self, settings: GitSettings, fetched: str) -> GitOutcome:
         """Merge the fetched commit as git would (a fast-forward, or a merge commit on top of the
         work tree's own commits; never a force, never a reset). A conflict undoes the merge."""
         problem = self.state_problem()   # again: someone may have started a merge meanwhile
         if problem is not None:
-            return Outcome(Kind.BAD_STATE, problem)
+            return GitOutcome(GitOutcomeKind.BAD_STATE, problem)
         where = f"{settings.remote}/{settings.branch}"
         if not int(self.run("rev-list", "--count", f"HEAD..{fetched}").strip() or 0):
-            return Outcome(Kind.UNCHANGED)
+            return GitOutcome(GitOutcomeKind.UNCHANGED)
         name, email = identity()
         try:
             self.run("-c", f"user.name={name}", "-c", f"user.email={email}", "-c", "commit.gpgsign=false",
                      "merge", "--quiet", "--no-edit", "--no-verify", fetched)
         except GitError as exc:
             if not (Path(self.run("rev-parse", "--absolute-git-dir").strip()) / "MERGE_HEAD").exists():
-                return Outcome(Kind.FAILED, f"merging {where} failed, nothing was merged: {_last_line(exc.output)}")
+                return GitOutcome(GitOutcomeKind.FAILED, f"merging {where} failed, nothing was merged: {_last_line(exc.output)}")
             try:
                 self.run("merge", "--abort")
             except GitError as stuck:
-                return Outcome(Kind.FAILED, f"merging {where} conflicted, and undoing the merge failed: "
+                return GitOutcome(GitOutcomeKind.FAILED, f"merging {where} conflicted, and undoing the merge failed: "
                                             f"{_last_line(stuck.output)}; run git merge --abort")
-            return Outcome(Kind.CONFLICT, f"{where} conflicts with this work tree's commits: nothing was merged "
+            return GitOutcome(GitOutcomeKind.CONFLICT, f"{where} conflicts with this work tree's commits: nothing was merged "
                                           f"({_last_line(exc.output)}); resolve it in the repository, and CST "
                                           "merges the fix")
-        return Outcome(Kind.MERGED, self.run("rev-parse", "HEAD").strip())
+        return GitOutcome(GitOutcomeKind.MERGED, self.run("rev-parse", "HEAD").strip())
 
-    def push(self, settings: GitSettings, fetched: str) -> Outcome:
+    def push(self, settings: GitSettings, fetched: str) -> GitOutcome:
         """Push the commits the branch lacks (CST's, and its merges); refused when someone pushed
         first, and the next round fetches, merges and pushes again."""
         if not int(self.run("rev-list", "--count", f"{fetched}..HEAD").strip() or 0):
-            return Outcome(Kind.UNCHANGED)
+            return GitOutcome(GitOutcomeKind.UNCHANGED)
         remote, branch = settings.remote, settings.branch
         try:
             self.run("push", "--quiet", remote, f"HEAD:refs/heads/{branch}")
         except GitError as exc:
-            return Outcome(Kind.PUSH_REFUSED, f"pushing to {remote}/{branch} was refused ({_last_line(exc.output)}); "
+            return GitOutcome(GitOutcomeKind.PUSH_REFUSED, f"pushing to {remote}/{branch} was refused ({_last_line(exc.output)}); "
                                               "CST fetches, merges and pushes again next round")
-        return Outcome(Kind.PUSHED, self.run("rev-parse", "HEAD").strip())
+        return GitOutcome(GitOutcomeKind.PUSHED, self.run("rev-parse", "HEAD").strip())
 
 
 def _last_line(text: str) -> str:

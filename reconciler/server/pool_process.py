@@ -42,10 +42,10 @@ from proxy.service import SHUTDOWN_GRACE
 
 from ..desired.model import DesiredState
 from ..files import atomic_write, private_dir
+from ..runtime.exit_watch import ExitWatches
 from ..runtime.launch import ENV_STATE_DIR
 from ..runtime.processes import live_process, terminate, utc_now
 from ..runtime.statedir import StateDir
-from .exit_watch import ExitWatches
 
 log = logging.getLogger("cst.serve")
 

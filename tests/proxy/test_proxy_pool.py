@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.pool import BASE_COOLDOWN, OUTAGE_COOLDOWN, KeyInfo, KeyPool, Outcome, mask
+from proxy.pool import BASE_COOLDOWN, OUTAGE_COOLDOWN, AttemptOutcome, KeyInfo, KeyPool, mask
 
 
 class Clock:
@@ -60,7 +60,7 @@ def test_exclude_skips_keys_already_tried(clock: Clock) -> None:
 def test_429_cools_down_for_retry_after(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2")
     k1 = pool.acquire()
-    pool.report(k1, Outcome.RATE_LIMITED, "HTTP 429", retry_after=30)
+    pool.report(k1, AttemptOutcome.RATE_LIMITED, "HTTP 429", retry_after=30)
     assert take(pool, 3) == ["k2", "k2", "k2"]
     clock.now += 29
     assert "k1" not in take(pool, 2)
@@ -72,7 +72,7 @@ def test_429_cools_down_for_retry_after(clock: Clock) -> None:
 def test_401_quarantines_until_the_account_refreshes(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2")
     k1 = pool.acquire()
-    pool.report(k1, Outcome.UNAUTHORIZED, "HTTP 401")
+    pool.report(k1, AttemptOutcome.UNAUTHORIZED, "HTTP 401")
     clock.now += 10_000
     assert take(pool, 3) == ["k2", "k2", "k2"]
     pool.set_account_keys("a", [KeyInfo("k1", 5.0), KeyInfo("k2", 5.0)])  # the refresh
@@ -85,18 +85,18 @@ def test_threshold_consecutive_failures_cool_down_growing_then_probe(clock: Cloc
     bad = pool.keys()[0]
     good = pool.keys()[1]
     for _ in range(2):  # below the threshold: still chosen
-        pool.report(bad, Outcome.FAILURE, "timeout")
-        pool.report(good, Outcome.SUCCESS)
+        pool.report(bad, AttemptOutcome.FAILURE, "timeout")
+        pool.report(good, AttemptOutcome.SUCCESS)
     assert bad.available(clock.now)
-    pool.report(bad, Outcome.FAILURE, "timeout")
+    pool.report(bad, AttemptOutcome.FAILURE, "timeout")
     assert not bad.available(clock.now)
     assert bad.cooldown_until == pytest.approx(clock.now + BASE_COOLDOWN)
     clock.now += BASE_COOLDOWN + 0.1
     assert bad.available(clock.now), "probed again after the cooldown"
-    pool.report(bad, Outcome.FAILURE, "timeout")  # the probe fails: a longer cooldown
+    pool.report(bad, AttemptOutcome.FAILURE, "timeout")  # the probe fails: a longer cooldown
     assert bad.cooldown_until == pytest.approx(clock.now + 2 * BASE_COOLDOWN)
     clock.now += 2 * BASE_COOLDOWN + 0.1
-    pool.report(bad, Outcome.SUCCESS)
+    pool.report(bad, AttemptOutcome.SUCCESS)
     assert bad.failures == 0 and bad.streak == 0 and bad.available(clock.now)
 
 
@@ -104,18 +104,18 @@ def test_consecutive_means_consecutive(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2")
     k1 = pool.keys()[0]
     for _ in range(5):
-        pool.report(k1, Outcome.FAILURE, "HTTP 500")
-        pool.report(k1, Outcome.FAILURE, "HTTP 500")
-        pool.report(k1, Outcome.SUCCESS)
+        pool.report(k1, AttemptOutcome.FAILURE, "HTTP 500")
+        pool.report(k1, AttemptOutcome.FAILURE, "HTTP 500")
+        pool.report(k1, AttemptOutcome.SUCCESS)
     assert k1.available(clock.now) and k1.total_failures == 10
 
 
 def test_client_errors_do_not_count(clock: Clock) -> None:
     pool = make_pool(clock, "k1")
     k1 = pool.keys()[0]
-    pool.report(k1, Outcome.FAILURE, "HTTP 500")
+    pool.report(k1, AttemptOutcome.FAILURE, "HTTP 500")
     for _ in range(10):
-        pool.report(k1, Outcome.NEUTRAL)
+        pool.report(k1, AttemptOutcome.NEUTRAL)
     assert k1.failures == 1 and k1.total_failures == 1 and k1.last_error == "HTTP 500"
 
 
@@ -123,7 +123,7 @@ def test_outage_of_the_whole_pool_is_not_a_long_bench(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2", "k3")
     for _ in range(3):
         for key in pool.keys():
-            pool.report(key, Outcome.FAILURE, "ClientConnectorError")
+            pool.report(key, AttemptOutcome.FAILURE, "ClientConnectorError")
             clock.now += 0.01
     # Every key failed within moments: the upstream is down; nobody is benched for long.
     for key in pool.keys():
@@ -137,8 +137,8 @@ def test_one_broken_key_among_working_ones_is_benched(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2")
     k1, k2 = pool.keys()
     for _ in range(3):
-        pool.report(k2, Outcome.SUCCESS)
-        pool.report(k1, Outcome.FAILURE, "HTTP 502")
+        pool.report(k2, AttemptOutcome.SUCCESS)
+        pool.report(k1, AttemptOutcome.FAILURE, "HTTP 502")
         clock.now += 0.01
     assert k1.cooldown_until >= clock.now + BASE_COOLDOWN - 1
 
@@ -146,9 +146,9 @@ def test_one_broken_key_among_working_ones_is_benched(clock: Clock) -> None:
 def test_when_everything_is_out_the_soonest_back_is_tried(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2", "k3")
     k1, k2, k3 = pool.keys()
-    pool.report(k1, Outcome.RATE_LIMITED, retry_after=50)
-    pool.report(k2, Outcome.RATE_LIMITED, retry_after=20)
-    pool.report(k3, Outcome.UNAUTHORIZED)
+    pool.report(k1, AttemptOutcome.RATE_LIMITED, retry_after=50)
+    pool.report(k2, AttemptOutcome.RATE_LIMITED, retry_after=20)
+    pool.report(k3, AttemptOutcome.UNAUTHORIZED)
     assert pool.acquire() is k2
     assert pool.acquire({k2}) is k1
     assert pool.acquire({k1, k2}) is None, "a quarantined key is never a fallback"
@@ -159,7 +159,7 @@ def test_empty_pool_and_removed_account(clock: Clock) -> None:
     held = pool.acquire()
     pool.remove_account("a")
     assert pool.acquire() is None and pool.counts() == (0, 0)
-    pool.report(held, Outcome.SUCCESS)  # a request that was in flight finishes harmlessly
+    pool.report(held, AttemptOutcome.SUCCESS)  # a request that was in flight finishes harmlessly
 
 
 def test_refresh_keeps_counters_of_surviving_keys(clock: Clock) -> None:
@@ -179,11 +179,11 @@ def test_mask_never_shows_the_whole_key() -> None:
 def test_outage_is_recognised_even_with_quarantined_and_rate_limited_keys(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2", "k3", "k4")
     k1, k2, k3, k4 = pool.keys()
-    pool.report(k3, Outcome.UNAUTHORIZED)
-    pool.report(k4, Outcome.RATE_LIMITED, retry_after=60)
+    pool.report(k3, AttemptOutcome.UNAUTHORIZED)
+    pool.report(k4, AttemptOutcome.RATE_LIMITED, retry_after=60)
     for _ in range(3):
         for key in (k1, k2):
-            pool.report(key, Outcome.FAILURE, "timeout")
+            pool.report(key, AttemptOutcome.FAILURE, "timeout")
     assert k1.cooldown_until <= clock.now + OUTAGE_COOLDOWN and k1.streak == 0
     assert k4.cooldown_until == clock.now + 60, "a 429 cooldown is the upstream's word and stands"
 
@@ -191,14 +191,14 @@ def test_outage_is_recognised_even_with_quarantined_and_rate_limited_keys(clock:
 def test_report_says_when_a_key_leaves_the_rotation(clock: Clock) -> None:
     pool = make_pool(clock, "k1", "k2")
     k1, k2 = pool.keys()
-    pool.report(k2, Outcome.SUCCESS)
-    assert [pool.report(k1, Outcome.FAILURE, "x") for _ in range(4)] == [False, False, True, False]
-    assert pool.report(k2, Outcome.UNAUTHORIZED) is True
+    pool.report(k2, AttemptOutcome.SUCCESS)
+    assert [pool.report(k1, AttemptOutcome.FAILURE, "x") for _ in range(4)] == [False, False, True, False]
+    assert pool.report(k2, AttemptOutcome.UNAUTHORIZED) is True
 
 _ops = st.lists(st.tuples(
     st.sampled_from(["acquire", "report", "tick", "refresh"]),
     st.integers(0, 4),
-    st.sampled_from(list(Outcome)),
+    st.sampled_from(list(AttemptOutcome)),
     st.floats(0, 120),
 ), max_size=60)
 

@@ -21,7 +21,7 @@ def codes_in_use() -> set[str]:
     for module in SERVER.glob("*.py"):
         text = module.read_text()
         codes |= set(re.findall(r'FleetError\(ErrorKind\.\w+, "(\w+)"', text))
-        codes |= set(re.findall(r'_error\(request, \d+, "(\w+)"', text))
+        codes |= set(re.findall(r'error_answer\(request, \d+, "(\w+)"', text))
     return codes
 
 

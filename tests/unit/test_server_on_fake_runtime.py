@@ -17,7 +17,7 @@ import pytest
 
 from conftest import eventually, free_ports
 from fake_runtime import FakeWorld
-from reconciler.desired.shared_file import DesiredFile, Snapshot
+from reconciler.desired.shared_file import DesiredFile, FileReading
 from reconciler.engine.reconcile import reconcile
 from reconciler.engine.results import Happened, Report
 from reconciler.engine.supervision import BACKOFF_BASE, Supervisor
@@ -59,7 +59,7 @@ class Host:
         self.parking: Parking | None = None
         self.reports: list[Report] = []
 
-    def accept(self, snapshot: Snapshot) -> None:
+    def accept(self, snapshot: FileReading) -> None:
         self.snapshot = snapshot
         if snapshot.desired is not None:
             self.desired = self.supervisor.desired = snapshot.desired

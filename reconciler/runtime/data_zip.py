@@ -45,7 +45,8 @@ _CHUNK_QUEUE = 8      # chunks in flight between the zipping thread and the sock
 _READ = 1 << 20
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ZIP_LAST = (2107, 12, 31, 23, 59, 58)
-_DONE = object()
+# what the zipping thread hands the reader: bytes, the error that ended it, or None once it is done
+_Item = bytes | BaseException | None
 _LINK = "a symbolic link (not followed)"
 SPARSE_HOLES_MAX = 1 << 20   # bytes of holes a zipped file may hold (see the module's docstring)
 
@@ -53,7 +54,7 @@ SPARSE_HOLES_MAX = 1 << 20   # bytes of holes a zipped file may hold (see the mo
 class _QueueWriter:
     """A write-only, unseekable file object that hands what zipfile writes to a queue."""
 
-    def __init__(self, out: queue.Queue, cancelled: threading.Event):
+    def __init__(self, out: queue.Queue[_Item], cancelled: threading.Event):
         self.out, self.cancelled = out, cancelled
         self.written = 0
 
@@ -158,7 +159,7 @@ def _add(archive: zipfile.ZipFile, fd: int, entry: zipfile.ZipInfo) -> None:
             target.write(chunk)
 
 
-def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: list[tuple[str, str]]) -> None:
+def _zip(root: Path, out: queue.Queue[_Item], cancelled: threading.Event, left_out: list[tuple[str, str]]) -> None:
     try:
         with zipfile.ZipFile(_QueueWriter(out, cancelled), "w", compresslevel=5) as archive:
             def unreadable(exc: OSError) -> None:  # a folder that went away or changed mid-walk
@@ -191,7 +192,7 @@ def _zip(root: Path, out: queue.Queue, cancelled: threading.Event, left_out: lis
     except BaseException as exc:  # reported to the reader, which aborts the response
         out.put(exc)
     finally:
-        out.put(_DONE)
+        out.put(None)
 
 
 def manifest(left_out: list[tuple[str, str]]) -> str:
@@ -204,14 +205,14 @@ def manifest(left_out: list[tuple[str, str]]) -> str:
 async def zip_stream(root: Path, left_out: list[tuple[str, str]]) -> AsyncIterator[bytes]:
     """Yield the bytes of a zip of ``root`` as they are produced (bounded memory). Raises if the
     zip cannot be finished; ``left_out`` gets (path, reason) for every file not in it."""
-    out: queue.Queue = queue.Queue(maxsize=_CHUNK_QUEUE)
+    out: queue.Queue[_Item] = queue.Queue(maxsize=_CHUNK_QUEUE)
     cancelled = threading.Event()
     worker = threading.Thread(target=_zip, args=(root, out, cancelled, left_out), daemon=True)
     worker.start()
     try:
         while True:
             item = await asyncio.to_thread(out.get)
-            if item is _DONE:
+            if item is None:
                 return
             if isinstance(item, BaseException):
                 raise item
