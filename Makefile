@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # one shared SillyTavern install for the example, the tests and the benchmarks
 export CST_SILLYTAVERN_HOME ?= $(CURDIR)/.cache/sillytavern
 
-.PHONY: run test setup node sandbox edge sillytavern browser servers images image-tools bench clean
+.PHONY: run test setup node page-check sandbox edge sillytavern browser servers images image-tools bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ node:
 	  { echo "Node.js >= 20 with npm is needed to run SillyTavern"; exit 1; }
 	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || \
 	  { echo "Node.js >= 20 is needed (found $$(node --version))"; exit 1; }
+
+# the admin page's JavaScript (reconciler/server/page/) is type-checked by TypeScript from its JSDoc
+# types: tsc only checks, the page ships as it is written. TypeScript is pinned by the lock file in
+# tools/page-check/ and installed there by npm ci, apart from everything else
+PAGE_CHECK := tools/page-check
+TSC := $(PAGE_CHECK)/node_modules/.bin/tsc
+$(PAGE_CHECK)/node_modules/.installed: $(PAGE_CHECK)/package-lock.json | node
+	cd $(PAGE_CHECK) && npm ci --no-audit --no-fund
+	touch $@
+
+page-check: $(PAGE_CHECK)/node_modules/.installed
+	$(TSC) --noEmit -p $(PAGE_CHECK)/tsconfig.json
 
 # as root each instance runs in a sandbox of bubblewrap's (Debian's bubblewrap; setpriv is util-linux's,
 # always there), and `cst st install` builds each release's front end for it: installed first
@@ -84,10 +96,12 @@ image-tools: sandbox
 run: sillytavern
 	$(BIN)/cst serve -f examples/desired.yaml
 
-# the linters first: they take seconds, and their configuration is in pyproject.toml
-test: sillytavern browser servers image-tools
+# the linters first: they take seconds; ruff's and mypy's configuration is in pyproject.toml, tsc's
+# in tools/page-check/tsconfig.json
+test: sillytavern browser servers image-tools $(PAGE_CHECK)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(TSC) --noEmit -p $(PAGE_CHECK)/tsconfig.json
 	$(BIN)/python -m pytest -q
 
 bench: sillytavern servers
@@ -106,4 +120,4 @@ bench: sillytavern servers
 	$(BIN)/python bench/sandbox.py --runs 10
 
 clean:
-	rm -rf $(VENV) .cache examples/.cst examples/user-data
+	rm -rf $(VENV) .cache examples/.cst examples/user-data $(PAGE_CHECK)/node_modules

@@ -23,7 +23,9 @@ KEY = "deny-admin-key"
 MISSING = {"error": "Missing admin key (header X-ST-Admin-Key)", "code": "missing_admin_key"}
 INVALID = {"error": "Invalid admin key", "code": "invalid_admin_key"}
 # what the page loads before anyone has typed a key: its HTML, then page/app.js and its imports
-PAGE_FILES = ("style.css", "app.js", "api.js", "i18n.js", "usage.js")
+PAGE_FILES = ("style.css", "app.js", "api.js", "i18n.js", "usage.js", "dom.js", "format.js", "messages.js", "state.js",
+              "stream.js", "timers.js", *(f"views/{view}.js" for view in ("signin", "instances", "logs", "pool",
+                                                                          "usage", "file", "git")))
 
 
 def _app(tmp_path: Path) -> web.Application:

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "reconciler" / "server" / "page"
+# its files by their names under page/ (views/logs.js), as the server names them
+PAGE_FILES = sorted(path.relative_to(PAGE).as_posix() for path in PAGE.rglob("*") if path.is_file())
 # each layer may import the ones after it in this list, never one before it
 LAYERS = ["reconciler.cli", "reconciler.kubernetes", "reconciler.server", "proxy", "reconciler.engine", "reconciler.runtime",
           "reconciler.desired", "reconciler.files", "reconciler.tasks"]
@@ -129,12 +131,12 @@ def test_the_wheel_installs_and_validates_from_another_folder(wheel: Path, tmp_p
     page = subprocess.run([str(env_dir / "bin" / "python"), "-c",
                            "from reconciler.server.admin_page import Page; print(' '.join(sorted(Page().files)))"],
                           cwd=elsewhere, check=True, capture_output=True, text=True).stdout.split()
-    assert page == sorted(p.name for p in PAGE.iterdir()), "the installed package serves the whole admin page"
+    assert page == PAGE_FILES, "the installed package serves the whole admin page"
 
 
 def test_the_wheel_carries_the_admin_page(wheel: Path) -> None:
-    files = sorted(PAGE.iterdir())
-    assert {p.suffix for p in files} == {".html", ".js", ".css"}
+    assert {Path(name).suffix for name in PAGE_FILES} == {".html", ".js", ".css"}
+    assert "views/instances.js" in PAGE_FILES  # its views' folder too
     with zipfile.ZipFile(wheel) as archive:
-        for path in files:
-            assert archive.read(f"reconciler/server/page/{path.name}") == path.read_bytes(), path.name
+        for name in PAGE_FILES:
+            assert archive.read(f"reconciler/server/page/{name}") == (PAGE / name).read_bytes(), name

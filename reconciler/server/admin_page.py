@@ -1,13 +1,16 @@
 """The admin page: ``GET /`` and ``GET /page/{name}``, the files of ``page/`` shipped in the package.
 
-They are read once and served from memory with an ETag. The page is static and holds no secret:
-it asks for the admin key and sends it with each ``/api/`` call. Its Content-Security-Policy lets
-it load and call nothing but this server, run no inline script and be framed by no one.
+Its views are modules in ``page/views/``, served as ``/page/views/{name}``. They are read once and
+served from memory with an ETag. The page is static and holds no secret: it asks for the admin key
+and sends it with each ``/api/`` call. Its Content-Security-Policy lets it load and call nothing but
+this server, run no inline script and be framed by no one.
 """
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 from aiohttp import web
 
@@ -23,14 +26,22 @@ HEADERS = {
 }
 
 
+def _files(folder: Traversable, prefix: str = "") -> Iterator[tuple[str, Traversable]]:
+    """The page's files by their names under page/: app.js, views/logs.js (a view a module)."""
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _files(entry, f"{prefix}{entry.name}/")
+        elif entry.is_file() and entry.name[entry.name.rfind("."):] in TYPES:
+            yield prefix + entry.name, entry
+
+
 class Page:
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str, str]] = {}  # name -> (body, content type, etag)
-        for entry in resources.files(__package__).joinpath("page").iterdir():
-            suffix = entry.name[entry.name.rfind("."):]
-            if entry.is_file() and suffix in TYPES:
-                body = entry.read_bytes()
-                self.files[entry.name] = (body, TYPES[suffix], f'"{hashlib.sha256(body).hexdigest()[:32]}"')
+        for name, entry in _files(resources.files(__package__).joinpath("page")):
+            body = entry.read_bytes()
+            content_type = TYPES[name[name.rfind("."):]]
+            self.files[name] = (body, content_type, f'"{hashlib.sha256(body).hexdigest()[:32]}"')
 
     def respond(self, request: web.Request, name: str) -> web.Response:
         if name not in self.files:

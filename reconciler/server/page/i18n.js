@@ -1,5 +1,7 @@
+// @ts-check
 // English and Chinese. The choice (not the key) is remembered in localStorage; the API is asked
 // for its messages in the same language through Accept-Language.
+/** @type {Record<string, [string, string]>} */
 const STRINGS = {  // key: [English, Chinese]
   title: ['CST admin', 'CST 管理'],
   language: ['Language', '语言'],
@@ -239,11 +241,17 @@ if (!LANGUAGES.includes(current)) current = 'en';
 
 export function lang() { return current; }
 
+/** @param {string} value */
 export function setLang(value) {
   current = LANGUAGES.includes(value) ? value : 'en';
   localStorage.setItem(STORE, current);
 }
 
+/**
+ * The text of key in the page's language, with each {name} of params filled in
+ * @param {string} key
+ * @param {Record<string, unknown>} [params]
+ */
 export function t(key, params = {}) {
   const text = STRINGS[key]?.[current === 'zh' ? 1 : 0] ?? key;
   return text.replace(/\{(\w+)\}/g, (whole, name) => (name in params ? String(params[name]) : whole));
@@ -252,12 +260,17 @@ export function t(key, params = {}) {
 // Fill every element marked data-i18n (its text), data-i18n-label (its aria-label) or
 // data-i18n-placeholder (its placeholder); the document's language and title with the whole
 // document only: setting them restyles the page, too slow for each of 500 new rows
+/** @param {Document | Element} [root] */
 export function translate(root = document) {
   if (root === document) {
     document.documentElement.lang = current === 'zh' ? 'zh-CN' : 'en';
     document.title = t('title');
   }
-  for (const el of root.querySelectorAll('[data-i18n]')) el.textContent = t(el.dataset.i18n);
-  for (const el of root.querySelectorAll('[data-i18n-label]')) el.setAttribute('aria-label', t(el.dataset.i18nLabel));
-  for (const el of root.querySelectorAll('[data-i18n-placeholder]')) el.placeholder = t(el.dataset.i18nPlaceholder);
+  /** @param {string} selector */
+  const marked = (selector) => /** @type {NodeListOf<HTMLElement>} */ (root.querySelectorAll(selector));
+  for (const el of marked('[data-i18n]')) el.textContent = t(el.dataset.i18n ?? '');
+  for (const el of marked('[data-i18n-label]')) el.setAttribute('aria-label', t(el.dataset.i18nLabel ?? ''));
+  for (const el of marked('[data-i18n-placeholder]')) {
+    /** @type {HTMLInputElement} */ (el).placeholder = t(el.dataset.i18nPlaceholder ?? '');
+  }
 }
