@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -12,7 +13,7 @@ import ssl
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import aiohttp
 import click
@@ -83,7 +84,11 @@ class FileInvalid(Invalid):
 class Failed(CommandError):
     """The work could not be done (another cst holds the state dir, an instance did not start)."""
 
-def _file_option(*names: str):
+# what click's option decorators are: a command's function in, the same function out
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _file_option(*names: str) -> Decorator:
     return click.option(*names, "file", type=click.Path(dir_okay=False, path_type=Path), envvar="CST_FILE",
                         default="desired.yaml", show_default=True, show_envvar=True, help="The desired-state file.")
 
@@ -191,7 +196,7 @@ def _say_without_gate(desired: DesiredState) -> None:
                    f"runs on {desired.settings.state_dir} (a parked one answers 503 until it does)", err=True)
 
 
-def _day_option(name: str, dest: str, help_: str):
+def _day_option(name: str, dest: str, help_: str) -> Decorator:
     return click.option(name, dest, type=click.DateTime(["%Y-%m-%d"]), default=None, help=help_)
 
 
@@ -238,16 +243,17 @@ def _remote_plan(url: str, file: Path, desired: DesiredState, output: str) -> No
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--remote")
 
-    async def ask() -> tuple[int, dict]:
+    async def ask() -> tuple[int, dict[str, Any]]:
         timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(url.rstrip("/") + "/api/plan", data=await asyncio.to_thread(file.read_bytes),
-                                    headers={"X-ST-Admin-Key": key, "Content-Type": "application/yaml"}) as answer:
-                try:
-                    body = await answer.json(content_type=None)
-                except ValueError:
-                    body = {}
-                return answer.status, body if isinstance(body, dict) else {}
+        data = await asyncio.to_thread(file.read_bytes)
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.post(url.rstrip("/") + "/api/plan", data=data,
+                             headers={"X-ST-Admin-Key": key, "Content-Type": "application/yaml"}) as answer:
+            try:
+                body = await answer.json(content_type=None)
+            except ValueError:
+                body = {}
+            return answer.status, body if isinstance(body, dict) else {}
 
     try:
         status, body = asyncio.run(ask())
@@ -275,7 +281,7 @@ def _echo_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "tokens", "estimated")
 
 
-def _show_windows(document: dict, output: str) -> None:
+def _show_windows(document: dict[str, Any], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(document, indent=2))
         return
@@ -292,7 +298,7 @@ def _show_windows(document: dict, output: str) -> None:
                                  f"{window['resets']['day']}, the month at {window['resets']['month']}")
 
 
-def _show_days(document: dict, output: str) -> None:
+def _show_days(document: dict[str, Any], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(document, indent=2))
         return
@@ -301,7 +307,7 @@ def _show_days(document: dict, output: str) -> None:
            f"{document['from']} to {document['to']} ({document['window']['timezone']})")
 
 
-def _table(header: list[str], rows: list[list], output: str, caption: str) -> None:
+def _table(header: list[str], rows: list[list[Any]], output: str, caption: str) -> None:
     if output == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -399,10 +405,8 @@ def logs(file: Path, instance_id: str, lines: int, follow: bool) -> None:
             out.write(chunk)
             out.flush()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C ends a follow: not an error
         asyncio.run(show())
-    except KeyboardInterrupt:
-        pass
 
 
 @cli.command()

@@ -84,16 +84,7 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
     if target.problem:
         return act(ActionKind.FAIL, target.problem)
     if seen is not None and seen.status == "running":
-        if seen.release and target.release and seen.release != target.release:
-            if halted:   # the rollout stopped: instances not reached stay on their release until the file changes
-                return adopted + act(ActionKind.OK, f"on {seen.release}: {halted}")
-            return adopted + [Action(ActionKind.UPGRADE, target.id, target.port,
-                                     f"upgraded: {seen.release} -> {target.release}", target.release)]
-        if seen.fingerprint != target.fingerprint:
-            return adopted + act(ActionKind.RESTART, "restarted: settings changed")
-        if restart:
-            return adopted + act(ActionKind.RESTART, f"restarted: {restart}")
-        return adopted or act(ActionKind.OK)
+        return adopted + _for_running(target, seen, restart, halted) or act(ActionKind.OK)
     if hold:
         return act(ActionKind.BACK_OFF, hold)
     if target.parks and status == "stopped":
@@ -105,6 +96,22 @@ def _for_declared(target: Target, seen: Observed | None, hold: str | None, resta
         return [Action(ActionKind.START, target.id, target.port, "restarted: process had exited", release)]
     return [Action(ActionKind.START, target.id, target.port, f"started (was on {moving})" if moving else "started",
                    release)]
+
+
+def _for_running(target: Target, seen: Observed, restart: str | None, halted: str | None) -> list[Action]:
+    """What a running instance that should run needs: an upgrade, a restart, or nothing."""
+    def act(kind: ActionKind, reason: str = "", release: str = "") -> list[Action]:
+        return [Action(kind, target.id, target.port, reason, release)]
+
+    if seen.release and target.release and seen.release != target.release:
+        if halted:   # the rollout stopped: instances not reached stay on their release until the file changes
+            return act(ActionKind.OK, f"on {seen.release}: {halted}")
+        return act(ActionKind.UPGRADE, f"upgraded: {seen.release} -> {target.release}", target.release)
+    if seen.fingerprint != target.fingerprint:
+        return act(ActionKind.RESTART, "restarted: settings changed")
+    if restart:
+        return act(ActionKind.RESTART, f"restarted: {restart}")
+    return []   # as it should be
 
 
 def plan(targets: Sequence[Target], observed: Mapping[str, Observed],

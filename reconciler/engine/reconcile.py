@@ -61,12 +61,7 @@ async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False
             on_result(result)
 
     if check:
-        wanted = targets(desired, runtime)
-        observed = runtime.observe()
-        halt = _standing_halt(runtime, wanted, drop_stale=False)
-        report.halt = halt.as_dict() if halt else None
-        for action in plan(wanted, observed, halted=halt.line() if halt else None):
-            emit(_would(action, observed.get(action.id)))
+        _say_what_would_change(runtime, desired, report, emit)
         return report
 
     phase("waiting for the state dir lock")
@@ -79,13 +74,7 @@ async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False
         actions = plan(wanted, observed, hold, restart, halt.line() if halt else None)
         if any(a.kind in _STARTS for a in actions):
             phase("preparing the SillyTavern release")
-            ready = await runtime.prepare()
-            if ready.failure:
-                emit(Result(ready.subject, "failed", ready.failure, happened=Happened.RELEASE_FAILED))
-                reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
-                actions = [Action(ActionKind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
-            elif ready.done:
-                emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
+            actions = await _prepared(runtime, actions, emit)
         phase("updating the edge")
         await _follow_edge(runtime, emit, quiet=True)   # ports leaving the edge are free for their nodes
         phase("acting")
@@ -125,6 +114,30 @@ async def reconcile(runtime: Runtime, desired: DesiredState, check: bool = False
         await _follow_edge(runtime, emit, quiet=False)   # and ports their nodes left are the edge's
         report.halt = halt.as_dict() if halt else None
     return report
+
+
+def _say_what_would_change(runtime: Runtime, desired: DesiredState, report: Report,
+                           emit: Callable[[Result], None]) -> None:
+    """A check: observe and plan without the lock, and say what each action would do."""
+    wanted = targets(desired, runtime)
+    observed = runtime.observe()
+    halt = _standing_halt(runtime, wanted, drop_stale=False)
+    report.halt = halt.as_dict() if halt else None
+    for action in plan(wanted, observed, halted=halt.line() if halt else None):
+        emit(_would(action, observed.get(action.id)))
+
+
+async def _prepared(runtime: Runtime, actions: list[Action], emit: Callable[[Result], None]) -> list[Action]:
+    """Get the releases ready for the starts among ``actions``; when that fails, those starts
+    fail with why (the others, stops included, go ahead)."""
+    ready = await runtime.prepare()
+    if ready.failure:
+        emit(Result(ready.subject, "failed", ready.failure, happened=Happened.RELEASE_FAILED))
+        reason = f"{ready.subject} is not ready: {ready.failure.splitlines()[0]}"
+        return [Action(ActionKind.FAIL, a.id, a.port, reason) if a.kind in _STARTS else a for a in actions]
+    if ready.done:
+        emit(Result(ready.subject, "changed", ready.done, happened=Happened.RELEASE_READY))
+    return actions
 
 
 async def reconcile_once(runtime: Runtime, desired: DesiredState, check: bool = False,
@@ -194,46 +207,14 @@ def _would(action: Action, seen: Observed | None) -> Result:
 
 async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
                    seen: Observed | None) -> Result:
+    """Do ``action``; its result, a failure as a failed result (by the exception's type)."""
     before = seen.status if seen else "absent"
-    happens = _HAPPENS[action.kind]
 
     def failed(happened: Happened, detail: str, cause: str = "") -> Result:
         return Result(action.id, "failed", detail, before, happened=happened, cause=cause)
 
     try:
-        if action.kind in (ActionKind.FAIL, ActionKind.BACK_OFF):
-            return failed(happens, action.reason)
-        if action.kind == ActionKind.OK:
-            return Result(action.id, "ok", action.reason, before, before, happened=happens)
-        if action.kind == ActionKind.ADOPT:
-            assert seen is not None and seen.pid is not None, "the planner adopts only a process it saw"
-            runtime.adopt(action.id, action.port, seen.pid)
-            return Result(action.id, "ok", action.reason, before, "running", happened=happens)
-        if action.kind == ActionKind.FORGET_PID:
-            runtime.forget_pid(action.id)
-            return Result(action.id, "ok", "", before, "stopped", happened=happens)
-        if action.kind == ActionKind.STOP:
-            await runtime.stop(action.id)
-            return Result(action.id, "changed", action.reason, before, "stopped", happened=happens)
-        if action.kind == ActionKind.PARK:
-            await runtime.park(action.id)
-            return Result(action.id, "changed", action.reason, before, "parked", happened=happens)
-        if action.kind == ActionKind.REMOVE:
-            archived = await runtime.archive(action.id)
-            where = f"data archived in {archived}" if archived else "it had no data dir"
-            return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""),
-                          happened=happens)
-        assert spec is not None, "the planner starts only declared instances"
-        if action.kind == ActionKind.RESTART:
-            await runtime.stop(action.id)
-            await runtime.start(spec, count_restart=True)
-            return Result(action.id, "changed", action.reason, before, "running", happened=happens)
-        if action.kind == ActionKind.START:
-            if action.release:   # its data was last used by another release: keep a copy first
-                await runtime.snapshot(action.id, "rollout")
-            await runtime.start(spec, count_restart=before == "crashed")
-            again = Happened.RESTARTED if before == "crashed" else happens   # "restarted: process had exited"
-            return Result(action.id, "changed", action.reason, before, "running", happened=again)
+        return await _act(runtime, action, spec, seen, before)
     except StartFailed as exc:
         return failed(Happened.START_FAILED, f"did not start: {exc}", exc.cause)
     except OSError as exc:
@@ -244,4 +225,42 @@ async def _execute(runtime: Runtime, action: Action, spec: InstanceSpec | None,
     except Exception as exc:  # a defect: reported for this instance, logged, and the others go on
         log.error("%s of %s failed unexpectedly", action.kind.value, action.id, exc_info=exc)
         return failed(Happened.ACTION_FAILED, f"{action.kind.value}: unexpected {type(exc).__name__}: {exc}")
+
+
+async def _act(runtime: Runtime, action: Action, spec: InstanceSpec | None, seen: Observed | None,
+               before: str) -> Result:
+    happens = _HAPPENS[action.kind]
+    if action.kind in (ActionKind.FAIL, ActionKind.BACK_OFF):
+        return Result(action.id, "failed", action.reason, before, happened=happens)
+    if action.kind == ActionKind.OK:
+        return Result(action.id, "ok", action.reason, before, before, happened=happens)
+    if action.kind == ActionKind.ADOPT:
+        assert seen is not None and seen.pid is not None, "the planner adopts only a process it saw"
+        runtime.adopt(action.id, action.port, seen.pid)
+        return Result(action.id, "ok", action.reason, before, "running", happened=happens)
+    if action.kind == ActionKind.FORGET_PID:
+        runtime.forget_pid(action.id)
+        return Result(action.id, "ok", "", before, "stopped", happened=happens)
+    if action.kind == ActionKind.STOP:
+        await runtime.stop(action.id)
+        return Result(action.id, "changed", action.reason, before, "stopped", happened=happens)
+    if action.kind == ActionKind.PARK:
+        await runtime.park(action.id)
+        return Result(action.id, "changed", action.reason, before, "parked", happened=happens)
+    if action.kind == ActionKind.REMOVE:
+        archived = await runtime.archive(action.id)
+        where = f"data archived in {archived}" if archived else "it had no data dir"
+        return Result(action.id, "changed", f"removed; {where}", before, "absent", str(archived or ""),
+                      happened=happens)
+    assert spec is not None, "the planner starts only declared instances"
+    if action.kind == ActionKind.RESTART:
+        await runtime.stop(action.id)
+        await runtime.start(spec, count_restart=True)
+        return Result(action.id, "changed", action.reason, before, "running", happened=happens)
+    if action.kind == ActionKind.START:
+        if action.release:   # its data was last used by another release: keep a copy first
+            await runtime.snapshot(action.id, "rollout")
+        await runtime.start(spec, count_restart=before == "crashed")
+        again = Happened.RESTARTED if before == "crashed" else happens   # "restarted: process had exited"
+        return Result(action.id, "changed", action.reason, before, "running", happened=again)
     raise AssertionError(f"unhandled action {action.kind}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from ..runtime.base import Observed
 
@@ -62,7 +62,7 @@ class Report:
     check: bool = False
     observed: dict[str, Observed] = field(default_factory=dict, repr=False)  # before acting
     failure: str | None = None   # the pass as a whole could not run (the state dir held, an error)
-    halt: dict | None = None     # the rollout halt that stands after this pass (engine.rollout.Halt)
+    halt: dict[str, Any] | None = None     # the rollout halt that stands after this pass (engine.rollout.Halt)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
@@ -85,6 +85,6 @@ class Report:
         """The whole report as ``cst apply`` prints it (``--check --diff`` when asked)."""
         return "\n".join([line for r in self.results for line in r.lines(diff)] + [self.recap_line()]) + "\n"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"check": self.check, "results": [asdict(r) for r in self.results], "recap": self.recap,
                 "failure": self.failure, "halt": self.halt}

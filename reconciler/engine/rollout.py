@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..desired.model import InstanceSpec, RolloutSettings
 from ..runtime.base import Observed, RolloutRuntime, StartFailed
@@ -39,7 +39,7 @@ class Halt:
         return {"at": self.at, "reason": self.reason, "when": self.when, "wanted": dict(self.wanted)}
 
     @classmethod
-    def from_dict(cls, doc: dict | None) -> Halt | None:
+    def from_dict(cls, doc: dict[str, Any] | None) -> Halt | None:
         """A halt as ``as_dict`` wrote it; None for nothing, or for a document of another shape."""
         if doc is None or not isinstance(doc.get("wanted"), dict):
             return None

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Mapping
 import psutil
 
 from ..desired.model import DesiredState
-from .plan import Observed
+from ..runtime.base import Observed
 from .results import Happened, Result
 
 BACKOFF_BASE = 2.0        # seconds before the second restart; doubles each time

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..desired.model import DesiredState, InstanceSpec
 
@@ -167,10 +167,10 @@ class Runtime(RolloutRuntime, Protocol):
     async def remove_unused_releases(self) -> list[str]:
         """Remove installed releases nothing uses any more (a rollout completed); the versions removed."""
 
-    def rollout_halt(self) -> dict | None:
+    def rollout_halt(self) -> dict[str, Any] | None:
         """The rollout halt recorded by an earlier pass, if one stands (see ``engine.rollout.Halt``)."""
 
-    def record_rollout_halt(self, halt: dict | None) -> None:
+    def record_rollout_halt(self, halt: dict[str, Any] | None) -> None:
         """Record a halt (None: no rollout is halted)."""
 
     async def archive(self, id_: str) -> Path | None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -398,10 +399,10 @@ class LocalRuntime:
         launch = await asyncio.to_thread(self.launch_spec, spec)
         return await self.checks.stays_healthy(launch, self.release_for(spec).has_overlay, seconds)
 
-    def rollout_halt(self) -> dict | None:
+    def rollout_halt(self) -> dict[str, Any] | None:
         return self.state.rollout_halt()
 
-    def record_rollout_halt(self, halt: dict | None) -> None:
+    def record_rollout_halt(self, halt: dict[str, Any] | None) -> None:
         self.state.record_rollout_halt(halt)
 
     async def remove_unused_releases(self) -> list[str]:

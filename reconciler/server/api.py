@@ -45,7 +45,7 @@ FLEET = web.AppKey("fleet", Fleet)
 STARTED = web.AppKey("started", float)
 OPENAPI = web.AppKey("openapi", dict)
 PAGE = web.AppKey("page", Page)
-STREAMS = web.AppKey("streams", set[asyncio.Task])  # the tasks serving open streams
+STREAMS = web.AppKey("streams", set[asyncio.Task[None]])  # the tasks serving open streams
 
 # the one place a service failure becomes HTTP
 STATUS: dict[ErrorKind, int] = {
@@ -366,7 +366,7 @@ def _stream(handler: Handler) -> Handler:
 
 async def _end_streams(app: web.Application) -> None:
     # an open stream would otherwise hold the shutdown for the runner's whole timeout (60 s)
-    streams: set[asyncio.Task] = app[STREAMS]
+    streams: set[asyncio.Task[None]] = app[STREAMS]
     for task in list(streams):
         task.cancel()
 

@@ -5,11 +5,11 @@ on the daemon, so imports flow one way: daemon -> api -> fleet -> control.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..desired.model import DesiredState
 from ..desired.shared_file import DesiredFile, FileReading
-from ..engine.reconcile import Report
+from ..engine.results import Report
 from ..engine.supervision import Supervisor
 from ..runtime.base import RuntimeFactory
 from ..runtime.statedir import StateDir
@@ -62,7 +62,7 @@ class Control(Protocol):
     def pending(self) -> str:
         """What the reconciler is doing now, in words (for an answer that could not wait longer)."""
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         """The background tasks' failures, for /api/status."""
 
     async def proxy_keys_changed(self) -> None:

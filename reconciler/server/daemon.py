@@ -176,7 +176,7 @@ class Daemon:
                                                for id_, (kind, since) in sorted(self._acting.items()))
         return what
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return {name: {"failures": h.failures, "totalFailures": h.total_failures, "lastError": h.last_error}
                 for name, h in self.tasks.health.items()}
 

@@ -99,10 +99,10 @@ class EventHub:
         self._recent: deque[Event] = deque(maxlen=KEEP)
         self._listeners: set[_Listener] = set()
         self._pool = pool
-        self._pool_task: asyncio.Task | None = None
+        self._pool_task: asyncio.Task[None] | None = None
         self._failing: dict[str, str] = {}              # id -> the failure last published for it
         self.last_failure: dict[str, dict[str, str]] = {}  # id -> {reason, at}, since cst serve started
-        self._halt: dict | None = None                  # the rollout halt last announced
+        self._halt: dict[str, Any] | None = None                  # the rollout halt last announced
 
     @property
     def last_id(self) -> str:

@@ -118,7 +118,7 @@ class PoolProcess:
         self._desired = desired
         self.record: PoolRecord | None = None
         self.started_here = False          # this cst serve started the running proxy (not adopted it)
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._folder: int | None = None    # the socket's folder, when its path is too long to name
         self._exited = asyncio.Event()
@@ -182,7 +182,7 @@ class PoolProcess:
         self.record = None
         raise PoolStartFailed(why)
 
-    def _popen(self, desired: DesiredState) -> tuple[subprocess.Popen, PoolRecord, int]:
+    def _popen(self, desired: DesiredState) -> tuple[subprocess.Popen[bytes], PoolRecord, int]:
         """Start the proxy and record it (blocking: a fork, an fsync)."""
         argv = self.argv()
         log_path = self.state.pool_log_path
@@ -312,17 +312,17 @@ class PoolProcess:
 
     async def pool(self) -> dict[str, Any] | None:
         """The pool's document (``GET /api/pool``)."""
-        return await self._call("GET", "/pool")
+        return _document(await self._call("GET", "/pool"))
 
     async def usage(self, instances: list[str]) -> dict[str, Any] | None:
         """Every caller's current windows, ``instances`` listed even unused (``UsageBook.document``)."""
-        return await self._call("GET", "/usage", params=[("instance", id_) for id_ in instances])
+        return _document(await self._call("GET", "/usage", params=[("instance", id_) for id_ in instances]))
 
     async def daily(self, first: str, last: str, caller: str | None) -> dict[str, Any] | None:
         """Daily totals from the proxy's ledger (``daily_document``): read through the proxy, which
         has the store open (a PostgreSQL one with its password), rather than opened here again."""
         params = {"from": first, "to": last, **({"instance": caller} if caller is not None else {})}
-        return await self._call("GET", "/usage/daily", params=params)
+        return _document(await self._call("GET", "/usage/daily", params=params))
 
     async def latency(self) -> bytes | None:
         """The answer-time histograms, in Prometheus' text format, for cst serve's ``/metrics``."""
@@ -349,3 +349,8 @@ class PoolProcess:
         answer = await self._call("GET", "/in-flight")
         if answer is not None:
             self._in_flight = (time.monotonic(), answer["callers"])
+
+
+def _document(answer: Any) -> dict[str, Any] | None:
+    """A control route's JSON document; None when the proxy did not answer or said no object."""
+    return answer if isinstance(answer, dict) else None

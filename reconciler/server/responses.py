@@ -36,4 +36,4 @@ async def start(response: web.StreamResponse, request: web.Request) -> None:
 
 
 def started(request: web.Request) -> bool:
-    return request.get(_STARTED, False)
+    return bool(request.get(_STARTED, False))
