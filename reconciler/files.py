@@ -42,24 +42,29 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """Make the entries of ``path`` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _temp_beside(path: Path, data: bytes, mode: int) -> Path:
-    """A durable temporary file holding ``data`` in ``path``'s folder, with exactly ``mode``."""
+def _temp_beside(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> Path:
+    """A durable temporary file holding ``data`` in ``path``'s folder, with exactly ``mode``, owned
+    by ``owner`` (uid, gid) when given. Created exclusively: a link planted under its name in a
+    folder someone else may write is refused, never followed."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
-            os.fchmod(out.fileno(), mode)  # O_CREAT's mode is filtered by the umask
+            if owner is not None:
+                os.fchown(out.fileno(), *owner)
+            os.fchmod(out.fileno(), mode)  # after the owner, and exactly: O_CREAT's mode is filtered by the umask
             os.fsync(out.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -67,15 +72,16 @@ def _temp_beside(path: Path, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: readers see the old or the new content, never a mix."""
-    tmp = _temp_beside(path, data, mode)
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new content, never a mix;
+    ``owner``: the (uid, gid) the file belongs to, when not CST's own user."""
+    tmp = _temp_beside(path, data, mode, owner)
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
@@ -88,7 +94,7 @@ def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
         return False
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -112,7 +118,7 @@ def swap(path: Path, data: bytes, mode: int) -> bytes | None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return displaced
 
 
@@ -134,11 +140,11 @@ def conditional_replace(path: Path, data: bytes, expected: bytes, mode: int) -> 
                 tmp.unlink()
                 return False
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         if tmp.read_bytes() == expected:
             tmp.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return True
         _put_back(tmp, path, ours)
         return False
@@ -159,6 +165,6 @@ def _put_back(held: Path, path: Path, ours: int) -> None:
         back = held.stat().st_ino
         if back == ours or back in superseded:
             held.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             return
         superseded.add(back)

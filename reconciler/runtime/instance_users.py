@@ -24,7 +24,6 @@ import ctypes
 import logging
 import os
 import pwd
-import secrets
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..desired.model import UserSettings
+from ..files import atomic_write
 from . import tree_walk
 from .base import StartFailed
 
@@ -221,19 +221,6 @@ def acting_in(user: InstanceUser | None, *folders: Path) -> Iterator[tuple[Path,
 
 def write_owned(path: Path, data: bytes, user: InstanceUser | None, mode: int) -> None:
     """Replace ``path`` atomically with a file holding ``data`` with ``mode``, owned by ``user``
-    (by CST's own user when None). The folder may be the user's: the temporary file is created
-    exclusively (a link planted under its name is refused, not followed) and renamed over."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            if user is not None:
-                os.fchown(out.fileno(), user.uid, user.gid)
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    (by CST's own user when None). The folder may be the user's: ``atomic_write`` creates its
+    temporary file exclusively (a link planted under its name is refused, not followed)."""
+    atomic_write(path, data, mode, (user.uid, user.gid) if user is not None else None)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from ..files import tighten
+from ..files import fsync_dir, tighten
 
 LOG_MODE = 0o600  # a log holds what users typed into their chats
 LOCK_WAIT = 2.0   # seconds a rotator waits for another to finish before leaving it to the next pass
@@ -107,7 +107,7 @@ def _rotate_locked(path: Path, fd: int, size: int, keep: int) -> None:
         if cut and copied == cut:
             if out is not None:
                 os.fsync(out)  # the copy is on disk before its bytes leave the live file
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             if _collapse(fd, cut):
                 return
         _copy_and_truncate(fd, out, copied)
@@ -165,14 +165,6 @@ def _say_fallback(code: int) -> None:
         log.info("logs: this filesystem cannot cut a log in place (fallocate COLLAPSE_RANGE: %s); "
                  "rotation copies and truncates, and a line written at that instant may be lost",
                  os.strerror(code))
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def tail(path: Path, lines: int = 12) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..desired.model import port_of
-from ..files import private_dir
+from ..files import fsync_dir, private_dir
 from . import tree_walk
 from .holes import copy_keeping_holes
 from .statedir import StateDir
@@ -192,7 +192,7 @@ class Snapshots:
                 _write_new(tmp / META, json.dumps(meta, indent=2).encode(), 0o600)
                 _syncfs(tmp)   # one sync of the filesystem, not one fsync a file
                 os.rename(tmp, folder / snapshot_id)
-                _fsync_dir(folder)
+                fsync_dir(folder)
             except BaseException:
                 _remove_tree(tmp)
                 raise
@@ -425,14 +425,6 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         out.write(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _syncfs(path: Path) -> None:
     """Flush the filesystem holding ``path`` (Linux syncfs), so what is renamed into place is on disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -451,18 +443,18 @@ def _swap_in(staging: Path, data_dir: Path) -> Path | None:
     """Put ``staging`` at ``data_dir``; the folder it displaced (now at ``staging``'s name), or None."""
     if not os.path.lexists(data_dir):
         os.rename(staging, data_dir)
-        _fsync_dir(data_dir.parent)
+        fsync_dir(data_dir.parent)
         return None
     renameat2 = getattr(_libc, "renameat2", None)
     if renameat2 is not None and renameat2(_AT_FDCWD, os.fsencode(staging), _AT_FDCWD,
                                            os.fsencode(data_dir), _RENAME_EXCHANGE) == 0:
-        _fsync_dir(data_dir.parent)
+        fsync_dir(data_dir.parent)
         return staging
     # no atomic exchange here: two renames, the data dir missing for the instant between them
     aside = data_dir.with_name(f".{data_dir.name}.replaced-{secrets.token_hex(4)}")
     os.rename(data_dir, aside)
     os.rename(staging, data_dir)
-    _fsync_dir(data_dir.parent)
+    fsync_dir(data_dir.parent)
     return aside
 
 
