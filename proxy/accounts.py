@@ -131,7 +131,9 @@ class StaticSource:
 
 
 class DaiDaiClient:
-    """The two calls of the DaiDai account API we need (see DESIGN.md)."""
+    """The two calls of the DaiDai account API CST makes: log in (``POST /api/users/login``) and list
+    the account's keys with their balances (``POST /api/general/orders``); ``tests/proxy/fakes.py``
+    plays the platform as it answers them."""
 
     def __init__(self, session: aiohttp.ClientSession, api_base: str, email: str):
         self.session = session

@@ -371,11 +371,3 @@ class ProxyService:
         if self._upstream is not None:
             await self._upstream.close()
             self._upstream = None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for tests and the benchmark)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]   # (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6
-        return port

@@ -50,8 +50,8 @@ from typing import Callable, Iterable
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from proxy.service import free_port  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from ports import free_port  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 NGINX = "/usr/sbin/nginx"

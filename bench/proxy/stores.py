@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "tests" / "proxy"))
 from postgres_cluster import PASSWORD, PostgresCluster  # noqa: E402
 
 from bench import BODY, BUDGET, CALLER, CALLER_KEY, KEYS, paired, spawn, start_upstream, stop, throughput, wait_http  # noqa: E402
+from ports import free_port  # noqa: E402  (bench.py put tests/ on the path)
 from proxy.postgres import PostgresStore  # noqa: E402
-from proxy.service import free_port  # noqa: E402
 from proxy.shared import KeyVerdict, SharedStore  # noqa: E402
 
 PASSWORD_ENV = "BENCH_STORE_PASSWORD"

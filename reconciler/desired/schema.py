@@ -83,8 +83,7 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[YamlPath, str]:
         extra = sorted(set(value) - set(allowed), key=str)
         return (*path, extra[0]), f"unknown key (expected one of: {', '.join(allowed)})"
     if kind == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        return path, f"missing required key '{missing}'"
+        return path, f"missing required key '{declared}'"   # the one key (_required_keys)
     if kind == "type":
         types = declared if isinstance(declared, list) else [declared]
         expected = " or ".join(_YAML_TYPE_NAMES.get(t, str(t)) for t in types)
@@ -117,9 +116,20 @@ def _is_integer(_checker: Any, value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _required_keys(validator: jsonschema.protocols.Validator, required: list[str], instance: Any,
+                   schema: Mapping[str, Any]) -> Iterator[jsonschema.ValidationError]:
+    """``required`` as jsonschema checks it, each error holding the one key it misses as its
+    ``validator_value`` (jsonschema's own holds the whole list, and names the key only in prose)."""
+    if not validator.is_type(instance, "object"):
+        return
+    for key in required:
+        if key not in instance:
+            yield jsonschema.ValidationError(f"{key!r} is a required property", validator_value=key)
+
+
 # types-jsonschema leaves extend() unannotated; the class it makes is a Validator
 _Validator: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-    jsonschema.Draft202012Validator,
+    jsonschema.Draft202012Validator, validators={"required": _required_keys},
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
 
 

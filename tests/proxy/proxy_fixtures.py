@@ -15,7 +15,8 @@ from fakes import FakeDaiDai, FakeUpstream
 from postgres_cluster import PostgresCluster
 
 from conftest import free_ports
-from proxy.service import ProxyService, free_port
+from ports import free_port
+from proxy.service import ProxyService
 from reconciler.desired.model import load
 
 

@@ -12,9 +12,9 @@ from fakes import FakeDaiDai, FakeUpstream, daidai_key
 from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually
+from ports import free_port
 from proxy.accounts import AccountManager
 from proxy.pool import KeyPool
-from proxy.service import free_port
 from reconciler.desired.model import Account
 
 PASSWORD = "correct horse battery staple"

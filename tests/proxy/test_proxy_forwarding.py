@@ -169,7 +169,7 @@ async def test_when_all_keys_are_cooling_the_soonest_is_tried(make_proxy: MakePr
 
 async def test_upstream_down_is_a_502_and_the_pool_is_not_benched(make_proxy: MakeProxy, env) -> None:
     env("KEYS", f"{GOOD},{GOOD2}")
-    from proxy.service import free_port
+    from ports import free_port
     proxy = await make_proxy(static_account("main", "KEYS"), upstream_url=f"http://127.0.0.1:{free_port()}")
     client = sdk(proxy)
     for _ in range(3):

@@ -16,8 +16,9 @@ from fakes import FakeUpstream
 from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: F401 (fixtures)
 
 from conftest import eventually
+from ports import free_port
 from proxy.cli import follow
-from proxy.service import ProxyService, free_port
+from proxy.service import ProxyService
 from reconciler.desired.model import load
 
 ROOT = Path(__file__).resolve().parents[2]
