@@ -60,7 +60,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except FleetError as exc:
-        return error_answer(request, STATUS[exc.kind], exc.code, **exc.params)
+        answer = error_answer(request, STATUS[exc.kind], exc.code, **exc.params)
+        if exc.retry_after is not None:
+            answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
     except NotConverged as exc:  # the change is in the file; the caller is not kept waiting for ever
         return error_answer(request, 504, "not_applied", seconds=f"{exc.waited:g}", pending=exc.pending)
     except web.HTTPNotFound:

@@ -25,6 +25,9 @@ class ErrorKind(Enum):
 
 
 class FleetError(Exception):
-    def __init__(self, kind: ErrorKind, code: str, **params: object):
-        self.kind, self.code, self.params = kind, code, params
+    """``retry_after``: seconds before trying again is worth it, when the failure says (a wake
+    backing off, CST busy); ``params`` fill in the message."""
+
+    def __init__(self, kind: ErrorKind, code: str, retry_after: int | None = None, **params: object):
+        self.kind, self.code, self.retry_after, self.params = kind, code, retry_after, params
         super().__init__(code)

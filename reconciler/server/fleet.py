@@ -338,7 +338,8 @@ class Fleet:
         try:
             await parking.wake(id_)
         except WakeFailed as exc:
-            raise FleetError(ErrorKind.UNAVAILABLE, "wake_failed", id=id_, reason=str(exc)) from None
+            raise FleetError(ErrorKind.UNAVAILABLE, "wake_failed", retry_after=exc.retry_after, id=id_,
+                             reason=exc.reason) from None
         return Changed(await self.row(id_, since=time.monotonic()), "woken")
 
     # -- snapshots (settings.backups, rollouts) and restoring one

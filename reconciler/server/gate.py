@@ -43,7 +43,7 @@ class WakeFailed(Exception):
     """The instance could not be woken; ``retry_after``: seconds before another try is worth it."""
 
     def __init__(self, reason: str, retry_after: int = 5):
-        self.retry_after = retry_after
+        self.reason, self.retry_after = reason, retry_after
         super().__init__(reason)
 
 

@@ -189,6 +189,7 @@ async def test_a_failed_wake_is_the_same_decision_whatever_its_wording(parking: 
     with pytest.raises(FleetError) as held:   # backing off: the gate does not start it sooner than a pass would
         await fleet.wake("st-instance-8101")
     assert held.value.code == "wake_failed" and world.calls.count(("start", "st-instance-8101")) == starts
+    assert held.value.retry_after == round(BACKOFF_BASE)   # the answer's Retry-After: when the backoff ends
     clock.now += BACKOFF_BASE
     world.fail_start.clear()
     assert (await fleet.wake("st-instance-8101")).row.status == "running"
