@@ -4,9 +4,9 @@ done the CST way: each one edits desired.yaml, then waits for a reconcile pass t
 Handlers in ``api`` only translate HTTP to these calls and shape what they return (values, not
 the wire format: ``documents``); failures are ``FleetError``s (a kind and a code, the key of a
 message in ``messages``), which ``api`` alone turns into HTTP. Runtimes come from the daemon's
-factory (``Control.runtime``), so this logic runs against a fake one in tests. Every answer carries the status observed after the pass, not
-the one asked for; a change the reconciler could not finish in time is a 504 naming what is
-pending. Observing processes is blocking work: it runs in a thread, and listings are served
+factory (``Control.runtime``), so this logic runs against a fake one in tests. Every answer
+carries the status observed after the pass, not the one asked for; a change the reconciler could
+not finish in time is a 504 naming what is pending. Observing processes is blocking work: it runs in a thread, and listings are served
 from an observation at most ``LISTING_MAX_AGE`` old (newer than the last pass or exit), which
 concurrent callers share.
 """
