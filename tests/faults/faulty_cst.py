@@ -51,7 +51,7 @@ def _inject() -> None:
             if fires():
                 raise RuntimeError("injected fault in observe")
             return original_observe(self, *args, **kwargs)
-        LocalRuntime.observe = observe
+        LocalRuntime.observe = observe  # type: ignore[method-assign]  # the fault injected
 
     if "adopt" in FAULTS:
         original_adopt, fires = LocalRuntime.adopt, _hits("adopt")
@@ -60,7 +60,7 @@ def _inject() -> None:
             if fires():
                 raise psutil.NoSuchProcess(pid, msg="injected: the process exited just now")
             return original_adopt(self, id_, port, pid)
-        LocalRuntime.adopt = adopt
+        LocalRuntime.adopt = adopt  # type: ignore[method-assign]  # the fault injected
 
     if "watch" in FAULTS or "watch_start" in FAULTS:
         original_changes, fires, fires_at_start = daemon.changes_of, _hits("watch"), _hits("watch_start")

@@ -33,6 +33,7 @@ Run standalone (used by bench/proxy): ``python tests/proxy/fakes.py upstream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -63,7 +64,7 @@ class _Server:
         self.port = 0
         self.scheme = "http"
 
-    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> "_Server":
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> Self:
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
@@ -383,8 +384,6 @@ async def _serve_upstream(chunks: int, slow_gap: float) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["upstream"]:
         sys.exit("usage: fakes.py upstream [CHUNKS [SLOW_GAP]]")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_upstream(int(sys.argv[2]) if len(sys.argv) > 2 else 5,
                                     float(sys.argv[3]) if len(sys.argv) > 3 else 0.2))
-    except KeyboardInterrupt:
-        pass

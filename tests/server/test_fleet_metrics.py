@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator, get_args
+from typing import Any, AsyncIterator, Iterator, get_args
 
 import httpx
 import pytest
@@ -118,7 +118,7 @@ def test_pass_counters_tell_failed_passes_from_failed_results() -> None:
 
 
 def test_instance_rows_give_states_restarts_and_the_memory_rows_report() -> None:
-    rows = [{"id": "st-instance-8001", "observed": "running", "restarts": 3, "memory": 180_000_000},
+    rows: list[dict[str, Any]] = [{"id": "st-instance-8001", "observed": "running", "restarts": 3, "memory": 180_000_000},
             {"id": "st-instance-8002", "observed": "running", "restarts": 0, "memory": None},
             {"id": "st-instance-8003", "observed": "parked", "restarts": 0, "memory": None},
             {"id": "st-instance-8004", "observed": "crashed", "restarts": 1, "memory": None},
