@@ -50,7 +50,7 @@ sillytavern: setup sandbox edge
 # so the Chinese screenshots show characters rather than boxes
 CHROMIUM ?= /usr/bin/chromium
 BROWSER_PACKAGES := chromium fonts-wqy-microhei
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@test -x $(CHROMIUM) && fc-list :lang=zh 2>/dev/null | grep -q . || { \
 	  command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM)"; exit 1; }; \
