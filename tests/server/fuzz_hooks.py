@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for tests/server/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
 ``GET /api/events`` is fuzzed with hostile ``Last-Event-ID`` values (issue 17, defect 4: a
 ``<run>-²`` passed ``isdigit()``, ``int()`` raised inside the started stream and a 500 went out
