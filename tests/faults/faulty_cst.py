@@ -47,7 +47,7 @@ def _inject() -> None:
 
         @functools.wraps(original_observe)
         def observe(self, *args, **kwargs):
-            time.sleep(FAULTS.get("slow_observe", 0))
+            time.sleep(FAULTS.get("slow_observe", 0))   # the fault: a slow observation
             if fires():
                 raise RuntimeError("injected fault in observe")
             return original_observe(self, *args, **kwargs)

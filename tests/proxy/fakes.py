@@ -145,7 +145,7 @@ class FakeUpstream(_Server):
         if key.startswith("sk-hang-"):
             self.hanging += 1
             try:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)   # a hung upstream: only a cancel ends it
             except asyncio.CancelledError:
                 self.hang_cancelled += 1  # the caller went away
                 raise
@@ -191,7 +191,7 @@ class FakeUpstream(_Server):
         try:
             for i, word in enumerate(words):
                 if i and gap:
-                    await asyncio.sleep(gap)
+                    await asyncio.sleep(gap)   # a slow upstream's pace between chunks
                 if key.startswith("sk-cut-") and i == len(words) // 2:
                     assert request.transport is not None
                     request.transport.close()
@@ -317,7 +317,7 @@ class FakeDaiDai(_Server):
 
     async def _fault(self) -> web.Response | None:
         if self.fault == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)   # a hung platform
         if self.fault == "garbage":
             return web.Response(body=b"<html>\xff\xfe 502 Bad Gateway", content_type="text/html", status=200)
         if self.fault == "wrong-shape":

@@ -87,7 +87,7 @@ class PostgresCluster:
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("PostgreSQL did not start:\n" + (self.folder / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.05)
+                time.sleep(0.05)   # polled until it takes connections (bench/ imports this file, not conftest)
 
     def stop(self) -> None:
         """A fast shutdown: clients are disconnected at once, as when a store's host goes away."""

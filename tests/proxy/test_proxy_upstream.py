@@ -234,7 +234,7 @@ async def test_timeouts_broken_answers_and_refused_connections() -> None:
     async def handler(reader, writer):
         request = await server.read_request(reader)
         if b"hang" in request:
-            await asyncio.sleep(10)
+            await asyncio.sleep(10)   # a hung upstream, past the request's timeout
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
         await writer.drain()
 

@@ -61,7 +61,7 @@ for command in sys.stdin:
         done = 0
         while not os.path.exists(sys.argv[4]):
             done += rotate_log(log, max_bytes, keep)
-            time.sleep(0.001)
+            time.sleep(0.001)  # the rotator's pace: a rotation every millisecond or so
         print(done, flush=True)
 """
 
