@@ -204,7 +204,12 @@ def test_cst_logs_prints_the_last_lines_and_follows(fleet):
         assert follower.stdout.readline() == second + "\n"
     finally:
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(10) == 0
+        try:
+            assert follower.wait(10) == 0
+        finally:
+            if follower.poll() is None:   # it did not stop: no process outlives the test
+                follower.kill()
+                follower.wait()
 
 
 async def test_follow_reads_across_a_rotation(tmp_path: Path):
