@@ -101,7 +101,7 @@ check: $(BIN)/.installed
 	$(MYPY_TESTS)
 	$(BIN)/python -m pytest -q tests/unit
 
-# everything: the fast tier first (it fails in seconds), then every other test
+# everything: the fast tier first (it fails within a minute), then every other test
 test: check sillytavern browser servers image-tools
 	$(BIN)/python -m pytest -q --ignore=tests/unit
 
