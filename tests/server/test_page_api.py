@@ -196,8 +196,10 @@ def test_cst_logs_prints_the_last_lines_and_follows(fleet):
     assert unknown.returncode == 1 and "st-instance-1999 is not declared" in unknown.stderr
     assert run("nonsense").returncode == 2
 
+    # Ctrl-C as at a terminal: SIGINT at its default in the follower even when this run inherited it
+    # ignored (a shell's background job does), which the follower would inherit in turn
     follower = subprocess.Popen(logs(id_, "-n", "1", "-f"), cwd=project.dir, env=project.env, stdout=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert follower.stdout.readline() == first + "\n"
         say(served, port, second)
