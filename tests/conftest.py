@@ -77,7 +77,7 @@ if AS_ROOT:
             _searchable(folder)
         return path
 
-    pytest.TempPathFactory.mktemp = _searchable_mktemp
+    pytest.TempPathFactory.mktemp = _searchable_mktemp  # type: ignore[method-assign]  # pytest's own, wrapped
 
 
 # git as the tests run it: no system or user configuration (no signing, hooks or identity from the
@@ -101,7 +101,8 @@ _GIVEN: set[int] = set()   # every port handed out in this session: two calls of
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports that were free a moment ago (bound to port 0, then released), none given
     before in this session (a test's ports and those of its `cst serve`'s settings come from two calls)."""
-    socks, ports = [], []
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
         while len(ports) < n:
             s = socket.socket()
@@ -160,10 +161,8 @@ def kill_all(state_dir: Path) -> None:
     for proc in processes_of(state_dir):
         # the process itself (in a sandbox, node: its sandbox ends with it), then its group (outside one)
         for kill in (os.kill, os.killpg):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 kill(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
     psutil.wait_procs(processes_of(state_dir), timeout=5)
 
 
@@ -270,6 +269,19 @@ def front_end_for_the_sandbox(root: Path) -> None:
     (root / "node_modules" / "sillytavern" / "dist" / "_webpack").mkdir(parents=True, exist_ok=True)
     (root / "front-end-sandbox").mkdir(exist_ok=True)
     (root / "front-end-sandbox" / ".cst-ready").write_text("faked for the stand-in\n")
+
+
+def fake_install(home: Path, version: str = "1.19.0", installed: str | None = None) -> Path:
+    """``<home>/<version>`` as `cst st install` left it before CST had an overlay."""
+    root = home / version
+    package = root / "node_modules" / "sillytavern"
+    (package / "plugins").mkdir(parents=True)
+    (package / "plugins" / "package.json").write_text('{"name": "sillytavern-plugins", "type": "commonjs"}\n')
+    (package / "package.json").write_text(json.dumps({"name": "sillytavern", "version": installed or version}))
+    (package / "server.js").write_text("// stands in for the release\n")
+    front_end_for_the_sandbox(root)
+    (root / ".cst-ready").write_text(version + "\n")
+    return root
 
 
 def capabilities(pid: int) -> dict[str, int]:
@@ -388,9 +400,10 @@ def start_serve(project: Project, api_port: int, admin_key: str = "test-admin-ke
     it); ``prefix`` runs that (like setpriv, to drop root's capabilities)."""
     import httpx
     log = project.dir / log_name
-    proc = subprocess.Popen([*prefix, *command, "serve", "-f", str(project.file), *args],
-                            cwd=project.dir, env={**project.env, "CST_ADMIN_KEY": admin_key},
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "wb") as out:   # the child keeps its own copy
+        proc = subprocess.Popen([*prefix, *command, "serve", "-f", str(project.file), *args],
+                                cwd=project.dir, env={**project.env, "CST_ADMIN_KEY": admin_key},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     served = Served(project, proc, api_port, admin_key, log)
     if wait:
         def up():

@@ -24,7 +24,7 @@ from conftest import ROOT, Project, free_ports, kill_all, start_serve, wait_unti
 from proxy.pool import mask
 
 sys.path.insert(0, str(ROOT / "tests" / "proxy"))   # the fakes live beside the proxy's tests
-from fakes import FakeDaiDai, FakeUpstream, daidai_key  # noqa: E402
+from fakes import FakeDaiDai, FakeUpstream, daidai_key
 
 pytestmark = pytest.mark.sillytavern
 

@@ -226,7 +226,8 @@ def documents(ids: list[str], days: int = 30) -> tuple[dict, dict]:
     """A usage document and a 30-day history for ``ids``, with made-up but varied numbers."""
     window = {"timezone": "Asia/Shanghai", "day": "2026-11-30", "month": "2026-11",
               "resets": {"day": "2026-12-01T00:00:00+08:00", "month": "2026-12-01T00:00:00+08:00"}}
-    rows, instances = [], {}
+    rows: list[dict[str, Any]] = []
+    instances: dict[str, Any] = {}
     for i, id_ in enumerate(ids):
         for d in range(days):
             tokens = ((i + 3) * (d + 7) * 37) % 900 if (i + d) % 4 else 0

@@ -38,53 +38,71 @@ def _hits(name: str):
 
 
 def _inject() -> None:
-    from reconciler import files
+    """Each fault FAULTS names, patched in (one at a time; each its own function)."""
+    if "observe" in FAULTS or "slow_observe" in FAULTS:
+        _inject_observe()
+    if "adopt" in FAULTS:
+        _inject_adopt()
+    if "watch" in FAULTS or "watch_start" in FAULTS:
+        _inject_watch()
+    if "write" in FAULTS:
+        _inject_write()
+
+
+def _inject_observe() -> None:
     from reconciler.runtime.local import LocalRuntime
+
+    original_observe, fires = LocalRuntime.observe, _hits("observe")
+
+    @functools.wraps(original_observe)
+    def observe(self, *args, **kwargs):
+        time.sleep(FAULTS.get("slow_observe", 0))   # the fault: a slow observation
+        if fires():
+            raise RuntimeError("injected fault in observe")
+        return original_observe(self, *args, **kwargs)
+    LocalRuntime.observe = observe  # type: ignore[method-assign]  # the fault injected
+
+
+def _inject_adopt() -> None:
+    from reconciler.runtime.local import LocalRuntime
+
+    original_adopt, fires = LocalRuntime.adopt, _hits("adopt")
+
+    def adopt(self, id_, port, pid):
+        if fires():
+            raise psutil.NoSuchProcess(pid, msg="injected: the process exited just now")
+        return original_adopt(self, id_, port, pid)
+    LocalRuntime.adopt = adopt  # type: ignore[method-assign]  # the fault injected
+
+
+def _inject_watch() -> None:
     from reconciler.server import daemon
 
-    if "observe" in FAULTS or "slow_observe" in FAULTS:
-        original_observe, fires = LocalRuntime.observe, _hits("observe")
+    original_changes, fires, fires_at_start = daemon.changes_of, _hits("watch"), _hits("watch_start")
 
-        @functools.wraps(original_observe)
-        def observe(self, *args, **kwargs):
-            time.sleep(FAULTS.get("slow_observe", 0))
-            if fires():
-                raise RuntimeError("injected fault in observe")
-            return original_observe(self, *args, **kwargs)
-        LocalRuntime.observe = observe
+    def changes_of(path, stop, *args, **kwargs):
+        async def changes():
+            if fires_at_start():
+                raise RuntimeError("injected fault as the file watcher starts")
+            async for change in original_changes(path, stop, *args, **kwargs):
+                if fires():
+                    raise RuntimeError("injected fault in the file watcher")
+                yield change
+        return changes()
+    daemon.changes_of = changes_of
 
-    if "adopt" in FAULTS:
-        original_adopt, fires = LocalRuntime.adopt, _hits("adopt")
 
-        def adopt(self, id_, port, pid):
-            if fires():
-                raise psutil.NoSuchProcess(pid, msg="injected: the process exited just now")
-            return original_adopt(self, id_, port, pid)
-        LocalRuntime.adopt = adopt
+def _inject_write() -> None:
+    from reconciler import files
 
-    if "watch" in FAULTS or "watch_start" in FAULTS:
-        original_changes, fires, fires_at_start = daemon.changes_of, _hits("watch"), _hits("watch_start")
+    target, code = FAULTS["write"]["name"], FAULTS["write"]["errno"]
+    original_temp = files._temp_beside
 
-        def changes_of(path, stop, *args, **kwargs):
-            async def changes():
-                if fires_at_start():
-                    raise RuntimeError("injected fault as the file watcher starts")
-                async for change in original_changes(path, stop, *args, **kwargs):
-                    if fires():
-                        raise RuntimeError("injected fault in the file watcher")
-                    yield change
-            return changes()
-        daemon.changes_of = changes_of
-
-    if "write" in FAULTS:
-        target, code = FAULTS["write"]["name"], FAULTS["write"]["errno"]
-        original_temp = files._temp_beside
-
-        def temp_beside(path: Path, *args, **kwargs):  # every replacement of a file writes one first
-            if path.name == target:
-                raise OSError(code, os.strerror(code), str(path))
-            return original_temp(path, *args, **kwargs)
-        files._temp_beside = temp_beside
+    def temp_beside(path: Path, *args, **kwargs):  # every replacement of a file writes one first
+        if path.name == target:
+            raise OSError(code, os.strerror(code), str(path))
+        return original_temp(path, *args, **kwargs)
+    files._temp_beside = temp_beside
 
 
 if __name__ == "__main__":

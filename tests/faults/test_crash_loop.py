@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
+from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
+from reconciler.desired.model import load
 
 
 def test_a_crash_loop_backs_off_shows_why_and_leaves_the_others_alone(project, serve):
@@ -31,3 +32,23 @@ def test_a_crash_loop_backs_off_shows_why_and_leaves_the_others_alone(project, s
         assert http_status(port) == 401
     status = served.api("GET", "/api/status?lang=en").json()
     assert any(r["id"] == f"st-instance-{bad}" and r["outcome"] == "failed" for r in status["reconcile"]["results"])
+
+
+def test_backoff_follows_the_kind_of_a_result_not_its_wording(project: Project) -> None:
+    from reconciler.engine.results import Happened, Result
+    from reconciler.engine.supervision import Supervisor
+    from reconciler.runtime.base import Observed
+    (port,) = free_ports(1)
+    project.write(standin_file([(port, "running")]))
+    now = [1000.0]
+    supervisor = Supervisor(load(project.file), clock=lambda: now[0])
+    id_ = f"st-instance-{port}"
+    observed = {id_: Observed(id_, port, "stopped")}
+    # reworded: neither starts with "did not start"
+    supervisor.learn(observed, [Result(id_, "failed", "never came up", happened=Happened.START_FAILED,
+                                       cause="exit 7")])
+    held = supervisor.errored(id_)
+    assert held is not None and "(exit 7)" in held
+    supervisor.learn(observed, [Result(id_, "failed", "did not start: but this is a taken port",
+                                       happened=Happened.IMPOSSIBLE)])
+    assert supervisor.crashes[id_].count == 1   # not a failed start, whatever it says

@@ -110,13 +110,13 @@ def test_a_change_that_cannot_finish_in_time_is_a_504_naming_what_is_pending(pro
     project.write(standin_file([], settings=settings))
     served = serve(api)
     wait_until(lambda: status(served)["reconcile"]["lastRun"] is not None)
-    lock = open(project.state_dir / "reconcile.lock", "r+")  # as a long `cst apply` from CI holds it
+    lock = open(project.state_dir / "reconcile.lock", "r+")  # noqa: SIM115  held as a long `cst apply` from CI holds it, closed below
     fcntl.flock(lock, fcntl.LOCK_EX)
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     try:
-        health = []
+        health: list[int] = []
         poller = threading.Thread(target=lambda: health.extend(
             httpx.get(served.url + "/health", timeout=5).status_code for _ in range(20)))
         poller.start()

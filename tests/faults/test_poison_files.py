@@ -140,7 +140,7 @@ def test_put_of_an_alias_bomb_is_refused_while_health_answers(project, serve):
     def poll_health():
         while not done.is_set():
             health.append(httpx.get(served.url + "/health", timeout=5).status_code)
-            time.sleep(0.02)
+            time.sleep(0.02)   # the poller's pace while the PUTs run, not a wait
 
     poller = threading.Thread(target=poll_health)
     poller.start()

@@ -13,11 +13,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))  # the proxy tests' fakes and fixtures
 
-from fakes import FakeDaiDai, FakeUpstream, daidai_key  # noqa: E402
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: E402,F401
+from fakes import FakeDaiDai, FakeUpstream, daidai_key
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream
 
-from conftest import eventually  # noqa: E402
-from proxy import accounts  # noqa: E402
+from conftest import eventually
+from proxy import accounts
 
 CUT, SLOW, GOOD = "sk-cut-aaaaaaaaaaaa0001", "sk-slow-bbbbbbbbbbbb0002", "sk-good-cccccccccccc0003"
 
@@ -85,7 +85,7 @@ async def test_an_upstream_that_accepts_and_never_answers(make_proxy: MakeProxy,
     for _ in range(3):
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-fake", messages=[])
-        assert info.value.status_code == 504 and info.value.body["code"] == "upstream_timeout"
+        assert info.value.status_code == 504 and info.value.body["code"] == "upstream_timeout"  # type: ignore[index]  # the error's JSON body
     await client.close()
     assert silent.accepted == 3   # written once each, so never sent again on the other key
     # every key timed out within moments: the upstream is down, not the keys, so none is benched for long

@@ -33,6 +33,7 @@ Run standalone (used by bench/proxy): ``python tests/proxy/fakes.py upstream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -63,7 +64,7 @@ class _Server:
         self.port = 0
         self.scheme = "http"
 
-    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> "_Server":
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> Self:
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
@@ -144,7 +145,7 @@ class FakeUpstream(_Server):
         if key.startswith("sk-hang-"):
             self.hanging += 1
             try:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)   # a hung upstream: only a cancel ends it
             except asyncio.CancelledError:
                 self.hang_cancelled += 1  # the caller went away
                 raise
@@ -190,7 +191,7 @@ class FakeUpstream(_Server):
         try:
             for i, word in enumerate(words):
                 if i and gap:
-                    await asyncio.sleep(gap)
+                    await asyncio.sleep(gap)   # a slow upstream's pace between chunks
                 if key.startswith("sk-cut-") and i == len(words) // 2:
                     assert request.transport is not None
                     request.transport.close()
@@ -316,7 +317,7 @@ class FakeDaiDai(_Server):
 
     async def _fault(self) -> web.Response | None:
         if self.fault == "hang":
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)   # a hung platform
         if self.fault == "garbage":
             return web.Response(body=b"<html>\xff\xfe 502 Bad Gateway", content_type="text/html", status=200)
         if self.fault == "wrong-shape":
@@ -383,8 +384,6 @@ async def _serve_upstream(chunks: int, slow_gap: float) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["upstream"]:
         sys.exit("usage: fakes.py upstream [CHUNKS [SLOW_GAP]]")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_upstream(int(sys.argv[2]) if len(sys.argv) > 2 else 5,
                                     float(sys.argv[3]) if len(sys.argv) > 3 else 0.2))
-    except KeyboardInterrupt:
-        pass

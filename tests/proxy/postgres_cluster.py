@@ -72,14 +72,13 @@ class PostgresCluster:
                      "-c", f"ssl_key_file={self.folder / 'server.key'}"]
 
     def start(self) -> None:
-        log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.folder),
-             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", *self._tls,
-             *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                                        "-c", "full_page_writes=off"])],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, **self._as)
-        log.close()
+        with open(self.folder / "server.log", "ab") as log:   # the server keeps its own copy
+            self.proc = subprocess.Popen(
+                [_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.folder),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200", *self._tls,
+                 *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                            "-c", "full_page_writes=off"])],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, **self._as)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -88,7 +87,7 @@ class PostgresCluster:
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("PostgreSQL did not start:\n" + (self.folder / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.05)
+                time.sleep(0.05)   # polled until it takes connections (bench/ imports this file, not conftest)
 
     def stop(self) -> None:
         """A fast shutdown: clients are disconnected at once, as when a store's host goes away."""

@@ -23,7 +23,7 @@ from reconciler.desired.model import load
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
     server = await FakeUpstream().start()
-    yield server  # type: ignore[misc]
+    yield server
     await server.stop()
 
 

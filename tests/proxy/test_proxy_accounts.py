@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import openai
 from fakes import FakeDaiDai, FakeUpstream, daidai_key
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, static_account, upstream
 
 from conftest import eventually
 from ports import free_port
@@ -26,9 +26,8 @@ def daidai_account(name: str, email: str, api_base: str, env_name: str = "DAIDAI
 
 
 async def get_json(url: str) -> dict:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(url) as resp:
-            return await resp.json()
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        return await resp.json()
 
 
 async def chat(proxy) -> str:

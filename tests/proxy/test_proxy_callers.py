@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from fakes import PROMPT_TOKENS, FakeUpstream
-from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
+from openai.types.chat import ChatCompletionMessageParam
+from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream
 
 from conftest import eventually
 from proxy.budget import UsageBook
@@ -18,15 +20,14 @@ from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
-async def get(service, path: str, key: str | None = None) -> tuple[int, dict | str]:
+async def get(service, path: str, key: str | None = None) -> tuple[int, Any]:   # a JSON body or text
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession() as http:
-        async with http.get(service.url + path, headers=headers) as resp:
-            body = await resp.json() if resp.content_type == "application/json" else await resp.text()
-            return resp.status, body
+    async with aiohttp.ClientSession() as http, http.get(service.url + path, headers=headers) as resp:
+        body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+        return resp.status, body
 
 
 async def refused(service, key: str) -> bool:
@@ -140,10 +141,10 @@ async def test_a_client_hanging_up_is_charged_an_estimate_but_not_as_an_error(
     env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams its chunks 0.2 s apart
     key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure("st-instance-8001")
     proxy = await make_proxy(static_account("main", "KEYS"), closed=True)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                             json={"model": "gpt-fake", "stream": True, "messages": HI}) as resp:
-            await resp.content.readline()   # SillyTavern's stop button: hang up mid-answer
+    async with (aiohttp.ClientSession() as http,
+                http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "gpt-fake", "stream": True, "messages": HI}) as resp):
+        await resp.content.readline()   # SillyTavern's stop button: hang up mid-answer
     await eventually(lambda: _counted(proxy, key))
     counts = (await get(proxy, "/status", key))[1]["usage"]["today"]
     assert (counts["requests"], counts["errors"], counts["estimated"]) == (1, 0, 1)

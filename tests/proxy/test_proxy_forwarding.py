@@ -11,7 +11,9 @@ import aiohttp
 import openai
 import pytest
 from fakes import FakeUpstream, throwaway_tls
-from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import MakeProxy, daidai, env, make_proxy, sdk, static_account, upstream
+
+from conftest import eventually
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
 GOOD2 = "sk-good-bbbbbbbbbbbbbbbb2222"
@@ -66,9 +68,8 @@ async def test_a_failing_key_among_good_ones_never_reaches_the_client(make_proxy
     assert seen.count(GOOD) == 6
     # 401 and 429 take a key out at once; 5xx after failure_threshold (3) in a row.
     assert seen.count(bad) == (1 if bad.startswith(("sk-bad", "sk-429")) else 3)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/status") as resp:
-            doc = await resp.json()
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/status") as resp:
+        doc = await resp.json()
     keys = {k["key"]: k for k in doc["accounts"]["main"]["keys"]}
     bad_entry = keys[bad[:5] + "…" + bad[-4:]]
     assert bad_entry["available"] is False
@@ -88,7 +89,7 @@ async def test_client_errors_go_back_untouched_and_do_not_count(make_proxy: Make
     for _ in range(3):
         with pytest.raises(openai.NotFoundError) as info:
             await client.chat.completions.create(model="missing-model", messages=[])
-        assert info.value.body["code"] == "model_not_found"
+        assert info.value.body["code"] == "model_not_found"  # type: ignore[index]  # the error's JSON body
     assert len(upstream.seen) == 3, "not retried"
     key = proxy.state.pool.keys()[0]
     assert key.failures == 0 and key.available(proxy.state.pool.clock())
@@ -117,14 +118,14 @@ async def test_every_other_v1_path_is_passed_through(make_proxy: MakeProxy, upst
     test_proxy_metering)."""
     env("KEYS", GOOD)
     proxy = await make_proxy(static_account("main", "KEYS"))
-    async with aiohttp.ClientSession() as http:
-        async with http.put(proxy.url + "/v1/custom/abc%2Fdef?purpose=fine-tune&x=1", data=b"\x00raw\xffbytes",
-                            headers={"Authorization": "Bearer client", "X-Custom": "kept",
-                                     "Connection": "keep-alive, X-Hop", "X-Hop": "dropped",
-                                     "Content-Type": "application/octet-stream"}) as resp:
-            assert resp.status == 200
-            assert resp.headers["X-Upstream-Echo"] == "yes"
-            echo = await resp.json()
+    async with (aiohttp.ClientSession() as http,
+                http.put(proxy.url + "/v1/custom/abc%2Fdef?purpose=fine-tune&x=1", data=b"\x00raw\xffbytes",
+                         headers={"Authorization": "Bearer client", "X-Custom": "kept",
+                                  "Connection": "keep-alive, X-Hop", "X-Hop": "dropped",
+                                  "Content-Type": "application/octet-stream"}) as resp):
+        assert resp.status == 200
+        assert resp.headers["X-Upstream-Echo"] == "yes"
+        echo = await resp.json()
     assert echo["method"] == "PUT"
     assert echo["query"] == "purpose=fine-tune&x=1"
     assert echo["headers"]["X-Custom"] == "kept"
@@ -144,11 +145,10 @@ async def test_no_key_answers_503_openai_style(make_proxy: MakeProxy, upstream: 
     with pytest.raises(openai.APIStatusError) as info:  # then the key is quarantined: nothing to try
         await client.chat.completions.create(model="gpt-fake", messages=[])
     assert info.value.status_code == 503
-    assert set(info.value.body) >= {"message", "type", "code"} and info.value.body["code"] == "no_available_key"
+    assert set(info.value.body) >= {"message", "type", "code"} and info.value.body["code"] == "no_available_key"  # type: ignore[call-overload,index]  # the error's JSON body
     assert len(upstream.seen) == 1
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/health") as resp:
-            health = await resp.json()
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/health") as resp:
+        health = await resp.json()
     assert health["keys"] == {"total": 1, "available": 0, "unavailable": 1}
     assert health["status"] == "degraded" and health["uptime"] >= 0
     await client.close()
@@ -175,7 +175,7 @@ async def test_upstream_down_is_a_502_and_the_pool_is_not_benched(make_proxy: Ma
     for _ in range(3):
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-fake", messages=[])
-        assert info.value.status_code == 502 and info.value.body["code"] == "upstream_unreachable"
+        assert info.value.status_code == 502 and info.value.body["code"] == "upstream_unreachable"  # type: ignore[index]  # the error's JSON body
     now = proxy.state.pool.clock()
     assert all(k.cooldown_until <= now + 1.5 for k in proxy.state.pool.keys())
     await client.close()
@@ -191,10 +191,7 @@ async def test_client_hanging_up_cancels_the_upstream_stream(make_proxy: MakePro
         first = await resp.content.readuntil(b"\n\n")
         assert first.startswith(b"data: {")
         resp.close()  # hang up mid-stream
-    for _ in range(50):
-        if upstream.cancelled:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: upstream.cancelled, timeout=2.5)
     assert upstream.cancelled == 1
 
 
@@ -205,18 +202,12 @@ async def test_client_hanging_up_before_the_first_byte_cancels_the_upstream_requ
     proxy = await make_proxy(static_account("main", "KEYS"), timeout="60s")
     async with aiohttp.ClientSession() as http:
         request = asyncio.create_task(http.post(proxy.url + "/v1/chat/completions", json={"model": "m"}))
-        for _ in range(100):
-            if upstream.hanging:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: upstream.hanging, timeout=2)
         assert upstream.hanging == 1
         request.cancel()  # the client gives up and closes its connection
         with pytest.raises(asyncio.CancelledError):
             await request
-    for _ in range(100):
-        if upstream.hang_cancelled:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: upstream.hang_cancelled, timeout=5)
     assert upstream.hang_cancelled == 1
     key = proxy.state.pool.keys()[0]
     assert key.failures == 0, "a client hanging up says nothing about the key"
@@ -226,9 +217,9 @@ async def test_upstream_breaking_mid_stream_is_not_disguised_as_a_full_answer(ma
                                                                              upstream: FakeUpstream, env) -> None:
     env("KEYS", "sk-cut-jjjjjjjjjjjj0000")
     proxy = await make_proxy(static_account("main", "KEYS"))
-    async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as resp:
-            body = await resp.read()  # a clean end of the HTTP answer...
+    async with (aiohttp.ClientSession() as http,
+                http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "stream": True}) as resp):
+        body = await resp.read()  # a clean end of the HTTP answer...
     events = body.split(b"\n\n")[:-1]
     assert b"[DONE]" not in body and len(events) == 3  # ...whose last event says the answer broke off
     assert json.loads(events[-1].removeprefix(b"data: "))["error"]["code"] == "upstream_broken"
@@ -245,18 +236,16 @@ async def test_client_keys_are_required_when_configured(make_proxy: MakeProxy, u
     with pytest.raises(openai.AuthenticationError):
         await sdk(proxy, "wrong").models.list()
     for path in ("/status", "/metrics"):
-        async with aiohttp.ClientSession() as http:
-            async with http.get(proxy.url + path) as resp:
-                assert resp.status == 401
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + path) as resp:
+            assert resp.status == 401
     assert upstream.seen == []
     for good in ("secret-one", "secret-two"):
         client = sdk(proxy, good)
         assert [m.id async for m in await client.models.list()] == ["gpt-fake", "emb-fake"]
         await client.close()
     assert upstream.keys_seen() == [GOOD, GOOD]
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/health") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/health") as resp:
+        assert resp.status == 200
 
 
 async def test_status_metrics_and_logs_never_show_a_whole_key(make_proxy: MakeProxy, upstream: FakeUpstream, env,
@@ -316,7 +305,7 @@ async def test_an_https_upstream(make_proxy: MakeProxy, env, tmp_path, monkeypat
         client = sdk(untrusted)
         with pytest.raises(openai.APIStatusError) as info:  # not trusted: refused, never sent in clear
             await client.chat.completions.create(model="gpt-fake", messages=[])
-        assert info.value.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in info.value.body["message"]
+        assert info.value.status_code == 502 and "CERTIFICATE_VERIFY_FAILED" in info.value.body["message"]  # type: ignore[index]  # the error's JSON body
         await client.close()
         assert tls_upstream.seen == []
 
@@ -366,8 +355,8 @@ async def test_an_answer_that_breaks_before_its_first_byte_is_never_sent_again(
     for stream in (True, False):
         with pytest.raises(openai.APIStatusError) as info:   # the drop key's turn
             await client.chat.completions.create(model="gpt-fake", stream=stream, messages=[])
-        assert info.value.status_code == 502 and info.value.body["code"] == "upstream_broken"
-        assert "not sent again" in info.value.body["message"]
+        assert info.value.status_code == 502 and info.value.body["code"] == "upstream_broken"  # type: ignore[index]  # the error's JSON body
+        assert "not sent again" in info.value.body["message"]  # type: ignore[index]  # the error's JSON body
         chat = await client.chat.completions.create(model="gpt-fake", messages=[])   # the good key's turn
         assert chat.choices[0].message.content.endswith("[1111]")
     assert upstream.keys_seen() == [drop, GOOD, drop, GOOD]   # each request reached the upstream once

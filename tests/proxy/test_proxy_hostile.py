@@ -9,8 +9,10 @@ import aiohttp
 import openai
 import pytest
 from fakes import FakeUpstream
-from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import MakeProxy, env, make_proxy, static_account, upstream
 from test_proxy_upstream import HOSTILE, RawServer
+
+from conftest import eventually
 
 GOOD = "sk-good-aaaaaaaaaaaaaaaa1111"
 
@@ -47,7 +49,7 @@ async def test_body_limit_is_a_413_in_openais_shape(make_proxy: MakeProxy, upstr
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=20)
     with pytest.raises(openai.APIStatusError) as refused:
         await client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "x" * 2000}])
-    assert refused.value.status_code == 413 and refused.value.body["code"] == "request_too_large"
+    assert refused.value.status_code == 413 and refused.value.body["code"] == "request_too_large"  # type: ignore[index]  # the error's JSON body
     ok = await client.chat.completions.create(model="gpt-fake", messages=[{"role": "user", "content": "hi"}])
     assert ok.choices[0].message.content
     await client.close()
@@ -56,10 +58,10 @@ async def test_body_limit_is_a_413_in_openais_shape(make_proxy: MakeProxy, upstr
         for _ in range(4):
             yield b"x" * 512
 
-    async with aiohttp.ClientSession() as http:
-        async with http.post(proxy.url + "/v1/chat/completions", data=chunks()) as response:
-            assert response.status == 413
-            assert (await response.json())["error"]["code"] == "request_too_large"
+    async with (aiohttp.ClientSession() as http,
+                http.post(proxy.url + "/v1/chat/completions", data=chunks()) as response):
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "request_too_large"
     assert len(upstream.seen) == 1, "only the small request reached the upstream"
 
 
@@ -82,12 +84,8 @@ async def test_past_the_concurrency_bound_clients_get_503_at_once(make_proxy: Ma
         async def served() -> bool:
             async with http.get(proxy.url + "/v1/models") as models:
                 return models.status == 200
-        for _ in range(100):  # the slots come back as the streams end
-            if await served():
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the proxy did not serve again after the streams ended")
+        # the slots come back as the streams end
+        await eventually(served, timeout=5, failure=lambda: "the proxy did not serve again after the streams ended")
 
 
 @pytest.mark.parametrize("path, status, forwarded", [

@@ -10,6 +10,7 @@ import sqlite3
 import stat
 import time
 from datetime import datetime
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -17,21 +18,22 @@ import openai
 import pytest
 from aiohttp import web
 from fakes import PROMPT_TOKENS, FakeUpstream
-from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream  # noqa: F401 (fixtures)
+from openai.types.chat import ChatCompletionMessageParam
+from proxy_fixtures import MakeProxy, env, make_proxy, sdk, static_account, upstream
 
 from conftest import eventually, wait_until
 from proxy.budget import Limit, Refusal, Reservation, UsageBook
 from proxy.calendar import Calendar
 from proxy.ledger import _SCHEMA, COLUMNS, LedgerWriter, Row, SqliteStore
 from proxy.metering import MeteringPolicy
-from proxy.request_body import inspect
+from proxy.request_body import RequestFacts, inspect
 from proxy.service import ledger_path
 from reconciler.desired.model import Budget, MeteringSettings
 from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 GOOD = "sk-good-aaaaaaaaaaaa1111"
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 ME = "st-instance-8001"
 POLICY = MeteringPolicy(MeteringSettings())
 
@@ -105,8 +107,8 @@ async def test_a_request_the_upstream_read_is_never_sent_again(make_proxy: MakeP
     for stream in (False, True):
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="gpt-fake", messages=HI, stream=stream)
-        assert info.value.status_code == status and info.value.body["code"] == code
-        assert "not sent again" in info.value.body["message"]
+        assert info.value.status_code == status and info.value.body["code"] == code  # type: ignore[index]  # the error's JSON body
+        assert "not sent again" in info.value.body["message"]  # type: ignore[index]  # the error's JSON body
     await client.close()
     assert raw.read == [first, second]   # each request reached the upstream exactly once
 
@@ -160,7 +162,7 @@ async def test_requests_pass_until_the_day_s_budget_is_used_then_429_with_the_re
         await client.chat.completions.create(model="gpt-fake", messages=HI, max_tokens=8)
     with pytest.raises(openai.RateLimitError) as info:
         await client.chat.completions.create(model="gpt-fake", messages=HI, max_tokens=8)
-    error = info.value.body
+    error = cast(dict[str, Any], info.value.body)
     assert error["code"] == "budget_exceeded" and error["type"] == "insufficient_quota"
     tomorrow = proxy.state.usage.calendar.day_ends(time.time()).strftime("%Y-%m-%d %H:%M:%S")
     assert f"has used {4 * cost} of its {4 * cost} tokens per day" in error["message"]
@@ -168,17 +170,17 @@ async def test_requests_pass_until_the_day_s_budget_is_used_then_429_with_the_re
     retry_after = int(info.value.response.headers["Retry-After"])
     assert 0 < retry_after <= 86400 + 3600
     assert len(upstream.seen) == 4   # the refused request never went upstream
-    async with aiohttp.ClientSession() as http:   # an escaped path is the same path to the budget
-        async with http.post(proxy.url + "/v1/chat/%63ompletions", json={"model": "gpt-fake", "messages": HI},
-                             headers={"Authorization": f"Bearer {key}"}) as resp:
-            assert resp.status == 429 and (await resp.json())["error"]["code"] == "budget_exceeded"
+    async with (aiohttp.ClientSession() as http,   # an escaped path is the same path to the budget
+                http.post(proxy.url + "/v1/chat/%63ompletions", json={"model": "gpt-fake", "messages": HI},
+                          headers={"Authorization": f"Bearer {key}"}) as resp):
+        assert resp.status == 429 and (await resp.json())["error"]["code"] == "budget_exceeded"
     await client.close()
     usage = proxy.state.usage.caller_document(ME)
     assert usage["left"]["tokens_per_day"] == 0 and usage["today"]["requests"] == 6
     assert usage["today"]["errors"] == 2 and usage["today"]["tokens"] == 4 * cost
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
-            metrics = await resp.text()
+    async with (aiohttp.ClientSession() as http,
+                http.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp):
+        metrics = await resp.text()
     assert f'cst_proxy_budget_limit{{budget="tokens_per_day",instance="{ME}"}} {4 * cost}.0' in metrics
     assert f'cst_proxy_budget_left{{budget="tokens_per_day",instance="{ME}"}} 0.0' in metrics
     assert f'cst_proxy_usage_tokens{{instance="{ME}",window="day"}} {4 * cost}.0' in metrics
@@ -190,7 +192,8 @@ async def test_fifty_concurrent_requests_against_a_budget_for_five_admit_at_most
     env("KEYS", "sk-slow-aaaaaaaaaaaa1111")   # streams 0.2 s apart: all 50 are in flight together
     key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure(ME)
     body = {"model": "gpt-fake", "messages": HI, "max_tokens": 16, "stream": True}
-    reservation = inspect("/v1/chat/completions", "POST", json.dumps(body).encode(), POLICY).reservation
+    facts = cast(RequestFacts, inspect("/v1/chat/completions", "POST", json.dumps(body).encode(), POLICY))
+    reservation = facts.reservation
     budget = 5 * reservation
     proxy = await make_proxy(static_account("main", "KEYS"), closed=True,
                              extra=f"instances:\n  - port: 8001\n    budget: {{tokens_per_day: {budget}}}\n")
@@ -218,7 +221,7 @@ async def test_requests_per_minute(make_proxy: MakeProxy, upstream: FakeUpstream
         await client.chat.completions.create(model="gpt-fake", messages=HI)
     with pytest.raises(openai.RateLimitError) as info:
         await client.chat.completions.create(model="gpt-fake", messages=HI)
-    assert "of its 2 requests per minute" in info.value.body["message"]
+    assert "of its 2 requests per minute" in info.value.body["message"]  # type: ignore[index]  # the error's JSON body
     assert 1 <= int(info.value.response.headers["Retry-After"]) <= 61
     assert [m.id async for m in await client.models.list()] == ["gpt-fake", "emb-fake"]   # a list costs nothing
     await client.close()
@@ -234,7 +237,7 @@ async def _rows(proxy, count: int) -> list[Row]:
             return store.rows() >= count
         await eventually(written, failure=lambda: f"{store.rows()} ledger rows, expected {count}")
         query = f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY id"
-        return [Row(*r[:6], bool(r[6]), *r[7:]) for r in store._db.execute(query).fetchall()]
+        return [Row._make((*r[:6], bool(r[6]), *r[7:])) for r in store._db.execute(query).fetchall()]
     finally:
         store.close()
 
@@ -280,10 +283,10 @@ async def test_a_gzip_answer_is_metered(make_proxy: MakeProxy, env, tmp_path) ->
         key = InstanceKeys(StateDir(tmp_path / ".cst")).ensure(ME)
         proxy = await make_proxy(static_account("main", "KEYS"), closed=True,
                                  upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
-        async with aiohttp.ClientSession() as http:   # a client that accepts gzip, as browsers and SDKs do
-            async with http.post(proxy.url + "/v1/chat/completions", json={"model": "gpt-fake", "messages": HI},
-                                 headers={"Authorization": f"Bearer {key}", "Accept-Encoding": "gzip"}) as resp:
-                assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
+        async with (aiohttp.ClientSession() as http,   # a client that accepts gzip, as browsers and SDKs do
+                    http.post(proxy.url + "/v1/chat/completions", json={"model": "gpt-fake", "messages": HI},
+                              headers={"Authorization": f"Bearer {key}", "Accept-Encoding": "gzip"}) as resp):
+            assert (await resp.json())["choices"][0]["message"]["content"] == "hello"
         assert seen == ["identity"]
         (row,) = await _rows(proxy, 1)
         assert (row.prompt_tokens, row.completion_tokens, row.estimated) == (7, 2, False)

@@ -20,8 +20,9 @@ import aiohttp
 import openai
 import pytest
 from fakes import PROMPT_TOKENS, FakeUpstream
+from openai.types.chat import ChatCompletionMessageParam
 from postgres_cluster import PASSWORD, PostgresCluster
-from proxy_fixtures import cluster, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import cluster, upstream
 
 from conftest import eventually, free_ports, wait_until
 from proxy.budget import Reservation, UsageBook
@@ -38,7 +39,7 @@ from reconciler.runtime.instance_keys import InstanceKeys
 from reconciler.runtime.statedir import StateDir
 
 ME = "st-instance-8001"
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 PASSWORD_ENV = "CST_TEST_STORE_PASSWORD"
 POLICY = MeteringPolicy(MeteringSettings())
 ONE_CHAT = PROMPT_TOKENS + 5   # what the fake upstream reports for one chat (5 chunks)
@@ -84,16 +85,16 @@ class Pool:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0, timeout=20)
 
     async def post(self, path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(self.url + path, json=body if data is None else None, data=data,
-                                 headers={"Authorization": f"Bearer {self.key}"}) as resp:
-                return resp.status, await resp.json(content_type=None)
+        async with (aiohttp.ClientSession() as http,
+                    http.post(self.url + path, json=body if data is None else None, data=data,
+                              headers={"Authorization": f"Bearer {self.key}"}) as resp):
+            return resp.status, await resp.json(content_type=None)
 
     def rows(self) -> list[tuple]:
         """(model, path, status, prompt, completion, estimated) of each row in the store."""
         columns = "model, path, status, prompt_tokens, completion_tokens, estimated"
         if self.store is None:
-            db = sqlite3.connect(f"file:{ledger_path(self.folder / '.cst')}?mode=ro", uri=True)
+            db: Any = sqlite3.connect(f"file:{ledger_path(self.folder / '.cst')}?mode=ro", uri=True)
             try:
                 return [(*r[:5], bool(r[5])) for r in db.execute(f"SELECT {columns} FROM requests ORDER BY id")]
             finally:
@@ -117,7 +118,7 @@ class Pool:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def pool(request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream,  # noqa: F811
+async def pool(request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream,
                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Pool]:
     monkeypatch.setenv("CST_TEST_POOL_KEYS", "sk-good-aaaaaaaaaaaa1111")
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
@@ -265,7 +266,7 @@ def test_a_row_the_store_refuses_is_set_aside_and_the_rows_behind_it_are_written
     reopened.close()
 
 
-def test_a_poisoned_spool_from_an_older_version_is_replayed_cleaned(tmp_path: Path, cluster: PostgresCluster) -> None:  # noqa: F811
+def test_a_poisoned_spool_from_an_older_version_is_replayed_cleaned(tmp_path: Path, cluster: PostgresCluster) -> None:
     spool = SqliteStore(tmp_path / "spool.sqlite3")
     spool.write([tuple(_raw_row("s1")), tuple(_raw_row("s2", model="x\x00y")), tuple(_raw_row("s3", prompt=2 ** 62))])
     store = _store("postgresql", tmp_path, cluster)
@@ -296,7 +297,7 @@ def test_a_ledger_with_figures_beyond_belief_is_repaired_when_opened(tmp_path: P
 
 
 def test_a_store_with_figures_beyond_belief_is_repaired_once_without_a_new_schema_version(
-        tmp_path: Path, cluster: PostgresCluster) -> None:  # noqa: F811
+        tmp_path: Path, cluster: PostgresCluster) -> None:
     database = cluster.new_database()
     store = PostgresStore(cluster.url(database), {"password": PASSWORD, "autocommit": True})
     store.ensure_schema()
@@ -317,7 +318,7 @@ def test_a_store_with_figures_beyond_belief_is_repaired_once_without_a_new_schem
 # -- holds -----------------------------------------------------------------------------------------------
 
 async def test_a_reserve_cancelled_after_its_batch_granted_it_holds_nothing(
-        cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+        cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one await of a reservation, past its decision: the task is cancelled in the same step
     that hands it its grant (its client hung up then), so it never resumes to settle."""
     database = cluster.new_database()
@@ -352,11 +353,11 @@ async def test_a_reserve_cancelled_after_its_batch_granted_it_holds_nothing(
 
 async def test_a_client_that_hangs_up_mid_stream_leaves_no_hold(pool: Pool) -> None:
     await pool.start("{tokens_per_day: 100000}")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(pool.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {pool.key}"},
-                             json={"model": "slow-stream", "stream": True, "messages": HI}) as resp:
-            await resp.content.readline()
-            assert pool.held() > 0
+    async with (aiohttp.ClientSession() as http,
+                http.post(pool.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {pool.key}"},
+                          json={"model": "slow-stream", "stream": True, "messages": HI}) as resp):
+        await resp.content.readline()
+        assert pool.held() > 0
     await eventually(lambda: pool.held() == 0 and len(pool.rows()) == 1)
     assert pool.rows()[0][2] == 0   # the row says the client hung up
 
@@ -371,10 +372,9 @@ async def test_a_tool_property_named_stream_does_not_hide_the_request_s_own_stre
     body = b'{"tools": ' + json.dumps([tool]).encode() + b', "model": "gpt-fake", "messages": ' + \
         json.dumps(HI).encode() + b', "stream": true}'
     assert body.find(b'"stream"') < body.rfind(b'"stream": true')
-    async with aiohttp.ClientSession() as http:
-        async with http.post(pool.url + "/v1/chat/completions", data=body,
-                             headers={"Authorization": f"Bearer {pool.key}", "Content-Type": "application/json"}) as resp:
-            events = (await resp.read()).split(b"\n\n")
+    async with aiohttp.ClientSession() as http, http.post(pool.url + "/v1/chat/completions", data=body,
+                         headers={"Authorization": f"Bearer {pool.key}", "Content-Type": "application/json"}) as resp:
+        events = (await resp.read()).split(b"\n\n")
     assert b'"choices": []' not in b"".join(events)   # the usage event it did not ask for is not relayed
     await eventually(lambda: len(pool.rows()) == 1)
     assert pool.rows() == [("gpt-fake", "/v1/chat/completions", 200, PROMPT_TOKENS, 5, False)]   # not an estimate

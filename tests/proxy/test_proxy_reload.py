@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 from fakes import FakeUpstream
-from proxy_fixtures import desired_text, env, static_account, upstream  # noqa: F401 (fixtures)
+from proxy_fixtures import desired_text, env, static_account, upstream
 
 from conftest import eventually
 from ports import free_port
@@ -24,6 +25,15 @@ from reconciler.desired.model import load
 ROOT = Path(__file__).resolve().parents[2]
 OLD = "sk-slow-oldoldoldold0001"
 NEW = "sk-good-newnewnewnew0002"
+
+
+def inotify_watches() -> int:
+    """How many inotify instances this process holds: each file watcher (watchfiles) opens one."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):   # a descriptor closed while listed
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    return count
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -43,12 +53,16 @@ async def test_editing_accounts_while_a_stream_is_in_flight(tmp_path: Path, upst
     path = tmp_path / "desired.yaml"
     path.write_text(desired_text(upstream.url, static_account("old", "OLD_KEYS"), port))
     service = ProxyService(load(path))
+    watches = inotify_watches()
     await service.start()
+    # the proxy follows its key folder with an inotify of its own, set up by a task after start
+    await eventually(lambda: inotify_watches() > watches, failure=lambda: "the proxy never followed its key folder")
+    watches = inotify_watches()
     stop = asyncio.Event()
     watcher = asyncio.create_task(follow(path, service, stop))
     client = openai.AsyncOpenAI(base_url=service.url + "/v1", api_key="x", max_retries=0)
     try:
-        await asyncio.sleep(0.3)  # let the watcher start
+        await eventually(lambda: inotify_watches() > watches, failure=lambda: "the watcher never followed the file")
         stream = await client.chat.completions.create(model="gpt-fake", stream=True, messages=[])
         pieces: list[str] = []
         edited = False
@@ -88,15 +102,17 @@ async def test_cst_proxy_runs_standalone_and_stops_on_sigterm(tmp_path: Path, up
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(200):
+            answers: list[dict] = []
+
+            async def up() -> bool:
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                        health = await resp.json()
-                        break
+                        answers.append(await resp.json())
+                        return True
                 except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the proxy did not come up")
+                    return False
+            await eventually(up, failure=lambda: "the proxy did not come up")
+            health = answers[-1]
             assert health["keys"]["available"] == 1
             async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m"}) as resp:
                 assert (await resp.json())["choices"][0]["message"]["content"].endswith("[0003]")

@@ -140,7 +140,7 @@ async def test_an_idle_connection_the_upstream_closed_is_never_used() -> None:
     try:
         assert await body_of(client, origin) == (200, [b"ok"])
         closed.wait(5)   # blocks the loop on purpose: the FIN arrives, nobody reads it yet
-        time.sleep(0.05)
+        time.sleep(0.05)  # the FIN crosses loopback; seeing it would take reading it, which the test must not
         assert await body_of(client, origin) == (200, [b"ok"])
     finally:
         await client.close()
@@ -203,6 +203,8 @@ async def test_hostile_framing_fails_that_answer_and_the_next_gets_its_own(answe
 
 
 async def test_an_answer_nobody_asked_for_drops_the_connection() -> None:
+    stray_sent = asyncio.Event()
+
     async def handler(reader, writer):
         while True:
             request = await server.read_request(reader)
@@ -210,6 +212,8 @@ async def test_an_answer_nobody_asked_for_drops_the_connection() -> None:
             if b"/first" in request:  # then a second answer to the same request
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
             await writer.drain()
+            if b"/first" in request:
+                stray_sent.set()
 
     client = UpstreamClient()
     async with RawServer(handler) as server:
@@ -217,7 +221,7 @@ async def test_an_answer_nobody_asked_for_drops_the_connection() -> None:
         resp = await client.request(server.origin, "POST", first, None, timeout=2)
         assert await resp.read() == first
         resp.finish()
-        await asyncio.sleep(0.1)  # the stray answer arrives on the idle connection
+        await eventually(stray_sent.is_set)  # the stray answer is on its way to the idle connection
         second = b"POST /second HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
         resp = await client.request(server.origin, "POST", second, None, timeout=2)
         assert await resp.read() == second, "not the stray answer"
@@ -230,7 +234,7 @@ async def test_timeouts_broken_answers_and_refused_connections() -> None:
     async def handler(reader, writer):
         request = await server.read_request(reader)
         if b"hang" in request:
-            await asyncio.sleep(10)
+            await asyncio.sleep(10)   # a hung upstream, past the request's timeout
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
         await writer.drain()
 

@@ -25,7 +25,7 @@ import pytest
 import trustme
 from fakes import FakeUpstream
 from postgres_cluster import PASSWORD, PostgresCluster
-from proxy_fixtures import cluster, store_url, upstream  # noqa: F401  (fixtures)
+from proxy_fixtures import cluster, store_url, upstream
 
 from conftest import eventually, fake_upstream, free_ports, http_status, standin_file, wait_until
 from proxy.ledger import Row, StoreUnavailable
@@ -77,10 +77,9 @@ class Replicas:
     async def start(self, desired: Path, count: int = 1) -> list[str]:
         urls = []
         for port in free_ports(count):
-            log = open(self.folder / f"replica-{port}.log", "wb")
-            self.procs[port] = subprocess.Popen([*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"],
-                                                env=self.env, stdout=log, stderr=subprocess.STDOUT)
-            log.close()
+            with open(self.folder / f"replica-{port}.log", "wb") as log:
+                self.procs[port] = subprocess.Popen([*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"],
+                                                    env=self.env, stdout=log, stderr=subprocess.STDOUT)
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
             await eventually(lambda url=url: self._store_up(url), timeout=30,
@@ -590,11 +589,13 @@ async def test_two_replicas_behind_the_example_nginx_config_survive_the_loss_of_
     desired = write_desired(tmp_path / "desired.yaml", upstream.url, store_url)
     key = instance_key(tmp_path / ".cst")
     for port in (first, second):   # the example's two commands
-        replicas.procs[port] = subprocess.Popen(
-            [*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"], env=replicas.env,
-            stdout=open(tmp_path / f"replica-{port}.log", "wb"), stderr=subprocess.STDOUT)
-    proxy = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nginx.out", "wb"))
+        with open(tmp_path / f"replica-{port}.log", "wb") as log:
+            replicas.procs[port] = subprocess.Popen(
+                [*CST, "proxy", "-f", str(desired), "--listen", f"127.0.0.1:{port}"], env=replicas.env,
+                stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "nginx.out", "wb") as out:
+        proxy = subprocess.Popen([nginx, "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+                                 stdout=subprocess.DEVNULL, stderr=out)
     try:
         url = f"http://127.0.0.1:{front}"
         for port in (first, second):

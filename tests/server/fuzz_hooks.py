@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for tests/server/test_api_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
 ``GET /api/events`` is fuzzed with hostile ``Last-Event-ID`` values (issue 17, defect 4: a
 ``<run>-²`` passed ``isdigit()``, ``int()`` raised inside the started stream and a 500 went out
@@ -128,7 +128,7 @@ def before_call(ctx: schemathesis.HookContext, case: schemathesis.Case, kwargs: 
             and str(case.query.get("follow", "")).lower() in ("1", "true", "yes"):
         case.query["follow"] = "0"
     if case.operation.path == EVENTS:
-        headers = dict(case.headers or {})   # a dict, or requests' CaseInsensitiveDict
+        headers: dict[str, Any] = dict(case.headers or {})   # a dict, or requests' CaseInsensitiveDict
         value = next((v for k, v in headers.items() if k.lower() == "last-event-id"), None)
         if case.method.upper() == "GET" and _pending:
             value = _trying[id(case)] = _pending.popleft()
@@ -136,7 +136,7 @@ def before_call(ctx: schemathesis.HookContext, case: schemathesis.Case, kwargs: 
         if value is not None:
             headers["Last-Event-ID"] = on_the_wire(value) if isinstance(value, str) else value
         _sent[id(case)] = value.lstrip(" \t") if isinstance(value, str) else value
-        case.headers = headers
+        case.headers = headers  # type: ignore[assignment]  # a plain dict: schemathesis sends any mapping
 
 
 @schemathesis.hook

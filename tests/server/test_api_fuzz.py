@@ -2,7 +2,7 @@
 status codes, content types and bodies as documented (the admin page's endpoints too). The daemon runs on the stand-in server, so
 instances the fuzzer creates are cheap; all of them are killed afterwards.
 
-The event stream is fuzzed too, with hostile ``Last-Event-ID`` values (tests/fuzz_hooks.py): each
+The event stream is fuzzed too, with hostile ``Last-Event-ID`` values (tests/server/fuzz_hooks.py): each
 answer is one clean 200 stream or a 4xx JSON error, never a second response inside a started one,
 and the daemon stays healthy after."""
 import json

@@ -1,19 +1,29 @@
 """`cst serve`: the daemon and its REST API, on the fast stand-in server."""
 import asyncio
+import hashlib
 import io
 import json
 import os
 import re
 import signal
 import ssl
+import subprocess
 import zipfile
 
 import httpx
 import psutil
 import pytest
 
-from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
+from conftest import Project, eventually, free_ports, http_status, serve_settings, standin_file, wait_until
+from reconciler.desired.model import load
 from reconciler.files import conditional_replace
+from reconciler.runtime.statedir import StateDir
+
+KEY = "review-admin-key"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def fleet_file(api_port: int, instances: list[tuple[int, str]], resync: str = "1s", header: str = "") -> str:
@@ -64,7 +74,7 @@ def test_create_validation(project, serve):
     garbage = served.api("POST", "/api/instances?lang=en", content=b"{not json", headers={"Content-Type": "application/json"})
     assert garbage.status_code == 400 and garbage.json() == {"error": "The request body must be a JSON object", "code": "bad_body"}
     squatter = psutil.Popen(["python3", "-m", "http.server", str(b), "--bind", "127.0.0.1"],
-                            stdout=open(os.devnull, "w"), stderr=open(os.devnull, "w"))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: http_status(b) == 200)
         taken = served.api("POST", "/api/instances?lang=en", json={"port": b})
@@ -134,7 +144,8 @@ def test_twenty_concurrent_creates_and_a_hand_edit(project, serve):
                 # as a careful editor saves: atomically, and only over the version it opened
                 # (vim warns "the file has been changed since reading it"), so it loses no change
                 # of CST's either; the test is that CST loses none of the editor's
-                await asyncio.sleep(0.3)
+                # once the creates have begun to land in the file
+                await eventually(lambda: any(f"port: {p}" in project.file.read_text() for p in ports), timeout=60)
                 while True:
                     opened = project.file.read_bytes()
                     edited = opened.replace(b"# fleet managed through the API\n",
@@ -223,9 +234,12 @@ def test_a_crash_loop_backs_off_and_shows_errored(project, serve):
     assert row["status"] == "errored"
     assert row["detail"].startswith("errored: failed ") and "next restart in" in row["detail"]
     starts_then = served.log.read_text().count("did not start")
-    # held back: within the next second at most one more attempt, not one per resync
-    import time
-    time.sleep(1.2)
+    # held back: over the next two passes (resync 0.5s) at most one more attempt, not one per pass
+    def last_pass() -> str:
+        return served.api("GET", "/api/status").json()["reconcile"]["lastRun"]
+    for _ in range(2):
+        before = last_pass()
+        wait_until(lambda: last_pass() != before, timeout=10)
     assert served.log.read_text().count("did not start") <= starts_then + 1
 
 
@@ -375,3 +389,127 @@ def test_an_instance_that_stops_answering_its_health_check_is_restarted(project,
                        "HTTP 503)" in served.log.read_text(), timeout=30)
     assert pid_of(served, f"st-instance-{a}") not in (None, sick)
     assert served.api("GET", f"/api/instances/st-instance-{a}").json()["restarts"] == 1
+
+
+def test_put_repairs_a_broken_file_judged_against_the_last_valid_state(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    project.write(standin_file([(port, "running")], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    good = project.file.read_text()
+    broken = good + "instances: [\n"
+    project.file.write_text(broken)
+    wait_until(lambda: not served.api("GET", "/api/status").json()["file"]["valid"], timeout=10)
+
+    # a restricted change is still refused, judged against the last valid state
+    sneaky = good.replace("settings:\n", "settings:\n  data_root: /etc\n", 1)
+    refused = served.api("PUT", "/api/desired?lang=en", content=sneaky, headers={"If-Match": sha(broken)})
+    assert refused.status_code == 403 and "settings.data_root" in refused.text
+    assert project.file.read_text() == broken
+
+    # the repair itself goes through (it was a 500 with a traceback)
+    repaired = served.api("PUT", "/api/desired", content=good, headers={"If-Match": sha(broken)})
+    assert repaired.status_code == 200, repaired.text
+    assert project.file.read_text() == good and served.api("GET", "/api/status").json()["file"]["valid"]
+    assert http_status(port) == 401
+
+
+def test_if_match_compares_strongly_and_star_matches_the_current_file(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    text = project.file.read_text()
+    changed = text + "# one\n"
+
+    weak = served.api("PUT", "/api/desired", content=changed, headers={"If-Match": f'W/"{sha(text)}"'})
+    assert weak.status_code == 412 and project.file.read_text() == text   # a weak tag never matches
+    listed = served.api("PUT", "/api/desired", content=changed, headers={"If-Match": f'"{"0" * 64}", "{sha(text)}"'})
+    assert listed.status_code == 200 and project.file.read_text() == changed
+    star = served.api("PUT", "/api/desired", content=changed + "# two\n", headers={"If-Match": "*"})
+    assert star.status_code == 200 and project.file.read_text().endswith("# two\n")
+
+
+def test_rotate_key_while_another_cst_holds_the_state_dir_is_a_504_naming_it(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    settings = serve_settings(api).replace(f'api: {{listen: "127.0.0.1:{api}"}}',
+                                           f'api: {{listen: "127.0.0.1:{api}", timeout: 2s}}')
+    project.write(standin_file([(port, "running")], settings=settings))
+    served = serve(api, admin_key=KEY)
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    key_file = project.state_dir / "secrets" / "proxy-keys" / f"st-instance-{port}"
+    before = key_file.read_text()
+    with StateDir(project.state_dir).lock(timeout=5):   # as a long `cst apply` would
+        answer = served.api("POST", f"/api/instances/st-instance-{port}/rotate-key?lang=en")
+    assert answer.status_code == 504, answer.text   # was a 500: LockHeld escaped
+    assert "not rotated" in answer.json()["error"] and f"pid {os.getpid()}" in answer.json()["error"]
+    assert key_file.read_text() == before
+    assert served.api("POST", f"/api/instances/st-instance-{port}/rotate-key").status_code == 200
+
+
+def test_get_desired_answers_for_a_deeply_nested_file(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    deep = project.file.read_text() + "extra: " + "[" * 5000 + "]" * 5000 + "\n"
+    project.file.write_text(deep)
+    wait_until(lambda: not served.api("GET", "/api/status").json()["file"]["valid"], timeout=10)
+    answer = served.api("GET", "/api/desired")
+    assert answer.status_code == 200, answer.text   # was a 500: RecursionError in the plain YAML parser
+    assert answer.json()["valid"] is False and answer.json()["instances"] == {}
+    assert any("nest" in p for p in answer.json()["problems"]), answer.json()["problems"]
+
+
+def test_a_hand_edit_of_the_state_dir_waits_for_a_restart_and_status_says_so(project: Project, serve) -> None:
+    api, port = free_ports(2)
+    text = standin_file([(port, "running")], settings=serve_settings(api))
+    project.write(text)
+    served = serve(api, admin_key=KEY)
+    id_ = f"st-instance-{port}"
+    wait_until(lambda: http_status(port) == 401, timeout=30)
+    elsewhere = project.dir / "elsewhere"
+    project.write(text.replace("settings:\n", f"settings:\n  state_dir: {elsewhere}\n", 1))
+
+    def restart_noted() -> bool:
+        return served.api("GET", "/api/status").json()["daemon"]["restartNeeded"] == ["settings.state_dir"]
+    wait_until(restart_noted, timeout=15)
+    before = served.api("GET", "/api/status").json()["reconcile"]["lastRun"]
+    wait_until(lambda: served.api("GET", "/api/status").json()["reconcile"]["lastRun"] != before, timeout=15)
+    # the passes keep the state dir cst serve started with: the instance is still its own, not
+    # "port taken by another process", and nothing was written to the new one
+    assert served.api("GET", f"/api/instances/{id_}").json()["status"] == "online"
+    status = served.api("GET", "/api/status").json()
+    assert status["reconcile"]["recap"]["failed"] == 0, status["reconcile"]
+    assert not elsewhere.exists()
+    project.write(text)   # put back: nothing waits for a restart any more
+    wait_until(lambda: served.api("GET", "/api/status").json()["daemon"]["restartNeeded"] == [], timeout=15)
+
+
+async def test_liveness_resolves_launch_specs_off_the_loop(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from reconciler.engine.results import Report, Result
+    from reconciler.runtime.base import Observed
+    from reconciler.runtime.health import HealthChecks
+    from reconciler.runtime.local import LocalRuntime
+    from reconciler.server import liveness
+    (port,) = free_ports(1)
+    project.write(standin_file([(port, "running")]))
+    desired = load(project.file)
+    me = os.getpid()
+    import psutil
+    seen = Observed(f"st-instance-{port}", port, "running", me, create_time=psutil.Process(me).create_time())
+    report = Report(results=[Result(seen.id, "ok")], observed={seen.id: seen})
+    threads = []
+    real = LocalRuntime.launch_spec
+
+    def launch_spec(self, spec):
+        threads.append(threading.current_thread())
+        return real(self, spec)
+    monkeypatch.setattr(LocalRuntime, "launch_spec", launch_spec)
+    checks = HealthChecks()
+    try:
+        answers = await liveness.check(LocalRuntime(desired, readonly=True, checks=checks), desired, report)
+    finally:
+        await checks.close()
+    assert answers[seen.id] and "could not be reached" in answers[seen.id]   # nobody listens there
+    assert threads and threading.main_thread() not in threads

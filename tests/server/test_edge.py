@@ -12,8 +12,11 @@ the edge closes them. Then an attacker under another uid cannot take an instance
 from __future__ import annotations
 
 import base64
+import contextlib
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -31,7 +34,9 @@ import pytest
 import trustme
 
 from conftest import Project, fake_upstream, free_ports, standin_file, wait_until
+from reconciler.desired.model import Listen
 from reconciler.runtime import edge
+from reconciler.runtime.edge_config import Entrance, Layout, Route, render
 
 DOMAIN = "st.test"
 POOL_KEY = "sk-good-edge-0000000001"
@@ -269,10 +274,8 @@ def test_idle_and_dripping_connections_do_not_keep_users_out(project, serve, cer
             def drip() -> None:
                 while not stop.wait(1.0):
                     for sock in drips:
-                        try:
+                        with contextlib.suppress(OSError):
                             sock.send(b"X")
-                        except OSError:
-                            pass
 
             dripper = threading.Thread(target=drip)
             dripper.start()
@@ -363,3 +366,28 @@ def test_another_uid_cannot_take_an_instance_address(project, serve):
                             f"{str(socket_path)!r})"], user="nobody", group="nogroup", capture_output=True, text=True,
                            cwd="/")
     assert probe.returncode != 0 and "PermissionError" in probe.stderr
+
+
+def route(port: int, password: str = "pw", names: tuple[str, ...] = (), own_port: bool = True) -> Route:
+    """An instance's route at the edge, as tests/unit/test_edge_config.py makes them."""
+    id_ = f"st-instance-{port}"
+    return Route(id_, names, Listen("127.0.0.1", port) if own_port else None, f"{id_}:{password}",
+                 Path(f"/run/cst/x/sockets/{id_}.sock"))
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
+def test_nginx_accepts_what_is_rendered(tmp_path):
+    """nginx -t on a rendered configuration with TLS, names, ports and trusted proxies."""
+    import trustme
+    issued = trustme.CA().issue_cert("*.st.test")
+    issued.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    layout = Layout(tmp_path / "tmp", tmp_path / "gate.sock", tmp_path / "use.sock", tmp_path / "nobody", None)
+    (tmp_path / "tmp").mkdir()
+    config = render([route(port, names=(f"st-instance-{port}.st.test",)) for port in range(8001, 8201)], layout,
+                    Entrance(Listen("127.0.0.1", 8443), tmp_path / "c.pem", tmp_path / "k.pem", Listen("127.0.0.1", 8080)),
+                    (ipaddress.ip_network("127.0.0.1/32"),), 20000)
+    (tmp_path / "nginx.conf").write_text(config)
+    done = subprocess.run(["/usr/sbin/nginx", "-t", "-q", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+                           "-e", str(tmp_path / "error.log")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

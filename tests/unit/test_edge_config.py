@@ -1,14 +1,11 @@
-"""The edge's nginx configuration, as a pure function of the routes; and the gate's credential check."""
+"""The edge's nginx configuration, as a pure function of the routes; and the gate's credential check
+(tests/server/test_edge.py: nginx -t on a rendered configuration)."""
 from __future__ import annotations
 
 import base64
 import ipaddress
 import re
-import shutil
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from reconciler.desired.model import Listen
 from reconciler.runtime.edge_config import FAILURE_BURST, Entrance, Layout, Route, render
@@ -56,21 +53,3 @@ def test_trusted_proxies_and_the_http_redirect():
     assert "set_real_ip_from 10.0.0.0/8;" in config and "real_ip_header X-Forwarded-For;" in config
     assert "return 308 https://$host:8443$request_uri;" in config
     assert re.search(r"worker_connections 10000;", config)
-
-
-@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
-def test_nginx_accepts_what_is_rendered(tmp_path):
-    """nginx -t on a rendered configuration with TLS, names, ports and trusted proxies."""
-    import trustme
-    issued = trustme.CA().issue_cert("*.st.test")
-    issued.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
-    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
-    layout = Layout(tmp_path / "tmp", tmp_path / "gate.sock", tmp_path / "use.sock", tmp_path / "nobody", None)
-    (tmp_path / "tmp").mkdir()
-    config = render([route(port, names=(f"st-instance-{port}.st.test",)) for port in range(8001, 8201)], layout,
-                    Entrance(Listen("127.0.0.1", 8443), tmp_path / "c.pem", tmp_path / "k.pem", Listen("127.0.0.1", 8080)),
-                    (ipaddress.ip_network("127.0.0.1/32"),), 20000)
-    (tmp_path / "nginx.conf").write_text(config)
-    done = subprocess.run(["/usr/sbin/nginx", "-t", "-q", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
-                           "-e", str(tmp_path / "error.log")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr

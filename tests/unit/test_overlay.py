@@ -1,8 +1,8 @@
 """CST's overlay (stsource-changed/) over a SillyTavern package: what is laid, recorded, verified.
 
 These run on a package folder made for the test (a package.json and an install marker, as an
-install made before the overlay existed leaves them); tests/test_sillytavern.py does the same
-with the real release.
+install made before the overlay existed leaves them); tests/runtime/test_overlay_cli.py runs `cst st verify`
+and `cst apply` on one, tests/sillytavern/test_sillytavern.py does the same with the real release.
 """
 from __future__ import annotations
 
@@ -11,21 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, front_end_for_the_sandbox
+from conftest import ROOT, fake_install
 from reconciler.runtime import overlay, sillytavern
-
-
-def fake_install(home: Path, version: str = "1.19.0", installed: str | None = None) -> Path:
-    """``<home>/<version>`` as `cst st install` left it before CST had an overlay."""
-    root = home / version
-    package = root / "node_modules" / "sillytavern"
-    (package / "plugins").mkdir(parents=True)
-    (package / "plugins" / "package.json").write_text('{"name": "sillytavern-plugins", "type": "commonjs"}\n')
-    (package / "package.json").write_text(json.dumps({"name": "sillytavern", "version": installed or version}))
-    (package / "server.js").write_text("// stands in for the release\n")
-    front_end_for_the_sandbox(root)
-    (root / ".cst-ready").write_text(version + "\n")
-    return root
 
 
 @pytest.fixture
@@ -126,26 +113,3 @@ def test_an_unreadable_record_says_how_to_recover(tmp_path: Path) -> None:
     (tmp_path / overlay.RECORD).write_text("{not json")
     with pytest.raises(overlay.OverlayError, match="cst-overlay.json is unreadable .*run `cst st install`"):
         overlay.problems(tmp_path, tmp_path / "package")
-
-
-def test_cli_verify_and_apply_refusal(project, home: Path) -> None:
-    root = fake_install(home)
-    project.write("version: 1\ninstances:\n  - port: 18001\n")
-    env = {"CST_SILLYTAVERN_HOME": str(home)}
-    never = project.cst("st", "verify", env=env)
-    assert never.returncode == 2 and "failed: the overlay was never laid over" in never.stderr
-    laid = project.cst("st", "install", env=env)
-    assert laid.returncode == 0 and "(overlay laid (" in laid.stdout, laid.stderr
-    ok = project.cst("st", "verify", env=env)
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: sillytavern 1.19.0 at "), ok.stderr
-    (root / "node_modules/sillytavern/public/scripts/extensions/third-party/cst-keypool/index.js").write_text("x")
-    bad = project.cst("st", "verify", env=env)
-    assert bad.returncode == 2
-    assert "failed: public/scripts/extensions/third-party/cst-keypool/index.js: changed since it was laid" in bad.stderr
-    refused = project.cst("apply", env=env)
-    assert refused.returncode == 2
-    assert ("failed: sillytavern 1.19.0 (sillytavern 1.19.0 fails verification: public/scripts/extensions/"
-            "third-party/cst-keypool/index.js: changed since it was laid") in refused.stdout
-    assert "failed: st-instance-18001 (sillytavern 1.19.0 is not ready: sillytavern 1.19.0 fails verification: " \
-           "public/scripts/extensions/third-party/cst-keypool/index.js: changed" in refused.stdout
-    assert not (project.state_dir / "instances" / "st-instance-18001.json").exists()

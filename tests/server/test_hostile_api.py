@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import free_ports, http_status, serve_settings, standin_file, wait_until
+from conftest import Project, free_ports, http_status, serve_settings, standin_file, wait_until
 
 KEY = "test-admin-key"
 
@@ -64,11 +64,12 @@ def test_bad_input_is_a_4xx_with_an_error_and_changes_nothing(project, serve):
         for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", "/stop"), ("POST", "/start"),
                                ("POST", "/restart"), ("POST", "/reset-password"), ("GET", "/backup")):
             check(f"{method} {bad[:40]}{suffix}", *raw(api, method, f"/api/instances/{bad}{suffix}?lang=en"))
-    for bad in BAD_PORTS:
-        check(f"port {bad!r}", *raw(api, "POST", "/api/instances?lang=en", json.dumps({"port": bad}).encode(),
+    for bad_port in BAD_PORTS:
+        check(f"port {bad_port!r}", *raw(api, "POST", "/api/instances?lang=en", json.dumps({"port": bad_port}).encode(),
                                     {"Content-Type": "application/json"}))
-    for body in NOT_OBJECTS:
-        check(f"body {body!r}", *raw(api, "POST", "/api/instances", body, {"Content-Type": "application/json"}))
+    for not_object in NOT_OBJECTS:
+        check(f"body {not_object!r}", *raw(api, "POST", "/api/instances", not_object,
+                                           {"Content-Type": "application/json"}))
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         check(content_type, *raw(api, "POST", "/api/instances?lang=en", json.dumps({"port": port + 1}).encode(),
                                  {"Content-Type": content_type}))
@@ -178,3 +179,17 @@ def test_the_api_refuses_plain_http_beyond_loopback(project):
     warned = project.cst("validate")
     assert warned.returncode == 0
     assert "warning:" in warned.stderr and "settings.proxy.upstream: 'http://10.1.2.3/v1' is plain http" in warned.stderr
+
+
+def test_behind_a_trusted_reverse_proxy_one_guesser_locks_out_only_itself(project: Project, serve) -> None:
+    api, = free_ports(1)
+    settings = serve_settings(api).replace(f'api: {{listen: "127.0.0.1:{api}"}}',
+                                           f'api: {{listen: "127.0.0.1:{api}", trusted_proxies: [127.0.0.1]}}')
+    project.write(standin_file([], settings=settings))
+    served = serve(api, admin_key=KEY)
+    guesser, colleague = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.9, 203.0.113.8"}
+    answers = [served.api("GET", "/api/status", headers={**guesser, "X-ST-Admin-Key": f"guess-{i}"}).status_code
+               for i in range(30)]
+    assert answers[-1] == 429 and answers.count(401) >= 10
+    assert served.api("GET", "/api/status", headers=colleague).status_code == 200   # was 429 for everyone
+    assert served.api("GET", "/api/status", headers=guesser).status_code == 429

@@ -13,12 +13,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any, AsyncGenerator, cast
 
 import httpx
 import pytest
 
 from conftest import (
     EventReader,
+    Project,
     daidai_account,
     fake_daidai,
     free_ports,
@@ -33,6 +35,8 @@ from reconciler.engine.results import Report, Result
 from reconciler.runtime.logfollow import follow
 from reconciler.runtime.logs import rotate_log
 from reconciler.server.events import KEEP, EventHub, changes
+
+KEY = "review-admin-key"
 
 
 def say(served, port: int, line: str) -> None:
@@ -194,15 +198,22 @@ def test_cst_logs_prints_the_last_lines_and_follows(fleet):
     assert unknown.returncode == 1 and "st-instance-1999 is not declared" in unknown.stderr
     assert run("nonsense").returncode == 1   # invalid input (README: exit codes)
 
+    # Ctrl-C as at a terminal: SIGINT at its default in the follower even when this run inherited it
+    # ignored (a shell's background job does), which the follower would inherit in turn
     follower = subprocess.Popen(logs(id_, "-n", "1", "-f"), cwd=project.dir, env=project.env, stdout=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert follower.stdout.readline() == first + "\n"
         say(served, port, second)
         assert follower.stdout.readline() == second + "\n"
     finally:
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(10) == 0
+        try:
+            assert follower.wait(10) == 0
+        finally:
+            if follower.poll() is None:   # it did not stop: no process outlives the test
+                follower.kill()
+                follower.wait()
 
 
 async def test_follow_reads_across_a_rotation(tmp_path: Path):
@@ -222,7 +233,7 @@ async def test_follow_reads_across_a_rotation(tmp_path: Path):
         out.flush()
     while b"after rotation" not in b"".join(got):
         got.append(await reader.__anext__())
-    await reader.aclose()
+    await cast(AsyncGenerator[bytes, None], reader).aclose()   # follow() is an async generator
     assert b"".join(got) == b"old 2\nbefore rotation\nunseen when rotated\nafter rotation\n"
 
 
@@ -313,3 +324,24 @@ def test_a_failure_that_repeats_is_published_once_and_replay_knows_its_limits():
     assert hub.since(first) is None, "the events after it are no longer all kept"
     assert [e.data["n"] for e in hub.since(f"{hub.run}-{hub._seq - 2}")] == [KEEP + 3, KEEP + 4]
     assert hub.since(hub.last_id) == [] and hub.since(f"{hub.run}-{hub._seq + 1}") is None
+
+
+def test_a_last_event_id_of_other_digits_gets_a_fresh_stream_not_a_second_answer(project: Project, serve) -> None:
+    api, = free_ports(1)
+    project.write(standin_file([], settings=serve_settings(api)))
+    served = serve(api, admin_key=KEY)
+    hub = EventHub(pool=lambda: {})
+    for odd in ("²", "٣", "1²", "9" * 40, "-1", " 1"):
+        assert hub.since(f"{hub.run}-{odd}") is None, odd   # isdigit() took '²', and int() raised
+    headers = {"X-ST-Admin-Key": KEY}
+    with httpx.stream("GET", served.url + "/api/events", timeout=10, headers=headers) as stream:
+        ids = (line for line in stream.iter_lines() if line.startswith("id:"))
+        run = next(ids).split(":", 1)[1].strip().split("-")[0]   # this cst serve's run
+    other_digits: dict[str, Any] = {**headers, "Last-Event-ID": f"{run}-²".encode()}   # sent as UTF-8
+    with httpx.stream("GET", served.url + "/api/events", timeout=10,
+                      headers=other_digits) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        seen = [next(lines) for _ in range(3)]
+    assert any(line.startswith("event:") and "reset" in line for line in seen), seen
+    assert not any("500" in line or "HTTP/" in line for line in seen), seen

@@ -79,7 +79,7 @@ def test_npm_sees_none_of_csts_secrets(tmp_path: Path, monkeypatch):
     def install() -> None:
         try:
             sillytavern.install("1.19.0", tmp_path / "state")
-        except BaseException as exc:  # noqa: BLE001 (reported to the test)
+        except BaseException as exc:   # reported to the test
             failure.append(exc)
 
     installer = threading.Thread(target=install)
@@ -378,7 +378,7 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
             "--dataRoot", str(sandbox.DATA), "--listen", "true", "--listenAddressIPv4", "127.0.0.1")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "SILLYTAVERN_BASICAUTHUSER_USERNAME": "user",
            "SILLYTAVERN_BASICAUTHUSER_PASSWORD": "secret"}
-    import concurrent.futures.thread  # noqa: F401 -- asyncio.to_thread's, loaded while /root's stdlib can be read
+    import concurrent.futures.thread  # asyncio.to_thread's, loaded while /root's stdlib can be read
     said_read, said_write = os.pipe()
     child = os.fork()
     if child == 0:   # the child: an ordinary user from here on
@@ -389,9 +389,9 @@ def test_not_root_each_instance_is_sandboxed_in_a_user_namespace(tmp_path_factor
             chosen = sandbox.mode(SandboxSettings())
             with open(os.devnull, "wb") as log, listener.open_listener(listener.Address(port=port)) as bound:
                 env[listener.ENV_LISTEN_FD] = str(bound.fileno())
-                _, node = asyncio.run(box.spawn(argv, env, log, 0o077, bound.fileno()))
-            os.write(said_write, json.dumps({"mode": chosen.value, "node": node}).encode())
-        except BaseException as exc:  # noqa: BLE001 -- reported to the test through the pipe
+                _, node_pid = asyncio.run(box.spawn(argv, env, log, 0o077, bound.fileno()))
+            os.write(said_write, json.dumps({"mode": chosen.value, "node": node_pid}).encode())
+        except BaseException as exc:   # reported to the test through the pipe
             os.write(said_write, json.dumps({"error": repr(exc)}).encode())
         finally:
             os._exit(0)

@@ -8,9 +8,9 @@ import pytest
 
 from reconciler.desired.model import load, parse
 from reconciler.desired.problems import InvalidDesiredState
-from reconciler.desired.validation import check
+from reconciler.desired.validation import MAX_PROBLEMS, check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def problems(text: str) -> list[str]:
@@ -298,3 +298,15 @@ def test_budgets_inherit_the_fleet_s_and_null_or_empty_means_no_limit(tmp_path):
                       8004: (None, None, False), 8005: (None, None, False)}
     plain = parse("version: 1\n", tmp_path / "desired.yaml")
     assert plain.settings.usage.timezone is None and plain.settings.usage.retention == 90 * 86400
+
+
+def test_a_file_of_thousands_of_problems_lists_the_first_and_counts_the_rest(tmp_path) -> None:
+    entries = "".join(f"  - port: not-a-port-{i}\n" for i in range(3000))
+    path = tmp_path / "desired.yaml"
+    path.write_text("version: 1\ninstances:\n" + entries)
+    with pytest.raises(InvalidDesiredState) as invalid:
+        load(path)
+    problems = [str(p) for p in invalid.value.problems]
+    assert len(problems) == MAX_PROBLEMS + 1   # was 3,000 lines, each logged by cst serve on every save
+    assert problems[0].startswith(f"{path}:3: instances[0].port:")
+    assert problems[-1] == f"{path}:{3 + MAX_PROBLEMS}: and {3000 - MAX_PROBLEMS} more problems from this line on"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from conftest import AS_ROOT, SANDBOXED, free_ports, http_status, processes_of, standin_file, wait_until
 from reconciler.runtime import sandbox
@@ -313,3 +314,25 @@ def test_readiness_is_the_health_route(project):
     assert health["status"] == "ok" and health["instance"] == id_
     assert health["dataRoot"] == str(sandbox.DATA if SANDBOXED else project.dir / "user-data" / str(a))
     assert health["memory"]["rss"] > 0 and health["uptime"] >= 0
+
+
+async def test_a_stop_is_bounded_when_the_process_outlives_sigkill(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a process in D state outlives SIGKILL; here, signals that reach nobody stand for it
+    import asyncio
+    import subprocess
+
+    import psutil
+
+    from reconciler.runtime import processes
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        monkeypatch.setattr(processes, "_signal", lambda pidfd, pid, sig: True)
+        monkeypatch.setattr(processes, "KILL_WAIT", 0.3)
+        create_time = psutil.Process(sleeper.pid).create_time()
+        with pytest.raises(processes.StopStuck, match=f"pid {sleeper.pid} did not exit"):
+            async with asyncio.timeout(10):   # the code before the fix waited here for ever
+                await processes.terminate(sleeper.pid, create_time, grace=0.2)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -19,7 +19,7 @@ from reconciler.cli import cli
 from reconciler.desired.model import load, parse
 from reconciler.desired.restricted import restricted_changes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KUBERNETES = "1.37.0"   # the API version rendered objects are checked against (kubernetes-validate's newest)
 KEDA_CRD = Path(__file__).with_name("http.keda.sh_httpscaledobjects.yaml")
 

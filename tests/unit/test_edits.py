@@ -1,6 +1,7 @@
 """Edits of desired.yaml touch only their own lines; everything a person wrote stays byte for byte."""
 import asyncio
 import os
+from functools import partial
 
 import pytest
 
@@ -112,6 +113,14 @@ async def test_concurrent_changes_are_serialized(tmp_path):
     path = tmp_path / "desired.yaml"
     path.write_text("version: 1\ninstances: []\n")
     desired_file = DesiredFile(path)
-    await asyncio.gather(*(desired_file.change(lambda t, p=p: add_instance(t, p)) for p in range(9000, 9020)))
+    await asyncio.gather(*(desired_file.change(partial(add_instance, port=p)) for p in range(9000, 9020)))
     desired = desired_file.read().desired
     assert sorted(i.port for i in desired.instances) == list(range(9000, 9020))
+
+
+def test_an_edit_reads_the_file_within_the_loaders_limits() -> None:
+    from reconciler.desired import edits
+    nested = "version: 1\ninstances: " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(edits.EditError, match="nested more than"):   # was RecursionError
+        edits.add_instance(nested, 8001, "running")
+    assert edits.instance_lines(nested) == {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator, get_args
+from typing import Any, AsyncIterator, Iterator, get_args
 
 import httpx
 import pytest

@@ -322,7 +322,7 @@ def test_an_unpublished_version_stops_nothing(project, tmp_path: Path) -> None:
 def test_real_releases_side_by_side(project) -> None:
     """1.18.0 for one instance, 1.19.0 (the fleet's) for another: both installed into the shared
     home with CST's overlay, both start on their own server.js and answer CST's health route
-    with their own credentials. (Moving an instance to 1.19.0 is a rollout: tests/test_rollouts.py,
+    with their own credentials. (Moving an instance to 1.19.0 is a rollout: tests/runtime/test_rollouts.py,
     which also removes 1.18.0 once nothing runs it, from a home of its own.)"""
     import httpx
 

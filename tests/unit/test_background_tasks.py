@@ -44,7 +44,7 @@ async def test_a_task_that_keeps_failing_is_given_up_once() -> None:
 
     tasks.keep("broken", broken)
     await eventually(lambda: given_up)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # time passing on purpose: several backoffs (at most 80 ms) in which nothing runs again
     assert given_up == [("broken", "broken failed 5 times in a row (last: RuntimeError: broken)")]
     assert tasks.health["broken"].total_failures == 5
     await tasks.close()
@@ -63,7 +63,7 @@ async def test_a_task_that_returns_is_a_failure_and_stop_ends_one_quietly() -> N
     assert tasks.health["returns"].last_error == "ended although it should run until cst stops"
     tasks.stop("returns")
     stopped_at = runs
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # time passing on purpose: several backoffs (at most 80 ms) in which it never runs again
     assert runs == stopped_at and "returns" not in tasks.health
     await tasks.close()
 
@@ -73,16 +73,22 @@ async def test_a_loop_thread_runs_coroutines_and_closes_even_when_one_blocks() -
     thread.start()
     assert await thread.run(asyncio.sleep(0, "there")) == "there"
     assert await thread.run(asyncio.to_thread(lambda: "from its executor")) == "from its executor"
-    hang = asyncio.ensure_future(thread.run(asyncio.sleep(3600)))
-    await asyncio.sleep(0.05)
+    hanging = threading.Event()
+
+    async def hang_there() -> None:
+        hanging.set()
+        await asyncio.sleep(3600)
+    hang = asyncio.ensure_future(thread.run(hang_there()))
+    await eventually(hanging.is_set)  # running in the thread
     hang.cancel()  # cancelling the caller cancels the coroutine in the thread
     assert await thread.close(timeout=5)
     stuck = LoopThread("test-stuck")
     stuck.start()
     blocking = threading.Event()
-    asyncio.ensure_future(stuck.run(_block(blocking)))
+    blocked = asyncio.ensure_future(stuck.run(_block(blocking)))   # kept: a task nothing holds may be collected
     assert await asyncio.to_thread(blocking.wait, 10), "the blocking coroutine never started"
     assert await stuck.close(timeout=0.2) is False, "a blocked thread is left behind, not waited on for ever"
+    del blocked
 
 
 async def _block(started: threading.Event) -> None:
