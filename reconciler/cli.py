@@ -50,7 +50,7 @@ from .runtime.restore import restore_snapshot
 from .runtime.snapshots import SnapshotNotFound, Snapshots
 from .runtime.statedir import LockHeld, StateDir
 from .server.daemon import Daemon, DaemonError, tls_context
-from .server.documents import row_document
+from .server.documents import row_document, snapshot_document
 
 EXIT_INVALID = 1
 EXIT_FAILED = 2
@@ -550,7 +550,7 @@ def backups(file: Path, instance_id: str, output: str) -> None:
     _instance_argument(instance_id)
     snapshots = Snapshots(StateDir(desired.settings.state_dir)).list(instance_id)
     if output == "json":
-        click.echo(json.dumps([snapshot.document() for snapshot in snapshots], indent=2))
+        click.echo(json.dumps([snapshot_document(snapshot) for snapshot in snapshots], indent=2))
         return
     if not snapshots:
         click.echo(f"{instance_id} has no snapshots")

@@ -1,8 +1,11 @@
 """What a runtime is to the engine: the values it reports and the operations it offers.
 
-The engine observes, plans and acts only through ``Runtime``; ``LocalRuntime`` (processes
-on this machine) is the one implementation today. Another (containers, a remote host)
-would sit beside it and implement the same few operations.
+The engine observes, plans and acts only through ``Runtime``, and the server gets every
+runtime it uses from the ``RuntimeFactory`` it is given. ``LocalRuntime`` (processes on this
+machine) is the one CST ships; ``tests/fake_runtime.py`` is another, for the server's logic.
+Another (containers, a remote host) would sit beside them and implement the same operations.
+Failures are typed and carry fields (``StartFailed.cause``): code decides on those, never on
+a message's words.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ..desired.model import port_of
 from ..files import fsync_dir, private_dir
@@ -81,11 +81,6 @@ class Snapshot:
     @property
     def tree(self) -> Path:
         return self.path / TREE
-
-    def document(self) -> dict[str, Any]:
-        """As the API and ``cst backups -o json`` show it."""
-        return {"id": self.id, "instance": self.instance, "takenAt": self.taken_at, "reason": self.reason,
-                "files": self.files, "bytesTotal": self.bytes_total, "bytesNew": self.bytes_new}
 
 
 @dataclass

@@ -176,7 +176,8 @@ async def delete_instance(request: web.Request) -> web.Response:
 
 
 async def list_backups(request: web.Request) -> web.Response:
-    return json_answer([snapshot.document() for snapshot in await request.app[FLEET].backups(request.match_info["id"])])
+    snapshots = await request.app[FLEET].backups(request.match_info["id"])
+    return json_answer([documents.snapshot_document(snapshot) for snapshot in snapshots])
 
 
 async def restore_backup(request: web.Request) -> web.Response:

@@ -11,6 +11,7 @@ from proxy.pool import mask
 
 from ..engine.inventory import InstanceRow
 from ..runtime.restore import Restored
+from ..runtime.snapshots import Snapshot
 from .fleet import Changed, Created, Deleted, PasswordReset
 
 # the seed (PM2) called a running instance "online"; a parked one answers (its first request wakes
@@ -65,6 +66,13 @@ def restored_document(id_: str, restored: Restored) -> dict[str, Any]:
             "replaced": str(restored.replaced) if restored.replaced else None,
             "status": SEED_STATUS["running" if restored.running else "stopped"],
             "message_key": "restored" if restored.replaced else "restored_no_data"}
+
+
+def snapshot_document(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot as the API and ``cst backups -o json`` show it."""
+    return {"id": snapshot.id, "instance": snapshot.instance, "takenAt": snapshot.taken_at,
+            "reason": snapshot.reason, "files": snapshot.files, "bytesTotal": snapshot.bytes_total,
+            "bytesNew": snapshot.bytes_new}
 
 
 def password_document(reset: PasswordReset) -> dict[str, Any]:
