@@ -405,7 +405,7 @@ def test_a_wrong_password_or_an_absent_store_is_a_clear_error(
     desired = write_desired(tmp_path / "desired.yaml", "http://127.0.0.1:9", store_url)
     shown = subprocess.run([*CST, "usage", "-f", str(desired)], capture_output=True, text=True,
                            env={**os.environ, PASSWORD_ENV: "not-the-password"})
-    assert shown.returncode == 1
+    assert shown.returncode == 2   # the store could not be read: an action failed (README: exit codes)
     assert "cannot read the usage store" in shown.stderr and "password authentication failed" in shown.stderr
     assert "Traceback" not in shown.stderr and "not-the-password" not in shown.stderr
 
