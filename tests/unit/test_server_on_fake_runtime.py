@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from conftest import eventually, free_ports
+from conftest import eventually, free_ports, stop_edge
 from fake_runtime import FakeWorld
 from reconciler.desired.shared_file import DesiredFile, FileReading
 from reconciler.engine.reconcile import reconcile
@@ -156,6 +156,7 @@ async def parking(project: tuple[DesiredFile, FakeWorld], clock: Clock) -> Async
         yield host, parking
     finally:
         await parking.close()
+        stop_edge(host.state.root)   # the gate's and the use socket's folder under /run/cst
 
 
 async def test_park_and_wake_through_the_fleet_on_the_runtime(parking: tuple[Host, Parking]) -> None:
